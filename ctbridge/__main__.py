@@ -1,0 +1,5 @@
+import sys
+
+from ctbridge.cli import main
+
+sys.exit(main())

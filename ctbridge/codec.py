@@ -1,0 +1,475 @@
+"""ctnetlink codec: conntrack netlink messages to entries and back. Pure functions over bytes.
+
+An entry keeps the kernel's attributes verbatim (``Entry.attrs``); only the flow key is extracted
+when a message is decoded, because the hot paths (dump, events, commit) need nothing else. A full
+interpretation is built only on request (``ctbridge.view``). Attributes the codec does not know are
+carried byte for byte, so a newer kernel's additions survive replication.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+from ctbridge import ctnetlink as ct
+
+_NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid (host order)
+_NLA = struct.Struct("=HH")  # struct nlattr: len, type (host order)
+_NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (res_id is big endian)
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_ERRNO = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+
+_TYPE_MASK = ct.NLA_TYPE_MASK
+_NESTED = ct.NLA_F_NESTED
+
+
+class CodecError(ValueError):
+    """A netlink message or attribute is truncated or inconsistent."""
+
+
+class Entry(NamedTuple):
+    """One conntrack entry as ctnetlink carries it.
+
+    ``key`` identifies the flow within a conntrack table: the address family, the zone and the
+    original-direction tuple as the kernel encodes it (see ``make_key``). ``attrs`` are the
+    message's top-level attributes exactly as received.
+    """
+
+    key: bytes
+    family: int
+    attrs: bytes
+
+
+class EventKind(IntEnum):
+    NEW = 1
+    UPDATE = 2
+    DESTROY = 3
+
+
+class Event(NamedTuple):
+    """A conntrack event. ``portid`` is the netlink port whose request caused it (0: a packet)."""
+
+    kind: EventKind
+    entry: Entry
+    portid: int
+
+
+class Reply(NamedTuple):
+    """An NLMSG_ERROR answer to a request: ``errno`` 0 is an acknowledgement."""
+
+    seq: int
+    errno: int
+
+
+class DumpPart(NamedTuple):
+    """What one receive buffer of a dump held."""
+
+    entries: list[Entry]
+    done: bool
+    errno: int  # non-zero if the kernel ended the dump with an error
+    interrupted: bool  # NLM_F_DUMP_INTR: the table changed while it was being dumped
+
+
+def align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# --- flow keys -------------------------------------------------------------------------------------
+
+_ZONE0 = b"\x00\x00"
+
+
+def make_key(family: int, zone: int, orig: bytes) -> bytes:
+    """Flow key: family (1 byte), zone (2 bytes, big endian), CTA_TUPLE_ORIG payload."""
+    return bytes((family, zone >> 8, zone & 0xFF)) + orig
+
+
+def split_key(key: bytes) -> tuple[int, int, bytes]:
+    """Inverse of ``make_key``: (family, zone, original tuple payload)."""
+    if len(key) < 3:
+        raise CodecError(f"flow key of {len(key)} bytes is too short")
+    return key[0], (key[1] << 8) | key[2], key[3:]
+
+
+# --- attribute walking -----------------------------------------------------------------------------
+
+
+def iter_attrs(buf: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
+    """The attributes in ``buf[start:end]`` as (type with flags stripped, payload start, payload end).
+
+    Raises CodecError on a truncated or overlong attribute; trailing padding shorter than an
+    attribute header is ignored, as the kernel's nla_parse does.
+    """
+    if end is None:
+        end = len(buf)
+    out = []
+    off = start
+    while end - off >= 4:
+        alen, atype = _NLA.unpack_from(buf, off)
+        if alen < 4 or off + alen > end:
+            raise CodecError(f"attribute type {atype & _TYPE_MASK} at offset {off} has bad length {alen}")
+        out.append((atype & _TYPE_MASK, off + 4, off + alen))
+        off += (alen + 3) & ~3
+    return out
+
+
+def attr_map(buf: bytes, start: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """The attributes in ``buf[start:end]`` as {type: payload}; the last of duplicates wins."""
+    return {t: buf[s:e] for t, s, e in iter_attrs(buf, start, end)}
+
+
+def attr(atype: int, payload: bytes, nested: bool = False) -> bytes:
+    """Encode one attribute, padded to 4 bytes."""
+    n = 4 + len(payload)
+    head = _NLA.pack(n, atype | (_NESTED if nested else 0))
+    return head + payload + b"\x00" * (align(n) - n)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+
+def entry_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = None) -> Entry:
+    """Build an Entry from the ctnetlink attributes in ``buf[start:end]``.
+
+    The kernel emits CTA_TUPLE_ORIG, CTA_TUPLE_REPLY and (for a non-default zone) CTA_ZONE first
+    (net/netfilter/nf_conntrack_netlink.c, ctnetlink_fill_info), so the key is found by looking at
+    three attributes; any other order falls back to a full walk.
+    """
+    if end is None:
+        end = len(buf)
+    if end - start >= 4:
+        alen, atype = _NLA.unpack_from(buf, start)
+        if atype & _TYPE_MASK == ct.CTA_TUPLE_ORIG and 4 <= alen <= end - start:
+            orig = buf[start + 4:start + alen]
+            off = start + ((alen + 3) & ~3)
+            if end - off >= 4:
+                rlen, rtype = _NLA.unpack_from(buf, off)
+                if rtype & _TYPE_MASK == ct.CTA_TUPLE_REPLY and 4 <= rlen <= end - off:
+                    off += (rlen + 3) & ~3
+                    zone = _ZONE0
+                    if end - off >= 4:
+                        zlen, ztype = _NLA.unpack_from(buf, off)
+                        if ztype & _TYPE_MASK == ct.CTA_ZONE:
+                            if zlen != 6 or off + zlen > end:
+                                raise CodecError(f"CTA_ZONE has bad length {zlen}")
+                            zone = buf[off + 4:off + 6]
+                    return Entry(bytes((family,)) + zone + orig, family, buf[start:end])
+    return _entry_slow(family, buf, start, end)
+
+
+def _entry_slow(family: int, buf: bytes, start: int, end: int) -> Entry:
+    orig = None
+    zone = _ZONE0
+    for t, s, e in iter_attrs(buf, start, end):
+        if t == ct.CTA_TUPLE_ORIG:
+            orig = buf[s:e]
+        elif t == ct.CTA_ZONE:
+            if e - s != 2:
+                raise CodecError(f"CTA_ZONE has bad length {e - s + 4}")
+            zone = buf[s:e]
+    if orig is None:
+        raise CodecError("conntrack message has no CTA_TUPLE_ORIG")
+    return Entry(bytes((family,)) + zone + orig, family, buf[start:end])
+
+
+def _header(buf: bytes, off: int, n: int) -> tuple[int, int, int, int, int]:
+    if n - off < 16:
+        raise CodecError(f"netlink header truncated at offset {off}")
+    mlen, mtype, mflags, mseq, mpid = _NLMSG.unpack_from(buf, off)
+    if mlen < 16 or off + mlen > n:
+        raise CodecError(f"netlink message at offset {off} has bad length {mlen}")
+    return mlen, mtype, mflags, mseq, mpid
+
+
+def _error(buf: bytes, off: int, mlen: int) -> int:
+    if mlen < 20:
+        raise CodecError("NLMSG_ERROR message truncated")
+    return -_ERRNO.unpack_from(buf, off + 16)[0]
+
+
+def decode_dump(buf: bytes) -> DumpPart:
+    """Decode one receive buffer of a conntrack dump (CT_NEW messages, then NLMSG_DONE)."""
+    entries: list[Entry] = []
+    append = entries.append
+    n = len(buf)
+    off = 0
+    done = False
+    errno = 0
+    interrupted = False
+    unpack = _NLMSG.unpack_from
+    while off < n:
+        if n - off < 16:
+            raise CodecError(f"netlink header truncated at offset {off}")
+        mlen, mtype, mflags, _seq, _pid = unpack(buf, off)
+        if mlen < 16 or off + mlen > n:
+            raise CodecError(f"netlink message at offset {off} has bad length {mlen}")
+        if mtype == ct.MSG_CT_NEW:
+            if mlen < 20:
+                raise CodecError("conntrack message shorter than its nfgenmsg header")
+            append(entry_from_attrs(buf[off + 16], buf, off + 20, off + mlen))
+            if mflags & ct.NLM_F_DUMP_INTR:
+                interrupted = True
+        elif mtype == ct.NLMSG_DONE:
+            done = True
+            if mflags & ct.NLM_F_DUMP_INTR:
+                interrupted = True
+        elif mtype == ct.NLMSG_ERROR:
+            errno = _error(buf, off, mlen)
+            done = True
+        off += (mlen + 3) & ~3
+    return DumpPart(entries, done, errno, interrupted)
+
+
+_NEW_FLAGS = ct.NLM_F_CREATE | ct.NLM_F_EXCL
+
+
+def decode_events(buf: bytes) -> list[Event]:
+    """Decode one receive buffer of the conntrack event groups.
+
+    NEW and UPDATE both arrive as IPCTNL_MSG_CT_NEW; the kernel marks a new entry with
+    NLM_F_CREATE|NLM_F_EXCL in the header (ctnetlink_conntrack_event).
+    """
+    events: list[Event] = []
+    n = len(buf)
+    off = 0
+    while off < n:
+        mlen, mtype, mflags, _seq, mpid = _header(buf, off, n)
+        if mtype == ct.MSG_CT_NEW or mtype == ct.MSG_CT_DELETE:
+            if mlen < 20:
+                raise CodecError("conntrack message shorter than its nfgenmsg header")
+            entry = entry_from_attrs(buf[off + 16], buf, off + 20, off + mlen)
+            if mtype == ct.MSG_CT_DELETE:
+                kind = EventKind.DESTROY
+            elif mflags & _NEW_FLAGS == _NEW_FLAGS:
+                kind = EventKind.NEW
+            else:
+                kind = EventKind.UPDATE
+            events.append(Event(kind, entry, mpid))
+        off += (mlen + 3) & ~3
+    return events
+
+
+def decode_replies(buf: bytes) -> list[Reply]:
+    """The NLMSG_ERROR answers (errors and acknowledgements) in a receive buffer."""
+    out = []
+    n = len(buf)
+    off = 0
+    while off < n:
+        mlen, mtype, _flags, mseq, _pid = _header(buf, off, n)
+        if mtype == ct.NLMSG_ERROR:
+            out.append(Reply(mseq, _error(buf, off, mlen)))
+        off += (mlen + 3) & ~3
+    return out
+
+
+def decode_stats(buf: bytes) -> tuple[int, int]:
+    """(entries, max entries) from an IPCTNL_MSG_CT_GET_STATS answer."""
+    n = len(buf)
+    off = 0
+    while off < n:
+        mlen, mtype, _flags, _seq, _pid = _header(buf, off, n)
+        if mtype == ct.NLMSG_ERROR:
+            errno = _error(buf, off, mlen)
+            if errno:
+                raise OSError(errno, "conntrack statistics request failed")
+        elif mtype == ct.MSG_CT_GET_STATS:
+            attrs = attr_map(buf, off + 20, off + mlen)
+            try:
+                count = _BE32.unpack(attrs[ct.CTA_STATS_GLOBAL_ENTRIES])[0]
+                limit = _BE32.unpack(attrs[ct.CTA_STATS_GLOBAL_MAX_ENTRIES])[0]
+            except (KeyError, struct.error) as exc:
+                raise CodecError("conntrack statistics answer lacks the global counters") from exc
+            return count, limit
+        off += (mlen + 3) & ~3
+    raise CodecError("no conntrack statistics in the answer")
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+
+def message(mtype: int, flags: int, seq: int, family: int, body: bytes = b"") -> bytes:
+    """A complete ctnetlink message: nlmsghdr + nfgenmsg + attributes."""
+    return _NLMSG.pack(20 + len(body), mtype, flags, seq, 0) + _NFGEN.pack(family, ct.NFNETLINK_V0, 0) + body
+
+
+def dump_request(seq: int, family: int = 0) -> bytes:
+    """Dump the table; family 0 (AF_UNSPEC) dumps IPv4 and IPv6 together."""
+    return message(ct.MSG_CT_GET, ct.NLM_F_REQUEST | ct.NLM_F_DUMP, seq, family)
+
+
+def stats_request(seq: int) -> bytes:
+    return message(ct.MSG_CT_GET_STATS, ct.NLM_F_REQUEST, seq, 0)
+
+
+def flush_request(seq: int, family: int = 0) -> bytes:
+    """CT_DELETE without a tuple flushes the table (of one family, or all when family is 0)."""
+    return message(ct.MSG_CT_DELETE, ct.NLM_F_REQUEST | ct.NLM_F_ACK, seq, family)
+
+
+def delete_request(key: bytes, seq: int, flags: int = ct.NLM_F_REQUEST) -> bytes:
+    family, zone, orig = split_key(key)
+    body = _NLA.pack(4 + len(orig), ct.CTA_TUPLE_ORIG | _NESTED) + orig
+    if zone:
+        body += attr(ct.CTA_ZONE, _BE16.pack(zone))
+    return message(ct.MSG_CT_DELETE, flags, seq, family, body)
+
+
+# Attributes the kernel will not take in a CT_NEW (they describe this kernel's instance of the
+# flow, not the flow): ctnetlink_create_conntrack ignores or rejects them.
+_NOT_SETTABLE = frozenset({
+    ct.CTA_COUNTERS_ORIG, ct.CTA_COUNTERS_REPLY, ct.CTA_USE, ct.CTA_ID, ct.CTA_SECMARK,
+    ct.CTA_SECCTX, ct.CTA_TIMESTAMP, ct.CTA_TIMESTAMP_EVENT, ct.CTA_STATUS_MASK, ct.CTA_FILTER,
+    ct.CTA_MARK_MASK, ct.CTA_LABELS_MASK, ct.CTA_NAT_SRC, ct.CTA_NAT_DST,
+})
+# ctnetlink_change_conntrack refuses these on an existing entry (EOPNOTSUPP), and a helper cannot
+# be attached to an entry that exists.
+_NOT_UPDATABLE = _NOT_SETTABLE | {ct.CTA_TUPLE_MASTER, ct.CTA_HELP}
+
+# Status bits user space must not flip (nf_ct_change_status_common returns EBUSY): CONFIRMED is
+# already set when the status is applied on create, EXPECTED is set by the kernel itself once the
+# master is found, DYING is never ours to set.
+_STATUS_CLEAR = ct.IPS_EXPECTED | ct.IPS_DYING
+
+# TCP flags worth carrying to another kernel. The rest describe window tracking state, which
+# ctnetlink does not expose, so they would be wrong on the receiver.
+_TCP_FLAGS_CARRIED = (
+    ct.IP_CT_TCP_FLAG_WINDOW_SCALE | ct.IP_CT_TCP_FLAG_SACK_PERM | ct.IP_CT_TCP_FLAG_CLOSE_INIT
+    | ct.IP_CT_TCP_FLAG_BE_LIBERAL
+)
+
+
+def _tcp_protoinfo(buf: bytes, s: int, e: int, liberal: bool) -> bytes:
+    """Rewrite CTA_PROTOINFO for TCP so its flags apply (the kernel dumps them with mask 0)."""
+    out = []
+    for t, ps, pe in iter_attrs(buf, s, e):
+        if t != ct.CTA_PROTOINFO_TCP:
+            out.append(attr(t, buf[ps:pe], nested=True))
+            continue
+        inner = []
+        for it, xs, xe in iter_attrs(buf, ps, pe):
+            if it in (ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, ct.CTA_PROTOINFO_TCP_FLAGS_REPLY):
+                if xe - xs < 1:
+                    raise CodecError("TCP flags attribute is empty")
+                flags = buf[xs] & _TCP_FLAGS_CARRIED
+                if liberal:
+                    flags |= ct.IP_CT_TCP_FLAG_BE_LIBERAL
+                inner.append(attr(it, bytes((flags, _TCP_FLAGS_CARRIED))))
+            else:
+                inner.append(attr(it, buf[xs:xe]))
+        out.append(attr(ct.CTA_PROTOINFO_TCP, b"".join(inner), nested=True))
+    return attr(ct.CTA_PROTOINFO, b"".join(out), nested=True)
+
+
+def _tuple_fields(buf: bytes) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """(CTA_TUPLE_IP attributes, CTA_TUPLE_PROTO attributes) of a tuple payload."""
+    top = attr_map(buf)
+    try:
+        return attr_map(top[ct.CTA_TUPLE_IP]), attr_map(top[ct.CTA_TUPLE_PROTO])
+    except KeyError as exc:
+        raise CodecError("tuple lacks CTA_TUPLE_IP or CTA_TUPLE_PROTO") from exc
+
+
+def _encode_tuple(ip: dict[int, bytes], proto: dict[int, bytes]) -> bytes:
+    ip_part = b"".join(attr(t, v) for t, v in sorted(ip.items()))
+    proto_part = b"".join(attr(t, v) for t, v in sorted(proto.items()))
+    return attr(ct.CTA_TUPLE_IP, ip_part, nested=True) + attr(ct.CTA_TUPLE_PROTO, proto_part, nested=True)
+
+
+def _nat_setup(family: int, orig: bytes, reply: bytes, status: int) -> tuple[bytes, list[bytes]]:
+    """The reply tuple and CTA_NAT_* attributes that recreate a NAT binding on another kernel.
+
+    A NAT binding exists in the kernel only as a reply tuple that differs from the inverted
+    original plus the SRC_NAT/DST_NAT status bits, and those bits cannot be set by user space
+    (IPS_UNCHANGEABLE_MASK). They are set by nf_nat_setup_info when a CTA_NAT_SRC/DST range is
+    given, and only if the range changes the tuple, so the entry is sent with its un-NATed reply
+    tuple and a one-address, one-port range that the kernel maps back to the original binding.
+    """
+    o_ip, o_proto = _tuple_fields(orig)
+    r_ip, r_proto = _tuple_fields(reply)
+    v6 = family == ct.AF_INET6
+    src, dst = (ct.CTA_IP_V6_SRC, ct.CTA_IP_V6_DST) if v6 else (ct.CTA_IP_V4_SRC, ct.CTA_IP_V4_DST)
+    minip, maxip = (ct.CTA_NAT_V6_MINIP, ct.CTA_NAT_V6_MAXIP) if v6 else (ct.CTA_NAT_V4_MINIP, ct.CTA_NAT_V4_MAXIP)
+    plain_ip = dict(r_ip)
+    plain_proto = dict(r_proto)
+    nat: list[bytes] = []
+    for bit, cta, ip_here, ip_orig, port_here, port_orig in (
+        # DNAT first: the kernel sets up the destination manipulation before the source one.
+        (ct.IPS_DST_NAT, ct.CTA_NAT_DST, src, dst, ct.CTA_PROTO_SRC_PORT, ct.CTA_PROTO_DST_PORT),
+        (ct.IPS_SRC_NAT, ct.CTA_NAT_SRC, dst, src, ct.CTA_PROTO_DST_PORT, ct.CTA_PROTO_SRC_PORT),
+    ):
+        if not status & bit:
+            continue
+        if ip_here not in r_ip or ip_orig not in o_ip:
+            raise CodecError("NAT entry lacks the addresses of its tuples")
+        body = attr(minip, r_ip[ip_here]) + attr(maxip, r_ip[ip_here])
+        plain_ip[ip_here] = o_ip[ip_orig]
+        if port_here in r_proto and port_orig in o_proto:
+            port = r_proto[port_here]
+            plain_proto[port_here] = o_proto[port_orig]
+        elif bit == ct.IPS_SRC_NAT and ct.CTA_PROTO_ICMP_ID in r_proto:
+            port = r_proto[ct.CTA_PROTO_ICMP_ID]
+            plain_proto[ct.CTA_PROTO_ICMP_ID] = o_proto.get(ct.CTA_PROTO_ICMP_ID, port)
+        elif bit == ct.IPS_SRC_NAT and ct.CTA_PROTO_ICMPV6_ID in r_proto:
+            port = r_proto[ct.CTA_PROTO_ICMPV6_ID]
+            plain_proto[ct.CTA_PROTO_ICMPV6_ID] = o_proto.get(ct.CTA_PROTO_ICMPV6_ID, port)
+        else:
+            port = b""
+        if port:
+            body += attr(ct.CTA_NAT_PROTO, attr(ct.CTA_PROTONAT_PORT_MIN, port)
+                         + attr(ct.CTA_PROTONAT_PORT_MAX, port), nested=True)
+        nat.append(attr(cta, body, nested=True))
+    return attr(ct.CTA_TUPLE_REPLY, _encode_tuple(plain_ip, plain_proto), nested=True), nat
+
+
+def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = False,
+                keep_status: bool = True) -> bytes:
+    """CT_NEW that recreates ``entry`` in another kernel.
+
+    ``update=False`` asks for creation only (NLM_F_EXCL: an existing entry answers EEXIST and is
+    left alone); ``update=True`` changes an existing entry in place (or creates it), without the
+    attributes the kernel takes only at creation (NAT binding, master, helper). ``liberal`` sets
+    IP_CT_TCP_FLAG_BE_LIBERAL on TCP entries, because TCP window state is not carried and
+    mid-stream packets would otherwise be judged INVALID. ``keep_status=False`` leaves the status
+    out, for an update the kernel refused because a bit may only be set, never cleared.
+    """
+    buf = entry.attrs
+    drop = _NOT_UPDATABLE if update else _NOT_SETTABLE
+    parts: list[bytes] = []
+    status = 0
+    orig = reply = b""
+    reply_at = -1
+    off = 0
+    n = len(buf)
+    while n - off >= 4:
+        alen, atype = _NLA.unpack_from(buf, off)
+        if alen < 4 or off + alen > n:
+            raise CodecError(f"attribute at offset {off} has bad length {alen}")
+        t = atype & _TYPE_MASK
+        step = (alen + 3) & ~3
+        if t in drop:
+            pass
+        elif t == ct.CTA_STATUS:
+            if alen != 8:
+                raise CodecError(f"CTA_STATUS has bad length {alen}")
+            status = _BE32.unpack_from(buf, off + 4)[0]
+            if keep_status:
+                parts.append(_NLA.pack(8, ct.CTA_STATUS) + _BE32.pack((status | ct.IPS_CONFIRMED) & ~_STATUS_CLEAR))
+        elif t == ct.CTA_PROTOINFO:
+            parts.append(_tcp_protoinfo(buf, off + 4, off + alen, liberal))
+        else:
+            if t == ct.CTA_TUPLE_ORIG:
+                orig = buf[off + 4:off + alen]
+            elif t == ct.CTA_TUPLE_REPLY:
+                reply = buf[off + 4:off + alen]
+                reply_at = len(parts)
+            parts.append(buf[off:off + step] if off + step <= n else buf[off:n] + b"\x00" * (off + step - n))
+        off += step
+    if not update and status & (ct.IPS_SRC_NAT | ct.IPS_DST_NAT) and orig and reply_at >= 0:
+        plain_reply, nat = _nat_setup(entry.family, orig, reply, status)
+        parts[reply_at] = plain_reply
+        parts.extend(nat)
+    flags = ct.NLM_F_REQUEST | ct.NLM_F_CREATE | (0 if update else ct.NLM_F_EXCL)
+    return message(ct.MSG_CT_NEW, flags, seq, entry.family, b"".join(parts))

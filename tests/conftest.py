@@ -1,0 +1,47 @@
+"""Shared fixtures. Root-only tests skip with a reason on a developer machine without root or the
+tools, and fail instead of skipping under CI (CI=true), where `make test` has installed everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from ctbridge import netns
+
+REQUIRED_TOOLS = ("ip", "conntrack", "nft")
+
+
+def _root_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and the conntrack table)"
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (run `make test`, which installs them)"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _root_guard(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("root") is None:
+        return
+    problem = _root_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test, but it {problem}")
+    pytest.skip(problem)
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    with netns.namespace("a") as name:
+        yield name
+
+
+@pytest.fixture
+def ns2() -> Iterator[str]:
+    with netns.namespace("b") as name:
+        yield name
