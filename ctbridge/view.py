@@ -58,6 +58,10 @@ def tuple_view(payload: bytes) -> dict[str, Any]:
                     (ct.CTA_PROTO_ICMPV6_CODE, "code"), (ct.CTA_PROTO_ICMPV6_ID, "id")):
         if t in proto:
             out[name] = _u(proto[t], name)
+    if out.get("protonum") == ct.IPPROTO_GRE and "sport" in out:
+        # ctnetlink carries GRE keys in the port attributes; conntrack -L calls them keys
+        out["srckey"] = out.pop("sport")
+        out["dstkey"] = out.pop("dport", None)
     if ct.CTA_TUPLE_ZONE in top:
         out["zone"] = _u(top[ct.CTA_TUPLE_ZONE], "CTA_TUPLE_ZONE")
     return out
@@ -76,13 +80,13 @@ def _protoinfo(payload: bytes, out: dict[str, Any]) -> None:
             out["tcp_state"] = ct.TCP_STATES[state] if state < len(ct.TCP_STATES) else str(state)
         for t, name in ((ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, "tcp_flags_original"),
                         (ct.CTA_PROTOINFO_TCP_FLAGS_REPLY, "tcp_flags_reply")):
-            if t in tcp and tcp[t]:
+            if tcp.get(t):
                 out[name] = tcp[t][0]
     for t, key, names in ((ct.CTA_PROTOINFO_SCTP, "sctp_state", ct.SCTP_STATES),
                           (ct.CTA_PROTOINFO_DCCP, "dccp_state", ct.DCCP_STATES)):
         if t in info:
             inner = attr_map(info[t])
-            if 1 in inner and inner[1]:
+            if inner.get(1):
                 state = inner[1][0]
                 out[key] = names[state] if state < len(names) else str(state)
 
@@ -112,19 +116,19 @@ def entry_view(entry: Entry) -> dict[str, Any]:
     if ct.CTA_LABELS in attrs:
         out["labels"] = attrs[ct.CTA_LABELS].hex()
     if ct.CTA_HELP in attrs:
-        name = attr_map(attrs[ct.CTA_HELP]).get(ct.CTA_HELP_NAME, b"")
-        out["helper"] = name.rstrip(b"\x00").decode("ascii", "replace")
+        helper = attr_map(attrs[ct.CTA_HELP]).get(ct.CTA_HELP_NAME, b"")
+        out["helper"] = helper.rstrip(b"\x00").decode("ascii", "replace")
     if ct.CTA_TUPLE_MASTER in attrs:
         out["master"] = tuple_view(attrs[ct.CTA_TUPLE_MASTER])
     if ct.CTA_SECMARK in attrs:
         out["secmark"] = _u(attrs[ct.CTA_SECMARK], "CTA_SECMARK")
-    for t, name in ((ct.CTA_COUNTERS_ORIG, "orig"), (ct.CTA_COUNTERS_REPLY, "reply")):
+    for t, direction in ((ct.CTA_COUNTERS_ORIG, "orig"), (ct.CTA_COUNTERS_REPLY, "reply")):
         if t in attrs:
-            c = attr_map(attrs[t])
-            if ct.CTA_COUNTERS_PACKETS in c:
-                out[name + "_packets"] = _u(c[ct.CTA_COUNTERS_PACKETS], "packets")
-            if ct.CTA_COUNTERS_BYTES in c:
-                out[name + "_bytes"] = _u(c[ct.CTA_COUNTERS_BYTES], "bytes")
+            counters = attr_map(attrs[t])
+            if ct.CTA_COUNTERS_PACKETS in counters:
+                out[direction + "_packets"] = _u(counters[ct.CTA_COUNTERS_PACKETS], "packets")
+            if ct.CTA_COUNTERS_BYTES in counters:
+                out[direction + "_bytes"] = _u(counters[ct.CTA_COUNTERS_BYTES], "bytes")
     if ct.CTA_USE in attrs:
         out["use"] = _u(attrs[ct.CTA_USE], "CTA_USE")
     if ct.CTA_ID in attrs:
