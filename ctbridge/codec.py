@@ -486,7 +486,8 @@ def encode_tuple(family: int, proto: int, src: bytes, dst: bytes, sport: int = 0
     ``src``/``dst`` are packed addresses; ``icmp`` is (type, code, id) for ICMP and ICMPv6.
     """
     v6 = family == ct.AF_INET6
-    ip = attr(ct.CTA_IP_V6_SRC if v6 else ct.CTA_IP_V4_SRC, src) + attr(ct.CTA_IP_V6_DST if v6 else ct.CTA_IP_V4_DST, dst)
+    t_src, t_dst = (ct.CTA_IP_V6_SRC, ct.CTA_IP_V6_DST) if v6 else (ct.CTA_IP_V4_SRC, ct.CTA_IP_V4_DST)
+    ip = attr(t_src, src) + attr(t_dst, dst)
     body = attr(ct.CTA_PROTO_NUM, bytes((proto,)))
     if icmp is not None:
         t_type, t_code, t_id = (

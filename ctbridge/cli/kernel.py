@@ -37,7 +37,7 @@ def format_line(v: dict[str, Any]) -> str:
         tail.append(f"zone={v['zone']}")
     if v["status"]:
         tail.append("status=" + ",".join(v["status"]))
-    return " ".join(head + [side(""), side("reply_")] + tail)
+    return " ".join([*head, side(""), side("reply_"), *tail])
 
 
 def run_dump(args: argparse.Namespace) -> int:
