@@ -8,9 +8,11 @@ carried byte for byte, so a newer kernel's additions survive replication.
 
 from __future__ import annotations
 
+import operator
 import struct
+from collections.abc import Callable
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ctbridge import ctnetlink as ct
 
@@ -224,6 +226,21 @@ def decode_dump(buf: bytes) -> DumpPart:
     return DumpPart(entries, done, errno, interrupted)
 
 
+def dump_finished(buf: bytes) -> bool:
+    """Whether a receive buffer ends a dump (NLMSG_DONE or an error), reading headers only."""
+    n = len(buf)
+    off = 0
+    while n - off >= 16:
+        mlen, mtype = _NLMSG_LEN_TYPE.unpack_from(buf, off)
+        if mtype == ct.NLMSG_DONE or mtype == ct.NLMSG_ERROR:
+            return True
+        if mlen < 16:
+            return True  # malformed: let the decoder report it
+        off += (mlen + 3) & ~3
+    return False
+
+
+_NLMSG_LEN_TYPE = struct.Struct("=IH")
 _NEW_FLAGS = ct.NLM_F_CREATE | ct.NLM_F_EXCL
 
 
@@ -425,6 +442,103 @@ def _nat_setup(family: int, orig: bytes, reply: bytes, status: int) -> tuple[byt
     return attr(ct.CTA_TUPLE_REPLY, _encode_tuple(plain_ip, plain_proto), nested=True), nat
 
 
+class _Layout(NamedTuple):
+    """How to turn one attribute layout into a CT_NEW body without walking it again.
+
+    Entries dumped by one kernel come in a handful of layouts (IPv4 TCP, IPv6 UDP, with a zone,
+    ...) whose attributes differ in value only, so the walk done once per layout is reused. A
+    layout is recognised by its attribute header words, all read by one struct call and compared
+    as a tuple; any difference sends the entry down the general path.
+    """
+
+    heads: struct.Struct  # reads the header word of every attribute
+    expect: tuple[int, ...]  # the header words of this layout
+    copy: Callable[[bytearray], tuple[bytearray, ...]]  # the byte ranges that form the body
+    size: int  # length of the body
+    status: int  # payload offset of CTA_STATUS, -1 if none
+    tcp: int  # offset of a kernel-layout TCP CTA_PROTOINFO, -1 if none
+
+
+_LAYOUTS: dict[tuple[bool, int, bytes], _Layout | None] = {}
+_LAYOUTS_MAX = 512
+
+
+def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
+    action = _UPDATE_ACTION if update else _CREATE_ACTION
+    fmt = ["="]
+    expect = []
+    ranges: list[slice] = []
+    status = tcp = -1
+    pos = 0
+    for t, s, e in iter_attrs(buf):
+        off = s - 4
+        fmt.append(f"{off - pos}xI" if off > pos else "I")
+        pos = off + 4
+        expect.append(_U32.unpack_from(buf, off)[0])
+        what = action.get(t, 0)
+        nxt = off + align(e - off)
+        if what == 1:
+            continue  # dropped
+        if what == 2 and e - s != 4:
+            return None
+        if what == 2:
+            status = s
+        elif what == 3:
+            if not (e - off == _TCP_INFO_LEN and buf[off + 4:off + 8] == _TCP_INFO_HEAD
+                    and buf[off + 32:off + 36] == _TCP_FLAGS_O_HEAD and buf[off + 40:off + 44] == _TCP_FLAGS_R_HEAD):
+                return None
+            tcp = off
+        if ranges and ranges[-1].stop == off:
+            ranges[-1] = slice(ranges[-1].start, nxt)
+        else:
+            ranges.append(slice(off, nxt))
+    if not ranges or ranges[-1].stop > len(buf):
+        return None
+    getter = operator.itemgetter(*ranges)
+    copy = getter if len(ranges) > 1 else (lambda b: (getter(b),))
+    size = sum(r.stop - r.start for r in ranges)
+    return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp)
+
+
+def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes | None:
+    """The CT_NEW through a learnt layout, or None when the general path must do it."""
+    buf = entry.attrs
+    key = (update, len(buf), buf[:8])
+    layout = _LAYOUTS.get(key, _MISSING)
+    if layout is _MISSING:
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _learn_layout(buf, update)
+    if layout is None or layout.heads.unpack_from(buf) != layout.expect:
+        return None
+    ba = bytearray(buf)
+    so = layout.status
+    if so >= 0:
+        low = ba[so + 3]  # status bits 0-7, big endian
+        if low & _NAT_LOW and not update:
+            return None  # the NAT binding needs CTA_NAT_* attributes: general path
+        if low & _STATUS_LOW_CHECK != _CONFIRMED or ba[so + 2] & _DYING_BYTE2:
+            ba[so:so + 4] = _BE32.pack((_BE32.unpack_from(ba, so)[0] | _CONFIRMED) & ~_STATUS_CLEAR)
+    po = layout.tcp
+    if po >= 0:
+        extra = _LIBERAL if liberal else 0
+        ba[po + 36] = (ba[po + 36] & _TCP_FLAGS_CARRIED) | extra
+        ba[po + 37] = _TCP_FLAGS_CARRIED
+        ba[po + 44] = (ba[po + 44] & _TCP_FLAGS_CARRIED) | extra
+        ba[po + 45] = _TCP_FLAGS_CARRIED
+    head = _HEAD.pack(20 + layout.size, ct.MSG_CT_NEW, _UPDATE_FLAGS if update else _CREATE_FLAGS, seq, 0,
+                      entry.family, ct.NFNETLINK_V0, 0)
+    return head + b"".join(layout.copy(ba))
+
+
+_MISSING: Any = object()
+_HEAD = struct.Struct("=IHHIIBBH")  # nlmsghdr + nfgenmsg
+_LIBERAL = ct.IP_CT_TCP_FLAG_BE_LIBERAL
+_NAT_LOW = ct.IPS_SRC_NAT | ct.IPS_DST_NAT  # both in the status word's low byte
+_STATUS_LOW_CHECK = ct.IPS_CONFIRMED | ct.IPS_EXPECTED
+_DYING_BYTE2 = ct.IPS_DYING >> 8
+
+
 def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = False,
                 keep_status: bool = True) -> bytes:
     """CT_NEW that recreates ``entry`` in another kernel.
@@ -435,45 +549,89 @@ def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = 
     IP_CT_TCP_FLAG_BE_LIBERAL on TCP entries, because TCP window state is not carried and
     mid-stream packets would otherwise be judged INVALID. ``keep_status=False`` leaves the status
     out, for an update the kernel refused because a bit may only be set, never cleared.
+
+    This runs once per committed entry: see ``_Layout`` for the fast path.
     """
     buf = entry.attrs
-    drop = _NOT_UPDATABLE if update else _NOT_SETTABLE
+    if keep_status:
+        fast = _fast_request(entry, seq, update, liberal)
+        if fast is not None:
+            return fast
+    # Per attribute: 0 copy unchanged, 1 drop, 2 status, 3 protoinfo, 4 original tuple, 5 reply tuple.
+    action = _UPDATE_ACTION if update else _CREATE_ACTION
     parts: list[bytes] = []
     status = 0
-    orig = reply = b""
     reply_at = -1
+    orig_s = orig_e = reply_s = reply_e = 0
     off = 0
+    run = 0  # start of the current run of attributes copied unchanged
     n = len(buf)
+    unpack = _NLA.unpack_from
     while n - off >= 4:
-        alen, atype = _NLA.unpack_from(buf, off)
+        alen, atype = unpack(buf, off)
         if alen < 4 or off + alen > n:
             raise CodecError(f"attribute at offset {off} has bad length {alen}")
-        t = atype & _TYPE_MASK
-        step = (alen + 3) & ~3
-        if t in drop:
+        nxt = off + ((alen + 3) & ~3)
+        what = action.get(atype & 0x3FFF, 0)
+        if what == 0:
             pass
-        elif t == ct.CTA_STATUS:
-            if alen != 8:
-                raise CodecError(f"CTA_STATUS has bad length {alen}")
-            status = _BE32.unpack_from(buf, off + 4)[0]
-            if keep_status:
-                parts.append(_NLA.pack(8, ct.CTA_STATUS) + _BE32.pack((status | ct.IPS_CONFIRMED) & ~_STATUS_CLEAR))
-        elif t == ct.CTA_PROTOINFO:
-            parts.append(_tcp_protoinfo(buf, off + 4, off + alen, liberal))
+        elif what == 4:
+            orig_s, orig_e = off + 4, off + alen
         else:
-            if t == ct.CTA_TUPLE_ORIG:
-                orig = buf[off + 4:off + alen]
-            elif t == ct.CTA_TUPLE_REPLY:
-                reply = buf[off + 4:off + alen]
+            if run < off:
+                parts.append(buf[run:off])
+            run = nxt
+            if what == 5:
+                reply_s, reply_e = off + 4, off + alen
                 reply_at = len(parts)
-            parts.append(buf[off:off + step] if off + step <= n else buf[off:n] + b"\x00" * (off + step - n))
-        off += step
-    if not update and status & (ct.IPS_SRC_NAT | ct.IPS_DST_NAT) and orig and reply_at >= 0:
-        plain_reply, nat = _nat_setup(entry.family, orig, reply, status)
+                parts.append(buf[off:nxt])
+            elif what == 2:
+                if alen != 8:
+                    raise CodecError(f"CTA_STATUS has bad length {alen}")
+                status = _BE32.unpack_from(buf, off + 4)[0]
+                if keep_status:
+                    parts.append(_STATUS_HDR + _BE32.pack((status | _CONFIRMED) & ~_STATUS_CLEAR))
+            elif what == 3:
+                parts.append(_protoinfo(buf, off, alen, liberal))
+        off = nxt
+    if run < n:
+        tail = buf[run:n]
+        parts.append(tail + b"\x00" * (align(len(tail)) - len(tail)))
+    if not update and status & (ct.IPS_SRC_NAT | ct.IPS_DST_NAT) and orig_e and reply_at >= 0:
+        plain_reply, nat = _nat_setup(entry.family, buf[orig_s:orig_e], buf[reply_s:reply_e], status)
         parts[reply_at] = plain_reply
         parts.extend(nat)
-    flags = ct.NLM_F_REQUEST | ct.NLM_F_CREATE | (0 if update else ct.NLM_F_EXCL)
-    return message(ct.MSG_CT_NEW, flags, seq, entry.family, b"".join(parts))
+    body = b"".join(parts)
+    return _NLMSG.pack(20 + len(body), ct.MSG_CT_NEW, _UPDATE_FLAGS if update else _CREATE_FLAGS, seq, 0) + \
+        _NFGEN.pack(entry.family, ct.NFNETLINK_V0, 0) + body
+
+
+_STATUS_HDR = _NLA.pack(8, ct.CTA_STATUS)
+_CONFIRMED = ct.IPS_CONFIRMED
+_CREATE_ACTION = {t: 1 for t in _NOT_SETTABLE} | {
+    ct.CTA_STATUS: 2, ct.CTA_PROTOINFO: 3, ct.CTA_TUPLE_ORIG: 4, ct.CTA_TUPLE_REPLY: 5}
+_UPDATE_ACTION = {t: 1 for t in _NOT_UPDATABLE} | {
+    ct.CTA_STATUS: 2, ct.CTA_PROTOINFO: 3, ct.CTA_TUPLE_ORIG: 4, ct.CTA_TUPLE_REPLY: 5}
+_CREATE_FLAGS = ct.NLM_F_REQUEST | ct.NLM_F_CREATE | ct.NLM_F_EXCL
+_UPDATE_FLAGS = ct.NLM_F_REQUEST | ct.NLM_F_CREATE
+# The kernel's TCP protoinfo (tcp_to_nlattr): CTA_PROTOINFO { CTA_PROTOINFO_TCP { STATE,
+# WSCALE_ORIGINAL, WSCALE_REPLY, FLAGS_ORIGINAL, FLAGS_REPLY } }, 48 bytes with the flags at fixed
+# offsets. Recognised by its headers (host byte order), anything else takes the general path.
+_TCP_INFO_LEN = 48
+_TCP_INFO_HEAD = _NLA.pack(44, ct.CTA_PROTOINFO_TCP | _NESTED)
+_TCP_FLAGS_O_HEAD = _NLA.pack(6, ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL)
+_TCP_FLAGS_R_HEAD = _NLA.pack(6, ct.CTA_PROTOINFO_TCP_FLAGS_REPLY)
+
+
+def _protoinfo(buf: bytes, off: int, alen: int, liberal: bool) -> bytes:
+    if (alen == _TCP_INFO_LEN and buf[off + 4:off + 8] == _TCP_INFO_HEAD
+            and buf[off + 32:off + 36] == _TCP_FLAGS_O_HEAD and buf[off + 40:off + 44] == _TCP_FLAGS_R_HEAD):
+        extra = ct.IP_CT_TCP_FLAG_BE_LIBERAL if liberal else 0
+        fo = (buf[off + 36] & _TCP_FLAGS_CARRIED) | extra
+        fr = (buf[off + 44] & _TCP_FLAGS_CARRIED) | extra
+        return (buf[off:off + 36] + bytes((fo, _TCP_FLAGS_CARRIED)) + buf[off + 38:off + 44]
+                + bytes((fr, _TCP_FLAGS_CARRIED)) + buf[off + 46:off + 48])
+    return _tcp_protoinfo(buf, off + 4, off + alen, liberal)
 
 
 # --- building entries from fields (tests, benchmarks, tools) -------------------------------------

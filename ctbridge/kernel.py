@@ -13,7 +13,9 @@ import asyncio
 import errno
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import NamedTuple
@@ -144,18 +146,43 @@ class KernelTable:
     # --- reading ---------------------------------------------------------------------------------
 
     def dump_parts(self) -> Iterator[list[Entry]]:
-        """The whole table (IPv4 and IPv6, every zone), one list per receive buffer."""
+        """The whole table (IPv4 and IPv6, every zone), one list per receive buffer.
+
+        The kernel fills the next dump buffer inside each recv(), so a reader thread keeps
+        receiving (recv releases the GIL) while this thread decodes: the kernel's work and ours
+        overlap on two cores instead of taking turns.
+        """
         self._send(codec.dump_request(self._next_seq()), "requesting a conntrack dump")
-        while True:
-            part = codec.decode_dump(self._recv())
-            if part.entries:
-                yield part.entries
-            if part.errno:
-                raise _explain(part.errno, "conntrack dump")
-            if part.interrupted:
-                log.debug("conntrack dump was interrupted by concurrent changes")
-            if part.done:
-                return
+        buffers: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
+
+        def reader() -> None:
+            try:
+                while True:
+                    data = self._recv()
+                    buffers.put(data)
+                    if codec.dump_finished(data):
+                        return
+            except BaseException as exc:  # handed to the decoding thread, which raises it
+                buffers.put(exc)
+
+        thread = threading.Thread(target=reader, name="ctbridge-dump", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = buffers.get()
+                if isinstance(item, BaseException):
+                    raise item
+                part = codec.decode_dump(item)
+                if part.entries:
+                    yield part.entries
+                if part.errno:
+                    raise _explain(part.errno, "conntrack dump")
+                if part.interrupted:
+                    log.debug("conntrack dump was interrupted by concurrent changes")
+                if part.done:
+                    return
+        finally:
+            thread.join(REPLY_TIMEOUT)
 
     def dump(self) -> list[Entry]:
         out: list[Entry] = []
@@ -170,32 +197,72 @@ class KernelTable:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def _batch(self, requests: list[bytes], first_seq: int) -> dict[int, int]:
-        """Send requests numbered first_seq.. in batches; {sequence number: errno} of the failures."""
+    def _chunks(self, requests: Iterable[bytes], first_seq: int) -> Iterator[tuple[bytes, int]]:
+        """Requests numbered first_seq.. joined into sends of about batch_bytes, each with the
+        sequence number of its last message. Only that message asks for an acknowledgement: it
+        tells the batch is done, and failures before it come back as errors anyway."""
+        pending: list[bytes] = []
+        size = 0
+        seq = first_seq - 1
+        for req in requests:
+            if pending and size + len(req) > self.batch_bytes:
+                yield _with_ack(pending), seq
+                pending, size = [], 0
+            pending.append(req)
+            size += len(req)
+            seq += 1
+        if pending:
+            yield _with_ack(pending), seq
+
+    def _send_batch(self, data: bytes, last_seq: int, failures: dict[int, int]) -> None:
+        self._send(data, "writing to the conntrack table")
+        acked = False
+        while not acked:
+            for seq, err in codec.decode_replies(self._recv()):
+                if seq == last_seq:
+                    acked = True
+                if err:
+                    failures[seq] = err
+
+    def _batch(self, requests: Iterable[bytes], first_seq: int) -> dict[int, int]:
+        """Send requests numbered first_seq..; {sequence number: errno} of the failures.
+
+        The kernel applies a batch inside send(), which releases the GIL, so when there is more
+        than one batch a sender thread talks to the kernel while this thread encodes the next.
+        """
         failures: dict[int, int] = {}
-        i = 0
-        n = len(requests)
-        while i < n:
-            size = 0
-            j = i
-            while j < n and (j == i or size + len(requests[j]) <= self.batch_bytes):
-                size += len(requests[j])
-                j += 1
-            chunk = bytearray(b"".join(requests[i:j]))
-            last_seq = first_seq + j - 1
-            # Ask for an acknowledgement of the last message only: it tells the batch is done.
-            last_off = size - len(requests[j - 1])
-            flags = int.from_bytes(chunk[last_off + 6:last_off + 8], "little") | ct.NLM_F_ACK
-            chunk[last_off + 6:last_off + 8] = flags.to_bytes(2, "little")
-            self._send(bytes(chunk), "writing to the conntrack table")
-            acked = False
-            while not acked:
-                for seq, err in codec.decode_replies(self._recv()):
-                    if seq == last_seq:
-                        acked = True
-                    if err:
-                        failures[seq] = err
-            i = j
+        chunks = self._chunks(requests, first_seq)
+        first = next(chunks, None)
+        if first is None:
+            return failures
+        second = next(chunks, None)
+        if second is None:
+            self._send_batch(*first, failures)
+            return failures
+        work: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
+        errors: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                while (item := work.get()) is not None:
+                    self._send_batch(*item, failures)
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=sender, name="ctbridge-commit", daemon=True)
+        thread.start()
+        try:
+            work.put(first)
+            work.put(second)
+            for chunk in chunks:
+                if errors:
+                    break
+                work.put(chunk)
+        finally:
+            work.put(None)
+            thread.join()
+        if errors:
+            raise errors[0]
         return failures
 
     def commit(self, entries: Iterable[Entry], liberal: bool = True) -> CommitResult:
@@ -209,7 +276,7 @@ class KernelTable:
         start = time.monotonic()
         todo = list(entries)
         seq = self._next_seq(len(todo))
-        failed = self._batch([codec.new_request(e, seq + i, liberal=liberal) for i, e in enumerate(todo)], seq)
+        failed = self._batch((codec.new_request(e, seq + i, liberal=liberal) for i, e in enumerate(todo)), seq)
         created = len(todo) - len(failed)
         exists = [todo[s - seq] for s, err in failed.items() if err == errno.EEXIST]
         final: dict[bytes, int] = {todo[s - seq].key: err for s, err in failed.items()
@@ -259,6 +326,15 @@ class KernelTable:
         failed = self._batch([codec.flush_request(seq)], seq)
         if failed:
             raise _explain(failed[seq], "flushing the conntrack table")
+
+
+def _with_ack(requests: list[bytes]) -> bytes:
+    """Join requests, setting NLM_F_ACK on the last one."""
+    data = bytearray(b"".join(requests))
+    last = len(data) - len(requests[-1])
+    flags = int.from_bytes(data[last + 6:last + 8], "little") | ct.NLM_F_ACK
+    data[last + 6:last + 8] = flags.to_bytes(2, "little")
+    return bytes(data)
 
 
 class EventSocket:

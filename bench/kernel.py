@@ -1,0 +1,145 @@
+"""Kernel adapter benchmark: ctbridge's dump and commit against the C tools, measured in one run.
+
+    python bench/kernel.py [--entries N] [--repeat R] [--no-conntrackd]
+
+Builds fresh network namespaces, fills one with N established TCP flows through `conntrack -R`,
+then times, best of R runs each:
+  dump    ctbridge KernelTable.dump()       vs  conntrack -L (output to /dev/null)
+  commit  ctbridge KernelTable.commit()     vs  conntrack -R (restore from a file)
+                                            and conntrackd -c (external cache -> kernel), if it runs
+and prints rates and ratios against the goals (dump >= 0.8x conntrack -L, commit >= 2x conntrack -R).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ctbridge import netns  # noqa: E402
+from ctbridge.kernel import KernelTable  # noqa: E402
+
+
+def save_lines(n: int) -> str:
+    """N distinct established TCP flows in `conntrack -L -o save` format (what `conntrack -R` reads)."""
+    lines = []
+    for i in range(n):
+        sport = 1024 + i % 60000
+        host = i // 60000
+        src = f"198.51.100.{1 + host % 250}"
+        dst = f"203.0.113.{1 + host // 250 % 250}"
+        lines.append(f"-A -t 3600 -u SEEN_REPLY,ASSURED -s {src} -d {dst} -r {dst} -q {src} -p tcp "
+                     f"--sport {sport} --dport 443 --reply-port-src 443 --reply-port-dst {sport} --state ESTABLISHED")
+    return "\n".join(lines) + "\n"
+
+
+def best(repeat: int, run: Callable[[], float]) -> float:
+    return min(run() for _ in range(repeat))
+
+
+def timed_cmd(ns: str, *argv: str, stdout: int | None = subprocess.DEVNULL) -> float:
+    start = time.perf_counter()
+    subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, stdout=stdout, stderr=subprocess.DEVNULL,
+                   timeout=600)
+    return time.perf_counter() - start
+
+
+def count(ns: str) -> int:
+    with netns.inside(ns):
+        table = KernelTable()
+    with table:
+        return table.count()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--entries", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-conntrackd", action="store_true", help="skip the conntrackd -c measurement")
+    args = ap.parse_args()
+    n = args.entries
+    if os.geteuid() != 0:
+        print("bench/kernel.py: needs root (network namespaces); run `make bench` as root", file=sys.stderr)
+        return 1
+    rows: list[tuple[str, float, str]] = []
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        src = stack.enter_context(netns.namespace("bsrc"))
+        dst = stack.enter_context(netns.namespace("bdst"))
+        for ns in (src, dst):
+            netns.run(ns, "sysctl", "-qw", f"net.netfilter.nf_conntrack_max={max(262144, 2 * n)}", check=False)
+        save = Path(tmp, "flows.save")
+        save.write_text(save_lines(n))
+
+        def restore() -> float:
+            netns.run(dst, "conntrack", "-F", check=False)
+            return timed_cmd(dst, "conntrack", "-R", str(save))
+        t_restore = best(args.repeat, restore)
+        assert count(dst) == n, f"conntrack -R left {count(dst)} entries, expected {n}"
+        netns.run(dst, "conntrack", "-F", check=False)
+        timed_cmd(src, "conntrack", "-R", str(save))
+        assert count(src) == n
+
+        t_list = best(args.repeat, lambda: timed_cmd(src, "conntrack", "-L"))
+        with netns.inside(src):
+            src_table = KernelTable()
+        with netns.inside(dst):
+            dst_table = KernelTable()
+        entries = []
+
+        def dump() -> float:
+            nonlocal entries
+            start = time.perf_counter()
+            entries = src_table.dump()
+            return time.perf_counter() - start
+        t_dump = best(args.repeat, dump)
+        assert len(entries) == n, f"dump returned {len(entries)} entries, expected {n}"
+
+        def commit() -> float:
+            dst_table.flush()
+            result = dst_table.commit(entries)
+            assert not result.failed and result.created == n, result.failed[:3]
+            return result.seconds
+        t_commit = best(args.repeat, commit)
+        assert count(dst) == n
+        src_table.close()
+        dst_table.close()
+
+    rate = n / t_dump
+    rows.append((f"dump    ctbridge           {n / t_dump:>10,.0f}/s", n / t_dump, ""))
+    print(f"\nkernel adapter, {n:,} TCP entries, best of {args.repeat}")
+    print(f"{'what':<34}{'seconds':>9}{'entries/s':>12}{'ratio':>9}  goal")
+    print(f"{'dump:   conntrack -L (C)':<34}{t_list:>9.3f}{n / t_list:>12,.0f}{1.0:>8.2f}x")
+    ratio = t_list / t_dump
+    print(f"{'dump:   ctbridge':<34}{t_dump:>9.3f}{rate:>12,.0f}{ratio:>8.2f}x  >= 0.8x  "
+          f"{'met' if ratio >= 0.8 else 'MISSED'}")
+    print(f"{'commit: conntrack -R (C)':<34}{t_restore:>9.3f}{n / t_restore:>12,.0f}{1.0:>8.2f}x")
+    cratio = t_restore / t_commit
+    print(f"{'commit: ctbridge':<34}{t_commit:>9.3f}{n / t_commit:>12,.0f}{cratio:>8.2f}x  >= 2x  "
+          f"{'met' if cratio >= 2 else 'MISSED'}")
+    if not args.no_conntrackd:
+        try:
+            from bench.conntrackd_harness import measure_conntrackd
+        except ImportError as exc:
+            print(f"{'commit: conntrackd -c (C)':<34}  not measured: {exc}")
+        else:
+            res = measure_conntrackd(n, log=lambda *a: None)
+            if res.get("ok"):
+                t_cd = res["commit_seconds"]
+                print(f"{'commit: conntrackd -c (C)':<34}{t_cd:>9.3f}{n / t_cd:>12,.0f}"
+                      f"{t_restore / t_cd:>8.2f}x  (ctbridge is {t_cd / t_commit:.2f}x conntrackd)")
+            else:
+                print(f"{'commit: conntrackd -c (C)':<34}  not measured: {res.get('error')}")
+    print("ratio: rate relative to the conntrack CLI in the same group (higher is faster)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
