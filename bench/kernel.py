@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge import netns  # noqa: E402
-from ctbridge.kernel import KernelTable  # noqa: E402
+from ctbridge import netns
+from ctbridge.kernel import KernelTable
 
 
 def save_lines(n: int) -> str:
