@@ -552,11 +552,16 @@ def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = 
 
     This runs once per committed entry: see ``_Layout`` for the fast path.
     """
-    buf = entry.attrs
     if keep_status:
         fast = _fast_request(entry, seq, update, liberal)
         if fast is not None:
             return fast
+    return _general_request(entry, seq, liberal, update, keep_status)
+
+
+def _general_request(entry: Entry, seq: int, liberal: bool, update: bool, keep_status: bool) -> bytes:
+    """new_request for any layout: walks every attribute."""
+    buf = entry.attrs
     # Per attribute: 0 copy unchanged, 1 drop, 2 status, 3 protoinfo, 4 original tuple, 5 reply tuple.
     action = _UPDATE_ACTION if update else _CREATE_ACTION
     parts: list[bytes] = []
