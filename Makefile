@@ -1,6 +1,7 @@
 # ctbridge — `make demo` and `make test` set up everything they need on a Debian 12 machine (as root).
 
-PYTHON ?= python3
+# Debian 12's own interpreter when present: the one the Debian package runs under.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests and the demo use: the kernel's conntrack table is driven and witnessed
