@@ -153,7 +153,7 @@ def test_key_round_trip() -> None:
 
 def test_delete_request_names_the_flow() -> None:
     (entry,) = codec.tcp_flows(1)
-    family, zone, orig = codec.split_key(entry.key)
+    family, _zone, orig = codec.split_key(entry.key)
     req = codec.delete_request(codec.make_key(family, 7, orig), 9)
     body = codec.attr_map(req, 20)
     assert struct.unpack_from("=H", req, 4)[0] == ct.MSG_CT_DELETE
