@@ -193,8 +193,12 @@ def _error(buf: bytes, off: int, mlen: int) -> int:
     return -code
 
 
-def decode_dump(buf: bytes) -> DumpPart:
-    """Decode one receive buffer of a conntrack dump (CT_NEW messages, then NLMSG_DONE)."""
+def decode_dump(buf: bytes, seq: int | None = None) -> DumpPart:
+    """Decode one receive buffer of a conntrack dump (CT_NEW messages, then NLMSG_DONE).
+
+    With ``seq``, messages answering another request (a late reply to an abandoned one) are
+    skipped instead of being taken for part of this dump, or for its end.
+    """
     entries: list[Entry] = []
     append = entries.append
     n = len(buf)
@@ -206,10 +210,12 @@ def decode_dump(buf: bytes) -> DumpPart:
     while off < n:
         if n - off < 16:
             raise CodecError(f"netlink header truncated at offset {off}")
-        mlen, mtype, mflags, _seq, _pid = unpack(buf, off)
+        mlen, mtype, mflags, mseq, _pid = unpack(buf, off)
         if mlen < 16 or off + mlen > n:
             raise CodecError(f"netlink message at offset {off} has bad length {mlen}")
-        if mtype == ct.MSG_CT_NEW:
+        if seq is not None and mseq != seq:
+            pass
+        elif mtype == ct.MSG_CT_NEW:
             if mlen < 20:
                 raise CodecError("conntrack message shorter than its nfgenmsg header")
             append(entry_from_attrs(buf[off + 16], buf, off + 20, off + mlen))
@@ -226,13 +232,13 @@ def decode_dump(buf: bytes) -> DumpPart:
     return DumpPart(entries, done, errno, interrupted)
 
 
-def dump_finished(buf: bytes) -> bool:
-    """Whether a receive buffer ends a dump (NLMSG_DONE or an error), reading headers only."""
+def dump_finished(buf: bytes, seq: int) -> bool:
+    """Whether a receive buffer ends the dump ``seq`` (NLMSG_DONE or an error), reading headers only."""
     n = len(buf)
     off = 0
     while n - off >= 16:
-        mlen, mtype = _NLMSG_LEN_TYPE.unpack_from(buf, off)
-        if mtype == ct.NLMSG_DONE or mtype == ct.NLMSG_ERROR:
+        mlen, mtype, _flags, mseq = _NLMSG_LEN_TYPE.unpack_from(buf, off)
+        if (mtype == ct.NLMSG_DONE or mtype == ct.NLMSG_ERROR) and mseq == seq:
             return True
         if mlen < 16:
             return True  # malformed: let the decoder report it
@@ -240,7 +246,7 @@ def dump_finished(buf: bytes) -> bool:
     return False
 
 
-_NLMSG_LEN_TYPE = struct.Struct("=IH")
+_NLMSG_LEN_TYPE = struct.Struct("=IHHI")
 _NEW_FLAGS = ct.NLM_F_CREATE | ct.NLM_F_EXCL
 
 

@@ -152,7 +152,8 @@ class KernelTable:
         receiving (recv releases the GIL) while this thread decodes: the kernel's work and ours
         overlap on two cores instead of taking turns.
         """
-        self._send(codec.dump_request(self._next_seq()), "requesting a conntrack dump")
+        seq = self._next_seq()
+        self._send(codec.dump_request(seq), "requesting a conntrack dump")
         buffers: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
 
         def reader() -> None:
@@ -160,7 +161,7 @@ class KernelTable:
                 while True:
                     data = self._recv()
                     buffers.put(data)
-                    if codec.dump_finished(data):
+                    if codec.dump_finished(data, seq):
                         return
             except BaseException as exc:  # handed to the decoding thread, which raises it
                 buffers.put(exc)
@@ -172,7 +173,7 @@ class KernelTable:
                 item = buffers.get()
                 if isinstance(item, BaseException):
                     raise item
-                part = codec.decode_dump(item)
+                part = codec.decode_dump(item, seq)
                 if part.entries:
                     yield part.entries
                 if part.errno:
@@ -197,31 +198,32 @@ class KernelTable:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def _chunks(self, requests: Iterable[bytes], first_seq: int) -> Iterator[tuple[bytes, int]]:
+    def _chunks(self, requests: Iterable[bytes], first_seq: int) -> Iterator[tuple[bytes, int, int]]:
         """Requests numbered first_seq.. joined into sends of about batch_bytes, each with the
-        sequence number of its last message. Only that message asks for an acknowledgement: it
+        sequence numbers of its first and last message. Only that message asks for an acknowledgement: it
         tells the batch is done, and failures before it come back as errors anyway."""
         pending: list[bytes] = []
         size = 0
         seq = first_seq - 1
         for req in requests:
             if pending and size + len(req) > self.batch_bytes:
-                yield _with_ack(pending), seq
+                yield _with_ack(pending), seq - len(pending) + 1, seq
                 pending, size = [], 0
             pending.append(req)
             size += len(req)
             seq += 1
         if pending:
-            yield _with_ack(pending), seq
+            yield _with_ack(pending), seq - len(pending) + 1, seq
 
-    def _send_batch(self, data: bytes, last_seq: int, failures: dict[int, int]) -> None:
+    def _send_batch(self, data: bytes, first_seq: int, last_seq: int, failures: dict[int, int]) -> None:
         self._send(data, "writing to the conntrack table")
         acked = False
         while not acked:
             for seq, err in codec.decode_replies(self._recv()):
                 if seq == last_seq:
                     acked = True
-                if err:
+                # a late answer to an abandoned request belongs to no entry of this batch
+                if err and first_seq <= seq <= last_seq:
                     failures[seq] = err
 
     def _batch(self, requests: Iterable[bytes], first_seq: int) -> dict[int, int]:
@@ -239,7 +241,7 @@ class KernelTable:
         if second is None:
             self._send_batch(*first, failures)
             return failures
-        work: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
+        work: queue.SimpleQueue[tuple[bytes, int, int] | None] = queue.SimpleQueue()
         errors: list[BaseException] = []
 
         def sender() -> None:

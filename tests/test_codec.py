@@ -198,3 +198,15 @@ def test_decoders_raise_only_codec_errors_on_damaged_kernel_messages() -> None:
         except CodecError:
             pass
     assert viewed > 300  # the damage must not make every message unreadable, or this tests nothing
+
+
+def test_a_late_reply_to_another_request_neither_ends_nor_joins_a_dump() -> None:
+    (entry,) = codec.tcp_flows(1)
+    stale_error = struct.pack("=IHHIIi", 36, ct.NLMSG_ERROR, 0, 99, 0, -17) + bytes(16)
+    stale_entry = codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 98, entry.family, entry.attrs)
+    mine = codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 7, entry.family, entry.attrs)
+    done = struct.pack("=IHHIIi", 20, ct.NLMSG_DONE, ct.NLM_F_MULTI, 7, 0, 0)
+    assert not codec.dump_finished(stale_error + mine, 7)
+    part = codec.decode_dump(stale_error + stale_entry + mine, 7)
+    assert (len(part.entries), part.done, part.errno) == (1, False, 0)
+    assert codec.dump_finished(done, 7) and codec.decode_dump(done, 7).done

@@ -227,3 +227,29 @@ def test_cli_reports_errors_in_one_line(ns: str) -> None:
                     sys.executable, "-m", "ctbridge", "kernel", "dump", check=False)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "CAP_NET_ADMIN" in res.stderr, res.stderr
+
+
+LABEL_RULES = """
+table inet labels {
+  chain out {
+    type filter hook output priority 0;
+    ct label set 5
+  }
+}
+"""
+
+
+def test_labels_survive_commit(ns: str, ns2: str) -> None:
+    """Connection labels are stored only where a ruleset uses them (the kernel allocates label
+    space for a namespace once a rule refers to ct labels), as on a real standby."""
+    for where in (ns, ns2):
+        netns.run(where, "nft", "-f", "-", input=LABEL_RULES)
+    netns.run(ns, sys.executable, "-c",
+              "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n")
+    entries = dump_in(ns)
+    assert [entry_view(e).get("labels") for e in entries] == ["20" + "00" * 15]  # bit 5
+    with netns.inside(ns2):
+        table = KernelTable()
+    with table:
+        assert table.commit(entries).failed == []
+        assert [entry_view(e).get("labels") for e in table.dump()] == ["20" + "00" * 15]
