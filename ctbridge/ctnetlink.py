@@ -6,8 +6,6 @@ above it so a reader can check it against the running kernel's uapi headers.
 
 from __future__ import annotations
 
-import socket
-
 # From include/uapi/linux/netlink.h
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -205,6 +203,8 @@ PROTO_NAMES = {
 # Protocols whose tuples carry 16-bit ports in CTA_PROTO_SRC_PORT / CTA_PROTO_DST_PORT.
 PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_DCCP, IPPROTO_SCTP, IPPROTO_UDPLITE})
 
-AF_INET = int(socket.AF_INET)
-AF_INET6 = int(socket.AF_INET6)
+# From include/linux/socket.h (not imported from the socket module: the engine, which uses these
+# numbers, must not import socket at all)
+AF_INET = 2
+AF_INET6 = 10
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}

@@ -1,0 +1,616 @@
+"""The replication engine: a pure state machine (no sockets, no clock, no asyncio, no pyroute2).
+
+Inputs, each with an explicit ``now`` (seconds, any monotonic origin):
+    kernel_events(events, now)          this node's kernel reported changes
+    kernel_resync(entries, now)         this node's whole table, from a dump (start, overrun)
+    receive_datagram(data, now, wall)   a datagram from the sync link
+    request_resync(now) / bulk_send(now) / set_role(role)   commands
+    handle_timer(now)                   the deadline from get_timer() has passed
+Outputs:
+    datagrams_to_send(now)   [(bytes, destination)]: destination None = every peer, else a node id
+    kernel_ops()             writes the kernel should do (apply mode "inject")
+    get_timer()              when handle_timer() wants to run next (None: no deadline)
+
+The shape follows aioquic's QuicConnection: the adapter moves bytes and re-arms one timer. Tests
+drive engines with a fake clock over lossy in-memory links (tests/test_engine.py).
+
+Replication, in short: every change of this node's internal cache (its kernel's flows, filtered)
+bumps a per-node version counter and queues the flow key; queued keys coalesce, so several updates
+of a flow waiting to go out are sent once, with the state current at sending time. Each datagram
+takes the next sequence number of this node's stream. Receivers apply messages in any order —
+a flow's version decides which state is newer — acknowledge contiguous ranges, and ask again
+(NACK) for gaps; a resend carries the current state of the flows the lost datagram named. What a
+receiver learns from a peer is kept per peer (the external caches); a bulk transfer replaces one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, NamedTuple
+
+from ctbridge import codec, wire
+from ctbridge.codec import Entry, Event, EventKind
+from ctbridge.filter import FlowFilter
+from ctbridge.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
+
+log = logging.getLogger(__name__)
+
+
+class Role(Enum):
+    MASTER = "MASTER"
+    BACKUP = "BACKUP"
+    FAULT = "FAULT"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    node_id: int
+    reliable: bool = True  # False: best-effort, no acknowledgements or resends
+    apply_mode: str = "commit"  # "inject": write peers' flows into this kernel as they arrive
+    max_datagram: int = 1452  # bytes: IPv6 minimum path MTU 1500 - 40 (IPv6) - 8 (UDP)
+    ack_every: int = 32  # acknowledge after this many data datagrams ...
+    ack_delay: float = 0.05  # ... or this long after the first unacknowledged one
+    nack_retry: float = 0.2  # ask again for a gap still open after this long
+    alive_interval: float = 1.0  # send something at least this often
+    peer_timeout: float = 5.0  # a peer silent this long stops holding back the resend queue
+    resend_limit: int = 16384  # datagrams kept for resending
+    rx_limit: int = 8192  # datagrams held beyond a gap before the gap is given up on
+    tombstone_ttl: float = 60.0  # how long a deletion outranks late updates of the same flow
+    resync_retry: float = 3.0  # ask again for a bulk transfer that has not completed
+    max_age: float = 0.0  # reject datagrams whose sender time is older than this (0: off)
+    burst: int = 256  # datagrams per datagrams_to_send() call
+    filter: FlowFilter = field(default_factory=FlowFilter)
+
+
+class KernelOp(NamedTuple):
+    """A write for the kernel adapter: commit these entries, or delete these keys."""
+
+    kind: str  # "commit" | "delete"
+    entry: Entry | None
+    key: bytes
+
+
+class _Bulk:
+    __slots__ = ("begun", "bulk_id", "keys", "pos", "sent", "target")
+
+    def __init__(self, target: int, bulk_id: int) -> None:
+        self.target = target
+        self.bulk_id = bulk_id
+        self.keys: list[bytes] = []
+        self.pos = 0
+        self.sent = 0
+        self.begun = False
+
+
+class Peer:
+    """What this node knows about one other node."""
+
+    def __init__(self, node: int, now: float) -> None:
+        self.node = node
+        self.epoch = -1
+        self.rx: ReceiveWindow | None = None
+        # key -> [version, entry, seq of the datagram that last mentioned it]
+        self.external: dict[bytes, list[Any]] = {}
+        self.tombstones: dict[bytes, tuple[int, float]] = {}
+        self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
+        self.ack_sent = 0  # highest of its sequence numbers we acknowledged
+        self.unacked = 0  # data datagrams received since our last acknowledgement
+        self.ack_due: float | None = None
+        self.nack_at = -1.0
+        self.nacked: tuple[int, int] | None = None
+        self.last_heard = now
+        self.alive = True
+        self.bulk_begin: tuple[int, int] | None = None  # (bulk id, sequence number of BULK_BEGIN)
+        self.bulk_end: tuple[int, int, int] | None = None  # (bulk id, end seq, begin seq) awaiting contiguity
+        self.synced = False  # a bulk transfer completed and no data was lost since
+        self.resync_at: float | None = None  # when we last asked it for a bulk transfer
+        self.restarts = 0
+        self.bulks = 0
+
+
+def _new_stats() -> dict[str, int]:
+    return {k: 0 for k in (
+        "rx_datagrams", "rx_bytes", "tx_datagrams", "tx_bytes", "flows_sent", "deletes_sent", "flows_received",
+        "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
+        "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
+        "rejected_auth", "rejected_replay", "rejected_malformed", "own_datagrams", "oversized_flows")}
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, auth: wire.Auth, epoch: int, now: float,
+                 clock_offset: float = 0.0) -> None:
+        self.config = config
+        self.auth = auth
+        self.node_id = config.node_id
+        self.epoch = epoch
+        self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
+        self.role = Role.BACKUP
+        self.internal: dict[bytes, tuple[int, Entry]] = {}
+        self.peers: dict[int, Peer] = {}
+        self.stats = _new_stats()
+        self._version = 0
+        self._seq = 1
+        self._pending: dict[bytes, None] = {}  # flow keys waiting to go out, in order (coalescing)
+        self._control: list[bytes] = [wire.hello_msg()]
+        self._bulks: deque[_Bulk] = deque()
+        self._bulk_id = 0
+        self._resends: dict[tuple[int, int | None], None] = {}  # (seq, destination) to resend
+        self._resend = ResendQueue(config.resend_limit)
+        self._overflow_seen = 0
+        self._kernel_ops: list[KernelOp] = []
+        self._last_send = now - config.alive_interval  # so the HELLO goes out at once
+        self._next_sweep = now + config.tombstone_ttl
+
+    # --- this node's kernel ----------------------------------------------------------------------
+
+    def _queue(self, key: bytes) -> None:
+        self._pending[key] = None
+
+    def kernel_events(self, events: list[Event], now: float) -> None:
+        internal = self.internal
+        accepts = self.config.filter.accepts
+        for ev in events:
+            entry = ev.entry
+            key = entry.key
+            if ev.kind is EventKind.DESTROY or not accepts(entry):
+                if internal.pop(key, None) is not None:
+                    self._queue(key)
+                continue
+            self._version += 1
+            internal[key] = (self._version, entry)
+            self._pending[key] = None
+
+    def kernel_resync(self, entries: list[Entry], now: float) -> None:
+        """Replace the internal cache with a dump; changes since the last view are sent."""
+        accepts = self.config.filter.accepts
+        old = self.internal
+        new: dict[bytes, tuple[int, Entry]] = {}
+        for entry in entries:
+            if not accepts(entry):
+                continue
+            prev = old.get(entry.key)
+            if prev is not None and prev[1].attrs == entry.attrs:
+                new[entry.key] = prev
+            else:
+                self._version += 1
+                new[entry.key] = (self._version, entry)
+                self._queue(entry.key)
+        for key in old.keys() - new.keys():
+            self._queue(key)
+        self.internal = new
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def set_role(self, role: Role) -> None:
+        self.role = role
+
+    def request_resync(self, now: float, node: int = 0) -> None:
+        """Ask ``node`` (0: every peer) to send its whole internal cache."""
+        self._control.append(wire.resync_msg(node))
+        self.stats["resyncs_requested"] += 1
+        for peer in self.peers.values():
+            if node in (0, peer.node):
+                peer.resync_at = now
+
+    def bulk_send(self, now: float, target: int = 0) -> None:
+        """Stream the whole internal cache to ``target`` (0: every peer)."""
+        for bulk in self._bulks:
+            if not bulk.begun:
+                if bulk.target != target:
+                    bulk.target = 0
+                return
+        self._bulk_id = (self._bulk_id + 1) & SEQ_MAX
+        self._bulks.append(_Bulk(target, self._bulk_id))
+
+    def external_entries(self) -> list[Entry]:
+        """Every flow learnt from peers (for a commit); a flow two peers know comes from the later one."""
+        merged: dict[bytes, Entry] = {}
+        for peer in self.peers.values():
+            for key, (_v, entry, _m) in peer.external.items():
+                merged[key] = entry
+        return list(merged.values())
+
+    def flush_external(self) -> None:
+        for peer in self.peers.values():
+            peer.external.clear()
+            peer.tombstones.clear()
+
+    def kernel_ops(self) -> list[KernelOp]:
+        ops, self._kernel_ops = self._kernel_ops, []
+        return ops
+
+    def complete(self) -> bool:
+        """Every live peer's external cache is whole: a bulk arrived and nothing was lost since."""
+        return all(p.synced and (p.rx is None or p.rx.missing() is None) for p in self.peers.values() if p.alive)
+
+    # --- receiving --------------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, now: float, wall: float | None = None) -> None:
+        stats = self.stats
+        stats["rx_datagrams"] += 1
+        stats["rx_bytes"] += len(data)
+        try:
+            header, messages = wire.decode(data, self.auth)
+        except wire.WireError as exc:
+            stats["rejected_" + exc.reason] += 1
+            log.debug("dropped a datagram: %s", exc)
+            return
+        if header.node == self.node_id:
+            stats["own_datagrams"] += 1  # multicast loops our own datagrams back
+            return
+        cfg = self.config
+        if cfg.max_age and wall is not None and abs(wall * 1000 - header.time_ms) > cfg.max_age * 1000:
+            stats["rejected_replay"] += 1
+            return
+        peer = self.peers.get(header.node)
+        if peer is None:
+            peer = self.peers[header.node] = Peer(header.node, now)
+        if header.epoch < peer.epoch:
+            stats["rejected_replay"] += 1  # a datagram from a previous life of that node
+            return
+        if header.epoch > peer.epoch:
+            self._new_incarnation(peer, header, now)
+        rx = peer.rx
+        assert rx is not None
+        if not rx.accept(header.seq):
+            stats["rejected_replay"] += 1
+            return
+        peer.last_heard = now
+        peer.alive = True
+        data_seen = self._apply(peer, header, messages, now)
+        if not cfg.reliable:
+            if rx.give_up_before(header.seq - 64):
+                peer.synced = False
+        elif data_seen:
+            peer.unacked += 1
+            if peer.unacked >= cfg.ack_every:
+                self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
+                peer.ack_sent = rx.expected - 1
+                peer.unacked = 0
+                peer.ack_due = None
+            elif peer.ack_due is None:
+                peer.ack_due = now + cfg.ack_delay
+        if cfg.reliable:
+            if rx.overfull():
+                rx.give_up_before(min(rx.above))
+                stats["gaps_given_up"] += 1
+                peer.synced = False
+                self.request_resync(now, peer.node)
+            gap = rx.missing()
+            if gap is not None and (gap != peer.nacked or now >= peer.nack_at + cfg.nack_retry):
+                self._nack(peer, gap, now)
+        self._finish_bulk(peer)
+
+    def _new_incarnation(self, peer: Peer, header: wire.Header, now: float) -> None:
+        if peer.epoch >= 0:
+            peer.restarts += 1
+            log.info("peer %08x restarted (epoch %d -> %d)", peer.node, peer.epoch, header.epoch)
+        peer.epoch = header.epoch
+        peer.rx = ReceiveWindow(header.epoch, header.seq, self.config.rx_limit)
+        peer.ack_sent = header.seq - 1
+        peer.unacked = 0
+        peer.ack_due = None
+        peer.nacked = None
+        peer.bulk_begin = peer.bulk_end = None
+        peer.synced = False
+        peer.acked = 0
+        # Its versions and sequence numbers start again from scratch: what we hold from its
+        # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
+        for cur in peer.external.values():
+            cur[0] = -1
+            cur[2] = 0
+        peer.tombstones.clear()
+        # What it had before is unknown now: ask for everything, the bulk replaces the cache.
+        self._control.append(wire.resync_msg(peer.node))
+        self.stats["resyncs_requested"] += 1
+        peer.resync_at = now
+
+    def _nack(self, peer: Peer, gap: tuple[int, int], now: float) -> None:
+        first, last = gap
+        last = min(last, first + 4095)
+        self._control.append(wire.nack_msg(peer.node, peer.epoch, first, last))
+        peer.nacked = gap
+        peer.nack_at = now
+        self.stats["nacks_sent"] += 1
+
+    def _apply(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> bool:
+        """Apply a datagram's messages; True if it carried replicated data."""
+        data_seen = False
+        external = peer.external
+        tombstones = peer.tombstones
+        seq = header.seq
+        inject = self.config.apply_mode == "inject"
+        stats = self.stats
+        me = self.node_id
+        for msg in messages:
+            if type(msg) is wire.Flow:
+                data_seen = True
+                stats["flows_received"] += 1
+                entry = msg.entry
+                key = entry.key
+                cur = external.get(key)
+                if cur is None:
+                    if tombstones and key in tombstones and tombstones[key][0] >= msg.version:
+                        stats["stale_ignored"] += 1
+                        continue
+                    external[key] = [msg.version, entry, seq]
+                elif msg.version > cur[0]:
+                    cur[0] = msg.version
+                    cur[1] = entry
+                    if seq > cur[2]:
+                        cur[2] = seq
+                else:
+                    if seq > cur[2]:
+                        cur[2] = seq
+                    stats["stale_ignored"] += 1
+                    continue
+                if inject:
+                    self._kernel_ops.append(KernelOp("commit", entry, key))
+            elif type(msg) is wire.Delete:
+                data_seen = True
+                stats["deletes_received"] += 1
+                key = msg.key
+                cur = external.get(key)
+                if cur is not None and cur[0] >= msg.version:
+                    stats["stale_ignored"] += 1
+                    continue
+                tombstones[key] = (msg.version, now + self.config.tombstone_ttl)
+                if cur is not None:
+                    del external[key]
+                    if inject:
+                        self._kernel_ops.append(KernelOp("delete", None, key))
+            elif type(msg) is wire.Ack:
+                if msg.node == me and msg.epoch == self.epoch and msg.upto > peer.acked:
+                    peer.acked = min(msg.upto, self._seq - 1)
+                    self._release()
+            elif type(msg) is wire.Nack:
+                if msg.node == me and msg.epoch == self.epoch:
+                    self.stats["nacks_received"] += 1
+                    self._resend_range(peer, msg.first, msg.last)
+            elif type(msg) is wire.Gap:
+                if msg.node == me and peer.rx is not None:
+                    peer.rx.fill(msg.first, msg.last)
+            elif type(msg) is wire.Resync:
+                if msg.node in (0, me):
+                    self.bulk_send(now, peer.node)
+            elif type(msg) is wire.BulkBegin:
+                data_seen = True
+                if msg.node in (0, me):
+                    peer.bulk_begin = (msg.bulk_id, seq)
+            elif type(msg) is wire.BulkEnd:
+                data_seen = True
+                if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
+                    peer.bulk_end = (msg.bulk_id, seq, peer.bulk_begin[1])
+                    peer.bulk_begin = None
+        return data_seen
+
+    def _finish_bulk(self, peer: Peer) -> None:
+        """Once every datagram up to BULK_END has arrived, the peer's cache is what the bulk said."""
+        if peer.bulk_end is None or peer.rx is None:
+            return
+        _bulk_id, end_seq, begin_seq = peer.bulk_end
+        if self.config.reliable and peer.rx.expected <= end_seq:
+            return
+        stale = [k for k, v in peer.external.items() if v[2] < begin_seq]
+        for key in stale:
+            del peer.external[key]
+            if self.config.apply_mode == "inject":
+                self._kernel_ops.append(KernelOp("delete", None, key))
+        peer.bulk_end = None
+        peer.synced = True
+        peer.resync_at = None
+        peer.bulks += 1
+        self.stats["bulks_received"] += 1
+        log.info("bulk from peer %08x complete: %d flows, %d stale removed", peer.node, len(peer.external), len(stale))
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        live = [p.acked for p in self.peers.values() if p.alive and p.epoch >= 0]
+        self._resend.release(min(live) if live else self._seq - 1)
+
+    def _resend_range(self, peer: Peer, first: int, last: int) -> None:
+        lost: list[int] = []
+        for seq in range(first, min(last, first + 4095, self._seq - 1) + 1):
+            kept, _keys = self._resend.get(seq)
+            if kept:
+                self._resends[(seq, peer.node)] = None
+            else:
+                lost.append(seq)
+        if lost:
+            # Gone from the resend queue: tell the peer to stop waiting, and rebuild its cache.
+            self._control.append(wire.gap_msg(peer.node, self.epoch, lost[0], lost[-1]))
+            self.stats["gaps_sent"] += 1
+            self.bulk_send(0.0, peer.node)
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        if seq >= SEQ_MAX:
+            # Sequence space exhausted: start a new epoch, which peers treat as a restart.
+            self.epoch += 1
+            self._seq = 1
+            self._resend = ResendQueue(self.config.resend_limit)
+            self._control.insert(0, wire.hello_msg())
+            seq = 1
+        self._seq = seq + 1
+        return seq
+
+    def _message(self, key: bytes) -> bytes:
+        cur = self.internal.get(key)
+        if cur is not None:
+            return wire.flow_msg(cur[0], cur[1])
+        self._version += 1
+        return wire.delete_msg(self._version, key)
+
+    def _finish(self, msgs: list[bytes], keys: list[bytes], now: float, seq: int | None = None) -> bytes:
+        acks = []
+        for peer in self.peers.values():
+            rx = peer.rx
+            if rx is not None and rx.expected - 1 > peer.ack_sent and self.config.reliable:
+                acks.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
+                peer.ack_sent = rx.expected - 1
+                peer.unacked = 0
+                peer.ack_due = None
+        if seq is None:
+            seq = self._next_seq()
+            if self.config.reliable:
+                self._resend.add(seq, tuple(keys) if keys else None)
+        header = wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
+        data = wire.datagram(header, b"".join(acks + msgs), self.auth)
+        self.stats["tx_datagrams"] += 1
+        self.stats["tx_bytes"] += len(data)
+        self._last_send = now
+        return data
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
+        out: list[tuple[bytes, int | None]] = []
+        cfg = self.config
+        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 20 * len(self.peers)
+        while len(out) < cfg.burst and self._resends:
+            seq, dest = next(iter(self._resends))
+            del self._resends[(seq, dest)]
+            out.append((self._resend_one(seq, room, now), dest))
+        stats = self.stats
+        while len(out) < cfg.burst:
+            msgs: list[bytes] = []
+            keys: list[bytes] = []
+            size = 0
+            control = self._control
+            while control and size + len(control[0]) <= room:
+                m = control.pop(0)
+                msgs.append(m)
+                size += len(m)
+            pending = self._pending
+            while pending:
+                key = next(iter(pending))
+                m = self._message(key)
+                if size + len(m) > room:
+                    if not msgs:  # a single flow larger than a datagram: cannot be sent at all
+                        del pending[key]
+                        stats["oversized_flows"] += 1
+                        continue
+                    break
+                del pending[key]
+                msgs.append(m)
+                keys.append(key)
+                size += len(m)
+                if m[0] == wire.MsgType.FLOW:
+                    stats["flows_sent"] += 1
+                else:
+                    stats["deletes_sent"] += 1
+            size = self._fill_bulk(msgs, keys, size, room)
+            if not msgs:
+                break
+            out.append((self._finish(msgs, keys, now), None))
+        return out
+
+    def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int) -> int:
+        while self._bulks:
+            bulk = self._bulks[0]
+            if not bulk.begun:
+                m = wire.bulk_begin_msg(bulk.target, bulk.bulk_id)
+                if size + len(m) > room:
+                    return size
+                msgs.append(m)
+                size += len(m)
+                bulk.begun = True
+                bulk.keys = list(self.internal)
+                self.stats["bulks_sent"] += 1
+            while bulk.pos < len(bulk.keys):
+                key = bulk.keys[bulk.pos]
+                cur = self.internal.get(key)
+                if cur is None:  # deleted since the bulk began: the delete went out by itself
+                    bulk.pos += 1
+                    continue
+                m = wire.flow_msg(cur[0], cur[1])
+                if size + len(m) > room:
+                    return size
+                msgs.append(m)
+                keys.append(key)
+                size += len(m)
+                bulk.pos += 1
+                bulk.sent += 1
+                self.stats["flows_sent"] += 1
+            m = wire.bulk_end_msg(bulk.target, bulk.bulk_id, bulk.sent)
+            if size + len(m) > room:
+                return size
+            msgs.append(m)
+            size += len(m)
+            self._bulks.popleft()
+        return size
+
+    def _resend_one(self, seq: int, room: int, now: float) -> bytes:
+        """Datagram ``seq`` again, carrying the current state of the flows it named."""
+        _kept, keys = self._resend.get(seq)
+        msgs: list[bytes] = []
+        fitted: list[bytes] = []
+        size = 0
+        for key in keys or ():
+            m = self._message(key)
+            if size + len(m) > room:
+                self._queue(key)  # grew since: goes out in a new datagram
+                continue
+            msgs.append(m)
+            fitted.append(key)
+            size += len(m)
+        if not msgs:
+            msgs.append(wire.alive_msg())
+        self.stats["resent_datagrams"] += 1
+        return self._finish(msgs, fitted, now, seq=seq)
+
+    # --- time ---------------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        if self._control or self._pending or self._bulks or self._resends:
+            return float("-inf")  # output is waiting: call datagrams_to_send() now
+        deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
+        for peer in self.peers.values():
+            if peer.ack_due is not None:
+                deadlines.append(peer.ack_due)
+            if peer.nacked is not None and peer.rx is not None and peer.rx.missing() is not None:
+                deadlines.append(peer.nack_at + self.config.nack_retry)
+            if peer.resync_at is not None:
+                deadlines.append(peer.resync_at + self.config.resync_retry)
+            if peer.alive:
+                deadlines.append(peer.last_heard + self.config.peer_timeout)
+        return min(deadlines)
+
+    def handle_timer(self, now: float) -> None:
+        cfg = self.config
+        for peer in self.peers.values():
+            rx = peer.rx
+            if peer.ack_due is not None and now >= peer.ack_due and rx is not None:
+                if rx.expected - 1 > peer.ack_sent:
+                    self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
+                    peer.ack_sent = rx.expected - 1
+                peer.unacked = 0
+                peer.ack_due = None
+            if rx is not None and cfg.reliable:
+                gap = rx.missing()
+                if gap is not None and now >= peer.nack_at + cfg.nack_retry:
+                    self._nack(peer, gap, now)
+            if peer.resync_at is not None and now >= peer.resync_at + cfg.resync_retry:
+                self._control.append(wire.resync_msg(peer.node))
+                self.stats["resyncs_requested"] += 1
+                peer.resync_at = now
+            if peer.alive and now >= peer.last_heard + cfg.peer_timeout:
+                peer.alive = False
+                log.info("peer %08x silent for %.1f s", peer.node, now - peer.last_heard)
+                self._release()
+        if self._resend.dropped_upto > self._overflow_seen:
+            # The resend queue overflowed: peers that had not acknowledged what was dropped get
+            # everything again instead of silently missing it.
+            self._overflow_seen = self._resend.dropped_upto
+            self.stats["resend_overflows"] += 1
+            if any(p.alive and p.acked < self._overflow_seen for p in self.peers.values()):
+                self.bulk_send(now, 0)
+        if now >= self._last_send + cfg.alive_interval and not self._control:
+            self._control.append(wire.alive_msg())
+        if now >= self._next_sweep:
+            self._next_sweep = now + cfg.tombstone_ttl / 2
+            for peer in self.peers.values():
+                if peer.tombstones:
+                    peer.tombstones = {k: v for k, v in peer.tombstones.items() if v[1] > now}

@@ -1,0 +1,72 @@
+"""Which flows a node replicates. Pure: decides from an entry's attributes alone.
+
+Addresses match the original source or the reply source, so one rule covers a flow whichever
+side opened it: a firewall's own address in `ignore` leaves out every flow that ends on the
+firewall itself (its SSH sessions, keepalived's unicast VRRP, ctbridge's own sync traffic).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ctbridge import codec
+from ctbridge import ctnetlink as ct
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Never worth replicating: flows of the loopback interface exist on every node by themselves.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    protocols: frozenset[int] = frozenset()  # empty: every protocol
+    accept: tuple[Network, ...] = ()  # non-empty: only flows whose original or reply source is inside
+    ignore: tuple[Network, ...] = LOOPBACK  # flows whose original or reply source is inside are left out
+    tcp_states: frozenset[int] = frozenset()  # empty: every TCP state
+    _accept: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+    _ignore: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # (family, network as int, mask as int) for fast checks on packed addresses
+        def prep(nets: tuple[Network, ...]) -> tuple[tuple[int, int, int], ...]:
+            return tuple((ct.AF_INET6 if n.version == 6 else ct.AF_INET, int(n.network_address), int(n.netmask))
+                         for n in nets)
+        object.__setattr__(self, "_accept", prep(self.accept))
+        object.__setattr__(self, "_ignore", prep(self.ignore))
+
+    def accepts(self, entry: codec.Entry) -> bool:
+        proto, src, reply_src, state = flow_facts(entry)
+        if self.protocols and proto not in self.protocols:
+            return False
+        if self.tcp_states and proto == ct.IPPROTO_TCP and state is not None and state not in self.tcp_states:
+            return False
+        family = entry.family
+        addrs = [int.from_bytes(a, "big") for a in (src, reply_src) if a]
+        for fam, net, mask in self._ignore:
+            if fam == family and any(a & mask == net for a in addrs):
+                return False
+        if self._accept:
+            return any(fam == family and any(a & mask == net for a in addrs) for fam, net, mask in self._accept)
+        return True
+
+
+def _source(tuple_payload: bytes) -> bytes:
+    ip = codec.attr_map(tuple_payload).get(ct.CTA_TUPLE_IP, b"")
+    addrs = codec.attr_map(ip)
+    return addrs.get(ct.CTA_IP_V4_SRC) or addrs.get(ct.CTA_IP_V6_SRC) or b""
+
+
+def flow_facts(entry: codec.Entry) -> tuple[int, bytes, bytes, int | None]:
+    """(protocol number, original source, reply source, TCP state or None) of an entry."""
+    attrs = codec.attr_map(entry.attrs)
+    orig = attrs.get(ct.CTA_TUPLE_ORIG, b"")
+    proto_attrs = codec.attr_map(codec.attr_map(orig).get(ct.CTA_TUPLE_PROTO, b""))
+    proto = proto_attrs.get(ct.CTA_PROTO_NUM, b"\x00")[0]
+    state = None
+    if proto == ct.IPPROTO_TCP and ct.CTA_PROTOINFO in attrs:
+        tcp = codec.attr_map(codec.attr_map(attrs[ct.CTA_PROTOINFO]).get(ct.CTA_PROTOINFO_TCP, b""))
+        if tcp.get(ct.CTA_PROTOINFO_TCP_STATE):
+            state = tcp[ct.CTA_PROTOINFO_TCP_STATE][0]
+    return proto, _source(orig), _source(attrs.get(ct.CTA_TUPLE_REPLY, b"")), state

@@ -1,0 +1,118 @@
+"""Sequence numbers: what a receiver has seen of a sender's stream, what a sender keeps for resending.
+
+Every datagram a node sends takes the next number of its stream (one stream per node and boot
+epoch, the same for every peer). Receivers use the numbers twice: to reject a datagram seen
+before (replay protection) and to notice a missing one (NACK). A resent datagram keeps its
+original number but carries the current state of the flows it named, so a late original and its
+resend are never both applied.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+SEQ_MAX = 0xFFFFFFFF
+
+
+class ReceiveWindow:
+    """One sender's stream as this node has received it.
+
+    ``expected`` is the lowest number not yet received; every number below it has arrived (or
+    was given up on). ``above`` holds the numbers received beyond a gap.
+    """
+
+    def __init__(self, epoch: int, first: int, limit: int = 8192) -> None:
+        self.epoch = epoch
+        self.expected = first
+        self.above: set[int] = set()
+        self.limit = limit  # numbers held beyond a gap before the gap is given up on
+        self.highest = first - 1
+
+    def accept(self, seq: int) -> bool:
+        """Record ``seq``; False if it was received before (a duplicate or a replay)."""
+        if seq < self.expected or seq in self.above:
+            return False
+        if seq == self.expected:
+            self.expected += 1
+            above = self.above
+            while self.expected in above:
+                above.discard(self.expected)
+                self.expected += 1
+        else:
+            self.above.add(seq)
+        if seq > self.highest:
+            self.highest = seq
+        return True
+
+    def missing(self) -> tuple[int, int] | None:
+        """The first gap (first, last), or None if the stream is contiguous."""
+        if not self.above:
+            return None
+        return self.expected, min(self.above) - 1
+
+    def fill(self, first: int, last: int) -> None:
+        """The sender will not resend first..last: stop waiting for them."""
+        if last < self.expected:
+            return
+        for seq in range(max(first, self.expected), last + 1):
+            self.above.add(seq)
+        while self.expected in self.above:
+            self.above.discard(self.expected)
+            self.expected += 1
+
+    def give_up_before(self, seq: int) -> bool:
+        """Treat every number below ``seq`` as done; True if that skipped a gap."""
+        if seq <= self.expected:
+            return False
+        below = {s for s in self.above if s < seq}
+        skipped = len(below) < seq - self.expected
+        self.above -= below
+        self.expected = seq
+        while self.expected in self.above:
+            self.above.discard(self.expected)
+            self.expected += 1
+        return skipped
+
+    def overfull(self) -> bool:
+        return len(self.above) > self.limit
+
+
+class ResendQueue:
+    """Datagrams this node sent and may have to send again, by sequence number.
+
+    A data datagram is kept as the keys of the flows it carried, so a resend carries their state
+    as it is now; a control-only datagram is kept as None and resent as an empty one. Entries go
+    once every live peer has acknowledged them, or — past ``limit`` — the oldest go, and the
+    peers that had not acknowledged them must be brought back by a bulk resync.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent: OrderedDict[int, tuple[bytes, ...] | None] = OrderedDict()
+        self.overflows = 0
+        self.dropped_upto = 0  # highest number dropped because of the limit
+
+    def __len__(self) -> int:
+        return len(self.sent)
+
+    def add(self, seq: int, keys: tuple[bytes, ...] | None) -> None:
+        self.sent[seq] = keys
+        while len(self.sent) > self.limit:
+            old, _ = self.sent.popitem(last=False)
+            self.dropped_upto = max(self.dropped_upto, old)
+            self.overflows += 1
+
+    def release(self, upto: int) -> None:
+        """Everything up to ``upto`` has been acknowledged by every live peer."""
+        sent = self.sent
+        while sent:
+            first = next(iter(sent))
+            if first > upto:
+                break
+            del sent[first]
+
+    def get(self, seq: int) -> tuple[bool, tuple[bytes, ...] | None]:
+        """(kept, keys) for ``seq``."""
+        if seq in self.sent:
+            return True, self.sent[seq]
+        return False, None

@@ -1,0 +1,324 @@
+"""Sync protocol version 1: datagram and message encoding, authentication. Pure functions.
+
+A datagram is a 32-byte header, a run of messages, and (when authenticated) a 16-byte MAC over
+both. All integers are big endian. docs/protocol.md has the byte diagrams; tests/test_wire.py
+holds a golden vector of every message type.
+
+    header   magic "CB" | version 1 | flags | key id | reserved | payload length
+             | node id (u32) | boot epoch (u64) | sequence (u32) | sender time, ms (u64)
+    message  type (u8) | aux (u8) | length (u16, whole message, multiple of 4) | body
+    trailer  MAC (16 bytes): HMAC-SHA256 or keyed BLAKE2b over header and messages
+
+Decoding never raises anything but WireError, whose ``reason`` is the counter it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import NamedTuple
+
+from ctbridge import codec
+
+MAGIC = b"CB"
+VERSION = 1
+HEADER = struct.Struct("!2sBBBBHIQIQ")
+HEADER_LEN = HEADER.size  # 32
+MAC_LEN = 16
+FLAG_MAC = 0x01  # a MAC follows the messages
+
+_MSG = struct.Struct("!BBH")
+_U64 = struct.Struct("!Q")
+_FLOW = struct.Struct("!BBHQ")
+_DELETE = struct.Struct("!BBHQH2x")
+_ACK = struct.Struct("!BBHIQI")
+_RANGE = struct.Struct("!BBHIQII")
+_NODE = struct.Struct("!BBHI")
+_BULK_BEGIN = struct.Struct("!BBHII")
+_BULK_END = struct.Struct("!BBHIII")
+
+
+class MsgType(IntEnum):
+    FLOW = 1  # a flow's current state: aux = address family, body = version (u64) + ctnetlink attributes
+    DELETE = 2  # a flow is gone: aux = family, body = version (u64), zone (u16), 2 pad, original tuple
+    ACK = 3  # receiver -> sender: every datagram of (node, epoch) up to seq arrived
+    NACK = 4  # receiver -> sender: datagrams first..last of (node, epoch) are missing, send them again
+    ALIVE = 5  # nothing new; its sequence number lets receivers notice a lost tail
+    HELLO = 6  # the sender (re)started: a new epoch begins
+    RESYNC = 7  # ask node (0: every peer) to send its whole internal cache
+    BULK_BEGIN = 8  # a bulk transfer for node (0: everyone) starts
+    BULK_END = 9  # ... and ends; the receiver drops the sender's flows the bulk did not mention
+    GAP = 10  # sender -> receiver: datagrams first..last of mine will not be resent; stop asking
+
+
+class WireError(Exception):
+    """A datagram that must be dropped; ``reason`` names the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Header(NamedTuple):
+    node: int
+    epoch: int
+    seq: int
+    time_ms: int
+    flags: int = 0
+    key_id: int = 0
+
+
+class Flow(NamedTuple):
+    version: int
+    entry: codec.Entry
+
+
+class Delete(NamedTuple):
+    version: int
+    key: bytes
+
+
+class Ack(NamedTuple):
+    node: int
+    epoch: int
+    upto: int
+
+
+class Nack(NamedTuple):
+    node: int
+    epoch: int
+    first: int
+    last: int
+
+
+class Gap(NamedTuple):
+    node: int
+    epoch: int
+    first: int
+    last: int
+
+
+class Alive(NamedTuple):
+    pass
+
+
+class Hello(NamedTuple):
+    pass
+
+
+class Resync(NamedTuple):
+    node: int
+
+
+class BulkBegin(NamedTuple):
+    node: int
+    bulk_id: int
+
+
+class BulkEnd(NamedTuple):
+    node: int
+    bulk_id: int
+    flows: int
+
+
+Message = Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd
+
+
+# --- authentication --------------------------------------------------------------------------------
+
+ALGORITHMS = ("hmac-sha256", "blake2b")
+KEY_MIN_BYTES = 16
+
+
+def key_id(key: bytes) -> int:
+    """One byte that tells a receiver which of its keys signed a datagram (during a rollover)."""
+    return hashlib.sha256(b"ctbridge key id\x00" + key).digest()[0]
+
+
+class Auth:
+    """Signs with the first key; verifies with any of them (two during a key rollover).
+
+    ``algorithm`` "none" sends no MAC and accepts datagrams without one; a receiver with keys
+    rejects datagrams that carry no MAC or a wrong one.
+    """
+
+    def __init__(self, keys: Sequence[bytes], algorithm: str = "hmac-sha256") -> None:
+        if algorithm != "none":
+            if algorithm not in ALGORITHMS:
+                raise ValueError(f"unknown authentication algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+            if not keys:
+                raise ValueError("authentication needs at least one key")
+            for k in keys:
+                if len(k) < KEY_MIN_BYTES:
+                    raise ValueError(f"a sync key must have at least {KEY_MIN_BYTES} bytes, this one has {len(k)}")
+        self.algorithm = algorithm
+        self.keys = {key_id(k): k for k in keys} if algorithm != "none" else {}
+        self.sign_key = keys[0] if keys and algorithm != "none" else b""
+        self.sign_id = key_id(self.sign_key) if self.sign_key else 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sign_key)
+
+    def mac(self, key: bytes, data: bytes) -> bytes:
+        if self.algorithm == "blake2b":
+            return hashlib.blake2b(data, key=key, digest_size=MAC_LEN).digest()
+        return hmac.digest(key, data, "sha256")[:MAC_LEN]
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+
+def _pad(b: bytes) -> bytes:
+    extra = -len(b) & 3
+    return b + b"\x00" * extra if extra else b
+
+
+def flow_msg(version: int, entry: codec.Entry) -> bytes:
+    attrs = entry.attrs
+    if len(attrs) & 3:
+        attrs = _pad(attrs)
+    return _FLOW.pack(MsgType.FLOW, entry.family, 12 + len(attrs), version) + attrs
+
+
+def delete_msg(version: int, key: bytes) -> bytes:
+    family, zone, orig = codec.split_key(key)
+    orig = _pad(orig)
+    return _DELETE.pack(MsgType.DELETE, family, 16 + len(orig), version, zone) + orig
+
+
+def ack_msg(node: int, epoch: int, upto: int) -> bytes:
+    return _ACK.pack(MsgType.ACK, 0, _ACK.size, node, epoch, upto)
+
+
+def nack_msg(node: int, epoch: int, first: int, last: int) -> bytes:
+    return _RANGE.pack(MsgType.NACK, 0, _RANGE.size, node, epoch, first, last)
+
+
+def gap_msg(node: int, epoch: int, first: int, last: int) -> bytes:
+    return _RANGE.pack(MsgType.GAP, 0, _RANGE.size, node, epoch, first, last)
+
+
+def alive_msg() -> bytes:
+    return _MSG.pack(MsgType.ALIVE, 0, 4)
+
+
+def hello_msg() -> bytes:
+    return _MSG.pack(MsgType.HELLO, 0, 4)
+
+
+def resync_msg(node: int) -> bytes:
+    return _NODE.pack(MsgType.RESYNC, 0, _NODE.size, node)
+
+
+def bulk_begin_msg(node: int, bulk_id: int) -> bytes:
+    return _BULK_BEGIN.pack(MsgType.BULK_BEGIN, 0, _BULK_BEGIN.size, node, bulk_id)
+
+
+def bulk_end_msg(node: int, bulk_id: int, flows: int) -> bytes:
+    return _BULK_END.pack(MsgType.BULK_END, 0, _BULK_END.size, node, bulk_id, flows)
+
+
+def datagram(header: Header, messages: bytes, auth: Auth) -> bytes:
+    """Header + messages (+ MAC)."""
+    flags = header.flags | (FLAG_MAC if auth.enabled else 0)
+    if len(messages) > 0xFFFF:
+        raise ValueError("messages exceed the 64 KiB a datagram can carry")
+    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, 0, len(messages), header.node, header.epoch,
+                       header.seq, header.time_ms)
+    data = head + messages
+    if auth.enabled:
+        data += auth.mac(auth.sign_key, data)
+    return data
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+
+def decode_header(data: bytes, auth: Auth) -> tuple[Header, int]:
+    """Check framing and MAC; (header, end of the messages). Raises WireError."""
+    if len(data) < HEADER_LEN:
+        raise WireError("malformed", f"datagram of {len(data)} bytes is shorter than a header")
+    magic, version, flags, kid, _res, length, node, epoch, seq, time_ms = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("malformed", "not a ctbridge datagram (bad magic)")
+    if version != VERSION:
+        raise WireError("malformed", f"protocol version {version} is not supported (this node speaks {VERSION})")
+    end = HEADER_LEN + length
+    if flags & FLAG_MAC:
+        if len(data) != end + MAC_LEN:
+            raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end} + MAC)")
+        if auth.enabled:
+            key = auth.keys.get(kid)
+            if key is None:
+                raise WireError("auth", f"datagram signed with an unknown key (id {kid})")
+            if not hmac.compare_digest(auth.mac(key, data[:end]), data[end:]):
+                raise WireError("auth", "MAC does not match")
+    else:
+        if auth.enabled:
+            raise WireError("auth", "datagram carries no MAC")
+        if len(data) != end:
+            raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end})")
+    return Header(node, epoch, seq, time_ms, flags, kid), end
+
+
+def decode_messages(data: bytes, start: int, end: int) -> list[Message]:
+    """The messages in data[start:end]. Raises WireError("malformed") on any inconsistency."""
+    out: list[Message] = []
+    off = start
+    try:
+        while off < end:
+            mtype, aux, mlen = _MSG.unpack_from(data, off)
+            if mlen < 4 or mlen & 3 or off + mlen > end:
+                raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
+            nxt = off + mlen
+            if mtype == MsgType.FLOW:
+                if mlen < 12:
+                    raise WireError("malformed", "FLOW message too short")
+                version = _U64.unpack_from(data, off + 4)[0]
+                out.append(Flow(version, codec.entry_from_attrs(aux, data, off + 12, nxt)))
+            elif mtype == MsgType.DELETE:
+                if mlen < 16:
+                    raise WireError("malformed", "DELETE message too short")
+                _, _, _, version, zone = _DELETE.unpack_from(data, off)
+                out.append(Delete(version, codec.make_key(aux, zone, data[off + 16:nxt])))
+            elif mtype == MsgType.ACK:
+                _need(mlen, _ACK.size, "ACK")
+                out.append(Ack(*_ACK.unpack_from(data, off)[3:]))
+            elif mtype == MsgType.NACK or mtype == MsgType.GAP:
+                _need(mlen, _RANGE.size, "NACK/GAP")
+                node, epoch, first, last = _RANGE.unpack_from(data, off)[3:]
+                out.append(Nack(node, epoch, first, last) if mtype == MsgType.NACK else Gap(node, epoch, first, last))
+            elif mtype == MsgType.ALIVE:
+                out.append(Alive())
+            elif mtype == MsgType.HELLO:
+                out.append(Hello())
+            elif mtype == MsgType.RESYNC:
+                _need(mlen, _NODE.size, "RESYNC")
+                out.append(Resync(_NODE.unpack_from(data, off)[3]))
+            elif mtype == MsgType.BULK_BEGIN:
+                _need(mlen, _BULK_BEGIN.size, "BULK_BEGIN")
+                out.append(BulkBegin(*_BULK_BEGIN.unpack_from(data, off)[3:]))
+            elif mtype == MsgType.BULK_END:
+                _need(mlen, _BULK_END.size, "BULK_END")
+                out.append(BulkEnd(*_BULK_END.unpack_from(data, off)[3:]))
+            else:
+                raise WireError("malformed", f"unknown message type {mtype}")
+            off = nxt
+    except (struct.error, codec.CodecError) as exc:
+        raise WireError("malformed", f"message at offset {off}: {exc}") from exc
+    return out
+
+
+def _need(mlen: int, size: int, what: str) -> None:
+    if mlen < size:
+        raise WireError("malformed", f"{what} message of {mlen} bytes, needs {size}")
+
+
+def decode(data: bytes, auth: Auth) -> tuple[Header, list[Message]]:
+    """A whole datagram: header checked, MAC verified, every message decoded — or WireError."""
+    header, end = decode_header(data, auth)
+    return header, decode_messages(data, HEADER_LEN, end)

@@ -1,0 +1,129 @@
+"""Engines wired together in memory with a fake clock and links that drop, duplicate and reorder."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import replace
+
+from ctbridge import codec, wire
+from ctbridge import ctnetlink as ct
+from ctbridge.codec import Entry, Event, EventKind
+from ctbridge.engine import Engine, EngineConfig
+
+KEY = b"k" * 32
+
+
+def flow(i: int, mark: int = 0, timeout: int = 3600, zone: int = 0) -> Entry:
+    """Flow number i (distinct tuples), in some state given by mark and timeout."""
+    src = bytes((198, 51, 100, 1 + i // 60000 % 250))
+    dst = bytes((203, 0, 113, 1 + i // 15000000 % 250))
+    sport = 1024 + i % 60000
+    orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
+    reply = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
+    return codec.build_entry(ct.AF_INET, orig, reply, status=0xE, timeout=timeout, mark=mark, zone=zone, tcp_state=3)
+
+
+class Lab:
+    """n engines, node ids 1..n, every datagram to every other node unless addressed to one."""
+
+    def __init__(self, n: int, seed: int = 0, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0,
+                 latency: float = 0.001, **config: object) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.reorder, self.latency = loss, dup, reorder, latency
+        self.now = 1000.0
+        self.config = config
+        self.auth = wire.Auth([KEY])
+        self.engines: dict[int, Engine] = {}
+        self.epochs: dict[int, int] = {}
+        self.in_flight: list[tuple[float, int, int, bytes]] = []
+        self._order = 0
+        self.sent = 0
+        self.dropped = 0
+        for node in range(1, n + 1):
+            self.start(node)
+
+    def start(self, node: int) -> Engine:
+        """(Re)start a node: a new engine with a higher epoch, empty caches."""
+        self.epochs[node] = self.epochs.get(node, 0) + 1
+        cfg = EngineConfig(node_id=node, **self.config)  # type: ignore[arg-type]
+        self.engines[node] = Engine(cfg, self.auth, epoch=self.epochs[node], now=self.now)
+        return self.engines[node]
+
+    def event(self, node: int, kind: EventKind, entry: Entry) -> None:
+        self.engines[node].kernel_events([Event(kind, entry, 0)], self.now)
+
+    def _send_all(self) -> None:
+        for node, eng in list(self.engines.items()):
+            for _ in range(1000):
+                out = eng.datagrams_to_send(self.now)
+                if not out:
+                    break
+                for data, dest in out:
+                    for other in self.engines:
+                        if other == node or (dest is not None and dest != other):
+                            continue
+                        self.sent += 1
+                        if self.rng.random() < self.loss:
+                            self.dropped += 1
+                            continue
+                        copies = 2 if self.rng.random() < self.dup else 1
+                        for _ in range(copies):
+                            delay = self.latency + (self.rng.random() * 0.05 if self.rng.random() < self.reorder else 0)
+                            self._order += 1
+                            heapq.heappush(self.in_flight, (self.now + delay, self._order, other, data))
+
+    def step(self, max_dt: float = 0.05) -> None:
+        self._send_all()
+        deadlines = [t for t in (e.get_timer() for e in self.engines.values()) if t is not None]
+        nxt = min([self.now + max_dt] + [t for t in deadlines] + [d[0] for d in self.in_flight[:1]])
+        self.now = max(self.now, nxt)
+        while self.in_flight and self.in_flight[0][0] <= self.now:
+            _, _, node, data = heapq.heappop(self.in_flight)
+            if node in self.engines:
+                self.engines[node].receive_datagram(data, self.now)
+        for eng in self.engines.values():
+            t = eng.get_timer()
+            if t is not None and t <= self.now:
+                eng.handle_timer(self.now)
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        for _ in range(200_000):
+            if self.now >= end:
+                return
+            self.step()
+        raise AssertionError("lab did not reach its end time")
+
+    def converged(self) -> bool:
+        return not self.differences()
+
+    def differences(self) -> list[str]:
+        out = []
+        for s, sender in self.engines.items():
+            want = {k: e.attrs for k, (_v, e) in sender.internal.items()}
+            for r, receiver in self.engines.items():
+                if r == s:
+                    continue
+                peer = receiver.peers.get(s)
+                have = {k: v[1].attrs for k, v in peer.external.items()} if peer else {}
+                if have != want:
+                    missing = len(want.keys() - have.keys())
+                    extra = len(have.keys() - want.keys())
+                    stale = sum(1 for k in want.keys() & have.keys() if want[k] != have[k])
+                    out.append(f"node {r} view of {s}: {missing} missing, {extra} extra, {stale} stale")
+        return out
+
+    def quiet(self) -> None:
+        """Links become perfect; run until everything converged (bounded)."""
+        self.loss = self.dup = self.reorder = 0.0
+        for _ in range(120):
+            self.run(0.5)
+            if self.converged():
+                return
+        raise AssertionError("no convergence: " + "; ".join(self.differences()))
+
+
+def with_config(lab: Lab, **changes: object) -> None:
+    for eng in lab.engines.values():
+        eng.config = replace(eng.config, **changes)  # type: ignore[arg-type]

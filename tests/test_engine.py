@@ -1,0 +1,219 @@
+"""The replication engine with a fake clock over in-memory links that drop, duplicate and reorder."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ctbridge import wire
+from ctbridge.codec import EventKind
+from ctbridge.engine import Engine, EngineConfig
+from ctbridge.filter import FlowFilter
+from tests.enginelab import KEY, Lab, flow
+
+PURE = ("engine", "wire", "sequence", "filter", "codec", "ctnetlink")
+FORBIDDEN = {"socket", "asyncio", "pyroute2", "select", "selectors", "threading", "time"}
+
+
+def test_engine_modules_import_no_io() -> None:
+    """The engine and everything it imports stay pure: no sockets, event loop, netlink or clock."""
+    pkg = Path(__file__).resolve().parent.parent / "ctbridge"
+    for name in PURE:
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                if node.module == "ctbridge":
+                    mods = [a.name for a in node.names]
+                    assert set(mods) <= set(PURE), f"{name}.py imports ctbridge.{mods}"
+            else:
+                continue
+            for mod in mods:
+                assert mod.split(".")[0] not in FORBIDDEN, f"{name}.py imports {mod}"
+
+
+def test_two_nodes_replicate_new_update_delete() -> None:
+    lab = Lab(2)
+    for i in range(100):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    assert lab.converged() and len(lab.engines[2].peers[1].external) == 100
+    for i in range(0, 100, 2):
+        lab.event(1, EventKind.UPDATE, flow(i, mark=7))
+    for i in range(0, 100, 5):
+        lab.event(1, EventKind.DESTROY, flow(i))
+    lab.run(1)
+    assert lab.converged(), lab.differences()
+    assert len(lab.engines[2].peers[1].external) == 80
+
+
+def test_updates_waiting_together_go_out_once() -> None:
+    lab = Lab(2)
+    lab.run(1)
+    before = lab.engines[1].stats["flows_sent"]
+    for mark in range(20):
+        lab.event(1, EventKind.UPDATE, flow(1, mark=mark))
+    lab.run(1)
+    assert lab.engines[1].stats["flows_sent"] - before == 1
+    assert lab.converged()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=st.sampled_from([2, 3]), seed=st.integers(0, 2**32), loss=st.floats(0, 0.6), dup=st.floats(0, 0.3),
+       reorder=st.floats(0, 0.5), ops=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(list(EventKind)),
+                                                         st.integers(0, 60), st.integers(0, 3)), max_size=120))
+def test_caches_converge_after_any_loss_that_stops(nodes: int, seed: int, loss: float, dup: float, reorder: float,
+                                                    ops: list[tuple[int, EventKind, int, int]]) -> None:
+    lab = Lab(nodes, seed=seed, loss=loss, dup=dup, reorder=reorder)
+    for i, (who, kind, n, mark) in enumerate(ops):
+        lab.event(1 + who % nodes, kind, flow(n, mark=mark))
+        if i % 10 == 0:
+            lab.run(0.05)
+    lab.run(1)
+    lab.quiet()
+
+
+def test_loss_during_a_large_burst_converges_three_nodes() -> None:
+    lab = Lab(3, seed=7, loss=0.2, reorder=0.2)
+    for i in range(3000):
+        lab.event(1 + i % 3, EventKind.NEW, flow(i))
+    lab.run(2)
+    lab.quiet()
+    assert sum(e.stats["resent_datagrams"] for e in lab.engines.values()) > 0
+
+
+def test_resend_queue_overflow_is_counted_and_repaired_by_a_bulk() -> None:
+    lab = Lab(2, seed=1, resend_limit=16)
+    lab.run(1)
+    lab.loss = 1.0  # the link dies while node 1 keeps changing
+    for i in range(400):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(2)
+    assert lab.engines[1].stats["resend_overflows"] >= 1
+    lab.quiet()
+    assert lab.engines[1].stats["bulks_sent"] >= 2  # the start-up one and the repair
+
+
+def test_restarted_node_gets_its_external_cache_back() -> None:
+    lab = Lab(2)
+    for i in range(200):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    lab.start(2)  # node 2 restarts with nothing
+    assert lab.engines[2].peers == {}
+    lab.run(2)
+    assert lab.converged() and len(lab.engines[2].peers[1].external) == 200
+
+
+def test_restarted_sender_replaces_what_it_had_announced() -> None:
+    lab = Lab(2)
+    for i in range(50):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    eng = lab.start(1)  # node 1 restarts; its kernel now holds only flows 10..19
+    eng.kernel_resync([flow(i) for i in range(10, 20)], lab.now)
+    lab.run(2)
+    assert lab.converged(), lab.differences()
+    assert len(lab.engines[2].peers[1].external) == 10
+
+
+def test_best_effort_mode_replicates_on_a_clean_link() -> None:
+    lab = Lab(2, reliable=False)
+    for i in range(100):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    assert lab.converged()
+    assert lab.engines[2].stats["nacks_sent"] == 0 and lab.engines[1].stats["resent_datagrams"] == 0
+
+
+def _capture(lab: Lab, node: int) -> list[bytes]:
+    return [d for d, _ in lab.engines[node].datagrams_to_send(lab.now)]
+
+
+def test_replayed_datagrams_are_rejected_while_the_sender_runs_and_after_it_restarts() -> None:
+    lab = Lab(2)
+    lab.run(1)
+    lab.event(1, EventKind.NEW, flow(1))
+    captured = _capture(lab, 1)
+    for d in captured:
+        lab.engines[2].receive_datagram(d, lab.now)
+    lab.event(1, EventKind.DESTROY, flow(1))
+    lab.run(1)
+    rx = lab.engines[2]
+    assert rx.peers[1].external == {}
+    before = rx.stats["rejected_replay"]
+    for d in captured:  # the flow must not come back
+        rx.receive_datagram(d, lab.now)
+    assert rx.stats["rejected_replay"] == before + len(captured)
+    assert rx.peers[1].external == {}
+    lab.start(1)
+    lab.run(1)
+    for d in captured:  # nor after node 1 restarted (new epoch)
+        rx.receive_datagram(d, lab.now)
+    assert rx.peers[1].external == {}
+    assert rx.stats["rejected_replay"] == before + 2 * len(captured)
+
+
+def test_forged_and_malformed_datagrams_are_counted_and_change_nothing() -> None:
+    lab = Lab(2)
+    lab.run(1)
+    rx = lab.engines[2]
+    other = Engine(EngineConfig(node_id=1), wire.Auth([b"x" * 32]), epoch=99, now=lab.now)
+    other.kernel_events([], lab.now)
+    other.internal[flow(5).key] = (1, flow(5))
+    other._queue(flow(5).key)
+    for d, _ in other.datagrams_to_send(lab.now):
+        rx.receive_datagram(d, lab.now)
+    assert rx.stats["rejected_auth"] >= 1 and rx.peers[1].external == {} and rx.peers[1].epoch == 1
+    lab.event(1, EventKind.NEW, flow(6))
+    (good,) = _capture(lab, 1)
+    for bad in (good[:10], good[:-1], b"XX" + good[2:], good[:40] + b"\xff" * (len(good) - 40)):
+        rx.receive_datagram(bad, lab.now)
+    assert rx.stats["rejected_malformed"] + rx.stats["rejected_auth"] >= 4
+    unsigned = Engine(EngineConfig(node_id=1), wire.Auth([], "none"), epoch=99, now=lab.now)
+    for d, _ in unsigned.datagrams_to_send(lab.now):
+        rx.receive_datagram(d, lab.now)
+    assert rx.peers[1].epoch == 1  # nothing unsigned was taken
+
+
+def test_key_rollover_accepts_both_keys() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    rx = Engine(EngineConfig(node_id=2), wire.Auth([new, old]), epoch=1, now=0.0)
+    tx = Engine(EngineConfig(node_id=1), wire.Auth([old]), epoch=1, now=0.0)
+    tx.kernel_events([], 0.0)
+    for d, _ in tx.datagrams_to_send(0.0):
+        rx.receive_datagram(d, 0.0)
+    assert 1 in rx.peers and rx.stats["rejected_auth"] == 0
+
+
+def test_filters_leave_out_loopback_and_ignored_addresses() -> None:
+    import ipaddress
+
+    from ctbridge import codec
+    from ctbridge import ctnetlink as ct
+    lo = codec.build_entry(ct.AF_INET, codec.encode_tuple(2, 6, bytes((127, 0, 0, 1)), bytes((127, 0, 0, 1)), 1, 2),
+                           codec.encode_tuple(2, 6, bytes((127, 0, 0, 1)), bytes((127, 0, 0, 1)), 2, 1), tcp_state=3)
+    f = FlowFilter()
+    assert not f.accepts(lo) and f.accepts(flow(1))
+    only = FlowFilter(accept=(ipaddress.ip_network("192.0.2.0/24"),))
+    assert not only.accepts(flow(1))
+    udp_only = FlowFilter(protocols=frozenset({ct.IPPROTO_UDP}))
+    assert not udp_only.accepts(flow(1))
+    est = FlowFilter(tcp_states=frozenset({3}))
+    assert est.accepts(flow(1))
+    lab = Lab(2, filter=FlowFilter(ignore=(ipaddress.ip_network("198.51.100.0/24"),)))
+    lab.event(1, EventKind.NEW, flow(1))
+    lab.run(1)
+    assert lab.engines[2].peers[1].external == {} and lab.engines[1].internal == {}
+
+
+def test_engine_auth_rejects_a_short_key() -> None:
+    import pytest
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        wire.Auth([b"short"])
+    assert len(KEY) >= 16
