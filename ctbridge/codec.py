@@ -289,16 +289,26 @@ def decode_replies(buf: bytes) -> list[Reply]:
     return out
 
 
-def decode_stats(buf: bytes) -> tuple[int, int]:
-    """(entries, max entries) from an IPCTNL_MSG_CT_GET_STATS answer."""
+class Stats(NamedTuple):
+    """An IPCTNL_MSG_CT_GET_STATS answer; ``errno`` non-zero if the request failed."""
+
+    errno: int
+    entries: int
+    max_entries: int
+
+
+def decode_stats(buf: bytes, seq: int) -> Stats | None:
+    """The answer to statistics request ``seq`` in a receive buffer, or None if it is not there."""
     n = len(buf)
     off = 0
     while off < n:
-        mlen, mtype, _flags, _seq, _pid = _header(buf, off, n)
-        if mtype == ct.NLMSG_ERROR:
-            errno = _error(buf, off, mlen)
-            if errno:
-                raise OSError(errno, "conntrack statistics request failed")
+        mlen, mtype, _flags, mseq, _pid = _header(buf, off, n)
+        if mseq != seq:
+            pass
+        elif mtype == ct.NLMSG_ERROR:
+            err = _error(buf, off, mlen)
+            if err:
+                return Stats(err, 0, 0)
         elif mtype == ct.MSG_CT_GET_STATS:
             attrs = attr_map(buf, off + 20, off + mlen)
             try:
@@ -306,9 +316,9 @@ def decode_stats(buf: bytes) -> tuple[int, int]:
                 limit = _BE32.unpack(attrs[ct.CTA_STATS_GLOBAL_MAX_ENTRIES])[0]
             except (KeyError, struct.error) as exc:
                 raise CodecError("conntrack statistics answer lacks the global counters") from exc
-            return count, limit
+            return Stats(0, count, limit)
         off += (mlen + 3) & ~3
-    raise CodecError("no conntrack statistics in the answer")
+    return None
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -352,10 +362,13 @@ _NOT_SETTABLE = frozenset({
 # be attached to an entry that exists.
 _NOT_UPDATABLE = _NOT_SETTABLE | {ct.CTA_TUPLE_MASTER, ct.CTA_HELP}
 
-# Status bits user space must not flip (nf_ct_change_status_common returns EBUSY): CONFIRMED is
-# already set when the status is applied on create, EXPECTED is set by the kernel itself once the
-# master is found, DYING is never ours to set.
-_STATUS_CLEAR = ct.IPS_EXPECTED | ct.IPS_DYING
+# Status bits user space must not flip (nf_ct_change_status_common answers EBUSY to any change of
+# EXPECTED, CONFIRMED or DYING). On create CONFIRMED is already set when the status is applied and
+# EXPECTED is not yet (the kernel sets it once it has found the master), so it is sent set and
+# cleared respectively; on update both are sent as the source had them, which is what an
+# existing copy of the same flow has. DYING is never sent.
+_STATUS_CLEAR_CREATE = ct.IPS_EXPECTED | ct.IPS_DYING
+_STATUS_CLEAR_UPDATE = ct.IPS_DYING
 
 # TCP flags worth carrying to another kernel. The rest describe window tracking state, which
 # ctnetlink does not expose, so they would be wrong on the receiver.
@@ -445,7 +458,9 @@ def _nat_setup(family: int, orig: bytes, reply: bytes, status: int) -> tuple[byt
             body += attr(ct.CTA_NAT_PROTO, attr(ct.CTA_PROTONAT_PORT_MIN, port)
                          + attr(ct.CTA_PROTONAT_PORT_MAX, port), nested=True)
         nat.append(attr(cta, body, nested=True))
-    return attr(ct.CTA_TUPLE_REPLY, _encode_tuple(plain_ip, plain_proto), nested=True), nat
+    # Whatever else the reply tuple holds (CTA_TUPLE_ZONE of a directional zone) stays as it was.
+    rest = b"".join(attr(t, v) for t, v in attr_map(reply).items() if t not in (ct.CTA_TUPLE_IP, ct.CTA_TUPLE_PROTO))
+    return attr(ct.CTA_TUPLE_REPLY, _encode_tuple(plain_ip, plain_proto) + rest, nested=True), nat
 
 
 class _Layout(NamedTuple):
@@ -494,6 +509,12 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
                     and buf[off + 32:off + 36] == _TCP_FLAGS_O_HEAD and buf[off + 40:off + 44] == _TCP_FLAGS_R_HEAD):
                 return None
             tcp = off
+            # The flags are patched at fixed offsets, so every entry of this layout must have the
+            # same inner attribute headers, not only the first one seen.
+            for inner in (4, 8, 16, 24, 32, 40):
+                fmt.append(f"{off + inner - pos}xI")
+                pos = off + inner + 4
+                expect.append(_U32.unpack_from(buf, off + inner)[0])
         if ranges and ranges[-1].stop == off:
             ranges[-1] = slice(ranges[-1].start, nxt)
         else:
@@ -523,8 +544,9 @@ def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes 
         low = ba[so + 3]  # status bits 0-7, big endian
         if low & _NAT_LOW and not update:
             return None  # the NAT binding needs CTA_NAT_* attributes: general path
-        if low & _STATUS_LOW_CHECK != _CONFIRMED or ba[so + 2] & _DYING_BYTE2:
-            ba[so:so + 4] = _BE32.pack((_BE32.unpack_from(ba, so)[0] | _CONFIRMED) & ~_STATUS_CLEAR)
+        if (low & _CONFIRMED == 0 or ba[so + 2] & _DYING_BYTE2) or (low & _EXPECTED_LOW and not update):
+            clear = _STATUS_CLEAR_UPDATE if update else _STATUS_CLEAR_CREATE
+            ba[so:so + 4] = _BE32.pack((_BE32.unpack_from(ba, so)[0] | _CONFIRMED) & ~clear)
     po = layout.tcp
     if po >= 0:
         extra = _LIBERAL if liberal else 0
@@ -541,7 +563,7 @@ _MISSING: Any = object()
 _HEAD = struct.Struct("=IHHIIBBH")  # nlmsghdr + nfgenmsg
 _LIBERAL = ct.IP_CT_TCP_FLAG_BE_LIBERAL
 _NAT_LOW = ct.IPS_SRC_NAT | ct.IPS_DST_NAT  # both in the status word's low byte
-_STATUS_LOW_CHECK = ct.IPS_CONFIRMED | ct.IPS_EXPECTED
+_EXPECTED_LOW = ct.IPS_EXPECTED
 _DYING_BYTE2 = ct.IPS_DYING >> 8
 
 
@@ -550,8 +572,9 @@ def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = 
     """CT_NEW that recreates ``entry`` in another kernel.
 
     ``update=False`` asks for creation only (NLM_F_EXCL: an existing entry answers EEXIST and is
-    left alone); ``update=True`` changes an existing entry in place (or creates it), without the
-    attributes the kernel takes only at creation (NAT binding, master, helper). ``liberal`` sets
+    left alone); ``update=True`` changes an existing entry in place (a missing one answers
+    ENOENT), without the attributes the kernel takes only at creation (NAT binding, master,
+    helper). ``liberal`` sets
     IP_CT_TCP_FLAG_BE_LIBERAL on TCP entries, because TCP window state is not carried and
     mid-stream packets would otherwise be judged INVALID. ``keep_status=False`` leaves the status
     out, for an update the kernel refused because a bit may only be set, never cleared.
@@ -601,7 +624,8 @@ def _general_request(entry: Entry, seq: int, liberal: bool, update: bool, keep_s
                     raise CodecError(f"CTA_STATUS has bad length {alen}")
                 status = _BE32.unpack_from(buf, off + 4)[0]
                 if keep_status:
-                    parts.append(_STATUS_HDR + _BE32.pack((status | _CONFIRMED) & ~_STATUS_CLEAR))
+                    clear = _STATUS_CLEAR_UPDATE if update else _STATUS_CLEAR_CREATE
+                    parts.append(_STATUS_HDR + _BE32.pack((status | _CONFIRMED) & ~clear))
             elif what == 3:
                 parts.append(_protoinfo(buf, off, alen, liberal))
         off = nxt
@@ -624,7 +648,9 @@ _CREATE_ACTION = {t: 1 for t in _NOT_SETTABLE} | {
 _UPDATE_ACTION = {t: 1 for t in _NOT_UPDATABLE} | {
     ct.CTA_STATUS: 2, ct.CTA_PROTOINFO: 3, ct.CTA_TUPLE_ORIG: 4, ct.CTA_TUPLE_REPLY: 5}
 _CREATE_FLAGS = ct.NLM_F_REQUEST | ct.NLM_F_CREATE | ct.NLM_F_EXCL
-_UPDATE_FLAGS = ct.NLM_F_REQUEST | ct.NLM_F_CREATE
+# No NLM_F_CREATE on updates: an entry that vanished since must not come back without the NAT
+# binding, master and helper only a creation can set up; it answers ENOENT and is created again.
+_UPDATE_FLAGS = ct.NLM_F_REQUEST
 # The kernel's TCP protoinfo (tcp_to_nlattr): CTA_PROTOINFO { CTA_PROTOINFO_TCP { STATE,
 # WSCALE_ORIGINAL, WSCALE_REPLY, FLAGS_ORIGINAL, FLAGS_REPLY } }, 48 bytes with the flags at fixed
 # offsets. Recognised by its headers (host byte order), anything else takes the general path.

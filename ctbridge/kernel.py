@@ -101,13 +101,27 @@ def _explain(err: int, what: str) -> KernelError:
     return KernelError(f"{what}: {os.strerror(err)}{hint}")
 
 
+# How much of a receive buffer one small netlink answer costs: the kernel charges an skb's
+# truesize, not its length, and a 36-byte error still takes a buffer of its own. Batches are kept
+# small enough that even an answer to every message fits.
+ANSWER_COST = 1024
+
+
 class KernelTable:
-    """Requests to the conntrack table of the network namespace this process runs in."""
+    """Requests to the conntrack table of the network namespace this process runs in.
+
+    One request at a time: the object is not meant to be shared between threads.
+    """
 
     def __init__(self, rcvbuf: int = DEFAULT_RCVBUF, batch_bytes: int = BATCH_BYTES) -> None:
         self.batch_bytes = batch_bytes
         self.sock = _open(rcvbuf, sndbuf=max(4 * batch_bytes, 1 << 20))
         self.sock.settimeout(REPLY_TIMEOUT)
+        granted = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < rcvbuf:
+            log.warning("the kernel granted a %d-byte netlink receive buffer instead of %d (no CAP_NET_ADMIN?): "
+                        "writes go in smaller batches", granted, rcvbuf)
+        self.batch_messages = max(16, granted // ANSWER_COST)
         # Events caused by this socket's writes carry this port id (nlmsg_pid), so the daemon can
         # tell its own inserts from the kernel's and not replicate them back.
         self.portid: int = self.sock.getsockname()[0]
@@ -150,11 +164,12 @@ class KernelTable:
 
         The kernel fills the next dump buffer inside each recv(), so a reader thread keeps
         receiving (recv releases the GIL) while this thread decodes: the kernel's work and ours
-        overlap on two cores instead of taking turns.
+        overlap on two cores instead of taking turns. A caller that stops early still waits for
+        the reader to take the rest of the dump off the socket, so the next request starts clean.
         """
         seq = self._next_seq()
         self._send(codec.dump_request(seq), "requesting a conntrack dump")
-        buffers: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
+        buffers: queue.SimpleQueue[bytes | BaseException | None] = queue.SimpleQueue()
 
         def reader() -> None:
             try:
@@ -165,12 +180,13 @@ class KernelTable:
                         return
             except BaseException as exc:  # handed to the decoding thread, which raises it
                 buffers.put(exc)
+            finally:
+                buffers.put(None)
 
         thread = threading.Thread(target=reader, name="ctbridge-dump", daemon=True)
         thread.start()
         try:
-            while True:
-                item = buffers.get()
+            while (item := buffers.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 part = codec.decode_dump(item, seq)
@@ -183,7 +199,8 @@ class KernelTable:
                 if part.done:
                     return
         finally:
-            thread.join(REPLY_TIMEOUT)
+            # The reader stops at the dump's end or at the socket timeout, whichever comes first.
+            thread.join()
 
     def dump(self) -> list[Entry]:
         out: list[Entry] = []
@@ -193,27 +210,36 @@ class KernelTable:
 
     def count(self) -> int:
         """Entries in the table, as the kernel counts them (IPCTNL_MSG_CT_GET_STATS)."""
-        self._send(codec.stats_request(self._next_seq()), "requesting conntrack statistics")
-        return codec.decode_stats(self._recv())[0]
+        seq = self._next_seq()
+        self._send(codec.stats_request(seq), "requesting conntrack statistics")
+        for _ in range(1000):  # answers to other, abandoned requests are skipped
+            stats = codec.decode_stats(self._recv(), seq)
+            if stats is not None:
+                if stats.errno:
+                    raise _explain(stats.errno, "requesting conntrack statistics")
+                return stats.entries
+        raise KernelError("the kernel did not answer the statistics request")
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def _chunks(self, requests: Iterable[bytes], first_seq: int) -> Iterator[tuple[bytes, int, int]]:
-        """Requests numbered first_seq.. joined into sends of about batch_bytes, each with the
-        sequence numbers of its first and last message. Only that message asks for an acknowledgement: it
-        tells the batch is done, and failures before it come back as errors anyway."""
+    def _chunks(self, requests: Iterable[tuple[int, bytes]]) -> Iterator[tuple[bytes, int, int]]:
+        """Numbered requests joined into sends of at most batch_bytes and batch_messages, each with
+        the sequence numbers of its first and last message. Only the last message asks for an
+        acknowledgement: it tells the batch is done, and failures before it come back as errors."""
         pending: list[bytes] = []
         size = 0
-        seq = first_seq - 1
-        for req in requests:
-            if pending and size + len(req) > self.batch_bytes:
-                yield _with_ack(pending), seq - len(pending) + 1, seq
+        first = last = 0
+        for seq, req in requests:
+            if pending and (size + len(req) > self.batch_bytes or len(pending) >= self.batch_messages):
+                yield _with_ack(pending), first, last
                 pending, size = [], 0
+            if not pending:
+                first = seq
             pending.append(req)
             size += len(req)
-            seq += 1
+            last = seq
         if pending:
-            yield _with_ack(pending), seq - len(pending) + 1, seq
+            yield _with_ack(pending), first, last
 
     def _send_batch(self, data: bytes, first_seq: int, last_seq: int, failures: dict[int, int]) -> None:
         self._send(data, "writing to the conntrack table")
@@ -226,14 +252,14 @@ class KernelTable:
                 if err and first_seq <= seq <= last_seq:
                     failures[seq] = err
 
-    def _batch(self, requests: Iterable[bytes], first_seq: int) -> dict[int, int]:
-        """Send requests numbered first_seq..; {sequence number: errno} of the failures.
+    def _batch(self, requests: Iterable[tuple[int, bytes]]) -> dict[int, int]:
+        """Send numbered requests; {sequence number: errno} of the failures.
 
         The kernel applies a batch inside send(), which releases the GIL, so when there is more
         than one batch a sender thread talks to the kernel while this thread encodes the next.
         """
         failures: dict[int, int] = {}
-        chunks = self._chunks(requests, first_seq)
+        chunks = self._chunks(requests)
         first = next(chunks, None)
         if first is None:
             return failures
@@ -267,65 +293,90 @@ class KernelTable:
             raise errors[0]
         return failures
 
+    def _write(self, entries: list[Entry], liberal: bool, update: bool = False,
+               keep_status: bool = True) -> dict[int, int]:
+        """One pass of CT_NEW requests; {index into entries: errno} of the failures. An entry the
+        codec cannot encode fails with EINVAL instead of stopping the others."""
+        base = self._next_seq(len(entries))
+        bad: dict[int, int] = {}
+
+        def requests() -> Iterator[tuple[int, bytes]]:
+            for i, entry in enumerate(entries):
+                try:
+                    yield base + i, codec.new_request(entry, base + i, liberal=liberal, update=update,
+                                                      keep_status=keep_status)
+                except codec.CodecError as exc:
+                    log.warning("cannot write a flow to the kernel: %s", exc)
+                    bad[i] = errno.EINVAL
+        failed = {seq - base: err for seq, err in self._batch(requests()).items()}
+        failed.update(bad)
+        return failed
+
     def commit(self, entries: Iterable[Entry], liberal: bool = True) -> CommitResult:
         """Write entries into the table: create what is missing, update what exists.
 
-        Creation is tried first, because only a creation can set up NAT bindings and helpers; an
-        entry that exists (EEXIST) is then updated in place. An update the kernel refuses because
-        a status bit may only be set (EBUSY) is retried without the status, and a related entry
-        whose master came later in the same commit (ENOENT) is retried once.
+        Creation is tried first, because only a creation can set up NAT bindings, masters and
+        helpers; an entry that exists (EEXIST) is then updated in place. An update refused
+        because a status bit may only be set (EBUSY) is retried without the status; an update of
+        an entry that vanished meanwhile (ENOENT) is created again; a related entry whose master
+        came later in the same commit (ENOENT on create) is retried once after it.
         """
         start = time.monotonic()
         todo = list(entries)
-        seq = self._next_seq(len(todo))
-        failed = self._batch((codec.new_request(e, seq + i, liberal=liberal) for i, e in enumerate(todo)), seq)
-        created = len(todo) - len(failed)
-        exists = [todo[s - seq] for s, err in failed.items() if err == errno.EEXIST]
-        final: dict[bytes, int] = {todo[s - seq].key: err for s, err in failed.items()
-                                   if err not in (errno.EEXIST, errno.ENOENT)}
-        retry = [todo[s - seq] for s, err in failed.items() if err == errno.ENOENT]
-        if retry:
-            seq = self._next_seq(len(retry))
-            again = self._batch([codec.new_request(e, seq + i, liberal=liberal) for i, e in enumerate(retry)], seq)
-            created += len(retry) - len(again)
-            for s, err in again.items():
-                if err == errno.EEXIST:
-                    exists.append(retry[s - seq])
-                else:
-                    final[retry[s - seq].key] = err
-        updated = 0
-        if exists:
-            seq = self._next_seq(len(exists))
-            upd = self._batch([codec.new_request(e, seq + i, liberal=liberal, update=True)
-                               for i, e in enumerate(exists)], seq)
-            busy = [exists[s - seq] for s, err in upd.items() if err == errno.EBUSY]
-            for s, err in upd.items():
-                if err != errno.EBUSY:
-                    final[exists[s - seq].key] = err
-            updated = len(exists) - len(upd)
-            if busy:
-                seq = self._next_seq(len(busy))
-                last = self._batch([codec.new_request(e, seq + i, liberal=liberal, update=True, keep_status=False)
-                                    for i, e in enumerate(busy)], seq)
-                updated += len(busy) - len(last)
-                for s, err in last.items():
-                    final[busy[s - seq].key] = err
+        final: dict[bytes, int] = {}
+        created = updated = 0
+        creates = todo
+        for attempt in range(3):
+            if not creates:
+                break
+            failed = self._write(creates, liberal)
+            created += len(creates) - len(failed)
+            exists = [creates[i] for i, err in failed.items() if err == errno.EEXIST]
+            later = [creates[i] for i, err in failed.items() if err == errno.ENOENT]
+            for i, err in failed.items():
+                if err not in (errno.EEXIST, errno.ENOENT) or (err == errno.ENOENT and attempt == 2):
+                    final[creates[i].key] = err
+            creates = later
+            if exists:
+                upd = self._write(exists, liberal, update=True)
+                busy = [exists[i] for i, err in upd.items() if err == errno.EBUSY]
+                creates += [exists[i] for i, err in upd.items() if err == errno.ENOENT]
+                for i, err in upd.items():
+                    if err not in (errno.EBUSY, errno.ENOENT):
+                        final[exists[i].key] = err
+                updated += len(exists) - len(upd)
+                if busy:
+                    last = self._write(busy, liberal, update=True, keep_status=False)
+                    updated += len(busy) - len(last)
+                    for i, err in last.items():
+                        final[busy[i].key] = err
+        for entry in creates:
+            final.setdefault(entry.key, errno.ENOENT)
         return CommitResult(created, updated, [Failure(k, e) for k, e in final.items()],
                             time.monotonic() - start)
 
     def delete(self, keys: Iterable[bytes]) -> DeleteResult:
         """Remove entries by flow key; an entry already gone counts as missing, not as a failure."""
         todo = list(keys)
-        seq = self._next_seq(len(todo))
-        failed = self._batch([codec.delete_request(k, seq + i) for i, k in enumerate(todo)], seq)
+        base = self._next_seq(len(todo))
+        bad: dict[int, int] = {}
+
+        def requests() -> Iterator[tuple[int, bytes]]:
+            for i, key in enumerate(todo):
+                try:
+                    yield base + i, codec.delete_request(key, base + i)
+                except codec.CodecError:
+                    bad[i] = errno.EINVAL
+        failed = {seq - base: err for seq, err in self._batch(requests()).items()}
+        failed.update(bad)
         missing = sum(1 for err in failed.values() if err == errno.ENOENT)
-        errors = [Failure(todo[s - seq], err) for s, err in failed.items() if err != errno.ENOENT]
+        errors = [Failure(todo[i], err) for i, err in failed.items() if err != errno.ENOENT]
         return DeleteResult(len(todo) - len(failed), missing, errors)
 
     def flush(self) -> None:
         """Remove every entry of this namespace's table (IPv4 and IPv6, every zone)."""
         seq = self._next_seq()
-        failed = self._batch([codec.flush_request(seq)], seq)
+        failed = self._batch([(seq, codec.flush_request(seq))])
         if failed:
             raise _explain(failed[seq], "flushing the conntrack table")
 

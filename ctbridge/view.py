@@ -75,7 +75,7 @@ def _protoinfo(payload: bytes, out: dict[str, Any]) -> None:
     info = attr_map(payload)
     if ct.CTA_PROTOINFO_TCP in info:
         tcp = attr_map(info[ct.CTA_PROTOINFO_TCP])
-        if ct.CTA_PROTOINFO_TCP_STATE in tcp:
+        if tcp.get(ct.CTA_PROTOINFO_TCP_STATE):
             state = tcp[ct.CTA_PROTOINFO_TCP_STATE][0]
             out["tcp_state"] = ct.TCP_STATES[state] if state < len(ct.TCP_STATES) else str(state)
         for t, name in ((ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, "tcp_flags_original"),
@@ -98,12 +98,16 @@ def entry_view(entry: Entry) -> dict[str, Any]:
     out: dict[str, Any] = {"family": ct.FAMILY_NAMES.get(family, str(family))}
     orig = tuple_view(attrs.get(ct.CTA_TUPLE_ORIG, b""))
     protonum = orig.pop("protonum", None)
+    if "zone" in orig:  # a directional zone (conntrack -L: zone-orig=N)
+        out["zone_orig"] = orig.pop("zone")
     out["proto"] = ct.PROTO_NAMES.get(protonum, str(protonum)) if protonum is not None else None
     out["protonum"] = protonum
     out.update(orig)
     if ct.CTA_TUPLE_REPLY in attrs:
         reply = tuple_view(attrs[ct.CTA_TUPLE_REPLY])
         reply.pop("protonum", None)
+        if "zone" in reply:
+            out["zone_reply"] = reply.pop("zone")
         out.update({"reply_" + k: v for k, v in reply.items()})
     status = _u(attrs[ct.CTA_STATUS], "CTA_STATUS") if ct.CTA_STATUS in attrs else 0
     out["status"] = status_names(status)

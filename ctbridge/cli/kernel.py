@@ -21,23 +21,44 @@ def setargs(parser: argparse.ArgumentParser) -> None:
     count.set_defaults(func=run_count)
 
 
+_TUPLE_WORDS = ("src", "dst", "sport", "dport", "type", "code", "id", "srckey", "dstkey")
+_FAMILY_NUMBERS = {"ipv4": 2, "ipv6": 10}
+
+
 def format_line(v: dict[str, Any]) -> str:
-    """One entry in the spirit of ``conntrack -L``: original tuple, then reply tuple."""
-    def side(prefix: str) -> str:
-        words = [f"src={v.get(prefix + 'src')}", f"dst={v.get(prefix + 'dst')}"]
-        for k in ("sport", "dport", "type", "code", "id"):
+    """One entry the way `conntrack -L -o extended` prints it, so the two can be read side by side."""
+    def side(prefix: str) -> list[str]:
+        words = []
+        for k in _TUPLE_WORDS:
             if prefix + k in v:
-                words.append(f"{k}={v[prefix + k]}")
-        return " ".join(words)
-    head = [v["family"], v["proto"] or "?", str(v.get("timeout", "-"))]
-    if "tcp_state" in v:
-        head.append(v["tcp_state"])
-    tail = [f"mark={v['mark']}"]
+                value = v[prefix + k]
+                words.append(f"{k}={value:#x}" if k in ("srckey", "dstkey") else f"{k}={value}")
+        return words
+    words = [f"{v['family']:<8} {_FAMILY_NUMBERS.get(v['family'], 0)} {v['proto'] or '?':<8} {v['protonum']}",
+             str(v.get("timeout", 0))]
+    state = v.get("tcp_state") or v.get("sctp_state") or v.get("dccp_state")
+    if state:
+        words.append(state)
+    words += side("")
+    if "SEEN_REPLY" not in v["status"]:
+        words.append("[UNREPLIED]")
+    words += side("reply_")
+    for flag in ("ASSURED", "OFFLOAD", "HW_OFFLOAD"):
+        if flag in v["status"]:
+            words.append(f"[{flag}]")
+    words.append(f"mark={v['mark']}")
+    if v.get("secmark"):
+        words.append(f"secmark={v['secmark']}")
     if v["zone"]:
-        tail.append(f"zone={v['zone']}")
-    if v["status"]:
-        tail.append("status=" + ",".join(v["status"]))
-    return " ".join([*head, side(""), side("reply_"), *tail])
+        words.append(f"zone={v['zone']}")
+    if "zone_orig" in v:
+        words.append(f"zone-orig={v['zone_orig']}")
+    if "zone_reply" in v:
+        words.append(f"zone-reply={v['zone_reply']}")
+    if "helper" in v:
+        words.append(f"helper={v['helper']}")
+    words.append(f"use={v.get('use', 0)}")
+    return " ".join(words)
 
 
 def run_dump(args: argparse.Namespace) -> int:
