@@ -10,11 +10,13 @@ sequence number, so failures still map to their entries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -184,23 +186,24 @@ class KernelTable:
                 buffers.put(None)
 
         thread = threading.Thread(target=reader, name="ctbridge-dump", daemon=True)
-        thread.start()
-        try:
-            while (item := buffers.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                part = codec.decode_dump(item, seq)
-                if part.entries:
-                    yield part.entries
-                if part.errno:
-                    raise _explain(part.errno, "conntrack dump")
-                if part.interrupted:
-                    log.debug("conntrack dump was interrupted by concurrent changes")
-                if part.done:
-                    return
-        finally:
-            # The reader stops at the dump's end or at the socket timeout, whichever comes first.
-            thread.join()
+        with _quick_handover():
+            thread.start()
+            try:
+                while (item := buffers.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    part = codec.decode_dump(item, seq)
+                    if part.entries:
+                        yield part.entries
+                    if part.errno:
+                        raise _explain(part.errno, "conntrack dump")
+                    if part.interrupted:
+                        log.debug("conntrack dump was interrupted by concurrent changes")
+                    if part.done:
+                        return
+            finally:
+                # The reader stops at the dump's end or at the socket timeout, whichever is first.
+                thread.join()
 
     def dump(self) -> list[Entry]:
         out: list[Entry] = []
@@ -278,17 +281,18 @@ class KernelTable:
                 errors.append(exc)
 
         thread = threading.Thread(target=sender, name="ctbridge-commit", daemon=True)
-        thread.start()
-        try:
-            work.put(first)
-            work.put(second)
-            for chunk in chunks:
-                if errors:
-                    break
-                work.put(chunk)
-        finally:
-            work.put(None)
-            thread.join()
+        with _quick_handover():
+            thread.start()
+            try:
+                work.put(first)
+                work.put(second)
+                for chunk in chunks:
+                    if errors:
+                        break
+                    work.put(chunk)
+            finally:
+                work.put(None)
+                thread.join()
         if errors:
             raise errors[0]
         return failures
@@ -379,6 +383,23 @@ class KernelTable:
         failed = self._batch([(seq, codec.flush_request(seq))])
         if failed:
             raise _explain(failed[seq], "flushing the conntrack table")
+
+
+# While a helper thread talks to the kernel, the thread that encodes or decodes holds the GIL
+# almost all the time; at Python's default switch interval (5 ms) the helper would wait up to
+# 5 ms after every send() or recv() before it may hand over the next batch, which costs about 40%
+# of a 100k-entry commit. A 0.5 ms interval for the duration keeps both cores busy.
+_SWITCH_INTERVAL = 0.0005
+
+
+@contextlib.contextmanager
+def _quick_handover() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, _SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _with_ack(requests: list[bytes]) -> bytes:
