@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
-from ctbridge import codec, wire
+from ctbridge import wire
 from ctbridge.codec import Entry, Event, EventKind
 from ctbridge.filter import FlowFilter
 from ctbridge.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
