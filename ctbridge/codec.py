@@ -133,8 +133,8 @@ def attr(atype: int, payload: bytes, nested: bool = False) -> bytes:
 # --- decoding --------------------------------------------------------------------------------------
 
 
-def entry_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = None) -> Entry:
-    """Build an Entry from the ctnetlink attributes in ``buf[start:end]``.
+def key_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = None) -> bytes:
+    """The flow key of the ctnetlink attributes in ``buf[start:end]`` (see make_key).
 
     The kernel emits CTA_TUPLE_ORIG, CTA_TUPLE_REPLY and (for a non-default zone) CTA_ZONE first
     (net/netfilter/nf_conntrack_netlink.c, ctnetlink_fill_info), so the key is found by looking at
@@ -145,7 +145,6 @@ def entry_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = 
     if end - start >= 4:
         alen, atype = _NLA.unpack_from(buf, start)
         if atype & _TYPE_MASK == ct.CTA_TUPLE_ORIG and 4 <= alen <= end - start:
-            orig = buf[start + 4:start + alen]
             off = start + ((alen + 3) & ~3)
             if end - off >= 4:
                 rlen, rtype = _NLA.unpack_from(buf, off)
@@ -158,11 +157,21 @@ def entry_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = 
                             if zlen != 6 or off + zlen > end:
                                 raise CodecError(f"CTA_ZONE has bad length {zlen}")
                             zone = buf[off + 4:off + 6]
-                    return Entry(bytes((family,)) + zone + orig, family, buf[start:end])
-    return _entry_slow(family, buf, start, end)
+                    return _FAMILY_BYTE[family & 0xFF] + zone + buf[start + 4:start + alen]
+    return _key_slow(family, buf, start, end)
 
 
-def _entry_slow(family: int, buf: bytes, start: int, end: int) -> Entry:
+_FAMILY_BYTE = [bytes((i,)) for i in range(256)]
+
+
+def entry_from_attrs(family: int, buf: bytes, start: int = 0, end: int | None = None) -> Entry:
+    """An Entry of the ctnetlink attributes in ``buf[start:end]``."""
+    if end is None:
+        end = len(buf)
+    return Entry(key_from_attrs(family, buf, start, end), family, buf[start:end])
+
+
+def _key_slow(family: int, buf: bytes, start: int, end: int) -> bytes:
     orig = None
     zone = _ZONE0
     for t, s, e in iter_attrs(buf, start, end):
@@ -174,7 +183,7 @@ def _entry_slow(family: int, buf: bytes, start: int, end: int) -> Entry:
             zone = buf[s:e]
     if orig is None:
         raise CodecError("conntrack message has no CTA_TUPLE_ORIG")
-    return Entry(bytes((family,)) + zone + orig, family, buf[start:end])
+    return bytes((family & 0xFF,)) + zone + orig
 
 
 def _header(buf: bytes, off: int, n: int) -> tuple[int, int, int, int, int]:
@@ -725,3 +734,91 @@ def tcp_flows(n: int, timeout: int = 3600) -> list[Entry]:
         reply = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
         out.append(build_entry(ct.AF_INET, orig, reply, status=status, timeout=timeout, tcp_state=3))
     return out
+
+
+# --- replication form ------------------------------------------------------------------------------
+
+
+class _StripPlan(NamedTuple):
+    heads: struct.Struct  # reads every attribute header word
+    expect: tuple[int, ...]
+    keep: Callable[[bytes], tuple[bytes, ...]] | None  # None: nothing to strip in this layout
+    synproxy: int  # offset of a CTA_SYNPROXY attribute, -1 if none
+    keep_no_synproxy: Callable[[bytes], tuple[bytes, ...]] | None  # when that one is all zero
+
+
+# The kernel puts a CTA_SYNPROXY on every entry once the extension exists; all zero, it says "not
+# a SYNPROXY flow", which is also what a kernel assumes without it, so it is not worth 28 bytes of
+# every replicated flow.
+_ZERO_SYNPROXY = attr(ct.CTA_SYNPROXY, attr(1, bytes(4)) + attr(2, bytes(4)) + attr(3, bytes(4)), nested=True)
+
+
+def _getter(ranges: list[slice]) -> Callable[[bytes], tuple[bytes, ...]]:
+    getter = operator.itemgetter(*ranges)
+    return getter if len(ranges) > 1 else (lambda b: (getter(b),))
+
+
+_STRIP_PLANS: dict[tuple[int, bytes], _StripPlan | None] = {}
+
+
+def _plan_strip(buf: bytes) -> _StripPlan | None:
+    fmt = ["="]
+    expect = []
+    ranges: list[slice] = []
+    pos = 0
+    dropped = False
+    synproxy = -1
+    for t, s, e in iter_attrs(buf):
+        off = s - 4
+        fmt.append(f"{off - pos}xI" if off > pos else "I")
+        pos = off + 4
+        expect.append(_U32.unpack_from(buf, off)[0])
+        nxt = off + align(e - off)
+        if t in _NOT_SETTABLE:
+            dropped = True
+            continue
+        if t == ct.CTA_SYNPROXY and nxt - off == len(_ZERO_SYNPROXY):
+            synproxy = off
+        if ranges and ranges[-1].stop == off:
+            ranges[-1] = slice(ranges[-1].start, nxt)
+        else:
+            ranges.append(slice(off, nxt))
+    if not ranges or ranges[-1].stop > len(buf):
+        return None
+    keep = _getter(ranges) if dropped else None
+    keep_no_synproxy = None
+    if synproxy >= 0:
+        end = synproxy + len(_ZERO_SYNPROXY)
+        cut: list[slice] = []
+        for r in ranges:
+            if r.start <= synproxy < r.stop:
+                cut += [x for x in (slice(r.start, synproxy), slice(end, r.stop)) if x.stop > x.start]
+            else:
+                cut.append(r)
+        keep_no_synproxy = _getter(cut) if cut else (lambda b: (b"",))
+    return _StripPlan(struct.Struct("".join(fmt)), tuple(expect), keep, synproxy, keep_no_synproxy)
+
+
+def strip_local(entry: Entry) -> Entry:
+    """The entry without what describes only this kernel's copy of the flow (CTA_ID, CTA_USE,
+    counters, timestamps, security context): what replication carries and other kernels accept.
+
+    Runs once per kernel event, so like new_request it follows a plan learnt per layout.
+    """
+    buf = entry.attrs
+    pkey = (len(buf), buf[:8])
+    plan = _STRIP_PLANS.get(pkey, _MISSING)
+    if plan is _MISSING:
+        if len(_STRIP_PLANS) >= _LAYOUTS_MAX:
+            _STRIP_PLANS.clear()
+        plan = _STRIP_PLANS[pkey] = _plan_strip(buf)
+    if plan is not None and plan.heads.unpack_from(buf) == plan.expect:
+        so = plan.synproxy
+        if so >= 0 and plan.keep_no_synproxy is not None and buf[so:so + 28] == _ZERO_SYNPROXY:
+            return Entry(entry.key, entry.family, b"".join(plan.keep_no_synproxy(buf)))
+        if plan.keep is None:
+            return entry
+        return Entry(entry.key, entry.family, b"".join(plan.keep(buf)))
+    kept = [buf[s - 4:s - 4 + align(e - s + 4)] for t, s, e in iter_attrs(buf)
+            if t not in _NOT_SETTABLE and buf[s - 4:s - 4 + align(e - s + 4)] != _ZERO_SYNPROXY]
+    return Entry(entry.key, entry.family, b"".join(kept))

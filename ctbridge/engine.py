@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
-from ctbridge import wire
+from ctbridge import codec, wire
 from ctbridge.codec import Entry, Event, EventKind
 from ctbridge.filter import FlowFilter
 from ctbridge.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
@@ -92,7 +92,7 @@ class Peer:
         self.node = node
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
-        # key -> [version, entry, seq of the datagram that last mentioned it]
+        # key -> [version, FLOW message, seq of the datagram that last mentioned it]
         self.external: dict[bytes, list[Any]] = {}
         self.tombstones: dict[bytes, tuple[int, float]] = {}
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
@@ -128,7 +128,9 @@ class Engine:
         self.epoch = epoch
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
         self.role = Role.BACKUP
-        self.internal: dict[bytes, tuple[int, Entry]] = {}
+        # key -> the flow's FLOW message (version + attributes), encoded once per change so that
+        # sending, resending and bulk transfers only join bytes
+        self.internal: dict[bytes, bytes] = {}
         self.peers: dict[int, Peer] = {}
         self.stats = _new_stats()
         self._version = 0
@@ -151,32 +153,38 @@ class Engine:
 
     def kernel_events(self, events: list[Event], now: float) -> None:
         internal = self.internal
+        pending = self._pending
         accepts = self.config.filter.accepts
+        flow_msg = wire.flow_msg
+        strip = codec.strip_local
+        version = self._version
         for ev in events:
             entry = ev.entry
             key = entry.key
             if ev.kind is EventKind.DESTROY or not accepts(entry):
                 if internal.pop(key, None) is not None:
-                    self._queue(key)
+                    pending[key] = None
                 continue
-            self._version += 1
-            internal[key] = (self._version, entry)
-            self._pending[key] = None
+            version += 1
+            internal[key] = flow_msg(version, strip(entry))
+            pending[key] = None
+        self._version = version
 
     def kernel_resync(self, entries: list[Entry], now: float) -> None:
         """Replace the internal cache with a dump; changes since the last view are sent."""
         accepts = self.config.filter.accepts
         old = self.internal
-        new: dict[bytes, tuple[int, Entry]] = {}
+        new: dict[bytes, bytes] = {}
         for entry in entries:
             if not accepts(entry):
                 continue
+            entry = codec.strip_local(entry)
             prev = old.get(entry.key)
-            if prev is not None and prev[1].attrs == entry.attrs:
+            if prev is not None and wire.flow_entry(entry.key, prev).attrs == entry.attrs:
                 new[entry.key] = prev
             else:
                 self._version += 1
-                new[entry.key] = (self._version, entry)
+                new[entry.key] = wire.flow_msg(self._version, entry)
                 self._queue(entry.key)
         for key in old.keys() - new.keys():
             self._queue(key)
@@ -205,13 +213,17 @@ class Engine:
         self._bulk_id = (self._bulk_id + 1) & SEQ_MAX
         self._bulks.append(_Bulk(target, self._bulk_id))
 
+    def internal_entries(self) -> list[Entry]:
+        """This node's flows as it replicates them."""
+        return [wire.flow_entry(key, msg) for key, msg in self.internal.items()]
+
     def external_entries(self) -> list[Entry]:
         """Every flow learnt from peers (for a commit); a flow two peers know comes from the later one."""
-        merged: dict[bytes, Entry] = {}
+        merged: dict[bytes, bytes] = {}
         for peer in self.peers.values():
-            for key, (_v, entry, _m) in peer.external.items():
-                merged[key] = entry
-        return list(merged.values())
+            for key, cur in peer.external.items():
+                merged[key] = cur[1]
+        return [wire.flow_entry(key, msg) for key, msg in merged.items()]
 
     def flush_external(self) -> None:
         for peer in self.peers.values():
@@ -233,7 +245,7 @@ class Engine:
         stats["rx_datagrams"] += 1
         stats["rx_bytes"] += len(data)
         try:
-            header, messages = wire.decode(data, self.auth)
+            header, flows, messages = wire.decode_split(data, self.auth)
         except wire.WireError as exc:
             stats["rejected_" + exc.reason] += 1
             log.debug("dropped a datagram: %s", exc)
@@ -260,7 +272,7 @@ class Engine:
             return
         peer.last_heard = now
         peer.alive = True
-        data_seen = self._apply(peer, header, messages, now)
+        data_seen = self._apply(peer, header, flows, messages, now)
         if not cfg.reliable:
             if rx.give_up_before(header.seq - 64):
                 peer.synced = False
@@ -274,7 +286,7 @@ class Engine:
             elif peer.ack_due is None:
                 peer.ack_due = now + cfg.ack_delay
         if cfg.reliable:
-            if rx.overfull():
+            if len(rx.above) > rx.limit:
                 rx.give_up_before(min(rx.above))
                 stats["gaps_given_up"] += 1
                 peer.synced = False
@@ -282,7 +294,8 @@ class Engine:
             gap = rx.missing()
             if gap is not None and (gap != peer.nacked or now >= peer.nack_at + cfg.nack_retry):
                 self._nack(peer, gap, now)
-        self._finish_bulk(peer)
+        if peer.bulk_end is not None:
+            self._finish_bulk(peer)
 
     def _new_incarnation(self, peer: Peer, header: wire.Header, now: float) -> None:
         if peer.epoch >= 0:
@@ -316,46 +329,44 @@ class Engine:
         peer.nack_at = now
         self.stats["nacks_sent"] += 1
 
-    def _apply(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> bool:
+    def _apply(self, peer: Peer, header: wire.Header, flows: list[wire.FlowTuple], messages: list[wire.Message],
+               now: float) -> bool:
         """Apply a datagram's messages; True if it carried replicated data."""
-        data_seen = False
+        data_seen = bool(flows)
         external = peer.external
         tombstones = peer.tombstones
         seq = header.seq
         inject = self.config.apply_mode == "inject"
         stats = self.stats
         me = self.node_id
-        for msg in messages:
-            if type(msg) is wire.Flow:
-                data_seen = True
-                stats["flows_received"] += 1
-                entry = msg.entry
-                key = entry.key
-                cur = external.get(key)
-                if cur is None:
-                    if tombstones and key in tombstones and tombstones[key][0] >= msg.version:
-                        stats["stale_ignored"] += 1
-                        continue
-                    external[key] = [msg.version, entry, seq]
-                elif msg.version > cur[0]:
-                    cur[0] = msg.version
-                    cur[1] = entry
-                    if seq > cur[2]:
-                        cur[2] = seq
-                else:
-                    if seq > cur[2]:
-                        cur[2] = seq
-                    stats["stale_ignored"] += 1
+        stale = 0
+        for version, key, fmsg in flows:
+            cur = external.get(key)
+            if cur is None:
+                if tombstones and key in tombstones and tombstones[key][0] >= version:
+                    stale += 1
                     continue
-                if inject:
-                    self._kernel_ops.append(KernelOp("commit", entry, key))
-            elif type(msg) is wire.Delete:
+                external[key] = [version, fmsg, seq]
+            elif version > cur[0]:
+                cur[0] = version
+                cur[1] = fmsg
+                if seq > cur[2]:
+                    cur[2] = seq
+            else:
+                if seq > cur[2]:
+                    cur[2] = seq
+                stale += 1
+                continue
+            if inject:
+                self._kernel_ops.append(KernelOp("commit", wire.flow_entry(key, fmsg), key))
+        for msg in messages:
+            if type(msg) is wire.Delete:
                 data_seen = True
                 stats["deletes_received"] += 1
                 key = msg.key
                 cur = external.get(key)
                 if cur is not None and cur[0] >= msg.version:
-                    stats["stale_ignored"] += 1
+                    stale += 1
                     continue
                 tombstones[key] = (msg.version, now + self.config.tombstone_ttl)
                 if cur is not None:
@@ -385,6 +396,8 @@ class Engine:
                 if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
                     peer.bulk_end = (msg.bulk_id, seq, peer.bulk_begin[1])
                     peer.bulk_begin = None
+        stats["flows_received"] += len(flows)
+        stats["stale_ignored"] += stale
         return data_seen
 
     def _finish_bulk(self, peer: Peer) -> None:
@@ -441,7 +454,7 @@ class Engine:
     def _message(self, key: bytes) -> bytes:
         cur = self.internal.get(key)
         if cur is not None:
-            return wire.flow_msg(cur[0], cur[1])
+            return cur
         self._version += 1
         return wire.delete_msg(self._version, key)
 
@@ -519,21 +532,29 @@ class Engine:
                 bulk.begun = True
                 bulk.keys = list(self.internal)
                 self.stats["bulks_sent"] += 1
-            while bulk.pos < len(bulk.keys):
-                key = bulk.keys[bulk.pos]
-                cur = self.internal.get(key)
-                if cur is None:  # deleted since the bulk began: the delete went out by itself
-                    bulk.pos += 1
+            internal = self.internal
+            bkeys = bulk.keys
+            pos = bulk.pos
+            n = len(bkeys)
+            sent = 0
+            while pos < n:
+                key = bkeys[pos]
+                fm = internal.get(key)
+                if fm is None:  # deleted since the bulk began: the delete went out by itself
+                    pos += 1
                     continue
-                m = wire.flow_msg(cur[0], cur[1])
-                if size + len(m) > room:
-                    return size
-                msgs.append(m)
+                if size + len(fm) > room:
+                    break
+                msgs.append(fm)
                 keys.append(key)
-                size += len(m)
-                bulk.pos += 1
-                bulk.sent += 1
-                self.stats["flows_sent"] += 1
+                size += len(fm)
+                pos += 1
+                sent += 1
+            bulk.pos = pos
+            bulk.sent += sent
+            self.stats["flows_sent"] += sent
+            if pos < n:
+                return size
             m = wire.bulk_end_msg(bulk.target, bulk.bulk_id, bulk.sent)
             if size + len(m) > room:
                 return size

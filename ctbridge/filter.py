@@ -8,6 +8,7 @@ firewall itself (its SSH sessions, keepalived's unicast VRRP, ctbridge's own syn
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 
 from ctbridge import codec
@@ -37,18 +38,23 @@ class FlowFilter:
         object.__setattr__(self, "_ignore", prep(self.ignore))
 
     def accepts(self, entry: codec.Entry) -> bool:
-        proto, src, reply_src, state = flow_facts(entry)
+        """Runs once per kernel event: the kernel's tuple layout is read at fixed offsets."""
+        facts = _fast_facts(entry)
+        if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
+            facts = flow_facts(entry)
+        proto, src, reply_src, state = facts
         if self.protocols and proto not in self.protocols:
             return False
         if self.tcp_states and proto == ct.IPPROTO_TCP and state is not None and state not in self.tcp_states:
             return False
         family = entry.family
-        addrs = [int.from_bytes(a, "big") for a in (src, reply_src) if a]
+        a = int.from_bytes(src, "big")
+        b = int.from_bytes(reply_src, "big")
         for fam, net, mask in self._ignore:
-            if fam == family and any(a & mask == net for a in addrs):
+            if fam == family and (a & mask == net or b & mask == net):
                 return False
         if self._accept:
-            return any(fam == family and any(a & mask == net for a in addrs) for fam, net, mask in self._accept)
+            return any(fam == family and (a & mask == net or b & mask == net) for fam, net, mask in self._accept)
         return True
 
 
@@ -70,3 +76,28 @@ def flow_facts(entry: codec.Entry) -> tuple[int, bytes, bytes, int | None]:
         if tcp.get(ct.CTA_PROTOINFO_TCP_STATE):
             state = tcp[ct.CTA_PROTOINFO_TCP_STATE][0]
     return proto, _source(orig), _source(attrs.get(ct.CTA_TUPLE_REPLY, b"")), state
+
+
+_NLA = struct.Struct("=HH")
+# The kernel's tuple layout (ctnetlink_dump_tuples): CTA_TUPLE_IP { SRC, DST }, CTA_TUPLE_PROTO
+# { CTA_PROTO_NUM, ... }. Header words in host byte order, as the kernel writes them.
+_V4_IP = _NLA.pack(20, ct.CTA_TUPLE_IP | ct.NLA_F_NESTED) + _NLA.pack(8, ct.CTA_IP_V4_SRC)
+_V6_IP = _NLA.pack(44, ct.CTA_TUPLE_IP | ct.NLA_F_NESTED) + _NLA.pack(20, ct.CTA_IP_V6_SRC)
+_NUM = _NLA.pack(5, ct.CTA_PROTO_NUM)
+
+
+def _fast_facts(entry: codec.Entry) -> tuple[int, bytes, bytes, int | None] | None:
+    """flow_facts for the kernel's layout without parsing, or None for anything else."""
+    key = entry.key
+    attrs = entry.attrs
+    head = key[3:11]
+    if head == _V4_IP:
+        alen, num_at = 4, 24
+    elif head == _V6_IP:
+        alen, num_at = 16, 48
+    else:
+        return None
+    r = len(key) + 1  # the reply tuple's attribute follows CTA_TUPLE_ORIG (4 + the tuple)
+    if key[3 + num_at:3 + num_at + 4] != _NUM or attrs[r + 4:r + 12] != head:
+        return None
+    return key[3 + num_at + 4], key[11:11 + alen], attrs[r + 12:r + 12 + alen], None

@@ -7,7 +7,7 @@ holds a golden vector of every message type.
     header   magic "CB" | version 1 | flags | key id | reserved | payload length
              | node id (u32) | boot epoch (u64) | sequence (u32) | sender time, ms (u64)
     message  type (u8) | aux (u8) | length (u16, whole message, multiple of 4) | body
-    trailer  MAC (16 bytes): HMAC-SHA256 or keyed BLAKE2b over header and messages
+    trailer  MAC (16 bytes): keyed BLAKE2b or HMAC-SHA256 over header and messages
 
 Decoding never raises anything but WireError, whose ``reason`` is the counter it belongs to.
 """
@@ -22,6 +22,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from ctbridge import codec
+from ctbridge import ctnetlink as ct
 
 MAGIC = b"CB"
 VERSION = 1
@@ -32,8 +33,10 @@ FLAG_MAC = 0x01  # a MAC follows the messages
 
 _MSG = struct.Struct("!BBH")
 _U64 = struct.Struct("!Q")
-_FLOW = struct.Struct("!BBHQ")
-_DELETE = struct.Struct("!BBHQH2x")
+_FLOW = struct.Struct("!BBHQHH")  # type, family, length, version, zone, original tuple length
+_DELETE = _FLOW  # the same head; the last field is 0
+_NLA = struct.Struct("=HH")
+_ORIG_NESTED = ct.CTA_TUPLE_ORIG | ct.NLA_F_NESTED
 _ACK = struct.Struct("!BBHIQI")
 _RANGE = struct.Struct("!BBHIQII")
 _NODE = struct.Struct("!BBHI")
@@ -42,8 +45,8 @@ _BULK_END = struct.Struct("!BBHIII")
 
 
 class MsgType(IntEnum):
-    FLOW = 1  # a flow's current state: aux = address family, body = version (u64) + ctnetlink attributes
-    DELETE = 2  # a flow is gone: aux = family, body = version (u64), zone (u16), 2 pad, original tuple
+    FLOW = 1  # a flow's state: aux = family; version (u64), zone (u16), n (u16), attributes (CTA_TUPLE_ORIG first, n)
+    DELETE = 2  # a flow is gone: aux = family; version (u64), zone (u16), 0 (u16), the original tuple
     ACK = 3  # receiver -> sender: every datagram of (node, epoch) up to seq arrived
     NACK = 4  # receiver -> sender: datagrams first..last of (node, epoch) are missing, send them again
     ALIVE = 5  # nothing new; its sequence number lets receivers notice a lost tail
@@ -72,8 +75,21 @@ class Header(NamedTuple):
 
 
 class Flow(NamedTuple):
+    """A FLOW message, kept encoded: receivers store ``msg`` as it came and build an Entry from it
+    only when the flow is written to a kernel or shown (see ``flow_entry``)."""
+
     version: int
-    entry: codec.Entry
+    key: bytes
+    msg: bytes
+
+    @property
+    def entry(self) -> codec.Entry:
+        return flow_entry(self.key, self.msg)
+
+
+def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
+    """The Entry a FLOW message carries."""
+    return codec.Entry(key, msg[1], msg[16:])
 
 
 class Delete(NamedTuple):
@@ -129,7 +145,9 @@ Message = Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin 
 
 # --- authentication --------------------------------------------------------------------------------
 
-ALGORITHMS = ("hmac-sha256", "blake2b")
+# keyed BLAKE2b (RFC 7693) is the default: on this project's reference machine it signs a full
+# datagram about 30% faster than HMAC-SHA256, which is a tenth of the per-flow cost of replication
+ALGORITHMS = ("blake2b", "hmac-sha256")
 KEY_MIN_BYTES = 16
 
 
@@ -145,7 +163,7 @@ class Auth:
     rejects datagrams that carry no MAC or a wrong one.
     """
 
-    def __init__(self, keys: Sequence[bytes], algorithm: str = "hmac-sha256") -> None:
+    def __init__(self, keys: Sequence[bytes], algorithm: str = "blake2b") -> None:
         if algorithm != "none":
             if algorithm not in ALGORITHMS:
                 raise ValueError(f"unknown authentication algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
@@ -178,16 +196,32 @@ def _pad(b: bytes) -> bytes:
 
 
 def flow_msg(version: int, entry: codec.Entry) -> bytes:
+    """FLOW for an entry. The flow key travels in the head (zone, and the length of the
+    CTA_TUPLE_ORIG attribute that the attributes start with), so receivers index a flow without
+    parsing its attributes."""
+    key = entry.key
     attrs = entry.attrs
+    olen = len(key) + 1  # CTA_TUPLE_ORIG attribute: 4-byte header + the tuple
+    head = attrs[:4]
+    if len(head) < 4 or _NLA.unpack(head)[0] != olen or _NLA.unpack(head)[1] & 0x3FFF != _ORIG_NESTED & 0x3FFF:
+        # not in the kernel's order: put the original tuple first
+        rest = b"".join(attrs[s - 4:s - 4 + codec.align(e - s + 4)] for t, s, e in codec.iter_attrs(attrs)
+                        if t != ct.CTA_TUPLE_ORIG)
+        attrs = _NLA.pack(olen, _ORIG_NESTED) + key[3:] + rest
     if len(attrs) & 3:
         attrs = _pad(attrs)
-    return _FLOW.pack(MsgType.FLOW, entry.family, 12 + len(attrs), version) + attrs
+    return _FLOW.pack(MsgType.FLOW, entry.family, 16 + len(attrs), version, (key[1] << 8) | key[2], olen) + attrs
+
+
+def msg_version(msg: bytes) -> int:
+    """The version of an encoded FLOW or DELETE message."""
+    return int(_U64.unpack_from(msg, 4)[0])
 
 
 def delete_msg(version: int, key: bytes) -> bytes:
     family, zone, orig = codec.split_key(key)
     orig = _pad(orig)
-    return _DELETE.pack(MsgType.DELETE, family, 16 + len(orig), version, zone) + orig
+    return _DELETE.pack(MsgType.DELETE, family, 16 + len(orig), version, zone, 0) + orig
 
 
 def ack_msg(node: int, epoch: int, upto: int) -> bytes:
@@ -265,26 +299,38 @@ def decode_header(data: bytes, auth: Auth) -> tuple[Header, int]:
     return Header(node, epoch, seq, time_ms, flags, kid), end
 
 
-def decode_messages(data: bytes, start: int, end: int) -> list[Message]:
-    """The messages in data[start:end]. Raises WireError("malformed") on any inconsistency."""
+FlowTuple = tuple[int, bytes, bytes]  # (version, key, the FLOW message)
+
+
+def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], list[Message]]:
+    """The messages in data[start:end]: FLOWs as (version, key, message) tuples, the rest as
+    Message objects. Raises WireError("malformed") on any inconsistency, before anything is used."""
+    flows: list[FlowTuple] = []
+    add_flow = flows.append
     out: list[Message] = []
     off = start
+    head = _FLOW.unpack_from
+    nla = _NLA.unpack_from
     try:
         while off < end:
-            mtype, aux, mlen = _MSG.unpack_from(data, off)
+            if end - off >= 16:
+                mtype, _aux, mlen, version, _zone, olen = head(data, off)
+            else:
+                mtype, _aux, mlen = _MSG.unpack_from(data, off)
+                version = olen = 0
             if mlen < 4 or mlen & 3 or off + mlen > end:
                 raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
             nxt = off + mlen
-            if mtype == MsgType.FLOW:
-                if mlen < 12:
-                    raise WireError("malformed", "FLOW message too short")
-                version = _U64.unpack_from(data, off + 4)[0]
-                out.append(Flow(version, codec.entry_from_attrs(aux, data, off + 12, nxt)))
+            if mtype == 1:  # FLOW, the one that comes by the thousand: no objects, no parsing
+                alen, atype = nla(data, off + 16) if mlen >= 20 else (0, 0)
+                if alen != olen or olen < 4 or off + 16 + olen > nxt or atype & 0x3FFF != 1:
+                    raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
+                add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14] + data[off + 20:off + 16 + olen],
+                          data[off:nxt]))
             elif mtype == MsgType.DELETE:
                 if mlen < 16:
                     raise WireError("malformed", "DELETE message too short")
-                _, _, _, version, zone = _DELETE.unpack_from(data, off)
-                out.append(Delete(version, codec.make_key(aux, zone, data[off + 16:nxt])))
+                out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14] + data[off + 16:nxt]))
             elif mtype == MsgType.ACK:
                 _need(mlen, _ACK.size, "ACK")
                 out.append(Ack(*_ACK.unpack_from(data, off)[3:]))
@@ -308,9 +354,15 @@ def decode_messages(data: bytes, start: int, end: int) -> list[Message]:
             else:
                 raise WireError("malformed", f"unknown message type {mtype}")
             off = nxt
-    except (struct.error, codec.CodecError) as exc:
+    except struct.error as exc:
         raise WireError("malformed", f"message at offset {off}: {exc}") from exc
-    return out
+    return flows, out
+
+
+def decode_messages(data: bytes, start: int, end: int) -> list[Message]:
+    """Every message in data[start:end] as a Message object (FLOWs first)."""
+    flows, others = decode_body(data, start, end)
+    return [Flow(*f) for f in flows] + others
 
 
 def _need(mlen: int, size: int, what: str) -> None:
@@ -322,3 +374,10 @@ def decode(data: bytes, auth: Auth) -> tuple[Header, list[Message]]:
     """A whole datagram: header checked, MAC verified, every message decoded — or WireError."""
     header, end = decode_header(data, auth)
     return header, decode_messages(data, HEADER_LEN, end)
+
+
+def decode_split(data: bytes, auth: Auth) -> tuple[Header, list[FlowTuple], list[Message]]:
+    """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart."""
+    header, end = decode_header(data, auth)
+    flows, others = decode_body(data, HEADER_LEN, end)
+    return header, flows, others

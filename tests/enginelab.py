@@ -101,12 +101,12 @@ class Lab:
     def differences(self) -> list[str]:
         out = []
         for s, sender in self.engines.items():
-            want = {k: e.attrs for k, (_v, e) in sender.internal.items()}
+            want = {e.key: e.attrs for e in sender.internal_entries()}
             for r, receiver in self.engines.items():
                 if r == s:
                     continue
                 peer = receiver.peers.get(s)
-                have = {k: v[1].attrs for k, v in peer.external.items()} if peer else {}
+                have = {k: v[1][16:] for k, v in peer.external.items()} if peer else {}
                 if have != want:
                     missing = len(want.keys() - have.keys())
                     extra = len(have.keys() - want.keys())

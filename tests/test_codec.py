@@ -266,3 +266,24 @@ def test_stats_decoder_raises_only_codec_errors(data: bytes, seq: int) -> None:
         codec.decode_stats(data, seq)
     except CodecError:
         pass
+
+
+@given(entries(), st.booleans())
+def test_strip_local_removes_only_instance_attributes(item: tuple[Entry, dict], twice: bool) -> None:
+    entry, _ = item
+    extra = (codec.attr(ct.CTA_USE, b"\x00\x00\x00\x01") + codec.attr(ct.CTA_ID, b"\x00\x00\x30\x39")
+             + codec._ZERO_SYNPROXY
+             + codec.attr(ct.CTA_COUNTERS_ORIG, codec.attr(ct.CTA_COUNTERS_PACKETS, bytes(8)), nested=True))
+    full = Entry(entry.key, entry.family, entry.attrs + extra)
+    stripped = codec.strip_local(full)
+    if twice:
+        stripped = codec.strip_local(stripped)
+    before, after = codec.attr_map(full.attrs), codec.attr_map(stripped.attrs)
+    # instance attributes and an all-zero SYNPROXY go, everything else stays as it was
+    assert set(before) - set(after) == {t for t in before if t in codec._NOT_SETTABLE} | {ct.CTA_SYNPROXY}
+    assert all(after[t] == before[t] for t in after)
+    assert stripped.key == full.key
+    synproxy = codec.attr_map(codec.new_request(full, 1), 20).pop(ct.CTA_SYNPROXY)
+    assert synproxy == codec._ZERO_SYNPROXY[4:]
+    assert codec.new_request(stripped, 1) == codec.new_request(
+        Entry(full.key, full.family, entry.attrs + extra.replace(codec._ZERO_SYNPROXY, b"")), 1)

@@ -165,7 +165,7 @@ def test_forged_and_malformed_datagrams_are_counted_and_change_nothing() -> None
     rx = lab.engines[2]
     other = Engine(EngineConfig(node_id=1), wire.Auth([b"x" * 32]), epoch=99, now=lab.now)
     other.kernel_events([], lab.now)
-    other.internal[flow(5).key] = (1, flow(5))
+    other.internal[flow(5).key] = wire.flow_msg(1, flow(5))
     other._queue(flow(5).key)
     for d, _ in other.datagrams_to_send(lab.now):
         rx.receive_datagram(d, lab.now)
@@ -217,3 +217,20 @@ def test_engine_auth_rejects_a_short_key() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         wire.Auth([b"short"])
     assert len(KEY) >= 16
+
+
+def test_filter_fast_path_agrees_with_the_parser() -> None:
+    import json
+    from pathlib import Path
+
+    from ctbridge import codec
+    from ctbridge.filter import _fast_facts, flow_facts
+    fixtures = json.loads((Path(__file__).parent / "fixtures" / "ctnetlink.json").read_text())
+    seen = 0
+    for f in fixtures:
+        for entry in codec.decode_dump(bytes.fromhex(f["hex"])).entries:
+            fast = _fast_facts(entry)
+            if fast is not None:
+                seen += 1
+                assert fast[:3] == flow_facts(entry)[:3]
+    assert seen >= 10  # IPv4 and IPv6 of every protocol take the fast path

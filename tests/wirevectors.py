@@ -1,0 +1,51 @@
+"""The golden vectors of every sync message type: fixed inputs, one datagram each.
+
+tests/fixtures/wire_vectors.json holds their bytes; docs/protocol.md shows the same hex. Regenerate
+both only for a deliberate format change (python -m tests.wirevectors --write), and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ctbridge import codec, wire
+from ctbridge import ctnetlink as ct
+
+KEY = bytes(range(32))
+AUTH = wire.Auth([KEY], "blake2b")
+HEADER = wire.Header(node=0x0A0B0C0D, epoch=0x0000018BCFE56800, seq=42, time_ms=1700000000123)
+FILE = Path(__file__).with_name("fixtures") / "wire_vectors.json"
+
+
+def sample_entry() -> codec.Entry:
+    src, dst = bytes((192, 0, 2, 1)), bytes((198, 51, 100, 2))
+    orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, src, dst, 5353, 53)
+    reply = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 53, 5353)
+    return codec.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY, timeout=30, mark=7)
+
+
+def messages() -> dict[str, tuple[bytes, wire.Message]]:
+    e = sample_entry()
+    return {
+        "FLOW": (wire.flow_msg(7, e), wire.Flow(7, e.key, wire.flow_msg(7, e))),
+        "DELETE": (wire.delete_msg(8, e.key), wire.Delete(8, e.key)),
+        "ACK": (wire.ack_msg(0x01020304, 5, 41), wire.Ack(0x01020304, 5, 41)),
+        "NACK": (wire.nack_msg(0x01020304, 5, 10, 12), wire.Nack(0x01020304, 5, 10, 12)),
+        "ALIVE": (wire.alive_msg(), wire.Alive()),
+        "HELLO": (wire.hello_msg(), wire.Hello()),
+        "RESYNC": (wire.resync_msg(0), wire.Resync(0)),
+        "BULK_BEGIN": (wire.bulk_begin_msg(0x01020304, 3), wire.BulkBegin(0x01020304, 3)),
+        "BULK_END": (wire.bulk_end_msg(0x01020304, 3, 1000), wire.BulkEnd(0x01020304, 3, 1000)),
+        "GAP": (wire.gap_msg(0x01020304, HEADER.epoch, 10, 12), wire.Gap(0x01020304, HEADER.epoch, 10, 12)),
+    }
+
+
+def vectors() -> dict[str, str]:
+    return {name: wire.datagram(HEADER, msg, AUTH).hex() for name, (msg, _) in messages().items()}
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    FILE.write_text(json.dumps(vectors(), indent=1) + "\n")
+    print(f"wrote {FILE}")
