@@ -62,6 +62,7 @@ class EngineConfig:
     resync_retry: float = 3.0  # ask again for a bulk transfer that has not completed
     max_age: float = 0.0  # reject datagrams whose sender time is older than this (0: off)
     burst: int = 256  # datagrams per datagrams_to_send() call
+    max_peers: int = 16  # datagrams from further node ids are dropped (each peer costs state and ACK room)
     filter: FlowFilter = field(default_factory=FlowFilter)
 
 
@@ -116,7 +117,8 @@ def _new_stats() -> dict[str, int]:
         "rx_datagrams", "rx_bytes", "tx_datagrams", "tx_bytes", "flows_sent", "deletes_sent", "flows_received",
         "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
-        "rejected_auth", "rejected_replay", "rejected_malformed", "own_datagrams", "oversized_flows")}
+        "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
+        "oversized_flows")}
 
 
 class Engine:
@@ -259,6 +261,9 @@ class Engine:
             return
         peer = self.peers.get(header.node)
         if peer is None:
+            if len(self.peers) >= cfg.max_peers:
+                stats["rejected_peers"] += 1
+                return
             peer = self.peers[header.node] = Peer(header.node, now)
         if header.epoch < peer.epoch:
             stats["rejected_replay"] += 1  # a datagram from a previous life of that node

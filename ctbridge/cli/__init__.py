@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from ctbridge import __version__
 from ctbridge.cli import kernel as kernel_cmd
+from ctbridge.cli import keygen as keygen_cmd
 
-COMMANDS = {"kernel": kernel_cmd}
+COMMANDS = {"kernel": kernel_cmd, "keygen": keygen_cmd}
 
 
 def parser() -> argparse.ArgumentParser:
