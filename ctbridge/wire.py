@@ -202,15 +202,20 @@ def flow_msg(version: int, entry: codec.Entry) -> bytes:
     key = entry.key
     attrs = entry.attrs
     olen = len(key) + 1  # CTA_TUPLE_ORIG attribute: 4-byte header + the tuple
-    head = attrs[:4]
-    if len(head) < 4 or _NLA.unpack(head)[0] != olen or _NLA.unpack(head)[1] & 0x3FFF != _ORIG_NESTED & 0x3FFF:
-        # not in the kernel's order: put the original tuple first
+    head = _ORIG_HEADS.get(olen)
+    if head is None:
+        head = _ORIG_HEADS[olen] = _NLA.pack(olen, _ORIG_NESTED)
+    if attrs[:4] != head:
+        # not in the kernel's order (or without the nested flag): put the original tuple first
         rest = b"".join(attrs[s - 4:s - 4 + codec.align(e - s + 4)] for t, s, e in codec.iter_attrs(attrs)
                         if t != ct.CTA_TUPLE_ORIG)
-        attrs = _NLA.pack(olen, _ORIG_NESTED) + key[3:] + rest
+        attrs = head + key[3:] + rest
     if len(attrs) & 3:
         attrs = _pad(attrs)
     return _FLOW.pack(MsgType.FLOW, entry.family, 16 + len(attrs), version, (key[1] << 8) | key[2], olen) + attrs
+
+
+_ORIG_HEADS: dict[int, bytes] = {}
 
 
 def msg_version(msg: bytes) -> int:

@@ -72,3 +72,20 @@ def test_decoder_fuzz_raises_only_wire_errors() -> None:
     counts = fuzz(20_000, seed=2)
     assert counts["decoded"] > 100  # some damage must still decode, or the parser was never reached
     assert counts["rejected_malformed"] > 1000 and counts["rejected_auth"] > 1000
+
+
+def test_flow_of_an_entry_in_another_attribute_order_still_carries_its_key() -> None:
+    from ctbridge import codec
+    from ctbridge import ctnetlink as ct
+    e = wirevectors.sample_entry()
+    attrs = codec.attr_map(e.attrs)
+    shuffled = (codec.attr(ct.CTA_STATUS, attrs[ct.CTA_STATUS])
+                + codec.attr(ct.CTA_TUPLE_REPLY, attrs[ct.CTA_TUPLE_REPLY])
+                + codec.attr(ct.CTA_TUPLE_ORIG, attrs[ct.CTA_TUPLE_ORIG]))  # and without the nested flag
+    odd = codec.entry_from_attrs(e.family, shuffled)
+    assert odd.key == e.key
+    msg = wire.flow_msg(3, odd)
+    data = wire.datagram(wirevectors.HEADER, msg, wirevectors.AUTH)
+    (flow,) = wire.decode(data, wirevectors.AUTH)[1]
+    assert isinstance(flow, wire.Flow) and flow.key == e.key and flow.version == 3
+    assert codec.attr_map(flow.entry.attrs) == codec.attr_map(shuffled)
