@@ -360,6 +360,16 @@ def delete_request(key: bytes, seq: int, flags: int = ct.NLM_F_REQUEST) -> bytes
     return message(ct.MSG_CT_DELETE, flags, seq, family, body)
 
 
+def timeout_request(key: bytes, seq: int, seconds: int) -> bytes:
+    """CT_NEW that only sets an existing entry's timeout (a missing one answers ENOENT)."""
+    family, zone, orig = split_key(key)
+    body = _NLA.pack(4 + len(orig), ct.CTA_TUPLE_ORIG | _NESTED) + orig
+    if zone:
+        body += attr(ct.CTA_ZONE, _BE16.pack(zone))
+    body += attr(ct.CTA_TIMEOUT, _BE32.pack(seconds))
+    return message(ct.MSG_CT_NEW, ct.NLM_F_REQUEST, seq, family, body)
+
+
 # Attributes the kernel will not take in a CT_NEW (they describe this kernel's instance of the
 # flow, not the flow): ctnetlink_create_conntrack ignores or rejects them.
 _NOT_SETTABLE = frozenset({

@@ -172,8 +172,9 @@ class Engine:
             pending[key] = None
         self._version = version
 
-    def kernel_resync(self, entries: list[Entry], now: float) -> None:
-        """Replace the internal cache with a dump; changes since the last view are sent."""
+    def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True) -> None:
+        """Replace the internal cache with a dump; changes since the last view are sent, unless
+        ``announce`` is False (at start: peers hear our HELLO and ask for a bulk transfer anyway)."""
         accepts = self.config.filter.accepts
         old = self.internal
         new: dict[bytes, bytes] = {}
@@ -187,14 +188,18 @@ class Engine:
             else:
                 self._version += 1
                 new[entry.key] = wire.flow_msg(self._version, entry)
-                self._queue(entry.key)
-        for key in old.keys() - new.keys():
-            self._queue(key)
+                if announce:
+                    self._queue(entry.key)
+        if announce:
+            for key in old.keys() - new.keys():
+                self._queue(key)
         self.internal = new
 
     # --- commands ---------------------------------------------------------------------------------
 
     def set_role(self, role: Role) -> None:
+        """MASTER and BACKUP behave alike here; FAULT stops advertising this node's flows (they stay
+        queued, coalesced, and go out when the role changes) but keeps receiving and acknowledging."""
         self.role = role
 
     def request_resync(self, now: float, node: int = 0) -> None:
@@ -501,7 +506,7 @@ class Engine:
                 m = control.pop(0)
                 msgs.append(m)
                 size += len(m)
-            pending = self._pending
+            pending = self._pending if self.role is not Role.FAULT else {}
             while pending:
                 key = next(iter(pending))
                 m = self._message(key)
@@ -519,7 +524,8 @@ class Engine:
                     stats["flows_sent"] += 1
                 else:
                     stats["deletes_sent"] += 1
-            size = self._fill_bulk(msgs, keys, size, room)
+            if self.role is not Role.FAULT:
+                size = self._fill_bulk(msgs, keys, size, room)
             if not msgs:
                 break
             out.append((self._finish(msgs, keys, now), None))
@@ -590,7 +596,8 @@ class Engine:
     # --- time ---------------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        if self._control or self._pending or self._bulks or self._resends:
+        flows_waiting = (self._pending or self._bulks) and self.role is not Role.FAULT
+        if self._control or flows_waiting or self._resends:
             return float("-inf")  # output is waiting: call datagrams_to_send() now
         deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
         for peer in self.peers.values():

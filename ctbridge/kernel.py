@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from ctbridge import codec
@@ -59,8 +59,10 @@ class CommitResult(NamedTuple):
     seconds: float
 
 
-class DeleteResult(NamedTuple):
-    deleted: int
+class KeyResult(NamedTuple):
+    """What a request per flow key did: ``done`` entries, ``missing`` ones (already gone)."""
+
+    done: int
     missing: int
     failed: list[Failure]
 
@@ -359,8 +361,16 @@ class KernelTable:
         return CommitResult(created, updated, [Failure(k, e) for k, e in final.items()],
                             time.monotonic() - start)
 
-    def delete(self, keys: Iterable[bytes]) -> DeleteResult:
+    def delete(self, keys: Iterable[bytes]) -> KeyResult:
         """Remove entries by flow key; an entry already gone counts as missing, not as a failure."""
+        return self._by_key(keys, codec.delete_request)
+
+    def expire(self, keys: Iterable[bytes], seconds: int) -> KeyResult:
+        """Set the timeout of entries to ``seconds``: those no packet refreshes go away then,
+        those still in use live on (what a node that lost the master role does with its flows)."""
+        return self._by_key(keys, lambda key, seq: codec.timeout_request(key, seq, seconds))
+
+    def _by_key(self, keys: Iterable[bytes], encode: Callable[[bytes, int], bytes]) -> KeyResult:
         todo = list(keys)
         base = self._next_seq(len(todo))
         bad: dict[int, int] = {}
@@ -368,14 +378,14 @@ class KernelTable:
         def requests() -> Iterator[tuple[int, bytes]]:
             for i, key in enumerate(todo):
                 try:
-                    yield base + i, codec.delete_request(key, base + i)
+                    yield base + i, encode(key, base + i)
                 except codec.CodecError:
                     bad[i] = errno.EINVAL
         failed = {seq - base: err for seq, err in self._batch(requests()).items()}
         failed.update(bad)
         missing = sum(1 for err in failed.values() if err == errno.ENOENT)
         errors = [Failure(todo[i], err) for i, err in failed.items() if err != errno.ENOENT]
-        return DeleteResult(len(todo) - len(failed), missing, errors)
+        return KeyResult(len(todo) - len(failed), missing, errors)
 
     def flush(self) -> None:
         """Remove every entry of this namespace's table (IPv4 and IPv6, every zone)."""

@@ -234,3 +234,19 @@ def test_filter_fast_path_agrees_with_the_parser() -> None:
                 seen += 1
                 assert fast[:3] == flow_facts(entry)[:3]
     assert seen >= 10  # IPv4 and IPv6 of every protocol take the fast path
+
+
+def test_fault_stops_advertising_and_keeps_receiving() -> None:
+    from ctbridge.engine import Role
+    lab = Lab(2)
+    lab.run(1)
+    lab.engines[1].set_role(Role.FAULT)
+    for i in range(10):
+        lab.event(1, EventKind.NEW, flow(i))
+        lab.event(2, EventKind.NEW, flow(100 + i))
+    lab.run(2)
+    assert lab.engines[2].peers[1].external == {}  # node 1 is silent about its flows
+    assert len(lab.engines[1].peers[2].external) == 10  # but still learns node 2's
+    lab.engines[1].set_role(Role.BACKUP)
+    lab.run(1)
+    assert lab.converged()

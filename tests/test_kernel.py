@@ -120,7 +120,7 @@ def test_commit_into_second_namespace(ns: str, ns2: str) -> None:
         # delete by key, then the rest by flush
         first, rest = entries[:3], entries[3:]
         gone = table.delete([e.key for e in first])
-        assert (gone.deleted, gone.missing, gone.failed) == (3, 0, [])
+        assert (gone.done, gone.missing, gone.failed) == (3, 0, [])
         assert table.delete([first[0].key]).missing == 1
         assert {witness.flow_id(v) for v in witness.listing(ns2)} == {
             witness.flow_id(entry_view(e)) for e in rest}
@@ -357,7 +357,7 @@ def test_delete_names_the_zone(ns: str) -> None:
     with _table(ns) as table:
         zoned = [e for e in table.dump() if entry_view(e)["zone"] == 3]
         assert len(zoned) == 1
-        assert table.delete([zoned[0].key]).deleted == 1
+        assert table.delete([zoned[0].key]).done == 1
         (left,) = map(entry_view, table.dump())
         assert left["zone"] == 0
 
@@ -367,5 +367,15 @@ def test_a_small_receive_buffer_means_smaller_batches_not_lost_answers(ns: str) 
     with _table(ns, rcvbuf=65536) as table:
         assert table.batch_messages < 1000
         result = table.delete(keys)  # every one answers ENOENT
-        assert (result.deleted, result.missing, result.failed) == (0, 5000, [])
+        assert (result.done, result.missing, result.failed) == (0, 5000, [])
         assert table.count() == 0
+
+
+def test_expire_shortens_timeouts(ns: str) -> None:
+    flows = codec.tcp_flows(100)
+    with _table(ns) as table:
+        table.commit(flows)
+        result = table.expire([e.key for e in flows[:60]] + [codec.tcp_flows(200)[150].key], 30)
+        assert (result.done, result.missing, result.failed) == (60, 1, [])
+        timeouts = sorted(v["timeout"] for v in map(entry_view, table.dump()))
+    assert all(t <= 30 for t in timeouts[:60]) and all(t > 3000 for t in timeouts[60:])
