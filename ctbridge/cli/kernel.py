@@ -57,7 +57,8 @@ def format_line(v: dict[str, Any]) -> str:
         words.append(f"zone-reply={v['zone_reply']}")
     if "helper" in v:
         words.append(f"helper={v['helper']}")
-    words.append(f"use={v.get('use', 0)}")
+    if "use" in v:  # the kernel's reference count; caches do not carry it
+        words.append(f"use={v['use']}")
     return " ".join(words)
 
 

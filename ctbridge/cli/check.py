@@ -1,0 +1,31 @@
+"""Check a configuration file (and this host: addresses, key files, port) without running."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ctbridge import config
+
+
+def setargs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=config.DEFAULT_PATH, help="configuration file")
+    parser.add_argument("--no-host", action="store_true",
+                        help="check the file only, not this host (for configs of other nodes)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.no_host:
+        try:
+            config.load(args.config)
+            problems = []
+        except config.ConfigError as exc:
+            problems = [str(exc)]
+    else:
+        problems = config.check_main(args.config)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        print(f"{args.config}: ok")
+    return 1 if problems else 0

@@ -1,0 +1,112 @@
+"""Subcommands that ask the running daemon over its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from ctbridge import config, control
+from ctbridge.cli.kernel import format_line
+
+NOTIFY_TIMEOUT = 60.0  # a commit of a large table takes about a second; keepalived waits for nobody
+
+
+def _socket(args: argparse.Namespace) -> str:
+    return str(config.load(args.config)["control.socket"])
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=config.DEFAULT_PATH, help="configuration file")
+
+
+def _print(answer: dict[str, Any], as_json: bool) -> None:
+    answer.pop("ok", None)
+    if as_json:
+        json.dump(answer, sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return
+    for key, value in answer.items():
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+class Simple:
+    """A command that sends one request and prints the answer."""
+
+    def __init__(self, cmd: str, doc: str, json_flag: bool = False) -> None:
+        self.cmd = cmd
+        self.__doc__ = doc
+        self.json_flag = json_flag
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        if self.json_flag:
+            parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        _print(control.request(_socket(args), self.cmd), getattr(args, "json", False))
+        return 0
+
+
+class Flush:
+    """Drop the internal and/or external cache (the kernel table is not touched)."""
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        parser.add_argument("which", nargs="?", choices=["internal", "external"], help="one cache (default: both)")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        _print(control.request(_socket(args), "flush", which=args.which or "both"), False)
+        return 0
+
+
+class Dump:
+    """List the internal cache (this node's flows) or the external cache (the peers')."""
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        parser.add_argument("which", choices=["internal", "external"])
+        parser.add_argument("--json", action="store_true", help="one JSON array of entry objects")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        entries = control.request(_socket(args), "dump", which=args.which, timeout=120)["entries"]
+        if args.json:
+            json.dump(entries, sys.stdout, separators=(",", ":"))
+            sys.stdout.write("\n")
+        else:
+            for v in entries:
+                print(format_line(v))
+        return 0
+
+
+class Notify:
+    """A keepalived transition: `notify INSTANCE|GROUP NAME STATE PRIO` or `notify STATE`."""
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        parser.add_argument("--timeout", type=float, default=NOTIFY_TIMEOUT, help="seconds to wait for the daemon")
+        parser.add_argument("args", nargs="+", metavar="ARG", help="what keepalived passed to its notify script")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        answer = control.request(_socket(args), "notify", timeout=args.timeout, args=args.args)
+        logging.getLogger("ctbridge").debug("notify answer: %s", answer)
+        _print(answer, False)
+        return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "status": Simple("status", "Role, cache sizes and peers of the running daemon.", json_flag=True),
+    "stats": Simple("stats", "Counters of the running daemon (--json: machine-readable).", json_flag=True),
+    "commit": Simple("commit", "Write the external cache into the kernel now."),
+    "flush": Flush(),
+    "resync": Simple("resync", "Ask the peers for their whole internal caches."),
+    "bulk-send": Simple("bulk-send", "Send this node's whole internal cache to the peers."),
+    "dump": Dump(),
+    "notify": Notify(),
+}

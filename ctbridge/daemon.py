@@ -1,0 +1,512 @@
+"""`ctbridge run`: the daemon. Thin adapters around the pure engine.
+
+It moves bytes between the engine and three sockets (kernel events, the sync link, the control
+socket), re-arms one timer, and runs keepalived's transitions one at a time. Kernel writes
+(commits, purges, injected flows) run in a worker thread so the sync link is served meanwhile.
+Signals only set flags; the loop acts on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from typing import Any
+
+from ctbridge import config as config_mod
+from ctbridge import control, host, keepalived, metrics, wire
+from ctbridge.codec import Entry
+from ctbridge.config import Config
+from ctbridge.engine import Engine, EngineConfig, KernelOp, Role
+from ctbridge.filter import LOOPBACK, FlowFilter
+from ctbridge.kernel import EventSocket, KernelTable
+from ctbridge.view import entry_view
+
+log = logging.getLogger("ctbridge")
+
+UDP_RCVBUF = 8 << 20  # a bulk transfer arrives faster than the loop may read it
+TRACK_INTERVAL = 0.5  # seconds between checks of the priority interlock
+
+
+def flow_filter(cfg: Config) -> FlowFilter:
+    """The configured filter, plus what is never replicated: loopback and the sync addresses."""
+    sync = [cfg["sync.local"], *cfg["sync.peers"]]
+    ignore = (*LOOPBACK, *(ipaddress.ip_network(a) for a in sync),
+              *(ipaddress.ip_network(c, strict=False) for c in cfg["filter.ignore"]))
+    protos = frozenset(config_mod.PROTOCOLS.get(p, p) if isinstance(p, str) else p for p in cfg["filter.protocols"])
+    return FlowFilter(protocols=frozenset(int(p) for p in protos),
+                      accept=tuple(ipaddress.ip_network(c, strict=False) for c in cfg["filter.accept"]),
+                      ignore=ignore,
+                      tcp_states=frozenset(config_mod.TCP_STATE_NUMBERS[s] for s in cfg["filter.tcp_states"]))
+
+
+def engine_config(cfg: Config) -> EngineConfig:
+    return EngineConfig(node_id=cfg.node_id, reliable=cfg["sync.mode"] == "reliable", apply_mode=cfg["apply.mode"],
+                        max_datagram=cfg.max_datagram(), alive_interval=cfg["sync.alive_interval"],
+                        peer_timeout=cfg["sync.peer_timeout"], resend_limit=cfg["sync.resend_limit"],
+                        max_age=cfg["sync.max_age"], filter=flow_filter(cfg))
+
+
+class _SyncProtocol(asyncio.DatagramProtocol):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.daemon.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("sync socket: %s", exc)
+
+
+def sync_socket(cfg: Config) -> socket.socket:
+    local = cfg["sync.local"]
+    v6 = ":" in local
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        if cfg.multicast:
+            group = cfg["sync.group"]
+            ifindex = socket.if_nametoindex(cfg["sync.interface"])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((group, cfg["sync.port"]))
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                                socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex))
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+            else:
+                mreqn = socket.inet_aton(group) + socket.inet_aton(local) + struct.pack("@i", ifindex)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        else:
+            sock.bind((local, cfg["sync.port"]))
+    except OSError as exc:
+        sock.close()
+        raise control.ControlError(f"cannot open the sync socket on {local} port {cfg['sync.port']}: "
+                                   f"{exc.strerror or exc} (is another ctbridge running?)") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.auth = wire.Auth(host.keys(cfg), cfg["sync.auth"])
+        self.epoch = host.next_epoch(cfg["node.state_dir"])
+        now = self.loop.time()
+        self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now)
+        self.kernel = KernelTable()
+        self.events = EventSocket()
+        self.sock = sync_socket(cfg)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.destinations = ([(cfg["sync.group"], cfg["sync.port"])] if cfg.multicast
+                             else [(p, cfg["sync.port"]) for p in cfg.peer_addresses()])
+        self.addresses: dict[int, tuple[str, int]] = {}  # node id -> where its datagrams come from
+        self.timer: asyncio.TimerHandle | None = None
+        self.flush_scheduled = False
+        self.stop = asyncio.Event()
+        self.reload = False
+        self.transition_lock = asyncio.Lock()
+        self.purge_task: asyncio.Task[None] | None = None
+        self.kernel_lock = asyncio.Lock()  # one kernel request at a time (KernelTable is not thread-safe)
+        self.inject_ops: list[KernelOp] = []
+        self.inject_task: asyncio.Task[None] | None = None
+        self.track_value: int | None = None
+        self.stats_extra: dict[str, Any] = {
+            "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
+            "kernel": {"overruns": 0, "events": 0, "own_events": 0, "resyncs": 0},
+            "transitions": [],
+        }
+
+    # --- sockets -> engine -> sockets -----------------------------------------------------------
+
+    def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
+        before = self.engine.stats["rx_datagrams"] - sum(
+            self.engine.stats[k] for k in ("rejected_auth", "rejected_replay", "rejected_malformed"))
+        self.engine.receive_datagram(data, self.loop.time(), time.time())
+        after = self.engine.stats["rx_datagrams"] - sum(
+            self.engine.stats[k] for k in ("rejected_auth", "rejected_replay", "rejected_malformed"))
+        if after > before and len(data) >= wire.HEADER_LEN:
+            node = int.from_bytes(data[8:12], "big")
+            if node in self.engine.peers:
+                self.addresses[node] = (addr[0], addr[1])
+        self.after_input()
+
+    def after_input(self) -> None:
+        """Send what the engine has to send, take its kernel writes, re-arm its timer."""
+        now = self.loop.time()
+        out = self.engine.datagrams_to_send(now)
+        if self.transport is not None:
+            for data, dest in out:
+                if dest is not None and dest in self.addresses and not self.cfg.multicast:
+                    self.transport.sendto(data, self.addresses[dest])
+                else:
+                    for addr in self.destinations:
+                        self.transport.sendto(data, addr)
+        ops = self.engine.kernel_ops()
+        if ops:
+            self.inject_ops.extend(ops)
+            if self.inject_task is None or self.inject_task.done():
+                self.inject_task = asyncio.ensure_future(self.apply_injected())
+        deadline = self.engine.get_timer()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if deadline is None:
+            return
+        if deadline <= now:
+            if not self.flush_scheduled:  # more output than one burst: yield to the loop first
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush_again)
+        else:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _flush_again(self) -> None:
+        self.flush_scheduled = False
+        self.after_input()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.engine.handle_timer(self.loop.time())
+        self.after_input()
+
+    async def read_events(self) -> None:
+        own = self.kernel.portid
+        async for batch in self.events.stream():
+            kernel_stats = self.stats_extra["kernel"]
+            if batch.overrun:
+                kernel_stats["overruns"] += 1
+                log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
+                await self.resync_internal()
+            events = [e for e in batch.events if e.portid != own]
+            kernel_stats["events"] += len(events)
+            kernel_stats["own_events"] += len(batch.events) - len(events)
+            if events:
+                self.engine.kernel_events(events, self.loop.time())
+                self.after_input()
+
+    async def in_thread(self, fn: Any, *args: Any) -> Any:
+        async with self.kernel_lock:
+            return await self.loop.run_in_executor(None, fn, *args)
+
+    async def resync_internal(self, announce: bool = True) -> int:
+        entries = await self.in_thread(self.kernel.dump)
+        self.engine.kernel_resync(entries, self.loop.time(), announce=announce)
+        self.stats_extra["kernel"]["resyncs"] += 1
+        self.after_input()
+        return len(entries)
+
+    async def apply_injected(self) -> None:
+        """Inject mode: peers' flows go into this kernel as they arrive, in batches."""
+        while self.inject_ops:
+            ops, self.inject_ops = self.inject_ops, []
+            latest: dict[bytes, KernelOp] = {}
+            for op in ops:  # only the last word on each flow counts
+                latest[op.key] = op
+            commits = [op.entry for op in latest.values() if op.kind == "commit" and op.entry is not None]
+            deletes = [op.key for op in latest.values() if op.kind == "delete"]
+            if commits:
+                result = await self.in_thread(self.kernel.commit, commits, self.cfg["apply.liberal_tcp"])
+                if result.failed:
+                    log.warning("inject: %d of %d flows refused by the kernel (first: %s)", len(result.failed),
+                                len(commits), os.strerror(result.failed[0].errno))
+            if deletes:
+                await self.in_thread(self.kernel.delete, deletes)
+
+    # --- keepalived transitions -------------------------------------------------------------------
+
+    def wanted(self, t: keepalived.Transition) -> bool:
+        names = self.cfg["keepalived.instances"]
+        return not names or not t.name or t.name in names
+
+    async def transition(self, t: keepalived.Transition) -> dict[str, Any]:
+        """Apply one transition; a second waits for the first (never interleaves)."""
+        if not self.wanted(t):
+            return {"ok": True, "ignored": f"{t.kind.lower()} {t.name} is not in keepalived.instances"}
+        async with self.transition_lock:
+            role = {"MASTER": Role.MASTER, "BACKUP": Role.BACKUP}.get(t.state, Role.FAULT)
+            start = time.monotonic()
+            record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
+            if role is self.engine.role and t.state != "STOP":
+                record["noop"] = True
+            elif role is Role.MASTER:
+                record.update(await self.become_master())
+            elif role is Role.BACKUP:
+                await self.become_backup()
+            else:
+                self.engine.set_role(Role.FAULT)
+                log.info("%s: stopped advertising this node's flows; caches kept", t.state)
+            record["seconds"] = round(time.monotonic() - start, 6)
+            self.stats_extra["transitions"] = [*self.stats_extra["transitions"][-9:], record]
+            self.after_input()
+            return {"ok": True, "role": self.engine.role.value, **record}
+
+    async def become_master(self) -> dict[str, Any]:
+        if self.purge_task is not None:
+            self.purge_task.cancel()
+            self.purge_task = None
+        out: dict[str, Any] = {}
+        if self.inject_task is not None:
+            await asyncio.shield(self.inject_task)
+        if self.cfg["apply.mode"] == "commit":
+            out = await self.commit()
+        self.engine.flush_external()
+        self.engine.set_role(Role.MASTER)
+        out["internal"] = await self.resync_internal()
+        self.engine.bulk_send(self.loop.time())
+        log.info("MASTER: %s", out)
+        return out
+
+    async def commit(self) -> dict[str, Any]:
+        entries = self.engine.external_entries()
+        result = await self.in_thread(self.kernel.commit, entries, self.cfg["apply.liberal_tcp"])
+        info = {"entries": result.created + result.updated, "failed": len(result.failed),
+                "seconds": round(result.seconds, 6), "at": time.time()}
+        self.stats_extra["commit"] = info
+        log.info("committed %d flows into the kernel in %.3f s (%d created, %d updated, %d failed)",
+                 info["entries"], result.seconds, result.created, result.updated, len(result.failed))
+        for failure in result.failed[:5]:
+            log.warning("commit: the kernel refused a flow: %s", os.strerror(failure.errno))
+        return {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
+
+    async def become_backup(self) -> None:
+        was_master = self.engine.role is Role.MASTER
+        self.engine.set_role(Role.BACKUP)
+        self.engine.request_resync(self.loop.time())
+        if was_master and self.purge_task is None:
+            self.purge_task = asyncio.ensure_future(self.purge())
+        log.info("BACKUP: asked peers for their flows%s", "; flows of the former master expire in "
+                 f"{self.cfg['apply.purge_timeout']:.0f} s unless packets keep them alive" if was_master else "")
+
+    async def purge(self) -> None:
+        """Flows this node had as master: their timeout becomes the purge timeout, so those no
+        packet refreshes (the new master forwards them now) go away; flows peers tell us about
+        (inject mode) are left alone."""
+        external = {k for p in self.engine.peers.values() for k in p.external}
+        keys = [k for k in self.engine.internal if k not in external]
+        result = await self.in_thread(self.kernel.expire, keys, max(1, int(self.cfg["apply.purge_timeout"])))
+        log.info("purge: %d flows of the former master expire in %.0f s", result.done, self.cfg["apply.purge_timeout"])
+        self.purge_task = None
+
+    async def read_fifo(self, path: str) -> None:
+        """keepalived's notify_fifo: the one channel where transitions arrive in order."""
+        if not os.path.exists(path):
+            os.mkfifo(path, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF while keepalived restarts
+        reader = asyncio.StreamReader()
+        transport, _ = await self.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                         os.fdopen(fd, "rb", buffering=0))
+        try:
+            while line := await reader.readline():
+                t = keepalived.parse_fifo_line(line.decode("utf-8", "replace"))
+                if t is not None:
+                    answer = await self.transition(t)
+                    log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
+        finally:
+            transport.close()
+
+    # --- interlock, stats, control ----------------------------------------------------------------
+
+    async def track_loop(self, path: str) -> None:
+        """Priority interlock: 0 while the external cache is complete, a negative value while not,
+        so a standby that does not hold every flow yet cannot win an election."""
+        while True:
+            complete = self.engine.complete() or self.engine.role is Role.MASTER
+            value = 0 if complete else int(self.cfg["keepalived.incomplete_value"])
+            if value != self.track_value:
+                keepalived.write_track_file(path, value)
+                log.info("track file %s = %d (external cache %s)", path, value,
+                         "complete" if complete else "incomplete")
+                self.track_value = value
+            await asyncio.sleep(TRACK_INTERVAL)
+
+    def stats(self) -> dict[str, Any]:
+        e = self.engine
+        s = e.stats
+        now = self.loop.time()
+        peers = []
+        for p in e.peers.values():
+            peers.append({"node": f"{p.node:08x}", "address": self.addresses.get(p.node, ("", 0))[0],
+                          "epoch": p.epoch, "alive": p.alive, "synced": p.synced,
+                          "entries": len(p.external), "last_heard": round(now - p.last_heard, 3),
+                          "restarts": p.restarts, "bulks": p.bulks,
+                          "gap": p.rx.missing() if p.rx is not None else None})
+        return {
+            "node": self.cfg["node.name"], "node_id": f"{e.node_id:08x}", "epoch": e.epoch, "role": e.role.value,
+            "apply_mode": self.cfg["apply.mode"],
+            "internal": {"entries": len(e.internal)},
+            "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
+            "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
+                         "malformed": s["rejected_malformed"], "peers": s["rejected_peers"]},
+            "peers": peers,
+            "queues": {"pending": len(e._pending), "resend": len(e._resend), "bulk": len(e._bulks),
+                       "inject": len(self.inject_ops)},
+            "sync": dict(s),
+            **self.stats_extra,
+        }
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        now = self.loop.time()
+        if cmd == "status":
+            st = self.stats()
+            return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "peers")}}
+        if cmd == "stats":
+            return {"ok": True, **self.stats()}
+        if cmd == "notify":
+            args = req.get("args")
+            if not isinstance(args, list):
+                raise ValueError('notify needs "args": the keepalived notify arguments')
+            return await self.transition(keepalived.parse_args([str(a) for a in args]))
+        if cmd == "commit":
+            async with self.transition_lock:
+                return {"ok": True, **await self.commit()}
+        if cmd == "flush":
+            which = req.get("which", "both")
+            if which in ("internal", "both"):
+                self.engine.internal.clear()
+            if which in ("external", "both"):
+                self.engine.flush_external()
+            if which not in ("internal", "external", "both"):
+                raise ValueError("flush takes internal, external or nothing (both)")
+            return {"ok": True, "flushed": which}
+        if cmd == "resync":
+            self.engine.request_resync(now)
+            self.after_input()
+            return {"ok": True}
+        if cmd == "bulk-send":
+            self.engine.bulk_send(now)
+            self.after_input()
+            return {"ok": True, "flows": len(self.engine.internal)}
+        if cmd == "dump":
+            which = req.get("which")
+            entries: list[Entry]
+            if which == "internal":
+                entries = self.engine.internal_entries()
+            elif which == "external":
+                entries = self.engine.external_entries()
+            else:
+                raise ValueError("dump takes internal or external")
+            return {"ok": True, "entries": [entry_view(e) for e in entries]}
+        raise ValueError(f"unknown command {cmd!r}; commands are status, stats, notify, commit, flush, resync, "
+                         "bulk-send, dump")
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.reload = True
+            self.loop.call_soon(self.do_reload)
+        else:
+            self.stop.set()
+
+    def do_reload(self) -> None:
+        if not self.reload:
+            return
+        self.reload = False
+        try:
+            cfg = config_mod.load(self.cfg.path)
+            auth = wire.Auth(host.keys(cfg), cfg["sync.auth"])
+        except Exception as exc:  # keep running with what works
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        # Only filters and keys change on SIGHUP; addresses, ports and the node name need a restart.
+        self.engine.auth = auth
+        self.engine.config = dataclasses.replace(self.engine.config, filter=flow_filter(cfg))
+        log.info("reloaded filters and keys from %s", cfg.path)
+
+    async def run(self) -> int:
+        tasks: list[asyncio.Task[Any]] = []
+        servers: list[asyncio.AbstractServer] = []
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(signum, self.on_signal, signum)
+        try:
+            servers.append(await control.serve(self.cfg["control.socket"], self.handle))
+            if self.cfg["metrics.listen"]:
+                servers.append(await metrics.serve(self.cfg["metrics.listen"], self.stats))
+            # The table first (events meanwhile wait in the event socket), then the sync link: a
+            # peer that asks for a bulk transfer at once must get the whole table.
+            count = await self.resync_internal(announce=False)
+            tasks.append(asyncio.ensure_future(self.read_events()))
+            self.transport, _ = await self.loop.create_datagram_endpoint(lambda: _SyncProtocol(self), sock=self.sock)
+            self.engine.request_resync(self.loop.time())
+            if self.cfg["keepalived.notify_fifo"]:
+                tasks.append(asyncio.ensure_future(self.read_fifo(self.cfg["keepalived.notify_fifo"])))
+            if self.cfg["keepalived.track_file"]:
+                tasks.append(asyncio.ensure_future(self.track_loop(self.cfg["keepalived.track_file"])))
+            tasks.append(asyncio.ensure_future(self.systemd()))
+            self.after_input()
+            log.info("ctbridge %s running: node %s (%08x), epoch %d, %d flows in the kernel, sync %s port %d, %s",
+                     self.cfg["apply.mode"], self.cfg["node.name"], self.engine.node_id, self.epoch, count,
+                     self.cfg["sync.local"], self.cfg["sync.port"],
+                     f"multicast {self.cfg['sync.group']}" if self.cfg.multicast
+                     else "peers " + ", ".join(self.cfg["sync.peers"]))
+            stopper = asyncio.ensure_future(self.stop.wait())
+            tasks.append(stopper)
+            waiting: set[asyncio.Future[Any]] = set(tasks)
+            while not self.stop.is_set():  # until a signal; a task that fails ends the daemon
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t is not stopper and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            log.info("stopping")
+            return 0
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            for server in servers:
+                server.close()
+            if self.transport is not None:
+                self.transport.close()
+            self.events.close()
+            self.kernel.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg["control.socket"])
+
+    async def systemd(self) -> None:
+        """Type=notify readiness and the watchdog, when systemd asks for them ($NOTIFY_SOCKET)."""
+        path = os.environ.get("NOTIFY_SOCKET")
+        if not path:
+            return
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            def notify(msg: str) -> None:
+                with contextlib.suppress(OSError):
+                    s.sendto(msg.encode(), path)
+            notify("READY=1\nSTATUS=replicating")
+            usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+            if not usec:
+                await self.stop.wait()
+                return
+            while not self.stop.is_set():
+                notify("WATCHDOG=1")
+                await asyncio.sleep(usec / 2e6)
+
+
+def main(path: str) -> int:
+    """Load, check against this host, and run; ConfigError/ControlError/KeyFileError say why not."""
+    cfg = config_mod.load(path)
+    logging.getLogger().setLevel(cfg["log.level"].upper())
+    problems = host.problems(cfg)
+    if problems:
+        raise config_mod.ConfigError(problems[0])
+
+    async def run() -> int:
+        return await Daemon(cfg).run()
+    return asyncio.run(run())
+

@@ -1,0 +1,82 @@
+"""Facts about this host that a configuration depends on, and the state ctbridge keeps on it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from ctbridge import keyfile
+from ctbridge.config import Config
+
+
+def _bind_problem(address: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            return os.strerror(exc.errno or 0) if exc.errno else str(exc)
+    return None
+
+
+def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
+    """Why ``cfg`` cannot run on this host, one line each ("FILE: ..."); [] when it can."""
+    out = []
+    path = cfg.path
+    local = cfg["sync.local"]
+    problem = _bind_problem(local, 0)
+    if problem is not None:
+        out.append(f"{path}: sync.local {local} is not an address of this host ({problem}); "
+                   "use the address of this node's sync interface")
+    elif not daemon_running and not cfg.multicast:
+        taken = _bind_problem(local, cfg["sync.port"])
+        if taken is not None:
+            out.append(f"{path}: UDP port {cfg['sync.port']} on {local} cannot be bound ({taken}); "
+                       "is another ctbridge running? choose another sync.port")
+    if cfg.multicast and not os.path.exists(f"/sys/class/net/{cfg['sync.interface']}"):
+        out.append(f"{path}: sync.interface {cfg['sync.interface']} does not exist on this host")
+    for name in ("key_file", "previous_key_file"):
+        if cfg[f"sync.{name}"] and cfg["sync.auth"] != "none":
+            try:
+                keyfile.load(cfg[f"sync.{name}"])
+            except keyfile.KeyFileError as exc:
+                out.append(f"{path}: sync.{name}: {exc}")
+    control_dir = os.path.dirname(cfg["control.socket"]) or "."
+    if not os.path.isdir(control_dir) and not os.access(os.path.dirname(control_dir) or "/", os.W_OK):
+        out.append(f"{path}: control.socket directory {control_dir} does not exist and cannot be created")
+    return out
+
+
+def keys(cfg: Config) -> list[bytes]:
+    """The keys to sign with (first) and accept; [] when auth is "none"."""
+    if cfg["sync.auth"] == "none":
+        return []
+    out = [keyfile.load(cfg["sync.key_file"])]
+    if cfg["sync.previous_key_file"]:
+        out.append(keyfile.load(cfg["sync.previous_key_file"]))
+    return out
+
+
+def next_epoch(state_dir: str) -> int:
+    """This start's boot epoch: the time in ns, and at least one more than the last start's, so
+    peers see a restart even if the clock went backwards. Kept in STATE_DIR/epoch."""
+    path = os.path.join(state_dir, "epoch")
+    last = 0
+    try:
+        with open(path) as f:
+            last = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        pass
+    epoch = max(time.time_ns(), last + 1)
+    try:
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{epoch}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    return epoch
