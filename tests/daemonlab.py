@@ -1,0 +1,134 @@
+"""Clusters of ctbridge daemons in network namespaces, joined by a bridge as their sync link."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ctbridge import control, netns
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(what: str, check: Any, timeout: float = 20.0, step: float = 0.1) -> Any:
+    """Poll check() until it returns something true (bounded); that value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except control.ControlError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+class Node:
+    def __init__(self, cluster: Cluster, index: int) -> None:
+        self.cluster = cluster
+        self.index = index
+        self.name = f"fw{index}"
+        self.address = f"192.0.2.{10 + index}"
+        self.ns = ""
+        self.config = cluster.dir / f"{self.name}.toml"
+        self.socket = str(cluster.dir / f"{self.name}.sock")
+        self.log = cluster.dir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, **sections: dict[str, Any]) -> None:
+        others = [n.address for n in self.cluster.nodes if n is not self]
+        base: dict[str, dict[str, Any]] = {
+            "node": {"name": self.name, "state_dir": str(self.cluster.dir / f"state-{self.name}")},
+            "sync": {"local": self.address, "peers": others, "key_file": str(self.cluster.key)},
+            "control": {"socket": self.socket},
+            "log": {"level": "debug"},
+        }
+        for section, values in sections.items():
+            base.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in base.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        self.log_file = open(self.log, "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "ctbridge", "run", "-c",
+                                      str(self.config)], stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        wait_for(f"{self.name} to answer", lambda: self.request("status"), timeout=20)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait(10)
+        self.proc = None
+        self.log_file.close()
+        return code
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        return control.request(self.socket, cmd, timeout=30, **args)
+
+    def ctbridge(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ctbridge", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120, check=check)
+
+    def external(self) -> list[dict[str, Any]]:
+        return list(self.request("dump", which="external")["entries"])
+
+    def run(self, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return netns.run(self.ns, *argv, check=check, input=input)
+
+
+class Cluster:
+    def __init__(self, size: int, directory: Path) -> None:
+        self.dir = directory
+        self.key = directory / "sync.key"
+        self.nodes = [Node(self, i + 1) for i in range(size)]
+        self.switch = ""
+
+
+@contextlib.contextmanager
+def cluster(size: int, **config: dict[str, Any]) -> Iterator[Cluster]:
+    """``size`` namespaces on one bridge (in a namespace of its own), each with a written config.
+    Daemons are started by the test; everything is stopped and removed on the way out."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctb-")))
+        c = Cluster(size, tmp)
+        subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(c.key)], check=True, cwd=ROOT, timeout=60,
+                       capture_output=True)
+        c.switch = stack.enter_context(netns.namespace("sw"))
+        netns.run(c.switch, "ip", "link", "add", "br0", "type", "bridge")
+        netns.run(c.switch, "ip", "link", "set", "br0", "up")
+        for node in c.nodes:
+            node.ns = stack.enter_context(netns.namespace(node.name))
+            port = f"p{node.index}"
+            netns.run(c.switch, "ip", "link", "add", port, "type", "veth", "peer", "name", "sync0", "netns", node.ns)
+            netns.run(c.switch, "ip", "link", "set", port, "master", "br0", "up")
+            node.run("ip", "addr", "add", f"{node.address}/24", "dev", "sync0")
+            node.run("ip", "link", "set", "sync0", "up")
+        for node in c.nodes:
+            node.write_config(**config)
+        try:
+            yield c
+        finally:
+            for node in c.nodes:
+                node.stop()

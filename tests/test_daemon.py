@@ -1,0 +1,182 @@
+"""ctbridge daemons in network namespaces: replication, failover commits, authentication, restarts,
+loss on the sync link, three nodes. The kernel's table and the conntrack CLI are the witnesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ctbridge import codec, netns
+from ctbridge.kernel import KernelTable
+from tests import witness
+from tests.daemonlab import ROOT, Node, cluster, wait_for
+
+pytestmark = pytest.mark.root
+
+FLOWS = [
+    "-p tcp -s 198.51.100.10 -d 203.0.113.80 --sport 40000 --dport 443 -r 203.0.113.80 -q 192.0.2.200 "
+    "--reply-port-src 443 --reply-port-dst 61000 --state ESTABLISHED -u SEEN_REPLY,ASSURED -t 3600 -m 17",
+    "-p tcp -s 198.51.100.11 -d 203.0.113.1 --sport 50000 --dport 80 -r 198.51.100.80 -q 198.51.100.11 "
+    "--reply-port-src 8080 --reply-port-dst 50000 --state ESTABLISHED -u SEEN_REPLY,ASSURED -t 3600",
+    "-p udp -s 198.51.100.12 -d 203.0.113.53 --sport 33333 --dport 53 -t 120 --zone 4",
+    "-p tcp -s 2001:db8::10 -d 2001:db8:1::20 --sport 40001 --dport 22 --state ESTABLISHED "
+    "-u SEEN_REPLY,ASSURED -t 3600",
+]
+
+
+def make_flows(node: Node) -> None:
+    for args in FLOWS:
+        node.run("conntrack", "-I", *args.split())
+
+
+def test_replication_deletion_and_commit_on_master() -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        a.start()
+        b.start()
+        make_flows(a)
+        wait_for("B to learn A's flows", lambda: len(b.external()) == len(FLOWS))
+        theirs = {witness.flow_id(v): v for v in witness.listing(a.ns)}
+        for v in b.external():
+            assert witness.mismatches(v, theirs[witness.flow_id(v)], timeout_slack=5) == []
+        a.run("conntrack", "-D", "-p", "udp", "-s", "198.51.100.12", "--zone", "4")
+        wait_for("the deletion to reach B", lambda: len(b.external()) == len(FLOWS) - 1)
+        # keepalived makes B master through the hook: the flows go into B's kernel before it returns
+        env = {**os.environ, "CTBRIDGE_CONFIG": str(b.config), "CTBRIDGE": f"{os.sys.executable} -m ctbridge",
+               "PYTHONPATH": str(ROOT)}
+        import subprocess
+        res = subprocess.run([str(ROOT / "hooks" / "ctbridge-notify"), "INSTANCE", "VI_1", "MASTER", "100"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "committed: 3" in res.stdout
+        theirs = {witness.flow_id(v): v for v in witness.listing(a.ns)}
+        mine = witness.listing(b.ns)
+        assert len(mine) == len(FLOWS) - 1
+        for v in mine:
+            other = theirs[witness.flow_id(v)]
+            for k in ("reply_src", "reply_dst", "reply_sport", "reply_dport", "mark", "zone", "state"):
+                assert v.get(k) == other.get(k), (k, v, other)
+        stats = b.request("stats")
+        assert stats["role"] == "MASTER" and stats["commit"]["entries"] == 3
+        # the same transition again changes nothing
+        assert b.request("notify", args=["INSTANCE", "VI_1", "MASTER", "100"]).get("noop")
+        bad = subprocess.run([str(ROOT / "hooks" / "ctbridge-notify"), "INSTANCE", "VI_1", "SLEEPING"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert bad.returncode == 1 and "STATE" in bad.stderr
+
+
+def test_forged_datagram_is_counted_and_changes_nothing() -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        b.start()
+        from ctbridge import wire
+        from ctbridge.engine import Engine, EngineConfig
+        from tests.enginelab import flow
+        forger = Engine(EngineConfig(node_id=0x0BADF00D), wire.Auth([b"not the cluster key!"]), epoch=1, now=0.0)
+        forger.kernel_events([codec.Event(codec.EventKind.NEW, flow(1), 0)], 0.0)
+        datagrams = [d for d, _ in forger.datagrams_to_send(0.0)]
+        sender = "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
+                 "s.bind(('192.0.2.11', 0))\nfor h in sys.argv[1:]:\n    s.sendto(bytes.fromhex(h), ('192.0.2.12', 3780))\n"
+        a.run(os.sys.executable, "-c", sender, *[d.hex() for d in datagrams])
+        wait_for("the forgery to be counted", lambda: b.request("stats")["rejected"]["auth"] >= len(datagrams))
+        stats = b.request("stats")
+        assert stats["external"]["entries"] == 0 and stats["peers"] == []
+
+
+def test_killed_standby_gets_its_external_cache_back() -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        a.start()
+        b.start()
+        make_flows(a)
+        wait_for("B to learn A's flows", lambda: len(b.external()) == len(FLOWS))
+        b.stop(signal.SIGKILL)
+        b.start()
+        wait_for("B to get the flows back", lambda: len(b.external()) == len(FLOWS))
+        assert b.request("stats")["peers"][0]["synced"]
+
+
+def test_every_flow_arrives_through_20_percent_loss() -> None:
+    loss = ("table inet loss {\n chain input {\n  type filter hook input priority 0;\n"
+            "  udp dport 3780 numgen random mod 100 < 20 counter drop\n }\n"
+            " chain output {\n  type filter hook output priority 0;\n"
+            "  udp dport 3780 numgen random mod 100 < 20 counter drop\n }\n}\n")
+    with cluster(2) as c:
+        a, b = c.nodes
+        a.start()
+        b.start()
+        b.run("nft", "-f", "-", input=loss)
+        flows = codec.tcp_flows(3000)
+        with netns.inside(a.ns):
+            table = KernelTable()
+        with table:
+            assert table.commit(flows).failed == []
+        wait_for("all 3000 flows on B", lambda: b.request("stats")["external"]["entries"] == 3000, timeout=60)
+        listing = b.run("nft", "list", "table", "inet", "loss").stdout
+        assert sum(int(n) for n in re.findall(r"packets (\d+)", listing)) > 100  # the loss really happened
+        assert b.request("stats")["sync"]["nacks_sent"] > 0
+
+
+def test_three_nodes_converge() -> None:
+    with cluster(3) as c:
+        a, b, d = c.nodes
+        for n in c.nodes:
+            n.start()
+        make_flows(a)
+        d.run("conntrack", "-I", "-p", "udp", "-s", "198.51.100.99", "-d", "203.0.113.99", "--sport", "5",
+              "--dport", "6", "-t", "300")
+        wait_for("B to learn from A and C", lambda: len(b.external()) == len(FLOWS) + 1)
+        wait_for("C to learn from A", lambda: len(d.external()) == len(FLOWS))
+        wait_for("A to learn from C", lambda: len(a.external()) == 1)
+
+
+def test_inject_mode_writes_flows_into_the_standby_kernel() -> None:
+    with cluster(2, apply={"mode": "inject"}) as c:
+        a, b = c.nodes
+        a.start()
+        b.start()
+        make_flows(a)
+        wait_for("A's flows in B's kernel", lambda: len(witness.listing(b.ns)) == len(FLOWS))
+        a.run("conntrack", "-D", "-p", "tcp", "-s", "198.51.100.10")
+        wait_for("the deletion in B's kernel", lambda: len(witness.listing(b.ns)) == len(FLOWS) - 1)
+        # B's own kernel events for injected flows are not replicated back to A
+        time.sleep(1)
+        assert a.request("stats")["external"]["entries"] == 0
+
+
+def test_notify_fifo_and_track_file() -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        fifo, track = c.dir / "notify.fifo", c.dir / "track"
+        b.write_config(keepalived={"notify_fifo": str(fifo), "track_file": str(track)})
+        a.start()
+        make_flows(a)
+        b.start()
+        wait_for("B's external cache", lambda: len(b.external()) == len(FLOWS))
+        wait_for("track file 0 once complete", lambda: track.exists() and track.read_text().strip() == "0")
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b'MASTER_RX_LOWER_PRI "VI_1" 100\nINSTANCE "VI_1" MASTER 100\n')
+        os.close(fd)
+        wait_for("B to become master from the FIFO", lambda: b.request("status")["role"] == "MASTER")
+        assert len(witness.listing(b.ns)) == len(FLOWS)
+
+
+def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        a.write_config(sync={"local": "192.0.2.99"})
+        res = netns.run(a.ns, os.sys.executable, "-m", "ctbridge", "run", "-c", str(a.config), check=False)
+        assert res.returncode == 1 and "not an address of this host" in res.stderr and res.stderr.count("\n") == 1
+        a.write_config(sync={"key_file": str(tmp_path / "missing.key")})
+        res = netns.run(a.ns, os.sys.executable, "-m", "ctbridge", "run", "-c", str(a.config), check=False)
+        assert res.returncode == 1 and "ctbridge keygen" in res.stderr and res.stderr.count("\n") == 1
+        a.write_config()
+        a.start()
+        res = netns.run(a.ns, os.sys.executable, "-m", "ctbridge", "run", "-c", str(a.config), check=False)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1
+        assert "port 3780" in res.stderr or "another ctbridge" in res.stderr
