@@ -80,8 +80,9 @@ def test_forged_datagram_is_counted_and_changes_nothing() -> None:
         forger = Engine(EngineConfig(node_id=0x0BADF00D), wire.Auth([b"not the cluster key!"]), epoch=1, now=0.0)
         forger.kernel_events([codec.Event(codec.EventKind.NEW, flow(1), 0)], 0.0)
         datagrams = [d for d, _ in forger.datagrams_to_send(0.0)]
-        sender = "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
-                 "s.bind(('192.0.2.11', 0))\nfor h in sys.argv[1:]:\n    s.sendto(bytes.fromhex(h), ('192.0.2.12', 3780))\n"
+        sender = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                  "s.bind(('192.0.2.11', 0))\nfor h in sys.argv[1:]:\n"
+                  "    s.sendto(bytes.fromhex(h), ('192.0.2.12', 3780))\n")
         a.run(os.sys.executable, "-c", sender, *[d.hex() for d in datagrams])
         wait_for("the forgery to be counted", lambda: b.request("stats")["rejected"]["auth"] >= len(datagrams))
         stats = b.request("stats")
@@ -168,7 +169,7 @@ def test_notify_fifo_and_track_file() -> None:
 
 def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
     with cluster(2) as c:
-        a, b = c.nodes
+        a = c.nodes[0]
         a.write_config(sync={"local": "192.0.2.99"})
         res = netns.run(a.ns, os.sys.executable, "-m", "ctbridge", "run", "-c", str(a.config), check=False)
         assert res.returncode == 1 and "not an address of this host" in res.stderr and res.stderr.count("\n") == 1
