@@ -1,0 +1,104 @@
+"""Configuration: defaults in one place, errors as FILE:LINE: what and how to fix."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctbridge import config, keepalived
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """
+[node]
+name = "fw1"
+[sync]
+local = "192.0.2.1"
+peers = ["192.0.2.2"]
+key_file = "/etc/ctbridge/sync.key"
+"""
+
+
+def test_defaults_fill_every_key() -> None:
+    cfg = config.parse(GOOD, "x.toml")
+    assert cfg["sync.port"] == 3780 and cfg["sync.mode"] == "reliable" and cfg["apply.mode"] == "commit"
+    assert cfg["control.socket"] == "/run/ctbridge/ctbridge.sock"
+    assert cfg.max_datagram() == 1472
+    assert cfg.node_id == config.node_id("fw1")
+
+
+@pytest.mark.parametrize("text, line, words", [
+    (GOOD + "[bogus]\n", 8, "unknown section [bogus]"),
+    (GOOD.replace('peers = ["192.0.2.2"]', 'peers = ["192.0.2.2"]\nprot = 1'), 7, "unknown key sync.prot"),
+    (GOOD.replace('"192.0.2.1"', '"fw1.example"'), 5, "not an IP address"),
+    (GOOD.replace('peers = ["192.0.2.2"]', 'peers = ["192.0.2.2"]\ngroup = "239.1.1.1"'), 7,
+     "use unicast peers or a multicast group"),
+    (GOOD.replace('key_file = "/etc/ctbridge/sync.key"', ''), 4, "ctbridge keygen"),
+    (GOOD + '[apply]\nmode = "later"\n', 9, "use one of 'commit', 'inject'"),
+    (GOOD.replace('peers = ["192.0.2.2"]', 'peers = ["2001:db8::2"]'), 6, "different IP versions"),
+    (GOOD + '[filter]\naccept = ["10.0.0.0/33"]\n', 9, "not an address or CIDR"),
+    (GOOD + '[filter]\ntcp_states = ["OPEN"]\n', 9, "unknown state 'OPEN'"),
+    (GOOD + "[sync.more]\n", 0, "unknown key sync.more"),
+    ("[node\n", 1, "not valid TOML"),
+    (GOOD.replace("3780", "x").replace('key_file', 'port = "3780"\nkey_file'), 7, "sync.port must be an integer"),
+])
+def test_errors_name_file_line_key_and_fix(text: str, line: int, words: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text, "/etc/ctbridge/ctbridge.toml")
+    message = str(err.value)
+    assert "\n" not in message and words in message, message
+    if line:
+        assert message.startswith(f"/etc/ctbridge/ctbridge.toml:{line}: "), message
+
+
+def test_docs_list_every_key_with_its_default() -> None:
+    doc = (ROOT / "docs" / "config.md").read_text()
+    blocks = re.split(r"^### \[(\w+)\]", doc, flags=re.MULTILINE)
+    rows = {(section, key): default for section, body in zip(blocks[1::2], blocks[2::2], strict=True)
+            for key, default in re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", body, re.MULTILINE)}
+    assert list(dict.fromkeys(s for s, _ in rows)) == list(config.SECTIONS)
+    assert set(rows) == {(k.section, k.name) for k in config.SCHEMA}
+    for key in config.SCHEMA:
+        shown = rows[(key.section, key.name)]
+        assert shown == ("(required)" if key.default is None else json.dumps(key.default)), key.name
+
+
+def test_check_command_reports_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD + '[apply]\nmode = "later"\n')
+    res = subprocess.run([sys.executable, "-m", "ctbridge", "check", "--no-host", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1 and res.stderr.startswith(f"{path}:9: apply.mode")
+    path.write_text(GOOD)
+    res = subprocess.run([sys.executable, "-m", "ctbridge", "check", "--no-host", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["INSTANCE", "VI_1", "MASTER", "100"], keepalived.Transition("INSTANCE", "VI_1", "MASTER", 100)),
+    (["GROUP", "G1", "BACKUP", "0"], keepalived.Transition("GROUP", "G1", "BACKUP", 0)),
+    (["fault"], keepalived.Transition("", "", "FAULT", 0)),
+    (["INSTANCE", '"VI_2"', "STOP"], keepalived.Transition("INSTANCE", "VI_2", "STOP", 0)),
+])
+def test_notify_arguments(args: list[str], expected: keepalived.Transition) -> None:
+    assert keepalived.parse_args(args) == expected
+
+
+@pytest.mark.parametrize("args", [[], ["INSTANCE", "VI_1"], ["INSTANCE", "VI_1", "ASLEEP", "1"],
+                                  ["INSTANCE", "VI_1", "MASTER", "high"], ["MASTER", "extra"]])
+def test_bad_notify_arguments_say_what_is_expected(args: list[str]) -> None:
+    with pytest.raises(keepalived.NotifyError, match="expected|priority"):
+        keepalived.parse_args(args)
+
+
+def test_fifo_lines() -> None:
+    assert keepalived.parse_fifo_line('INSTANCE "VI_1" MASTER 100\n') == keepalived.Transition(
+        "INSTANCE", "VI_1", "MASTER", 100)
+    assert keepalived.parse_fifo_line('GROUP "G 1" BACKUP 0') == keepalived.Transition("GROUP", "G 1", "BACKUP", 0)
+    for other in ('MASTER_RX_LOWER_PRI "VI_1" 100', 'INSTANCE "VI_1" MASTER_PRIORITY 90', "", "garbage"):
+        assert keepalived.parse_fifo_line(other) is None
