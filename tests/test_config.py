@@ -92,7 +92,7 @@ def test_notify_arguments(args: list[str], expected: keepalived.Transition) -> N
 @pytest.mark.parametrize("args", [[], ["INSTANCE", "VI_1"], ["INSTANCE", "VI_1", "ASLEEP", "1"],
                                   ["INSTANCE", "VI_1", "MASTER", "high"], ["MASTER", "extra"]])
 def test_bad_notify_arguments_say_what_is_expected(args: list[str]) -> None:
-    with pytest.raises(keepalived.NotifyError, match="expected|priority"):
+    with pytest.raises(keepalived.NotifyError, match=r"expected|priority"):
         keepalived.parse_args(args)
 
 
