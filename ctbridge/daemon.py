@@ -321,8 +321,12 @@ class Daemon:
     async def track_loop(self, path: str) -> None:
         """Priority interlock: 0 while the external cache is complete, a negative value while not,
         so a standby that does not hold every flow yet cannot win an election."""
+        started = self.loop.time()
         while True:
-            complete = self.engine.complete() or self.engine.role is Role.MASTER
+            # Right after start no peer has been heard yet: that is not "complete" until a peer
+            # could have spoken (peer_timeout), or a standby that just started could win an election.
+            quiet_start = not self.engine.peers and self.loop.time() - started < self.cfg["sync.peer_timeout"]
+            complete = (self.engine.complete() and not quiet_start) or self.engine.role is Role.MASTER
             value = 0 if complete else int(self.cfg["keepalived.incomplete_value"])
             if value != self.track_value:
                 keepalived.write_track_file(path, value)

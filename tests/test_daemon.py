@@ -150,14 +150,16 @@ def test_inject_mode_writes_flows_into_the_standby_kernel() -> None:
         assert a.request("stats")["external"]["entries"] == 0
 
 
-def test_notify_fifo_and_track_file() -> None:
+def test_notify_fifo_track_file_and_metrics() -> None:
     with cluster(2) as c:
         a, b = c.nodes
         fifo, track = c.dir / "notify.fifo", c.dir / "track"
-        b.write_config(keepalived={"notify_fifo": str(fifo), "track_file": str(track)})
+        b.write_config(keepalived={"notify_fifo": str(fifo), "track_file": str(track)},
+                       metrics={"listen": "127.0.0.1:9780"})
+        b.start()  # alone: nobody to learn from yet, so not complete
+        assert wait_for("the track file", lambda: track.exists() and track.read_text().strip()) == "-254"
         a.start()
         make_flows(a)
-        b.start()
         wait_for("B's external cache", lambda: len(b.external()) == len(FLOWS))
         wait_for("track file 0 once complete", lambda: track.exists() and track.read_text().strip() == "0")
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -165,6 +167,11 @@ def test_notify_fifo_and_track_file() -> None:
         os.close(fd)
         wait_for("B to become master from the FIFO", lambda: b.request("status")["role"] == "MASTER")
         assert len(witness.listing(b.ns)) == len(FLOWS)
+        scrape = ("import urllib.request\n"
+                  "print(urllib.request.urlopen('http://127.0.0.1:9780/metrics', timeout=10).read().decode())")
+        text = b.run(os.sys.executable, "-c", scrape).stdout
+        assert f"ctbridge_commit_entries {len(FLOWS)}" in text and 'ctbridge_role{role="MASTER"} 1' in text
+        assert "ctbridge_rejected_auth_total 0" in text
 
 
 def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
