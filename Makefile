@@ -46,6 +46,7 @@ demo: deps venv
 
 bench: deps venv
 	$(PY) bench/kernel.py
+	$(PY) bench/engine.py --conntrackd
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
