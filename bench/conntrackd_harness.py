@@ -1,9 +1,9 @@
 """Measure conntrack-tools' `conntrackd -c` (external cache -> kernel commit) on this machine.
 
-    python bench/conntrackd_harness.py [--entries N]
+    python bench/conntrackd_harness.py [--entries N] [--events]
 
 Used by bench/kernel.py so that ctbridge's commit rate and conntrackd's are measured in the same run, on the same
-kernel, under the same load. Steps:
+kernel, under the same load. measure_conntrackd() (the default) times the bulk-sync and commit paths:
 
   1. two fresh network namespaces A and B joined by a veth pair (192.0.2.1/24 <-> 192.0.2.2/24);
   2. A's kernel table is filled with N established TCP flows through `conntrack -R`;
@@ -11,6 +11,16 @@ kernel, under the same load. Steps:
      start-up kernel dump, then `conntrackd -B` (bulk send) pushes them to B's external cache (timed: sync rate);
   4. B's kernel table is flushed and `conntrackd -c` commits B's external cache into it (timed until B's kernel
      holds all N flows, in case the commit finishes after the client returns: commit rate).
+
+measure_conntrackd_events() (--events) times the *event* path instead, with the same namespaces and configurations:
+
+  1. as above;
+  2. both daemons are started on empty kernel tables and become ready;
+  3. A's kernel table is filled with N established TCP flows by a single `conntrack -R`; A's conntrackd learns them
+     from ctnetlink events and forwards them to B as they arrive. Timed from the start of the load until B's external
+     cache holds all N, within EVENTS_TIMEOUT. An insert burst can overrun A's netlink event socket, after which
+     conntrackd only converges through its scheduled kernel resync (NetlinkOverrunResync, 30 s by default); not
+     converging within the bound is a result (converged=False with the counts reached), not an error.
 
 Only documentation addresses are used (RFC 5737), and nothing leaves the two namespaces. Namespaces, daemons and the
 temporary directory are removed on every exit path, Ctrl-C included. Only the standard library is used; the
@@ -43,6 +53,8 @@ READY_TIMEOUT = 30.0  # daemon start-up, including its initial kernel dump
 INTERNAL_TIMEOUT = 60.0  # A's internal cache catching up with A's kernel table
 SYNC_TIMEOUT = 120.0  # A -> B bulk transfer
 COMMIT_TIMEOUT = 120.0  # conntrackd -c, and B's kernel table reaching N afterwards
+EVENTS_TIMEOUT = 120.0  # event path: start of `conntrack -R` -> B's external cache holding N (covers one overrun
+#                         resync, which conntrackd schedules 30 s after the overrun by default)
 CMD_TIMEOUT = 30.0  # any short control command (ip, conntrackd -s, conntrack -C/-F)
 STOP_TIMEOUT = 5.0  # SIGTERM -> exit, before SIGKILL
 
@@ -176,9 +188,9 @@ General {{
 """
 
 
-def _stats(node: _Node) -> tuple[int, int]:
+def _stats(node: _Node, timeout: float = CMD_TIMEOUT) -> tuple[int, int]:
     """(internal, external) cache sizes from `conntrackd -s`, far cheaper than dumping the caches."""
-    out = _run(_in_ns(node.netns, "conntrackd", "-C", str(node.conf), "-s"))
+    out = _run(_in_ns(node.netns, "conntrackd", "-C", str(node.conf), "-s"), timeout=timeout)
     found: dict[str, int] = {}
     for section, count in re.findall(r"cache (internal|external):\s*\ncurrent active connections:\s*(\d+)", out):
         found[section] = int(count)
@@ -331,31 +343,50 @@ def _make_tmp() -> Path:
     return tmp
 
 
-def _measure(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
-             log: Callable[..., object]) -> None:
+def _setup_pair(n: int, a: _Node, b: _Node, created: list[str]) -> None:
     _build_netns(a, b, created)
     _check_kernel_limit(a.netns, n)
     _check_kernel_limit(b.netns, n)
 
-    # A's kernel table is filled *before* its daemon starts: conntrackd dumps the kernel table into its internal
-    # cache at start-up, which is deterministic, whereas learning 10^5 flows from events depends on the netlink
-    # buffer keeping up.
-    flows = a.tmp / "flows.save"
+
+def _write_flows(node: _Node, n: int) -> Path:
+    flows = node.tmp / "flows.save"
     with flows.open("w") as f:
         f.writelines(_entry_line(i) for i in range(n))
-    start = time.perf_counter()
-    _run(_in_ns(a.netns, "conntrack", "-R", str(flows)), timeout=max(60.0, n / 1000))
-    result["load_seconds"] = round(time.perf_counter() - start, 6)
-    loaded = _kernel_count(a.netns)
-    if loaded < n:
-        raise HarnessError(f"conntrack -R put only {loaded}/{n} entries into A's kernel table")
-    log(f"conntrackd harness: {n} flows loaded into {a.netns} in {result['load_seconds']:.3f}s")
+    return flows
 
+
+def _load_flows(node: _Node, flows: Path, n: int, result: dict[str, Any], log: Callable[..., object]) -> float:
+    """One `conntrack -R` of the n flows into node's kernel table; returns its perf_counter() start time.
+
+    result["load_seconds"] is the time of the `conntrack -R` process itself."""
+    start = time.perf_counter()
+    _run(_in_ns(node.netns, "conntrack", "-R", str(flows)), timeout=max(60.0, n / 1000))
+    result["load_seconds"] = round(time.perf_counter() - start, 6)
+    loaded = _kernel_count(node.netns)
+    if loaded < n:
+        raise HarnessError(f"conntrack -R put only {loaded}/{n} entries into {node.label.upper()}'s kernel table")
+    log(f"conntrackd harness: {n} flows loaded into {node.netns} in {result['load_seconds']:.3f}s")
+    return start
+
+
+def _start_pair(n: int, a: _Node, b: _Node) -> None:
     for node in (b, a):  # B first, so it is listening before A has anything to say
         node.conf.write_text(_render_conf(node, n))
         _start_daemon(node)
     for node in (b, a):
         _wait_ready(node)
+
+
+def _measure(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
+             log: Callable[..., object]) -> None:
+    _setup_pair(n, a, b, created)
+
+    # A's kernel table is filled *before* its daemon starts: conntrackd dumps the kernel table into its internal
+    # cache at start-up, which is deterministic, whereas learning 10^5 flows from events depends on the netlink
+    # buffer keeping up (that path is measure_conntrackd_events()).
+    _load_flows(a, _write_flows(a, n), n, result, log)
+    _start_pair(n, a, b)
 
     def alive() -> None:
         _check_alive(a)
@@ -447,16 +478,113 @@ def _measure(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, A
     result["error"] = "; ".join(problems) or None
 
 
-def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, Any]:
-    """Time conntrackd's A -> B sync and B's `conntrackd -c` for n TCP flows; never raises for a failed measurement.
+_OVERRUN_LOG = re.compile(r"overrun|doubled|losing events|resync", re.IGNORECASE)
+_NETLINK_STATS = {
+    "events_received": r"events received:\s*(\d+)",
+    "events_filtered": r"events filtered:\s*(\d+)",
+    "netlink_overruns": r"netlink overrun:\s*(\d+)",
+    "kernel_resyncs": r"resync with kernel table:\s*(\d+)",
+    "buffer_bytes": r"current buffer size \(in bytes\):\s*(\d+)",
+}
 
-    On failure the dict has ok=False and a one-line error, so a caller can print its other results regardless.
-    KeyboardInterrupt and SystemExit still propagate, after cleanup."""
-    result: dict[str, Any] = {
-        "entries": n, "synced": 0, "sync_seconds": None, "sync_rate": None, "commit_seconds": None,
-        "commit_return_seconds": None, "commit_rate": None, "committed": 0, "ok": False, "error": None,
-        "version": None,
-    }
+
+def _overrun_hint(a: _Node, b: _Node) -> dict[str, Any]:
+    """Best-effort evidence of netlink overruns and kernel resyncs: A's runtime netlink statistics (A is the one
+    listening to kernel events) and the matching lines of both daemons' logs. Never raises."""
+    hint: dict[str, Any] = {}
+    try:
+        out = _run(_in_ns(a.netns, "conntrackd", "-C", str(a.conf), "-s", "runtime"))
+    except HarnessError as exc:
+        hint["stats_error"] = str(exc)
+    else:
+        for key, pattern in _NETLINK_STATS.items():
+            found = re.search(pattern, out)
+            if found:
+                hint[key] = int(found.group(1))
+    lines: list[str] = []
+    for node in (a, b):
+        try:
+            text = node.log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        lines += [f"{node.label}: {ln.strip()[:200]}" for ln in text.splitlines() if _OVERRUN_LOG.search(ln)]
+    hint["log"] = lines[:10]
+    if len(lines) > 10:
+        hint["log_lines_left_off"] = len(lines) - 10
+    return hint
+
+
+def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
+                    log: Callable[..., object]) -> None:
+    _setup_pair(n, a, b, created)
+    flows = _write_flows(a, n)  # written before the clock starts
+    _start_pair(n, a, b)
+    internal, external = _stats(a)[0], _stats(b)[1]
+    if internal or external:  # fresh namespaces: anything here would be counted as synced
+        raise HarnessError(f"caches not empty before the load (A internal {internal}, B external {external})")
+
+    # The load runs to completion before the first poll: `conntrackd -s` is served by the same event loop that
+    # drains the netlink event socket, so polling during the burst would itself slow the daemon down. The poll
+    # right after the load still catches a sync that finished with the load, so sync_seconds can be no shorter
+    # than load_seconds plus one query. That first sample is taken even if the load alone outlasted the bound.
+    start = _load_flows(a, flows, n, result, log)
+
+    def alive() -> None:
+        _check_alive(a)
+        _check_alive(b)
+
+    internal_s: float | None = None
+    external_s: float | None = None
+    delay = 0.002
+    while True:
+        alive()
+        left = EVENTS_TIMEOUT - (time.perf_counter() - start)
+        # A daemon busy with a resync may answer slowly: a query that times out is a missed sample, not an error,
+        # and no query may run past the bound.
+        try:
+            internal = _stats(a, timeout=max(1.0, min(CMD_TIMEOUT, left)))[0]
+            external = _stats(b, timeout=max(1.0, min(CMD_TIMEOUT, left)))[1]
+        except HarnessError as exc:
+            alive()
+            result["poll_errors"] = result.get("poll_errors", 0) + 1
+            result["last_poll_error"] = str(exc)
+        else:
+            now = time.perf_counter() - start
+            result["internal_reached"] = max(result["internal_reached"], internal)
+            result["external_reached"] = max(result["external_reached"], external)
+            if internal_s is None and internal >= n:
+                internal_s = now
+                log(f"conntrackd harness: A's internal cache holds {internal} entries {now:.3f}s after the load "
+                    f"started")
+            if external >= n:
+                external_s = now
+                break
+        left = EVENTS_TIMEOUT - (time.perf_counter() - start)
+        if left <= 0:
+            break
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.1)
+
+    result["internal_seconds"] = None if internal_s is None else round(internal_s, 6)
+    result["converged"] = external_s is not None
+    if external_s is not None:
+        result["sync_seconds"] = round(external_s, 6)
+        result["sync_rate"] = round(n / external_s)
+        log(f"conntrackd harness: B's external cache holds {result['external_reached']} entries {external_s:.3f}s "
+            f"after the load started ({n / external_s:,.0f}/s)")
+    else:
+        log(f"conntrackd harness: not converged within {EVENTS_TIMEOUT:.0f}s: A's internal cache reached "
+            f"{result['internal_reached']}/{n}, B's external cache {result['external_reached']}/{n}")
+    result["overruns_hint"] = _overrun_hint(a, b)
+    result["ok"] = True
+    result["error"] = None
+
+
+def _run_pair(n: int, result: dict[str, Any], body: Callable[..., None], log: Callable[..., object]) -> dict[str, Any]:
+    """Preflight, then body(n, a, b, created, result, log) on a fresh pair of namespaces; always cleans up.
+
+    A failed measurement becomes ok=False with a one-line error; KeyboardInterrupt and SystemExit propagate, after
+    cleanup."""
     try:
         result["version"] = _preflight(n)
     except HarnessError as exc:
@@ -469,7 +597,7 @@ def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, 
     b = _Node("b", f"ctb-cd-b-{os.getpid()}-{seq}", VETH_B, ADDR_B, ADDR_A, tmp)
     created: list[str] = []
     try:
-        _measure(n, a, b, created, result, log)
+        body(n, a, b, created, result, log)
     except HarnessError as exc:
         result["ok"], result["error"] = False, str(exc)
     except Exception as exc:  # a bug or an unexpected environment must not take the caller's benchmark down
@@ -490,14 +618,48 @@ def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, 
     return result
 
 
+def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, Any]:
+    """Time conntrackd's A -> B sync and B's `conntrackd -c` for n TCP flows; never raises for a failed measurement.
+
+    On failure the dict has ok=False and a one-line error, so a caller can print its other results regardless.
+    KeyboardInterrupt and SystemExit still propagate, after cleanup."""
+    result: dict[str, Any] = {
+        "entries": n, "synced": 0, "sync_seconds": None, "sync_rate": None, "commit_seconds": None,
+        "commit_return_seconds": None, "commit_rate": None, "committed": 0, "ok": False, "error": None,
+        "version": None,
+    }
+    return _run_pair(n, result, _measure, log)
+
+
+def measure_conntrackd_events(n: int, log: Callable[..., object] = print) -> dict[str, Any]:
+    """Time conntrackd's event path: n TCP flows loaded by one `conntrack -R` into A's kernel while both daemons run,
+    until B's external cache holds all n (at most EVENTS_TIMEOUT seconds after the load started).
+
+    ok=True means the measurement ran; "converged" says whether B's external cache reached n within the bound, and
+    "internal_reached"/"external_reached" how far A's internal and B's external caches got. sync_seconds and
+    internal_seconds count from the start of the load; load_seconds is the `conntrack -R` process alone.
+    "overruns_hint" holds A's netlink statistics (`conntrackd -s runtime`) and any overrun/resync log lines. Never
+    raises for a failed measurement (ok=False, one-line error); KeyboardInterrupt and SystemExit propagate, after
+    cleanup."""
+    result: dict[str, Any] = {
+        "ok": False, "error": None, "entries": n, "load_seconds": None, "sync_seconds": None, "sync_rate": None,
+        "internal_seconds": None, "converged": False, "external_reached": 0, "internal_reached": 0,
+        "overruns_hint": None, "timeout_seconds": EVENTS_TIMEOUT, "version": None,
+    }
+    return _run_pair(n, result, _measure_events, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=100_000, help="number of TCP flows (default 100000)")
+    ap.add_argument("--events", action="store_true",
+                    help="measure the event path (conntrack -R into A while both daemons run) instead of -B/-c")
     args = ap.parse_args(argv)
-    # SIGTERM becomes SystemExit so the cleanup in measure_conntrackd runs, as it does for Ctrl-C.
+    measure = measure_conntrackd_events if args.events else measure_conntrackd
+    # SIGTERM becomes SystemExit so the cleanup in the measurement runs, as it does for Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        res = measure_conntrackd(args.entries, log=lambda *a: print(*a, file=sys.stderr))
+        res = measure(args.entries, log=lambda *a: print(*a, file=sys.stderr))
     except KeyboardInterrupt:
         return 130
     print(json.dumps(res, indent=2))
