@@ -39,7 +39,8 @@ NETLINK_CAP_ACK = 10
 RECV_SIZE = 1 << 20  # larger than any datagram the kernel sends (dumps use up to 32 KiB)
 BATCH_BYTES = 200_000  # bytes of requests per send(); the send buffer must exceed it
 DEFAULT_RCVBUF = 8 << 20
-DEFAULT_EVENT_RCVBUF = 16 << 20
+DEFAULT_EVENT_RCVBUF = 32 << 20  # about 30,000 events: each costs ~1 KiB of buffer (skb truesize)
+MAX_EVENT_RCVBUF = 256 << 20
 REPLY_TIMEOUT = 30.0  # seconds to wait for the kernel to answer a batch
 
 
@@ -431,7 +432,9 @@ class EventSocket:
 
     GROUPS = (ct.NFNLGRP_CONNTRACK_NEW, ct.NFNLGRP_CONNTRACK_UPDATE, ct.NFNLGRP_CONNTRACK_DESTROY)
 
-    def __init__(self, rcvbuf: int = DEFAULT_EVENT_RCVBUF, groups: Iterable[int] = GROUPS) -> None:
+    def __init__(self, rcvbuf: int = DEFAULT_EVENT_RCVBUF, groups: Iterable[int] = GROUPS,
+                 max_rcvbuf: int = MAX_EVENT_RCVBUF) -> None:
+        self.max_rcvbuf = max(max_rcvbuf, rcvbuf)
         self.sock = _open(rcvbuf)
         for group in groups:
             self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
@@ -451,10 +454,19 @@ class EventSocket:
         return self.sock.fileno()
 
     def read(self, limit: int = 256) -> EventBatch:
-        """Everything queued now, up to ``limit`` receive buffers; never blocks."""
+        """What is queued now, up to ``limit`` receive buffers; never blocks.
+
+        After an overrun the queue is read to the end whatever the limit: the kernel reports a
+        netlink overrun (ENOBUFS) only once per congestion, and the congestion ends only when the
+        queue has been emptied (net/netlink/af_netlink.c, netlink_overrun/netlink_rcv_wake). A
+        reader that left events queued would not hear of the next loss. The buffer also doubles,
+        up to ``max_rcvbuf``, as conntrackd's does.
+        """
         events: list[Event] = []
         overrun = False
-        for _ in range(limit):
+        n = 0
+        while n < limit or overrun:
+            n += 1
             try:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
@@ -463,10 +475,19 @@ class EventSocket:
                 if exc.errno == errno.ENOBUFS:
                     overrun = True
                     self.overruns += 1
+                    self._grow()
                     continue
                 raise _explain(exc.errno or 0, "reading conntrack events") from exc
             events.extend(codec.decode_events(data))
         return EventBatch(events, overrun)
+
+    def _grow(self) -> None:
+        size = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
+        if size < self.max_rcvbuf:
+            new = min(self.max_rcvbuf, 2 * size)
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, new)
+            log.info("netlink event buffer grown to %d bytes after an overrun", new)
 
     async def stream(self) -> AsyncIterator[EventBatch]:
         """Batches of events as they arrive, forever (until the socket is closed)."""

@@ -379,3 +379,17 @@ def test_expire_shortens_timeouts(ns: str) -> None:
         assert (result.done, result.missing, result.failed) == (60, 1, [])
         timeouts = sorted(v["timeout"] for v in map(entry_view, table.dump()))
     assert all(t <= 30 for t in timeouts[:60]) and all(t > 3000 for t in timeouts[60:])
+
+
+def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
+    """The kernel reports a netlink overrun once per congestion, and a congestion ends only when
+    the queue is empty: a reader that stops early after an overrun must not miss the next one."""
+    flows = codec.tcp_flows(6000)
+    with netns.inside(ns):
+        sock = EventSocket(rcvbuf=4096, max_rcvbuf=16384)
+        table = KernelTable()
+    with sock, table:
+        table.commit(flows[:3000])
+        assert sock.read(limit=1).overrun
+        table.commit(flows[3000:])
+        assert sock.read(limit=1).overrun
