@@ -27,7 +27,8 @@ class FlowFilter:
     ignore: tuple[Network, ...] = LOOPBACK  # flows whose original or reply source is inside are left out
     tcp_states: frozenset[int] = frozenset()  # empty: every TCP state
     _accept: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
-    _ignore: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+    _ignore_hosts: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _ignore_nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # (family, network as int, mask as int) for fast checks on packed addresses
@@ -35,7 +36,14 @@ class FlowFilter:
             return tuple((ct.AF_INET6 if n.version == 6 else ct.AF_INET, int(n.network_address), int(n.netmask))
                          for n in nets)
         object.__setattr__(self, "_accept", prep(self.accept))
-        object.__setattr__(self, "_ignore", prep(self.ignore))
+        # Single addresses (the sync peers, the firewall's own) are looked up as packed bytes;
+        # only real prefixes cost an integer comparison each.
+        hosts = frozenset(n.network_address.packed for n in self.ignore if n.num_addresses == 1)
+        nets = [(fam, net, mask) for (fam, net, mask), n in zip(prep(self.ignore), self.ignore, strict=True)
+                if n.num_addresses > 1]
+        object.__setattr__(self, "_ignore_hosts", hosts)
+        object.__setattr__(self, "_ignore_nets", {f: tuple((net, mask) for fam, net, mask in nets if fam == f)
+                                                  for f in (ct.AF_INET, ct.AF_INET6)})
 
     def accepts(self, entry: codec.Entry) -> bool:
         """Runs once per kernel event: the kernel's tuple layout is read at fixed offsets."""
@@ -47,14 +55,18 @@ class FlowFilter:
             return False
         if self.tcp_states and proto == ct.IPPROTO_TCP and state is not None and state not in self.tcp_states:
             return False
+        if src in self._ignore_hosts or reply_src in self._ignore_hosts:
+            return False
         family = entry.family
-        a = int.from_bytes(src, "big")
-        b = int.from_bytes(reply_src, "big")
-        for fam, net, mask in self._ignore:
-            if fam == family and (a & mask == net or b & mask == net):
-                return False
-        if self._accept:
-            return any(fam == family and (a & mask == net or b & mask == net) for fam, net, mask in self._accept)
+        nets = self._ignore_nets.get(family, ())
+        if nets or self._accept:
+            a = int.from_bytes(src, "big")
+            b = int.from_bytes(reply_src, "big")
+            for net, mask in nets:
+                if a & mask == net or b & mask == net:
+                    return False
+            if self._accept:
+                return any(fam == family and (a & mask == net or b & mask == net) for fam, net, mask in self._accept)
         return True
 
 
