@@ -188,3 +188,31 @@ def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
         res = netns.run(a.ns, os.sys.executable, "-m", "ctbridge", "run", "-c", str(a.config), check=False)
         assert res.returncode == 1 and res.stderr.count("\n") == 1
         assert "port 3780" in res.stderr or "another ctbridge" in res.stderr
+
+
+def test_systemd_readiness_sighup_reload_and_clean_stop() -> None:
+    import socket as socketlib
+    with cluster(2) as c:
+        a, b = c.nodes
+        notify_path = str(c.dir / "notify.sock")
+        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as listener:
+            listener.bind(notify_path)
+            listener.settimeout(20)
+            os.environ["NOTIFY_SOCKET"] = notify_path
+            try:
+                a.start()
+            finally:
+                del os.environ["NOTIFY_SOCKET"]
+            assert b"READY=1" in listener.recv(4096)
+        b.start()
+        # SIGHUP: A now leaves 198.51.100.0/24 out of replication
+        a.write_config(filter={"ignore": ["198.51.100.0/24"]})
+        os.killpg(a.proc.pid, signal.SIGHUP)
+        wait_for("the reload", lambda: "reloaded filters and keys" in a.log.read_text())
+        a.run("conntrack", "-I", *"-p udp -s 198.51.100.7 -d 203.0.113.7 --sport 1 --dport 2 -t 60".split())
+        a.run("conntrack", "-I", *"-p udp -s 192.0.2.77 -d 203.0.113.7 --sport 1 --dport 2 -t 60".split())
+        wait_for("the flow outside the filter", lambda: len(b.external()) == 1)
+        time.sleep(0.5)
+        assert [v["src"] for v in b.external()] == ["192.0.2.77"]
+        assert a.stop(signal.SIGTERM) == 0  # SIGTERM: a clean exit
+        assert not Path(a.socket).exists()
