@@ -503,6 +503,20 @@ _LAYOUTS: dict[tuple[bool, int, bytes], _Layout | None] = {}
 _LAYOUTS_MAX = 512
 
 
+def _extend(ranges: list[slice], start: int, stop: int) -> None:
+    """Add bytes start..stop to a list of ranges to copy, joining it to the last one if adjacent."""
+    if ranges and ranges[-1].stop == start:
+        ranges[-1] = slice(ranges[-1].start, stop)
+    else:
+        ranges.append(slice(start, stop))
+
+
+def _getter(ranges: list[slice]) -> Callable[[Any], tuple[Any, ...]]:
+    """One C call that slices all ranges out of a buffer."""
+    getter = operator.itemgetter(*ranges)
+    return getter if len(ranges) > 1 else (lambda b: (getter(b),))
+
+
 def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
     action = _UPDATE_ACTION if update else _CREATE_ACTION
     fmt = ["="]
@@ -534,14 +548,10 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
                 fmt.append(f"{off + inner - pos}xI")
                 pos = off + inner + 4
                 expect.append(_U32.unpack_from(buf, off + inner)[0])
-        if ranges and ranges[-1].stop == off:
-            ranges[-1] = slice(ranges[-1].start, nxt)
-        else:
-            ranges.append(slice(off, nxt))
+        _extend(ranges, off, nxt)
     if not ranges or ranges[-1].stop > len(buf):
         return None
-    getter = operator.itemgetter(*ranges)
-    copy = getter if len(ranges) > 1 else (lambda b: (getter(b),))
+    copy = _getter(ranges)
     size = sum(r.stop - r.start for r in ranges)
     return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp)
 
@@ -763,9 +773,6 @@ class _StripPlan(NamedTuple):
 _ZERO_SYNPROXY = attr(ct.CTA_SYNPROXY, attr(1, bytes(4)) + attr(2, bytes(4)) + attr(3, bytes(4)), nested=True)
 
 
-def _getter(ranges: list[slice]) -> Callable[[bytes], tuple[bytes, ...]]:
-    getter = operator.itemgetter(*ranges)
-    return getter if len(ranges) > 1 else (lambda b: (getter(b),))
 
 
 _STRIP_PLANS: dict[tuple[int, bytes], _StripPlan | None] = {}
@@ -789,10 +796,7 @@ def _plan_strip(buf: bytes) -> _StripPlan | None:
             continue
         if t == ct.CTA_SYNPROXY and nxt - off == len(_ZERO_SYNPROXY):
             synproxy = off
-        if ranges and ranges[-1].stop == off:
-            ranges[-1] = slice(ranges[-1].start, nxt)
-        else:
-            ranges.append(slice(off, nxt))
+        _extend(ranges, off, nxt)
     if not ranges or ranges[-1].stop > len(buf):
         return None
     keep = _getter(ranges) if dropped else None

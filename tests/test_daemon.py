@@ -34,13 +34,18 @@ def make_flows(node: Node) -> None:
         node.run("conntrack", "-I", *args.split())
 
 
+def replicated(a: Node, b: Node) -> None:
+    """Start both daemons, make FLOWS on A, wait until B holds them."""
+    a.start()
+    b.start()
+    make_flows(a)
+    wait_for("B to learn A's flows", lambda: len(b.external()) == len(FLOWS))
+
+
 def test_replication_deletion_and_commit_on_master() -> None:
     with cluster(2) as c:
         a, b = c.nodes
-        a.start()
-        b.start()
-        make_flows(a)
-        wait_for("B to learn A's flows", lambda: len(b.external()) == len(FLOWS))
+        replicated(a, b)
         theirs = {witness.flow_id(v): v for v in witness.listing(a.ns)}
         for v in b.external():
             assert witness.mismatches(v, theirs[witness.flow_id(v)], timeout_slack=5) == []
@@ -92,10 +97,7 @@ def test_forged_datagram_is_counted_and_changes_nothing() -> None:
 def test_killed_standby_gets_its_external_cache_back() -> None:
     with cluster(2) as c:
         a, b = c.nodes
-        a.start()
-        b.start()
-        make_flows(a)
-        wait_for("B to learn A's flows", lambda: len(b.external()) == len(FLOWS))
+        replicated(a, b)
         b.stop(signal.SIGKILL)
         b.start()
         wait_for("B to get the flows back", lambda: len(b.external()) == len(FLOWS))

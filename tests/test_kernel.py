@@ -143,8 +143,8 @@ table ip nat {
 """
 
 
-def test_real_nat_bindings_survive_commit(ns: str, ns2: str) -> None:
-    """Flows NATed by nftables, not made up by the CLI: the kernel must recreate the binding."""
+def make_nat_flows(ns: str) -> None:
+    """Two UDP flows NATed by nftables: source NAT to 203.0.113.7, one also destination NAT."""
     netns.run(ns, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
     for cmd in (["ip", "link", "set", "v0", "up"], ["ip", "link", "set", "v1", "up"],
                 ["ip", "addr", "add", "192.0.2.1/24", "dev", "v0"],
@@ -157,6 +157,11 @@ def test_real_nat_bindings_survive_commit(ns: str, ns2: str) -> None:
               "s.bind(('192.0.2.1', 5555))\n"
               "s.sendto(b'x', ('198.51.100.9', 53))\ns.sendto(b'x', ('198.51.100.3', 53))\n")
     netns.run(ns, sys.executable, "-c", sender)
+
+
+def test_real_nat_bindings_survive_commit(ns: str, ns2: str) -> None:
+    """Flows NATed by nftables, not made up by the CLI: the kernel must recreate the binding."""
+    make_nat_flows(ns)
     entries = dump_in(ns)
     views = [entry_view(e) for e in entries]
     assert len(views) == 2 and all("SRC_NAT" in v["status"] for v in views)
