@@ -297,10 +297,15 @@ class Engine:
                 peer.ack_due = now + cfg.ack_delay
         if cfg.reliable:
             if len(rx.above) > rx.limit:
-                rx.give_up_before(min(rx.above))
+                # Too much is missing to wait for: give up on every gap at once (a bulk transfer
+                # replaces what they held) and ask for that bulk once, not once per datagram.
+                rx.give_up_before(rx.highest + 1)
                 stats["gaps_given_up"] += 1
                 peer.synced = False
-                self.request_resync(now, peer.node)
+                if peer.resync_at is None:
+                    self._control.append(wire.resync_msg(peer.node))
+                    stats["resyncs_requested"] += 1
+                    peer.resync_at = now
             gap = rx.missing()
             if gap is not None and (gap != peer.nacked or now >= peer.nack_at + cfg.nack_retry):
                 self._nack(peer, gap, now)

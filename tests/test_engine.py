@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctbridge import wire
-from ctbridge.codec import EventKind
+from ctbridge.codec import Event, EventKind
 from ctbridge.engine import Engine, EngineConfig
 from ctbridge.filter import FlowFilter
 from tests.enginelab import KEY, Lab, flow
@@ -250,3 +250,18 @@ def test_fault_stops_advertising_and_keeps_receiving() -> None:
     lab.engines[1].set_role(Role.BACKUP)
     lab.run(1)
     assert lab.converged()
+
+
+def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
+    from ctbridge.engine import Engine, EngineConfig
+    tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
+    rx = Engine(EngineConfig(node_id=2, rx_limit=64), wire.Auth([KEY]), epoch=1, now=0.0)
+    for d, _ in tx.datagrams_to_send(0.0):
+        rx.receive_datagram(d, 0.0)
+    tx.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(3000)], 0.0)
+    out = tx.datagrams_to_send(0.0) + tx.datagrams_to_send(0.0)
+    for k, (d, _) in enumerate(out):
+        if k % 2:  # every other datagram lost
+            rx.receive_datagram(d, 0.0)
+    assert rx.stats["gaps_given_up"] >= 1
+    assert sum(1 for m in rx._control if m[0] == wire.MsgType.RESYNC) == 1
