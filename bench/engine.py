@@ -67,7 +67,7 @@ def run_once(flows: list[Entry], algorithm: str) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--auth", default="blake2b", choices=["blake2b", "hmac-sha256", "none"])
     ap.add_argument("--conntrackd", action="store_true", help="also measure conntrackd's bulk sync")
     args = ap.parse_args()

@@ -39,6 +39,11 @@ from ctbridge.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
 log = logging.getLogger(__name__)
 
 
+# Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
+# or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
+_MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
+
+
 class Role(Enum):
     MASTER = "MASTER"
     BACKUP = "BACKUP"
@@ -107,6 +112,7 @@ class Peer:
         self.bulk_begin: tuple[int, int] | None = None  # (bulk id, sequence number of BULK_BEGIN)
         self.bulk_end: tuple[int, int, int] | None = None  # (bulk id, end seq, begin seq) awaiting contiguity
         self.synced = False  # a bulk transfer completed and no data was lost since
+        self.bulk_dirty = False  # best-effort: datagrams of the current bulk were lost
         self.resync_at: float | None = None  # when we last asked it for a bulk transfer
         self.restarts = 0
         self.bulks = 0
@@ -138,12 +144,14 @@ class Engine:
         self._version = 0
         self._seq = 1
         self._pending: dict[bytes, None] = {}  # flow keys waiting to go out, in order (coalescing)
-        self._control: list[bytes] = [wire.hello_msg()]
+        self._control: list[bytes] = [wire.alive_msg()]  # datagram 1 goes out at once, with HELLO
         self._bulks: deque[_Bulk] = deque()
         self._bulk_id = 0
         self._resends: dict[tuple[int, int | None], None] = {}  # (seq, destination) to resend
         self._resend = ResendQueue(config.resend_limit)
         self._overflow_seen = 0
+        self._overflow_bulk = False
+        self._overflow_bulk_at = now
         self._kernel_ops: list[KernelOp] = []
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
@@ -225,7 +233,8 @@ class Engine:
         return [wire.flow_entry(key, msg) for key, msg in self.internal.items()]
 
     def external_entries(self) -> list[Entry]:
-        """Every flow learnt from peers (for a commit); a flow two peers know comes from the later one."""
+        """Every flow learnt from peers (for a commit). A flow two peers know is taken from the one
+        that was heard from first most recently (peers are kept in the order they appeared)."""
         merged: dict[bytes, bytes] = {}
         for peer in self.peers.values():
             for key, cur in peer.external.items():
@@ -286,6 +295,8 @@ class Engine:
         if not cfg.reliable:
             if rx.give_up_before(header.seq - 64):
                 peer.synced = False
+                if peer.bulk_begin is not None or peer.bulk_end is not None:
+                    peer.bulk_dirty = True
         elif data_seen:
             peer.unacked += 1
             if peer.unacked >= cfg.ack_every:
@@ -397,8 +408,12 @@ class Engine:
                     self.stats["nacks_received"] += 1
                     self._resend_range(peer, msg.first, msg.last)
             elif type(msg) is wire.Gap:
-                if msg.node == me and peer.rx is not None:
+                if msg.node == me and msg.epoch == peer.epoch and peer.rx is not None:
                     peer.rx.fill(msg.first, msg.last)
+                    # what those datagrams carried is lost: incomplete until the bulk that follows
+                    peer.synced = False
+                    if peer.resync_at is None:
+                        peer.resync_at = now
             elif type(msg) is wire.Resync:
                 if msg.node in (0, me):
                     self.bulk_send(now, peer.node)
@@ -406,6 +421,7 @@ class Engine:
                 data_seen = True
                 if msg.node in (0, me):
                     peer.bulk_begin = (msg.bulk_id, seq)
+                    peer.bulk_dirty = False
             elif type(msg) is wire.BulkEnd:
                 data_seen = True
                 if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
@@ -421,6 +437,14 @@ class Engine:
             return
         _bulk_id, end_seq, begin_seq = peer.bulk_end
         if self.config.reliable and peer.rx.expected <= end_seq:
+            return
+        gap = peer.rx.missing()
+        if peer.bulk_dirty or (gap is not None and gap[0] <= end_seq):
+            # best-effort: datagrams of this bulk were lost, so "not mentioned" does not mean
+            # "gone"; keep what we have rather than delete flows the peer still has
+            log.info("bulk from peer %08x lost datagrams; stale flows kept", peer.node)
+            peer.bulk_end = None
+            peer.bulk_dirty = False
             return
         stale = [k for k, v in peer.external.items() if v[2] < begin_seq]
         for key in stale:
@@ -441,18 +465,29 @@ class Engine:
         self._resend.release(min(live) if live else self._seq - 1)
 
     def _resend_range(self, peer: Peer, first: int, last: int) -> None:
-        lost: list[int] = []
-        for seq in range(first, min(last, first + 4095, self._seq - 1) + 1):
-            kept, _keys = self._resend.get(seq)
-            if kept:
-                self._resends[(seq, peer.node)] = None
-            else:
-                lost.append(seq)
-        if lost:
-            # Gone from the resend queue: tell the peer to stop waiting, and rebuild its cache.
-            self._control.append(wire.gap_msg(peer.node, self.epoch, lost[0], lost[-1]))
+        last = min(last, first + 4095, self._seq - 1)
+        oldest = self._resend.oldest()
+        if oldest is None or oldest > last:
+            oldest = self._seq  # nothing of the range is kept
+        lost_end = min(last, oldest - 1)
+        if first <= lost_end:
+            # Gone from the resend queue: tell the peer to stop waiting for all of it at once,
+            # and rebuild its cache with one bulk transfer (bulk_send merges repeated requests).
+            self._control.append(wire.gap_msg(peer.node, self.epoch, first, lost_end))
             self.stats["gaps_sent"] += 1
             self.bulk_send(0.0, peer.node)
+        for seq in range(max(first, oldest), last + 1):
+            if self._resend.get(seq) is not None:
+                self._resends[(seq, peer.node)] = None
+
+    def _overflowed(self, now: float) -> None:
+        """The resend queue overflowed: peers that had not acknowledged what was dropped get
+        everything again (one bulk transfer, started once no other is under way) instead of
+        silently missing it."""
+        self._overflow_seen = self._resend.dropped_upto
+        self.stats["resend_overflows"] += 1
+        if any(p.alive and p.acked < self._overflow_seen for p in self.peers.values()):
+            self._overflow_bulk = True
 
     def _next_seq(self) -> int:
         seq = self._seq
@@ -461,7 +496,10 @@ class Engine:
             self.epoch += 1
             self._seq = 1
             self._resend = ResendQueue(self.config.resend_limit)
-            self._control.insert(0, wire.hello_msg())
+            self._resends.clear()
+            self._overflow_seen = 0
+            for peer in self.peers.values():
+                peer.acked = 0
             seq = 1
         self._seq = seq + 1
         return seq
@@ -475,17 +513,21 @@ class Engine:
 
     def _finish(self, msgs: list[bytes], keys: list[bytes], now: float, seq: int | None = None) -> bytes:
         acks = []
-        for peer in self.peers.values():
-            rx = peer.rx
-            if rx is not None and rx.expected - 1 > peer.ack_sent and self.config.reliable:
-                acks.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
-                peer.ack_sent = rx.expected - 1
-                peer.unacked = 0
-                peer.ack_due = None
-        if seq is None:
+        if seq is None:  # acknowledgements ride along, but not on a resend meant for one peer
+            for peer in self.peers.values():
+                rx = peer.rx
+                if rx is not None and rx.expected - 1 > peer.ack_sent and self.config.reliable:
+                    acks.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
+                    peer.ack_sent = rx.expected - 1
+                    peer.unacked = 0
+                    peer.ack_due = None
             seq = self._next_seq()
+            if seq == 1:
+                msgs.insert(0, wire.hello_msg())  # the first datagram of every epoch says so
             if self.config.reliable:
-                self._resend.add(seq, tuple(keys) if keys else None)
+                self._resend.add(seq, (tuple(keys), b"".join(m for m in msgs if m[0] in _MUST_ARRIVE)))
+                if self._resend.dropped_upto > self._overflow_seen:
+                    self._overflowed(now)
         header = wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
         data = wire.datagram(header, b"".join(acks + msgs), self.auth)
         self.stats["tx_datagrams"] += 1
@@ -496,7 +538,14 @@ class Engine:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         out: list[tuple[bytes, int | None]] = []
         cfg = self.config
-        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 20 * len(self.peers)
+        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 20 * sum(
+            1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements; HELLO
+        if self._overflow_bulk and not self._bulks and now >= self._overflow_bulk_at:
+            # at most one such bulk per resync_retry: while a link is down, every datagram
+            # overflows the queue, and bulks back to back would only flood it
+            self._overflow_bulk = False
+            self._overflow_bulk_at = now + cfg.resync_retry
+            self.bulk_send(now, 0)
         while len(out) < cfg.burst and self._resends:
             seq, dest = next(iter(self._resends))
             del self._resends[(seq, dest)]
@@ -559,6 +608,10 @@ class Engine:
                 if fm is None:  # deleted since the bulk began: the delete went out by itself
                     pos += 1
                     continue
+                if len(fm) > room:  # larger than any datagram: cannot be sent (counted), go on
+                    self.stats["oversized_flows"] += 1
+                    pos += 1
+                    continue
                 if size + len(fm) > room:
                     break
                 msgs.append(fm)
@@ -581,11 +634,12 @@ class Engine:
 
     def _resend_one(self, seq: int, room: int, now: float) -> bytes:
         """Datagram ``seq`` again, carrying the current state of the flows it named."""
-        _kept, keys = self._resend.get(seq)
-        msgs: list[bytes] = []
+        kept = self._resend.get(seq)
+        keys, controls = kept if kept is not None else ((), b"")
+        msgs: list[bytes] = [controls] if controls else []
         fitted: list[bytes] = []
-        size = 0
-        for key in keys or ():
+        size = len(controls)
+        for key in keys:
             m = self._message(key)
             if size + len(m) > room:
                 self._queue(key)  # grew since: goes out in a new datagram
@@ -605,6 +659,8 @@ class Engine:
         if self._control or flows_waiting or self._resends:
             return float("-inf")  # output is waiting: call datagrams_to_send() now
         deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
+        if self._overflow_bulk:
+            deadlines.append(self._overflow_bulk_at)
         for peer in self.peers.values():
             if peer.ack_due is not None:
                 deadlines.append(peer.ack_due)
@@ -638,13 +694,7 @@ class Engine:
                 peer.alive = False
                 log.info("peer %08x silent for %.1f s", peer.node, now - peer.last_heard)
                 self._release()
-        if self._resend.dropped_upto > self._overflow_seen:
-            # The resend queue overflowed: peers that had not acknowledged what was dropped get
-            # everything again instead of silently missing it.
-            self._overflow_seen = self._resend.dropped_upto
-            self.stats["resend_overflows"] += 1
-            if any(p.alive and p.acked < self._overflow_seen for p in self.peers.values()):
-                self.bulk_send(now, 0)
+        self._release()  # also lets go of what nobody is left to acknowledge
         if now >= self._last_send + cfg.alive_interval and not self._control:
             self._control.append(wire.alive_msg())
         if now >= self._next_sweep:

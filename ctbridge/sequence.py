@@ -51,11 +51,13 @@ class ReceiveWindow:
         return self.expected, min(self.above) - 1
 
     def fill(self, first: int, last: int) -> None:
-        """The sender will not resend first..last: stop waiting for them."""
-        if last < self.expected:
+        """The sender will not resend first..last: stop waiting for them. Only a range that
+        starts at the first missing number moves anything (a sender answers what was asked for);
+        the cost does not depend on the range's size."""
+        if first > self.expected or last < self.expected:
             return
-        for seq in range(max(first, self.expected), last + 1):
-            self.above.add(seq)
+        self.expected = last + 1
+        self.above = {s for s in self.above if s > last}
         while self.expected in self.above:
             self.above.discard(self.expected)
             self.expected += 1
@@ -77,26 +79,30 @@ class ReceiveWindow:
         return len(self.above) > self.limit
 
 
+Kept = tuple[tuple[bytes, ...], bytes]  # (flow keys, control messages that must arrive too)
+
+
 class ResendQueue:
     """Datagrams this node sent and may have to send again, by sequence number.
 
-    A data datagram is kept as the keys of the flows it carried, so a resend carries their state
-    as it is now; a control-only datagram is kept as None and resent as an empty one. Entries go
-    once every live peer has acknowledged them, or — past ``limit`` — the oldest go, and the
-    peers that had not acknowledged them must be brought back by a bulk resync.
+    A datagram is kept as the keys of the flows it carried, so a resend carries their state as
+    it is now, plus the control messages that must not be lost with it (bulk markers, GAP,
+    RESYNC); acknowledgements and ALIVE are not kept, a resend without anything else is empty.
+    Entries go once every live peer has acknowledged them, or — past ``limit`` — the oldest go,
+    and the peers that had not acknowledged them must be brought back by a bulk resync.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.sent: OrderedDict[int, tuple[bytes, ...] | None] = OrderedDict()
+        self.sent: OrderedDict[int, Kept] = OrderedDict()
         self.overflows = 0
         self.dropped_upto = 0  # highest number dropped because of the limit
 
     def __len__(self) -> int:
         return len(self.sent)
 
-    def add(self, seq: int, keys: tuple[bytes, ...] | None) -> None:
-        self.sent[seq] = keys
+    def add(self, seq: int, kept: Kept) -> None:
+        self.sent[seq] = kept
         while len(self.sent) > self.limit:
             old, _ = self.sent.popitem(last=False)
             self.dropped_upto = max(self.dropped_upto, old)
@@ -111,8 +117,9 @@ class ResendQueue:
                 break
             del sent[first]
 
-    def get(self, seq: int) -> tuple[bool, tuple[bytes, ...] | None]:
-        """(kept, keys) for ``seq``."""
-        if seq in self.sent:
-            return True, self.sent[seq]
-        return False, None
+    def get(self, seq: int) -> Kept | None:
+        """What datagram ``seq`` carried, or None if it is no longer kept."""
+        return self.sent.get(seq)
+
+    def oldest(self) -> int | None:
+        return next(iter(self.sent), None)

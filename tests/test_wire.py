@@ -71,7 +71,7 @@ def test_decoder_fuzz_raises_only_wire_errors() -> None:
     from bench.fuzz_wire import fuzz
     counts = fuzz(20_000, seed=2)
     assert counts["decoded"] > 100  # some damage must still decode, or the parser was never reached
-    assert counts["rejected_malformed"] > 1000 and counts["rejected_auth"] > 1000
+    assert counts["rejected_malformed"] > 1000 and counts["rejected_auth"] > 500
 
 
 def test_flow_of_an_entry_in_another_attribute_order_still_carries_its_key() -> None:
