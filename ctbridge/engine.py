@@ -525,7 +525,10 @@ class Engine:
             if seq == 1:
                 msgs.insert(0, wire.hello_msg())  # the first datagram of every epoch says so
             if self.config.reliable:
-                self._resend.add(seq, (tuple(keys), b"".join(m for m in msgs if m[0] in _MUST_ARRIVE)))
+                # flows are kept as keys; only datagrams with more messages than flows hold any
+                # control message worth keeping (checked by type, not on every datagram)
+                controls = b"".join(m for m in msgs if m[0] in _MUST_ARRIVE) if len(msgs) > len(keys) else b""
+                self._resend.add(seq, (tuple(keys), controls))
                 if self._resend.dropped_upto > self._overflow_seen:
                     self._overflowed(now)
         header = wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
