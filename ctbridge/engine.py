@@ -191,7 +191,9 @@ class Engine:
                 continue
             entry = codec.strip_local(entry)
             prev = old.get(entry.key)
-            if prev is not None and wire.flow_entry(entry.key, prev).attrs == entry.attrs:
+            if prev is not None and codec.same_but_timeout(prev[16:], entry.attrs):
+                # only the countdown moved: no need to send the flow again (after an overrun the
+                # dump would otherwise re-announce the whole table)
                 new[entry.key] = prev
             else:
                 self._version += 1

@@ -416,3 +416,11 @@ def test_blake2b_keys_longer_than_64_bytes_are_refused() -> None:
     with pytest.raises(ValueError, match="at most 64 bytes"):
         wire.Auth([b"k" * 65])
     wire.Auth([b"k" * 65], "hmac-sha256")
+
+
+def test_resync_does_not_resend_flows_whose_timeout_only_counted_down() -> None:
+    a, _ = _pair()
+    a.kernel_resync([flow(i, timeout=3600) for i in range(50)], 0.0)
+    a._pending.clear()
+    a.kernel_resync([flow(i, timeout=3000 if i else 3600) for i in range(49)] + [flow(49, mark=5)], 1.0)
+    assert list(a._pending) == [flow(49).key]
