@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from ctbridge import codec
+from ctbridge import codec, mmsg
 from ctbridge import ctnetlink as ct
 from ctbridge.codec import Entry, Event
 
@@ -439,6 +439,7 @@ class EventSocket:
         for group in groups:
             self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
         self.sock.setblocking(False)
+        self.receiver = mmsg.Receiver(self.sock)
         self.overruns = 0
 
     def close(self) -> None:
@@ -466,11 +467,8 @@ class EventSocket:
         overrun = False
         n = 0
         while n < limit or overrun:
-            n += 1
             try:
-                data = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
+                datagrams = self.receiver.receive()
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     overrun = True
@@ -478,7 +476,11 @@ class EventSocket:
                     self._grow()
                     continue
                 raise _explain(exc.errno or 0, "reading conntrack events") from exc
-            events.extend(codec.decode_events(data))
+            if not datagrams:
+                break
+            n += len(datagrams)
+            for data in datagrams:
+                events.extend(codec.decode_events(data))
         return EventBatch(events, overrun)
 
     def _grow(self) -> None:

@@ -398,3 +398,19 @@ def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
         assert sock.read(limit=1).overrun
         table.commit(flows[3000:])
         assert sock.read(limit=1).overrun
+
+
+def test_recvmmsg_reads_many_datagrams_at_once() -> None:
+    import socket as socketlib
+
+    from ctbridge import mmsg
+    a, b = socketlib.socketpair(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    with a, b:
+        b.setblocking(False)
+        receiver = mmsg.Receiver(b, count=4, size=64)
+        assert receiver.receive() == []
+        for i in range(6):
+            a.send(bytes([i]) * (i + 1))
+        first, second = receiver.receive(), receiver.receive()
+        assert first == [bytes([i]) * (i + 1) for i in range(4)]
+        assert second == [b"\x04" * 5, b"\x05" * 6]
