@@ -232,6 +232,15 @@ def _poll(fetch: Callable[[], int], target: int, start: float, timeout: float) -
     return value, time.perf_counter() - start
 
 
+def _rss(node: _Node) -> int:
+    """Resident memory of a node's conntrackd, 0 if it cannot be read."""
+    try:
+        import psutil
+        return int(psutil.Process(node.proc.pid).memory_info().rss) if node.proc is not None else 0
+    except Exception:
+        return 0
+
+
 def _start_daemon(node: _Node) -> None:
     # Foreground mode (no -d) keeps the daemon as our direct child: we know its pid, can reap it, and see its exit.
     # `ip netns exec` execs the command in place, and the new session keeps a terminal's Ctrl-C away from it, so
@@ -413,10 +422,15 @@ def _measure(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, A
     # FTFW does not push the start-up dump to the peer by itself; -B (bulk send) transfers A's whole internal
     # cache, which is the same path a backup takes when it asks to be resynchronised.
     result["external_before_bulk"] = _stats(b)[1]
+    rss_before = _rss(b)
     start = time.perf_counter()
     _run(_in_ns(a.netns, "conntrackd", "-C", str(a.conf), "-B"))
     synced, sync_s = _poll(external_b, n, start, SYNC_TIMEOUT)
     result["synced"] = synced
+    rss_after = _rss(b)
+    if rss_before and rss_after and synced:
+        # what B's daemon grew by to hold the peer's flows: memory per cached flow
+        result["rss_per_flow"] = round((rss_after - rss_before) / synced, 1)
     if sync_s is not None:
         result["sync_seconds"] = round(sync_s, 6)
         result["sync_rate"] = round(n / sync_s)

@@ -259,18 +259,21 @@ _NLMSG_LEN_TYPE = struct.Struct("=IHHI")
 _NEW_FLAGS = ct.NLM_F_CREATE | ct.NLM_F_EXCL
 
 
-def decode_events(buf: bytes) -> list[Event]:
+def decode_events(buf: bytes, skip_portid: int = -1) -> list[Event]:
     """Decode one receive buffer of the conntrack event groups.
 
     NEW and UPDATE both arrive as IPCTNL_MSG_CT_NEW; the kernel marks a new entry with
-    NLM_F_CREATE|NLM_F_EXCL in the header (ctnetlink_conntrack_event).
+    NLM_F_CREATE|NLM_F_EXCL in the header (ctnetlink_conntrack_event). Events whose port id is
+    ``skip_portid`` (the echo of the reader's own writes) are left out before they are decoded.
     """
     events: list[Event] = []
     n = len(buf)
     off = 0
     while off < n:
         mlen, mtype, mflags, _seq, mpid = _header(buf, off, n)
-        if mtype == ct.MSG_CT_NEW or mtype == ct.MSG_CT_DELETE:
+        if mpid == skip_portid:
+            pass  # caused by the reader's own writes: not even decoded
+        elif mtype == ct.MSG_CT_NEW or mtype == ct.MSG_CT_DELETE:
             if mlen < 20:
                 raise CodecError("conntrack message shorter than its nfgenmsg header")
             entry = entry_from_attrs(buf[off + 16], buf, off + 20, off + mlen)

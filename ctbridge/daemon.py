@@ -108,6 +108,8 @@ class Daemon:
         self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now)
         self.kernel = KernelTable()
         self.events = EventSocket()
+        # the echo of our own commits (100,000 events after a failover) is not even decoded
+        self.events.skip_portid = self.kernel.portid
         self.sock = sync_socket(cfg)
         self.transport: asyncio.DatagramTransport | None = None
         self.destinations = ([(cfg["sync.group"], cfg["sync.port"])] if cfg.multicast
@@ -119,6 +121,7 @@ class Daemon:
         self.reload = False
         self.transition_lock = asyncio.Lock()
         self.purge_task: asyncio.Task[None] | None = None
+        self.master_followup: asyncio.Future[None] | None = None
         self.kernel_lock = asyncio.Lock()  # one kernel request at a time (KernelTable is not thread-safe)
         self.inject_ops: list[KernelOp] = []
         self.inject_task: asyncio.Task[None] | None = None
@@ -263,10 +266,21 @@ class Daemon:
             out = await self.commit()
         self.engine.flush_external()
         self.engine.set_role(Role.MASTER)
-        out["internal"] = await self.resync_internal()
-        self.engine.bulk_send(self.loop.time())
+        # The flows are in the kernel: answer now, so keepalived's hook returns. Rebuilding the
+        # internal cache from a dump and announcing it follows, still holding the transition lock,
+        # so a next transition waits for it (and it is skipped if one came first).
+        self.master_followup = asyncio.ensure_future(self.announce_as_master())
         log.info("MASTER: %s", out)
         return out
+
+    async def announce_as_master(self) -> None:
+        async with self.transition_lock:
+            if self.engine.role is not Role.MASTER:
+                return
+            count = await self.resync_internal()
+            self.engine.bulk_send(self.loop.time())
+            self.after_input()
+            log.info("MASTER: %d flows of this kernel announced to the peers", count)
 
     async def commit(self) -> dict[str, Any]:
         entries = self.engine.external_entries()

@@ -441,6 +441,8 @@ class EventSocket:
         self.sock.setblocking(False)
         self.receiver = mmsg.Receiver(self.sock)
         self.overruns = 0
+        # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
+        self.skip_portid = -1
 
     def close(self) -> None:
         self.sock.close()
@@ -479,8 +481,9 @@ class EventSocket:
             if not datagrams:
                 break
             n += len(datagrams)
+            skip = self.skip_portid
             for data in datagrams:
-                events.extend(codec.decode_events(data))
+                events.extend(codec.decode_events(data, skip))
         return EventBatch(events, overrun)
 
     def _grow(self) -> None:
