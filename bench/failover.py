@@ -23,10 +23,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.kernel import save_lines
+from bench.sync import replicate
 from tests.daemonlab import cluster
-
-TIMEOUT = 180.0
 
 
 def measure_ctbridge(n: int) -> dict[str, float]:
@@ -36,17 +34,7 @@ def measure_ctbridge(n: int) -> dict[str, float]:
         b.start()
         assert b.proc is not None
         rss_before = psutil.Process(b.proc.pid).memory_info().rss
-        save = Path(tmp, "flows.save")
-        save.write_text(save_lines(n))
-        start = time.perf_counter()
-        a.run("conntrack", "-R", str(save))
-        held = 0
-        while time.perf_counter() - start < TIMEOUT:
-            held = b.request("stats")["external"]["entries"]
-            if held >= n:
-                break
-            time.sleep(0.05)
-        replication = time.perf_counter() - start
+        _load, replication, held = replicate(a, b, n, tmp)
         rss_after = psutil.Process(b.proc.pid).memory_info().rss
         t0 = time.perf_counter()
         answer = b.request("notify", args=["INSTANCE", "VI_1", "MASTER", "100"])

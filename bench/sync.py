@@ -20,30 +20,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.kernel import save_lines
-from tests.daemonlab import cluster
+from tests.daemonlab import Node, cluster
 
 TIMEOUT = 120.0
+
+
+def replicate(a: Node, b: Node, n: int, tmp: str) -> tuple[float, float, int]:
+    """Load n flows into A's kernel with conntrack -R; (load seconds, seconds until B holds them
+    all, how many B holds)."""
+    save = Path(tmp, "flows.save")
+    save.write_text(save_lines(n))
+    start = time.perf_counter()
+    a.run("conntrack", "-R", str(save))
+    load = time.perf_counter() - start
+    reached = 0
+    while time.perf_counter() - start < TIMEOUT:
+        reached = b.request("stats")["external"]["entries"]
+        if reached >= n:
+            break
+        time.sleep(0.05)
+    return load, time.perf_counter() - start, reached
 
 
 def measure_ctbridge(n: int) -> dict[str, float | int | bool]:
     with cluster(2) as c, tempfile.TemporaryDirectory() as tmp:
         a, b = c.nodes
-        for node in (a, b):
-            node.run("sysctl", "-qw", f"net.netfilter.nf_conntrack_max={max(262144, 2 * n)}", check=False)
         a.start()
         b.start()
-        save = Path(tmp, "flows.save")
-        save.write_text(save_lines(n))
-        start = time.perf_counter()
-        a.run("conntrack", "-R", str(save))
-        load = time.perf_counter() - start
-        reached = 0
-        while time.perf_counter() - start < TIMEOUT:
-            reached = b.request("stats")["external"]["entries"]
-            if reached >= n:
-                break
-            time.sleep(0.05)
-        took = time.perf_counter() - start
+        load, took, reached = replicate(a, b, n, tmp)
         stats = a.request("stats")
         return {"load": load, "sync": took, "reached": reached, "converged": reached >= n,
                 "overruns": stats["kernel"]["overruns"]}

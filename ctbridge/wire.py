@@ -225,11 +225,6 @@ def flow_msg(version: int, entry: codec.Entry) -> bytes:
 _ORIG_HEADS: dict[int, bytes] = {}
 
 
-def msg_version(msg: bytes) -> int:
-    """The version of an encoded FLOW or DELETE message."""
-    return int(_U64.unpack_from(msg, 4)[0])
-
-
 def delete_msg(version: int, key: bytes) -> bytes:
     family, zone, orig = codec.split_key(key)
     orig = _pad(orig)
