@@ -135,15 +135,9 @@ class Daemon:
     # --- sockets -> engine -> sockets -----------------------------------------------------------
 
     def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
-        before = self.engine.stats["rx_datagrams"] - sum(
-            self.engine.stats[k] for k in ("rejected_auth", "rejected_replay", "rejected_malformed"))
-        self.engine.receive_datagram(data, self.loop.time(), time.time())
-        after = self.engine.stats["rx_datagrams"] - sum(
-            self.engine.stats[k] for k in ("rejected_auth", "rejected_replay", "rejected_malformed"))
-        if after > before and len(data) >= wire.HEADER_LEN:
-            node = int.from_bytes(data[8:12], "big")
-            if node in self.engine.peers:
-                self.addresses[node] = (addr[0], addr[1])
+        node = self.engine.receive_datagram(data, self.loop.time(), time.time())
+        if node is not None:  # authenticated and new: resends to that node go to this address
+            self.addresses[node] = (addr[0], addr[1])
         self.after_input()
 
     def after_input(self) -> None:

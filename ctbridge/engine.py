@@ -258,7 +258,8 @@ class Engine:
 
     # --- receiving --------------------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, now: float, wall: float | None = None) -> None:
+    def receive_datagram(self, data: bytes, now: float, wall: float | None = None) -> int | None:
+        """Take one datagram; the sending peer's node id if it was accepted, else None."""
         stats = self.stats
         stats["rx_datagrams"] += 1
         stats["rx_bytes"] += len(data)
@@ -267,30 +268,30 @@ class Engine:
         except wire.WireError as exc:
             stats["rejected_" + exc.reason] += 1
             log.debug("dropped a datagram: %s", exc)
-            return
+            return None
         if header.node == self.node_id:
             stats["own_datagrams"] += 1  # multicast loops our own datagrams back
-            return
+            return None
         cfg = self.config
         if cfg.max_age and wall is not None and abs(wall * 1000 - header.time_ms) > cfg.max_age * 1000:
             stats["rejected_replay"] += 1
-            return
+            return None
         peer = self.peers.get(header.node)
         if peer is None:
             if len(self.peers) >= cfg.max_peers:
                 stats["rejected_peers"] += 1
-                return
+                return None
             peer = self.peers[header.node] = Peer(header.node, now)
         if header.epoch < peer.epoch:
             stats["rejected_replay"] += 1  # a datagram from a previous life of that node
-            return
+            return None
         if header.epoch > peer.epoch:
             self._new_incarnation(peer, header, now)
         rx = peer.rx
         assert rx is not None
         if not rx.accept(header.seq):
             stats["rejected_replay"] += 1
-            return
+            return None
         peer.last_heard = now
         peer.alive = True
         data_seen = self._apply(peer, header, flows, messages, now)
@@ -324,6 +325,7 @@ class Engine:
                 self._nack(peer, gap, now)
         if peer.bulk_end is not None:
             self._finish_bulk(peer)
+        return peer.node
 
     def _new_incarnation(self, peer: Peer, header: wire.Header, now: float) -> None:
         if peer.epoch >= 0:
