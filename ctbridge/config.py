@@ -57,6 +57,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("apply", "purge_timeout", float, 60.0, "seconds after BACKUP before flows this node had as master are removed "
         "from its kernel"),
     Key("apply", "liberal_tcp", bool, True, "mark committed TCP flows BE_LIBERAL (window state is not replicated)"),
+    Key("apply", "event_buffer", int, 32 << 20, "bytes of receive buffer for kernel events (about 1 KiB each); "
+        "it doubles after an overrun, up to 256 MiB"),
     Key("filter", "protocols", list, [], "replicate only these protocols (names or numbers; empty: all)"),
     Key("filter", "accept", list, [], "replicate only flows whose original or reply source is in these CIDRs"),
     Key("filter", "ignore", list, [], "never replicate flows whose original or reply source is in these CIDRs "
@@ -239,6 +241,8 @@ def _check(v: dict[tuple[str, str], Any], fail: Any) -> None:
     listen = v[("metrics", "listen")]
     if listen and not re.match(r"^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d+$", listen):
         raise fail("metrics", "listen", f"metrics.listen = {listen!r}; write ADDRESS:PORT, e.g. 127.0.0.1:9780")
+    if v[("apply", "event_buffer")] < 4096:
+        raise fail("apply", "event_buffer", "apply.event_buffer below 4096 bytes cannot hold one event")
     if v[("apply", "purge_timeout")] < 0:
         raise fail("apply", "purge_timeout", "apply.purge_timeout must not be negative")
 

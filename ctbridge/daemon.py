@@ -107,7 +107,7 @@ class Daemon:
         now = self.loop.time()
         self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now)
         self.kernel = KernelTable()
-        self.events = EventSocket()
+        self.events = EventSocket(rcvbuf=cfg["apply.event_buffer"])
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = self.kernel.portid
         self.sock = sync_socket(cfg)

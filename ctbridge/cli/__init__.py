@@ -14,10 +14,11 @@ from ctbridge.cli import check as check_cmd
 from ctbridge.cli import control as control_cmd
 from ctbridge.cli import kernel as kernel_cmd
 from ctbridge.cli import keygen as keygen_cmd
+from ctbridge.cli import render as render_cmd
 from ctbridge.cli import run as run_cmd
 
 COMMANDS: dict[str, Any] = {"run": run_cmd, "check": check_cmd, **control_cmd.COMMANDS, "kernel": kernel_cmd,
-                            "keygen": keygen_cmd}
+                            "keygen": keygen_cmd, "render": render_cmd}
 
 
 def parser() -> argparse.ArgumentParser:

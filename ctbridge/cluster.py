@@ -1,0 +1,286 @@
+"""A cluster description: one TOML file for every firewall of a cluster, from which `ctbridge render`
+makes each node's keepalived.conf, ctbridge.toml, nftables snippet and systemd unit.
+
+load() parses; verify() is pure (no host facts, the input is not changed) and returns every problem,
+each naming the node or instance at fault and the fix. See docs/cluster.md for the keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Where the Debian package puts things; a lab (several nodes on one host) overrides them per node.
+DEFAULT_PATHS = {
+    "config_dir": "/etc/ctbridge",
+    "run_dir": "/run/ctbridge",
+    "state_dir": "/var/lib/ctbridge",
+    "hook": "/usr/lib/ctbridge/ctbridge-notify",
+    "ctbridge": "/usr/bin/ctbridge",
+}
+NOTIFY_MODES = ("hook", "fifo")
+TRANSPORTS = ("unicast", "multicast")
+APPLY_MODES = ("commit", "inject")
+
+
+class ClusterError(ValueError):
+    """A cluster description that cannot be rendered; the message lists what is wrong and the fix."""
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    address: IPInterface
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    priority: int
+    sync: Interface | None
+    interfaces: dict[str, Interface]  # by role: "lan", "wan", ...
+    metrics: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    side: str  # the interface role of every node this instance runs on
+    virtual_router_id: int
+    vips: tuple[IPInterface, ...]
+    advert_int: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    key_file: str
+    apply_mode: str
+    transport: str  # of both the sync link and VRRP adverts
+    sync_group: str  # multicast group of the sync link ("" for unicast)
+    sync_port: int
+    notify: str  # "hook" (keepalived runs the notify hook) or "fifo" (notify_fifo, ordered)
+    interlock: bool
+    vrrp_version: int
+    group: str  # the vrrp_sync_group's name
+    nodes: tuple[Node, ...]
+    instances: tuple[Instance, ...]
+    paths: dict[str, str]
+    path: str = "<cluster>"
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ClusterError(f"{self.path}: no node {name!r} in this cluster; nodes are "
+                           + ", ".join(n.name for n in self.nodes))
+
+    def peers(self, node: Node) -> list[Node]:
+        return [n for n in self.nodes if n is not node]
+
+    def paths_for(self, node: Node) -> dict[str, str]:
+        """The cluster's paths with {node} replaced: several nodes can share one host (a lab)."""
+        return {k: v.replace("{node}", node.name) for k, v in self.paths.items()}
+
+
+def _interface(where: str, value: Any, problems: list[str]) -> Interface | None:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "address" not in value:
+        problems.append(f"{where}: write {{ name = \"IFNAME\", address = \"ADDRESS/PREFIX\" }}")
+        return None
+    try:
+        address = ipaddress.ip_interface(value["address"])
+    except (ValueError, TypeError):
+        problems.append(f"{where}: address {value['address']!r} is not ADDRESS/PREFIX, e.g. \"192.0.2.2/24\"")
+        return None
+    if "/" not in str(value["address"]):
+        problems.append(f"{where}: address {value['address']!r} needs its prefix length, e.g. \"{address.ip}/24\"")
+        return None
+    return Interface(value["name"], address)
+
+
+def parse(text: str, path: str = "<cluster>") -> Cluster:
+    """The description as typed values; shape errors raise ClusterError (all of them, one per line)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ClusterError(f"{path}: not valid TOML: {exc}") from None
+    problems: list[str] = []
+    top = data.get("cluster", {})
+    known_top = {"cluster", "node", "instance", "paths"}
+    for section in data:
+        if section not in known_top:
+            problems.append(f"{path}: unknown section [{section}]; sections are [cluster], [[node]], [[instance]], "
+                            "[paths]")
+    known_cluster = {"name", "key_file", "apply_mode", "transport", "sync_group", "sync_port", "notify",
+                     "interlock", "vrrp_version", "group"}
+    for key in top:
+        if key not in known_cluster:
+            problems.append(f"{path}: [cluster] has no key {key!r}; keys are " + ", ".join(sorted(known_cluster)))
+    nodes: list[Node] = []
+    for i, raw in enumerate(data.get("node", [])):
+        name = raw.get("name")
+        where = f"node {name!r}" if isinstance(name, str) else f"node #{i + 1}"
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: has no name; add name = \"fw{i + 1}\"")
+            continue
+        for key in raw:
+            if key not in ("name", "priority", "sync", "interfaces", "metrics"):
+                problems.append(f"{where}: unknown key {key!r}; a node has name, priority, sync, interfaces, metrics")
+        sync = _interface(f"{where}: sync", raw["sync"], problems) if "sync" in raw else None
+        interfaces: dict[str, Interface] = {}
+        for role, value in raw.get("interfaces", {}).items():
+            iface = _interface(f"{where}: interfaces.{role}", value, problems)
+            if iface is not None:
+                interfaces[role] = iface
+        priority = raw.get("priority", 100)
+        if not isinstance(priority, int) or not 1 <= priority <= 254:
+            problems.append(f"{where}: priority {priority!r} must be 1-254 (255 is for the address owner)")
+            priority = 100
+        nodes.append(Node(name, priority, sync, interfaces, str(raw.get("metrics", ""))))
+    instances: list[Instance] = []
+    for i, raw in enumerate(data.get("instance", [])):
+        name = raw.get("name")
+        where = f"instance {name!r}" if isinstance(name, str) else f"instance #{i + 1}"
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: has no name; add name = \"LAN\"")
+            continue
+        vips: list[IPInterface] = []
+        for vip in raw.get("vips", []):
+            try:
+                vips.append(ipaddress.ip_interface(vip))
+            except (ValueError, TypeError):
+                problems.append(f"{where}: VIP {vip!r} is not ADDRESS/PREFIX")
+        vrid = raw.get("virtual_router_id")
+        if not isinstance(vrid, int) or not 1 <= vrid <= 255:
+            problems.append(f"{where}: virtual_router_id {vrid!r} must be 1-255")
+            vrid = 0
+        advert = raw.get("advert_int", 1.0)
+        if not isinstance(advert, int | float) or advert <= 0:
+            problems.append(f"{where}: advert_int {advert!r} must be a positive number of seconds")
+            advert = 1.0
+        instances.append(Instance(name, str(raw.get("side", "")), vrid, tuple(vips), float(advert)))
+    paths = dict(DEFAULT_PATHS)
+    for key, value in data.get("paths", {}).items():
+        if key not in DEFAULT_PATHS:
+            problems.append(f"{path}: [paths] has no key {key!r}; keys are " + ", ".join(DEFAULT_PATHS))
+        paths[key] = str(value)
+    if problems:
+        raise ClusterError("\n".join(problems))
+    return Cluster(
+        name=str(top.get("name", "cluster")), key_file=str(top.get("key_file", "/etc/ctbridge/sync.key")),
+        apply_mode=str(top.get("apply_mode", "commit")), transport=str(top.get("transport", "unicast")),
+        sync_group=str(top.get("sync_group", "")), sync_port=int(top.get("sync_port", 3780)),
+        notify=str(top.get("notify", "hook")), interlock=bool(top.get("interlock", True)),
+        vrrp_version=int(top.get("vrrp_version", 2)), group=str(top.get("group", "G1")),
+        nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)
+
+
+def load(path: str) -> Cluster:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        raise ClusterError(f"{path}: cannot be read: {exc.strerror}") from None
+    return parse(text, path)
+
+
+def verify(c: Cluster) -> list[str]:
+    """Every reason the cluster cannot work, each naming the object and the fix; [] when it can."""
+    p: list[str] = []
+    for value, allowed, key in ((c.apply_mode, APPLY_MODES, "apply_mode"), (c.transport, TRANSPORTS, "transport"),
+                                (c.notify, NOTIFY_MODES, "notify")):
+        if value not in allowed:
+            p.append(f"cluster {c.name!r}: {key} = {value!r}; use " + " or ".join(repr(a) for a in allowed))
+    if c.vrrp_version not in (2, 3):
+        p.append(f"cluster {c.name!r}: vrrp_version = {c.vrrp_version}; use 2 or 3")
+    if not 1 <= c.sync_port <= 65535:
+        p.append(f"cluster {c.name!r}: sync_port = {c.sync_port} is not a UDP port (1-65535)")
+    if len(c.nodes) < 2:
+        p.append(f"cluster {c.name!r}: has {len(c.nodes)} node(s); a cluster needs at least two [[node]] tables")
+    names = [n.name for n in c.nodes]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        p.append(f"node {name!r}: the name is used twice; node names must be unique (they become node ids)")
+    # the sync link: every node needs an address on it, all of one family, unicast xor multicast
+    families = set()
+    for n in c.nodes:
+        if n.sync is None:
+            p.append(f"node {n.name!r}: has no sync address; add sync = {{ name = \"IFNAME\", address = \"ADDR/LEN\" }}")
+        else:
+            families.add(n.sync.address.version)
+    if len(families) > 1:
+        p.append(f"cluster {c.name!r}: sync addresses mix IPv4 and IPv6; give every node a sync address of one family")
+    if c.transport == "unicast" and c.sync_group:
+        p.append(f"cluster {c.name!r}: transport is unicast but sync_group = {c.sync_group!r} is set (multicast); "
+                 "remove sync_group or set transport = \"multicast\"")
+    if c.transport == "multicast":
+        try:
+            group = ipaddress.ip_address(c.sync_group)
+        except ValueError:
+            p.append(f"cluster {c.name!r}: transport is multicast but sync_group = {c.sync_group!r} is not an "
+                     "address; set sync_group, e.g. \"225.0.0.50\"")
+        else:
+            if not group.is_multicast:
+                p.append(f"cluster {c.name!r}: sync_group {group} is not a multicast address")
+            elif families and group.version not in families:
+                p.append(f"cluster {c.name!r}: sync_group {group} and the sync addresses are of different families")
+    seen_sync: dict[IPAddress, str] = {}
+    for n in c.nodes:
+        if n.sync is not None:
+            other = seen_sync.setdefault(n.sync.address.ip, n.name)
+            if other != n.name:
+                p.append(f"node {n.name!r}: sync address {n.sync.address.ip} is also node {other!r}'s")
+    # VRRP instances
+    vrids: dict[tuple[str, int, int], str] = {}
+    inames = [i.name for i in c.instances]
+    for name in sorted({n for n in inames if inames.count(n) > 1}):
+        p.append(f"instance {name!r}: the name is used twice; instance names must be unique")
+    if not c.instances:
+        p.append(f"cluster {c.name!r}: has no [[instance]]; add one VRRP instance per side (e.g. LAN and WAN)")
+    for inst in c.instances:
+        where = f"instance {inst.name!r}"
+        if not inst.vips:
+            p.append(f"{where}: has no vips; add vips = [\"ADDRESS/PREFIX\"]")
+            continue
+        versions = {v.version for v in inst.vips}
+        if len(versions) > 1:
+            p.append(f"{where}: mixes IPv4 and IPv6 VIPs; VRRP carries one family per instance, make two instances")
+            continue
+        version = versions.pop()
+        other = vrids.setdefault((inst.side, version, inst.virtual_router_id), inst.name)
+        if other != inst.name:
+            p.append(f"{where}: virtual_router_id {inst.virtual_router_id} is also instance {other!r}'s on side "
+                     f"{inst.side!r}; give each instance on a link its own id (1-255)")
+        if c.vrrp_version == 2 and version == 6:
+            p.append(f"{where}: IPv6 VIPs need VRRP version 3; set vrrp_version = 3 in [cluster]")
+        if c.vrrp_version == 2 and inst.advert_int != int(inst.advert_int):
+            p.append(f"{where}: advert_int {inst.advert_int} needs VRRP version 3 (version 2 counts whole seconds)")
+        for n in c.nodes:
+            iface = n.interfaces.get(inst.side)
+            if iface is None:
+                p.append(f"node {n.name!r}: has no interface for side {inst.side!r} of {where}; add "
+                         f"interfaces.{inst.side} = {{ name = \"IFNAME\", address = \"ADDR/LEN\" }}")
+                continue
+            if iface.address.version != version:
+                p.append(f"node {n.name!r}: interface {iface.name} has an IPv{iface.address.version} address but "
+                         f"{where} has IPv{version} VIPs; VRRP adverts need a source of the VIPs' family")
+                continue
+            for vip in inst.vips:
+                if vip.ip not in iface.address.network:
+                    p.append(f"{where}: VIP {vip} is outside node {n.name!r}'s {iface.name} subnet "
+                             f"{iface.address.network}; use a VIP in that subnet or fix the interface address")
+                elif vip.ip == iface.address.ip:
+                    p.append(f"{where}: VIP {vip.ip} is node {n.name!r}'s own address on {iface.name}; a VIP must "
+                             "be an address no node owns")
+    return p
+
+
+def checked(c: Cluster) -> Cluster:
+    problems = verify(c)
+    if problems:
+        raise ClusterError("\n".join(f"{c.path}: {m}" for m in problems))
+    return c

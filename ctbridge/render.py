@@ -1,0 +1,92 @@
+"""`ctbridge render`: a node's files from the cluster description, through the jinja2 templates.
+
+load -> verify (pure, ctbridge.cluster) -> render (this module: strings only) -> write (atomic:
+a temporary file in the same directory, fsync, rename), so keepalived or systemd never read half
+a file, and a failed render leaves the previous files as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jinja2
+
+from ctbridge.cluster import Cluster, Node
+
+# template -> the file it becomes
+FILES = {
+    "keepalived.conf.j2": "keepalived.conf",
+    "ctbridge.toml.j2": "ctbridge.toml",
+    "ctbridge-sync.nft.j2": "ctbridge-sync.nft",
+    "ctbridge.service.j2": "ctbridge.service",
+}
+INSTALLED_TEMPLATES = "/usr/share/ctbridge/templates"
+
+
+def template_dir() -> Path:
+    """$CTBRIDGE_TEMPLATES, else the source tree's templates/, else the Debian package's."""
+    env = os.environ.get("CTBRIDGE_TEMPLATES")
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parent.parent / "templates"
+    return source if (source / "keepalived.conf.j2").exists() else Path(INSTALLED_TEMPLATES)
+
+
+def _toml(value: object) -> str:
+    """A TOML basic string (JSON's escaping is a subset TOML accepts for strings)."""
+    return json.dumps(str(value))
+
+
+def _nftstr(value: object) -> str:
+    return '"' + str(value).replace('"', "") + '"'
+
+
+def _advert(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def environment(directory: Path | None = None) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(directory or template_dir())),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters.update(toml=_toml, nftstr=_nftstr, advert=_advert)
+    return env
+
+
+def render(cluster: Cluster, node: Node, directory: Path | None = None) -> dict[str, str]:
+    """File name -> content for one node; the cluster must have passed verify()."""
+    env = environment(directory)
+    context = {"cluster": cluster, "node": node, "peers": cluster.peers(node), "paths": cluster.paths_for(node)}
+    return {out: env.get_template(tpl).render(context) for tpl, out in FILES.items()}
+
+
+def write_atomic(path: Path, content: str, mode: int = 0o644) -> bool:
+    """Replace ``path`` with ``content`` in one rename; False (and no write) if it is unchanged."""
+    try:
+        if path.read_text() == content:
+            return False
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def write(files: dict[str, str], out: Path) -> list[str]:
+    """Write every file into ``out`` (created if missing); the names of those that changed."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [name for name, content in files.items() if write_atomic(out / name, content)]
