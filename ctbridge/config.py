@@ -57,6 +57,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("apply", "purge_timeout", float, 60.0, "seconds after BACKUP before flows this node had as master are removed "
         "from its kernel"),
     Key("apply", "liberal_tcp", bool, True, "mark committed TCP flows BE_LIBERAL (window state is not replicated)"),
+    Key("apply", "gate", bool, False, "commit mode: drop new forwarded flows while not MASTER, so packets that reach "
+        "the new master before its commit are not NATed anew (an nftables table; needs nft)"),
     Key("apply", "event_buffer", int, 32 << 20, "bytes of receive buffer for kernel events (about 1 KiB each); "
         "it doubles after an overrun, up to 256 MiB"),
     Key("filter", "protocols", list, [], "replicate only these protocols (names or numbers; empty: all)"),

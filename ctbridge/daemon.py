@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from ctbridge import config as config_mod
-from ctbridge import control, host, keepalived, metrics, wire
+from ctbridge import control, gate, host, keepalived, metrics, wire
 from ctbridge.codec import Entry
 from ctbridge.config import Config
 from ctbridge.engine import Engine, EngineConfig, KernelOp, Role
@@ -130,7 +130,9 @@ class Daemon:
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
             "kernel": {"overruns": 0, "events": 0, "own_events": 0, "resyncs": 0},
             "transitions": [],
+            "gate": None,
         }
+        self.gated = cfg["apply.gate"] and cfg["apply.mode"] == "commit"
 
     # --- sockets -> engine -> sockets -----------------------------------------------------------
 
@@ -242,6 +244,7 @@ class Daemon:
             elif role is Role.BACKUP:
                 await self.become_backup()
             else:
+                await self.set_gate(closed=True)
                 self.engine.set_role(Role.FAULT)
                 log.info("%s: stopped advertising this node's flows; caches kept", t.state)
             record["seconds"] = round(time.monotonic() - start, 6)
@@ -260,6 +263,7 @@ class Daemon:
             out = await self.commit()
         self.engine.flush_external()
         self.engine.set_role(Role.MASTER)
+        await self.set_gate(closed=False)
         # The flows are in the kernel: answer now, so keepalived's hook returns. Rebuilding the
         # internal cache from a dump and announcing it follows, still holding the transition lock,
         # so a next transition waits for it (and it is skipped if one came first).
@@ -288,8 +292,21 @@ class Daemon:
             log.warning("commit: the kernel refused a flow: %s", os.strerror(failure.errno))
         return {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
 
+    async def set_gate(self, closed: bool) -> None:
+        """Close the commit gate while not MASTER, open it once the flows are committed."""
+        if not self.gated or self.stats_extra["gate"] == ("closed" if closed else "open"):
+            return
+        try:
+            await (gate.close() if closed else gate.open_())
+        except (gate.GateError, OSError) as exc:
+            log.error("%s", exc)
+            return
+        self.stats_extra["gate"] = "closed" if closed else "open"
+        log.info("commit gate %s", self.stats_extra["gate"])
+
     async def become_backup(self) -> None:
         was_master = self.engine.role is Role.MASTER
+        await self.set_gate(closed=True)
         self.engine.set_role(Role.BACKUP)
         self.engine.request_resync(self.loop.time())
         if was_master and self.purge_task is None:
@@ -450,6 +467,7 @@ class Daemon:
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
+            await self.set_gate(closed=True)  # not MASTER until keepalived says so
             tasks.append(asyncio.ensure_future(self.read_events()))
             self.transport, _ = await self.loop.create_datagram_endpoint(lambda: _SyncProtocol(self), sock=self.sock)
             self.engine.request_resync(self.loop.time())
@@ -482,6 +500,9 @@ class Daemon:
                     await t
             for server in servers:
                 server.close()
+            if self.stats_extra["gate"] == "closed":  # fail open: a stopped daemon must not block new flows
+                with contextlib.suppress(Exception):
+                    await gate.open_()
             if self.transport is not None:
                 self.transport.close()
             self.events.close()

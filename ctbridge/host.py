@@ -43,6 +43,11 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
                 keyfile.load(cfg[f"sync.{name}"])
             except keyfile.KeyFileError as exc:
                 out.append(f"{path}: sync.{name}: {exc}")
+    if cfg["apply.gate"] and cfg["apply.mode"] == "commit":
+        from ctbridge import gate
+        why = gate.available()
+        if why is not None:
+            out.append(f"{path}: apply.gate: {why}, or set gate = false")
     control_dir = os.path.dirname(cfg["control.socket"]) or "."
     if not os.path.isdir(control_dir) and not os.access(os.path.dirname(control_dir) or "/", os.W_OK):
         out.append(f"{path}: control.socket directory {control_dir} does not exist and cannot be created")

@@ -1,0 +1,60 @@
+"""The commit gate: while this node is not MASTER, new forwarded flows are dropped.
+
+keepalived raises the VIPs before its notify hook has run, so the first packets of existing flows
+can reach the new master before their entries are committed. Without a gate the kernel would
+create fresh entries for them (UDP, and TCP with nf_conntrack_tcp_loose): a NAT binding made anew
+(another random port), and a later commit that cannot replace it (EEXIST keeps the kernel's
+binding). With the gate those packets are dropped instead; TCP resends them and UDP's next
+datagram finds the committed entry. Only the forward hook is gated: the firewall's own traffic
+(ssh, VRRP, the sync link) is not.
+
+The gate is an nftables table of its own, made and removed with nft(8): one command per
+transition, so it composes with any ruleset. Removing the table opens the gate; so does a clean
+stop of the daemon, so a stopped ctbridge never keeps a firewall closed (fail open: only the
+flows that were not replicated are lost then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+TABLE = "ctbridge_gate"
+CLOSED = f"""table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+    chain forward {{
+        type filter hook forward priority filter - 20; policy accept;
+        ct state new counter drop comment "ctbridge commit gate: this node is not MASTER"
+    }}
+}}
+"""
+
+
+class GateError(RuntimeError):
+    pass
+
+
+def available() -> str | None:
+    """Why the gate cannot be used here, or None."""
+    return None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
+
+
+async def _nft(*args: str, script: str | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec("nft", *args, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate(script.encode() if script is not None else None)
+    return proc.returncode or 0, err.decode(errors="replace").strip()
+
+
+async def close() -> None:
+    rc, err = await _nft("-f", "-", script=CLOSED)
+    if rc != 0:
+        raise GateError(f"cannot close the commit gate: nft said {err or rc}")
+
+
+async def open_() -> None:
+    rc, err = await _nft("delete", "table", "inet", TABLE)
+    if rc != 0 and "No such file" not in err:
+        raise GateError(f"cannot open the commit gate: nft said {err or rc}")

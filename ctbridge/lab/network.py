@@ -1,0 +1,490 @@
+"""The HA lab: a client, two firewalls and a server in network namespaces, with real keepalived,
+real nftables and a replicator (ctbridge, or conntrackd for comparison) on each firewall.
+
+    client 192.0.2.100 ── br-lan ──┬── lan0 fw1 wan0 ──┬── br-wan ── server 203.0.113.100
+       (gateway: LAN VIP           └── lan0 fw2 wan0 ──┘
+        192.0.2.1)                      sync0 ═ sync0  (198.51.100.0/30, a veth of their own)
+
+The firewalls forward LAN -> WAN only for new TCP SYNs and UDP, accept established and related
+packets, drop and count everything else, and source-NAT LAN traffic to the WAN VIP with
+fully-random ports: a flow the active firewall does not know is dropped, and a flow NATed anew gets
+another port. Their keepalived.conf and ctbridge.toml are rendered from one cluster description by
+`ctbridge render`'s code.
+
+Everything (processes, namespaces, files) is removed on the way out, after an error or Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ctbridge import cluster as cluster_mod
+from ctbridge import control, netns, render
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+HOOK = ROOT / "hooks" / "ctbridge-notify"
+if not HOOK.exists():  # installed from the Debian package
+    HOOK = Path("/usr/lib/ctbridge/ctbridge-notify")
+
+LAN = "192.0.2"
+WAN = "203.0.113"
+CLIENT = f"{LAN}.100"
+SERVER = f"{WAN}.100"
+LAN_VIP = f"{LAN}.1"
+WAN_VIP = f"{WAN}.1"
+SYNC_PORT = 3780
+
+# The firewall's own ruleset: what an operator of a stateful NAT firewall would run.
+FIREWALL_RULES = f"""
+table inet lab
+delete table inet lab
+table inet lab {{
+    counter dropped {{ }}
+
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" tcp flags & (fin | syn | rst | ack) == syn ct state new accept
+        iifname "lan0" oifname "wan0" meta l4proto udp ct state new accept
+        counter name "dropped" drop
+    }}
+
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ct state established,related accept
+        iifname "wan0" ip protocol != vrrp counter name "dropped" drop
+    }}
+
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" ip saddr {LAN}.0/24 snat ip to {WAN_VIP} fully-random
+    }}
+}}
+"""
+# 'numgen random' drops: this kernel has no netem. A table of its own, added and removed by lossy().
+LOSS_RULES = """
+table inet lab_loss {{
+    chain input {{
+        type filter hook input priority raw; policy accept;
+        iifname "sync0" udp dport {port} numgen random mod 100 < {percent} counter drop
+    }}
+}}
+"""
+
+
+class Replicator(Protocol):
+    """What runs on each firewall to keep the standby's conntrack table: ctbridge or conntrackd."""
+
+    name: str
+    interlock: bool
+
+    def prepare(self, fw: Firewall, lab: Lab) -> None: ...
+
+    def start(self, fw: Firewall) -> None: ...
+
+    def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None: ...
+
+
+@dataclass
+class Options:
+    apply_mode: str = "commit"
+    notify: str = "hook"  # keepalived -> ctbridge through the hook, or "fifo"
+    tcp: int = 200
+    udp: int = 20
+    event_buffer: int = 0  # bytes for the firewalls' kernel event socket (0: ctbridge's default)
+    advert_int: float = 1.0
+    verbose: bool = False
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
+    """Poll check() until it returns something true (bounded in time); that value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(control.ControlError, OSError):
+            last = check()
+            if last:
+                return last
+        time.sleep(step)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+class Process:
+    """A command in a namespace, in its own session (so Ctrl-C in a terminal reaches only us), whose
+    output goes to a log file; stop() ends its whole process group."""
+
+    def __init__(self, name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 stdout_pipe: bool = False) -> None:
+        self.name = name
+        self.log = log
+        self.logf = open(log, "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE if stdout_pipe else self.logf, stderr=self.logf,
+                                     start_new_session=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        # children left in the group (keepalived's VRRP process, a hook) go too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self.logf.close()
+        return self.proc.returncode
+
+
+class Firewall:
+    def __init__(self, lab: Lab, index: int) -> None:
+        self.lab = lab
+        self.index = index
+        self.name = f"fw{index}"
+        self.ns = ""
+        self.dir = lab.dir / self.name
+        self.run_dir = self.dir / "run"
+        self.lan = f"{LAN}.{1 + index}"
+        self.wan = f"{WAN}.{1 + index}"
+        self.sync = f"198.51.100.{index}"
+        self.keepalived: Process | None = None
+        self.daemon: Process | None = None
+
+    # --- processes --------------------------------------------------------------------------------
+
+    def start_keepalived(self) -> None:
+        self.keepalived = Process(f"{self.name} keepalived", self.ns, [
+            "keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp", "--no-syslog",
+            "-f", str(self.dir / "keepalived.conf"), "-p", str(self.run_dir / "keepalived.pid"),
+            "-r", str(self.run_dir / "vrrp.pid")], self.dir / "keepalived.log")
+
+    def stop_keepalived(self, sig: int = signal.SIGTERM) -> None:
+        if self.keepalived is not None:
+            self.keepalived.stop(sig)
+            self.keepalived = None
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return netns.run(self.ns, *argv, check=check)
+
+    # --- state --------------------------------------------------------------------------------------
+
+    def has_vips(self) -> bool:
+        out = self.run("ip", "-o", "-4", "addr", "show", check=False).stdout
+        return f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
+
+    def dropped(self) -> int:
+        out = self.run("nft", "-j", "list", "counter", "inet", "lab", "dropped").stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        return 0
+
+    def lab_flows(self) -> dict[str, int]:
+        """The client's flows in this kernel (conntrack CLI as the witness): TCP ones established."""
+        out = {}
+        for proto, port in (("tcp", "5001"), ("udp", "5002")):
+            res = self.run("conntrack", "-L", "-p", proto, "--orig-dst", SERVER, "--dport", port, check=False)
+            lines = [line for line in res.stdout.splitlines() if line.strip()]
+            if proto == "tcp":
+                lines = [line for line in lines if " ESTABLISHED " in line]
+            out[proto] = len(lines)
+        return out
+
+    def hook_times(self) -> list[dict[str, Any]]:
+        """What the notify wrapper logged: state, start and end of each hook run."""
+        path = self.dir / "notify.times"
+        records = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 4:
+                    records.append({"state": parts[0], "start": float(parts[1]), "end": float(parts[2]),
+                                    "rc": int(parts[3])})
+        return records
+
+
+class CtbridgeReplicator:
+    name = "ctbridge"
+    interlock = True
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def prepare(self, fw: Firewall, lab: Lab) -> None:
+        cfg = fw.dir / "ctbridge.toml"
+        if self.options.event_buffer:
+            text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
+            cfg.write_text(text)
+        command = f"{shlex.quote(sys.executable)} -m ctbridge"
+        lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} CTBRIDGE={shlex.quote(command)} "
+                                     f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(str(HOOK))}")
+
+    def start(self, fw: Firewall) -> None:
+        fw.daemon = Process(f"{fw.name} ctbridge", fw.ns,
+                            [sys.executable, "-m", "ctbridge", "run", "-c", str(fw.dir / "ctbridge.toml")],
+                            fw.dir / "ctbridge.log", env={"PYTHONPATH": str(ROOT)})
+        wait_for(f"{fw.name}'s ctbridge to answer", lambda: fw.request("status"), timeout=30)
+
+    def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None:
+        if fw.daemon is not None:
+            fw.daemon.stop(sig)
+            fw.daemon = None
+
+
+@dataclass
+class Traffic:
+    """The client's status lines, read in a thread; the latest is ``status``."""
+
+    proc: Process
+    status: dict[str, Any] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.proc.stdout is not None
+        for line in self.proc.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.status = json.loads(line)
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.proc.wait(15)
+        if self.thread is not None:
+            self.thread.join(5)
+        self.proc.stop()
+        return self.status
+
+
+class Lab:
+    def __init__(self, directory: Path, options: Options, replicator: Replicator | None = None) -> None:
+        self.dir = directory
+        self.options = options
+        self.replicator = replicator or CtbridgeReplicator(options)
+        self.fws = [Firewall(self, 1), Firewall(self, 2)]
+        self.client_ns = self.server_ns = self.switch_ns = ""
+        self.server: Process | None = None
+        self.traffic: Traffic | None = None
+        self.key = directory / "sync.key"
+
+    # --- building -------------------------------------------------------------------------------
+
+    def build(self, stack: contextlib.ExitStack) -> None:
+        self.switch_ns = stack.enter_context(netns.namespace("sw"))
+        self.client_ns = stack.enter_context(netns.namespace("client"))
+        self.server_ns = stack.enter_context(netns.namespace("server"))
+        for fw in self.fws:
+            fw.ns = stack.enter_context(netns.namespace(fw.name))
+            fw.dir.mkdir()
+            fw.run_dir.mkdir()
+        sw = self.switch_ns
+        for bridge in ("br-lan", "br-wan"):
+            netns.run(sw, "ip", "link", "add", bridge, "type", "bridge")
+            netns.run(sw, "ip", "link", "set", bridge, "up")
+
+        def port(ns: str, ifname: str, bridge: str, swport: str) -> None:
+            netns.run(sw, "ip", "link", "add", swport, "type", "veth", "peer", "name", ifname, "netns", ns)
+            netns.run(sw, "ip", "link", "set", swport, "master", bridge, "up")
+
+        port(self.client_ns, "eth0", "br-lan", "client")
+        port(self.server_ns, "eth0", "br-wan", "server")
+        netns.run(self.client_ns, "ip", "addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        netns.run(self.client_ns, "ip", "link", "set", "eth0", "up")
+        netns.run(self.client_ns, "ip", "route", "add", "default", "via", LAN_VIP)
+        netns.run(self.server_ns, "ip", "addr", "add", f"{SERVER}/24", "dev", "eth0")
+        netns.run(self.server_ns, "ip", "link", "set", "eth0", "up")
+        fw1, fw2 = self.fws
+        fw1.run("ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", fw2.ns)
+        for fw in self.fws:
+            port(fw.ns, "lan0", "br-lan", f"{fw.name}-lan")
+            port(fw.ns, "wan0", "br-wan", f"{fw.name}-wan")
+            for ifname, addr in (("lan0", f"{fw.lan}/24"), ("wan0", f"{fw.wan}/24"), ("sync0", f"{fw.sync}/30")):
+                fw.run("ip", "addr", "add", addr, "dev", ifname)
+                fw.run("ip", "link", "set", ifname, "up")
+            fw.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            netns.run(fw.ns, "nft", "-f", "-", input=FIREWALL_RULES)
+        subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(self.key)], check=True, timeout=60,
+                       capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.render()
+
+    def cluster_text(self) -> str:
+        o = self.options
+        nodes = "".join(f"""
+[[node]]
+name = "{fw.name}"
+priority = {200 - 50 * fw.index}
+sync = {{ name = "sync0", address = "{fw.sync}/30" }}
+interfaces.lan = {{ name = "lan0", address = "{fw.lan}/24" }}
+interfaces.wan = {{ name = "wan0", address = "{fw.wan}/24" }}
+""" for fw in self.fws)
+        return f"""# The lab's cluster description, rendered into each firewall's directory.
+[cluster]
+name = "lab"
+key_file = "{self.key}"
+apply_mode = "{o.apply_mode}"
+transport = "unicast"
+notify = "{o.notify}"
+interlock = {"true" if self.replicator.interlock else "false"}
+vrrp_version = {3 if o.advert_int != int(o.advert_int) else 2}
+group = "FW"
+
+[paths]
+config_dir = "{self.dir}/{{node}}"
+run_dir = "{self.dir}/{{node}}/run"
+state_dir = "{self.dir}/{{node}}/run"
+hook = "{self.dir}/{{node}}/notify"
+ctbridge = "{sys.executable} -m ctbridge"
+{nodes}
+[[instance]]
+name = "LAN"
+side = "lan"
+virtual_router_id = 51
+vips = ["{LAN_VIP}/24"]
+advert_int = {o.advert_int}
+
+[[instance]]
+name = "WAN"
+side = "wan"
+virtual_router_id = 52
+vips = ["{WAN_VIP}/24"]
+advert_int = {o.advert_int}
+"""
+
+    def render(self) -> None:
+        path = self.dir / "cluster.toml"
+        path.write_text(self.cluster_text())
+        c = cluster_mod.checked(cluster_mod.load(str(path)))
+        for fw in self.fws:
+            render.write(render.render(c, c.node(fw.name)), fw.dir)
+            netns.run(fw.ns, "nft", "-f", str(fw.dir / "ctbridge-sync.nft"))
+            self.replicator.prepare(fw, self)
+
+    def write_notify_wrapper(self, fw: Firewall, command: str) -> None:
+        """keepalived's notify script for ``fw``: runs ``command`` with keepalived's arguments and
+        logs when it started and ended, the lab's measure of "MASTER to committed"."""
+        script = fw.dir / "notify"
+        times = fw.dir / "notify.times"
+        script.write_text(f"""#!/bin/sh
+start=$(date +%s.%N)
+{command} "$@" >>{shlex.quote(str(fw.dir / "notify.log"))} 2>&1
+rc=$?
+echo "$3 $start $(date +%s.%N) $rc" >>{shlex.quote(str(times))}
+exit $rc
+""")
+        script.chmod(0o755)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for fw in self.fws:
+            self.replicator.start(fw)
+        self.fws[0].start_keepalived()
+        wait_for("fw1 to become master", self.fws[0].has_vips, timeout=60)
+        self.fws[1].start_keepalived()
+        self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
+                                                         "--address", SERVER], self.dir / "server.log",
+                              env={"PYTHONPATH": str(ROOT)})
+        time.sleep(0.3)
+        client = Process("client", self.client_ns, [
+            sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER, "--tcp",
+            str(self.options.tcp), "--udp", str(self.options.udp)], self.dir / "client.log",
+            env={"PYTHONPATH": str(ROOT)}, stdout_pipe=True)
+        self.traffic = Traffic(client)
+        self.traffic.start()
+        o = self.options
+        wait_for("every connection to be open and moving data",
+                 lambda: self.status().get("tcp_alive") == o.tcp and self.status().get("udp_flows") == o.udp,
+                 timeout=60)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.traffic.status) if self.traffic else {}
+
+    def master(self) -> Firewall | None:
+        holders = [fw for fw in self.fws if fw.has_vips()]
+        return holders[0] if len(holders) == 1 else None
+
+    def wait_master(self, fw: Firewall, timeout: float = 60.0) -> float:
+        """Wait until ``fw`` alone holds the VIPs; when that happened (monotonic)."""
+        wait_for(f"{fw.name} to be the only master", lambda: self.master() is fw, timeout=timeout, step=0.05)
+        return time.monotonic()
+
+    def wait_recovered(self, since: float, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until every TCP connection and UDP flow has moved data after ``since``."""
+        def moved() -> dict[str, Any] | None:
+            s = self.status()
+            ok = (s.get("tcp_oldest") is not None and s["tcp_oldest"] > since
+                  and s.get("udp_oldest") is not None and s["udp_oldest"] > since)
+            return s if ok else None
+        return dict(wait_for("every flow to move data again", moved, timeout=timeout, step=0.1))
+
+    def lossy(self, percent: int) -> contextlib.AbstractContextManager[None]:
+        @contextlib.contextmanager
+        def loss() -> Iterator[None]:
+            for fw in self.fws:
+                netns.run(fw.ns, "nft", "-f", "-", input=LOSS_RULES.format(port=SYNC_PORT, percent=percent))
+            try:
+                yield
+            finally:
+                for fw in self.fws:
+                    fw.run("nft", "delete", "table", "inet", "lab_loss", check=False)
+        return loss()
+
+    def stop(self) -> dict[str, Any]:
+        final: dict[str, Any] = {}
+        if self.traffic is not None:
+            final = self.traffic.stop()
+            self.traffic = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        for fw in self.fws:
+            fw.stop_keepalived()
+        for fw in self.fws:
+            self.replicator.stop(fw)
+        return final
+
+
+@contextlib.contextmanager
+def lab(options: Options | None = None, replicator: Replicator | None = None,
+        keep: bool = False) -> Iterator[Lab]:
+    """A built and started lab; torn down completely on the way out, whatever happened."""
+    with contextlib.ExitStack() as stack:
+        directory = Path(tempfile.mkdtemp(prefix="ctb-lab-"))
+        if not keep:
+            stack.callback(shutil.rmtree, directory, True)
+        the_lab = Lab(directory, options or Options(), replicator)
+        the_lab.build(stack)
+        stack.callback(the_lab.stop)  # before the namespaces go (the stack unwinds in reverse)
+        yield the_lab

@@ -1,0 +1,194 @@
+"""Lab traffic: long-lived TCP connections and UDP flows whose every byte is checked.
+
+    python -m ctbridge.lab.traffic server --address ADDR
+    python -m ctbridge.lab.traffic client --server ADDR --tcp 200 --udp 20
+
+The server echoes TCP byte for byte, and answers each UDP datagram with the datagram plus the
+source address and port it saw, so the client notices a NAT binding that changed (a flow the new
+firewall did not know would be NATed again, to another random port, and would still "work").
+
+The client never reconnects: a connection that is reset, closed or echoes a wrong byte is failed
+for good. It prints one JSON status line every STATUS_INTERVAL seconds (and a last one on SIGTERM
+or when stdin closes), with time.monotonic() stamps, which every process of the machine shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+TCP_PORT = 5001
+UDP_PORT = 5002
+STATUS_INTERVAL = 0.25
+
+
+# --- server -----------------------------------------------------------------------------------------
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.transport.sendto(data + f"|{addr[0]}:{addr[1]}".encode(), addr)
+
+
+async def serve(address: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(_echo, address, TCP_PORT, backlog=1024)
+    transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(address, UDP_PORT))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"listening": address}), flush=True)
+    await stop.wait()
+    server.close()
+    transport.close()
+
+
+# --- client -----------------------------------------------------------------------------------------
+
+@dataclass
+class Counters:
+    started: float = field(default_factory=time.monotonic)
+    tcp_open: int = 0
+    tcp_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    bytes: int = 0
+    tcp_last: dict[int, float] = field(default_factory=dict)  # connection -> last full echo
+    udp_last: dict[int, float] = field(default_factory=dict)  # flow -> last answer
+    udp_seen: dict[int, str] = field(default_factory=dict)  # flow -> the address:port the server saw first
+    udp_rebound: set[int] = field(default_factory=set)
+    udp_answers: int = 0
+
+    def fail(self, conn: int, why: str) -> None:
+        self.tcp_failed += 1
+        self.tcp_last.pop(conn, None)
+        if len(self.errors) < 20:
+            self.errors.append(f"tcp {conn}: {why}")
+
+    def status(self, final: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"t": now, "final": final, "tcp_open": self.tcp_open, "tcp_alive": len(self.tcp_last),
+                "tcp_failed": self.tcp_failed, "bytes": self.bytes, "errors": self.errors,
+                "tcp_oldest": min(self.tcp_last.values(), default=None),
+                "udp_flows": len(self.udp_seen), "udp_oldest": min(self.udp_last.values(), default=None),
+                "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers}
+
+
+async def _tcp_conn(n: int, server: str, chunk: int, interval: float, c: Counters) -> None:
+    rng = random.Random(n)  # a different, reproducible byte stream per connection
+    try:
+        reader, writer = await asyncio.open_connection(server, TCP_PORT)
+    except OSError as exc:
+        c.fail(n, f"connect: {exc.strerror or exc}")
+        return
+    c.tcp_open += 1
+    c.tcp_last[n] = time.monotonic()
+    offset = 0
+    try:
+        while True:
+            data = rng.randbytes(chunk)
+            writer.write(data)
+            await writer.drain()
+            echo = await reader.readexactly(chunk)
+            if echo != data:
+                at = next(i for i, (a, b) in enumerate(zip(echo, data, strict=True)) if a != b)
+                c.fail(n, f"echo differs at byte {offset + at}")
+                return
+            offset += chunk
+            c.bytes += 2 * chunk
+            c.tcp_last[n] = time.monotonic()
+            await asyncio.sleep(interval * (0.5 + rng.random()))
+    except asyncio.IncompleteReadError:
+        c.fail(n, f"closed by the other side after {offset} bytes")
+    except OSError as exc:
+        c.fail(n, f"{exc.strerror or exc} after {offset} bytes")
+    finally:
+        writer.close()
+
+
+class _UdpFlow(asyncio.DatagramProtocol):
+    def __init__(self, n: int, c: Counters) -> None:
+        self.n, self.c = n, c
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        _, _, seen = data.rpartition(b"|")
+        where = seen.decode(errors="replace")
+        first = self.c.udp_seen.setdefault(self.n, where)
+        if where != first:  # the firewall NATed this flow anew: its binding was lost
+            self.c.udp_rebound.add(self.n)
+        self.c.udp_answers += 1
+        self.c.udp_last[self.n] = time.monotonic()
+
+
+async def _udp_flow(n: int, server: str, interval: float, c: Counters) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _UdpFlow(n, c), remote_addr=(server, UDP_PORT),
+                                                       family=socket.AF_INET)
+    seq = 0
+    try:
+        while True:
+            transport.sendto(f"flow {n} seq {seq}".encode())
+            seq += 1
+            await asyncio.sleep(interval)
+    finally:
+        transport.close()
+
+
+async def client(server: str, tcp: int, udp: int, chunk: int, interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    c = Counters()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(4096) or stop.set())
+    tasks = [asyncio.ensure_future(_tcp_conn(i, server, chunk, interval, c)) for i in range(tcp)]
+    tasks += [asyncio.ensure_future(_udp_flow(i, server, interval, c)) for i in range(udp)]
+    while not stop.is_set():
+        print(json.dumps(c.status()), flush=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps(c.status(final=True)), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctbridge.lab.traffic", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--address", required=True)
+    c = sub.add_parser("client")
+    c.add_argument("--server", required=True)
+    c.add_argument("--tcp", type=int, default=200, help="TCP connections")
+    c.add_argument("--udp", type=int, default=20, help="UDP flows")
+    c.add_argument("--chunk", type=int, default=512, help="bytes per TCP round trip")
+    c.add_argument("--interval", type=float, default=0.1, help="mean seconds between round trips")
+    args = p.parse_args(argv)
+    if args.role == "server":
+        asyncio.run(serve(args.address))
+    else:
+        asyncio.run(client(args.server, args.tcp, args.udp, args.chunk, args.interval))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
