@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 # through these tools, and the lab runs real keepalived and nftables.
 APT_PACKAGES := conntrack conntrackd keepalived nftables iproute2 iputils-ping python3 python3-venv python3-pip
 MYPY_MODULES := ctbridge/ctnetlink.py ctbridge/codec.py ctbridge/kernel.py ctbridge/view.py \
-	ctbridge/wire.py ctbridge/engine.py ctbridge/sequence.py ctbridge/filter.py
+	ctbridge/wire.py ctbridge/engine.py ctbridge/sequence.py ctbridge/filter.py \
+	ctbridge/cluster.py ctbridge/render.py ctbridge/gate.py
 
 .PHONY: all deps venv lint test unit demo bench clean
 

@@ -66,6 +66,7 @@ class Cluster:
     sync_port: int
     notify: str  # "hook" (keepalived runs the notify hook) or "fifo" (notify_fifo, ordered)
     interlock: bool
+    maintenance: bool  # a track file that drains the node when it holds 1
     gate: bool  # commit mode: ctbridge's commit gate (ctbridge.gate)
     vrrp_version: int
     group: str  # the vrrp_sync_group's name
@@ -118,7 +119,7 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
             problems.append(f"{path}: unknown section [{section}]; sections are [cluster], [[node]], [[instance]], "
                             "[paths]")
     known_cluster = {"name", "key_file", "apply_mode", "transport", "sync_group", "sync_port", "notify",
-                     "interlock", "gate", "vrrp_version", "group"}
+                     "interlock", "maintenance", "gate", "vrrp_version", "group"}
     for key in top:
         if key not in known_cluster:
             problems.append(f"{path}: [cluster] has no key {key!r}; keys are " + ", ".join(sorted(known_cluster)))
@@ -177,7 +178,7 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         apply_mode=str(top.get("apply_mode", "commit")), transport=str(top.get("transport", "unicast")),
         sync_group=str(top.get("sync_group", "")), sync_port=int(top.get("sync_port", 3780)),
         notify=str(top.get("notify", "hook")), interlock=bool(top.get("interlock", True)),
-        gate=bool(top.get("gate", True)),
+        gate=bool(top.get("gate", True)), maintenance=bool(top.get("maintenance", True)),
         vrrp_version=int(top.get("vrrp_version", 2)), group=str(top.get("group", "G1")),
         nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)
 
@@ -211,7 +212,8 @@ def verify(c: Cluster) -> list[str]:
     families = set()
     for n in c.nodes:
         if n.sync is None:
-            p.append(f"node {n.name!r}: has no sync address; add sync = {{ name = \"IFNAME\", address = \"ADDR/LEN\" }}")
+            p.append(f"node {n.name!r}: has no sync address; add "
+                     "sync = { name = \"IFNAME\", address = \"ADDR/LEN\" }")
         else:
             families.add(n.sync.address.version)
     if len(families) > 1:

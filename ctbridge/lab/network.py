@@ -98,6 +98,9 @@ class Replicator(Protocol):
 
     def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None: ...
 
+    def replicated(self, fw: Firewall) -> int | None:
+        """How many peer flows ``fw`` holds, ready for a takeover."""
+
 
 @dataclass
 class Options:
@@ -200,11 +203,22 @@ class Firewall:
         return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
 
     def dropped(self) -> int:
-        out = self.run("nft", "-j", "list", "counter", "inet", "lab", "dropped").stdout
-        for item in json.loads(out)["nftables"]:
-            if "counter" in item:
-                return int(item["counter"]["packets"])
-        return 0
+        """Forwarded packets this firewall dropped: its ruleset's counter plus ctbridge's commit gate."""
+        total = 0
+        for item in json.loads(self.run("nft", "-j", "list", "ruleset").stdout)["nftables"]:
+            if "counter" in item and item["counter"].get("name") == "dropped":
+                total += int(item["counter"]["packets"])
+            rule = item.get("rule")
+            if rule and rule["table"] == "ctbridge_gate":
+                total += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
+        return total
+
+    def maintenance(self, on: bool) -> None:
+        """The rendered keepalived.conf's maintenance track file: 1 drains this firewall."""
+        path = self.run_dir / "maintenance"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("1\n" if on else "0\n")
+        tmp.replace(path)
 
     def lab_flows(self) -> dict[str, int]:
         """The client's flows in this kernel (conntrack CLI as the witness): TCP ones established."""
@@ -256,6 +270,11 @@ class CtbridgeReplicator:
         if fw.daemon is not None:
             fw.daemon.stop(sig)
             fw.daemon = None
+
+    def replicated(self, fw: Firewall) -> int | None:
+        if fw.daemon is None:
+            return None
+        return int(fw.request("status")["external"]["entries"])
 
 
 @dataclass

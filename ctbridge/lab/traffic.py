@@ -88,7 +88,9 @@ class Counters:
         return {"t": now, "final": final, "tcp_open": self.tcp_open, "tcp_alive": len(self.tcp_last),
                 "tcp_failed": self.tcp_failed, "bytes": self.bytes, "errors": self.errors,
                 "tcp_oldest": min(self.tcp_last.values(), default=None),
+                "tcp_newest": max(self.tcp_last.values(), default=None),
                 "udp_flows": len(self.udp_seen), "udp_oldest": min(self.udp_last.values(), default=None),
+                "udp_newest": max(self.udp_last.values(), default=None),
                 "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers}
 
 

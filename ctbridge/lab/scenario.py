@@ -1,0 +1,84 @@
+"""Failovers in the lab, measured the same way for `make demo`, the end-to-end tests and bench/lab.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctbridge.lab.network import Firewall, Lab
+
+
+@dataclass
+class Switch:
+    """One change of master and what the flows saw."""
+
+    how: str
+    old: str
+    new: str
+    replicated: int | None  # flows the new master held for its peer when it was triggered
+    to_master: float  # seconds from the trigger until the new master alone held the VIPs
+    hook_seconds: float | None  # keepalived's MASTER hook on the new master: start to end (the commit)
+    recovered: float | None  # seconds from the new master until every flow moved data again; None: never
+    dropped: int  # forwarded packets the firewalls dropped meanwhile (ruleset and commit gate)
+    flows_before: dict[str, int]  # the client's flows in the old master's kernel (conntrack CLI)
+    flows_after: dict[str, int]  # the same in the new master's kernel, once recovered or given up
+    status: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+TRIGGERS: dict[str, Callable[[Lab, Firewall], None]] = {
+    "keepalived stopped": lambda lab, fw: fw.stop_keepalived(),
+    "keepalived started": lambda lab, fw: fw.start_keepalived(),
+    "LAN link down": lambda lab, fw: fw.run("ip", "link", "set", "lan0", "down") and None,
+    "LAN link up": lambda lab, fw: fw.run("ip", "link", "set", "lan0", "up") and None,
+    "maintenance on": lambda lab, fw: fw.maintenance(True),
+    "maintenance off": lambda lab, fw: fw.maintenance(False),
+}
+
+
+def switch(lab: Lab, how: str, on: Firewall, new: Firewall, recover_timeout: float = 30.0,
+           wait_recovery: bool = True) -> Switch:
+    """Apply trigger ``how`` to firewall ``on`` and follow the change of master to ``new``."""
+    old = lab.master()
+    before = old.lab_flows() if old is not None else {}
+    replicated = lab.replicator.replicated(new)
+    dropped = sum(fw.dropped() for fw in lab.fws)
+    hooks_before = len(new.hook_times())
+    start = time.monotonic()
+    TRIGGERS[how](lab, on)
+    became = lab.wait_master(new)
+    recovered: float | None = None
+    status: dict[str, Any] = {}
+    if wait_recovery:
+        try:
+            status = lab.wait_recovered(became, timeout=recover_timeout)
+            recovered = time.monotonic() - became
+        except TimeoutError:
+            status = lab.status()
+    hook = None
+    for record in new.hook_times()[hooks_before:]:
+        if record["state"] == "MASTER":
+            hook = record["end"] - record["start"]
+    return Switch(how=how, old=old.name if old else "-", new=new.name, replicated=replicated,
+                  to_master=became - start, hook_seconds=hook, recovered=recovered,
+                  dropped=sum(fw.dropped() for fw in lab.fws) - dropped, flows_before=before,
+                  flows_after=new.lab_flows(), status=status)
+
+
+def table(switches: list[Switch]) -> list[str]:
+    """The summary `make demo` prints: one row per change of master."""
+    head = (f"{'what happened':<20} {'from':>4} {'to':>4} {'flows before':>13} {'replicated':>10} "
+            f"{'to master':>9} {'commit hook':>11} {'recovered':>9} {'dropped':>7} {'flows after':>12}")
+    rows = [head, "-" * len(head)]
+    for s in switches:
+        flows_b = f"{s.flows_before.get('tcp', 0)}+{s.flows_before.get('udp', 0)}"
+        flows_a = f"{s.flows_after.get('tcp', 0)}+{s.flows_after.get('udp', 0)}"
+        rows.append(f"{s.how:<20} {s.old:>4} {s.new:>4} {flows_b:>13} "
+                    f"{s.replicated if s.replicated is not None else '-':>10} {s.to_master:>8.2f}s "
+                    f"{_secs(s.hook_seconds):>11} {_secs(s.recovered, 'never'):>9} {s.dropped:>7} {flows_a:>12}")
+    return rows
+
+
+def _secs(value: float | None, none: str = "-") -> str:
+    return f"{value:.2f}s" if value is not None else none

@@ -1,0 +1,132 @@
+"""End to end: live connections through a NATing, stateful firewall pair survive failovers.
+
+Real keepalived, real nftables, real kernels (one per namespace), ctbridge daemons, and a client
+whose 200 TCP connections and 20 UDP flows are checked byte for byte (ctbridge.lab). Each test
+also checks that the active firewall's kernel holds every live flow, with the conntrack CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ctbridge.lab import Lab, Options, lab, wait_for
+from ctbridge.lab.scenario import Switch, switch
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+TCP, UDP = 200, 20
+
+
+@pytest.fixture(autouse=True)
+def _keepalived() -> None:
+    if shutil.which("keepalived") is None:
+        why = "needs keepalived (run `make test`, which installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run this test, but it {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[Options], Lab]]:
+    """A started lab, torn down when the test ends (passed or not)."""
+    with contextlib.ExitStack() as stack:
+        def start(options: Options) -> Lab:
+            the_lab = stack.enter_context(lab(options))
+            the_lab.start()
+            return the_lab
+        yield start
+
+
+def survived(s: Switch) -> None:
+    """Every flow moved data after the switch, none failed or was NATed anew, and the new
+    master's kernel holds them all."""
+    assert s.recovered is not None, f"{s.how}: flows did not recover: {s.status}"
+    assert s.status["tcp_failed"] == 0 and not s.status["errors"], s.status["errors"]
+    assert s.status["tcp_alive"] == TCP
+    assert s.status["udp_rebound"] == 0, f"{s.how}: UDP flows were NATed anew"
+    assert s.flows_after == {"tcp": TCP, "udp": UDP}, f"{s.how}: {s.new}'s kernel holds {s.flows_after}"
+
+
+def final_check(the_lab: Lab) -> None:
+    status = the_lab.stop()
+    assert status["final"] and status["tcp_failed"] == 0 and status["tcp_open"] == TCP, status
+    assert status["udp_rebound"] == 0 and status["bytes"] > 0
+
+
+@pytest.mark.parametrize("mode", ["commit", "inject"])
+def test_connections_survive_failover_and_failback(mode: str, running: Callable[[Options], Lab]) -> None:
+    the_lab = running(Options(apply_mode=mode, tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    assert fw1.lab_flows() == {"tcp": TCP, "udp": UDP}
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+    survived(switch(the_lab, "keepalived started", fw1, fw1))
+    survived(switch(the_lab, "LAN link down", fw1, fw2))
+    survived(switch(the_lab, "LAN link up", fw1, fw1))
+    if mode == "commit":  # the standby's kernel got the flows only when it became master
+        assert fw2.request("stats")["commit"]["entries"] >= TCP + UDP
+    final_check(the_lab)
+
+
+def test_control_without_ctbridge_on_the_standby_flows_break(running: Callable[[Options], Lab]) -> None:
+    """The same failover with the standby's ctbridge stopped: the test must see the flows die."""
+    the_lab = running(Options(tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    the_lab.replicator.stop(fw2)
+    s = switch(the_lab, "keepalived stopped", fw1, fw2, recover_timeout=10)
+    assert s.recovered is None
+    time.sleep(1)
+    status = the_lab.status()
+    assert status["tcp_newest"] < time.monotonic() - 5, "some TCP connection still moves data"
+    assert status["udp_rebound"] == UDP, "UDP flows should have been NATed anew"
+    assert fw2.lab_flows()["tcp"] == 0
+
+
+def test_loss_on_the_sync_link_during_failover(running: Callable[[Options], Lab]) -> None:
+    the_lab = running(Options(tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    with the_lab.lossy(20):
+        time.sleep(3)  # flows keep changing (UDP timeouts, TCP) while a fifth of the sync datagrams are lost
+        survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+        survived(switch(the_lab, "keepalived started", fw1, fw1))
+    final_check(the_lab)
+
+
+def test_standby_killed_under_traffic_then_restarted(running: Callable[[Options], Lab]) -> None:
+    the_lab = running(Options(tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    the_lab.replicator.stop(fw2, signal.SIGKILL)
+    time.sleep(2)
+    the_lab.replicator.start(fw2)
+    wait_for("fw2 to hold fw1's flows again", lambda: fw2.request("status")["external"]["entries"] >= TCP + UDP)
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+    final_check(the_lab)
+
+
+def test_event_overrun_forced_by_a_tiny_buffer(running: Callable[[Options], Lab]) -> None:
+    """4 KiB of event buffer: opening 200 connections overruns it on the master, which must rebuild
+    its table from a dump and still hand every flow over."""
+    the_lab = running(Options(tcp=TCP, udp=UDP, event_buffer=4096))
+    fw1, fw2 = the_lab.fws
+    assert fw1.request("stats")["kernel"]["overruns"] >= 1
+    wait_for("fw2 to hold fw1's flows", lambda: fw2.request("status")["external"]["entries"] >= TCP + UDP)
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+    final_check(the_lab)
+
+
+def test_twenty_rapid_flips(running: Callable[[Options], Lab]) -> None:
+    """MASTER/BACKUP 20 times, about a second apart, with transitions through notify_fifo; then
+    every connection still works and the active kernel holds every flow."""
+    the_lab = running(Options(tcp=TCP, udp=UDP, notify="fifo"))
+    fw1, fw2 = the_lab.fws
+    for _ in range(10):
+        switch(the_lab, "maintenance on", fw1, fw2, wait_recovery=False)
+        switch(the_lab, "maintenance off", fw1, fw1, wait_recovery=False)
+    assert len([t for t in fw1.request("stats")["transitions"] if t["state"] == "MASTER"]) >= 1
+    s = switch(the_lab, "maintenance on", fw1, fw2)
+    survived(s)
+    final_check(the_lab)
