@@ -744,8 +744,9 @@ def build_entry(family: int, orig: bytes, reply: bytes, *, status: int = ct.IPS_
     return Entry(make_key(family, zone, orig), family, attrs)
 
 
-def tcp_flows(n: int, timeout: int = 3600) -> list[Entry]:
-    """n distinct established IPv4 TCP flows 198.51.100.x:port -> 203.0.113.y:443 (test and bench load)."""
+def tcp_flows(n: int, timeout: int = 3600, tcp_state: int = 3) -> list[Entry]:
+    """n distinct IPv4 TCP flows 198.51.100.x:port -> 203.0.113.y:443 (test and bench load), by
+    default ESTABLISHED (3, include/uapi/linux/netfilter/nf_conntrack_tcp.h)."""
     out = []
     status = ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED
     for i in range(n):
@@ -755,7 +756,7 @@ def tcp_flows(n: int, timeout: int = 3600) -> list[Entry]:
         dst = bytes((203, 0, 113, 1 + host // 250 % 250))
         orig = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
         reply = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
-        out.append(build_entry(ct.AF_INET, orig, reply, status=status, timeout=timeout, tcp_state=3))
+        out.append(build_entry(ct.AF_INET, orig, reply, status=status, timeout=timeout, tcp_state=tcp_state))
     return out
 
 

@@ -126,9 +126,10 @@ class Daemon:
         self.inject_ops: list[KernelOp] = []
         self.inject_task: asyncio.Task[None] | None = None
         self.track_value: int | None = None
+        self.touched: set[bytes] | None = None  # while a dump runs: flows events changed meanwhile
         self.stats_extra: dict[str, Any] = {
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
-            "kernel": {"overruns": 0, "events": 0, "own_events": 0, "resyncs": 0},
+            "kernel": {"overruns": 0, "events": 0, "own_events": 0, "resyncs": 0, "superseded": 0},
             "transitions": [],
             "gate": None,
         }
@@ -188,10 +189,16 @@ class Daemon:
                 kernel_stats["overruns"] += 1
                 log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
                 await self.resync_internal()
+                # Every event of this batch was read before the dump began: the dump is newer, and
+                # applying them after it would put back states the lost events had moved on from.
+                kernel_stats["superseded"] += len(batch.events)
+                continue
             events = [e for e in batch.events if e.portid != own]
             kernel_stats["events"] += len(events)
             kernel_stats["own_events"] += len(batch.events) - len(events)
             if events:
+                if self.touched is not None:
+                    self.touched.update(e.entry.key for e in events)
                 self.engine.kernel_events(events, self.loop.time())
                 self.after_input()
 
@@ -200,8 +207,14 @@ class Daemon:
             return await self.loop.run_in_executor(None, fn, *args)
 
     async def resync_internal(self, announce: bool = True) -> int:
-        entries = await self.in_thread(self.kernel.dump)
-        self.engine.kernel_resync(entries, self.loop.time(), announce=announce)
+        async with self.kernel_lock:
+            # flows whose events arrive while the dump runs: their events are newer than the dump
+            self.touched = touched = set()
+            try:
+                entries = await self.loop.run_in_executor(None, self.kernel.dump)
+            finally:
+                self.touched = None
+        self.engine.kernel_resync(entries, self.loop.time(), announce=announce, newer=touched)
         self.stats_extra["kernel"]["resyncs"] += 1
         self.after_input()
         return len(entries)

@@ -180,14 +180,22 @@ class Engine:
             pending[key] = None
         self._version = version
 
-    def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True) -> None:
+    def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True,
+                      newer: set[bytes] | frozenset[bytes] = frozenset()) -> None:
         """Replace the internal cache with a dump; changes since the last view are sent, unless
-        ``announce`` is False (at start: peers hear our HELLO and ask for a bulk transfer anyway)."""
+        ``announce`` is False (at start: peers hear our HELLO and ask for a bulk transfer anyway).
+
+        ``newer``: flows whose events were applied while the dump ran. What the cache holds for
+        them (or their absence) is at least as recent as the dump, which may have read them before
+        the event: they keep it."""
         accepts = self.config.filter.accepts
         old = self.internal
         new: dict[bytes, bytes] = {}
+        for key in newer:
+            if key in old:
+                new[key] = old[key]
         for entry in entries:
-            if not accepts(entry):
+            if entry.key in newer or not accepts(entry):
                 continue
             entry = codec.strip_local(entry)
             prev = old.get(entry.key)

@@ -218,3 +218,30 @@ def test_systemd_readiness_sighup_reload_and_clean_stop() -> None:
         assert [v["src"] for v in b.external()] == ["192.0.2.77"]
         assert a.stop(signal.SIGTERM) == 0  # SIGTERM: a clean exit
         assert not Path(a.socket).exists()
+
+
+def test_events_read_with_an_overrun_do_not_undo_the_dump_after_it() -> None:
+    """New flows fill a tiny event buffer, their change to ESTABLISHED is lost in the overrun: the
+    events read together with the overrun are older than the dump that follows it and must not be
+    applied over it (they were, and the standby kept some flows in SYN_SENT for good)."""
+    n = 500
+    with cluster(2, apply={"event_buffer": 4096}) as c:
+        a, b = c.nodes
+        a.start()
+        b.start()
+        assert a.proc is not None
+        with netns.inside(a.ns):
+            table = KernelTable()
+        os.kill(a.proc.pid, signal.SIGSTOP)  # the reader is slow: the buffer fills, then overruns
+        try:
+            assert table.commit(codec.tcp_flows(n, tcp_state=1)).created == n  # SYN_SENT
+            assert table.commit(codec.tcp_flows(n)).updated == n  # ESTABLISHED: these events are lost
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+            table.close()
+
+        def settled() -> bool:
+            flows = b.external()
+            return len(flows) == n and all(f.get("tcp_state") == "ESTABLISHED" for f in flows)
+        wait_for("B to hold every flow as ESTABLISHED", settled, timeout=30)
+        assert a.request("stats")["kernel"]["overruns"] >= 1

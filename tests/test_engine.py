@@ -424,3 +424,19 @@ def test_resync_does_not_resend_flows_whose_timeout_only_counted_down() -> None:
     a._pending.clear()
     a.kernel_resync([flow(i, timeout=3000 if i else 3600) for i in range(49)] + [flow(49, mark=5)], 1.0)
     assert list(a._pending) == [flow(49).key]
+
+
+def test_resync_keeps_what_events_said_while_the_dump_ran() -> None:
+    """The dump read flow 1 with mark 0; an event applied meanwhile says mark 7, and flow 2 was
+    destroyed after the dump read it. The events are newer: the cache keeps mark 7 and no flow 2
+    (before, the dump's older view replaced them and was sent to the peers)."""
+    a, _ = _pair()
+    a.kernel_resync([flow(1), flow(2)], 0.0)
+    a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=7), 0),
+                     Event(EventKind.DESTROY, flow(2), 0)], 1.0)
+    a._pending.clear()
+    kept = a.internal[flow(1).key]
+    a.kernel_resync([flow(1), flow(2)], 2.0, newer={flow(1).key, flow(2).key})
+    assert flow(2).key not in a.internal
+    assert a.internal[flow(1).key] == kept
+    assert not a._pending
