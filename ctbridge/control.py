@@ -6,13 +6,15 @@ keepalived hook are clients; the daemon serves.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI's clients (the keepalived hook) start faster without asyncio
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ def _in_use(path: str) -> bool:
 
 
 async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
+    import asyncio
     """Listen on ``path``; a stale socket file from a dead daemon is replaced, a live one refused."""
     if os.path.exists(path):
         if _in_use(path):

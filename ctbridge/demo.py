@@ -1,118 +1,156 @@
-"""`make demo`: replicate a live conntrack table between two firewall namespaces and show it.
+"""`make demo`: a live failover of a stateful NAT firewall pair, with connections that survive it.
 
-Builds two network namespaces, fw1 (active) and fw2 (standby), gives fw1 real NATed flows made by
-real packets plus a few entries of other protocols, then copies fw1's table into fw2 through
-ctbridge's kernel adapter and shows both sides with the conntrack CLI as witness. Everything is
-removed at the end, also after Ctrl-C or a failure.
+Builds the HA lab (ctbridge.lab): a client, fw1 and fw2 running keepalived, nftables and ctbridge,
+and a server, each in a network namespace of its own. 200 TCP connections and 20 UDP flows run
+through the active firewall, every byte checked. Then fw1's keepalived is stopped (fw2 takes over),
+started again (fw1 takes back), fw1's LAN link is taken down and brought up. A status line shows the
+flows while this happens; a table sums it up. Everything is removed at the end, also after Ctrl-C.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import os
-import shutil
+import signal
 import sys
+import threading
 import time
+from typing import Any
 
-from ctbridge import netns
-from ctbridge.kernel import KernelTable
-from ctbridge.view import entry_view
+from ctbridge.lab import Lab, Options, lab
+from ctbridge.lab.scenario import Switch, switch, table
 
-NAT_RULES = """
-table ip nat {
-  chain post {
-    type nat hook postrouting priority 100;
-    ip daddr 198.51.100.0/24 meta l4proto { tcp, udp } snat to 203.0.113.7:40000-40999
-    ip daddr 198.51.100.0/24 meta l4proto icmp snat to 203.0.113.7
-  }
-}
-"""
-TRAFFIC = """
-import socket
-for port in range(5000, 5012):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("192.0.2.1", port))
-    s.sendto(b"demo", ("198.51.100.%d" % (port - 4990), 53))
-"""
-CLI_FLOWS = [
-    "-p tcp -s 192.0.2.50 -d 198.51.100.80 --sport 43210 --dport 443 -r 198.51.100.80 -q 203.0.113.7 "
-    "--reply-port-src 443 --reply-port-dst 40123 --state ESTABLISHED -u SEEN_REPLY,ASSURED -t 3600 -m 1",
-    "-p tcp -s 2001:db8::50 -d 2001:db8:1::80 --sport 43211 --dport 22 --state ESTABLISHED -u SEEN_REPLY,ASSURED "
-    "-t 3600",
-    "-p udp -s 192.0.2.51 -d 198.51.100.123 --sport 123 --dport 123 -t 120 --zone 10",
-]
+STEPS = (  # trigger, on which firewall, who becomes master
+    ("keepalived stopped", 0, 1),
+    ("keepalived started", 0, 0),
+    ("LAN link down", 0, 1),
+    ("LAN link up", 0, 0),
+)
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def table_lines(ns: str) -> list[str]:
-    out = netns.run(ns, "conntrack", "-L", "-o", "extended", check=False).stdout
-    return sorted(" ".join(line.split()) for line in out.splitlines() if line.strip())
+class Progress:
+    """One status line, redrawn in place on a terminal (a line every few seconds otherwise)."""
+
+    def __init__(self, the_lab: Lab) -> None:
+        self.lab = the_lab
+        self.tty = sys.stdout.isatty()
+        self.started = time.monotonic()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def line(self) -> str:
+        s: dict[str, Any] = self.lab.status()
+        master = self.lab.master()
+        now = time.monotonic()
+        moving = sum(1 for t in (s.get("tcp_oldest"),) if t is not None and now - t < 1.0)
+        standby = next((fw for fw in self.lab.fws if fw is not master), None)
+        held = "-"
+        if standby is not None:
+            try:
+                held = str(self.lab.replicator.replicated(standby))
+            except Exception:  # the standby's daemon may be restarting: show a dash
+                held = "-"
+        return (f"[{now - self.started:6.1f}s] master {master.name if master else 'none':4} | "
+                f"TCP {s.get('tcp_alive', 0)}/{self.lab.options.tcp} open, {s.get('tcp_failed', 0)} failed, "
+                f"{'all moving' if moving else 'stalled  '} | UDP {s.get('udp_flows', 0)} flows, "
+                f"{s.get('udp_rebound', 0)} re-NATed | {s.get('bytes', 0) / 1e6:7.1f} MB | standby holds {held}")
+
+    def run(self) -> None:
+        last = 0.0
+        while not self.stop.wait(0.25):
+            try:
+                text = self.line()
+            except Exception:  # the lab is being torn down
+                continue
+            if self.tty:
+                sys.stdout.write("\r" + text + "\033[K")
+                sys.stdout.flush()
+            elif time.monotonic() - last >= 3:
+                say(text)
+                last = time.monotonic()
+
+    def note(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        say(text)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        print("ctbridge demo: needs root (it builds network namespaces); run `make demo` as root", file=sys.stderr)
-        return 1
-    for tool in ("ip", "conntrack", "nft"):
-        if shutil.which(tool) is None:
-            print(f"ctbridge demo: `{tool}` is missing; `make demo` installs it", file=sys.stderr)
-            return 1
-    with contextlib.ExitStack() as stack:
-        fw1 = stack.enter_context(netns.namespace("fw1"))
-        fw2 = stack.enter_context(netns.namespace("fw2"))
-        say(f"lab: {fw1} (active) and {fw2} (standby), sync link 192.0.2.253 <-> 192.0.2.254")
-        netns.run(fw1, "ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync1", "netns", fw2)
-        netns.run(fw1, "ip", "addr", "add", "192.0.2.253/30", "dev", "sync0")
-        netns.run(fw2, "ip", "addr", "add", "192.0.2.254/30", "dev", "sync1")
-        netns.run(fw1, "ip", "link", "set", "sync0", "up")
-        netns.run(fw2, "ip", "link", "set", "sync1", "up")
-        # fw1's LAN side, with a WAN route into a veth stub, so real packets get conntracked and NATed
-        netns.run(fw1, "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
-        for cmd in (["ip", "link", "set", "wan0", "up"], ["ip", "link", "set", "wan1", "up"],
-                    ["ip", "addr", "add", "192.0.2.1/25", "dev", "wan0"],
-                    ["ip", "route", "add", "198.51.100.0/24", "dev", "wan0"]):
-            netns.run(fw1, *cmd)
-        for host in range(10, 22):
-            netns.run(fw1, "ip", "neigh", "add", f"198.51.100.{host}", "lladdr", "02:00:00:00:00:01", "dev", "wan0")
-        netns.run(fw1, "nft", "-f", "-", input=NAT_RULES)
-        netns.run(fw1, sys.executable, "-c", TRAFFIC)
-        for args in CLI_FLOWS:
-            netns.run(fw1, "conntrack", "-I", *args.split())
-
-        say("\nfw1's conntrack table (conntrack -L):")
-        for line in table_lines(fw1):
-            say("  " + line)
-        with netns.inside(fw1):
-            active = KernelTable()
-        with netns.inside(fw2):
-            standby = KernelTable()
-        with active, standby:
-            start = time.perf_counter()
-            entries = active.dump()
-            dumped = time.perf_counter() - start
-            result = standby.commit(entries)
-        nat = sum(1 for e in entries if "SRC_NAT" in entry_view(e)["status"])
-        say(f"\nctbridge: dumped {len(entries)} flows from fw1 in {dumped * 1000:.1f} ms "
-            f"({nat} with a source-NAT binding), committed {result.created} into fw2 in "
-            f"{result.seconds * 1000:.1f} ms, {len(result.failed)} failed")
-        say("\nfw2's conntrack table after the commit (conntrack -L):")
-        for line in table_lines(fw2):
-            say("  " + line)
-        # everything but the remaining timeout (the 5th word) must be identical
-        before = sorted(w[:4] + w[5:] for w in (line.split() for line in table_lines(fw1)))
-        after = sorted(w[:4] + w[5:] for w in (line.split() for line in table_lines(fw2)))
-        ok = before == after and not result.failed
-        say(f"\n{'OK' if ok else 'MISMATCH'}: fw2 holds the same {len(after)} flows as fw1 "
-            "(tuples, NAT bindings, TCP state, mark, zone; timeouts within seconds)")
-        say("cleaning up the lab")
+def demo(options: Options) -> int:
+    say(f"Building the lab: client, fw1 + fw2 (keepalived, nftables NAT, ctbridge {options.apply_mode} mode), "
+        "server ...")
+    switches: list[Switch] = []
+    commits: list[str] = []
+    with lab(options) as the_lab:
+        the_lab.start()
+        say(f"fw1 is master; {options.tcp} TCP connections and {options.udp} UDP flows run through it, "
+            "SNATed to the WAN VIP with random ports.")
+        with Progress(the_lab) as progress:
+            time.sleep(3)
+            for how, on, new in STEPS:
+                fw, target = the_lab.fws[on], the_lab.fws[new]
+                progress.note(f"-> {how} on {fw.name}: {target.name} should take over")
+                s = switch(the_lab, how, fw, target)
+                switches.append(s)
+                stats = target.request("stats")
+                commit = stats["commit"]
+                commits.append(f"{target.name}: {commit['entries']} flows committed in {commit['seconds'] * 1000:.0f} ms"
+                               if options.apply_mode == "commit" else f"{target.name}: flows were already injected")
+                progress.note(f"   {target.name} is master after {s.to_master:.2f} s; "
+                              + (f"every flow moved data again {s.recovered:.2f} s later" if s.recovered is not None
+                                 else "FLOWS DID NOT RECOVER"))
+                time.sleep(3)
+        final = the_lab.stop()
+    say()
+    for row in table(switches):
+        say(row)
+    say()
+    say("flows: TCP+UDP of the client in the master's kernel (conntrack -L); replicated: flows the new master "
+        "held for its peer; commit hook: keepalived's MASTER notify, start to end.")
+    for line in commits:
+        say(f"  {line}")
+    ok = (all(s.recovered is not None for s in switches) and final.get("tcp_failed") == 0
+          and final.get("udp_rebound") == 0 and final.get("tcp_open") == options.tcp)
+    say()
+    say(f"Result: {final.get('tcp_open', 0)} TCP connections opened, {final.get('tcp_failed', 0)} failed, "
+        f"{final.get('bytes', 0) / 1e6:.1f} MB echoed and checked byte for byte; "
+        f"{final.get('udp_rebound', 0)} of {final.get('udp_flows', 0)} UDP flows NATed anew.")
+    say("Every connection survived every failover." if ok else "SOME CONNECTIONS DID NOT SURVIVE.")
+    say("The lab is removed.")
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctbridge.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("commit", "inject"), default="commit", help="ctbridge apply mode")
+    p.add_argument("--tcp", type=int, default=200)
+    p.add_argument("--udp", type=int, default=20)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make demo needs root: it creates network namespaces and runs keepalived", file=sys.stderr)
+        return 1
+    # SIGTERM unwinds like Ctrl-C, so the lab is torn down either way
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        sys.exit(main())
+        return demo(Options(apply_mode=args.mode, tcp=args.tcp, udp=args.udp))
     except KeyboardInterrupt:
-        sys.exit(130)
+        print("\ninterrupted; the lab is removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 from ctbridge import config, control
-from ctbridge.cli.kernel import format_line
 
 NOTIFY_TIMEOUT = 60.0  # a commit of a large table takes about a second; keepalived waits for nobody
 
@@ -79,6 +78,7 @@ class Dump:
             json.dump(entries, sys.stdout, separators=(",", ":"))
             sys.stdout.write("\n")
         else:
+            from ctbridge.cli.kernel import format_line  # the kernel adapter only when printing lines
             for v in entries:
                 print(format_line(v))
         return 0

@@ -57,9 +57,13 @@ def switch(lab: Lab, how: str, on: Firewall, new: Firewall, recover_timeout: flo
         except TimeoutError:
             status = lab.status()
     hook = None
-    for record in new.hook_times()[hooks_before:]:
-        if record["state"] == "MASTER":
-            hook = record["end"] - record["start"]
+    deadline = time.monotonic() + 10  # flows can move before the hook returns (inject mode, old entries)
+    while hook is None and time.monotonic() < deadline:
+        for record in new.hook_times()[hooks_before:]:
+            if record["state"] == "MASTER":
+                hook = record["end"] - record["start"]
+        if hook is None:
+            time.sleep(0.05)
     return Switch(how=how, old=old.name if old else "-", new=new.name, replicated=replicated,
                   to_master=became - start, hook_seconds=hook, recovered=recovered,
                   dropped=sum(fw.dropped() for fw in lab.fws) - dropped, flows_before=before,
