@@ -177,7 +177,7 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         name=str(top.get("name", "cluster")), key_file=str(top.get("key_file", "/etc/ctbridge/sync.key")),
         apply_mode=str(top.get("apply_mode", "commit")), transport=str(top.get("transport", "unicast")),
         sync_group=str(top.get("sync_group", "")), sync_port=int(top.get("sync_port", 3780)),
-        notify=str(top.get("notify", "hook")), interlock=bool(top.get("interlock", True)),
+        notify=str(top.get("notify", "fifo")), interlock=bool(top.get("interlock", True)),
         gate=bool(top.get("gate", True)), maintenance=bool(top.get("maintenance", True)),
         vrrp_version=int(top.get("vrrp_version", 2)), group=str(top.get("group", "G1")),
         nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)

@@ -253,7 +253,7 @@ class Daemon:
             if role is self.engine.role and t.state != "STOP":
                 record["noop"] = True
             elif role is Role.MASTER:
-                record.update(await self.become_master())
+                record.update(await self.become_master(start))
             elif role is Role.BACKUP:
                 await self.become_backup()
             else:
@@ -265,7 +265,7 @@ class Daemon:
             self.after_input()
             return {"ok": True, "role": self.engine.role.value, **record}
 
-    async def become_master(self) -> dict[str, Any]:
+    async def become_master(self, start: float) -> dict[str, Any]:
         if self.purge_task is not None:
             self.purge_task.cancel()
             self.purge_task = None
@@ -274,6 +274,7 @@ class Daemon:
             await asyncio.shield(self.inject_task)
         if self.cfg["apply.mode"] == "commit":
             out = await self.commit()
+        out["committed_after"] = round(time.monotonic() - start, 6)  # from the notification to the flows in place
         self.engine.flush_external()
         self.engine.set_role(Role.MASTER)
         await self.set_gate(closed=False)

@@ -108,8 +108,9 @@ def demo(options: Options) -> int:
                 switches.append(s)
                 stats = target.request("stats")
                 commit = stats["commit"]
-                commits.append(f"{target.name}: {commit['entries']} flows committed in {commit['seconds'] * 1000:.0f} ms"
-                               if options.apply_mode == "commit" else f"{target.name}: flows were already injected")
+                commits.append(f"{target.name}: {commit['entries']} flows committed in "
+                               f"{commit['seconds'] * 1000:.0f} ms" if options.apply_mode == "commit"
+                               else f"{target.name}: the flows were already in its kernel (inject mode)")
                 progress.note(f"   {target.name} is master after {s.to_master:.2f} s; "
                               + (f"every flow moved data again {s.recovered:.2f} s later" if s.recovered is not None
                                  else "FLOWS DID NOT RECOVER"))
@@ -119,8 +120,9 @@ def demo(options: Options) -> int:
     for row in table(switches):
         say(row)
     say()
-    say("flows: TCP+UDP of the client in the master's kernel (conntrack -L); replicated: flows the new master "
-        "held for its peer; commit hook: keepalived's MASTER notify, start to end.")
+    say("flows: TCP+UDP of the client in the master's kernel (conntrack -L); replicated: flows the new master held "
+        "for its peer;\ncommitted: from keepalived's MASTER notification until the flows were in the new master's "
+        "kernel; dropped: forwarded packets both firewalls dropped.")
     for line in commits:
         say(f"  {line}")
     ok = (all(s.recovered is not None for s in switches) and final.get("tcp_failed") == 0

@@ -102,3 +102,11 @@ def test_fifo_lines() -> None:
     assert keepalived.parse_fifo_line('GROUP "G 1" BACKUP 0') == keepalived.Transition("GROUP", "G 1", "BACKUP", 0)
     for other in ('MASTER_RX_LOWER_PRI "VI_1" 100', 'INSTANCE "VI_1" MASTER_PRIORITY 90', "", "garbage"):
         assert keepalived.parse_fifo_line(other) is None
+
+
+def test_the_notify_hook_knows_the_default_control_socket() -> None:
+    """The hook is standalone (it starts without site-packages), so it repeats one default."""
+    hook = (ROOT / "hooks" / "ctbridge-notify").read_text()
+    default = next(k.default for k in config.SCHEMA if (k.section, k.name) == ("control", "socket"))
+    assert f'DEFAULT_SOCKET = "{default}"' in hook
+    assert f'DEFAULT_CONFIG = "{config.DEFAULT_PATH}"' in hook

@@ -58,9 +58,9 @@ def final_check(the_lab: Lab) -> None:
     assert status["udp_rebound"] == 0 and status["bytes"] > 0
 
 
-@pytest.mark.parametrize("mode", ["commit", "inject"])
-def test_connections_survive_failover_and_failback(mode: str, running: Callable[[Options], Lab]) -> None:
-    the_lab = running(Options(apply_mode=mode, tcp=TCP, udp=UDP))
+@pytest.mark.parametrize(("mode", "notify"), [("commit", "hook"), ("inject", "fifo")])
+def test_connections_survive_failover_and_failback(mode: str, notify: str, running: Callable[[Options], Lab]) -> None:
+    the_lab = running(Options(apply_mode=mode, notify=notify, tcp=TCP, udp=UDP))
     fw1, fw2 = the_lab.fws
     assert fw1.lab_flows() == {"tcp": TCP, "udp": UDP}
     survived(switch(the_lab, "keepalived stopped", fw1, fw2))

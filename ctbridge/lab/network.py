@@ -101,11 +101,15 @@ class Replicator(Protocol):
     def replicated(self, fw: Firewall) -> int | None:
         """How many peer flows ``fw`` holds, ready for a takeover."""
 
+    def master_seconds(self, fw: Firewall, since: float) -> float | None:
+        """From keepalived's MASTER notification (after wall time ``since``) to the flows committed,
+        where the replicator itself knows it (notify_fifo); None: the notify hook's duration says."""
+
 
 @dataclass
 class Options:
     apply_mode: str = "commit"
-    notify: str = "hook"  # keepalived -> ctbridge through the hook, or "fifo"
+    notify: str = "fifo"  # keepalived -> ctbridge through notify_fifo (ordered), or "hook"
     tcp: int = 200
     udp: int = 20
     event_buffer: int = 0  # bytes for the firewalls' kernel event socket (0: ctbridge's default)
@@ -256,9 +260,7 @@ class CtbridgeReplicator:
         if self.options.event_buffer:
             text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
             cfg.write_text(text)
-        command = f"{shlex.quote(sys.executable)} -m ctbridge"
-        lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} CTBRIDGE={shlex.quote(command)} "
-                                     f"PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(str(HOOK))}")
+        lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:
         fw.daemon = Process(f"{fw.name} ctbridge", fw.ns,
@@ -275,6 +277,16 @@ class CtbridgeReplicator:
         if fw.daemon is None:
             return None
         return int(fw.request("status")["external"]["entries"])
+
+    def master_seconds(self, fw: Firewall, since: float) -> float | None:
+        if self.options.notify != "fifo" or fw.daemon is None:
+            return None
+        # the daemon reads keepalived's FIFO line as it is written: its transition record runs from
+        # that line to the end of the commit
+        for record in reversed(fw.request("stats")["transitions"]):
+            if record["state"] == "MASTER" and record["at"] >= since and not record.get("noop"):
+                return float(record.get("committed_after", record["seconds"]))
+        return None
 
 
 @dataclass

@@ -19,11 +19,13 @@ class Switch:
     new: str
     replicated: int | None  # flows the new master held for its peer when it was triggered
     to_master: float  # seconds from the trigger until the new master alone held the VIPs
-    hook_seconds: float | None  # keepalived's MASTER hook on the new master: start to end (the commit)
+    to_committed: float | None  # keepalived's MASTER notification until the new master's kernel had the flows
     recovered: float | None  # seconds from the new master until every flow moved data again; None: never
     dropped: int  # forwarded packets the firewalls dropped meanwhile (ruleset and commit gate)
     flows_before: dict[str, int]  # the client's flows in the old master's kernel (conntrack CLI)
     flows_after: dict[str, int]  # the same in the new master's kernel, once recovered or given up
+    tcp_moving: int = 0  # TCP connections moving data when the switch was over (recovered or given up)
+    udp_renat: int = 0  # UDP flows NATed anew (to another port) by this switch
     status: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -45,7 +47,9 @@ def switch(lab: Lab, how: str, on: Firewall, new: Firewall, recover_timeout: flo
     replicated = lab.replicator.replicated(new)
     dropped = sum(fw.dropped() for fw in lab.fws)
     hooks_before = len(new.hook_times())
+    rebound_before = lab.status().get("udp_rebound", 0)
     start = time.monotonic()
+    wall = time.time()
     TRIGGERS[how](lab, on)
     became = lab.wait_master(new)
     recovered: float | None = None
@@ -56,31 +60,35 @@ def switch(lab: Lab, how: str, on: Firewall, new: Firewall, recover_timeout: flo
             recovered = time.monotonic() - became
         except TimeoutError:
             status = lab.status()
-    hook = None
+    else:
+        status = lab.status()
+    committed = lab.replicator.master_seconds(new, wall)
     deadline = time.monotonic() + 10  # flows can move before the hook returns (inject mode, old entries)
-    while hook is None and time.monotonic() < deadline:
-        for record in new.hook_times()[hooks_before:]:
+    while committed is None and time.monotonic() < deadline:
+        for record in new.hook_times()[hooks_before:]:  # hook mode: the notify script's start to end
             if record["state"] == "MASTER":
-                hook = record["end"] - record["start"]
-        if hook is None:
+                committed = record["end"] - record["start"]
+        if committed is None:
             time.sleep(0.05)
+            committed = lab.replicator.master_seconds(new, wall)
     return Switch(how=how, old=old.name if old else "-", new=new.name, replicated=replicated,
-                  to_master=became - start, hook_seconds=hook, recovered=recovered,
+                  to_master=became - start, to_committed=committed, recovered=recovered,
                   dropped=sum(fw.dropped() for fw in lab.fws) - dropped, flows_before=before,
-                  flows_after=new.lab_flows(), status=status)
+                  flows_after=new.lab_flows(), status=status, tcp_moving=int(status.get("tcp_recent", 0)),
+                  udp_renat=int(status.get("udp_rebound", 0)) - rebound_before)
 
 
 def table(switches: list[Switch]) -> list[str]:
     """The summary `make demo` prints: one row per change of master."""
     head = (f"{'what happened':<20} {'from':>4} {'to':>4} {'flows before':>13} {'replicated':>10} "
-            f"{'to master':>9} {'commit hook':>11} {'recovered':>9} {'dropped':>7} {'flows after':>12}")
+            f"{'to master':>9} {'committed':>11} {'recovered':>9} {'dropped':>7} {'flows after':>12}")
     rows = [head, "-" * len(head)]
     for s in switches:
         flows_b = f"{s.flows_before.get('tcp', 0)}+{s.flows_before.get('udp', 0)}"
         flows_a = f"{s.flows_after.get('tcp', 0)}+{s.flows_after.get('udp', 0)}"
         rows.append(f"{s.how:<20} {s.old:>4} {s.new:>4} {flows_b:>13} "
                     f"{s.replicated if s.replicated is not None else '-':>10} {s.to_master:>8.2f}s "
-                    f"{_secs(s.hook_seconds):>11} {_secs(s.recovered, 'never'):>9} {s.dropped:>7} {flows_a:>12}")
+                    f"{_secs(s.to_committed):>11} {_secs(s.recovered, 'never'):>9} {s.dropped:>7} {flows_a:>12}")
     return rows
 
 

@@ -29,6 +29,7 @@ from typing import Any
 TCP_PORT = 5001
 UDP_PORT = 5002
 STATUS_INTERVAL = 0.25
+RECENT = 2.0  # a connection that echoed within this many seconds is moving (round trips are ~0.1 s apart)
 
 
 # --- server -----------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ class Counters:
                 "tcp_failed": self.tcp_failed, "bytes": self.bytes, "errors": self.errors,
                 "tcp_oldest": min(self.tcp_last.values(), default=None),
                 "tcp_newest": max(self.tcp_last.values(), default=None),
+                "tcp_recent": sum(1 for t in self.tcp_last.values() if now - t < RECENT),
                 "udp_flows": len(self.udp_seen), "udp_oldest": min(self.udp_last.values(), default=None),
                 "udp_newest": max(self.udp_last.values(), default=None),
                 "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers}
