@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make demo needs root: it creates network namespaces and runs keepalived", file=sys.stderr)
         return 1
-    # SIGTERM unwinds like Ctrl-C, so the lab is torn down either way
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGINT and SIGTERM unwind the stack, so the lab is torn down either way (SIGINT explicitly:
+    # a shell starts background jobs with it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return demo(Options(apply_mode=args.mode, tcp=args.tcp, udp=args.udp))
     except KeyboardInterrupt:
