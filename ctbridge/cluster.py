@@ -151,6 +151,10 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         if not isinstance(name, str) or not name:
             problems.append(f"{where}: has no name; add name = \"LAN\"")
             continue
+        for key in raw:
+            if key not in ("name", "side", "virtual_router_id", "vips", "advert_int"):
+                problems.append(f"{where}: unknown key {key!r}; an instance has name, side, virtual_router_id, "
+                                "vips, advert_int")
         vips: list[IPInterface] = []
         for vip in raw.get("vips", []):
             try:
@@ -239,7 +243,7 @@ def verify(c: Cluster) -> list[str]:
             if other != n.name:
                 p.append(f"node {n.name!r}: sync address {n.sync.address.ip} is also node {other!r}'s")
     # VRRP instances
-    vrids: dict[tuple[str, int, int], str] = {}
+    vrids: dict[tuple[str, str, int, int], str] = {}
     inames = [i.name for i in c.instances]
     for name in sorted({n for n in inames if inames.count(n) > 1}):
         p.append(f"instance {name!r}: the name is used twice; instance names must be unique")
@@ -255,10 +259,6 @@ def verify(c: Cluster) -> list[str]:
             p.append(f"{where}: mixes IPv4 and IPv6 VIPs; VRRP carries one family per instance, make two instances")
             continue
         version = versions.pop()
-        other = vrids.setdefault((inst.side, version, inst.virtual_router_id), inst.name)
-        if other != inst.name:
-            p.append(f"{where}: virtual_router_id {inst.virtual_router_id} is also instance {other!r}'s on side "
-                     f"{inst.side!r}; give each instance on a link its own id (1-255)")
         if c.vrrp_version == 2 and version == 6:
             p.append(f"{where}: IPv6 VIPs need VRRP version 3; set vrrp_version = 3 in [cluster]")
         if c.vrrp_version == 2 and inst.advert_int != int(inst.advert_int):
@@ -269,6 +269,13 @@ def verify(c: Cluster) -> list[str]:
                 p.append(f"node {n.name!r}: has no interface for side {inst.side!r} of {where}; add "
                          f"interfaces.{inst.side} = {{ name = \"IFNAME\", address = \"ADDR/LEN\" }}")
                 continue
+            # a virtual router is named by (link, family, id): two instances of one family on the
+            # same interface need different ids (RFC 5798 section 5.2.3)
+            other = vrids.setdefault((n.name, iface.name, version, inst.virtual_router_id), inst.name)
+            if other != inst.name:
+                p.append(f"{where}: virtual_router_id {inst.virtual_router_id} is also instance {other!r}'s on "
+                         f"node {n.name!r}'s {iface.name} (IPv{version}); give each instance on a link its own id "
+                         "(1-255)")
             if iface.address.version != version:
                 p.append(f"node {n.name!r}: interface {iface.name} has an IPv{iface.address.version} address but "
                          f"{where} has IPv{version} VIPs; VRRP adverts need a source of the VIPs' family")

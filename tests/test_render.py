@@ -1,0 +1,205 @@
+"""`ctbridge render`: the cluster description's checks, snapshots of the files rendered for the
+shipped examples, and the real parsers: `keepalived -t` (in a namespace that has the interfaces),
+`nft -c`, `ctbridge check`."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ctbridge import cluster, keyfile, netns, render
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = {"two-nodes-unicast": ("fw1", "fw2"), "three-nodes-multicast": ("fw1", "fw2", "fw3")}
+SNAPSHOTS = ROOT / "tests" / "snapshots"
+# UPDATE_SNAPSHOTS=1 rewrites the snapshots from the templates (then review the diff)
+UPDATE = os.environ.get("UPDATE_SNAPSHOTS") == "1"
+
+TWO = (ROOT / "examples" / "two-nodes-unicast.toml").read_text()
+
+
+def problems(text: str) -> list[str]:
+    return cluster.verify(cluster.parse(text, "c.toml"))
+
+
+def tool(name: str) -> None:
+    if shutil.which(name) is None:
+        why = f"needs {name} (run `make test`, which installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run this test, but it {why}")
+        pytest.skip(why)
+
+
+# --- the description's checks ---------------------------------------------------------------------
+
+def test_the_examples_pass_and_verify_changes_nothing() -> None:
+    for name in EXAMPLES:
+        c = cluster.load(str(ROOT / "examples" / f"{name}.toml"))
+        before = copy.deepcopy(c)
+        assert cluster.verify(c) == []
+        assert c == before
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (("[[instance]]\nname = \"LAN\"", "[[node]]\nname = \"fw1\"\n"
+      "sync = { name = \"sync0\", address = \"198.51.100.3/30\" }\n[[instance]]\nname = \"LAN\""),
+     "node 'fw1': the name is used twice"),
+    (("virtual_router_id = 52", "virtual_router_id = 51\nside2 = 1"), None),  # unknown keys are refused (below)
+    (("side = \"wan\"\nvirtual_router_id = 52", "side = \"lan\"\nvirtual_router_id = 51"),
+     "instance 'WAN': virtual_router_id 51 is also instance 'LAN''s on node 'fw1''s lan0 (IPv4)"),
+    (("vips = [\"192.0.2.1/24\"]", "vips = [\"198.51.100.200/24\"]"),
+     "instance 'LAN': VIP 198.51.100.200/24 is outside node 'fw1''s lan0 subnet 192.0.2.0/24"),
+    (("vips = [\"192.0.2.1/24\"]", "vips = [\"192.0.2.1/24\", \"2001:db8::1/64\"]"),
+     "instance 'LAN': mixes IPv4 and IPv6 VIPs"),
+    (("transport = \"unicast\"", "transport = \"unicast\"\nsync_group = \"239.1.2.3\""),
+     "transport is unicast but sync_group = '239.1.2.3' is set (multicast)"),
+    (("sync = { name = \"sync0\", address = \"198.51.100.2/30\" }\n", ""),
+     "node 'fw2': has no sync address; add sync = "),
+    (("vips = [\"192.0.2.1/24\"]", "vips = [\"192.0.2.2/24\"]"), "VIP 192.0.2.2 is node 'fw1''s own address"),
+    (("interfaces.wan = { name = \"wan0\", address = \"203.0.113.3/24\" }\n", ""),
+     "node 'fw2': has no interface for side 'wan' of instance 'WAN'"),
+    (("transport = \"unicast\"", "transport = \"multicast\""), "transport is multicast but sync_group = ''"),
+    (("apply_mode = \"commit\"", "apply_mode = \"replay\""), "apply_mode = 'replay'; use 'commit' or 'inject'"),
+])
+def test_each_mistake_names_the_object_and_the_fix(edit: tuple[str, str], expected: str | None) -> None:
+    old, new = edit
+    assert old in TWO
+    text = TWO.replace(old, new, 1)
+    if expected is None:
+        with pytest.raises(cluster.ClusterError, match="unknown key 'side2'"):
+            cluster.parse(text)
+        return
+    found = problems(text)
+    assert any(expected in p for p in found), found
+
+
+def test_shape_errors_are_all_reported_at_once() -> None:
+    text = TWO.replace("priority = 150", "priority = 300").replace('address = "192.0.2.3/24"', 'address = "nope"')
+    with pytest.raises(cluster.ClusterError) as err:
+        cluster.parse(text, "c.toml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert "node 'fw1': priority 300 must be 1-254" in lines[0]
+    assert "node 'fw2': interfaces.lan: address 'nope' is not ADDRESS/PREFIX" in lines[1]
+
+
+def test_an_unknown_node_is_refused_with_the_known_ones() -> None:
+    c = cluster.parse(TWO, "c.toml")
+    with pytest.raises(cluster.ClusterError, match="no node 'fw9' in this cluster; nodes are fw1, fw2"):
+        c.node("fw9")
+
+
+def test_the_cli_prints_one_line_per_problem_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text(TWO.replace("virtual_router_id = 52", "virtual_router_id = 51").replace("side = \"wan\"",
+                                                                                           "side = \"lan\""))
+    res = subprocess.run([sys.executable, "-m", "ctbridge", "render", "--cluster", str(bad), "--node", "fw1",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines and all(line.startswith(f"ctbridge render: {bad}: ") for line in lines)
+    assert not (tmp_path / "out").exists()
+    res = subprocess.run([sys.executable, "-m", "ctbridge", "render", "--cluster", str(ROOT / "examples" /
+                          "two-nodes-unicast.toml"), "--node", "fw7", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1 and "no node 'fw7'" in res.stderr
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_rendered_files_match_their_snapshots(example: str) -> None:
+    c = cluster.checked(cluster.load(str(ROOT / "examples" / f"{example}.toml")))
+    for node in EXAMPLES[example]:
+        files = render.render(c, c.node(node))
+        assert sorted(files) == sorted(render.FILES.values())
+        for name, content in files.items():
+            snap = SNAPSHOTS / example / node / name
+            if UPDATE:
+                snap.parent.mkdir(parents=True, exist_ok=True)
+                snap.write_text(content)
+            assert snap.read_text() == content, f"{snap} differs: UPDATE_SNAPSHOTS=1 rewrites it (review the diff)"
+
+
+def test_the_debian_package_ships_the_rendered_unit() -> None:
+    c = cluster.checked(cluster.load(str(ROOT / "examples" / "two-nodes-unicast.toml")))
+    unit = render.render(c, c.node("fw1"))["ctbridge.service"]
+    assert (ROOT / "packaging" / "debian" / "ctbridge.service").read_text() == unit
+
+
+def test_strict_undefined_and_atomic_writes(tmp_path: Path) -> None:
+    c = cluster.checked(cluster.load(str(ROOT / "examples" / "two-nodes-unicast.toml")))
+    out = tmp_path / "out"
+    assert sorted(render.write(render.render(c, c.node("fw1")), out)) == sorted(render.FILES.values())
+    assert render.write(render.render(c, c.node("fw1")), out) == []  # unchanged: nothing rewritten
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    broken = tmp_path / "templates"
+    shutil.copytree(render.template_dir(), broken)
+    (broken / "ctbridge.toml.j2").write_text("name = {{ node.nmae }}\n")  # a typo in a template
+    import jinja2
+    with pytest.raises(jinja2.UndefinedError, match="nmae"):
+        render.write(render.render(c, c.node("fw1"), broken), out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == before  # nothing half-written, no temp files
+
+
+# --- the real parsers -------------------------------------------------------------------------------
+
+def _interfaces(ns: str, names: set[str]) -> None:
+    for i, name in enumerate(sorted(names)):
+        netns.run(ns, "ip", "link", "add", name, "type", "veth", "peer", "name", f"peer{i}")
+        netns.run(ns, "ip", "link", "set", name, "up")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
+    tool("keepalived")
+    c = cluster.checked(cluster.load(str(ROOT / "examples" / f"{example}.toml")))
+    with tempfile.TemporaryDirectory(prefix="ctb-render-") as tmp:
+        for node_name in EXAMPLES[example]:
+            node = c.node(node_name)
+            out = Path(tmp) / node_name
+            render.write(render.render(c, node), out)
+            with netns.namespace("render") as ns:
+                names = {i.name for i in node.interfaces.values()} | ({node.sync.name} if node.sync else set())
+                _interfaces(ns, names)
+                res = netns.run(ns, "keepalived", "-t", "-f", str(out / "keepalived.conf"), check=False)
+                assert res.returncode == 0, f"{node_name}: keepalived -t: {res.stdout}{res.stderr}"
+                res = netns.run(ns, "nft", "-c", "-f", str(out / "ctbridge-sync.nft"), check=False)
+                assert res.returncode == 0, f"{node_name}: nft -c: {res.stderr}"
+                # and for real, twice: the snippet replaces its own table
+                netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
+                netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
+                listed = netns.run(ns, "nft", "list", "table", "inet", "ctbridge_sync").stdout
+                peers = [n.sync.address.ip for n in c.peers(node) if n.sync is not None]
+                assert all(str(p) in listed for p in peers)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_ctbridge_check_accepts_what_is_rendered(example: str, tmp_path: Path) -> None:
+    """On a host that has the node's sync address and the key: `ctbridge check` (file and host)."""
+    key = tmp_path / "sync.key"
+    keyfile.generate(str(key))
+    text = (ROOT / "examples" / f"{example}.toml").read_text().replace("/etc/ctbridge/sync.key", str(key))
+    text += f'\n[paths]\nrun_dir = "{tmp_path}/{{node}}/run"\nstate_dir = "{tmp_path}/{{node}}/state"\n'
+    c = cluster.checked(cluster.parse(text))
+    for node_name in EXAMPLES[example]:
+        node = c.node(node_name)
+        assert node.sync is not None
+        out = tmp_path / node_name
+        render.write(render.render(c, node), out)
+        (out / "run").mkdir()
+        with netns.namespace("check") as ns:
+            _interfaces(ns, {node.sync.name})
+            netns.run(ns, "ip", "addr", "add", str(node.sync.address), "dev", node.sync.name)
+            res = netns.run(ns, sys.executable, "-m", "ctbridge", "check", "-c", str(out / "ctbridge.toml"),
+                            check=False)
+            assert res.returncode == 0, f"{node_name}: {res.stderr}"
