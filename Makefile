@@ -6,12 +6,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests and the demo use: the kernel's conntrack table is driven and witnessed
 # through these tools, and the lab runs real keepalived and nftables.
-APT_PACKAGES := conntrack conntrackd keepalived nftables iproute2 iputils-ping python3 python3-venv python3-pip
+APT_PACKAGES := conntrack conntrackd keepalived nftables iproute2 iputils-ping python3 python3-venv python3-pip \
+	$(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES)
+# Building the Debian package (make deb, and the package test), and what the package depends on:
+# Debian's own python3-pyroute2 (0.7.2 in Debian 12), jinja2 and psutil.
+DEB_BUILD_PACKAGES := dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+DEB_RUNTIME_PACKAGES := python3-pyroute2 python3-jinja2 python3-psutil adduser
 MYPY_MODULES := ctbridge/ctnetlink.py ctbridge/codec.py ctbridge/kernel.py ctbridge/view.py \
 	ctbridge/wire.py ctbridge/engine.py ctbridge/sequence.py ctbridge/filter.py \
 	ctbridge/cluster.py ctbridge/render.py ctbridge/gate.py
 
-.PHONY: all deps venv lint test unit demo bench clean
+.PHONY: all deps venv lint test unit demo bench deb clean
 
 all: test
 
@@ -48,6 +53,10 @@ demo: deps venv
 bench: deps venv
 	$(PY) bench/kernel.py
 	$(PY) bench/engine.py --conntrackd
+
+deb: deps
+	packaging/build-deb
+	lintian --fail-on error build/deb/*.deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

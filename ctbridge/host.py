@@ -21,6 +21,22 @@ def _bind_problem(address: str, port: int) -> str | None:
     return None
 
 
+def addresses() -> list[str]:
+    """This network namespace's addresses, from rtnetlink (pyroute2: the API used here is in
+    Debian 12's 0.7.2 and in current releases alike)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr()]
+
+
+def interface_exists(name: str) -> bool:
+    """In this network namespace (unlike /sys/class/net, which shows the namespace sysfs was
+    mounted in)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
 def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
     """Why ``cfg`` cannot run on this host, one line each ("FILE: ..."); [] when it can."""
     out = []
@@ -28,14 +44,15 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
     local = cfg["sync.local"]
     problem = _bind_problem(local, 0)
     if problem is not None:
-        out.append(f"{path}: sync.local {local} is not an address of this host ({problem}); "
-                   "use the address of this node's sync interface")
+        mine = [a for a in addresses() if not a.startswith(("127.", "::1", "fe80:"))]
+        out.append(f"{path}: sync.local {local} is not an address of this host ({problem}); use the address "
+                   "of this node's sync interface" + (f" (this host has {', '.join(mine[:8])})" if mine else ""))
     elif not daemon_running and not cfg.multicast:
         taken = _bind_problem(local, cfg["sync.port"])
         if taken is not None:
             out.append(f"{path}: UDP port {cfg['sync.port']} on {local} cannot be bound ({taken}); "
                        "is another ctbridge running? choose another sync.port")
-    if cfg.multicast and not os.path.exists(f"/sys/class/net/{cfg['sync.interface']}"):
+    if cfg.multicast and not interface_exists(cfg["sync.interface"]):
         out.append(f"{path}: sync.interface {cfg['sync.interface']} does not exist on this host")
     for name in ("key_file", "previous_key_file"):
         if cfg[f"sync.{name}"] and cfg["sync.auth"] != "none":

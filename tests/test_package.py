@@ -1,0 +1,157 @@
+"""The Debian package: built from this tree, checked by lintian, installed with apt, used for a
+replication between two namespaces with the installed /usr/bin/ctbridge (Debian's python3 and its
+python3-pyroute2 0.7.2, not the test venv), then purged."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ctbridge import netns
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.root
+# Debian's interpreter and tools, never the venv's or pyenv's
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+FLOWS = [
+    "-p tcp -s 192.0.2.50 -d 203.0.113.80 --sport 43210 --dport 443 -r 203.0.113.80 -q 198.51.100.7 "
+    "--reply-port-src 443 --reply-port-dst 40123 --state ESTABLISHED -u SEEN_REPLY,ASSURED -t 3600 -m 5",
+    "-p udp -s 192.0.2.51 -d 203.0.113.53 --sport 5353 --dport 53 -t 120",
+]
+
+
+def sh(*argv: str, timeout: float = 300, check: bool = True, cwd: Path | str = "/") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("dpkg-buildpackage") is None:
+        why = "needs dpkg-dev, debhelper, dh-python, pybuild-plugin-pyproject (run `make test`, which installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run this test, but it {why}")
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("deb")
+    res = sh(str(ROOT / "packaging" / "build-deb"), str(out), check=False)
+    assert res.returncode == 0, res.stderr
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def installed(deb: Path) -> Iterator[None]:
+    if sh("dpkg-query", "-W", "-f=${Status}", "ctbridge", check=False).stdout.startswith("install ok"):
+        pytest.fail("ctbridge is already installed on this machine; this test installs and purges it itself")
+    res = sh("apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb), check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    try:
+        yield
+    finally:
+        res = sh("apt-get", "purge", "-y", "-q", "ctbridge", check=False)
+        assert res.returncode == 0, res.stderr
+        assert not Path("/usr/bin/ctbridge").exists() and not Path("/etc/ctbridge/ctbridge.toml").exists()
+
+
+def test_lintian_reports_no_errors(deb: Path) -> None:
+    res = sh("lintian", str(deb), check=False)
+    errors = [line for line in res.stdout.splitlines() if line.startswith("E:")]
+    assert errors == [], res.stdout
+
+
+def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> None:
+    with installed(deb), contextlib.ExitStack() as stack:
+        # what the package put where
+        for path in ("/usr/bin/ctbridge", "/usr/lib/ctbridge/ctbridge-notify", "/lib/systemd/system/ctbridge.service",
+                     "/usr/share/ctbridge/templates/keepalived.conf.j2", "/etc/ctbridge/ctbridge.toml",
+                     "/usr/share/man/man1/ctbridge.1.gz"):
+            assert Path(path).exists(), path
+        assert sh("getent", "passwd", "ctbridge").returncode == 0
+        assert sh("dpkg-query", "-W", "-f=${Version}", "python3-pyroute2").stdout.startswith("0.7.2")  # Debian 12
+        version = sh("/usr/bin/ctbridge", "--version").stdout
+        assert version.strip() == f"ctbridge {_source_version()}"
+        # render with the installed templates
+        res = sh("/usr/bin/ctbridge", "render", "--cluster", "/usr/share/doc/ctbridge/examples/two-nodes-unicast.toml",
+                 "--node", "fw2", "--out", str(tmp_path / "rendered"))
+        assert "keepalived.conf: written" in res.stdout
+        # two namespaces on a veth pair, one installed daemon in each
+        key = tmp_path / "sync.key"
+        sh("/usr/bin/ctbridge", "keygen", str(key))
+        a = stack.enter_context(netns.namespace("pkga"))
+        b = stack.enter_context(netns.namespace("pkgb"))
+        netns.run(a, "ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", b)
+        for ns, addr in ((a, "198.51.100.1"), (b, "198.51.100.2")):
+            netns.run(ns, "ip", "addr", "add", f"{addr}/30", "dev", "sync0")
+            netns.run(ns, "ip", "link", "set", "sync0", "up")
+        confs = {}
+        for ns, name, local, peer in ((a, "fw1", "198.51.100.1", "198.51.100.2"),
+                                      (b, "fw2", "198.51.100.2", "198.51.100.1")):
+            conf = tmp_path / f"{name}.toml"
+            conf.write_text(f'[node]\nname = "{name}"\nstate_dir = "{tmp_path}/{name}"\n'
+                            f'[sync]\nlocal = "{local}"\npeers = ["{peer}"]\nkey_file = "{key}"\n'
+                            f'[control]\nsocket = "{tmp_path}/{name}.sock"\n')
+            confs[ns] = conf
+            # the installed check: a wrong address is reported with this host's addresses (pyroute2)
+            res = sh("ip", "netns", "exec", ns, "/usr/bin/ctbridge", "check", "-c", str(conf))
+            assert res.returncode == 0, res.stderr
+            log = open(tmp_path / f"{name}.log", "wb")
+            stack.callback(log.close)
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/ctbridge", "run", "-c", str(conf)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd="/", start_new_session=True)
+            stack.callback(_stop, proc)
+        for ns in (a, b):
+            _wait(lambda ns=ns: sh("ip", "netns", "exec", ns, "/usr/bin/ctbridge", "status", "-c", str(confs[ns]),
+                                   check=False).returncode == 0, "the installed daemons to answer")
+        for flow in FLOWS:
+            netns.run(a, "conntrack", "-I", *flow.split())
+        _wait(lambda: len(_lines(sh("ip", "netns", "exec", b, "/usr/bin/ctbridge", "dump", "external", "-c",
+                                    str(confs[b]), check=False).stdout)) == len(FLOWS), "fw2 to hold fw1's flows")
+        # keepalived's hook, as installed, makes fw2 master: the flows go into its kernel
+        res = subprocess.run(["ip", "netns", "exec", b, "/usr/lib/ctbridge/ctbridge-notify", "GROUP", "G1", "MASTER",
+                              "0"], capture_output=True, text=True, timeout=60,
+                             env={**ENV, "CTBRIDGE_CONFIG": str(confs[b])})
+        assert res.returncode == 0, res.stderr
+        assert "committed: 2" in res.stdout
+        listing = netns.run(b, "conntrack", "-L").stdout
+        assert re.search(r"src=192\.0\.2\.50 .* dst=198\.51\.100\.7 sport=443 dport=40123 .*mark=5", listing), listing
+        wrong = tmp_path / "wrong.toml"
+        wrong.write_text(confs[a].read_text().replace('local = "198.51.100.1"', 'local = "198.51.100.9"'))
+        res = sh("ip", "netns", "exec", a, "/usr/bin/ctbridge", "check", "-c", str(wrong), check=False)
+        assert res.returncode == 1 and "(this host has 198.51.100.1)" in res.stderr, res.stderr
+
+
+def _source_version() -> str:
+    text = (ROOT / "ctbridge" / "__init__.py").read_text()
+    m = re.search(r'__version__ = "([^"]+)"', text)
+    assert m
+    return m.group(1)
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _wait(check: object, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(15)
