@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,20 +91,32 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
         for ns, addr in ((a, "198.51.100.1"), (b, "198.51.100.2")):
             netns.run(ns, "ip", "addr", "add", f"{addr}/30", "dev", "sync0")
             netns.run(ns, "ip", "link", "set", "sync0", "up")
+        # fw2 runs as ctbridge.service would: the user ctbridge with CAP_NET_ADMIN and nothing else
+        # (no systemd here: setpriv sets the same user, ambient capability and bounding set)
+        home = Path(tempfile.mkdtemp(prefix="ctb-pkg-"))
+        stack.callback(shutil.rmtree, home, True)
+        home.chmod(0o755)
+        shutil.copy(key, home / "sync.key")
+        shutil.chown(home, "ctbridge", "ctbridge")
+        shutil.chown(home / "sync.key", "ctbridge", "ctbridge")
+        unprivileged = ["setpriv", "--reuid=ctbridge", "--regid=ctbridge", "--init-groups",
+                        "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin",
+                        "--bounding-set=-all,+net_admin", "--no-new-privs"]
         confs = {}
-        for ns, name, local, peer in ((a, "fw1", "198.51.100.1", "198.51.100.2"),
-                                      (b, "fw2", "198.51.100.2", "198.51.100.1")):
-            conf = tmp_path / f"{name}.toml"
-            conf.write_text(f'[node]\nname = "{name}"\nstate_dir = "{tmp_path}/{name}"\n'
-                            f'[sync]\nlocal = "{local}"\npeers = ["{peer}"]\nkey_file = "{key}"\n'
-                            f'[control]\nsocket = "{tmp_path}/{name}.sock"\n')
+        for ns, name, local, peer, where, prefix in (
+                (a, "fw1", "198.51.100.1", "198.51.100.2", tmp_path, []),
+                (b, "fw2", "198.51.100.2", "198.51.100.1", home, unprivileged)):
+            conf = where / f"{name}.toml"
+            conf.write_text(f'[node]\nname = "{name}"\nstate_dir = "{where}/{name}"\n'
+                            f'[sync]\nlocal = "{local}"\npeers = ["{peer}"]\nkey_file = "{where}/sync.key"\n'
+                            f'[control]\nsocket = "{where}/{name}.sock"\n[apply]\ngate = true\n')
             confs[ns] = conf
             # the installed check: a wrong address is reported with this host's addresses (pyroute2)
-            res = sh("ip", "netns", "exec", ns, "/usr/bin/ctbridge", "check", "-c", str(conf))
+            res = sh("ip", "netns", "exec", ns, *prefix, "/usr/bin/ctbridge", "check", "-c", str(conf))
             assert res.returncode == 0, res.stderr
             log = open(tmp_path / f"{name}.log", "wb")
             stack.callback(log.close)
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/bin/ctbridge", "run", "-c", str(conf)],
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *prefix, "/usr/bin/ctbridge", "run", "-c", str(conf)],
                                     stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd="/", start_new_session=True)
             stack.callback(_stop, proc)
         for ns in (a, b):
@@ -119,6 +132,9 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
                              env={**ENV, "CTBRIDGE_CONFIG": str(confs[b])})
         assert res.returncode == 0, res.stderr
         assert "committed: 2" in res.stdout
+        daemon = sh("pgrep", "-u", "ctbridge", "-f", "ctbridge run").stdout.split()
+        assert len(daemon) == 1  # the unprivileged one did the commit
+        assert "ctbridge_gate" not in netns.run(b, "nft", "list", "tables").stdout  # its gate opened on MASTER
         listing = netns.run(b, "conntrack", "-L").stdout
         assert re.search(r"src=192\.0\.2\.50 .* dst=198\.51\.100\.7 sport=443 dport=40123 .*mark=5", listing), listing
         wrong = tmp_path / "wrong.toml"
