@@ -8,6 +8,7 @@ each naming the node or instance at fault and the fix. See docs/cluster.md for t
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -90,19 +91,79 @@ class Cluster:
         return {k: v.replace("{node}", node.name) for k, v in self.paths.items()}
 
 
-def _interface(where: str, value: Any, problems: list[str]) -> Interface | None:
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "address" not in value:
-        problems.append(f"{where}: write {{ name = \"IFNAME\", address = \"ADDRESS/PREFIX\" }}")
-        return None
-    try:
-        address = ipaddress.ip_interface(value["address"])
-    except (ValueError, TypeError):
-        problems.append(f"{where}: address {value['address']!r} is not ADDRESS/PREFIX, e.g. \"192.0.2.2/24\"")
-        return None
-    if "/" not in str(value["address"]):
-        problems.append(f"{where}: address {value['address']!r} needs its prefix length, e.g. \"{address.ip}/24\"")
-        return None
-    return Interface(value["name"], address)
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what keepalived.conf and node ids take unquoted
+IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # IFNAMSIZ - 1, include/uapi/linux/if.h
+# [cluster] key -> (type, default); every value is checked against its type (bool is not an int)
+CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
+    "name": (str, "cluster"), "key_file": (str, "/etc/ctbridge/sync.key"), "apply_mode": (str, "commit"),
+    "transport": (str, "unicast"), "sync_group": (str, ""), "sync_port": (int, 3780), "notify": (str, "fifo"),
+    "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
+    "group": (str, "G1"),
+}
+_KIND = {str: "a string", int: "an integer", bool: "true or false", float: "a number", dict: "a table",
+         list: "a list"}
+
+
+class _Reader:
+    """Typed access to the parsed TOML that collects problems instead of raising on the first."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def value(self, where: str, table: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+        if key not in table:
+            return default
+        v = table[key]
+        ok = isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool))
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        if not ok:
+            self.problems.append(f"{where}: {key} must be {_KIND[kind]}, not {v!r}")
+            return default
+        return v
+
+    def name(self, where: str, value: str, example: str) -> bool:
+        if not NAME.match(value):
+            self.problems.append(f"{where}: name {value!r} must be letters, digits, '_', '.' or '-' "
+                                 f"(it goes unquoted into keepalived.conf), e.g. {example!r}")
+            return False
+        return True
+
+    def tables(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        v = data.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+            self.problems.append(f"{self.path}: {key} must be written [[{key}]] (an array of tables), "
+                                 f"one per {key}")
+            return []
+        return v
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        v = data.get(key, {})
+        if not isinstance(v, dict):
+            self.problems.append(f"{self.path}: {key} must be a table, written [{key}]")
+            return {}
+        return v
+
+    def interface(self, where: str, value: Any) -> Interface | None:
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "address" not in value:
+            self.problems.append(f"{where}: write {{ name = \"IFNAME\", address = \"ADDRESS/PREFIX\" }}")
+            return None
+        if not IFNAME.match(value["name"]):
+            self.problems.append(f"{where}: {value['name']!r} is not an interface name (at most 15 letters, "
+                                 "digits, '_', '.', '-')")
+            return None
+        try:
+            address = ipaddress.ip_interface(value["address"])
+        except (ValueError, TypeError):
+            self.problems.append(f"{where}: address {value['address']!r} is not ADDRESS/PREFIX, e.g. "
+                                 "\"192.0.2.2/24\"")
+            return None
+        if "/" not in str(value["address"]):
+            self.problems.append(f"{where}: address {value['address']!r} needs its prefix length, e.g. "
+                                 f"\"{address.ip}/24\"")
+            return None
+        return Interface(value["name"], address)
 
 
 def parse(text: str, path: str = "<cluster>") -> Cluster:
@@ -111,80 +172,79 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ClusterError(f"{path}: not valid TOML: {exc}") from None
-    problems: list[str] = []
-    top = data.get("cluster", {})
-    known_top = {"cluster", "node", "instance", "paths"}
+    r = _Reader(path)
     for section in data:
-        if section not in known_top:
-            problems.append(f"{path}: unknown section [{section}]; sections are [cluster], [[node]], [[instance]], "
-                            "[paths]")
-    known_cluster = {"name", "key_file", "apply_mode", "transport", "sync_group", "sync_port", "notify",
-                     "interlock", "maintenance", "gate", "vrrp_version", "group"}
+        if section not in ("cluster", "node", "instance", "paths"):
+            r.problems.append(f"{path}: unknown section [{section}]; sections are [cluster], [[node]], "
+                              "[[instance]], [paths]")
+    top = r.table(data, "cluster")
     for key in top:
-        if key not in known_cluster:
-            problems.append(f"{path}: [cluster] has no key {key!r}; keys are " + ", ".join(sorted(known_cluster)))
+        if key not in CLUSTER_KEYS:
+            r.problems.append(f"{path}: [cluster] has no key {key!r}; keys are " + ", ".join(sorted(CLUSTER_KEYS)))
+    settings = {key: r.value(f"{path}: [cluster]", top, key, kind, default)
+                for key, (kind, default) in CLUSTER_KEYS.items()}
+    r.name(f"{path}: [cluster] group", settings["group"], "G1")
     nodes: list[Node] = []
-    for i, raw in enumerate(data.get("node", [])):
+    for i, raw in enumerate(r.tables(data, "node")):
         name = raw.get("name")
         where = f"node {name!r}" if isinstance(name, str) else f"node #{i + 1}"
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: has no name; add name = \"fw{i + 1}\"")
+            r.problems.append(f"{where}: has no name; add name = \"fw{i + 1}\"")
             continue
+        r.name(where, name, f"fw{i + 1}")
         for key in raw:
             if key not in ("name", "priority", "sync", "interfaces", "metrics"):
-                problems.append(f"{where}: unknown key {key!r}; a node has name, priority, sync, interfaces, metrics")
-        sync = _interface(f"{where}: sync", raw["sync"], problems) if "sync" in raw else None
+                r.problems.append(f"{where}: unknown key {key!r}; a node has name, priority, sync, interfaces, "
+                                  "metrics")
+        sync = r.interface(f"{where}: sync", raw["sync"]) if "sync" in raw else None
         interfaces: dict[str, Interface] = {}
-        for role, value in raw.get("interfaces", {}).items():
-            iface = _interface(f"{where}: interfaces.{role}", value, problems)
+        for role, value in r.value(where, raw, "interfaces", dict, {}).items():
+            iface = r.interface(f"{where}: interfaces.{role}", value)
             if iface is not None:
                 interfaces[role] = iface
-        priority = raw.get("priority", 100)
-        if not isinstance(priority, int) or not 1 <= priority <= 254:
-            problems.append(f"{where}: priority {priority!r} must be 1-254 (255 is for the address owner)")
-            priority = 100
-        nodes.append(Node(name, priority, sync, interfaces, str(raw.get("metrics", ""))))
+        priority = r.value(where, raw, "priority", int, 100)
+        if not 1 <= priority <= 254:
+            r.problems.append(f"{where}: priority {priority!r} must be 1-254 (255 is for the address owner)")
+        nodes.append(Node(name, priority, sync, interfaces, r.value(where, raw, "metrics", str, "")))
     instances: list[Instance] = []
-    for i, raw in enumerate(data.get("instance", [])):
+    for i, raw in enumerate(r.tables(data, "instance")):
         name = raw.get("name")
         where = f"instance {name!r}" if isinstance(name, str) else f"instance #{i + 1}"
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: has no name; add name = \"LAN\"")
+            r.problems.append(f"{where}: has no name; add name = \"LAN\"")
             continue
+        r.name(where, name, "LAN")
         for key in raw:
             if key not in ("name", "side", "virtual_router_id", "vips", "advert_int"):
-                problems.append(f"{where}: unknown key {key!r}; an instance has name, side, virtual_router_id, "
-                                "vips, advert_int")
+                r.problems.append(f"{where}: unknown key {key!r}; an instance has name, side, virtual_router_id, "
+                                  "vips, advert_int")
         vips: list[IPInterface] = []
-        for vip in raw.get("vips", []):
+        for vip in r.value(where, raw, "vips", list, []):
             try:
                 vips.append(ipaddress.ip_interface(vip))
             except (ValueError, TypeError):
-                problems.append(f"{where}: VIP {vip!r} is not ADDRESS/PREFIX")
-        vrid = raw.get("virtual_router_id")
-        if not isinstance(vrid, int) or not 1 <= vrid <= 255:
-            problems.append(f"{where}: virtual_router_id {vrid!r} must be 1-255")
-            vrid = 0
-        advert = raw.get("advert_int", 1.0)
-        if not isinstance(advert, int | float) or advert <= 0:
-            problems.append(f"{where}: advert_int {advert!r} must be a positive number of seconds")
-            advert = 1.0
-        instances.append(Instance(name, str(raw.get("side", "")), vrid, tuple(vips), float(advert)))
+                r.problems.append(f"{where}: VIP {vip!r} is not ADDRESS/PREFIX")
+        vrid = r.value(where, raw, "virtual_router_id", int, None)
+        if vrid is None and "virtual_router_id" not in raw:
+            r.problems.append(f"{where}: has no virtual_router_id; add one (1-255), unique on its link")
+        elif vrid is not None and not 1 <= vrid <= 255:
+            r.problems.append(f"{where}: virtual_router_id {vrid!r} must be 1-255")
+        advert = r.value(where, raw, "advert_int", float, 1.0)
+        if advert <= 0:
+            r.problems.append(f"{where}: advert_int {advert!r} must be a positive number of seconds")
+        instances.append(Instance(name, r.value(where, raw, "side", str, ""), vrid or 0, tuple(vips), advert))
     paths = dict(DEFAULT_PATHS)
-    for key, value in data.get("paths", {}).items():
+    for key, value in r.table(data, "paths").items():
         if key not in DEFAULT_PATHS:
-            problems.append(f"{path}: [paths] has no key {key!r}; keys are " + ", ".join(DEFAULT_PATHS))
-        paths[key] = str(value)
-    if problems:
-        raise ClusterError("\n".join(problems))
-    return Cluster(
-        name=str(top.get("name", "cluster")), key_file=str(top.get("key_file", "/etc/ctbridge/sync.key")),
-        apply_mode=str(top.get("apply_mode", "commit")), transport=str(top.get("transport", "unicast")),
-        sync_group=str(top.get("sync_group", "")), sync_port=int(top.get("sync_port", 3780)),
-        notify=str(top.get("notify", "fifo")), interlock=bool(top.get("interlock", True)),
-        gate=bool(top.get("gate", True)), maintenance=bool(top.get("maintenance", True)),
-        vrrp_version=int(top.get("vrrp_version", 2)), group=str(top.get("group", "G1")),
-        nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)
+            r.problems.append(f"{path}: [paths] has no key {key!r}; keys are " + ", ".join(DEFAULT_PATHS))
+        elif not isinstance(value, str) or not value.startswith("/") or any(ch.isspace() for ch in value):
+            r.problems.append(f"{path}: [paths] {key} = {value!r} must be an absolute path without spaces "
+                              "(it goes into the systemd unit)")
+        else:
+            paths[key] = value
+    if r.problems:
+        raise ClusterError("\n".join(r.problems))
+    return Cluster(**settings, nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)
 
 
 def load(path: str) -> Cluster:

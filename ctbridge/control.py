@@ -36,8 +36,8 @@ def _in_use(path: str) -> bool:
 
 
 async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
-    import asyncio
     """Listen on ``path``; a stale socket file from a dead daemon is replaced, a live one refused."""
+    import asyncio
     if os.path.exists(path):
         if _in_use(path):
             raise ControlError(f"control socket {path} is in use: another ctbridge is running "

@@ -134,6 +134,7 @@ class Daemon:
             "gate": None,
         }
         self.gated = cfg["apply.gate"] and cfg["apply.mode"] == "commit"
+        self.gate_retry: asyncio.Future[None] | None = None
 
     # --- sockets -> engine -> sockets -----------------------------------------------------------
 
@@ -252,6 +253,9 @@ class Daemon:
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
             if role is self.engine.role and t.state != "STOP":
                 record["noop"] = True
+                # the gate follows keepalived's word even when the role does not change: right
+                # after a start the engine says BACKUP, but the gate is not closed yet
+                await self.set_gate(closed=role is not Role.MASTER)
             elif role is Role.MASTER:
                 record.update(await self.become_master(start))
             elif role is Role.BACKUP:
@@ -272,12 +276,15 @@ class Daemon:
         out: dict[str, Any] = {}
         if self.inject_task is not None:
             await asyncio.shield(self.inject_task)
-        if self.cfg["apply.mode"] == "commit":
-            out = await self.commit()
-        out["committed_after"] = round(time.monotonic() - start, 6)  # from the notification to the flows in place
+        try:
+            if self.cfg["apply.mode"] == "commit":
+                out = await self.commit()
+            out["committed_after"] = round(time.monotonic() - start, 6)  # notification -> flows in place
+        finally:
+            # whatever the commit did, a master must not keep new flows out
+            await self.set_gate(closed=False)
         self.engine.flush_external()
         self.engine.set_role(Role.MASTER)
-        await self.set_gate(closed=False)
         # The flows are in the kernel: answer now, so keepalived's hook returns. Rebuilding the
         # internal cache from a dump and announcing it follows, still holding the transition lock,
         # so a next transition waits for it (and it is skipped if one came first).
@@ -307,16 +314,40 @@ class Daemon:
         return {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
 
     async def set_gate(self, closed: bool) -> None:
-        """Close the commit gate while not MASTER, open it once the flows are committed."""
-        if not self.gated or self.stats_extra["gate"] == ("closed" if closed else "open"):
+        """Close the commit gate while not MASTER, open it once the flows are committed.
+
+        The daemon does not touch the gate at start (it cannot know whether keepalived made this
+        node master before a restart); keepalived's next word sets it. A gate that cannot be
+        opened is retried in the background: a master must never keep new flows out."""
+        want = "closed" if closed else "open"
+        if not self.gated or self.stats_extra["gate"] == want:
             return
+        if self.gate_retry is not None:
+            self.gate_retry.cancel()
+            self.gate_retry = None
         try:
             await (gate.close() if closed else gate.open_())
         except (gate.GateError, OSError) as exc:
             log.error("%s", exc)
+            self.stats_extra["gate"] = f"failed to {'close' if closed else 'open'}"
+            if not closed:
+                self.gate_retry = asyncio.ensure_future(self.open_gate_until_done())
             return
-        self.stats_extra["gate"] = "closed" if closed else "open"
-        log.info("commit gate %s", self.stats_extra["gate"])
+        self.stats_extra["gate"] = want
+        log.info("commit gate %s", want)
+
+    async def open_gate_until_done(self) -> None:
+        for attempt in range(1, 61):  # a minute, then the operator has the error in the log
+            await asyncio.sleep(1)
+            try:
+                await gate.open_()
+            except (gate.GateError, OSError) as exc:
+                log.error("attempt %d: %s", attempt, exc)
+                continue
+            self.stats_extra["gate"] = "open"
+            log.info("commit gate open (attempt %d)", attempt)
+            break
+        self.gate_retry = None
 
     async def become_backup(self) -> None:
         was_master = self.engine.role is Role.MASTER
@@ -342,18 +373,35 @@ class Daemon:
         """keepalived's notify_fifo: the one channel where transitions arrive in order."""
         if not os.path.exists(path):
             os.mkfifo(path, 0o600)
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF while keepalived restarts
-        reader = asyncio.StreamReader()
-        transport, _ = await self.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                         os.fdopen(fd, "rb", buffering=0))
-        try:
-            while line := await reader.readline():
-                t = keepalived.parse_fifo_line(line.decode("utf-8", "replace"))
-                if t is not None:
-                    answer = await self.transition(t)
-                    log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
-        finally:
-            transport.close()
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF while keepalived restarts
+                reopen = False
+            except PermissionError:
+                # keepalived made the FIFO first (root's, mode 0644) and this daemon is not root:
+                # read-only works, but sees EOF whenever keepalived closes it, so it reopens then
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                except PermissionError:
+                    raise control.ControlError(
+                        f"cannot read keepalived's notify FIFO {path}: permission denied; remove it and "
+                        "restart ctbridge before keepalived, or make it readable by ctbridge's user") from None
+                reopen = True
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await self.loop.connect_read_pipe(lambda p=protocol: p,  # type: ignore[misc]
+                                                             os.fdopen(fd, "rb", buffering=0))
+            try:
+                while line := await reader.readline():
+                    t = keepalived.parse_fifo_line(line.decode("utf-8", "replace"))
+                    if t is not None:
+                        answer = await self.transition(t)
+                        log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
+            finally:
+                transport.close()
+            if not reopen:
+                return
+            await asyncio.sleep(0.2)  # no writer yet: try again
 
     # --- interlock, stats, control ----------------------------------------------------------------
 
@@ -481,7 +529,6 @@ class Daemon:
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
-            await self.set_gate(closed=True)  # not MASTER until keepalived says so
             tasks.append(asyncio.ensure_future(self.read_events()))
             self.transport, _ = await self.loop.create_datagram_endpoint(lambda: _SyncProtocol(self), sock=self.sock)
             self.engine.request_resync(self.loop.time())
@@ -514,7 +561,9 @@ class Daemon:
                     await t
             for server in servers:
                 server.close()
-            if self.stats_extra["gate"] == "closed":  # fail open: a stopped daemon must not block new flows
+            if self.gate_retry is not None:
+                self.gate_retry.cancel()
+            if self.stats_extra["gate"] not in (None, "open"):  # fail open: a stopped daemon blocks nothing
                 with contextlib.suppress(Exception):
                     await gate.open_()
             if self.transport is not None:

@@ -17,9 +17,11 @@ flows that were not replicated are lost then).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 
 TABLE = "ctbridge_gate"
+NFT_TIMEOUT = 10.0  # seconds; nft holds the transition lock while it runs
 CLOSED = f"""table inet {TABLE}
 delete table inet {TABLE}
 table inet {TABLE} {{
@@ -40,21 +42,28 @@ def available() -> str | None:
     return None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
 
 
-async def _nft(*args: str, script: str | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec("nft", *args, stdin=asyncio.subprocess.PIPE,
+async def _nft(script: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec("nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
                                                 stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate(script.encode() if script is not None else None)
+                                                stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "LC_ALL": "C"})
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(script.encode()), NFT_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1, f"nft did not finish within {NFT_TIMEOUT:.0f} s"
     return proc.returncode or 0, err.decode(errors="replace").strip()
 
 
 async def close() -> None:
-    rc, err = await _nft("-f", "-", script=CLOSED)
+    rc, err = await _nft(CLOSED)
     if rc != 0:
         raise GateError(f"cannot close the commit gate: nft said {err or rc}")
 
 
 async def open_() -> None:
-    rc, err = await _nft("delete", "table", "inet", TABLE)
-    if rc != 0 and "No such file" not in err:
+    # declaring the table first makes the delete succeed whether or not it existed
+    rc, err = await _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    if rc != 0:
         raise GateError(f"cannot open the commit gate: nft said {err or rc}")

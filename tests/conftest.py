@@ -23,6 +23,16 @@ def _root_problem() -> str | None:
     return None
 
 
+def require(tool: str, why: str = "") -> None:
+    """Skip (fail under CI) unless ``tool`` is installed; ``make test`` installs it."""
+    if shutil.which(tool) is not None:
+        return
+    problem = f"needs {why or tool} (run `make test`, which installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test, but it {problem}")
+    pytest.skip(problem)
+
+
 @pytest.fixture(autouse=True)
 def _root_guard(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("root") is None:

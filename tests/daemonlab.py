@@ -9,30 +9,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ctbridge import control, netns
+from ctbridge.lab.network import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(what: str, check: Any, timeout: float = 20.0, step: float = 0.1) -> Any:
-    """Poll check() until it returns something true (bounded); that value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except control.ControlError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class Node:

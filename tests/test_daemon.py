@@ -244,3 +244,25 @@ def test_events_read_with_an_overrun_do_not_undo_the_dump_after_it() -> None:
             return len(flows) == n and all(f.get("tcp_state") == "ESTABLISHED" for f in flows)
         wait_for("B to hold every flow as ESTABLISHED", settled, timeout=30)
         assert a.request("stats")["kernel"]["overruns"] >= 1
+
+
+def _gate_table(node: Node) -> bool:
+    return "ctbridge_gate" in node.run("nft", "list", "tables").stdout
+
+
+def test_the_commit_gate_follows_keepalived_and_is_left_alone_at_start() -> None:
+    """A daemon restarted on a master must not close the gate (keepalived would never say MASTER
+    again): it used to close it at every start. BACKUP closes it even though the engine already
+    thinks it is a backup; MASTER opens it; a clean stop leaves it open."""
+    with cluster(2, apply={"gate": True}) as c:
+        a, _ = c.nodes
+        a.start()
+        assert not _gate_table(a) and a.request("stats")["gate"] is None
+        assert a.request("notify", args=["GROUP", "G1", "BACKUP", "0"]).get("noop")
+        assert _gate_table(a) and a.request("stats")["gate"] == "closed"
+        a.request("notify", args=["GROUP", "G1", "MASTER", "0"])
+        assert not _gate_table(a) and a.request("stats")["gate"] == "open"
+        a.request("notify", args=["GROUP", "G1", "FAULT", "0"])
+        assert _gate_table(a)
+        a.stop()
+        assert not _gate_table(a)

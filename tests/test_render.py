@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ctbridge import cluster, keyfile, netns, render
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {"two-nodes-unicast": ("fw1", "fw2"), "three-nodes-multicast": ("fw1", "fw2", "fw3")}
@@ -27,14 +28,6 @@ TWO = (ROOT / "examples" / "two-nodes-unicast.toml").read_text()
 
 def problems(text: str) -> list[str]:
     return cluster.verify(cluster.parse(text, "c.toml"))
-
-
-def tool(name: str) -> None:
-    if shutil.which(name) is None:
-        why = f"needs {name} (run `make test`, which installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run this test, but it {why}")
-        pytest.skip(why)
 
 
 # --- the description's checks ---------------------------------------------------------------------
@@ -90,6 +83,29 @@ def test_shape_errors_are_all_reported_at_once() -> None:
     assert "node 'fw2': interfaces.lan: address 'nope' is not ADDRESS/PREFIX" in lines[1]
 
 
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ('[cluster]\nname = "edge"', 'cluster = 5\n[x]\nname = "edge"', "cluster must be a table, written [cluster]"),
+    ("priority = 150", "priority = true", "node 'fw1': priority must be an integer, not True"),
+    ("interlock = true", 'interlock = "false"', "[cluster]: interlock must be true or false, not 'false'"),
+    ('name = "LAN"', 'name = "LAN side"', "instance 'LAN side': name 'LAN side' must be letters, digits"),
+    ("virtual_router_id = 51", 'virtual_router_id = "51"', "virtual_router_id must be an integer, not '51'"),
+    ('sync = { name = "sync0"', 'sync = { name = "a-very-long-ifname0"', "is not an interface name (at most 15"),
+    ("[[instance]]", '[paths]\nhook = "/usr/lib/my hook"\n[[instance]]', "must be an absolute path without spaces"),
+    ('transport = "unicast"', 'transport = "unicast"\nsync_port = "abc"', "sync_port must be an integer, not 'abc'"),
+])
+def test_wrong_types_are_one_line_problems_not_tracebacks(old: str, new: str, expected: str) -> None:
+    """Each used to crash (AttributeError, TypeError) or pass silently (true as a priority)."""
+    assert old in TWO
+    with pytest.raises(cluster.ClusterError) as err:
+        cluster.parse(TWO.replace(old, new, 1), "c.toml")
+    assert expected in str(err.value), str(err.value)
+
+
+def test_a_single_bracket_node_table_is_named() -> None:
+    with pytest.raises(cluster.ClusterError, match=r"node must be written \[\[node\]\] \(an array of tables\)"):
+        cluster.parse('[cluster]\nname = "x"\n[node]\nname = "fw1"\n', "c.toml")
+
+
 def test_an_unknown_node_is_refused_with_the_known_ones() -> None:
     c = cluster.parse(TWO, "c.toml")
     with pytest.raises(cluster.ClusterError, match="no node 'fw9' in this cluster; nodes are fw1, fw2"):
@@ -134,19 +150,37 @@ def test_the_debian_package_ships_the_rendered_unit() -> None:
     assert (ROOT / "packaging" / "debian" / "ctbridge.service").read_text() == unit
 
 
-def test_strict_undefined_and_atomic_writes(tmp_path: Path) -> None:
+def test_strict_undefined_and_atomic_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = cluster.checked(cluster.load(str(ROOT / "examples" / "two-nodes-unicast.toml")))
     out = tmp_path / "out"
     assert sorted(render.write(render.render(c, c.node("fw1")), out)) == sorted(render.FILES.values())
     assert render.write(render.render(c, c.node("fw1")), out) == []  # unchanged: nothing rewritten
     before = {p.name: p.read_text() for p in out.iterdir()}
+    # a typo in a template is an error, not an empty value
     broken = tmp_path / "templates"
     shutil.copytree(render.template_dir(), broken)
-    (broken / "ctbridge.toml.j2").write_text("name = {{ node.nmae }}\n")  # a typo in a template
+    (broken / "ctbridge.toml.j2").write_text("name = {{ node.nmae }}\n")
     import jinja2
     with pytest.raises(jinja2.UndefinedError, match="nmae"):
-        render.write(render.render(c, c.node("fw1"), broken), out)
-    assert {p.name: p.read_text() for p in out.iterdir()} == before  # nothing half-written, no temp files
+        render.render(c, c.node("fw1"), broken)
+    # a write that fails half-way (disk full at the second file): each file is whole, old or new,
+    # and no temporary file is left behind
+    new = {name: content + "# changed\n" for name, content in render.render(c, c.node("fw2")).items()}
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src: str, dst: str) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(render.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        render.write(new, out)
+    after = {p.name: p.read_text() for p in out.iterdir()}
+    assert sorted(after) == sorted(before)  # no temporary files
+    assert [name for name in after if after[name] == new[name]] == [Path(calls[0]).name]
+    assert all(after[name] == before[name] for name in after if name != Path(calls[0]).name)
 
 
 # --- the real parsers -------------------------------------------------------------------------------
@@ -160,7 +194,7 @@ def _interfaces(ns: str, names: set[str]) -> None:
 @pytest.mark.root
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
-    tool("keepalived")
+    require("keepalived")
     c = cluster.checked(cluster.load(str(ROOT / "examples" / f"{example}.toml")))
     with tempfile.TemporaryDirectory(prefix="ctb-render-") as tmp:
         for node_name in EXAMPLES[example]:

@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Other libraries' debug chatter (pyroute2, and asyncio, which pyroute2 0.9 starts) is not
+    # ctbridge's to show, even at log.level = "debug". A filter on the handler, because pyroute2
+    # resets its loggers' levels when it opens a socket.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] == "ctbridge")
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:

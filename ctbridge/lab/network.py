@@ -139,9 +139,13 @@ class Process:
         self.name = name
         self.log = log
         self.logf = open(log, "ab")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE if stdout_pipe else self.logf, stderr=self.logf,
-                                     start_new_session=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+        try:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE if stdout_pipe else self.logf, stderr=self.logf,
+                                         start_new_session=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+        except BaseException:
+            self.logf.close()
+            raise
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -396,7 +400,6 @@ config_dir = "{self.dir}/{{node}}"
 run_dir = "{self.dir}/{{node}}/run"
 state_dir = "{self.dir}/{{node}}/run"
 hook = "{self.dir}/{{node}}/notify"
-ctbridge = "{sys.executable} -m ctbridge"
 {nodes}
 [[instance]]
 name = "LAN"
@@ -447,7 +450,7 @@ exit $rc
         self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
                                                          "--address", SERVER], self.dir / "server.log",
                               env={"PYTHONPATH": str(ROOT)})
-        time.sleep(0.3)
+        wait_for("the server to listen", lambda: b"listening" in (self.dir / "server.log").read_bytes(), timeout=30)
         client = Process("client", self.client_ns, [
             sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER, "--tcp",
             str(self.options.tcp), "--udp", str(self.options.udp)], self.dir / "client.log",
@@ -493,17 +496,28 @@ exit $rc
         return loss()
 
     def stop(self) -> dict[str, Any]:
+        """Stop every process; one that fails to stop does not keep the others running."""
         final: dict[str, Any] = {}
+        errors: list[BaseException] = []
+
+        def attempt(fn: Callable[[], Any]) -> Any:
+            try:
+                return fn()
+            except Exception as exc:
+                errors.append(exc)
+                return None
         if self.traffic is not None:
-            final = self.traffic.stop()
+            final = attempt(self.traffic.stop) or {}
             self.traffic = None
         if self.server is not None:
-            self.server.stop()
+            attempt(self.server.stop)
             self.server = None
         for fw in self.fws:
-            fw.stop_keepalived()
+            attempt(fw.stop_keepalived)
         for fw in self.fws:
-            self.replicator.stop(fw)
+            attempt(lambda fw=fw: self.replicator.stop(fw))
+        if errors:
+            raise errors[0]
         return final
 
 
