@@ -30,7 +30,7 @@ deps:
 	@-systemctl disable --now keepalived conntrackd >/dev/null 2>&1 || true
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@

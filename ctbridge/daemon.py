@@ -303,7 +303,9 @@ class Daemon:
 
     async def commit(self) -> dict[str, Any]:
         entries = self.engine.external_entries()
-        result = await self.in_thread(self.kernel.commit, entries, self.cfg["apply.liberal_tcp"])
+        # flows this kernel already holds (a node taking back the master role): updated at once
+        existing = frozenset(self.engine.internal)
+        result = await self.in_thread(self.kernel.commit, entries, self.cfg["apply.liberal_tcp"], existing)
         info = {"entries": result.created + result.updated, "failed": len(result.failed),
                 "seconds": round(result.seconds, 6), "at": time.time()}
         self.stats_extra["commit"] = info

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator
 from typing import NamedTuple
 
 from ctbridge import codec, mmsg
@@ -319,7 +319,8 @@ class KernelTable:
         failed.update(bad)
         return failed
 
-    def commit(self, entries: Iterable[Entry], liberal: bool = True) -> CommitResult:
+    def commit(self, entries: Iterable[Entry], liberal: bool = True,
+               existing: Container[bytes] = frozenset()) -> CommitResult:
         """Write entries into the table: create what is missing, update what exists.
 
         Creation is tried first, because only a creation can set up NAT bindings, masters and
@@ -327,12 +328,21 @@ class KernelTable:
         because a status bit may only be set (EBUSY) is retried without the status; an update of
         an entry that vanished meanwhile (ENOENT) is created again; a related entry whose master
         came later in the same commit (ENOENT on create) is retried once after it.
+
+        ``existing``: keys the caller believes the table holds (a node taking back the master
+        role still has its old entries). Those are updated straight away: creating them first
+        would cost one error message per entry from the kernel, the slowest part of such a commit.
         """
         start = time.monotonic()
         todo = list(entries)
         final: dict[bytes, int] = {}
         created = updated = 0
-        creates = todo
+        creates = [e for e in todo if e.key not in existing] if existing else todo
+        known = [e for e in todo if e.key in existing] if existing else []
+        if known:
+            n, missing = self._update(known, liberal, final)
+            updated += n
+            creates += missing
         for attempt in range(3):
             if not creates:
                 break
@@ -345,22 +355,30 @@ class KernelTable:
                     final[creates[i].key] = err
             creates = later
             if exists:
-                upd = self._write(exists, liberal, update=True)
-                busy = [exists[i] for i, err in upd.items() if err == errno.EBUSY]
-                creates += [exists[i] for i, err in upd.items() if err == errno.ENOENT]
-                for i, err in upd.items():
-                    if err not in (errno.EBUSY, errno.ENOENT):
-                        final[exists[i].key] = err
-                updated += len(exists) - len(upd)
-                if busy:
-                    last = self._write(busy, liberal, update=True, keep_status=False)
-                    updated += len(busy) - len(last)
-                    for i, err in last.items():
-                        final[busy[i].key] = err
+                n, missing = self._update(exists, liberal, final)
+                updated += n
+                creates += missing
         for entry in creates:
             final.setdefault(entry.key, errno.ENOENT)
         return CommitResult(created, updated, [Failure(k, e) for k, e in final.items()],
                             time.monotonic() - start)
+
+    def _update(self, entries: list[Entry], liberal: bool, final: dict[bytes, int]) -> tuple[int, list[Entry]]:
+        """Update entries in place; (how many were, those the table did not hold). Other refusals
+        go into ``final``; EBUSY (a status bit that may only be set) is retried without the status."""
+        upd = self._write(entries, liberal, update=True)
+        busy = [entries[i] for i, err in upd.items() if err == errno.EBUSY]
+        missing = [entries[i] for i, err in upd.items() if err == errno.ENOENT]
+        for i, err in upd.items():
+            if err not in (errno.EBUSY, errno.ENOENT):
+                final[entries[i].key] = err
+        updated = len(entries) - len(upd)
+        if busy:
+            last = self._write(busy, liberal, update=True, keep_status=False)
+            updated += len(busy) - len(last)
+            for i, err in last.items():
+                final[busy[i].key] = err
+        return updated, missing
 
     def delete(self, keys: Iterable[bytes]) -> KeyResult:
         """Remove entries by flow key; an entry already gone counts as missing, not as a failure."""

@@ -112,6 +112,12 @@ def test_commit_into_second_namespace(ns: str, ns2: str) -> None:
         again = table.commit(entries)
         assert again.failed == [] and again.updated == len(entries) and again.created == 0
         assert table.count() == len(entries)
+        # Told which flows exist, it updates those at once; a wrong hint costs a create, no failure.
+        gone_key = entries[0].key
+        assert table.delete([gone_key]).done == 1
+        hinted = table.commit(entries, existing={e.key for e in entries})
+        assert hinted.failed == [] and hinted.updated == len(entries) - 1 and hinted.created == 1
+        assert_same_table([entry_view(e) for e in entries], witness.listing(ns2))
         # TCP entries restored without window state are liberal, so mid-stream packets pass.
         for e in table.dump():
             v = entry_view(e)
