@@ -152,7 +152,7 @@ def run(replicator: Any, options: Options) -> list[Switch]:
             time.sleep(3)
             s = switch(the_lab, how, the_lab.fws[on], the_lab.fws[new], recover_timeout=20)
             print(f"  {replicator.name}: {how}: {s.tcp_moving}/{options.tcp} TCP moving, {s.udp_renat} UDP re-NATed, "
-                  f"hook {s.to_committed or 0:.2f} s, recovered "
+                  f"committed after {_ms(s.to_committed)} ms, recovered "
                   f"{'never' if s.recovered is None else f'{s.recovered:.2f} s'}, dropped {s.dropped}", flush=True)
             switches.append(s)
         the_lab.stop()
@@ -161,6 +161,10 @@ def run(replicator: Any, options: Options) -> list[Switch]:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     print("conntrackd (FTFW/UDP, primary-backup semantics):", flush=True)
     theirs = run(ConntrackdReplicator(), Options(tcp=args.tcp, udp=args.udp, notify="hook"))
     print()
-    head = (f"{'failover':<20} | {'TCP moving after':>16} | {'UDP re-NATed':>12} | {'MASTER->committed s':>19} | "
+    head = (f"{'failover':<20} | {'TCP moving after':>16} | {'UDP re-NATed':>12} | {'MASTER->committed ms':>20} | "
             f"{'all flows move s':>16} | {'packets dropped':>15}")
     print(f"{'':<20} | {'ctbridge / conntrackd':^16}")
     print(head)
     print("-" * len(head))
     for a, b in zip(ours, theirs, strict=True):
         print(f"{a.how:<20} | {f'{a.tcp_moving} / {b.tcp_moving}':>16} | {f'{a.udp_renat} / {b.udp_renat}':>12} | "
-              f"{f'{_fmt(a.to_committed)} / {_fmt(b.to_committed)}':>19} | "
+              f"{f'{_ms(a.to_committed)} / {_ms(b.to_committed)}':>20} | "
               f"{f'{_fmt(a.recovered)} / {_fmt(b.recovered)}':>16} | {f'{a.dropped} / {b.dropped}':>15}")
     hooks = [(a.to_committed, b.to_committed) for a, b in zip(ours, theirs, strict=True)
              if a.to_committed and b.to_committed]

@@ -81,15 +81,19 @@ def switch(lab: Lab, how: str, on: Firewall, new: Firewall, recover_timeout: flo
 def table(switches: list[Switch]) -> list[str]:
     """The summary `make demo` prints: one row per change of master."""
     head = (f"{'what happened':<20} {'from':>4} {'to':>4} {'flows before':>13} {'replicated':>10} "
-            f"{'to master':>9} {'committed':>11} {'recovered':>9} {'dropped':>7} {'flows after':>12}")
+            f"{'to master':>9} {'committed':>10} {'recovered':>9} {'dropped':>7} {'flows after':>12}")
     rows = [head, "-" * len(head)]
     for s in switches:
         flows_b = f"{s.flows_before.get('tcp', 0)}+{s.flows_before.get('udp', 0)}"
         flows_a = f"{s.flows_after.get('tcp', 0)}+{s.flows_after.get('udp', 0)}"
         rows.append(f"{s.how:<20} {s.old:>4} {s.new:>4} {flows_b:>13} "
                     f"{s.replicated if s.replicated is not None else '-':>10} {s.to_master:>8.2f}s "
-                    f"{_secs(s.to_committed):>11} {_secs(s.recovered, 'never'):>9} {s.dropped:>7} {flows_a:>12}")
+                    f"{_ms(s.to_committed):>10} {_secs(s.recovered, 'never'):>9} {s.dropped:>7} {flows_a:>12}")
     return rows
+
+
+def _ms(value: float | None) -> str:
+    return f"{value * 1000:.0f} ms" if value is not None else "-"
 
 
 def _secs(value: float | None, none: str = "-") -> str:
