@@ -26,7 +26,7 @@ receiver learns from a peer is kept per peer (the external caches); a bulk trans
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -143,11 +143,15 @@ class Engine:
         self.stats = _new_stats()
         self._version = 0
         self._seq = 1
-        self._pending: dict[bytes, None] = {}  # flow keys waiting to go out, in order (coalescing)
+        # Flow keys waiting to go out, in order, each once (coalescing). An OrderedDict, not a dict:
+        # taking keys from the front of a plain dict is linear in the keys deleted before them
+        # (CPython leaves a dummy slot per deletion until the next resize), which made sending a
+        # 100,000-flow backlog quadratic: 6.5 of 15 s in next(iter(...)) in bench/sync.py.
+        self._pending: OrderedDict[bytes, None] = OrderedDict()
         self._control: list[bytes] = [wire.alive_msg()]  # datagram 1 goes out at once, with HELLO
         self._bulks: deque[_Bulk] = deque()
         self._bulk_id = 0
-        self._resends: dict[tuple[int, int | None], None] = {}  # (seq, destination) to resend
+        self._resends: OrderedDict[tuple[int, int | None], None] = OrderedDict()  # (seq, destination) to resend
         self._resend = ResendQueue(config.resend_limit)
         self._overflow_seen = 0
         self._overflow_bulk = False
