@@ -278,7 +278,13 @@ class Daemon:
             await asyncio.shield(self.inject_task)
         try:
             if self.cfg["apply.mode"] == "commit":
-                out = await self.commit()
+                # The dump that follows (announce_as_master) brings the internal cache up to date:
+                # meanwhile the echo of the commit is not even delivered to this process.
+                self.events.pause()
+                try:
+                    out = await self.commit()
+                finally:
+                    self.events.resume()
             out["committed_after"] = round(time.monotonic() - start, 6)  # notification -> flows in place
         finally:
             # whatever the commit did, a master must not keep new flows out
@@ -294,9 +300,11 @@ class Daemon:
 
     async def announce_as_master(self) -> None:
         async with self.transition_lock:
+            # the dump runs even if another transition came first: kernel events were paused
+            # during the commit, and only a dump brings the internal cache back in step
+            count = await self.resync_internal()
             if self.engine.role is not Role.MASTER:
                 return
-            count = await self.resync_internal()
             self.engine.bulk_send(self.loop.time())
             self.after_input()
             log.info("MASTER: %d flows of this kernel announced to the peers", count)

@@ -454,7 +454,8 @@ class EventSocket:
                  max_rcvbuf: int = MAX_EVENT_RCVBUF) -> None:
         self.max_rcvbuf = max(max_rcvbuf, rcvbuf)
         self.sock = _open(rcvbuf)
-        for group in groups:
+        self.groups = tuple(groups)
+        for group in self.groups:
             self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
         self.sock.setblocking(False)
         self.receiver = mmsg.Receiver(self.sock)
@@ -473,6 +474,18 @@ class EventSocket:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def pause(self) -> None:
+        """Leave the event groups: a caller about to write many flows, and to dump the table
+        afterwards, does not need the echo of its writes (100,000 events after a failover,
+        read while the commit runs). Events queued before are still read."""
+        for group in self.groups:
+            self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_DROP_MEMBERSHIP, group)
+
+    def resume(self) -> None:
+        """Join the event groups again; what changed meanwhile must come from a dump."""
+        for group in self.groups:
+            self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
 
     def read(self, limit: int = 256) -> EventBatch:
         """What is queued now, up to ``limit`` receive buffers; never blocks.
