@@ -130,6 +130,21 @@ class _Reader:
             return False
         return True
 
+    def entry(self, kind: str, i: int, raw: dict[str, Any], keys: tuple[str, ...],
+              example: str) -> tuple[str, str] | None:
+        """A [[node]] or [[instance]] table's name and how messages name it; None without a name."""
+        name = raw.get("name")
+        where = f"{kind} {name!r}" if isinstance(name, str) else f"{kind} #{i + 1}"
+        if not isinstance(name, str) or not name:
+            self.problems.append(f"{where}: has no name; add name = \"{example}\"")
+            return None
+        self.name(where, name, example)
+        for key in raw:
+            if key not in keys:
+                article = "an" if kind[0] in "aeiou" else "a"
+                self.problems.append(f"{where}: unknown key {key!r}; {article} {kind} has " + ", ".join(keys))
+        return name, where
+
     def tables(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
         v = data.get(key, [])
         if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
@@ -186,16 +201,10 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
     r.name(f"{path}: [cluster] group", settings["group"], "G1")
     nodes: list[Node] = []
     for i, raw in enumerate(r.tables(data, "node")):
-        name = raw.get("name")
-        where = f"node {name!r}" if isinstance(name, str) else f"node #{i + 1}"
-        if not isinstance(name, str) or not name:
-            r.problems.append(f"{where}: has no name; add name = \"fw{i + 1}\"")
+        named = r.entry("node", i, raw, ("name", "priority", "sync", "interfaces", "metrics"), f"fw{i + 1}")
+        if named is None:
             continue
-        r.name(where, name, f"fw{i + 1}")
-        for key in raw:
-            if key not in ("name", "priority", "sync", "interfaces", "metrics"):
-                r.problems.append(f"{where}: unknown key {key!r}; a node has name, priority, sync, interfaces, "
-                                  "metrics")
+        name, where = named
         sync = r.interface(f"{where}: sync", raw["sync"]) if "sync" in raw else None
         interfaces: dict[str, Interface] = {}
         for role, value in r.value(where, raw, "interfaces", dict, {}).items():
@@ -208,16 +217,10 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         nodes.append(Node(name, priority, sync, interfaces, r.value(where, raw, "metrics", str, "")))
     instances: list[Instance] = []
     for i, raw in enumerate(r.tables(data, "instance")):
-        name = raw.get("name")
-        where = f"instance {name!r}" if isinstance(name, str) else f"instance #{i + 1}"
-        if not isinstance(name, str) or not name:
-            r.problems.append(f"{where}: has no name; add name = \"LAN\"")
+        named = r.entry("instance", i, raw, ("name", "side", "virtual_router_id", "vips", "advert_int"), "LAN")
+        if named is None:
             continue
-        r.name(where, name, "LAN")
-        for key in raw:
-            if key not in ("name", "side", "virtual_router_id", "vips", "advert_int"):
-                r.problems.append(f"{where}: unknown key {key!r}; an instance has name, side, virtual_router_id, "
-                                  "vips, advert_int")
+        name, where = named
         vips: list[IPInterface] = []
         for vip in r.value(where, raw, "vips", list, []):
             try:
