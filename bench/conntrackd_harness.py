@@ -188,12 +188,16 @@ General {{
 """
 
 
+def cache_sizes(out: str) -> dict[str, int]:
+    """{"internal": n, "external": n} from what `conntrackd -s` printed (missing sections left out)."""
+    return {section: int(count) for section, count in
+            re.findall(r"cache (internal|external):\s*\ncurrent active connections:\s*(\d+)", out)}
+
+
 def _stats(node: _Node, timeout: float = CMD_TIMEOUT) -> tuple[int, int]:
     """(internal, external) cache sizes from `conntrackd -s`, far cheaper than dumping the caches."""
     out = _run(_in_ns(node.netns, "conntrackd", "-C", str(node.conf), "-s"), timeout=timeout)
-    found: dict[str, int] = {}
-    for section, count in re.findall(r"cache (internal|external):\s*\ncurrent active connections:\s*(\d+)", out):
-        found[section] = int(count)
+    found = cache_sizes(out)
     if len(found) != 2:
         raise HarnessError(f"conntrackd -s in {node.label}: unexpected output: {_one_line(out)!r}")
     return found["internal"], found["external"]

@@ -29,11 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.conntrackd_harness import cache_sizes
 from ctbridge.lab import Firewall, Lab, Options, lab, wait_for
 from ctbridge.lab.network import SYNC_PORT, Process
-from ctbridge.lab.scenario import Switch, switch
-
-STEPS = (("keepalived stopped", 0, 1), ("keepalived started", 0, 0), ("LAN link down", 0, 1), ("LAN link up", 0, 0))
+from ctbridge.lab.scenario import FAILOVERS, Switch, switch
 
 CONNTRACKD_CONF = """# conntrackd.conf for {name} in the lab (bench/lab.py); see conntrackd.conf(5)
 Sync {{
@@ -122,16 +121,7 @@ class ConntrackdReplicator:
 
     def _stats(self, fw: Firewall) -> dict[str, int] | None:
         out = fw.run("conntrackd", "-C", str(fw.dir / "conntrackd.conf"), "-s", check=False)
-        if out.returncode != 0:
-            return None
-        found: dict[str, int] = {}
-        section = ""
-        for line in out.stdout.splitlines():
-            if line.startswith("cache "):
-                section = line.split()[1].rstrip(":")
-            elif "current active connections" in line:
-                found[section] = int(line.split(":")[1])
-        return found
+        return cache_sizes(out.stdout) if out.returncode == 0 else None
 
     def master_seconds(self, fw: Firewall, since: float) -> float | None:
         return None  # the hook's duration: keepalived starts it, it returns after `conntrackd -c`
@@ -148,7 +138,7 @@ def run(replicator: Any, options: Options) -> list[Switch]:
         fw2 = the_lab.fws[1]
         wait_for("the standby to hold every flow",
                  lambda: (the_lab.replicator.replicated(fw2) or 0) >= options.tcp + options.udp, timeout=60)
-        for how, on, new in STEPS:
+        for how, on, new in FAILOVERS:
             time.sleep(3)
             s = switch(the_lab, how, the_lab.fws[on], the_lab.fws[new], recover_timeout=20)
             print(f"  {replicator.name}: {how}: {s.tcp_moving}/{options.tcp} TCP moving, {s.udp_renat} UDP re-NATed, "

@@ -251,17 +251,19 @@ class Daemon:
             role = {"MASTER": Role.MASTER, "BACKUP": Role.BACKUP}.get(t.state, Role.FAULT)
             start = time.monotonic()
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
-            if role is self.engine.role and t.state != "STOP":
-                record["noop"] = True
-                # the gate follows keepalived's word even when the role does not change: right
-                # after a start the engine says BACKUP, but the gate is not closed yet
+            noop = role is self.engine.role and t.state != "STOP"
+            if role is not Role.MASTER or noop:
+                # The gate follows keepalived's word, also when the role does not change (right
+                # after a start the engine says BACKUP, but the gate is not closed yet). A new
+                # master opens it in become_master, once the flows are committed.
                 await self.set_gate(closed=role is not Role.MASTER)
+            if noop:
+                record["noop"] = True
             elif role is Role.MASTER:
                 record.update(await self.become_master(start))
             elif role is Role.BACKUP:
                 await self.become_backup()
             else:
-                await self.set_gate(closed=True)
                 self.engine.set_role(Role.FAULT)
                 log.info("%s: stopped advertising this node's flows; caches kept", t.state)
             record["seconds"] = round(time.monotonic() - start, 6)
@@ -361,7 +363,6 @@ class Daemon:
 
     async def become_backup(self) -> None:
         was_master = self.engine.role is Role.MASTER
-        await self.set_gate(closed=True)
         self.engine.set_role(Role.BACKUP)
         self.engine.request_resync(self.loop.time())
         if was_master and self.purge_task is None:

@@ -18,14 +18,7 @@ import time
 from typing import Any
 
 from ctbridge.lab import Lab, Options, lab
-from ctbridge.lab.scenario import Switch, switch, table
-
-STEPS = (  # trigger, on which firewall, who becomes master
-    ("keepalived stopped", 0, 1),
-    ("keepalived started", 0, 0),
-    ("LAN link down", 0, 1),
-    ("LAN link up", 0, 0),
-)
+from ctbridge.lab.scenario import FAILOVERS, Switch, switch, table
 
 
 def say(text: str = "") -> None:
@@ -101,7 +94,7 @@ def demo(options: Options) -> int:
             "SNATed to the WAN VIP with random ports.")
         with Progress(the_lab) as progress:
             time.sleep(3)
-            for how, on, new in STEPS:
+            for how, on, new in FAILOVERS:
                 fw, target = the_lab.fws[on], the_lab.fws[new]
                 progress.note(f"-> {how} on {fw.name}: {target.name} should take over")
                 s = switch(the_lab, how, fw, target)

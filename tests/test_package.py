@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import ctbridge
 from ctbridge import netns
 from ctbridge.lab import wait_for
 from tests.conftest import require
@@ -75,7 +76,7 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
         assert sh("getent", "passwd", "ctbridge").returncode == 0
         assert sh("dpkg-query", "-W", "-f=${Version}", "python3-pyroute2").stdout.startswith("0.7.2")  # Debian 12
         version = sh("/usr/bin/ctbridge", "--version").stdout
-        assert version.strip() == f"ctbridge {_source_version()}"
+        assert version.strip() == f"ctbridge {ctbridge.__version__}"
         # render with the installed templates
         res = sh("/usr/bin/ctbridge", "render", "--cluster", "/usr/share/doc/ctbridge/examples/two-nodes-unicast.toml",
                  "--node", "fw2", "--out", str(tmp_path / "rendered"))
@@ -147,13 +148,6 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
         wrong.write_text(confs[a].read_text().replace('local = "198.51.100.1"', 'local = "198.51.100.9"'))
         res = sh("ip", "netns", "exec", a, "/usr/bin/ctbridge", "check", "-c", str(wrong), check=False)
         assert res.returncode == 1 and "(this host has 198.51.100.1)" in res.stderr, res.stderr
-
-
-def _source_version() -> str:
-    text = (ROOT / "ctbridge" / "__init__.py").read_text()
-    m = re.search(r'__version__ = "([^"]+)"', text)
-    assert m
-    return m.group(1)
 
 
 def _lines(text: str) -> list[str]:

@@ -34,9 +34,8 @@ def _print(answer: dict[str, Any], as_json: bool) -> None:
 class Simple:
     """A command that sends one request and prints the answer."""
 
-    def __init__(self, cmd: str, doc: str, json_flag: bool = False) -> None:
+    def __init__(self, cmd: str, json_flag: bool = False) -> None:
         self.cmd = cmd
-        self.__doc__ = doc
         self.json_flag = json_flag
 
     def setargs(self, parser: argparse.ArgumentParser) -> None:
@@ -101,12 +100,13 @@ class Notify:
 
 
 COMMANDS: dict[str, Any] = {
-    "status": Simple("status", "Role, cache sizes and peers of the running daemon.", json_flag=True),
-    "stats": Simple("stats", "Counters of the running daemon (--json: machine-readable).", json_flag=True),
-    "commit": Simple("commit", "Write the external cache into the kernel now."),
+    # their one-line help is in ctbridge.cli.HELP
+    "status": Simple("status", json_flag=True),
+    "stats": Simple("stats", json_flag=True),
+    "commit": Simple("commit"),
     "flush": Flush(),
-    "resync": Simple("resync", "Ask the peers for their whole internal caches."),
-    "bulk-send": Simple("bulk-send", "Send this node's whole internal cache to the peers."),
+    "resync": Simple("resync"),
+    "bulk-send": Simple("bulk-send"),
     "dump": Dump(),
     "notify": Notify(),
 }

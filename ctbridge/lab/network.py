@@ -384,6 +384,14 @@ sync = {{ name = "sync0", address = "{fw.sync}/30" }}
 interfaces.lan = {{ name = "lan0", address = "{fw.lan}/24" }}
 interfaces.wan = {{ name = "wan0", address = "{fw.wan}/24" }}
 """ for fw in self.fws)
+        instances = "".join(f"""
+[[instance]]
+name = "{name}"
+side = "{side}"
+virtual_router_id = {vrid}
+vips = ["{vip}/24"]
+advert_int = {o.advert_int}
+""" for name, side, vrid, vip in (("LAN", "lan", 51, LAN_VIP), ("WAN", "wan", 52, WAN_VIP)))
         return f"""# The lab's cluster description, rendered into each firewall's directory.
 [cluster]
 name = "lab"
@@ -400,21 +408,7 @@ config_dir = "{self.dir}/{{node}}"
 run_dir = "{self.dir}/{{node}}/run"
 state_dir = "{self.dir}/{{node}}/run"
 hook = "{self.dir}/{{node}}/notify"
-{nodes}
-[[instance]]
-name = "LAN"
-side = "lan"
-virtual_router_id = 51
-vips = ["{LAN_VIP}/24"]
-advert_int = {o.advert_int}
-
-[[instance]]
-name = "WAN"
-side = "wan"
-virtual_router_id = 52
-vips = ["{WAN_VIP}/24"]
-advert_int = {o.advert_int}
-"""
+{nodes}{instances}"""
 
     def render(self) -> None:
         path = self.dir / "cluster.toml"

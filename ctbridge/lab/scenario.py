@@ -29,6 +29,15 @@ class Switch:
     status: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+# The failovers `make demo` and bench/lab.py go through: trigger, on which firewall (index), who
+# becomes master.
+FAILOVERS = (
+    ("keepalived stopped", 0, 1),
+    ("keepalived started", 0, 0),
+    ("LAN link down", 0, 1),
+    ("LAN link up", 0, 0),
+)
+
 TRIGGERS: dict[str, Callable[[Lab, Firewall], None]] = {
     "keepalived stopped": lambda lab, fw: fw.stop_keepalived(),
     "keepalived started": lambda lab, fw: fw.start_keepalived(),
