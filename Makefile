@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TEST_PACKAGES = conntrack conntrackd keepalived nftables iproute2 iputils-ping procps \
 	python3 python3-venv python3-pip
 # Building the Debian package (make deb, and the package test)
-DEB_BUILD_PACKAGES = dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+DEB_BUILD_PACKAGES = build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
 # What the package depends on: Debian's own python3-pyroute2 (0.7.2 in Debian 12), jinja2 and psutil
 DEB_RUNTIME_PACKAGES = python3-pyroute2 python3-jinja2 python3-psutil adduser
 APT_PACKAGES = $(TEST_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES)

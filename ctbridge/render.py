@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from ctbridge import resources
 from ctbridge.cluster import Cluster, Node
 
 # template -> the file it becomes
@@ -24,16 +25,10 @@ FILES = {
     "ctbridge-sync.nft.j2": "ctbridge-sync.nft",
     "ctbridge.service.j2": "ctbridge.service",
 }
-INSTALLED_TEMPLATES = "/usr/share/ctbridge/templates"
 
 
 def template_dir() -> Path:
-    """$CTBRIDGE_TEMPLATES, else the source tree's templates/, else the Debian package's."""
-    env = os.environ.get("CTBRIDGE_TEMPLATES")
-    if env:
-        return Path(env)
-    source = Path(__file__).resolve().parent.parent / "templates"
-    return source if (source / "keepalived.conf.j2").exists() else Path(INSTALLED_TEMPLATES)
+    return resources.template_dir()
 
 
 def _toml(value: object) -> str:

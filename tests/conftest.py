@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -23,14 +24,18 @@ def _root_problem() -> str | None:
     return None
 
 
-def require(tool: str, why: str = "") -> None:
-    """Skip (fail under CI) unless ``tool`` is installed; ``make test`` installs it."""
-    if shutil.which(tool) is not None:
-        return
-    problem = f"needs {why or tool} (run `make test`, which installs it)"
+def unavailable(what: str) -> NoReturn:
+    """Skip (fail under CI, where `make test` has installed everything) for want of ``what``."""
+    problem = f"needs {what} (run `make test`, which installs it)"
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must run this test, but it {problem}")
     pytest.skip(problem)
+
+
+def require(tool: str, why: str = "") -> None:
+    """Skip (fail under CI) unless ``tool`` is installed; ``make test`` installs it."""
+    if shutil.which(tool) is None:
+        unavailable(why or tool)
 
 
 @pytest.fixture(autouse=True)

@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctbridge import cluster as cluster_mod
-from ctbridge import control, netns, render
+from ctbridge import control, netns, render, resources
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-HOOK = ROOT / "hooks" / "ctbridge-notify"
-if not HOOK.exists():  # installed from the Debian package
-    HOOK = Path("/usr/lib/ctbridge/ctbridge-notify")
+HOOK = resources.hook_path()
 
 LAN = "192.0.2"
 WAN = "203.0.113"

@@ -1,0 +1,59 @@
+"""Where the files that are not Python live: the jinja2 templates and the keepalived hook.
+
+They stay at the top of the source tree (templates/, hooks/) and pyproject.toml installs them as
+data files under the installation prefix, so every way of installing ctbridge has them:
+
+    source tree (make venv, pip install -e)   templates/*.j2              hooks/ctbridge-notify
+    pip install (a venv, --user, --prefix)    PREFIX/share/ctbridge/...   PREFIX/lib/ctbridge/...
+    the Debian package (prefix /usr)          /usr/share/ctbridge/...     /usr/lib/ctbridge/...
+
+The installed copies are found through the distribution's own file list (importlib.metadata), which
+knows the prefix of every installation scheme; the source tree wins when ctbridge runs from it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+# the paths pyproject.toml's [tool.setuptools.data-files] installs under the prefix
+TEMPLATES = "share/ctbridge/templates"
+HOOK = "lib/ctbridge/ctbridge-notify"
+MARKER = "keepalived.conf.j2"  # one template that every template directory has
+# where the Debian package puts them (prefix /usr): the last resort
+SYSTEM_PREFIX = Path("/usr")
+
+
+def _installed(relative: str) -> Path | None:
+    """The installed copy of one data file, from the distribution's RECORD (which names data files
+    relative to site-packages, as in ``../../../share/ctbridge/templates/x.j2``)."""
+    try:
+        dist = importlib.metadata.distribution("ctbridge")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.as_posix().endswith("/" + relative):
+            return Path(str(dist.locate_file(f))).resolve()
+    return None
+
+
+def template_dir() -> Path:
+    """$CTBRIDGE_TEMPLATES, else the source tree's templates/, else the installed templates."""
+    env = os.environ.get("CTBRIDGE_TEMPLATES")
+    if env:
+        return Path(env)
+    source = SOURCE_ROOT / "templates"
+    if (source / MARKER).exists():
+        return source
+    installed = _installed(f"{TEMPLATES}/{MARKER}")
+    return installed.parent if installed else SYSTEM_PREFIX / TEMPLATES
+
+
+def hook_path() -> Path:
+    """The keepalived notify hook: the source tree's, else the installed one."""
+    source = SOURCE_ROOT / "hooks" / "ctbridge-notify"
+    if source.exists():
+        return source
+    return _installed(HOOK) or SYSTEM_PREFIX / HOOK
