@@ -12,10 +12,11 @@ import operator
 import struct
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ctbridge import ctnetlink as ct
 
+T = TypeVar("T")
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid (host order)
 _NLA = struct.Struct("=HH")  # struct nlattr: len, type (host order)
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (res_id is big endian)
@@ -208,8 +209,23 @@ def decode_dump(buf: bytes, seq: int | None = None) -> DumpPart:
     With ``seq``, messages answering another request (a late reply to an abandoned one) are
     skipped instead of being taken for part of this dump, or for its end.
     """
-    entries: list[Entry] = []
-    append = entries.append
+    entries, done, errno, interrupted = walk_dump(buf, seq, entry_from_attrs)
+    return DumpPart(entries, done, errno, interrupted)
+
+
+def walk_dump(buf: bytes, seq: int | None, make: Callable[[int, bytes, int, int], T],
+              fast: dict[tuple[int, int], Callable[[bytes, int], T | None]] | None = None,
+              ) -> tuple[list[T], bool, int, bool]:
+    """decode_dump's walk, with ``make(family, buf, start, end)`` called on each entry's attributes
+    (a listing formats them straight from the buffer): (made, done, errno, interrupted).
+
+    ``fast`` maps (family, message length) to a function tried first, ``f(buf, start)``, which
+    may answer None to pass the entry to ``make``: a listing's formatters, one call per entry."""
+    if fast is None:
+        fast = {}
+    get = fast.get
+    made: list[T] = []
+    append = made.append
     n = len(buf)
     off = 0
     done = False
@@ -227,7 +243,9 @@ def decode_dump(buf: bytes, seq: int | None = None) -> DumpPart:
         elif mtype == ct.MSG_CT_NEW:
             if mlen < 20:
                 raise CodecError("conntrack message shorter than its nfgenmsg header")
-            append(entry_from_attrs(buf[off + 16], buf, off + 20, off + mlen))
+            f = get((buf[off + 16], mlen))
+            item = f(buf, off + 20) if f is not None else None
+            append(make(buf[off + 16], buf, off + 20, off + mlen) if item is None else item)
             if mflags & ct.NLM_F_DUMP_INTR:
                 interrupted = True
         elif mtype == ct.NLMSG_DONE:
@@ -238,7 +256,7 @@ def decode_dump(buf: bytes, seq: int | None = None) -> DumpPart:
             errno = _error(buf, off, mlen)
             done = True
         off += (mlen + 3) & ~3
-    return DumpPart(entries, done, errno, interrupted)
+    return made, done, errno, interrupted
 
 
 def dump_finished(buf: bytes, seq: int) -> bool:

@@ -2,6 +2,12 @@
 
 Every request gets an answer: {"ok": true, ...} or {"ok": false, "error": "..."}. The CLI and the
 keepalived hook are clients; the daemon serves.
+
+A listing (``dump``) is too large for one line, so it is streamed: the answer line carries
+``"stream": true``, then come chunks, each a decimal byte count on a line of its own and that many
+bytes, then a chunk of 0, then a trailer line, {"ok": true, ...} or {"ok": false, "error": ...}.
+The chunks are the listing's bytes as the client prints them; the daemon formats the next chunk
+only when the socket has taken the last, so a listing costs it neither memory nor a stall.
 """
 
 from __future__ import annotations
@@ -10,16 +16,25 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:  # the CLI's clients (the keepalived hook) start faster without asyncio
     import asyncio
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-LINE_LIMIT = 1 << 20  # requests are small; answers (dumps) can be large
+class Stream:
+    """A handler's answer that is streamed: ``chunks`` yields the bytes; ``trailer`` is sent after
+    them (the handler may fill it in while the chunks are made)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.trailer: dict[str, Any] = {"ok": True}
+
+
+Handler = Callable[[dict[str, Any]], Awaitable["dict[str, Any] | Stream"]]
+LINE_LIMIT = 1 << 20  # requests and answers are small; listings are streamed
 
 
 class ControlError(Exception):
@@ -58,6 +73,9 @@ async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
                 except Exception as exc:  # the daemon goes on; the client learns what happened
                     log.exception("control request failed")
                     answer = {"ok": False, "error": str(exc) or type(exc).__name__}
+                if isinstance(answer, Stream):
+                    await _send_stream(writer, answer)
+                    continue
                 writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -70,32 +88,78 @@ async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
     return server
 
 
-def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
-    """Ask the daemon; the answer's fields, or ControlError with its error message."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except FileNotFoundError:
-            raise ControlError(f"no daemon at {path}: is `ctbridge run` running with this configuration?") from None
-        except OSError as exc:
-            raise ControlError(f"cannot reach the daemon at {path}: {exc.strerror}") from None
+async def _send_stream(writer: asyncio.StreamWriter, stream: Stream) -> None:
+    writer.write(b'{"ok":true,"stream":true}\n')
+    try:
+        async for chunk in stream.chunks:
+            if chunk:
+                writer.write(b"%d\n" % len(chunk) + chunk)
+                await writer.drain()
+    except (ConnectionError, OSError):
+        raise
+    except Exception as exc:  # the listing stops; the trailer says why
+        log.exception("streamed control answer failed")
+        stream.trailer = {"ok": False, "error": str(exc) or type(exc).__name__}
+    writer.write(b"0\n" + json.dumps(stream.trailer, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        s.close()
+        raise ControlError(f"no daemon at {path}: is `ctbridge run` running with this configuration?") from None
+    except OSError as exc:
+        s.close()
+        raise ControlError(f"cannot reach the daemon at {path}: {exc.strerror}") from None
+    return s
+
+
+def stream(path: str, cmd: str, out: BinaryIO, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    """Ask the daemon for a streamed answer and copy its bytes to ``out`` as they come; the
+    trailer's fields, or ControlError. ``timeout`` bounds each wait, not the whole listing."""
+    with _connect(path, timeout) as s, s.makefile("rb") as f:
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        chunks = []
         try:
-            while True:
-                data = s.recv(1 << 20)
-                if not data:
+            answer = _answer(f.readline(LINE_LIMIT), cmd)
+            if not answer.get("stream"):
+                return answer  # a plain answer (the daemon has nothing to stream)
+            for _ in range(1 << 40):  # bounded: a chunk is at least one byte
+                size = f.readline()
+                if not size.strip().isdigit():
+                    raise ControlError(f"the daemon's answer to {cmd!r} broke off")
+                n = int(size)
+                if n == 0:
                     break
-                chunks.append(data)
-                if data.endswith(b"\n"):
-                    break
+                data = f.read(n)
+                if len(data) != n:
+                    raise ControlError(f"the daemon's answer to {cmd!r} broke off")
+                out.write(data)
+            return _answer(f.readline(LINE_LIMIT), cmd)
         except TimeoutError:
             raise ControlError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s") from None
+
+
+def _answer(line: bytes, cmd: str) -> dict[str, Any]:
     try:
-        answer = json.loads(b"".join(chunks))
+        answer = json.loads(line)
     except json.JSONDecodeError:
         raise ControlError(f"the daemon closed the connection without answering {cmd!r}") from None
+    if not isinstance(answer, dict):
+        raise ControlError(f"the daemon's answer to {cmd!r} is not a JSON object")
     if not answer.get("ok"):
         raise ControlError(answer.get("error", "the daemon refused"))
-    return dict(answer)
+    return answer
+
+
+def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    """Ask the daemon; the answer's fields, or ControlError with its error message."""
+    with _connect(path, timeout) as s, s.makefile("rb") as f:
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        try:
+            return _answer(f.readline(LINE_LIMIT), cmd)
+        except TimeoutError:
+            raise ControlError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s") from None

@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ctbridge import config as config_mod
@@ -27,12 +28,31 @@ from ctbridge.config import Config
 from ctbridge.engine import Engine, EngineConfig, KernelOp, Role
 from ctbridge.filter import LOOPBACK, FlowFilter
 from ctbridge.kernel import EventSocket, KernelTable
-from ctbridge.view import entry_view
+from ctbridge.listing import Listing
 
 log = logging.getLogger("ctbridge")
 
 UDP_RCVBUF = 8 << 20  # a bulk transfer arrives faster than the loop may read it
 TRACK_INTERVAL = 0.5  # seconds between checks of the priority interlock
+
+
+LISTING_CHUNK = 2000  # entries formatted between two writes to a listing's client (about 0.4 MB)
+
+
+async def _listing(entries: list[Entry], form: str) -> AsyncIterator[bytes]:
+    """A cache's listing in chunks, exactly the bytes `ctbridge dump` prints. The event loop runs
+    between chunks (each is written out before the next is made), so sync and kernel events go on
+    while a large cache is listed; ``entries`` is the snapshot taken when the listing was asked."""
+    listing = Listing(form)
+    text = form == "text"
+    for i in range(0, max(len(entries), 1), LISTING_CHUNK):
+        lines = list(listing.entries(entries[i:i + LISTING_CHUNK]))
+        if text:
+            yield ("\n".join(lines) + "\n").encode() if lines else b""
+        else:
+            last = i + LISTING_CHUNK >= len(entries)
+            yield (("[" if i == 0 else ",") + ",".join(lines) + ("]\n" if last else "")).encode()
+        await asyncio.sleep(0)
 
 
 def flow_filter(cfg: Config) -> FlowFilter:
@@ -458,7 +478,7 @@ class Daemon:
             **self.stats_extra,
         }
 
-    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any] | control.Stream:
         cmd = req["cmd"]
         now = self.loop.time()
         if cmd == "status":
@@ -500,7 +520,12 @@ class Daemon:
                 entries = self.engine.external_entries()
             else:
                 raise ValueError("dump takes internal or external")
-            return {"ok": True, "entries": [entry_view(e) for e in entries]}
+            form = req.get("format", "text")
+            if form not in ("text", "json"):
+                raise ValueError("dump's format is text or json")
+            stream = control.Stream(_listing(entries, form))
+            stream.trailer["entries"] = len(entries)
+            return stream
         raise ValueError(f"unknown command {cmd!r}; commands are status, stats, notify, commit, flush, resync, "
                          "bulk-send, dump")
 

@@ -9,7 +9,6 @@ sequence number, so failures still map to their entries.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -36,6 +35,10 @@ SO_RCVBUFFORCE = 33
 # whole request, so a batch of failures does not fill the receive buffer.
 NETLINK_CAP_ACK = 10
 
+# A dump buffer holds at most 32 KiB (net/netlink/af_netlink.c caps max_recvmsg_len there);
+# a dump reads up to DUMP_BATCH of them per system call.
+DUMP_BUFFER = 64 << 10
+DUMP_BATCH = 32
 RECV_SIZE = 1 << 20  # larger than any datagram the kernel sends (dumps use up to 32 KiB)
 BATCH_BYTES = 200_000  # bytes of requests per send(); the send buffer must exceed it
 DEFAULT_RCVBUF = 8 << 20
@@ -112,6 +115,11 @@ def _explain(err: int, what: str) -> KernelError:
 ANSWER_COST = 1024
 
 
+def explain(err: int, what: str) -> KernelError:
+    """A KernelError that says what the kernel's errno means for ``what``."""
+    return _explain(err, what)
+
+
 class KernelTable:
     """Requests to the conntrack table of the network namespace this process runs in.
 
@@ -131,6 +139,7 @@ class KernelTable:
         # tell its own inserts from the kernel's and not replicate them back.
         self.portid: int = self.sock.getsockname()[0]
         self._seq = int(time.time()) & 0x7FFFFFFF
+        self._dump_receiver: mmsg.Receiver | None = None  # made by the first dump
 
     def close(self) -> None:
         self.sock.close()
@@ -164,8 +173,9 @@ class KernelTable:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def dump_parts(self) -> Iterator[list[Entry]]:
-        """The whole table (IPv4 and IPv6, every zone), one list per receive buffer.
+    def dump_buffers(self) -> Iterator[tuple[bytes, int]]:
+        """The whole table (IPv4 and IPv6, every zone) as the kernel's receive buffers, each with
+        the dump's sequence number (to tell its messages from late answers to other requests).
 
         The kernel fills the next dump buffer inside each recv(), so a reader thread keeps
         receiving (recv releases the GIL) while this thread decodes: the kernel's work and ours
@@ -176,13 +186,21 @@ class KernelTable:
         self._send(codec.dump_request(seq), "requesting a conntrack dump")
         buffers: queue.SimpleQueue[bytes | BaseException | None] = queue.SimpleQueue()
 
+        if self._dump_receiver is None:
+            self._dump_receiver = mmsg.Receiver(self.sock, DUMP_BATCH, DUMP_BUFFER)
+        receive = self._dump_receiver.receive
+
         def reader() -> None:
             try:
                 while True:
-                    data = self._recv()
-                    buffers.put(data)
-                    if codec.dump_finished(data, seq):
-                        return
+                    try:
+                        batch = receive()  # what the kernel has ready, without waiting
+                    except OSError as exc:
+                        raise _explain(exc.errno or 0, "reading a conntrack dump") from exc
+                    for data in batch or [self._recv()]:  # nothing ready: wait for the kernel
+                        buffers.put(data)
+                        if codec.dump_finished(data, seq):
+                            return
             except BaseException as exc:  # handed to the decoding thread, which raises it
                 buffers.put(exc)
             finally:
@@ -195,18 +213,23 @@ class KernelTable:
                 while (item := buffers.get()) is not None:
                     if isinstance(item, BaseException):
                         raise item
-                    part = codec.decode_dump(item, seq)
-                    if part.entries:
-                        yield part.entries
-                    if part.errno:
-                        raise _explain(part.errno, "conntrack dump")
-                    if part.interrupted:
-                        log.debug("conntrack dump was interrupted by concurrent changes")
-                    if part.done:
-                        return
+                    yield item, seq
             finally:
                 # The reader stops at the dump's end or at the socket timeout, whichever is first.
                 thread.join()
+
+    def dump_parts(self) -> Iterator[list[Entry]]:
+        """The whole table, one list of entries per receive buffer (see dump_buffers)."""
+        for buf, seq in self.dump_buffers():
+            part = codec.decode_dump(buf, seq)
+            if part.entries:
+                yield part.entries
+            if part.errno:
+                raise _explain(part.errno, "conntrack dump")
+            if part.interrupted:
+                log.debug("conntrack dump was interrupted by concurrent changes")
+            if part.done:
+                return
 
     def dump(self) -> list[Entry]:
         out: list[Entry] = []
@@ -527,6 +550,7 @@ class EventSocket:
 
     async def stream(self) -> AsyncIterator[EventBatch]:
         """Batches of events as they arrive, forever (until the socket is closed)."""
+        import asyncio  # here: the CLI's listings start faster without it
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         loop.add_reader(self.sock.fileno(), ready.set)

@@ -7,14 +7,16 @@ data files under the installation prefix, so every way of installing ctbridge ha
     pip install (a venv, --user, --prefix)    PREFIX/share/ctbridge/...   PREFIX/lib/ctbridge/...
     the Debian package (prefix /usr)          /usr/share/ctbridge/...     /usr/lib/ctbridge/...
 
-The installed copies are found through the distribution's own file list (importlib.metadata), which
-knows the prefix of every installation scheme; the source tree wins when ctbridge runs from it.
+The installed copies are found under the interpreter's prefix, else through the distribution's own
+file list (importlib.metadata), which knows the prefix of the other installation schemes; the
+source tree wins when ctbridge runs from it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -27,15 +29,24 @@ SYSTEM_PREFIX = Path("/usr")
 
 
 def _installed(relative: str) -> Path | None:
-    """The installed copy of one data file, from the distribution's RECORD (which names data files
-    relative to site-packages, as in ``../../../share/ctbridge/templates/x.j2``)."""
+    """The installed copy of one data file: under this interpreter's prefix (a venv, the Debian
+    package's /usr), else where the distribution's RECORD says (pip --user, --prefix), else None.
+
+    RECORD names data files relative to site-packages (``../../../share/ctbridge/...``); a
+    Debian build moves site-packages after RECORD is written, so its paths are checked to exist.
+    """
+    candidate = Path(sys.prefix) / relative
+    if candidate.exists():
+        return candidate
     try:
         dist = importlib.metadata.distribution("ctbridge")
     except importlib.metadata.PackageNotFoundError:
         return None
     for f in dist.files or ():
         if f.as_posix().endswith("/" + relative):
-            return Path(str(dist.locate_file(f))).resolve()
+            path = Path(str(dist.locate_file(f))).resolve()
+            if path.exists():
+                return path
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -76,7 +77,13 @@ class Node:
                               timeout=120, check=check)
 
     def external(self) -> list[dict[str, Any]]:
-        return list(self.request("dump", which="external")["entries"])
+        return self.dump("external")
+
+    def dump(self, which: str) -> list[dict[str, Any]]:
+        """A cache as the daemon streams it to `ctbridge dump WHICH --json`."""
+        out = io.BytesIO()
+        control.stream(self.socket, "dump", out, timeout=30, which=which, format="json")
+        return list(json.loads(out.getvalue()))
 
     def run(self, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return netns.run(self.ns, *argv, check=check, input=input)

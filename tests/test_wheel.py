@@ -41,7 +41,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if probe.returncode != 0:
         unavailable("Debian's python3-jinja2, python3-pyroute2 and python3-psutil beside the interpreter")
     # built the way `pip install .` builds it: in an isolated environment with the newest setuptools
-    res = subprocess.run([str(py), "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(wheels), str(ROOT)],
+    # from a copy, since a build writes build/ and *.egg-info next to pyproject.toml
+    src = base / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             ".*_cache", ".hypothesis"))
+    res = subprocess.run([str(py), "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(wheels), str(src)],
                          capture_output=True, text=True, env=env, cwd=base, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # a quiet build: setuptools' deprecation warnings (the license table was one) are gone

@@ -72,14 +72,11 @@ class Dump:
         parser.set_defaults(func=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
-        entries = control.request(_socket(args), "dump", which=args.which, timeout=120)["entries"]
-        if args.json:
-            json.dump(entries, sys.stdout, separators=(",", ":"))
-            sys.stdout.write("\n")
-        else:
-            from ctbridge.cli.kernel import format_line  # the kernel adapter only when printing lines
-            for v in entries:
-                print(format_line(v))
+        # the daemon formats the listing and streams it; this only copies its bytes out
+        sys.stdout.flush()
+        control.stream(_socket(args), "dump", sys.stdout.buffer, timeout=120, which=args.which,
+                       format="json" if args.json else "text")
+        sys.stdout.buffer.flush()
         return 0
 
 
