@@ -126,6 +126,12 @@ _SCALARS = {ct.CTA_STATUS: "status", ct.CTA_TIMEOUT: "timeout", ct.CTA_MARK: "ma
             ct.CTA_ID: "ct_id", ct.CTA_ZONE: "zone_attr"}
 
 
+# top-level attributes the view shows
+_SHOWN = frozenset({ct.CTA_TUPLE_ORIG, ct.CTA_TUPLE_REPLY, ct.CTA_PROTOINFO, ct.CTA_COUNTERS_ORIG,
+                    ct.CTA_COUNTERS_REPLY, *_SCALARS, *_GENERAL_ONLY})
+_COUNTERS = (ct.CTA_COUNTERS_PACKETS, ct.CTA_COUNTERS_BYTES)
+
+
 class _Unsupported(Exception):
     """The sample's layout is one for the general path."""
 
@@ -151,19 +157,21 @@ class _Learner:
         self.names[what] = name
         return name
 
-    def attrs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+    def attrs(self, start: int, end: int, shown: Iterable[int] = ()) -> list[tuple[int, int, int]]:
+        """The attributes in buf[start:end], their headers added to the check. One the view shows
+        (``shown``) may not appear twice: the view keeps the last, a formatter keeps it simple."""
         found = iter_attrs(self.buf, start, end)
-        types = [t for t, _s, _e in found]
+        types = [t for t, _s, _e in found if t in shown]
         if len(set(types)) != len(types):
-            raise _Unsupported("an attribute appears twice")  # the view keeps the last; keep it simple
+            raise _Unsupported("an attribute appears twice")
         for _t, s, _e in found:
             self.heads.append((s - 4, 4))
         return found
 
     def tuple_(self, start: int, end: int, prefix: str) -> None:
-        for t, s, e in self.attrs(start, end):
+        for t, s, e in self.attrs(start, end, (ct.CTA_TUPLE_IP, ct.CTA_TUPLE_PROTO, ct.CTA_TUPLE_ZONE)):
             if t == ct.CTA_TUPLE_IP:
-                for a, s2, e2 in self.attrs(s, e):
+                for a, s2, e2 in self.attrs(s, e, _ADDRS):
                     if a in _ADDRS:
                         field, size, table = _ADDRS[a]
                         if e2 - s2 != size:
@@ -172,7 +180,7 @@ class _Learner:
                         self.order.append((prefix, field))
                         self.tuple_fields[prefix + field] = f"{table}[{var}]"
             elif t == ct.CTA_TUPLE_PROTO:
-                found = {a: (s2, e2) for a, s2, e2 in self.attrs(s, e)}
+                found = {a: (s2, e2) for a, s2, e2 in self.attrs(s, e, _PROTO_SIZES)}
                 if ct.CTA_PROTO_NUM not in found:
                     raise _Unsupported("no protocol number")
                 s2, e2 = found[ct.CTA_PROTO_NUM]
@@ -199,12 +207,12 @@ class _Learner:
                 raise _Unsupported("directional zone")
 
     def protoinfo(self, start: int, end: int) -> None:
-        for p, s, e in self.attrs(start, end):
+        for p, s, e in self.attrs(start, end, (ct.CTA_PROTOINFO_TCP, ct.CTA_PROTOINFO_SCTP, ct.CTA_PROTOINFO_DCCP)):
             if p in (ct.CTA_PROTOINFO_SCTP, ct.CTA_PROTOINFO_DCCP):
                 raise _Unsupported("SCTP/DCCP state")
             if p != ct.CTA_PROTOINFO_TCP:
                 continue
-            for q, s2, e2 in self.attrs(s, e):
+            for q, s2, e2 in self.attrs(s, e, _TCP_SHOWN):
                 what = _TCP_SHOWN.get(q)
                 if what is None or e2 == s2:  # the view shows only attributes with a payload
                     continue
@@ -217,7 +225,7 @@ class _Learner:
         self.protonum = -1
         self.tcp: list[tuple[str, str]] = []
         self.counters: list[tuple[str, str]] = []
-        for t, s, e in self.attrs(0, len(self.buf)):
+        for t, s, e in self.attrs(0, len(self.buf), _SHOWN):
             if t in _GENERAL_ONLY:
                 raise _Unsupported(f"attribute {t}")
             if t == ct.CTA_TUPLE_ORIG:
@@ -230,7 +238,7 @@ class _Learner:
                 self.protoinfo(s, e)
             elif t in (ct.CTA_COUNTERS_ORIG, ct.CTA_COUNTERS_REPLY):
                 direction = "orig" if t == ct.CTA_COUNTERS_ORIG else "reply"
-                inner = {a: (s2, e2) for a, s2, e2 in self.attrs(s, e)}
+                inner = {a: (s2, e2) for a, s2, e2 in self.attrs(s, e, _COUNTERS)}
                 for a, what in ((ct.CTA_COUNTERS_PACKETS, "packets"), (ct.CTA_COUNTERS_BYTES, "bytes")):
                     if a in inner:
                         s2, e2 = inner[a]
