@@ -16,7 +16,7 @@ from ctbridge import ctnetlink as ct
 from ctbridge.codec import Entry
 from ctbridge.listing import Listing, format_line
 from ctbridge.view import entry_view
-from tests.test_codec import as_dump_message, entries
+from tests.test_codec import entries
 
 FIXTURES = json.loads(Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())
 DUMP_MESSAGES = [bytes.fromhex(f["hex"]) for f in FIXTURES if f["what"] == "dump"]
