@@ -7,7 +7,11 @@ then times, best of R runs each:
   dump    ctbridge KernelTable.dump()       vs  conntrack -L (output to /dev/null)
   commit  ctbridge KernelTable.commit()     vs  conntrack -R (restore from a file)
                                             and conntrackd -c (external cache -> kernel), if it runs
-and prints rates and ratios against the goals (dump >= 0.8x conntrack -L, commit >= 2x conntrack -R).
+and what an operator runs, the whole command with its output to /dev/null:
+  listing ctbridge kernel dump [--json]     vs  conntrack -L [-o extended]
+          ctbridge dump internal|external [--json], from two daemons holding the N flows
+and prints rates and ratios against the goals (dump >= 0.8x conntrack -L, commit >= 2x conntrack -R,
+listings >= 1x conntrack -L: text against `conntrack -L`, JSON against `conntrack -L -o extended`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,48 @@ def timed_cmd(ns: str, *argv: str, stdout: int | None = subprocess.DEVNULL) -> f
     return time.perf_counter() - start
 
 
+def timed_cli(ns: str | None, *argv: str) -> float:
+    """The CLI as an operator runs it, output to /dev/null; with its bytecode cached, as an
+    installed package has it (this machine may set PYTHONDONTWRITEBYTECODE)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cmd = [sys.executable, "-m", "ctbridge", *argv]
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, timeout=600,
+                   cwd=Path(__file__).resolve().parent.parent)
+    return time.perf_counter() - start
+
+
+def listings(n: int, repeat: int, save: Path) -> list[tuple[str, float, float]]:
+    """(what, our seconds, the C tool's seconds) for each listing, best of ``repeat``; the caches'
+    listings come from two daemons that replicated the n flows (loaded into A with conntrack -R)."""
+    from tests.daemonlab import cluster  # the daemons as the tests run them
+    rows = []
+    with cluster(2, log={"level": "info"}) as c:
+        a, b = c.nodes
+        for node in (a, b):
+            node.run("sysctl", "-qw", f"net.netfilter.nf_conntrack_max={max(262144, 2 * n)}", check=False)
+        a.start()
+        b.start()
+        a.run("conntrack", "-R", str(save))
+        deadline = time.monotonic() + 300
+        while b.request("stats")["external"]["entries"] < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert b.request("stats")["external"]["entries"] == n, "B did not get every flow"
+        plain = best(repeat, lambda: timed_cmd(a.ns, "conntrack", "-L"))
+        extended = best(repeat, lambda: timed_cmd(a.ns, "conntrack", "-L", "-o", "extended"))
+        for label, node, argv in (
+                ("kernel dump", a, ("kernel", "dump")),
+                ("dump internal", a, ("dump", "internal", "-c", str(a.config))),
+                ("dump external", b, ("dump", "external", "-c", str(b.config)))):
+            ns = node.ns if argv[0] == "kernel" else None
+            rows.append((f"ctbridge {label}", best(repeat, lambda ns=ns, argv=argv: timed_cli(ns, *argv)), plain))
+            rows.append((f"ctbridge {label} --json",
+                         best(repeat, lambda ns=ns, argv=argv: timed_cli(ns, *argv, "--json")), extended))
+    return rows
+
+
 def count(ns: str) -> int:
     with netns.inside(ns):
         table = KernelTable()
@@ -64,12 +110,12 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-conntrackd", action="store_true", help="skip the conntrackd -c measurement")
+    ap.add_argument("--no-listings", action="store_true", help="skip the CLI listings (they start two daemons)")
     args = ap.parse_args()
     n = args.entries
     if os.geteuid() != 0:
         print("bench/kernel.py: needs root (network namespaces); run `make bench` as root", file=sys.stderr)
         return 1
-    rows: list[tuple[str, float, str]] = []
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         src = stack.enter_context(netns.namespace("bsrc"))
         dst = stack.enter_context(netns.namespace("bdst"))
@@ -111,9 +157,12 @@ def main() -> int:
         assert count(dst) == n
         src_table.close()
         dst_table.close()
+        entries = []
+        for ns in (src, dst):  # room for the listings' namespaces
+            netns.run(ns, "conntrack", "-F", check=False)
+        listed = listings(n, args.repeat, save) if not args.no_listings else []
 
     rate = n / t_dump
-    rows.append((f"dump    ctbridge           {n / t_dump:>10,.0f}/s", n / t_dump, ""))
     print(f"\nkernel adapter, {n:,} TCP entries, best of {args.repeat}")
     print(f"{'what':<34}{'seconds':>9}{'entries/s':>12}{'ratio':>9}  goal")
     print(f"{'dump:   conntrack -L (C)':<34}{t_list:>9.3f}{n / t_list:>12,.0f}{1.0:>8.2f}x")
@@ -137,6 +186,13 @@ def main() -> int:
                       f"{t_restore / t_cd:>8.2f}x  (ctbridge is {t_cd / t_commit:.2f}x conntrackd)")
             else:
                 print(f"{'commit: conntrackd -c (C)':<34}  not measured: {res.get('error')}")
+    if listed:
+        print("listings, the whole command, output to /dev/null (JSON against conntrack -L -o extended)")
+        for what, ours, theirs in listed:
+            tool = "conntrack -L -o extended" if what.endswith("--json") else "conntrack -L"
+            ratio = theirs / ours
+            print(f"{'list:   ' + what:<34}{ours:>9.3f}{n / ours:>12,.0f}{ratio:>8.2f}x  >= 1x  "
+                  f"{'met' if ratio >= 1 else 'MISSED'}  ({tool}: {theirs:.3f} s)")
     print("ratio: rate relative to the conntrack CLI in the same group (higher is faster)")
     return 0
 
