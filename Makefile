@@ -18,7 +18,7 @@ DEB_RUNTIME_PACKAGES = python3-pyroute2 python3-jinja2 python3-psutil adduser
 APT_PACKAGES = $(TEST_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES)
 MYPY_MODULES := ctbridge/ctnetlink.py ctbridge/codec.py ctbridge/kernel.py ctbridge/view.py \
 	ctbridge/wire.py ctbridge/engine.py ctbridge/sequence.py ctbridge/filter.py \
-	ctbridge/cluster.py ctbridge/render.py ctbridge/gate.py ctbridge/listing.py ctbridge/resources.py ctbridge/mmsg.py
+	ctbridge/cluster.py ctbridge/render.py ctbridge/gate.py ctbridge/listing.py ctbridge/resources.py ctbridge/mmsg.py ctbridge/metrics.py ctbridge/control.py
 
 .PHONY: all deps venv lint test unit demo bench deb fresh-test print-apt-packages clean
 

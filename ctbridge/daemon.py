@@ -475,6 +475,7 @@ class Daemon:
             "queues": {"pending": len(e._pending), "resend": len(e._resend), "bulk": len(e._bulks),
                        "inject": len(self.inject_ops)},
             "sync": dict(s),
+            "process": metrics.process_stats(),
             **self.stats_extra,
         }
 

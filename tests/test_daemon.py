@@ -173,6 +173,14 @@ def test_notify_fifo_track_file_and_metrics() -> None:
         text = b.run(os.sys.executable, "-c", scrape).stdout
         assert f"ctbridge_commit_entries {len(FLOWS)}" in text and 'ctbridge_role{role="MASTER"} 1' in text
         assert "ctbridge_rejected_auth_total 0" in text
+        # the daemon's own process, under the names Prometheus clients use, and in stats --json
+        figures = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("process_"))
+        process = b.request("stats")["process"]
+        assert float(figures["process_resident_memory_bytes"]) > 10e6 and process["resident_memory_bytes"] > 10e6
+        assert 0 < float(figures["process_cpu_seconds_total"]) < 600 and process["cpu_seconds"] > 0
+        assert float(figures["process_open_fds"]) >= 5 and process["open_fds"] >= 5
+        assert abs(float(figures["process_start_time_seconds"]) - time.time()) < 600
+        assert process["start_time_seconds"] == float(figures["process_start_time_seconds"])
 
 
 def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:

@@ -1,0 +1,25 @@
+"""The Prometheus exposition: exact sample values, and the daemon's own process figures."""
+
+from __future__ import annotations
+
+import time
+
+from ctbridge import metrics
+
+
+def test_large_counters_are_exact() -> None:
+    # %g printed this one as 1.17966e+06, and a start time to the nearest 10,000 seconds
+    text = metrics.render({"sync": {"tx_datagrams": 1_179_658}, "process": {"start_time_seconds": 1796115534.41}})
+    assert "\nctbridge_datagrams_sent_total 1179658\n" in text
+    assert "\nprocess_start_time_seconds 1796115534.41\n" in text
+
+
+def test_process_figures_are_this_process() -> None:
+    p = metrics.process_stats()
+    assert set(p) == {"resident_memory_bytes", "cpu_seconds", "open_fds", "start_time_seconds"}
+    assert p["resident_memory_bytes"] > 1e6 and p["open_fds"] >= 3
+    assert 0 < time.time() - p["start_time_seconds"] < 24 * 3600
+    text = metrics.render({"process": p})
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds"):
+        assert f"# TYPE {name} " in text
