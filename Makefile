@@ -65,7 +65,7 @@ unit: venv
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not root"
 
 demo: deps venv
-	$(PY) -m ctbridge.demo
+	@$(PY) -m ctbridge.demo
 
 bench: deps venv
 	$(PY) bench/kernel.py
