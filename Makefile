@@ -16,9 +16,8 @@ DEB_BUILD_PACKAGES = build-essential dpkg-dev debhelper dh-python pybuild-plugin
 # What the package depends on: Debian's own python3-pyroute2 (0.7.2 in Debian 12), jinja2 and psutil
 DEB_RUNTIME_PACKAGES = python3-pyroute2 python3-jinja2 python3-psutil adduser
 APT_PACKAGES = $(TEST_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES)
-MYPY_MODULES := ctbridge/ctnetlink.py ctbridge/codec.py ctbridge/kernel.py ctbridge/view.py \
-	ctbridge/wire.py ctbridge/engine.py ctbridge/sequence.py ctbridge/filter.py \
-	ctbridge/cluster.py ctbridge/render.py ctbridge/gate.py ctbridge/listing.py ctbridge/resources.py ctbridge/mmsg.py ctbridge/metrics.py ctbridge/control.py
+MYPY_MODULES := ctbridge/conntrack ctbridge/sync ctbridge/config/cluster.py ctbridge/config/render.py \
+	ctbridge/config/resources.py ctbridge/daemon/gate.py ctbridge/daemon/metrics.py ctbridge/daemon/control.py
 
 .PHONY: all deps venv lint test unit demo bench deb fresh-test print-apt-packages clean
 
@@ -65,7 +64,7 @@ unit: venv
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not root"
 
 demo: deps venv
-	@$(PY) -m ctbridge.demo
+	@$(PY) -m ctbridge.lab.demo
 
 bench: deps venv
 	$(PY) bench/kernel.py

@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge import codec, wire
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import Entry, Event, EventKind
-from ctbridge.engine import Engine, EngineConfig
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import Entry, Event, EventKind
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine, EngineConfig
 
 # What a real dump adds to a TCP entry besides tuples, status, timeout, protoinfo and mark.
 _KERNEL_EXTRA = (codec.attr(ct.CTA_USE, (1).to_bytes(4, "big")) + codec.attr(ct.CTA_ID, (12345).to_bytes(4, "big"))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge import wire
-from ctbridge.engine import Engine, EngineConfig
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine, EngineConfig
 
 VECTORS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "wire_vectors.json"
 KEY = bytes(range(32))

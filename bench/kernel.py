@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge import netns
-from ctbridge.kernel import KernelTable
+from ctbridge.conntrack.table import KernelTable
+from ctbridge.lab import netns
 
 
 def save_lines(n: int) -> str:

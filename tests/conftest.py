@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import pytest
 
-from ctbridge import netns
+from ctbridge.lab import netns
 
 REQUIRED_TOOLS = ("ip", "conntrack", "nft")
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ctbridge import control, netns
+from ctbridge.daemon import control
+from ctbridge.lab import netns
 from ctbridge.lab.network import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,10 +6,11 @@ import heapq
 import random
 from dataclasses import replace
 
-from ctbridge import codec, wire
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import Entry, Event, EventKind
-from ctbridge.engine import Engine, EngineConfig
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import Entry, Event, EventKind
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine, EngineConfig
 
 KEY = b"k" * 32
 

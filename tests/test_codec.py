@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctbridge import codec
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import CodecError, Entry
-from ctbridge.view import entry_view
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import CodecError, Entry
+from ctbridge.conntrack.view import entry_view
 
 PORT_PROTOS = [ct.IPPROTO_TCP, ct.IPPROTO_UDP, ct.IPPROTO_SCTP, ct.IPPROTO_DCCP, ct.IPPROTO_UDPLITE, ct.IPPROTO_GRE]
 DOC_V4 = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]

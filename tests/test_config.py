@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import config, keepalived
+from ctbridge.config import settings as config
+from ctbridge.daemon import keepalived
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """

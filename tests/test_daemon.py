@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import codec, netns
-from ctbridge.kernel import KernelTable
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.table import KernelTable
+from ctbridge.lab import netns
 from tests import witness
 from tests.daemonlab import ROOT, Node, cluster, wait_for
 
@@ -78,8 +79,8 @@ def test_forged_datagram_is_counted_and_changes_nothing() -> None:
     with cluster(2) as c:
         a, b = c.nodes
         b.start()
-        from ctbridge import wire
-        from ctbridge.engine import Engine, EngineConfig
+        from ctbridge.sync import wire
+        from ctbridge.sync.engine import Engine, EngineConfig
         from tests.enginelab import flow
         forger = Engine(EngineConfig(node_id=0x0BADF00D), wire.Auth([b"not the cluster key!"]), epoch=1, now=0.0)
         forger.kernel_events([codec.Event(codec.EventKind.NEW, flow(1), 0)], 0.0)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import codec
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import EventKind
-from ctbridge.view import entry_view
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import EventKind
+from ctbridge.conntrack.view import entry_view
 from tests import witness
 
 FIXTURES = json.loads(Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())

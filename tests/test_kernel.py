@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from ctbridge import codec, netns
-from ctbridge.codec import EventKind
-from ctbridge.kernel import EventSocket, KernelTable
-from ctbridge.view import entry_view
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import EventKind
+from ctbridge.conntrack.table import EventSocket, KernelTable
+from ctbridge.conntrack.view import entry_view
+from ctbridge.lab import netns
 from tests import witness
 
 pytestmark = pytest.mark.root
@@ -278,7 +279,7 @@ def _table(ns: str, **kw: int) -> KernelTable:
 
 def _related_pair() -> tuple[codec.Entry, codec.Entry]:
     """An FTP-like control flow and a data flow related to it (CTA_TUPLE_MASTER)."""
-    from ctbridge import ctnetlink as ct
+    from ctbridge.conntrack import abi as ct
     a, b = bytes((192, 0, 2, 30)), bytes((198, 51, 100, 30))
     ctl = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, a, b, 40000, 21)
     master = codec.build_entry(ct.AF_INET, ctl, codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, b, a, 21, 40000),
@@ -291,7 +292,7 @@ def _related_pair() -> tuple[codec.Entry, codec.Entry]:
 
 
 def test_related_flow_committed_before_its_master_and_then_updated(ns: str) -> None:
-    from ctbridge import ctnetlink as ct
+    from ctbridge.conntrack import abi as ct
     master, child = _related_pair()
     with _table(ns) as table:
         result = table.commit([child, master])  # the child first: ENOENT, retried after the master
@@ -313,7 +314,7 @@ def test_related_flow_committed_before_its_master_and_then_updated(ns: str) -> N
 
 def test_update_that_would_clear_a_bit_is_retried_without_the_status(ns: str) -> None:
     (assured,) = codec.tcp_flows(1)  # SEEN_REPLY | ASSURED
-    from ctbridge import ctnetlink as ct
+    from ctbridge.conntrack import abi as ct
     attrs = codec.attr_map(assured.attrs)
     plain = codec.build_entry(ct.AF_INET, attrs[ct.CTA_TUPLE_ORIG], attrs[ct.CTA_TUPLE_REPLY],
                               status=ct.IPS_CONFIRMED, timeout=77, mark=5, tcp_state=3)
@@ -326,7 +327,7 @@ def test_update_that_would_clear_a_bit_is_retried_without_the_status(ns: str) ->
 
 
 def test_failures_map_to_their_entries_across_batches(ns: str) -> None:
-    from ctbridge import ctnetlink as ct
+    from ctbridge.conntrack import abi as ct
     good = codec.tcp_flows(3000)
     bad = []
     for i in range(100):  # an original TCP tuple with a UDP reply tuple: the kernel says EINVAL
@@ -409,7 +410,7 @@ def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
 def test_recvmmsg_reads_many_datagrams_at_once() -> None:
     import socket as socketlib
 
-    from ctbridge import mmsg
+    from ctbridge.conntrack import recvmmsg as mmsg
     a, b = socketlib.socketpair(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     with a, b:
         b.setblocking(False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import keyfile
+from ctbridge.config import keyfile
 
 
 def keygen(*args: str) -> subprocess.CompletedProcess[str]:

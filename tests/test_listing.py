@@ -11,11 +11,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctbridge import codec
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import Entry
-from ctbridge.listing import Listing, format_line
-from ctbridge.view import entry_view
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import Entry
+from ctbridge.conntrack.listing import Listing, format_line
+from ctbridge.conntrack.view import entry_view
 from tests.test_codec import entries
 
 FIXTURES = json.loads(Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())

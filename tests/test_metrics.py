@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ctbridge import metrics
+from ctbridge.daemon import metrics
 
 
 def test_large_counters_are_exact() -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 import ctbridge
-from ctbridge import netns
-from ctbridge.lab import wait_for
+from ctbridge.lab import netns, wait_for
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent

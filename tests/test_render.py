@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import cluster, keyfile, netns, render
+from ctbridge.config import cluster, keyfile, render
+from ctbridge.lab import netns
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctbridge import wire
+from ctbridge.sync import wire
 from tests import wirevectors
 
 GOLDEN = json.loads(wirevectors.FILE.read_text())
@@ -75,8 +75,8 @@ def test_decoder_fuzz_raises_only_wire_errors() -> None:
 
 
 def test_flow_of_an_entry_in_another_attribute_order_still_carries_its_key() -> None:
-    from ctbridge import codec
-    from ctbridge import ctnetlink as ct
+    from ctbridge.conntrack import abi as ct
+    from ctbridge.conntrack import codec
     e = wirevectors.sample_entry()
     attrs = codec.attr_map(e.attrs)
     shuffled = (codec.attr(ct.CTA_STATUS, attrs[ct.CTA_STATUS])

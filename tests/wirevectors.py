@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from ctbridge import codec, wire
-from ctbridge import ctnetlink as ct
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.sync import wire
 
 KEY = bytes(range(32))
 AUTH = wire.Auth([KEY], "blake2b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctbridge import netns
+from ctbridge.lab import netns
 
 _TUPLE_KEYS = ("src", "dst", "sport", "dport", "type", "code", "id", "srckey", "dstkey")
 _INT_KEYS = {"sport", "dport", "type", "code", "id", "srckey", "dstkey", "mark", "zone", "use"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctbridge import config
+from ctbridge.config import settings as config
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:

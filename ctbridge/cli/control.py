@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Any
 
-from ctbridge import config, control
+from ctbridge.config import settings as config
+from ctbridge.daemon import control
 
 NOTIFY_TIMEOUT = 60.0  # a commit of a large table takes about a second; keepalived waits for nobody
 

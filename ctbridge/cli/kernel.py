@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctbridge.kernel import KernelTable, explain
-from ctbridge.listing import Listing
+from ctbridge.conntrack.listing import Listing
+from ctbridge.conntrack.table import KernelTable, explain
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:

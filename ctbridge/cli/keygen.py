@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctbridge import keyfile
+from ctbridge.config import keyfile
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:

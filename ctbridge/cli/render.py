@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctbridge import cluster, render
+from ctbridge.config import cluster, render
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:

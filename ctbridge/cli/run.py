@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ctbridge import config, daemon
+from ctbridge.config import settings as config
+from ctbridge.daemon import service as daemon
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:

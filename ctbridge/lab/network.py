@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ctbridge import cluster as cluster_mod
-from ctbridge import control, netns, render, resources
+from ctbridge.config import cluster as cluster_mod
+from ctbridge.config import render, resources
+from ctbridge.daemon import control
+from ctbridge.lab import netns
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 HOOK = resources.hook_path()

@@ -1,7 +1,7 @@
 """Listings of conntrack entries as text lines (`conntrack -L -o extended`'s layout) or JSON objects,
 fast enough to list a large table at least as quickly as `conntrack -L` does.
 
-The readable form of an entry is defined once, by ``ctbridge.view.entry_view`` and ``format_line``
+The readable form of an entry is defined once, by ``ctbridge.conntrack.view.entry_view`` and ``format_line``
 below; this module produces exactly the same bytes faster. Entries come in a handful of attribute
 layouts (IPv4 TCP, IPv6 UDP, with a zone, with counters, ...) that differ only in their values.
 For each layout seen, one walk of a sample entry finds where every shown value lies, and a
@@ -20,9 +20,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import CodecError, Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
-from ctbridge.view import entry_view
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack.codec import CodecError, Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
+from ctbridge.conntrack.view import entry_view
 
 # --- the general path ------------------------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class _Layout:
         self.source = source  # for a reader of a traceback, and the tests
         namespace: dict[str, Any] = {"FROM": int.from_bytes, "MASK": mask, "EXPECT": expect,
                                      "VALUES": values.unpack_from, **tables}
-        exec(compile(source, f"<ctbridge.listing layout {fam} {proto}>", "exec"), namespace)
+        exec(compile(source, f"<ctbridge.conntrack.listing layout {fam} {proto}>", "exec"), namespace)
         self.text: Formatter = namespace["text"]
         self.json: Formatter = namespace["json"]
         self.size = len(sample)

@@ -68,7 +68,7 @@ class Cluster:
     notify: str  # "hook" (keepalived runs the notify hook) or "fifo" (notify_fifo, ordered)
     interlock: bool
     maintenance: bool  # a track file that drains the node when it holds 1
-    gate: bool  # commit mode: ctbridge's commit gate (ctbridge.gate)
+    gate: bool  # commit mode: ctbridge's commit gate (ctbridge.daemon.gate)
     vrrp_version: int
     group: str  # the vrrp_sync_group's name
     nodes: tuple[Node, ...]

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
-from ctbridge import codec, wire
-from ctbridge.codec import Entry, Event, EventKind
-from ctbridge.filter import FlowFilter
-from ctbridge.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import Entry, Event, EventKind
+from ctbridge.sync import wire
+from ctbridge.sync.filter import FlowFilter
+from ctbridge.sync.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 # the paths pyproject.toml's [tool.setuptools.data-files] installs under the prefix
 TEMPLATES = "share/ctbridge/templates"
 HOOK = "lib/ctbridge/ctbridge-notify"

@@ -11,8 +11,8 @@ import ipaddress
 import struct
 from typing import Any
 
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import CodecError, Entry, attr_map, split_key
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack.codec import CodecError, Entry, attr_map, split_key
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")

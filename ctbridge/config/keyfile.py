@@ -6,7 +6,7 @@ import os
 import secrets
 import stat
 
-from ctbridge.wire import KEY_MIN_BYTES
+from ctbridge.sync.wire import KEY_MIN_BYTES
 
 KEY_BYTES = 32
 

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctbridge import ctnetlink as ct
+from ctbridge.conntrack import abi as ct
 
 DEFAULT_PATH = "/etc/ctbridge/ctbridge.toml"
 
@@ -255,5 +255,5 @@ def check_main(path: str) -> list[str]:
         cfg = load(path)
     except ConfigError as exc:
         return [str(exc)]
-    from ctbridge import host  # host facts: addresses, key files; imported late to keep this pure
+    from ctbridge.config import host  # host facts: addresses, key files; imported late to keep this pure
     return host.problems(cfg)

@@ -7,8 +7,8 @@ import os
 import socket
 import time
 
-from ctbridge import keyfile
-from ctbridge.config import Config
+from ctbridge.config import keyfile
+from ctbridge.config.settings import Config
 
 
 def _bind_problem(address: str, port: int) -> str | None:
@@ -61,7 +61,7 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
             except keyfile.KeyFileError as exc:
                 out.append(f"{path}: sync.{name}: {exc}")
     if cfg["apply.gate"] and cfg["apply.mode"] == "commit":
-        from ctbridge import gate
+        from ctbridge.daemon import gate
         why = gate.available()
         if why is not None:
             out.append(f"{path}: apply.gate: {why}, or set gate = false")

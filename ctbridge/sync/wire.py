@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
-from ctbridge import codec
-from ctbridge import ctnetlink as ct
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
 
 MAGIC = b"CB"
 VERSION = 1

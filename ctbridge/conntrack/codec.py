@@ -2,7 +2,7 @@
 
 An entry keeps the kernel's attributes verbatim (``Entry.attrs``); only the flow key is extracted
 when a message is decoded, because the hot paths (dump, events, commit) need nothing else. A full
-interpretation is built only on request (``ctbridge.view``). Attributes the codec does not know are
+interpretation is built only on request (``ctbridge.conntrack.view``). Attributes the codec does not know are
 carried byte for byte, so a newer kernel's additions survive replication.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple, TypeVar
 
-from ctbridge import ctnetlink as ct
+from ctbridge.conntrack import abi as ct
 
 T = TypeVar("T")
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid (host order)

@@ -1,6 +1,6 @@
 """`ctbridge render`: a node's files from the cluster description, through the jinja2 templates.
 
-load -> verify (pure, ctbridge.cluster) -> render (this module: strings only) -> write (atomic:
+load -> verify (pure, ctbridge.config.cluster) -> render (this module: strings only) -> write (atomic:
 a temporary file in the same directory, fsync, rename), so keepalived or systemd never read half
 a file, and a failed render leaves the previous files as they were.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jinja2
 
-from ctbridge import resources
-from ctbridge.cluster import Cluster, Node
+from ctbridge.config import resources
+from ctbridge.config.cluster import Cluster, Node
 
 # template -> the file it becomes
 FILES = {

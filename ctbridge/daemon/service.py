@@ -21,14 +21,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ctbridge import config as config_mod
-from ctbridge import control, gate, host, keepalived, metrics, wire
-from ctbridge.codec import Entry
-from ctbridge.config import Config
-from ctbridge.engine import Engine, EngineConfig, KernelOp, Role
-from ctbridge.filter import LOOPBACK, FlowFilter
-from ctbridge.kernel import EventSocket, KernelTable
-from ctbridge.listing import Listing
+from ctbridge.config import host
+from ctbridge.config import settings as config_mod
+from ctbridge.config.settings import Config
+from ctbridge.conntrack.codec import Entry
+from ctbridge.conntrack.listing import Listing
+from ctbridge.conntrack.table import EventSocket, KernelTable
+from ctbridge.daemon import control, gate, keepalived, metrics
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine, EngineConfig, KernelOp, Role
+from ctbridge.sync.filter import LOOPBACK, FlowFilter
 
 log = logging.getLogger("ctbridge")
 

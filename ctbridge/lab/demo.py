@@ -130,7 +130,7 @@ def demo(options: Options) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ctbridge.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ctbridge.lab.demo", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("commit", "inject"), default="commit", help="ctbridge apply mode")
     p.add_argument("--tcp", type=int, default=200)
     p.add_argument("--udp", type=int, default=20)

@@ -11,8 +11,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from ctbridge import codec
-from ctbridge import ctnetlink as ct
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

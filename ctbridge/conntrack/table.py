@@ -1,7 +1,7 @@
 """Kernel adapter: this network namespace's conntrack table over raw ctnetlink sockets.
 
 The only module that talks to the kernel's conntrack table. Messages are built and parsed by
-``ctbridge.codec``; here they are only sent and received. Writes are batched, many netlink messages
+``ctbridge.conntrack.codec``; here they are only sent and received. Writes are batched, many netlink messages
 per ``send()``, and only the last message of a batch asks for an acknowledgement: the kernel
 processes a batch in order and answers every failed message with an NLMSG_ERROR carrying its
 sequence number, so failures still map to their entries.
@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator
 from typing import NamedTuple
 
-from ctbridge import codec, mmsg
-from ctbridge import ctnetlink as ct
-from ctbridge.codec import Entry, Event
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack import recvmmsg as mmsg
+from ctbridge.conntrack.codec import Entry, Event
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""What a node is told: its configuration file (settings), the host facts it is checked against
+(host), sync keys (keyfile), the cluster description (cluster) and the files rendered from it
+(render, with the templates found by resources).
+
+It imports ctbridge.conntrack and ctbridge.sync for their constants; the daemon, the CLI and the
+lab import it.
+"""

@@ -1,0 +1,5 @@
+"""The kernel's connection-tracking table over ctnetlink: its constants (abi), the messages
+(codec), the table and its events (table, recvmmsg), and how an entry reads (view, listing).
+
+The bottom layer: it imports nothing else of ctbridge. Everything above may import it.
+"""
