@@ -27,7 +27,7 @@ from ctbridge.config.settings import Config
 from ctbridge.conntrack.codec import Entry
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelTable
-from ctbridge.daemon import control, gate, keepalived, metrics
+from ctbridge.daemon import control, failover, gate, keepalived, metrics
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig, KernelOp, Role
 from ctbridge.sync.filter import LOOPBACK, FlowFilter
@@ -261,77 +261,92 @@ class Daemon:
 
     # --- keepalived transitions -------------------------------------------------------------------
 
-    def wanted(self, t: keepalived.Transition) -> bool:
-        names = self.cfg["keepalived.instances"]
-        return not names or not t.name or t.name in names
+    def facts(self) -> failover.Facts:
+        return failover.Facts(
+            role=self.engine.role, mode=self.cfg["apply.mode"], gated=self.gated,
+            instances=tuple(self.cfg["keepalived.instances"]), purging=self.purge_task is not None,
+            injecting=self.inject_task is not None and not self.inject_task.done())
 
     async def transition(self, t: keepalived.Transition) -> dict[str, Any]:
-        """Apply one transition; a second waits for the first (never interleaves)."""
-        if not self.wanted(t):
-            return {"ok": True, "ignored": f"{t.kind.lower()} {t.name} is not in keepalived.instances"}
-        async with self.transition_lock:
-            role = {"MASTER": Role.MASTER, "BACKUP": Role.BACKUP}.get(t.state, Role.FAULT)
+        """Apply one transition (the policy is ctbridge.daemon.failover); a second waits for the
+        first, never interleaves."""
+        ignored = failover.decide(t, self.facts()).ignored
+        if ignored:
+            return {"ok": True, "ignored": ignored}
+        async with self.transition_lock:  # the facts are read again: they may have changed meanwhile
             start = time.monotonic()
+            decision = failover.decide(t, self.facts(), self.cfg["apply.purge_timeout"])
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
-            noop = role is self.engine.role and t.state != "STOP"
-            if role is not Role.MASTER or noop:
-                # The gate follows keepalived's word, also when the role does not change (right
-                # after a start the engine says BACKUP, but the gate is not closed yet). A new
-                # master opens it in become_master, once the flows are committed.
-                await self.set_gate(closed=role is not Role.MASTER)
-            if noop:
+            if decision.noop:
                 record["noop"] = True
-            elif role is Role.MASTER:
-                record.update(await self.become_master(start))
-            elif role is Role.BACKUP:
-                await self.become_backup()
-            else:
-                self.engine.set_role(Role.FAULT)
-                log.info("%s: stopped advertising this node's flows; caches kept", t.state)
+            out = await self.execute(decision.actions, start)
+            record.update(out)
+            if not decision.noop:
+                log.info("%s%s", decision.note, f" {out}" if out else "")
             record["seconds"] = round(time.monotonic() - start, 6)
             self.stats_extra["transitions"] = [*self.stats_extra["transitions"][-9:], record]
             self.after_input()
             return {"ok": True, "role": self.engine.role.value, **record}
 
-    async def become_master(self, start: float) -> dict[str, Any]:
-        if self.purge_task is not None:
+    async def execute(self, actions: list[failover.Action], start: float) -> dict[str, Any]:
+        """Run the policy's steps in order. After a step fails only the ``ensure`` ones run (a
+        master's gate opens, kernel events come back), then the failure is raised."""
+        out: dict[str, Any] = {}
+        error: BaseException | None = None
+        for action in actions:
+            if error is not None and not action.ensure:
+                continue
+            try:
+                out.update(await self.step(action, start) or {})
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
+
+    async def step(self, action: failover.Action, start: float) -> dict[str, Any] | None:
+        name = action.name
+        if name == failover.GATE:
+            await self.set_gate(closed=action.closed)
+        elif name == failover.CANCEL_PURGE and self.purge_task is not None:
             self.purge_task.cancel()
             self.purge_task = None
-        out: dict[str, Any] = {}
-        if self.inject_task is not None:
+        elif name == failover.WAIT_INJECT and self.inject_task is not None:
             await asyncio.shield(self.inject_task)
-        try:
-            if self.cfg["apply.mode"] == "commit":
-                # The dump that follows (announce_as_master) brings the internal cache up to date:
-                # meanwhile the echo of the commit is not even delivered to this process.
-                self.events.pause()
-                try:
-                    out = await self.commit()
-                finally:
-                    self.events.resume()
-            out["committed_after"] = round(time.monotonic() - start, 6)  # notification -> flows in place
-        finally:
-            # whatever the commit did, a master must not keep new flows out
-            await self.set_gate(closed=False)
-        self.engine.flush_external()
-        self.engine.set_role(Role.MASTER)
-        # The flows are in the kernel: answer now, so keepalived's hook returns. Rebuilding the
-        # internal cache from a dump and announcing it follows, still holding the transition lock,
-        # so a next transition waits for it (and it is skipped if one came first).
-        self.master_followup = asyncio.ensure_future(self.announce_as_master())
-        log.info("MASTER: %s", out)
-        return out
+        elif name == failover.PAUSE_EVENTS:
+            # the dump of the follow-up brings the internal cache up to date: meanwhile the echo
+            # of the commit is not even delivered to this process
+            self.events.pause()
+        elif name == failover.COMMIT:
+            return await self.commit()
+        elif name == failover.RESUME_EVENTS:
+            self.events.resume()
+        elif name == failover.COMMITTED:
+            return {"committed_after": round(time.monotonic() - start, 6)}  # notification -> flows in place
+        elif name == failover.FLUSH_EXTERNAL:
+            self.engine.flush_external()
+        elif name == failover.ROLE and action.role is not None:
+            self.engine.set_role(action.role)
+        elif name == failover.ANNOUNCE:
+            # The flows are in the kernel: answer now, so keepalived's hook returns. The follow-up
+            # waits for the transition lock, so a next transition waits for it too.
+            self.master_followup = asyncio.ensure_future(self.announce_as_master())
+        elif name == failover.REQUEST_RESYNC:
+            self.engine.request_resync(self.loop.time())
+        elif name == failover.START_PURGE and self.purge_task is None:
+            self.purge_task = asyncio.ensure_future(self.purge())
+        elif name == failover.DUMP:
+            return {"announced": await self.resync_internal()}
+        elif name == failover.BULK_SEND:
+            self.engine.bulk_send(self.loop.time())
+            self.after_input()
+        return None
 
     async def announce_as_master(self) -> None:
         async with self.transition_lock:
-            # the dump runs even if another transition came first: kernel events were paused
-            # during the commit, and only a dump brings the internal cache back in step
-            count = await self.resync_internal()
-            if self.engine.role is not Role.MASTER:
-                return
-            self.engine.bulk_send(self.loop.time())
-            self.after_input()
-            log.info("MASTER: %d flows of this kernel announced to the peers", count)
+            out = await self.execute(failover.followup(self.engine.role), time.monotonic())
+            if self.engine.role is Role.MASTER:
+                log.info("MASTER: %d flows of this kernel announced to the peers", out.get("announced", 0))
 
     async def commit(self) -> dict[str, Any]:
         entries = self.engine.external_entries()
@@ -382,15 +397,6 @@ class Daemon:
             log.info("commit gate open (attempt %d)", attempt)
             break
         self.gate_retry = None
-
-    async def become_backup(self) -> None:
-        was_master = self.engine.role is Role.MASTER
-        self.engine.set_role(Role.BACKUP)
-        self.engine.request_resync(self.loop.time())
-        if was_master and self.purge_task is None:
-            self.purge_task = asyncio.ensure_future(self.purge())
-        log.info("BACKUP: asked peers for their flows%s", "; flows of the former master expire in "
-                 f"{self.cfg['apply.purge_timeout']:.0f} s unless packets keep them alive" if was_master else "")
 
     async def purge(self) -> None:
         """Flows this node had as master: their timeout becomes the purge timeout, so those no

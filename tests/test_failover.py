@@ -1,0 +1,86 @@
+"""The failover policy, without root: what MASTER, BACKUP, FAULT and STOP make a node do, in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctbridge.daemon import failover
+from ctbridge.daemon.failover import Action, Facts, decide, followup
+from ctbridge.daemon.keepalived import Transition
+from ctbridge.sync.engine import Role
+
+
+def t(state: str, name: str = "G1", kind: str = "GROUP") -> Transition:
+    return Transition(kind, name, state, 0)
+
+
+def names(actions: list[Action]) -> list[str]:
+    return [a.name + (f"({'closed' if a.closed else 'open'})" if a.name == failover.GATE else "")
+            + (f"({a.role.value})" if a.role else "") for a in actions]
+
+
+def test_master_in_commit_mode_commits_then_opens_the_gate_then_announces() -> None:
+    d = decide(t("MASTER"), Facts(role=Role.BACKUP))
+    assert names(d.actions) == ["pause-events", "commit", "resume-events", "committed", "gate(open)",
+                                "flush-external", "role(MASTER)", "announce"]
+    assert not d.noop and d.role is Role.MASTER
+    # what must happen even if the commit fails: events back, and a master never keeps new flows out
+    assert [a.name for a in d.actions if a.ensure] == ["resume-events", "gate"]
+
+
+def test_master_in_inject_mode_waits_for_the_injected_flows_and_cancels_a_purge() -> None:
+    d = decide(t("MASTER"), Facts(role=Role.BACKUP, mode="inject", gated=False, purging=True, injecting=True))
+    assert names(d.actions) == ["cancel-purge", "wait-inject", "committed", "flush-external", "role(MASTER)",
+                                "announce"]
+
+
+def test_backup_asks_for_the_peers_flows_and_a_former_master_purges() -> None:
+    d = decide(t("BACKUP"), Facts(role=Role.MASTER))
+    assert names(d.actions) == ["gate(closed)", "role(BACKUP)", "request-resync", "start-purge"]
+    assert "expire in 60 s" in d.note
+    # a node that was not master has nothing of its own to purge; a running purge is not restarted
+    assert names(decide(t("BACKUP"), Facts(role=Role.FAULT)).actions) == ["gate(closed)", "role(BACKUP)",
+                                                                           "request-resync"]
+    assert "start-purge" not in names(decide(t("BACKUP"), Facts(role=Role.MASTER, purging=True)).actions)
+
+
+@pytest.mark.parametrize("state", ["FAULT", "STOP", "DELETED"])
+def test_fault_stop_and_deleted_stand_down_and_close_the_gate(state: str) -> None:
+    d = decide(t(state), Facts(role=Role.MASTER))
+    assert names(d.actions) == ["gate(closed)", "role(FAULT)"]
+    assert d.role is Role.FAULT
+
+
+def test_a_repeated_state_does_nothing_but_the_gate_still_follows_keepalived() -> None:
+    # just started: the engine says BACKUP, the gate was never closed
+    d = decide(t("BACKUP"), Facts(role=Role.BACKUP))
+    assert d.noop and names(d.actions) == ["gate(closed)"]
+    d = decide(t("MASTER"), Facts(role=Role.MASTER))
+    assert d.noop and names(d.actions) == ["gate(open)"]
+    assert decide(t("FAULT"), Facts(role=Role.FAULT)).noop
+
+
+def test_stop_always_stands_down_even_when_already_in_fault() -> None:
+    d = decide(t("STOP"), Facts(role=Role.FAULT))
+    assert not d.noop and names(d.actions) == ["gate(closed)", "role(FAULT)"]
+
+
+def test_without_a_gate_no_gate_step() -> None:
+    for state, role in (("MASTER", Role.BACKUP), ("BACKUP", Role.MASTER), ("BACKUP", Role.BACKUP)):
+        assert not [a for a in decide(t(state), Facts(role=role, gated=False)).actions if a.name == failover.GATE]
+
+
+def test_instances_not_listed_are_ignored() -> None:
+    facts = Facts(role=Role.BACKUP, instances=("VI_1",))
+    d = decide(t("MASTER", "VI_2", "INSTANCE"), facts)
+    assert d.actions == [] and d.ignored == "instance VI_2 is not in keepalived.instances"
+    assert decide(t("MASTER", "VI_1", "INSTANCE"), facts).actions
+    # notify_master & co. name no instance: they always count
+    assert decide(Transition("", "", "MASTER", 0), facts).actions
+
+
+def test_the_followup_dumps_always_and_announces_only_as_master() -> None:
+    assert names(followup(Role.MASTER)) == ["dump", "bulk-send"]
+    # a BACKUP came while the commit ran: the internal cache is rebuilt, nothing is announced
+    assert names(followup(Role.BACKUP)) == ["dump"]
+    assert names(followup(Role.FAULT)) == ["dump"]
