@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ctbridge import atomicfile
 from ctbridge.config import cluster, keyfile, render
 from ctbridge.lab import netns
 from tests.conftest import require
@@ -175,7 +176,7 @@ def test_strict_undefined_and_atomic_writes(tmp_path: Path, monkeypatch: pytest.
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
-    monkeypatch.setattr(render.os, "replace", failing_replace)
+    monkeypatch.setattr(atomicfile.os, "replace", failing_replace)
     with pytest.raises(OSError, match="No space"):
         render.write(new, out)
     after = {p.name: p.read_text() for p in out.iterdir()}

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 
+from ctbridge import atomicfile
 from ctbridge.config import keyfile
 from ctbridge.config.settings import Config
 
@@ -94,10 +95,7 @@ def next_epoch(state_dir: str) -> int:
     epoch = max(time.time_ns(), last + 1)
     try:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(f"{epoch}\n")
-        os.replace(tmp, path)
+        atomicfile.write(path, f"{epoch}\n")
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise

@@ -6,6 +6,7 @@ import os
 import secrets
 import stat
 
+from ctbridge import atomicfile
 from ctbridge.sync.wire import KEY_MIN_BYTES
 
 KEY_BYTES = 32
@@ -22,17 +23,8 @@ def generate(path: str, force: bool = False) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise KeyFileError(f"directory {directory} does not exist; create it first")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# ctbridge sync key: copy this file to every node of the cluster (mode 0600)\n")
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomicfile.write(path, "# ctbridge sync key: copy this file to every node of the cluster (mode 0600)\n"
+                     + secrets.token_hex(KEY_BYTES) + "\n", mode=0o600)
 
 
 def load(path: str) -> bytes:

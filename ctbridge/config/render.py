@@ -7,14 +7,12 @@ a file, and a failed render leaves the previous files as they were.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jinja2
 
+from ctbridge import atomicfile
 from ctbridge.config import resources
 from ctbridge.config.cluster import Cluster, Node
 
@@ -66,18 +64,7 @@ def write_atomic(path: Path, content: str, mode: int = 0o644) -> bool:
             return False
     except OSError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomicfile.write(path, content, mode)
     return True
 
 

@@ -7,10 +7,11 @@ the daemon, which applies them one at a time.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from typing import NamedTuple
+
+from ctbridge import atomicfile
 
 STATES = ("MASTER", "BACKUP", "FAULT", "STOP", "DELETED")
 
@@ -57,7 +58,4 @@ def parse_fifo_line(line: str) -> Transition | None:
 
 def write_track_file(path: str, value: int) -> None:
     """Atomically: keepalived may read the file at any moment (track_file reads an integer)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{value}\n")
-    os.replace(tmp, path)
+    atomicfile.write(path, f"{value}\n")
