@@ -111,3 +111,18 @@ def test_the_notify_hook_knows_the_default_control_socket() -> None:
     default = next(k.default for k in config.SCHEMA if (k.section, k.name) == ("control", "socket"))
     assert f'DEFAULT_SOCKET = "{default}"' in hook
     assert f'DEFAULT_CONFIG = "{config.DEFAULT_PATH}"' in hook
+
+
+def test_one_table_of_control_commands() -> None:
+    """The CLI, its help and the daemon's dispatch all read ctbridge.daemon.control.COMMANDS."""
+    from ctbridge import cli
+    from ctbridge.cli import control as cli_control
+    from ctbridge.daemon import control
+    from ctbridge.daemon.service import Daemon
+    assert set(cli_control.COMMANDS) == set(control.COMMANDS)
+    assert all(cli.MODULES[name] == "ctbridge.cli.control" and cli.HELP[name] == text
+               for name, text in control.COMMANDS.items())
+    for name in control.COMMANDS:  # a handler for each, named after it
+        assert callable(getattr(Daemon, "on_" + name.replace("-", "_")))
+    assert control.unknown("sleep") == ("unknown command 'sleep'; commands are status, stats, commit, flush, "
+                                        "resync, bulk-send, dump, notify")

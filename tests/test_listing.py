@@ -96,3 +96,45 @@ def test_a_malformed_entry_fails_as_the_general_path_does() -> None:
         pass
     else:
         raise AssertionError("a truncated attribute was listed")
+
+
+def test_an_entry_with_nothing_to_read_is_listed_by_the_general_path() -> None:
+    """Found by review: a peer's entry of only a protocol number made the generated formatter
+    invalid Python, and the whole listing failed."""
+    orig = codec.attr(ct.CTA_TUPLE_ORIG, codec.attr(ct.CTA_TUPLE_PROTO, codec.attr(ct.CTA_PROTO_NUM, b"\x06"),
+                                                    nested=True), nested=True)
+    bare = Entry(codec.make_key(ct.AF_INET, 0, orig[4:]), ct.AF_INET, orig)
+    for form in ("text", "json"):
+        assert list(Listing(form).entries([bare, bare])) == [general(bare, form)] * 2
+    assert general(bare, "text") == "ipv4     2 tcp      6 0 [UNREPLIED] mark=0"
+
+
+def test_a_layout_whose_formatter_disagrees_is_not_generated_again() -> None:
+    """Counters in the reply-then-original order: the view orders them, a formatter would not. The
+    shape goes to the general path once, and is not compiled again for every entry."""
+    flow = codec.tcp_flows(1)[0]
+    counters = b"".join(codec.attr(t, codec.attr(ct.CTA_COUNTERS_PACKETS, struct.pack(">Q", n))
+                                   + codec.attr(ct.CTA_COUNTERS_BYTES, struct.pack(">Q", 100 * n)), nested=True)
+                        for t, n in ((ct.CTA_COUNTERS_REPLY, 2), (ct.CTA_COUNTERS_ORIG, 1)))
+    odd = flow._replace(attrs=flow.attrs + counters)
+    listing = Listing("json")
+    assert list(listing.entries([odd] * 3)) == [general(odd, "json")] * 3
+    assert listing.layouts == {} and len(listing.unsupported) == 1
+
+
+def test_a_malformed_sample_leaves_no_formatter_behind() -> None:
+    """Found by review: a formatter was kept although the general path raised on its sample."""
+    flow = codec.tcp_flows(1)[0]
+    attrs = codec.attr_map(flow.attrs)
+    bad_zone = codec.attr(ct.CTA_TUPLE_ORIG, attrs[ct.CTA_TUPLE_ORIG], nested=True) + codec.attr(
+        ct.CTA_TUPLE_REPLY, attrs[ct.CTA_TUPLE_REPLY], nested=True) + codec.attr(ct.CTA_ZONE, b"\x00\x07\x00\x00")
+    msg = codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 5, ct.AF_INET, bad_zone)
+    listing = Listing("text")
+    for _ in range(2):
+        try:
+            listing.kernel(msg, 5)
+        except codec.CodecError:
+            pass
+        else:
+            raise AssertionError("an entry the general path refuses was listed")
+    assert listing.fast == {}

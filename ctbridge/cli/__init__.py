@@ -11,26 +11,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctbridge import __version__
+from ctbridge.daemon import control
 
-CONTROL = ("status", "stats", "commit", "flush", "resync", "bulk-send", "dump", "notify")
 # command -> the module that implements it. Only the chosen command's module is imported: the
 # keepalived hook runs `ctbridge notify` at every transition, and importing every subcommand (the
 # kernel adapter, the daemon, jinja2) tripled its start-up time.
 MODULES: dict[str, str] = {"run": "ctbridge.cli.run", "check": "ctbridge.cli.check",
-                           **{name: "ctbridge.cli.control" for name in CONTROL},
+                           **{name: "ctbridge.cli.control" for name in control.COMMANDS},
                            "kernel": "ctbridge.cli.kernel", "keygen": "ctbridge.cli.keygen",
                            "render": "ctbridge.cli.render"}
 HELP = {
     "run": "Run the daemon (normally started by systemd).",
     "check": "Check a configuration file (and this host) without running.",
-    "status": "Role, cache sizes and peers of the running daemon.",
-    "stats": "Counters of the running daemon (--json: machine-readable).",
-    "commit": "Write the external cache into the kernel now.",
-    "flush": "Empty the internal, the external or both caches of the running daemon.",
-    "resync": "Ask the peers for their whole internal caches.",
-    "bulk-send": "Send this node's whole internal cache to the peers.",
-    "dump": "Print the running daemon's internal or external cache.",
-    "notify": "Pass a keepalived transition to the running daemon (what the notify hook runs).",
+    **control.COMMANDS,
     "kernel": "Read this host's conntrack table directly (dump, count).",
     "keygen": "Write a new pre-shared sync key file (mode 0600).",
     "render": "Render a node's keepalived.conf, ctbridge.toml, nftables snippet and unit from a cluster file.",

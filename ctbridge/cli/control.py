@@ -75,9 +75,17 @@ class Dump:
     def run(self, args: argparse.Namespace) -> int:
         # the daemon formats the listing and streams it; this only copies its bytes out
         sys.stdout.flush()
-        control.stream(_socket(args), "dump", sys.stdout.buffer, timeout=120, which=args.which,
-                       format="json" if args.json else "text")
-        sys.stdout.buffer.flush()
+        answer = control.stream(_socket(args), "dump", sys.stdout.buffer, timeout=120, which=args.which,
+                                format="json" if args.json else "text")
+        if "entries" in answer and not answer.get("stream") and isinstance(answer["entries"], list):
+            # a daemon from before streamed listings answers with the entries' views in one line
+            from ctbridge.conntrack.listing import format_line
+            if args.json:
+                json.dump(answer["entries"], sys.stdout, separators=(",", ":"))
+                sys.stdout.write("\n")
+            else:
+                sys.stdout.writelines(format_line(v) + "\n" for v in answer["entries"])
+        sys.stdout.flush()
         return 0
 
 

@@ -29,25 +29,26 @@ SYSTEM_PREFIX = Path("/usr")
 
 
 def _installed(relative: str) -> Path | None:
-    """The installed copy of one data file: under this interpreter's prefix (a venv, the Debian
-    package's /usr), else where the distribution's RECORD says (pip --user, --prefix), else None.
+    """The installed copy of one data file: where the distribution's RECORD says (any pip scheme:
+    a venv, --user, --prefix), else under this interpreter's prefix (the Debian package's /usr),
+    else None.
 
-    RECORD names data files relative to site-packages (``../../../share/ctbridge/...``); a
-    Debian build moves site-packages after RECORD is written, so its paths are checked to exist.
+    RECORD names data files relative to site-packages (``../../../share/ctbridge/...``). A
+    Debian build moves site-packages after RECORD is written, so its paths are checked to exist;
+    RECORD comes first so that a pip --user install beside the Debian package uses its own files.
     """
-    candidate = Path(sys.prefix) / relative
-    if candidate.exists():
-        return candidate
     try:
         dist = importlib.metadata.distribution("ctbridge")
     except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or ():
-        if f.as_posix().endswith("/" + relative):
-            path = Path(str(dist.locate_file(f))).resolve()
-            if path.exists():
-                return path
-    return None
+        dist = None
+    if dist is not None:
+        for f in dist.files or ():
+            if f.as_posix().endswith("/" + relative):
+                path = Path(str(dist.locate_file(f))).resolve()
+                if path.exists():
+                    return path
+    candidate = Path(sys.prefix) / relative
+    return candidate if candidate.exists() else None
 
 
 def template_dir() -> Path:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack.codec import CodecError, Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
+from ctbridge.conntrack.codec import Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
 from ctbridge.conntrack.view import entry_view
 
 # --- the general path ------------------------------------------------------------------------------
@@ -328,11 +328,11 @@ class _Layout:
         source = "\n".join((
             f"def text(buf, off, zone=-1, {bound}):",
             f"    if FROM(buf[off:off + {end}], 'little') & MASK != EXPECT: return None",
-            f"    {unpack} = VALUES(buf, off)",
+            f"    {unpack} = VALUES(buf, off)" if variables else "    pass",
             f"    return f{text!r}",
             f"def json(buf, off, zone=-1, {bound}):",
             f"    if FROM(buf[off:off + {end}], 'little') & MASK != EXPECT: return None",
-            f"    {unpack} = VALUES(buf, off)",
+            f"    {unpack} = VALUES(buf, off)" if variables else "    pass",
             f"    return f{js!r}",
         ))
         self.source = source  # for a reader of a traceback, and the tests
@@ -368,48 +368,41 @@ class Listing:
         view = entry_view(entry)
         return format_line(view) if self.form == "text" else _json(view)
 
-    def _learn(self, family: int, buf: bytes, start: int, end: int) -> _Layout | None:
+    def one(self, family: int, buf: bytes, start: int, end: int, zone: int = -1, entry: Entry | None = None) -> str:
+        """The entry whose attributes are ``buf[start:end]`` in ``zone`` (-1: its CTA_ZONE's);
+        ``entry`` (else one made from the bytes) for the general path."""
+        for layout in self.layouts.get((family, end - start), ()):
+            out = (layout.text if self.form == "text" else layout.json)(buf, start, zone)
+            if out is not None:
+                return out
+        # The general path first: it raises on a malformed entry, and then no formatter is made.
+        general = self._general(entry or _entry(family, buf, start, end, zone))
+        self._learn_checked(family, buf, start, end, zone, general)
+        return general
+
+    def _learn_checked(self, family: int, buf: bytes, start: int, end: int, zone: int, general: str) -> None:
         sample = buf[start:end]
-        try:
-            shape = (family, tuple(t for t, _s, _e in iter_attrs(sample)), len(sample))
-        except CodecError:
-            return None
+        shape = (family, tuple(t for t, _s, _e in iter_attrs(sample)), len(sample))
         if shape in self.unsupported:
-            return None
+            return
+        layout: _Layout | None = None
         try:
             layout = _Layout(family, sample, self.tables)
-        except (_Unsupported, CodecError, struct.error):
-            # a layout for the general path: remembered, so that it is not walked twice
+            out = (layout.text if self.form == "text" else layout.json)(buf, start, zone)
+        except Exception:  # any failure to generate one means: the general path for this shape
+            layout, out = None, None
+        if layout is None or out != general:
+            # the general path's shape, or a formatter that disagrees with the view: remembered,
+            # so that it is neither walked nor generated again
             if len(self.unsupported) < self.LAYOUTS_MAX:
                 self.unsupported.add(shape)
-            return None
+            return
         if sum(len(v) for v in self.layouts.values()) >= self.LAYOUTS_MAX:
             self.layouts.clear()
             self.fast.clear()
         self.layouts.setdefault((family, len(sample)), []).append(layout)
         # a kernel message of this layout is the attributes and 20 bytes of headers
         self.fast.setdefault((family, len(sample) + 20), layout.text if self.form == "text" else layout.json)
-        return layout
-
-    def one(self, family: int, buf: bytes, start: int, end: int, zone: int = -1, entry: Entry | None = None) -> str:
-        """The entry whose attributes are ``buf[start:end]`` in ``zone`` (-1: its CTA_ZONE's);
-        ``entry`` (else one made from the bytes) for the general path."""
-        size = end - start
-        for layout in self.layouts.get((family, size), ()):
-            out = (layout.text if self.form == "text" else layout.json)(buf, start, zone)
-            if out is not None:
-                return out
-        learnt = self._learn(family, buf, start, end)
-        if learnt is not None:
-            out = (learnt.text if self.form == "text" else learnt.json)(buf, start, zone)
-            general = self._general(entry or _entry(family, buf, start, end, zone))
-            if out == general:
-                return out
-            # the generated formatter disagrees with the view: never use it
-            self.layouts[(family, size)].remove(learnt)
-            self.fast = {k: f for k, f in self.fast.items() if f not in (learnt.text, learnt.json)}
-            return general
-        return self._general(entry or _entry(family, buf, start, end, zone))
 
     def kernel(self, buf: bytes, seq: int) -> tuple[list[str], bool, int]:
         """One receive buffer of a kernel dump: its entries formatted, whether the dump ended, and

@@ -7,7 +7,8 @@ A listing (``dump``) is too large for one line, so it is streamed: the answer li
 ``"stream": true``, then come chunks, each a decimal byte count on a line of its own and that many
 bytes, then a chunk of 0, then a trailer line, {"ok": true, ...} or {"ok": false, "error": ...}.
 The chunks are the listing's bytes as the client prints them; the daemon formats the next chunk
-only when the socket has taken the last, so a listing costs it neither memory nor a stall.
+only when the socket has taken the last, so a listing never stalls it (it keeps the snapshot of
+the cache, references to its entries, until the client has read the listing or gone).
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ class Stream:
 
 Handler = Callable[[dict[str, Any]], Awaitable["dict[str, Any] | Stream"]]
 LINE_LIMIT = 1 << 20  # requests and answers are small; listings are streamed
+
+
+# The control commands and their one-line help: the CLI's subcommands and help texts, the
+# daemon's dispatch and its answer to an unknown command all come from this table.
+COMMANDS: dict[str, str] = {
+    "status": "Role, cache sizes and peers of the running daemon.",
+    "stats": "Counters of the running daemon (--json: machine-readable).",
+    "commit": "Write the external cache into the kernel now.",
+    "flush": "Empty the internal, the external or both caches of the running daemon.",
+    "resync": "Ask the peers for their whole internal caches.",
+    "bulk-send": "Send this node's whole internal cache to the peers.",
+    "dump": "Print the running daemon's internal or external cache.",
+    "notify": "Pass a keepalived transition to the running daemon (what the notify hook runs).",
+}
+
+
+def unknown(cmd: str) -> str:
+    return f"unknown command {cmd!r}; commands are {', '.join(COMMANDS)}"
 
 
 class ControlError(Exception):
@@ -128,7 +147,7 @@ def stream(path: str, cmd: str, out: BinaryIO, timeout: float = 30.0, **args: An
             if not answer.get("stream"):
                 return answer  # a plain answer (the daemon has nothing to stream)
             for _ in range(1 << 40):  # bounded: a chunk is at least one byte
-                size = f.readline()
+                size = f.readline(32)
                 if not size.strip().isdigit():
                     raise ControlError(f"the daemon's answer to {cmd!r} broke off")
                 n = int(size)

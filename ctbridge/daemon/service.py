@@ -488,55 +488,61 @@ class Daemon:
         }
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any] | control.Stream:
+        """A control request (ctbridge.daemon.control.COMMANDS names them)."""
         cmd = req["cmd"]
-        now = self.loop.time()
-        if cmd == "status":
-            st = self.stats()
-            return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "peers")}}
-        if cmd == "stats":
-            return {"ok": True, **self.stats()}
-        if cmd == "notify":
-            args = req.get("args")
-            if not isinstance(args, list):
-                raise ValueError('notify needs "args": the keepalived notify arguments')
-            return await self.transition(keepalived.parse_args([str(a) for a in args]))
-        if cmd == "commit":
-            async with self.transition_lock:
-                return {"ok": True, **await self.commit()}
-        if cmd == "flush":
-            which = req.get("which", "both")
-            if which in ("internal", "both"):
-                self.engine.internal.clear()
-            if which in ("external", "both"):
-                self.engine.flush_external()
-            if which not in ("internal", "external", "both"):
-                raise ValueError("flush takes internal, external or nothing (both)")
-            return {"ok": True, "flushed": which}
-        if cmd == "resync":
-            self.engine.request_resync(now)
-            self.after_input()
-            return {"ok": True}
-        if cmd == "bulk-send":
-            self.engine.bulk_send(now)
-            self.after_input()
-            return {"ok": True, "flows": len(self.engine.internal)}
-        if cmd == "dump":
-            which = req.get("which")
-            entries: list[Entry]
-            if which == "internal":
-                entries = self.engine.internal_entries()
-            elif which == "external":
-                entries = self.engine.external_entries()
-            else:
-                raise ValueError("dump takes internal or external")
-            form = req.get("format", "text")
-            if form not in ("text", "json"):
-                raise ValueError("dump's format is text or json")
-            stream = control.Stream(_listing(entries, form))
-            stream.trailer["entries"] = len(entries)
-            return stream
-        raise ValueError(f"unknown command {cmd!r}; commands are status, stats, notify, commit, flush, resync, "
-                         "bulk-send, dump")
+        if cmd not in control.COMMANDS:
+            raise ValueError(control.unknown(cmd))
+        handler = getattr(self, "on_" + cmd.replace("-", "_"))
+        return await handler(req)  # type: ignore[no-any-return]
+
+    async def on_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        st = self.stats()
+        return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "peers")}}
+
+    async def on_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, **self.stats()}
+
+    async def on_notify(self, req: dict[str, Any]) -> dict[str, Any]:
+        args = req.get("args")
+        if not isinstance(args, list):
+            raise ValueError('notify needs "args": the keepalived notify arguments')
+        return await self.transition(keepalived.parse_args([str(a) for a in args]))
+
+    async def on_commit(self, req: dict[str, Any]) -> dict[str, Any]:
+        async with self.transition_lock:
+            return {"ok": True, **await self.commit()}
+
+    async def on_flush(self, req: dict[str, Any]) -> dict[str, Any]:
+        which = req.get("which", "both")
+        if which not in ("internal", "external", "both"):
+            raise ValueError("flush takes internal, external or nothing (both)")
+        if which in ("internal", "both"):
+            self.engine.internal.clear()
+        if which in ("external", "both"):
+            self.engine.flush_external()
+        return {"ok": True, "flushed": which}
+
+    async def on_resync(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.engine.request_resync(self.loop.time())
+        self.after_input()
+        return {"ok": True}
+
+    async def on_bulk_send(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.engine.bulk_send(self.loop.time())
+        self.after_input()
+        return {"ok": True, "flows": len(self.engine.internal)}
+
+    async def on_dump(self, req: dict[str, Any]) -> control.Stream:
+        which = req.get("which")
+        if which not in ("internal", "external"):
+            raise ValueError("dump takes internal or external")
+        form = req.get("format", "text")
+        if form not in ("text", "json"):
+            raise ValueError("dump's format is text or json")
+        entries = self.engine.internal_entries() if which == "internal" else self.engine.external_entries()
+        stream = control.Stream(_listing(entries, form))
+        stream.trailer["entries"] = len(entries)
+        return stream
 
     # --- life cycle ---------------------------------------------------------------------------------
 

@@ -1,0 +1,54 @@
+"""The layers of docs/architecture.md hold: each package imports only the packages below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "ctbridge"
+# package -> the ctbridge packages (and top-level modules) it may import
+ALLOWED = {
+    "atomicfile": set(),
+    "conntrack": {"conntrack"},
+    "sync": {"sync", "conntrack"},
+    "config": {"config", "sync", "conntrack", "atomicfile", "daemon.gate"},
+    "daemon": {"daemon", "config", "sync", "conntrack", "atomicfile"},
+    "lab": {"lab", "daemon.control", "config", "conntrack"},
+    "cli": {"cli", "daemon", "config", "conntrack", "__version__"},
+}
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path) -> set[str]:
+    """The ctbridge modules a file imports, as 'package' or 'package.module' below ctbridge."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ctbridge":
+            base = node.module.split(".")[1:]
+            found |= {".".join([*base, alias.name]) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "ctbridge"}
+    return found
+
+
+def _allowed(layer: str, imported: str) -> bool:
+    return any(imported == a or imported.startswith(a + ".") for a in ALLOWED[layer])
+
+
+def test_each_package_imports_only_the_layers_below() -> None:
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        layer = _layer(path)
+        if layer not in ALLOWED:
+            continue  # ctbridge/__init__.py, __main__.py
+        wrong += [f"{path.relative_to(PKG)} imports ctbridge.{m}" for m in _imports(path) if not _allowed(layer, m)]
+    assert wrong == []
+
+
+def test_every_package_is_in_a_layer() -> None:
+    layers = {_layer(p) for p in PKG.rglob("*.py")} - {"__init__", "__main__"}
+    assert layers == set(ALLOWED)
