@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from ctbridge.conntrack.codec import Event, EventKind
 from ctbridge.sync import wire
-from ctbridge.sync.engine import Engine, EngineConfig
+from ctbridge.sync.engine import (
+    BulkCompleted,
+    CompletenessChanged,
+    Engine,
+    EngineConfig,
+    ExternalFlow,
+    PeerRestarted,
+    PeerSilent,
+)
 from ctbridge.sync.filter import FlowFilter
 from tests.enginelab import KEY, Lab, flow
 
@@ -169,8 +177,7 @@ def test_forged_and_malformed_datagrams_are_counted_and_change_nothing() -> None
     rx = lab.engines[2]
     other = Engine(EngineConfig(node_id=1), wire.Auth([b"x" * 32]), epoch=99, now=lab.now)
     other.kernel_events([], lab.now)
-    other.internal[flow(5).key] = wire.flow_msg(1, flow(5))
-    other._queue(flow(5).key)
+    other.kernel_events([Event(EventKind.NEW, flow(5), 0)], lab.now)
     for d, _ in other.datagrams_to_send(lab.now):
         rx.receive_datagram(d, lab.now)
     assert rx.stats["rejected_auth"] >= 1 and rx.peers[1].external == {} and rx.peers[1].epoch == 1
@@ -268,7 +275,9 @@ def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
         if k % 2:  # every other datagram lost
             rx.receive_datagram(d, 0.0)
     assert rx.stats["gaps_given_up"] >= 1
-    assert sum(1 for m in rx._control if m[0] == wire.MsgType.RESYNC) == 1
+    assert rx.stats["resyncs_requested"] == 1  # once, at first contact: not again for each datagram
+    resyncs = [d for d, _ in rx.datagrams_to_send(0.0) if _has(d, wire.MsgType.RESYNC)]
+    assert len(resyncs) == 1
 
 
 def _pair(**config: object) -> tuple[Engine, Engine]:
@@ -301,7 +310,7 @@ def test_a_lost_bulk_end_is_resent_and_the_bulk_completes() -> None:
     for t in range(3):
         _deliver(a, b, t)
         _deliver(b, a, t)
-    b.peers[1].external[flow(999).key] = [0, wire.flow_msg(0, flow(999)), 0]  # a flow A does not have
+    b.peers[1].external[flow(999).key] = ExternalFlow(0, wire.flow_msg(0, flow(999)), 0)  # a flow A does not have
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(20)], 3.0)
     _deliver(a, b, 3.0)
     a.bulk_send(4.0)
@@ -350,7 +359,7 @@ def test_restarted_sender_with_lower_versions_still_updates_existing_flows() -> 
     lab.start(1).kernel_resync([flow(1, mark=99)], lab.now)  # versions start again at 1
     lab.run(2)
     (cur,) = lab.engines[2].peers[1].external.values()
-    assert wire.flow_entry(flow(1).key, cur[1]).attrs == flow(1, mark=99).attrs
+    assert wire.flow_entry(flow(1).key, cur.message).attrs == flow(1, mark=99).attrs
 
 
 def test_overflow_starts_a_bulk_without_waiting_for_a_nack() -> None:
@@ -372,9 +381,9 @@ def test_silent_peer_stops_holding_the_resend_queue() -> None:
     for i in range(100):
         lab.event(1, EventKind.NEW, flow(i))
     lab.run(1)
-    assert len(lab.engines[1]._resend) > 0
+    assert lab.engines[1].queue_sizes()["resend"] > 0
     lab.run(6)  # past peer_timeout
-    assert not lab.engines[1].peers[2].alive and len(lab.engines[1]._resend) <= 2  # an ALIVE or two
+    assert not lab.engines[1].peers[2].alive and lab.engines[1].queue_sizes()["resend"] <= 2  # an ALIVE or two
     lab.quiet()
 
 
@@ -393,14 +402,15 @@ def test_best_effort_bulk_with_losses_keeps_flows() -> None:
 def test_sequence_wrap_starts_a_new_epoch_and_keeps_working() -> None:
     from ctbridge.sync.sequence import SEQ_MAX
     lab = Lab(2)
+    old = lab.engines[1]
+    lab.engines[1] = Engine(old.config, lab.auth, epoch=1, now=lab.now, first_seq=SEQ_MAX - 5)
     lab.run(1)
-    lab.engines[1]._seq = SEQ_MAX - 5
     for i in range(200):
         lab.event(1, EventKind.NEW, flow(i))
         lab.run(0.01)
     lab.run(2)
     assert lab.engines[1].epoch == 2 and lab.converged()
-    assert len(lab.engines[1]._resend) < 50  # acknowledgements still release it
+    assert lab.engines[1].queue_sizes()["resend"] < 50  # acknowledgements still release it
 
 
 def test_key_rollover_survives_a_key_id_collision() -> None:
@@ -423,9 +433,9 @@ def test_blake2b_keys_longer_than_64_bytes_are_refused() -> None:
 def test_resync_does_not_resend_flows_whose_timeout_only_counted_down() -> None:
     a, _ = _pair()
     a.kernel_resync([flow(i, timeout=3600) for i in range(50)], 0.0)
-    a._pending.clear()
+    a.drop_pending()
     a.kernel_resync([flow(i, timeout=3000 if i else 3600) for i in range(49)] + [flow(49, mark=5)], 1.0)
-    assert list(a._pending) == [flow(49).key]
+    assert a.pending_keys() == [flow(49).key]
 
 
 def test_resync_keeps_what_events_said_while_the_dump_ran() -> None:
@@ -436,9 +446,50 @@ def test_resync_keeps_what_events_said_while_the_dump_ran() -> None:
     a.kernel_resync([flow(1), flow(2)], 0.0)
     a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=7), 0),
                      Event(EventKind.DESTROY, flow(2), 0)], 1.0)
-    a._pending.clear()
+    a.drop_pending()
     kept = a.internal[flow(1).key]
     a.kernel_resync([flow(1), flow(2)], 2.0, newer={flow(1).key, flow(2).key})
     assert flow(2).key not in a.internal
     assert a.internal[flow(1).key] == kept
-    assert not a._pending
+    assert not a.pending_keys()
+
+
+def test_the_engine_says_what_happened_to_its_peers() -> None:
+    """Events out, for the daemon to log and act on: completeness, bulks, restarts, silence."""
+    lab = Lab(2)
+    b = lab.engines[2]
+    assert b.events() == []  # alone, nothing to be incomplete about yet
+    for i in range(10):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    assert BulkCompleted(1, 10, 0, complete=True) in b.events()
+    assert b.events() == []  # drained
+    lab.start(1)  # A restarts: B hears a new epoch, is incomplete until A's bulk arrives
+    lab.run(0.001)
+    events = b.events()
+    assert events[0] == PeerRestarted(1, 1, 2) and CompletenessChanged(False) in events
+    lab.run(2)
+    assert CompletenessChanged(True) in b.events()
+    del lab.engines[1]  # A is gone
+    lab.run(b.config.peer_timeout + 1)
+    silent = [e for e in b.events() if isinstance(e, PeerSilent)]
+    assert len(silent) == 1 and silent[0].node == 1 and silent[0].seconds >= b.config.peer_timeout
+
+
+def test_nothing_outside_the_sync_package_reaches_into_the_engine() -> None:
+    """The daemon, the tests and the benches use the engine's documented methods and attributes,
+    never one of its underscore ones."""
+    root = Path(__file__).resolve().parent.parent
+    engine_src = (root / "ctbridge" / "sync" / "engine.py").read_text()
+    private = {n.attr for n in ast.walk(ast.parse(engine_src))
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")}
+    assert {"_pending", "_resend", "_bulks"} <= private
+    files = [p for d in ("ctbridge", "tests", "bench") for p in (root / d).rglob("*.py")
+             if "sync" not in p.relative_to(root).parts]
+    touched = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                touched.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
+    assert touched == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -29,7 +28,17 @@ from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelTable
 from ctbridge.daemon import control, failover, gate, keepalived, metrics
 from ctbridge.sync import wire
-from ctbridge.sync.engine import Engine, EngineConfig, KernelOp, Role
+from ctbridge.sync.engine import (
+    BulkCompleted,
+    CompletenessChanged,
+    Engine,
+    EngineConfig,
+    EngineEvent,
+    KernelOp,
+    PeerRestarted,
+    PeerSilent,
+    Role,
+)
 from ctbridge.sync.filter import LOOPBACK, FlowFilter
 
 log = logging.getLogger("ctbridge")
@@ -151,7 +160,7 @@ class Daemon:
         self.touched: set[bytes] | None = None  # while a dump runs: flows events changed meanwhile
         self.stats_extra: dict[str, Any] = {
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
-            "kernel": {"overruns": 0, "events": 0, "own_events": 0, "resyncs": 0, "superseded": 0},
+            "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},
             "transitions": [],
             "gate": None,
         }
@@ -177,6 +186,8 @@ class Daemon:
                 else:
                     for addr in self.destinations:
                         self.transport.sendto(data, addr)
+        for event in self.engine.events():
+            self.on_engine_event(event)
         ops = self.engine.kernel_ops()
         if ops:
             self.inject_ops.extend(ops)
@@ -195,6 +206,20 @@ class Daemon:
         else:
             self.timer = self.loop.call_at(deadline, self._on_timer)
 
+    def on_engine_event(self, event: EngineEvent) -> None:
+        if isinstance(event, PeerRestarted):
+            log.info("peer %08x restarted (epoch %d -> %d)", event.node, event.old_epoch, event.new_epoch)
+        elif isinstance(event, PeerSilent):
+            log.info("peer %08x silent for %.1f s", event.node, event.seconds)
+        elif isinstance(event, BulkCompleted):
+            if event.complete:
+                log.info("bulk from peer %08x complete: %d flows, %d stale removed", event.node, event.flows,
+                         event.stale_removed)
+            else:
+                log.info("bulk from peer %08x lost datagrams; stale flows kept", event.node)
+        elif isinstance(event, CompletenessChanged):
+            log.info("external cache %s", "complete" if event.complete else "incomplete")
+
     def _flush_again(self) -> None:
         self.flush_scheduled = False
         self.after_input()
@@ -205,7 +230,6 @@ class Daemon:
         self.after_input()
 
     async def read_events(self) -> None:
-        own = self.kernel.portid
         async for batch in self.events.stream():
             kernel_stats = self.stats_extra["kernel"]
             if batch.overrun:
@@ -216,9 +240,8 @@ class Daemon:
                 # applying them after it would put back states the lost events had moved on from.
                 kernel_stats["superseded"] += len(batch.events)
                 continue
-            events = [e for e in batch.events if e.portid != own]
+            events = batch.events  # the echo of our own writes was skipped unread (skip_portid)
             kernel_stats["events"] += len(events)
-            kernel_stats["own_events"] += len(batch.events) - len(events)
             if events:
                 if self.touched is not None:
                     self.touched.update(e.entry.key for e in events)
@@ -402,7 +425,7 @@ class Daemon:
         """Flows this node had as master: their timeout becomes the purge timeout, so those no
         packet refreshes (the new master forwards them now) go away; flows peers tell us about
         (inject mode) are left alone."""
-        external = {k for p in self.engine.peers.values() for k in p.external}
+        external = self.engine.external_keys()
         keys = [k for k in self.engine.internal if k not in external]
         result = await self.in_thread(self.kernel.expire, keys, max(1, int(self.cfg["apply.purge_timeout"])))
         log.info("purge: %d flows of the former master expire in %.0f s", result.done, self.cfg["apply.purge_timeout"])
@@ -480,8 +503,7 @@ class Daemon:
             "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
                          "malformed": s["rejected_malformed"], "peers": s["rejected_peers"]},
             "peers": peers,
-            "queues": {"pending": len(e._pending), "resend": len(e._resend), "bulk": len(e._bulks),
-                       "inject": len(self.inject_ops)},
+            "queues": {**e.queue_sizes(), "inject": len(self.inject_ops)},
             "sync": dict(s),
             "process": metrics.process_stats(),
             **self.stats_extra,
@@ -517,7 +539,7 @@ class Daemon:
         if which not in ("internal", "external", "both"):
             raise ValueError("flush takes internal, external or nothing (both)")
         if which in ("internal", "both"):
-            self.engine.internal.clear()
+            self.engine.flush_internal()
         if which in ("external", "both"):
             self.engine.flush_external()
         return {"ok": True, "flushed": which}
@@ -564,8 +586,7 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         # Only filters and keys change on SIGHUP; addresses, ports and the node name need a restart.
-        self.engine.auth = auth
-        self.engine.config = dataclasses.replace(self.engine.config, filter=flow_filter(cfg))
+        self.engine.reconfigure(auth=auth, flow_filter=flow_filter(cfg))
         log.info("reloaded filters and keys from %s", cfg.path)
 
     async def run(self) -> int:

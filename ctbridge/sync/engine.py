@@ -25,11 +25,12 @@ receiver learns from a peer is kept per peer (the external caches); a bulk trans
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry, Event, EventKind
@@ -92,6 +93,44 @@ class _Bulk:
         self.begun = False
 
 
+class ExternalFlow:
+    """One flow a peer told us about: its version (the peer's counter), its FLOW message, and the
+    sequence number of the peer's last datagram that mentioned it (bulks drop flows not mentioned
+    since BULK_BEGIN)."""
+
+    __slots__ = ("message", "seq", "version")
+
+    def __init__(self, version: int, message: bytes, seq: int) -> None:
+        self.version = version
+        self.message = message
+        self.seq = seq
+
+
+class PeerRestarted(NamedTuple):
+    node: int
+    old_epoch: int
+    new_epoch: int
+
+
+class PeerSilent(NamedTuple):
+    node: int
+    seconds: float  # since it was last heard
+
+
+class BulkCompleted(NamedTuple):
+    node: int
+    flows: int  # what its external cache holds now
+    stale_removed: int
+    complete: bool  # False: datagrams of the bulk were lost (best effort), stale flows were kept
+
+
+class CompletenessChanged(NamedTuple):
+    complete: bool  # Engine.complete(): every live peer's external cache is whole
+
+
+EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged
+
+
 class Peer:
     """What this node knows about one other node."""
 
@@ -99,8 +138,7 @@ class Peer:
         self.node = node
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
-        # key -> [version, FLOW message, seq of the datagram that last mentioned it]
-        self.external: dict[bytes, list[Any]] = {}
+        self.external: dict[bytes, ExternalFlow] = {}
         self.tombstones: dict[bytes, tuple[int, float]] = {}
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_sent = 0  # highest of its sequence numbers we acknowledged
@@ -130,7 +168,9 @@ def _new_stats() -> dict[str, int]:
 
 class Engine:
     def __init__(self, config: EngineConfig, auth: wire.Auth, epoch: int, now: float,
-                 clock_offset: float = 0.0) -> None:
+                 clock_offset: float = 0.0, first_seq: int = 1) -> None:
+        """``first_seq``: this epoch's first sequence number (1; a test of the wrap starts near
+        the end of the space)."""
         self.config = config
         self.auth = auth
         self.node_id = config.node_id
@@ -143,7 +183,7 @@ class Engine:
         self.peers: dict[int, Peer] = {}
         self.stats = _new_stats()
         self._version = 0
-        self._seq = 1
+        self._seq = first_seq
         # Flow keys waiting to go out, in order, each once (coalescing). An OrderedDict, not a dict:
         # taking keys from the front of a plain dict is linear in the keys deleted before them
         # (CPython leaves a dummy slot per deletion until the next resize), which made sending a
@@ -158,6 +198,8 @@ class Engine:
         self._overflow_bulk = False
         self._overflow_bulk_at = now
         self._kernel_ops: list[KernelOp] = []
+        self._events: list[EngineEvent] = []
+        self._complete = self.complete()
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
 
@@ -204,7 +246,7 @@ class Engine:
                 continue
             entry = codec.strip_local(entry)
             prev = old.get(entry.key)
-            if prev is not None and codec.same_but_timeout(prev[16:], entry.attrs):
+            if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
                 # only the countdown moved: no need to send the flow again (after an overrun the
                 # dump would otherwise re-announce the whole table)
                 new[entry.key] = prev
@@ -253,7 +295,7 @@ class Engine:
         merged: dict[bytes, bytes] = {}
         for peer in self.peers.values():
             for key, cur in peer.external.items():
-                merged[key] = cur[1]
+                merged[key] = cur.message
         return [wire.flow_entry(key, msg) for key, msg in merged.items()]
 
     def flush_external(self) -> None:
@@ -264,6 +306,44 @@ class Engine:
     def kernel_ops(self) -> list[KernelOp]:
         ops, self._kernel_ops = self._kernel_ops, []
         return ops
+
+    def events(self) -> list[EngineEvent]:
+        """What happened since the last call (peers restarting or going silent, bulks completing,
+        the external caches becoming complete or not), oldest first."""
+        complete = self.complete()
+        if complete != self._complete:
+            self._complete = complete
+            self._events.append(CompletenessChanged(complete))
+        out, self._events = self._events, []
+        return out
+
+    def flush_internal(self) -> None:
+        """Forget this node's flows (they come back with the next dump); nothing is sent."""
+        self.internal.clear()
+
+    def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None) -> None:
+        """New keys or a new filter (a reload): the next datagram and the next flow use them."""
+        if auth is not None:
+            self.auth = auth
+        if flow_filter is not None:
+            self.config = dataclasses.replace(self.config, filter=flow_filter)
+
+    def queue_sizes(self) -> dict[str, int]:
+        """Flows waiting to go out, datagrams kept for resending, bulk transfers under way."""
+        return {"pending": len(self._pending), "resend": len(self._resend), "bulk": len(self._bulks)}
+
+    def pending_keys(self) -> list[bytes]:
+        """The flows waiting to go out (changed or deleted since they last went), oldest first."""
+        return list(self._pending)
+
+    def drop_pending(self) -> None:
+        """Forget what waits to go out: for a bulk transfer that will carry every flow anyway (a
+        benchmark of the bulk path, a test that looks at one change)."""
+        self._pending.clear()
+
+    def external_keys(self) -> set[bytes]:
+        """Every flow key some peer told us about."""
+        return {k for p in self.peers.values() for k in p.external}
 
     def complete(self) -> bool:
         """Every live peer's external cache is whole: a bulk arrived and nothing was lost since."""
@@ -316,10 +396,7 @@ class Engine:
         elif data_seen:
             peer.unacked += 1
             if peer.unacked >= cfg.ack_every:
-                self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
-                peer.ack_sent = rx.expected - 1
-                peer.unacked = 0
-                peer.ack_due = None
+                self._control.append(self._ack(peer, rx))
             elif peer.ack_due is None:
                 peer.ack_due = now + cfg.ack_delay
         if cfg.reliable:
@@ -330,9 +407,7 @@ class Engine:
                 stats["gaps_given_up"] += 1
                 peer.synced = False
                 if peer.resync_at is None:
-                    self._control.append(wire.resync_msg(peer.node))
-                    stats["resyncs_requested"] += 1
-                    peer.resync_at = now
+                    self._ask_for_bulk(peer, now)
             gap = rx.missing()
             if gap is not None and (gap != peer.nacked or now >= peer.nack_at + cfg.nack_retry):
                 self._nack(peer, gap, now)
@@ -343,9 +418,9 @@ class Engine:
     def _new_incarnation(self, peer: Peer, header: wire.Header, now: float) -> None:
         if peer.epoch >= 0:
             peer.restarts += 1
-            log.info("peer %08x restarted (epoch %d -> %d)", peer.node, peer.epoch, header.epoch)
+            self._events.append(PeerRestarted(peer.node, peer.epoch, header.epoch))
         peer.epoch = header.epoch
-        peer.rx = ReceiveWindow(header.epoch, header.seq, self.config.rx_limit)
+        peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
         peer.ack_sent = header.seq - 1
         peer.unacked = 0
         peer.ack_due = None
@@ -356,10 +431,21 @@ class Engine:
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
         for cur in peer.external.values():
-            cur[0] = -1
-            cur[2] = 0
+            cur.version = -1
+            cur.seq = 0
         peer.tombstones.clear()
         # What it had before is unknown now: ask for everything, the bulk replaces the cache.
+        self._ask_for_bulk(peer, now)
+
+    def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
+        """An ACK of everything received in order from ``peer``, noted as sent."""
+        peer.ack_sent = rx.expected - 1
+        peer.unacked = 0
+        peer.ack_due = None
+        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1)
+
+    def _ask_for_bulk(self, peer: Peer, now: float) -> None:
+        """RESYNC to ``peer``: its bulk transfer replaces what we hold of it (retried until it comes)."""
         self._control.append(wire.resync_msg(peer.node))
         self.stats["resyncs_requested"] += 1
         peer.resync_at = now
@@ -389,15 +475,15 @@ class Engine:
                 if tombstones and key in tombstones and tombstones[key][0] >= version:
                     stale += 1
                     continue
-                external[key] = [version, fmsg, seq]
-            elif version > cur[0]:
-                cur[0] = version
-                cur[1] = fmsg
-                if seq > cur[2]:
-                    cur[2] = seq
+                external[key] = ExternalFlow(version, fmsg, seq)
+            elif version > cur.version:
+                cur.version = version
+                cur.message = fmsg
+                if seq > cur.seq:
+                    cur.seq = seq
             else:
-                if seq > cur[2]:
-                    cur[2] = seq
+                if seq > cur.seq:
+                    cur.seq = seq
                 stale += 1
                 continue
             if inject:
@@ -408,7 +494,7 @@ class Engine:
                 stats["deletes_received"] += 1
                 key = msg.key
                 cur = external.get(key)
-                if cur is not None and cur[0] >= msg.version:
+                if cur is not None and cur.version >= msg.version:
                     stale += 1
                     continue
                 tombstones[key] = (msg.version, now + self.config.tombstone_ttl)
@@ -459,11 +545,11 @@ class Engine:
         if peer.bulk_dirty or (gap is not None and gap[0] <= end_seq):
             # best-effort: datagrams of this bulk were lost, so "not mentioned" does not mean
             # "gone"; keep what we have rather than delete flows the peer still has
-            log.info("bulk from peer %08x lost datagrams; stale flows kept", peer.node)
+            self._events.append(BulkCompleted(peer.node, len(peer.external), 0, complete=False))
             peer.bulk_end = None
             peer.bulk_dirty = False
             return
-        stale = [k for k, v in peer.external.items() if v[2] < begin_seq]
+        stale = [k for k, v in peer.external.items() if v.seq < begin_seq]
         for key in stale:
             del peer.external[key]
             if self.config.apply_mode == "inject":
@@ -473,7 +559,7 @@ class Engine:
         peer.resync_at = None
         peer.bulks += 1
         self.stats["bulks_received"] += 1
-        log.info("bulk from peer %08x complete: %d flows, %d stale removed", peer.node, len(peer.external), len(stale))
+        self._events.append(BulkCompleted(peer.node, len(peer.external), len(stale), complete=True))
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -534,10 +620,7 @@ class Engine:
             for peer in self.peers.values():
                 rx = peer.rx
                 if rx is not None and rx.expected - 1 > peer.ack_sent and self.config.reliable:
-                    acks.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
-                    peer.ack_sent = rx.expected - 1
-                    peer.unacked = 0
-                    peer.ack_due = None
+                    acks.append(self._ack(peer, rx))
             seq = self._next_seq()
             if seq == 1:
                 msgs.insert(0, wire.hello_msg())  # the first datagram of every epoch says so
@@ -698,8 +781,7 @@ class Engine:
             rx = peer.rx
             if peer.ack_due is not None and now >= peer.ack_due and rx is not None:
                 if rx.expected - 1 > peer.ack_sent:
-                    self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1))
-                    peer.ack_sent = rx.expected - 1
+                    self._control.append(self._ack(peer, rx))
                 peer.unacked = 0
                 peer.ack_due = None
             if rx is not None and cfg.reliable:
@@ -707,12 +789,10 @@ class Engine:
                 if gap is not None and now >= peer.nack_at + cfg.nack_retry:
                     self._nack(peer, gap, now)
             if peer.resync_at is not None and now >= peer.resync_at + cfg.resync_retry:
-                self._control.append(wire.resync_msg(peer.node))
-                self.stats["resyncs_requested"] += 1
-                peer.resync_at = now
+                self._ask_for_bulk(peer, now)
             if peer.alive and now >= peer.last_heard + cfg.peer_timeout:
                 peer.alive = False
-                log.info("peer %08x silent for %.1f s", peer.node, now - peer.last_heard)
+                self._events.append(PeerSilent(peer.node, now - peer.last_heard))
                 self._release()
         self._release()  # also lets go of what nobody is left to acknowledge
         if now >= self._last_send + cfg.alive_interval and not self._control:

@@ -21,8 +21,7 @@ class ReceiveWindow:
     was given up on). ``above`` holds the numbers received beyond a gap.
     """
 
-    def __init__(self, epoch: int, first: int, limit: int = 8192) -> None:
-        self.epoch = epoch
+    def __init__(self, first: int, limit: int = 8192) -> None:
         self.expected = first
         self.above: set[int] = set()
         self.limit = limit  # numbers held beyond a gap before the gap is given up on
@@ -75,9 +74,6 @@ class ReceiveWindow:
             self.expected += 1
         return skipped
 
-    def overfull(self) -> bool:
-        return len(self.above) > self.limit
-
 
 Kept = tuple[tuple[bytes, ...], bytes]  # (flow keys, control messages that must arrive too)
 
@@ -95,7 +91,6 @@ class ResendQueue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.sent: OrderedDict[int, Kept] = OrderedDict()
-        self.overflows = 0
         self.dropped_upto = 0  # highest number dropped because of the limit
 
     def __len__(self) -> int:
@@ -106,7 +101,6 @@ class ResendQueue:
         while len(self.sent) > self.limit:
             old, _ = self.sent.popitem(last=False)
             self.dropped_upto = max(self.dropped_upto, old)
-            self.overflows += 1
 
     def release(self, upto: int) -> None:
         """Everything up to ``upto`` has been acknowledged by every live peer."""

@@ -35,6 +35,7 @@ _MSG = struct.Struct("!BBH")
 _U64 = struct.Struct("!Q")
 _FLOW = struct.Struct("!BBHQHH")  # type, family, length, version, zone, original tuple length
 _DELETE = _FLOW  # the same head; the last field is 0
+FLOW_HEADER = _FLOW.size  # 16: the head of a FLOW or DELETE message, before the attributes or tuple
 _NLA = struct.Struct("=HH")
 _ORIG_NESTED = ct.CTA_TUPLE_ORIG | ct.NLA_F_NESTED
 _ACK = struct.Struct("!BBHIQI")
@@ -89,7 +90,7 @@ class Flow(NamedTuple):
 
 def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
     """The Entry a FLOW message carries."""
-    return codec.Entry(key, msg[1], msg[16:])
+    return codec.Entry(key, msg[1], msg[FLOW_HEADER:])
 
 
 class Delete(NamedTuple):
@@ -219,7 +220,8 @@ def flow_msg(version: int, entry: codec.Entry) -> bytes:
         attrs = head + key[3:] + rest
     if len(attrs) & 3:
         attrs = _pad(attrs)
-    return _FLOW.pack(MsgType.FLOW, entry.family, 16 + len(attrs), version, (key[1] << 8) | key[2], olen) + attrs
+    return _FLOW.pack(MsgType.FLOW, entry.family, FLOW_HEADER + len(attrs), version, (key[1] << 8) | key[2],
+                      olen) + attrs
 
 
 _ORIG_HEADS: dict[int, bytes] = {}
@@ -228,7 +230,7 @@ _ORIG_HEADS: dict[int, bytes] = {}
 def delete_msg(version: int, key: bytes) -> bytes:
     family, zone, orig = codec.split_key(key)
     orig = _pad(orig)
-    return _DELETE.pack(MsgType.DELETE, family, 16 + len(orig), version, zone, 0) + orig
+    return _DELETE.pack(MsgType.DELETE, family, FLOW_HEADER + len(orig), version, zone, 0) + orig
 
 
 def ack_msg(node: int, epoch: int, upto: int) -> bytes:
@@ -323,7 +325,7 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
     nla = _NLA.unpack_from
     try:
         while off < end:
-            if end - off >= 16:
+            if end - off >= FLOW_HEADER:
                 mtype, _aux, mlen, version, _zone, olen = head(data, off)
             else:
                 mtype, _aux, mlen = _MSG.unpack_from(data, off)
@@ -332,15 +334,17 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
             nxt = off + mlen
             if mtype == 1:  # FLOW, the one that comes by the thousand: no objects, no parsing
-                alen, atype = nla(data, off + 16) if mlen >= 20 else (0, 0)
-                if alen != olen or olen < 4 or off + 16 + olen > nxt or atype & 0x3FFF != 1:
+                alen, atype = nla(data, off + FLOW_HEADER) if mlen >= FLOW_HEADER + 4 else (0, 0)
+                if alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1:
                     raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
-                add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14] + data[off + 20:off + 16 + olen],
-                          data[off:nxt]))
+                # the flow key: family, zone, and the tuple's payload (after its attribute header)
+                add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14]
+                          + data[off + FLOW_HEADER + 4:off + FLOW_HEADER + olen], data[off:nxt]))
             elif mtype == MsgType.DELETE:
-                if mlen < 16:
+                if mlen < FLOW_HEADER:
                     raise WireError("malformed", "DELETE message too short")
-                out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14] + data[off + 16:nxt]))
+                out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14]
+                                  + data[off + FLOW_HEADER:nxt]))
             elif mtype == MsgType.ACK:
                 _need(mlen, _ACK.size, "ACK")
                 out.append(Ack(*_ACK.unpack_from(data, off)[3:]))
