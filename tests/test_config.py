@@ -26,8 +26,8 @@ key_file = "/etc/ctbridge/sync.key"
 
 def test_defaults_fill_every_key() -> None:
     cfg = config.parse(GOOD, "x.toml")
-    assert cfg["sync.port"] == 3780 and cfg["sync.mode"] == "reliable" and cfg["apply.mode"] == "commit"
-    assert cfg["control.socket"] == "/run/ctbridge/ctbridge.sock"
+    assert cfg.sync.port == 3780 and cfg.sync.mode == "reliable" and cfg.apply.mode == "commit"
+    assert cfg.control.socket == "/run/ctbridge/ctbridge.sock"
     assert cfg.max_datagram() == 1472
     assert cfg.node_id == config.node_id("fw1")
 
@@ -50,10 +50,35 @@ def test_defaults_fill_every_key() -> None:
 def test_errors_name_file_line_key_and_fix(text: str, line: int, words: str) -> None:
     with pytest.raises(config.ConfigError) as err:
         config.parse(text, "/etc/ctbridge/ctbridge.toml")
-    message = str(err.value)
-    assert "\n" not in message and words in message, message
+    first = err.value.problems[0]
+    assert all("\n" not in p for p in err.value.problems) and words in first, err.value.problems
     if line:
-        assert message.startswith(f"/etc/ctbridge/ctbridge.toml:{line}: "), message
+        assert first.startswith(f"/etc/ctbridge/ctbridge.toml:{line}: "), first
+
+
+def test_every_problem_of_a_file_is_reported_at_once() -> None:
+    """Before, the first problem stopped the check: fix one, run again, find the next."""
+    text = (GOOD.replace('"192.0.2.1"', '"fw1.example"').replace("key_file", "port = 70000\nkey_file")
+            + '[apply]\nmode = "later"\n[filter]\ntcp_states = ["OPEN"]\n[bogus]\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text, "c.toml")
+    found = err.value.problems
+    for words in ("unknown section [bogus]", "sync.local = 'fw1.example' is not an IP address",
+                  "apply.mode = 'later'", "unknown state 'OPEN'", "sync.port = 70000"):
+        assert sum(words in p for p in found) == 1, (words, found)
+    assert str(err.value) == "\n".join(found) and all(p.startswith("c.toml:") for p in found)
+
+
+def test_sections_are_typed_frozen_records_read_off_one_schema() -> None:
+    cfg = config.parse(GOOD)
+    assert isinstance(cfg.sync, config.SyncSettings) and cfg.sync.peers == ("192.0.2.2",)
+    with pytest.raises(AttributeError):
+        cfg.sync.port = 1  # type: ignore[misc]
+    for key in config.SCHEMA:  # every key of the schema is a typed field of its section, same default
+        section = getattr(cfg, key.section)
+        value = getattr(section, key.name)
+        if key.default is not None and key.section != "sync" and key.section != "node":
+            assert (list(value) if isinstance(value, tuple) else value) == key.default, key
 
 
 def test_docs_list_every_key_with_its_default() -> None:

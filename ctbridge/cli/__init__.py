@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line for people, the traceback only when asked for
         if args.debug:
             raise
-        print(f"ctbridge: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # a configuration may have several problems
+            print(f"ctbridge: {line}", file=sys.stderr)
         return 1
 
 

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
             config.load(args.config)
             problems = []
         except config.ConfigError as exc:
-            problems = [str(exc)]
+            problems = exc.problems
     else:
         problems = config.check_main(args.config)
     for p in problems:

@@ -15,7 +15,7 @@ NOTIFY_TIMEOUT = 60.0  # a commit of a large table takes about a second; keepali
 
 
 def _socket(args: argparse.Namespace) -> str:
-    return str(config.load(args.config)["control.socket"])
+    return config.load(args.config).control.socket
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ def _bind_problem(address: str, port: int) -> str | None:
 def addresses() -> list[str]:
     """This network namespace's addresses, from rtnetlink (pyroute2: the API used here is in
     Debian 12's 0.7.2 and in current releases alike)."""
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
     with IPRoute() as ipr:
         return [str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr()]
 
@@ -42,31 +42,31 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
     """Why ``cfg`` cannot run on this host, one line each ("FILE: ..."); [] when it can."""
     out = []
     path = cfg.path
-    local = cfg["sync.local"]
+    local = cfg.sync.local
     problem = _bind_problem(local, 0)
     if problem is not None:
         mine = [a for a in addresses() if not a.startswith(("127.", "::1", "fe80:"))]
         out.append(f"{path}: sync.local {local} is not an address of this host ({problem}); use the address "
                    "of this node's sync interface" + (f" (this host has {', '.join(mine[:8])})" if mine else ""))
     elif not daemon_running and not cfg.multicast:
-        taken = _bind_problem(local, cfg["sync.port"])
+        taken = _bind_problem(local, cfg.sync.port)
         if taken is not None:
-            out.append(f"{path}: UDP port {cfg['sync.port']} on {local} cannot be bound ({taken}); "
+            out.append(f"{path}: UDP port {cfg.sync.port} on {local} cannot be bound ({taken}); "
                        "is another ctbridge running? choose another sync.port")
-    if cfg.multicast and not interface_exists(cfg["sync.interface"]):
-        out.append(f"{path}: sync.interface {cfg['sync.interface']} does not exist on this host")
+    if cfg.multicast and not interface_exists(cfg.sync.interface):
+        out.append(f"{path}: sync.interface {cfg.sync.interface} does not exist on this host")
     for name in ("key_file", "previous_key_file"):
-        if cfg[f"sync.{name}"] and cfg["sync.auth"] != "none":
+        if getattr(cfg.sync, name) and cfg.sync.auth != "none":
             try:
-                keyfile.load(cfg[f"sync.{name}"])
+                keyfile.load(getattr(cfg.sync, name))
             except keyfile.KeyFileError as exc:
                 out.append(f"{path}: sync.{name}: {exc}")
-    if cfg["apply.gate"] and cfg["apply.mode"] == "commit":
+    if cfg.apply.gate and cfg.apply.mode == "commit":
         from ctbridge.daemon import gate
         why = gate.available()
         if why is not None:
             out.append(f"{path}: apply.gate: {why}, or set gate = false")
-    control_dir = os.path.dirname(cfg["control.socket"]) or "."
+    control_dir = os.path.dirname(cfg.control.socket) or "."
     if not os.path.isdir(control_dir) and not os.access(os.path.dirname(control_dir) or "/", os.W_OK):
         out.append(f"{path}: control.socket directory {control_dir} does not exist and cannot be created")
     return out
@@ -74,11 +74,11 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
 
 def keys(cfg: Config) -> list[bytes]:
     """The keys to sign with (first) and accept; [] when auth is "none"."""
-    if cfg["sync.auth"] == "none":
+    if cfg.sync.auth == "none":
         return []
-    out = [keyfile.load(cfg["sync.key_file"])]
-    if cfg["sync.previous_key_file"]:
-        out.append(keyfile.load(cfg["sync.previous_key_file"]))
+    out = [keyfile.load(cfg.sync.key_file)]
+    if cfg.sync.previous_key_file:
+        out.append(keyfile.load(cfg.sync.previous_key_file))
     return out
 
 

@@ -68,21 +68,21 @@ async def _listing(entries: list[Entry], form: str) -> AsyncIterator[bytes]:
 
 def flow_filter(cfg: Config) -> FlowFilter:
     """The configured filter, plus what is never replicated: loopback and the sync addresses."""
-    sync = [cfg["sync.local"], *cfg["sync.peers"]]
+    sync = [cfg.sync.local, *cfg.sync.peers]
     ignore = (*LOOPBACK, *(ipaddress.ip_network(a) for a in sync),
-              *(ipaddress.ip_network(c, strict=False) for c in cfg["filter.ignore"]))
-    protos = frozenset(config_mod.PROTOCOLS.get(p, p) if isinstance(p, str) else p for p in cfg["filter.protocols"])
+              *(ipaddress.ip_network(c, strict=False) for c in cfg.filter.ignore))
+    protos = frozenset(config_mod.PROTOCOLS.get(p, p) if isinstance(p, str) else p for p in cfg.filter.protocols)
     return FlowFilter(protocols=frozenset(int(p) for p in protos),
-                      accept=tuple(ipaddress.ip_network(c, strict=False) for c in cfg["filter.accept"]),
+                      accept=tuple(ipaddress.ip_network(c, strict=False) for c in cfg.filter.accept),
                       ignore=ignore,
-                      tcp_states=frozenset(config_mod.TCP_STATE_NUMBERS[s] for s in cfg["filter.tcp_states"]))
+                      tcp_states=frozenset(config_mod.TCP_STATE_NUMBERS[s] for s in cfg.filter.tcp_states))
 
 
 def engine_config(cfg: Config) -> EngineConfig:
-    return EngineConfig(node_id=cfg.node_id, reliable=cfg["sync.mode"] == "reliable", apply_mode=cfg["apply.mode"],
-                        max_datagram=cfg.max_datagram(), alive_interval=cfg["sync.alive_interval"],
-                        peer_timeout=cfg["sync.peer_timeout"], resend_limit=cfg["sync.resend_limit"],
-                        max_age=cfg["sync.max_age"], filter=flow_filter(cfg))
+    return EngineConfig(node_id=cfg.node_id, reliable=cfg.sync.mode == "reliable", apply_mode=cfg.apply.mode,
+                        max_datagram=cfg.max_datagram(), alive_interval=cfg.sync.alive_interval,
+                        peer_timeout=cfg.sync.peer_timeout, resend_limit=cfg.sync.resend_limit,
+                        max_age=cfg.sync.max_age, filter=flow_filter(cfg))
 
 
 class _SyncProtocol(asyncio.DatagramProtocol):
@@ -97,16 +97,16 @@ class _SyncProtocol(asyncio.DatagramProtocol):
 
 
 def sync_socket(cfg: Config) -> socket.socket:
-    local = cfg["sync.local"]
+    local = cfg.sync.local
     v6 = ":" in local
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
         if cfg.multicast:
-            group = cfg["sync.group"]
-            ifindex = socket.if_nametoindex(cfg["sync.interface"])
+            group = cfg.sync.group
+            ifindex = socket.if_nametoindex(cfg.sync.interface)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((group, cfg["sync.port"]))
+            sock.bind((group, cfg.sync.port))
             if v6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
                                 socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex))
@@ -120,10 +120,10 @@ def sync_socket(cfg: Config) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         else:
-            sock.bind((local, cfg["sync.port"]))
+            sock.bind((local, cfg.sync.port))
     except OSError as exc:
         sock.close()
-        raise control.ControlError(f"cannot open the sync socket on {local} port {cfg['sync.port']}: "
+        raise control.ControlError(f"cannot open the sync socket on {local} port {cfg.sync.port}: "
                                    f"{exc.strerror or exc} (is another ctbridge running?)") from None
     sock.setblocking(False)
     return sock
@@ -133,18 +133,18 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.auth = wire.Auth(host.keys(cfg), cfg["sync.auth"])
-        self.epoch = host.next_epoch(cfg["node.state_dir"])
+        self.auth = wire.Auth(host.keys(cfg), cfg.sync.auth)
+        self.epoch = host.next_epoch(cfg.node.state_dir)
         now = self.loop.time()
         self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now)
         self.kernel = KernelTable()
-        self.events = EventSocket(rcvbuf=cfg["apply.event_buffer"])
+        self.events = EventSocket(rcvbuf=cfg.apply.event_buffer)
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = self.kernel.portid
         self.sock = sync_socket(cfg)
         self.transport: asyncio.DatagramTransport | None = None
-        self.destinations = ([(cfg["sync.group"], cfg["sync.port"])] if cfg.multicast
-                             else [(p, cfg["sync.port"]) for p in cfg.peer_addresses()])
+        self.destinations = ([(cfg.sync.group, cfg.sync.port)] if cfg.multicast
+                             else [(p, cfg.sync.port) for p in cfg.peer_addresses()])
         self.addresses: dict[int, tuple[str, int]] = {}  # node id -> where its datagrams come from
         self.timer: asyncio.TimerHandle | None = None
         self.flush_scheduled = False
@@ -164,7 +164,7 @@ class Daemon:
             "transitions": [],
             "gate": None,
         }
-        self.gated = cfg["apply.gate"] and cfg["apply.mode"] == "commit"
+        self.gated = cfg.apply.gate and cfg.apply.mode == "commit"
         self.gate_retry: asyncio.Future[None] | None = None
 
     # --- sockets -> engine -> sockets -----------------------------------------------------------
@@ -255,7 +255,7 @@ class Daemon:
     async def resync_internal(self, announce: bool = True) -> int:
         async with self.kernel_lock:
             # flows whose events arrive while the dump runs: their events are newer than the dump
-            self.touched = touched = set()
+            self.touched = touched = set[bytes]()
             try:
                 entries = await self.loop.run_in_executor(None, self.kernel.dump)
             finally:
@@ -275,7 +275,7 @@ class Daemon:
             commits = [op.entry for op in latest.values() if op.kind == "commit" and op.entry is not None]
             deletes = [op.key for op in latest.values() if op.kind == "delete"]
             if commits:
-                result = await self.in_thread(self.kernel.commit, commits, self.cfg["apply.liberal_tcp"])
+                result = await self.in_thread(self.kernel.commit, commits, self.cfg.apply.liberal_tcp)
                 if result.failed:
                     log.warning("inject: %d of %d flows refused by the kernel (first: %s)", len(result.failed),
                                 len(commits), os.strerror(result.failed[0].errno))
@@ -286,8 +286,8 @@ class Daemon:
 
     def facts(self) -> failover.Facts:
         return failover.Facts(
-            role=self.engine.role, mode=self.cfg["apply.mode"], gated=self.gated,
-            instances=tuple(self.cfg["keepalived.instances"]), purging=self.purge_task is not None,
+            role=self.engine.role, mode=self.cfg.apply.mode, gated=self.gated,
+            instances=tuple(self.cfg.keepalived.instances), purging=self.purge_task is not None,
             injecting=self.inject_task is not None and not self.inject_task.done())
 
     async def transition(self, t: keepalived.Transition) -> dict[str, Any]:
@@ -298,7 +298,7 @@ class Daemon:
             return {"ok": True, "ignored": ignored}
         async with self.transition_lock:  # the facts are read again: they may have changed meanwhile
             start = time.monotonic()
-            decision = failover.decide(t, self.facts(), self.cfg["apply.purge_timeout"])
+            decision = failover.decide(t, self.facts(), self.cfg.apply.purge_timeout)
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
             if decision.noop:
                 record["noop"] = True
@@ -375,7 +375,7 @@ class Daemon:
         entries = self.engine.external_entries()
         # flows this kernel already holds (a node taking back the master role): updated at once
         existing = frozenset(self.engine.internal)
-        result = await self.in_thread(self.kernel.commit, entries, self.cfg["apply.liberal_tcp"], existing)
+        result = await self.in_thread(self.kernel.commit, entries, self.cfg.apply.liberal_tcp, existing)
         info = {"entries": result.created + result.updated, "failed": len(result.failed),
                 "seconds": round(result.seconds, 6), "at": time.time()}
         self.stats_extra["commit"] = info
@@ -427,8 +427,8 @@ class Daemon:
         (inject mode) are left alone."""
         external = self.engine.external_keys()
         keys = [k for k in self.engine.internal if k not in external]
-        result = await self.in_thread(self.kernel.expire, keys, max(1, int(self.cfg["apply.purge_timeout"])))
-        log.info("purge: %d flows of the former master expire in %.0f s", result.done, self.cfg["apply.purge_timeout"])
+        result = await self.in_thread(self.kernel.expire, keys, max(1, int(self.cfg.apply.purge_timeout)))
+        log.info("purge: %d flows of the former master expire in %.0f s", result.done, self.cfg.apply.purge_timeout)
         self.purge_task = None
 
     async def read_fifo(self, path: str) -> None:
@@ -474,9 +474,9 @@ class Daemon:
         while True:
             # Right after start no peer has been heard yet: that is not "complete" until a peer
             # could have spoken (peer_timeout), or a standby that just started could win an election.
-            quiet_start = not self.engine.peers and self.loop.time() - started < self.cfg["sync.peer_timeout"]
+            quiet_start = not self.engine.peers and self.loop.time() - started < self.cfg.sync.peer_timeout
             complete = (self.engine.complete() and not quiet_start) or self.engine.role is Role.MASTER
-            value = 0 if complete else int(self.cfg["keepalived.incomplete_value"])
+            value = 0 if complete else int(self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 keepalived.write_track_file(path, value)
                 log.info("track file %s = %d (external cache %s)", path, value,
@@ -496,8 +496,8 @@ class Daemon:
                           "restarts": p.restarts, "bulks": p.bulks,
                           "gap": p.rx.missing() if p.rx is not None else None})
         return {
-            "node": self.cfg["node.name"], "node_id": f"{e.node_id:08x}", "epoch": e.epoch, "role": e.role.value,
-            "apply_mode": self.cfg["apply.mode"],
+            "node": self.cfg.node.name, "node_id": f"{e.node_id:08x}", "epoch": e.epoch, "role": e.role.value,
+            "apply_mode": self.cfg.apply.mode,
             "internal": {"entries": len(e.internal)},
             "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
             "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
@@ -581,7 +581,7 @@ class Daemon:
         self.reload = False
         try:
             cfg = config_mod.load(self.cfg.path)
-            auth = wire.Auth(host.keys(cfg), cfg["sync.auth"])
+            auth = wire.Auth(host.keys(cfg), cfg.sync.auth)
         except Exception as exc:  # keep running with what works
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
@@ -595,26 +595,26 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, self.on_signal, signum)
         try:
-            servers.append(await control.serve(self.cfg["control.socket"], self.handle))
-            if self.cfg["metrics.listen"]:
-                servers.append(await metrics.serve(self.cfg["metrics.listen"], self.stats))
+            servers.append(await control.serve(self.cfg.control.socket, self.handle))
+            if self.cfg.metrics.listen:
+                servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats))
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
             self.transport, _ = await self.loop.create_datagram_endpoint(lambda: _SyncProtocol(self), sock=self.sock)
             self.engine.request_resync(self.loop.time())
-            if self.cfg["keepalived.notify_fifo"]:
-                tasks.append(asyncio.ensure_future(self.read_fifo(self.cfg["keepalived.notify_fifo"])))
-            if self.cfg["keepalived.track_file"]:
-                tasks.append(asyncio.ensure_future(self.track_loop(self.cfg["keepalived.track_file"])))
+            if self.cfg.keepalived.notify_fifo:
+                tasks.append(asyncio.ensure_future(self.read_fifo(self.cfg.keepalived.notify_fifo)))
+            if self.cfg.keepalived.track_file:
+                tasks.append(asyncio.ensure_future(self.track_loop(self.cfg.keepalived.track_file)))
             tasks.append(asyncio.ensure_future(self.systemd()))
             self.after_input()
             log.info("ctbridge %s running: node %s (%08x), epoch %d, %d flows in the kernel, sync %s port %d, %s",
-                     self.cfg["apply.mode"], self.cfg["node.name"], self.engine.node_id, self.epoch, count,
-                     self.cfg["sync.local"], self.cfg["sync.port"],
-                     f"multicast {self.cfg['sync.group']}" if self.cfg.multicast
-                     else "peers " + ", ".join(self.cfg["sync.peers"]))
+                     self.cfg.apply.mode, self.cfg.node.name, self.engine.node_id, self.epoch, count,
+                     self.cfg.sync.local, self.cfg.sync.port,
+                     f"multicast {self.cfg.sync.group}" if self.cfg.multicast
+                     else "peers " + ", ".join(self.cfg.sync.peers))
             stopper = asyncio.ensure_future(self.stop.wait())
             tasks.append(stopper)
             waiting: set[asyncio.Future[Any]] = set(tasks)
@@ -643,7 +643,7 @@ class Daemon:
             self.events.close()
             self.kernel.close()
             with contextlib.suppress(OSError):
-                os.unlink(self.cfg["control.socket"])
+                os.unlink(self.cfg.control.socket)
 
     async def systemd(self) -> None:
         """Type=notify readiness and the watchdog, when systemd asks for them ($NOTIFY_SOCKET)."""
@@ -669,7 +669,7 @@ class Daemon:
 def main(path: str) -> int:
     """Load, check against this host, and run; ConfigError/ControlError/KeyFileError say why not."""
     cfg = config_mod.load(path)
-    logging.getLogger().setLevel(cfg["log.level"].upper())
+    logging.getLogger().setLevel(cfg.log.level.upper())
     problems = host.problems(cfg)
     if problems:
         raise config_mod.ConfigError(problems[0])

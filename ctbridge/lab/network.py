@@ -17,6 +17,7 @@ Everything (processes, namespaces, files) is removed on the way out, after an er
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -200,6 +201,9 @@ class Firewall:
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return netns.run(self.ns, *argv, check=check)
+
+    def link(self, name: str, up: bool) -> None:
+        self.run("ip", "link", "set", name, "up" if up else "down")
 
     # --- state --------------------------------------------------------------------------------------
 
@@ -509,7 +513,7 @@ exit $rc
         for fw in self.fws:
             attempt(fw.stop_keepalived)
         for fw in self.fws:
-            attempt(lambda fw=fw: self.replicator.stop(fw))
+            attempt(functools.partial(self.replicator.stop, fw))
         if errors:
             raise errors[0]
         return final

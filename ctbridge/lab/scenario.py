@@ -41,8 +41,8 @@ FAILOVERS = (
 TRIGGERS: dict[str, Callable[[Lab, Firewall], None]] = {
     "keepalived stopped": lambda lab, fw: fw.stop_keepalived(),
     "keepalived started": lambda lab, fw: fw.start_keepalived(),
-    "LAN link down": lambda lab, fw: fw.run("ip", "link", "set", "lan0", "down") and None,
-    "LAN link up": lambda lab, fw: fw.run("ip", "link", "set", "lan0", "up") and None,
+    "LAN link down": lambda lab, fw: fw.link("lan0", up=False),
+    "LAN link up": lambda lab, fw: fw.link("lan0", up=True),
     "maintenance on": lambda lab, fw: fw.maintenance(True),
     "maintenance off": lambda lab, fw: fw.maintenance(False),
 }

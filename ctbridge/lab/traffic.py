@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import socket
@@ -162,7 +163,10 @@ async def client(server: str, tcp: int, udp: int, chunk: int, interval: float) -
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(4096) or stop.set())
+    def stdin_readable() -> None:
+        if not os.read(sys.stdin.fileno(), 4096):  # the lab closed our stdin: stop
+            stop.set()
+    loop.add_reader(sys.stdin.fileno(), stdin_readable)
     tasks = [asyncio.ensure_future(_tcp_conn(i, server, chunk, interval, c)) for i in range(tcp)]
     tasks += [asyncio.ensure_future(_udp_flow(i, server, interval, c)) for i in range(udp)]
     while not stop.is_set():
