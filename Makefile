@@ -61,7 +61,7 @@ test: deps venv lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 unit: venv
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not root"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not root and not lab"
 
 demo: deps venv
 	@$(PY) -m ctbridge.lab.demo

@@ -26,6 +26,7 @@ from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig
+from tests.support import builders
 
 # What a real dump adds to a TCP entry besides tuples, status, timeout, protoinfo and mark.
 _KERNEL_EXTRA = (codec.attr(ct.CTA_USE, (1).to_bytes(4, "big")) + codec.attr(ct.CTA_ID, (12345).to_bytes(4, "big"))
@@ -34,7 +35,7 @@ _KERNEL_EXTRA = (codec.attr(ct.CTA_USE, (1).to_bytes(4, "big")) + codec.attr(ct.
 
 
 def kernel_like_flows(n: int) -> list[Entry]:
-    return [Entry(e.key, e.family, e.attrs + _KERNEL_EXTRA) for e in codec.tcp_flows(n)]
+    return [Entry(e.key, e.family, e.attrs + _KERNEL_EXTRA) for e in builders.tcp_flows(n)]
 
 
 def run_once(flows: list[Entry], algorithm: str) -> dict[str, float]:

@@ -24,7 +24,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sync import replicate
-from tests.daemonlab import cluster
+from tests.support.daemonlab import cluster
 
 
 def measure_ctbridge(n: int) -> dict[str, float]:

@@ -72,7 +72,7 @@ def timed_cli(ns: str | None, *argv: str) -> float:
 def listings(n: int, repeat: int, save: Path) -> list[tuple[str, float, float]]:
     """(what, our seconds, the C tool's seconds) for each listing, best of ``repeat``; the caches'
     listings come from two daemons that replicated the n flows (loaded into A with conntrack -R)."""
-    from tests.daemonlab import cluster  # the daemons as the tests run them
+    from tests.support.daemonlab import cluster  # the daemons as the tests run them
     rows = []
     with cluster(2, log={"level": "info"}) as c:
         a, b = c.nodes

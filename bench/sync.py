@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.kernel import save_lines
-from tests.daemonlab import Node, cluster
+from tests.support.daemonlab import Node, cluster
 
 TIMEOUT = 120.0
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
-from tests.test_render import EXAMPLES, SNAPSHOTS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import EXAMPLES, ROOT, SNAPSHOTS
 
 
 def _clean_env(home: Path) -> dict[str, str]:

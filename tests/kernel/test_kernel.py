@@ -14,7 +14,7 @@ from ctbridge.conntrack.codec import EventKind
 from ctbridge.conntrack.table import EventSocket, KernelTable
 from ctbridge.conntrack.view import entry_view
 from ctbridge.lab import netns
-from tests import witness
+from tests.support import builders, witness
 
 pytestmark = pytest.mark.root
 
@@ -224,7 +224,7 @@ def test_events_new_update_destroy(ns: str) -> None:
 
 
 def test_overrun_is_reported(ns: str) -> None:
-    source = codec.tcp_flows(3000)
+    source = builders.tcp_flows(3000)
     with netns.inside(ns):
         sock = EventSocket(rcvbuf=4096)
         table = KernelTable()
@@ -281,11 +281,12 @@ def _related_pair() -> tuple[codec.Entry, codec.Entry]:
     """An FTP-like control flow and a data flow related to it (CTA_TUPLE_MASTER)."""
     from ctbridge.conntrack import abi as ct
     a, b = bytes((192, 0, 2, 30)), bytes((198, 51, 100, 30))
-    ctl = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, a, b, 40000, 21)
-    master = codec.build_entry(ct.AF_INET, ctl, codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, b, a, 21, 40000),
+    ctl = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, a, b, 40000, 21)
+    master = builders.build_entry(ct.AF_INET, ctl, builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, b, a, 21, 40000),
                                status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED, timeout=600, tcp_state=3)
-    data = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, a, b, 40001, 20000)
-    child = codec.build_entry(ct.AF_INET, data, codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, b, a, 20000, 40001),
+    data = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, a, b, 40001, 20000)
+    back = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, b, a, 20000, 40001)
+    child = builders.build_entry(ct.AF_INET, data, back,
                               status=ct.IPS_CONFIRMED | ct.IPS_EXPECTED, timeout=120, tcp_state=1,
                               extra=codec.attr(ct.CTA_TUPLE_MASTER, ctl, nested=True))
     return master, child
@@ -302,7 +303,7 @@ def test_related_flow_committed_before_its_master_and_then_updated(ns: str) -> N
         # The data flow is answered later on the active node: the update must carry SEEN_REPLY and
         # ASSURED although the kernel refuses any change of the EXPECTED bit.
         status = ct.IPS_CONFIRMED | ct.IPS_EXPECTED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED
-        later = codec.build_entry(ct.AF_INET, codec.split_key(child.key)[2],
+        later = builders.build_entry(ct.AF_INET, codec.split_key(child.key)[2],
                                   codec.attr_map(child.attrs)[ct.CTA_TUPLE_REPLY], status=status, timeout=300,
                                   tcp_state=3, extra=codec.attr(ct.CTA_TUPLE_MASTER,
                                                                 codec.split_key(master.key)[2], nested=True))
@@ -313,10 +314,10 @@ def test_related_flow_committed_before_its_master_and_then_updated(ns: str) -> N
 
 
 def test_update_that_would_clear_a_bit_is_retried_without_the_status(ns: str) -> None:
-    (assured,) = codec.tcp_flows(1)  # SEEN_REPLY | ASSURED
+    (assured,) = builders.tcp_flows(1)  # SEEN_REPLY | ASSURED
     from ctbridge.conntrack import abi as ct
     attrs = codec.attr_map(assured.attrs)
-    plain = codec.build_entry(ct.AF_INET, attrs[ct.CTA_TUPLE_ORIG], attrs[ct.CTA_TUPLE_REPLY],
+    plain = builders.build_entry(ct.AF_INET, attrs[ct.CTA_TUPLE_ORIG], attrs[ct.CTA_TUPLE_REPLY],
                               status=ct.IPS_CONFIRMED, timeout=77, mark=5, tcp_state=3)
     with _table(ns) as table:
         table.commit([assured])
@@ -328,15 +329,15 @@ def test_update_that_would_clear_a_bit_is_retried_without_the_status(ns: str) ->
 
 def test_failures_map_to_their_entries_across_batches(ns: str) -> None:
     from ctbridge.conntrack import abi as ct
-    good = codec.tcp_flows(3000)
+    good = builders.tcp_flows(3000)
     bad = []
     for i in range(100):  # an original TCP tuple with a UDP reply tuple: the kernel says EINVAL
         src, dst = bytes((192, 0, 2, 60)), bytes((203, 0, 113, 60))
-        orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, 2000 + i, 80)
-        reply = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 80, 2000 + i)
-        bad.append(codec.build_entry(ct.AF_INET, orig, reply, tcp_state=3))
+        orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, 2000 + i, 80)
+        reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 80, 2000 + i)
+        bad.append(builders.build_entry(ct.AF_INET, orig, reply, tcp_state=3))
     # and one entry the codec cannot even encode (a 2-byte CTA_STATUS) must not stop the others
-    orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, bytes((192, 0, 2, 61)), bytes((203, 0, 113, 61)), 1, 2)
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, bytes((192, 0, 2, 61)), bytes((203, 0, 113, 61)), 1, 2)
     broken = codec.Entry(codec.make_key(ct.AF_INET, 0, orig), ct.AF_INET,
                          codec.attr(ct.CTA_TUPLE_ORIG, orig, nested=True) + codec.attr(ct.CTA_STATUS, b"\x00\x08"))
     mixed = good[:1500] + bad[:50] + [broken] + good[1500:] + bad[50:]
@@ -350,7 +351,7 @@ def test_failures_map_to_their_entries_across_batches(ns: str) -> None:
 
 
 def test_abandoned_dump_leaves_the_table_usable(ns: str) -> None:
-    flows = codec.tcp_flows(5000)
+    flows = builders.tcp_flows(5000)
     with _table(ns) as table:
         table.commit(flows)
         parts = table.dump_parts()
@@ -375,7 +376,7 @@ def test_delete_names_the_zone(ns: str) -> None:
 
 
 def test_a_small_receive_buffer_means_smaller_batches_not_lost_answers(ns: str) -> None:
-    keys = [e.key for e in codec.tcp_flows(5000)]
+    keys = [e.key for e in builders.tcp_flows(5000)]
     with _table(ns, rcvbuf=65536) as table:
         assert table.batch_messages < 1000
         result = table.delete(keys)  # every one answers ENOENT
@@ -384,10 +385,10 @@ def test_a_small_receive_buffer_means_smaller_batches_not_lost_answers(ns: str) 
 
 
 def test_expire_shortens_timeouts(ns: str) -> None:
-    flows = codec.tcp_flows(100)
+    flows = builders.tcp_flows(100)
     with _table(ns) as table:
         table.commit(flows)
-        result = table.expire([e.key for e in flows[:60]] + [codec.tcp_flows(200)[150].key], 30)
+        result = table.expire([e.key for e in flows[:60]] + [builders.tcp_flows(200)[150].key], 30)
         assert (result.done, result.missing, result.failed) == (60, 1, [])
         timeouts = sorted(v["timeout"] for v in map(entry_view, table.dump()))
     assert all(t <= 30 for t in timeouts[:60]) and all(t > 3000 for t in timeouts[60:])
@@ -396,7 +397,7 @@ def test_expire_shortens_timeouts(ns: str) -> None:
 def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
     """The kernel reports a netlink overrun once per congestion, and a congestion ends only when
     the queue is empty: a reader that stops early after an overrun must not miss the next one."""
-    flows = codec.tcp_flows(6000)
+    flows = builders.tcp_flows(6000)
     with netns.inside(ns):
         sock = EventSocket(rcvbuf=4096, max_rcvbuf=16384)
         table = KernelTable()
@@ -405,19 +406,3 @@ def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
         assert sock.read(limit=1).overrun
         table.commit(flows[3000:])
         assert sock.read(limit=1).overrun
-
-
-def test_recvmmsg_reads_many_datagrams_at_once() -> None:
-    import socket as socketlib
-
-    from ctbridge.conntrack import recvmmsg as mmsg
-    a, b = socketlib.socketpair(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
-    with a, b:
-        b.setblocking(False)
-        receiver = mmsg.Receiver(b, count=4, size=64)
-        assert receiver.receive() == []
-        for i in range(6):
-            a.send(bytes([i]) * (i + 1))
-        first, second = receiver.receive(), receiver.receive()
-        assert first == [bytes([i]) * (i + 1) for i in range(4)]
-        assert second == [b"\x04" * 5, b"\x05" * 6]

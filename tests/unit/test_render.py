@@ -9,19 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from ctbridge import atomicfile
-from ctbridge.config import cluster, keyfile, render
-from ctbridge.lab import netns
-from tests.conftest import require
+from ctbridge.config import cluster, render
+from tests.support import EXAMPLES, ROOT, SNAPSHOTS
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = {"two-nodes-unicast": ("fw1", "fw2"), "three-nodes-multicast": ("fw1", "fw2", "fw3")}
-SNAPSHOTS = ROOT / "tests" / "snapshots"
 # UPDATE_SNAPSHOTS=1 rewrites the snapshots from the templates (then review the diff)
 UPDATE = os.environ.get("UPDATE_SNAPSHOTS") == "1"
 
@@ -186,56 +181,3 @@ def test_strict_undefined_and_atomic_writes(tmp_path: Path, monkeypatch: pytest.
 
 
 # --- the real parsers -------------------------------------------------------------------------------
-
-def _interfaces(ns: str, names: set[str]) -> None:
-    for i, name in enumerate(sorted(names)):
-        netns.run(ns, "ip", "link", "add", name, "type", "veth", "peer", "name", f"peer{i}")
-        netns.run(ns, "ip", "link", "set", name, "up")
-
-
-@pytest.mark.root
-@pytest.mark.parametrize("example", sorted(EXAMPLES))
-def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
-    require("keepalived")
-    c = cluster.checked(cluster.load(str(ROOT / "examples" / f"{example}.toml")))
-    with tempfile.TemporaryDirectory(prefix="ctb-render-") as tmp:
-        for node_name in EXAMPLES[example]:
-            node = c.node(node_name)
-            out = Path(tmp) / node_name
-            render.write(render.render(c, node), out)
-            with netns.namespace("render") as ns:
-                names = {i.name for i in node.interfaces.values()} | ({node.sync.name} if node.sync else set())
-                _interfaces(ns, names)
-                res = netns.run(ns, "keepalived", "-t", "-f", str(out / "keepalived.conf"), check=False)
-                assert res.returncode == 0, f"{node_name}: keepalived -t: {res.stdout}{res.stderr}"
-                res = netns.run(ns, "nft", "-c", "-f", str(out / "ctbridge-sync.nft"), check=False)
-                assert res.returncode == 0, f"{node_name}: nft -c: {res.stderr}"
-                # and for real, twice: the snippet replaces its own table
-                netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
-                netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
-                listed = netns.run(ns, "nft", "list", "table", "inet", "ctbridge_sync").stdout
-                peers = [n.sync.address.ip for n in c.peers(node) if n.sync is not None]
-                assert all(str(p) in listed for p in peers)
-
-
-@pytest.mark.root
-@pytest.mark.parametrize("example", sorted(EXAMPLES))
-def test_ctbridge_check_accepts_what_is_rendered(example: str, tmp_path: Path) -> None:
-    """On a host that has the node's sync address and the key: `ctbridge check` (file and host)."""
-    key = tmp_path / "sync.key"
-    keyfile.generate(str(key))
-    text = (ROOT / "examples" / f"{example}.toml").read_text().replace("/etc/ctbridge/sync.key", str(key))
-    text += f'\n[paths]\nrun_dir = "{tmp_path}/{{node}}/run"\nstate_dir = "{tmp_path}/{{node}}/state"\n'
-    c = cluster.checked(cluster.parse(text))
-    for node_name in EXAMPLES[example]:
-        node = c.node(node_name)
-        assert node.sync is not None
-        out = tmp_path / node_name
-        render.write(render.render(c, node), out)
-        (out / "run").mkdir()
-        with netns.namespace("check") as ns:
-            _interfaces(ns, {node.sync.name})
-            netns.run(ns, "ip", "addr", "add", str(node.sync.address), "dev", node.sync.name)
-            res = netns.run(ns, sys.executable, "-m", "ctbridge", "check", "-c", str(out / "ctbridge.toml"),
-                            check=False)
-            assert res.returncode == 0, f"{node_name}: {res.stderr}"

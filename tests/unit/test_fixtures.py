@@ -4,7 +4,6 @@ against what the conntrack CLI printed for the same flows at the same moment."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +11,11 @@ from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import EventKind
 from ctbridge.conntrack.view import entry_view
-from tests import witness
+from tests.support import FIXTURES, witness
 
-FIXTURES = json.loads(Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())
-DUMPS = [f for f in FIXTURES if f["what"] == "dump"]
-EVENTS = {f["what"].split()[1]: bytes.fromhex(f["hex"]) for f in FIXTURES if f["what"].startswith("event")}
+CAPTURED = json.loads(FIXTURES.joinpath("ctnetlink.json").read_text())
+DUMPS = [f for f in CAPTURED if f["what"] == "dump"]
+EVENTS = {f["what"].split()[1]: bytes.fromhex(f["hex"]) for f in CAPTURED if f["what"].startswith("event")}
 
 
 @pytest.mark.parametrize("fixture", DUMPS, ids=lambda f: " ".join(f["witness"].split()[:3]))

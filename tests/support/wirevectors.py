@@ -13,18 +13,20 @@ from pathlib import Path
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.sync import wire
+from tests.support import builders
 
 KEY = bytes(range(32))
 AUTH = wire.Auth([KEY], "blake2b")
 HEADER = wire.Header(node=0x0A0B0C0D, epoch=0x0000018BCFE56800, seq=42, time_ms=1700000000123)
-FILE = Path(__file__).with_name("fixtures") / "wire_vectors.json"
+FILE = Path(__file__).resolve().parents[1] / "fixtures" / "wire_vectors.json"
 
 
 def sample_entry() -> codec.Entry:
     src, dst = bytes((192, 0, 2, 1)), bytes((198, 51, 100, 2))
-    orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, src, dst, 5353, 53)
-    reply = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 53, 5353)
-    return codec.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY, timeout=30, mark=7)
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, src, dst, 5353, 53)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 53, 5353)
+    return builders.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY, timeout=30,
+                                mark=7)
 
 
 def messages() -> dict[str, tuple[bytes, wire.Message]]:

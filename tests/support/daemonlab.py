@@ -18,7 +18,7 @@ from ctbridge.daemon import control
 from ctbridge.lab import netns
 from ctbridge.lab.network import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Node:

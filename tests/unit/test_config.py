@@ -12,8 +12,8 @@ import pytest
 
 from ctbridge.config import settings as config
 from ctbridge.daemon import keepalived
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
 [node]
 name = "fw1"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "ctbridge"
+from tests.support import ROOT
+
+PKG = ROOT / "ctbridge"
 # package -> the ctbridge packages (and top-level modules) it may import
 ALLOWED = {
     "atomicfile": set(),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import ast
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 # program -> the Debian package that provides it (Debian 12)
 PROVIDERS = {
     "ip": "iproute2", "bridge": "iproute2", "nft": "nftables", "sysctl": "procps", "pgrep": "procps",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,10 +15,11 @@ from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry
 from ctbridge.conntrack.listing import Listing, format_line
 from ctbridge.conntrack.view import entry_view
-from tests.test_codec import entries
+from tests.support import FIXTURES, builders
+from tests.support.strategies import entries
 
-FIXTURES = json.loads(Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())
-DUMP_MESSAGES = [bytes.fromhex(f["hex"]) for f in FIXTURES if f["what"] == "dump"]
+CAPTURED = json.loads(FIXTURES.joinpath("ctnetlink.json").read_text())
+DUMP_MESSAGES = [bytes.fromhex(f["hex"]) for f in CAPTURED if f["what"] == "dump"]
 
 
 def general(entry: Entry, form: str) -> str:
@@ -55,7 +55,7 @@ def test_the_kernel_messages_of_the_fixtures() -> None:
 
 def test_a_learnt_layout_refuses_an_entry_of_another_shape() -> None:
     """Same family, same length, different attributes: the header check sends it to the general path."""
-    flow = codec.tcp_flows(1)[0]
+    flow = builders.tcp_flows(1)[0]
     listing = Listing("text")
     assert list(listing.entries([flow])) == [general(flow, "text")]
     # the mark attribute (CTA_MARK) turned into a secmark (CTA_SECMARK) of the same size
@@ -68,9 +68,9 @@ def test_a_learnt_layout_refuses_an_entry_of_another_shape() -> None:
     assert list(listing.entries([other])) == [general(other, "text")]
     assert "secmark=9" in general(other, "text")
     # and a UDP-Lite flow laid out like a UDP one is no UDP flow
-    udp = codec.build_entry(ct.AF_INET, codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b"\xc0\x00\x02\x01",
+    udp = builders.build_entry(ct.AF_INET, builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b"\xc0\x00\x02\x01",
                                                            b"\xc0\x00\x02\x02", 1, 2),
-                            codec.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b"\xc0\x00\x02\x02", b"\xc0\x00\x02\x01",
+                            builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b"\xc0\x00\x02\x02", b"\xc0\x00\x02\x01",
                                                2, 1))
     lite = udp._replace(attrs=udp.attrs.replace(b"\x05\x00\x01\x00\x11", b"\x05\x00\x01\x00\x88"))
     assert list(listing.entries([udp, lite])) == [general(udp, "text"), general(lite, "text")]
@@ -78,7 +78,7 @@ def test_a_learnt_layout_refuses_an_entry_of_another_shape() -> None:
 
 
 def test_a_zone_comes_from_the_flow_key_for_caches() -> None:
-    flow = codec.tcp_flows(1)[0]
+    flow = builders.tcp_flows(1)[0]
     family, _zone, orig = codec.split_key(flow.key)
     zoned = flow._replace(key=codec.make_key(family, 12, orig))
     for form in ("text", "json"):
@@ -87,7 +87,7 @@ def test_a_zone_comes_from_the_flow_key_for_caches() -> None:
 
 
 def test_a_malformed_entry_fails_as_the_general_path_does() -> None:
-    flow = codec.tcp_flows(1)[0]
+    flow = builders.tcp_flows(1)[0]
     broken = flow._replace(attrs=flow.attrs[:-3])
     listing = Listing("json")
     try:
@@ -112,7 +112,7 @@ def test_an_entry_with_nothing_to_read_is_listed_by_the_general_path() -> None:
 def test_a_layout_whose_formatter_disagrees_is_not_generated_again() -> None:
     """Counters in the reply-then-original order: the view orders them, a formatter would not. The
     shape goes to the general path once, and is not compiled again for every entry."""
-    flow = codec.tcp_flows(1)[0]
+    flow = builders.tcp_flows(1)[0]
     counters = b"".join(codec.attr(t, codec.attr(ct.CTA_COUNTERS_PACKETS, struct.pack(">Q", n))
                                    + codec.attr(ct.CTA_COUNTERS_BYTES, struct.pack(">Q", 100 * n)), nested=True)
                         for t, n in ((ct.CTA_COUNTERS_REPLY, 2), (ct.CTA_COUNTERS_ORIG, 1)))
@@ -124,7 +124,7 @@ def test_a_layout_whose_formatter_disagrees_is_not_generated_again() -> None:
 
 def test_a_malformed_sample_leaves_no_formatter_behind() -> None:
     """Found by review: a formatter was kept although the general path raised on its sample."""
-    flow = codec.tcp_flows(1)[0]
+    flow = builders.tcp_flows(1)[0]
     attrs = codec.attr_map(flow.attrs)
     bad_zone = codec.attr(ct.CTA_TUPLE_ORIG, attrs[ct.CTA_TUPLE_ORIG], nested=True) + codec.attr(
         ct.CTA_TUPLE_REPLY, attrs[ct.CTA_TUPLE_REPLY], nested=True) + codec.attr(ct.CTA_ZONE, b"\x00\x07\x00\x00")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from ctbridge.sync import wire
-from tests import wirevectors
+from tests.support import ROOT, wirevectors
 
 GOLDEN = json.loads(wirevectors.FILE.read_text())
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+DOC = (ROOT / "docs" / "protocol.md").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(wirevectors.messages()))

@@ -19,8 +19,8 @@ import pytest
 import ctbridge
 from ctbridge.lab import netns, wait_for
 from tests.conftest import require
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.root
 # Debian's interpreter and tools, never the venv's or pyenv's
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import random
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,52 +15,8 @@ from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import CodecError, Entry
 from ctbridge.conntrack.view import entry_view
-
-PORT_PROTOS = [ct.IPPROTO_TCP, ct.IPPROTO_UDP, ct.IPPROTO_SCTP, ct.IPPROTO_DCCP, ct.IPPROTO_UDPLITE, ct.IPPROTO_GRE]
-DOC_V4 = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
-
-
-@st.composite
-def entries(draw: st.DrawFn) -> tuple[Entry, dict]:
-    """A random entry in the kernel's layout, with the fields it was built from."""
-    v6 = draw(st.booleans())
-    family = ct.AF_INET6 if v6 else ct.AF_INET
-
-    def addr() -> bytes:
-        if v6:
-            return ipaddress.IPv6Address(0x20010DB8 << 96 | draw(st.integers(0, 2**64))).packed
-        net = draw(st.sampled_from(DOC_V4))
-        return net[draw(st.integers(1, 254))].packed
-
-    src, dst, nat = addr(), addr(), addr()
-    icmp = draw(st.booleans())
-    if icmp:
-        proto = ct.IPPROTO_ICMPV6 if v6 else ct.IPPROTO_ICMP
-        kind = draw(st.integers(0, 255))
-        ident = draw(st.integers(0, 65535))
-        orig = codec.encode_tuple(family, proto, src, dst, icmp=(kind, 0, ident))
-        reply = codec.encode_tuple(family, proto, dst, nat, icmp=(kind, 0, ident))
-        sport = dport = 0
-    else:
-        proto = draw(st.sampled_from(PORT_PROTOS))
-        sport, dport = draw(st.integers(0, 65535)), draw(st.integers(0, 65535))
-        orig = codec.encode_tuple(family, proto, src, dst, sport, dport)
-        reply = codec.encode_tuple(family, proto, dst, nat, dport, draw(st.integers(0, 65535)))
-    status = draw(st.integers(0, 0xFFFF))
-    tcp_state = draw(st.integers(0, 9)) if proto == ct.IPPROTO_TCP else None
-    # attributes the codec does not know, which must survive untouched
-    unknown = b"".join(codec.attr(t, p) for t, p in draw(
-        st.lists(st.tuples(st.integers(40, 0x3FFF), st.binary(max_size=24)), max_size=3)))
-    fields = {"family": family, "proto": proto, "src": src, "dst": dst, "sport": sport, "dport": dport,
-              "status": status, "timeout": draw(st.integers(0, 2**32 - 1)), "mark": draw(st.integers(0, 2**32 - 1)),
-              "zone": draw(st.integers(0, 65535)), "tcp_state": tcp_state, "unknown": unknown}
-    entry = codec.build_entry(family, orig, reply, status=status, timeout=fields["timeout"], mark=fields["mark"],
-                              zone=fields["zone"], tcp_state=tcp_state, extra=unknown)
-    return entry, fields
-
-
-def as_dump_message(entry: Entry, seq: int = 1) -> bytes:
-    return codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, seq, entry.family, entry.attrs)
+from tests.support import FIXTURES, builders
+from tests.support.strategies import as_dump_message, entries
 
 
 @given(st.lists(entries(), min_size=1, max_size=5))
@@ -137,7 +92,7 @@ def test_fast_and_general_encoding_agree(item: tuple[Entry, dict], liberal: bool
 
 
 def test_fast_path_rejects_a_changed_layout() -> None:
-    a, b = codec.tcp_flows(2)
+    a, b = builders.tcp_flows(2)
     codec.new_request(a, 1)  # learns the layout
     # same length and start, but the MARK attribute retyped as an unknown one: must not be misread
     attrs = bytearray(b.attrs)
@@ -156,7 +111,7 @@ def test_key_round_trip() -> None:
 
 
 def test_delete_request_names_the_flow() -> None:
-    (entry,) = codec.tcp_flows(1)
+    (entry,) = builders.tcp_flows(1)
     family, _zone, orig = codec.split_key(entry.key)
     req = codec.delete_request(codec.make_key(family, 7, orig), 9)
     body = codec.attr_map(req, 20)
@@ -171,7 +126,7 @@ def test_errors_and_acks_are_matched_by_sequence() -> None:
 
 
 FIXTURE_MESSAGES = [bytes.fromhex(f["hex"]) for f in json.loads(
-    Path(__file__).with_name("fixtures").joinpath("ctnetlink.json").read_text())]
+    FIXTURES.joinpath("ctnetlink.json").read_text())]
 
 
 @settings(max_examples=500)
@@ -205,7 +160,7 @@ def test_decoders_raise_only_codec_errors_on_damaged_kernel_messages() -> None:
 
 
 def test_a_late_reply_to_another_request_neither_ends_nor_joins_a_dump() -> None:
-    (entry,) = codec.tcp_flows(1)
+    (entry,) = builders.tcp_flows(1)
     stale_error = struct.pack("=IHHIIi", 36, ct.NLMSG_ERROR, 0, 99, 0, -17) + bytes(16)
     stale_entry = codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 98, entry.family, entry.attrs)
     mine = codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 7, entry.family, entry.attrs)
@@ -224,7 +179,7 @@ def _tcp_info(entry: Entry) -> dict[int, bytes]:
 def test_fast_path_checks_every_entry_not_only_the_first_of_a_layout() -> None:
     """Same length and start as a learnt layout, but the TCP protoinfo's inner attributes in
     another order: the flags must still be found by type, not by offset."""
-    first, second = codec.tcp_flows(2)
+    first, second = builders.tcp_flows(2)
     assert _tcp_info(first)[ct.CTA_PROTOINFO_TCP_STATE] == b"\x03"
     attrs = bytearray(second.attrs)
     at = bytes(attrs).index(codec.attr(ct.CTA_PROTOINFO_TCP_STATE, b"\x03"))

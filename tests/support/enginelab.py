@@ -7,10 +7,10 @@ import random
 from dataclasses import replace
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig
+from tests.support import builders
 
 KEY = b"k" * 32
 
@@ -20,9 +20,9 @@ def flow(i: int, mark: int = 0, timeout: int = 3600, zone: int = 0) -> Entry:
     src = bytes((198, 51, 100, 1 + i // 60000 % 250))
     dst = bytes((203, 0, 113, 1 + i // 15000000 % 250))
     sport = 1024 + i % 60000
-    orig = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
-    reply = codec.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
-    return codec.build_entry(ct.AF_INET, orig, reply, status=0xE, timeout=timeout, mark=mark, zone=zone, tcp_state=3)
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
+    return builders.build_entry(ct.AF_INET, orig, reply, status=0xE, timeout=timeout, mark=mark, zone=zone, tcp_state=3)
 
 
 class Lab:

@@ -1,0 +1,67 @@
+"""Entries built from fields, laid out as the kernel dumps them (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import struct
+
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack.codec import Entry, attr, make_key
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+
+
+def encode_tuple(family: int, proto: int, src: bytes, dst: bytes, sport: int = 0, dport: int = 0,
+                 icmp: tuple[int, int, int] | None = None) -> bytes:
+    """A tuple payload (CTA_TUPLE_IP + CTA_TUPLE_PROTO) in the kernel's layout.
+
+    ``src``/``dst`` are packed addresses; ``icmp`` is (type, code, id) for ICMP and ICMPv6.
+    """
+    v6 = family == ct.AF_INET6
+    t_src, t_dst = (ct.CTA_IP_V6_SRC, ct.CTA_IP_V6_DST) if v6 else (ct.CTA_IP_V4_SRC, ct.CTA_IP_V4_DST)
+    ip = attr(t_src, src) + attr(t_dst, dst)
+    body = attr(ct.CTA_PROTO_NUM, bytes((proto,)))
+    if icmp is not None:
+        t_type, t_code, t_id = (
+            (ct.CTA_PROTO_ICMPV6_TYPE, ct.CTA_PROTO_ICMPV6_CODE, ct.CTA_PROTO_ICMPV6_ID) if v6
+            else (ct.CTA_PROTO_ICMP_TYPE, ct.CTA_PROTO_ICMP_CODE, ct.CTA_PROTO_ICMP_ID))
+        body += attr(t_id, _BE16.pack(icmp[2])) + attr(t_type, bytes((icmp[0],))) + attr(t_code, bytes((icmp[1],)))
+    else:
+        body += attr(ct.CTA_PROTO_SRC_PORT, _BE16.pack(sport)) + attr(ct.CTA_PROTO_DST_PORT, _BE16.pack(dport))
+    return attr(ct.CTA_TUPLE_IP, ip, nested=True) + attr(ct.CTA_TUPLE_PROTO, body, nested=True)
+
+
+def build_entry(family: int, orig: bytes, reply: bytes, *, status: int = ct.IPS_CONFIRMED,
+                timeout: int = 3600, mark: int = 0, zone: int = 0, tcp_state: int | None = None,
+                extra: bytes = b"") -> Entry:
+    """An entry laid out as the kernel dumps one: tuples, zone, status, timeout, protoinfo, mark."""
+    attrs = attr(ct.CTA_TUPLE_ORIG, orig, nested=True) + attr(ct.CTA_TUPLE_REPLY, reply, nested=True)
+    if zone:
+        attrs += attr(ct.CTA_ZONE, _BE16.pack(zone))
+    attrs += attr(ct.CTA_STATUS, _BE32.pack(status)) + attr(ct.CTA_TIMEOUT, _BE32.pack(timeout))
+    if tcp_state is not None:
+        flags = bytes((ct.IP_CT_TCP_FLAG_SACK_PERM, 0))
+        tcp = (attr(ct.CTA_PROTOINFO_TCP_STATE, bytes((tcp_state,)))
+               + attr(ct.CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, b"\x07") + attr(ct.CTA_PROTOINFO_TCP_WSCALE_REPLY, b"\x07")
+               + attr(ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags) + attr(ct.CTA_PROTOINFO_TCP_FLAGS_REPLY, flags))
+        attrs += attr(ct.CTA_PROTOINFO, attr(ct.CTA_PROTOINFO_TCP, tcp, nested=True), nested=True)
+    attrs += attr(ct.CTA_MARK, _BE32.pack(mark)) + extra
+    return Entry(make_key(family, zone, orig), family, attrs)
+
+
+def tcp_flows(n: int, timeout: int = 3600, tcp_state: int = 3) -> list[Entry]:
+    """n distinct IPv4 TCP flows 198.51.100.x:port -> 203.0.113.y:443 (test and bench load), by
+    default ESTABLISHED (3, include/uapi/linux/netfilter/nf_conntrack_tcp.h)."""
+    out = []
+    status = ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED
+    for i in range(n):
+        sport = 1024 + i % 60000
+        host = i // 60000
+        src = bytes((198, 51, 100, 1 + host % 250))
+        dst = bytes((203, 0, 113, 1 + host // 250 % 250))
+        orig = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
+        reply = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
+        out.append(build_entry(ct.AF_INET, orig, reply, status=status, timeout=timeout, tcp_state=tcp_state))
+    return out
+
+
