@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Every Debian package that `make test`, `make demo`, `make deb` and the package test use, named
 # explicitly: a pristine Debian 12 root (.ci/fresh-root, which CI runs) has none of them.
-# tests/test_setup.py fails when the code calls a tool that no package here provides.
+# tests/unit/test_setup.py fails when the code calls a tool that no package here provides.
 # The kernel's conntrack table is driven and witnessed through conntrack, the lab runs real
 # keepalived and nftables, sysctl (procps) turns forwarding on, ping checks the lab's links.
 TEST_PACKAGES = conntrack conntrackd keepalived nftables iproute2 iputils-ping procps \
