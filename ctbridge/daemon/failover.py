@@ -3,7 +3,7 @@
 ``decide(transition, facts)`` returns the ordered actions for one keepalived transition; the
 daemon executes them one after the other under its transition lock (daemon/service.py,
 ``Daemon.execute``). Nothing here touches the kernel, a socket or the clock, so every rule is
-tested without root (tests/test_failover.py). The rules:
+tested without root (tests/unit/test_failover.py). The rules:
 
 - MASTER: stop a pending purge; wait for flows still being injected; in commit mode, keep kernel
   events away (pause) while the peers' flows are committed, then let them in again; open the

@@ -12,7 +12,7 @@ Outputs:
     get_timer()              when handle_timer() wants to run next (None: no deadline)
 
 The shape follows aioquic's QuicConnection: the adapter moves bytes and re-arms one timer. Tests
-drive engines with a fake clock over lossy in-memory links (tests/test_engine.py).
+drive engines with a fake clock over lossy in-memory links (tests/unit/test_engine.py).
 
 Replication, in short: every change of this node's internal cache (its kernel's flows, filtered)
 bumps a per-node version counter and queues the flow key; queued keys coalesce, so several updates

@@ -1,7 +1,7 @@
 """Sync protocol version 1: datagram and message encoding, authentication. Pure functions.
 
 A datagram is a 32-byte header, a run of messages, and (when authenticated) a 16-byte MAC over
-both. All integers are big endian. docs/protocol.md has the byte diagrams; tests/test_wire.py
+both. All integers are big endian. docs/protocol.md has the byte diagrams; tests/unit/test_wire.py
 holds a golden vector of every message type.
 
     header   magic "CB" | version 1 | flags | key id | reserved | payload length
