@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctbridge.config import host
 from ctbridge.config import settings as config
 
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         except config.ConfigError as exc:
             problems = exc.problems
     else:
-        problems = config.check_main(args.config)
+        problems = host.check(args.config)
     for p in problems:
         print(p, file=sys.stderr)
     if not problems:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import time
 
 from ctbridge import atomicfile
 from ctbridge.config import keyfile
-from ctbridge.config.settings import Config
+from ctbridge.config.settings import Config, ConfigError, load
 
 
 def _bind_problem(address: str, port: int) -> str | None:
@@ -62,8 +63,7 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
             except keyfile.KeyFileError as exc:
                 out.append(f"{path}: sync.{name}: {exc}")
     if cfg.apply.gate and cfg.apply.mode == "commit":
-        from ctbridge.daemon import gate
-        why = gate.available()
+        why = None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
         if why is not None:
             out.append(f"{path}: apply.gate: {why}, or set gate = false")
     control_dir = os.path.dirname(cfg.control.socket) or "."
@@ -100,3 +100,13 @@ def next_epoch(state_dir: str) -> int:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
     return epoch
+
+
+def check(path: str) -> list[str]:
+    """What `ctbridge check` reports: every problem of the file, then of this host for it; [] when
+    it can run here."""
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        return exc.problems
+    return problems(cfg)

@@ -323,13 +323,3 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None]) -> 
         fail("apply", "event_buffer", "apply.event_buffer below 4096 bytes cannot hold one event")
     if cfg.apply.purge_timeout < 0:
         fail("apply", "purge_timeout", "apply.purge_timeout must not be negative")
-
-
-def check_main(path: str) -> list[str]:
-    """What `ctbridge check` reports: the problems of a file, or [] when it can run here."""
-    try:
-        cfg = load(path)
-    except ConfigError as exc:
-        return exc.problems
-    from ctbridge.config import host  # host facts: addresses, key files; imported late to keep this pure
-    return host.problems(cfg)

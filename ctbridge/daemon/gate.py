@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 
 TABLE = "ctbridge_gate"
 NFT_TIMEOUT = 10.0  # seconds; nft holds the transition lock while it runs
@@ -35,11 +34,6 @@ table inet {TABLE} {{
 
 class GateError(RuntimeError):
     pass
-
-
-def available() -> str | None:
-    """Why the gate cannot be used here, or None."""
-    return None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
 
 
 async def _nft(script: str) -> tuple[int, str]:

@@ -13,7 +13,7 @@ ALLOWED = {
     "atomicfile": set(),
     "conntrack": {"conntrack"},
     "sync": {"sync", "conntrack"},
-    "config": {"config", "sync", "conntrack", "atomicfile", "daemon.gate"},
+    "config": {"config", "sync", "conntrack", "atomicfile"},
     "daemon": {"daemon", "config", "sync", "conntrack", "atomicfile"},
     "lab": {"lab", "daemon.control", "config", "conntrack"},
     "cli": {"cli", "daemon", "config", "conntrack", "__version__"},
