@@ -122,3 +122,18 @@ def followup(role_now: Role) -> list[Action]:
     meanwhile (kernel events were paused during the commit, and only a dump brings the internal
     cache back in step); the announce only if the node is still MASTER."""
     return [Action(DUMP)] + ([Action(BULK_SEND)] if role_now is Role.MASTER else [])
+
+
+def track_value(complete: bool, role: Role, heard_a_peer: bool, since_start: float, peer_timeout: float,
+                incomplete_value: int) -> int:
+    """What the priority interlock's track file holds: 0 while this node may take over, else
+    ``incomplete_value`` (keepalived adds it, times the weight, to the priority).
+
+    A master never needs a peer's flows: its own kernel is the truth. A node whose external cache is
+    incomplete must not win an election; right after a start no peer has spoken yet, which is not
+    "complete" until a peer could have (``peer_timeout``), or a standby that just started would win.
+    """
+    if role is Role.MASTER:
+        return 0
+    quiet_start = not heard_a_peer and since_start < peer_timeout
+    return 0 if complete and not quiet_start else incomplete_value

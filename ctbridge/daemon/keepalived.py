@@ -7,8 +7,11 @@ the daemon, which applies them one at a time.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shlex
+from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from ctbridge import atomicfile
@@ -21,6 +24,10 @@ class Transition(NamedTuple):
     name: str
     state: str
     priority: int
+
+
+class FifoError(Exception):
+    """The notify FIFO cannot be read; the message says how to fix it."""
 
 
 class NotifyError(ValueError):
@@ -59,3 +66,44 @@ def parse_fifo_line(line: str) -> Transition | None:
 def write_track_file(path: str, value: int) -> None:
     """Atomically: keepalived may read the file at any moment (track_file reads an integer)."""
     atomicfile.write(path, f"{value}\n")
+
+
+FIFO_RETRY = 0.2  # seconds before a read-only FIFO is opened again after keepalived closed it
+
+
+async def fifo_transitions(path: str) -> AsyncIterator[Transition]:
+    """The transitions keepalived writes into its notify_fifo, in order, for as long as it runs.
+
+    The FIFO is made (mode 0600) if it is not there yet. It is opened read-write, so keepalived's
+    restarts are no end of file. If keepalived made it first (root's, mode 0644) and this process
+    is not root, it is read read-only, and opened again whenever keepalived closes it.
+    """
+    loop = asyncio.get_running_loop()
+    if not os.path.exists(path):
+        os.mkfifo(path, 0o600)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            reopen = False
+        except PermissionError:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            except PermissionError:
+                raise FifoError(
+                    f"cannot read keepalived's notify FIFO {path}: permission denied; remove it and "
+                    "restart ctbridge before keepalived, or make it readable by ctbridge's user") from None
+            reopen = True
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_read_pipe(lambda p=protocol: p,  # type: ignore[misc]
+                                                    os.fdopen(fd, "rb", buffering=0))
+        try:
+            while line := await reader.readline():
+                t = parse_fifo_line(line.decode("utf-8", "replace"))
+                if t is not None:
+                    yield t
+        finally:
+            transport.close()
+        if not reopen:
+            return
+        await asyncio.sleep(FIFO_RETRY)  # no writer yet: try again

@@ -433,54 +433,26 @@ class Daemon:
 
     async def read_fifo(self, path: str) -> None:
         """keepalived's notify_fifo: the one channel where transitions arrive in order."""
-        if not os.path.exists(path):
-            os.mkfifo(path, 0o600)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF while keepalived restarts
-                reopen = False
-            except PermissionError:
-                # keepalived made the FIFO first (root's, mode 0644) and this daemon is not root:
-                # read-only works, but sees EOF whenever keepalived closes it, so it reopens then
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-                except PermissionError:
-                    raise control.ControlError(
-                        f"cannot read keepalived's notify FIFO {path}: permission denied; remove it and "
-                        "restart ctbridge before keepalived, or make it readable by ctbridge's user") from None
-                reopen = True
-            reader = asyncio.StreamReader()
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await self.loop.connect_read_pipe(lambda p=protocol: p,  # type: ignore[misc]
-                                                             os.fdopen(fd, "rb", buffering=0))
-            try:
-                while line := await reader.readline():
-                    t = keepalived.parse_fifo_line(line.decode("utf-8", "replace"))
-                    if t is not None:
-                        answer = await self.transition(t)
-                        log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
-            finally:
-                transport.close()
-            if not reopen:
-                return
-            await asyncio.sleep(0.2)  # no writer yet: try again
+        async for t in keepalived.fifo_transitions(path):
+            answer = await self.transition(t)
+            log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
 
     # --- interlock, stats, control ----------------------------------------------------------------
 
     async def track_loop(self, path: str) -> None:
-        """Priority interlock: 0 while the external cache is complete, a negative value while not,
-        so a standby that does not hold every flow yet cannot win an election."""
+        """Priority interlock: the track file follows failover.track_value, checked every
+        TRACK_INTERVAL."""
         started = self.loop.time()
         while True:
-            # Right after start no peer has been heard yet: that is not "complete" until a peer
-            # could have spoken (peer_timeout), or a standby that just started could win an election.
-            quiet_start = not self.engine.peers and self.loop.time() - started < self.cfg.sync.peer_timeout
-            complete = (self.engine.complete() and not quiet_start) or self.engine.role is Role.MASTER
-            value = 0 if complete else int(self.cfg.keepalived.incomplete_value)
+            complete = self.engine.complete()
+            value = failover.track_value(complete, self.engine.role, heard_a_peer=bool(self.engine.peers),
+                                         since_start=self.loop.time() - started,
+                                         peer_timeout=self.cfg.sync.peer_timeout,
+                                         incomplete_value=self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 keepalived.write_track_file(path, value)
                 log.info("track file %s = %d (external cache %s)", path, value,
-                         "complete" if complete else "incomplete")
+                         "complete" if value == 0 else "incomplete")
                 self.track_value = value
             await asyncio.sleep(TRACK_INTERVAL)
 
@@ -672,7 +644,7 @@ def main(path: str) -> int:
     logging.getLogger().setLevel(cfg.log.level.upper())
     problems = host.problems(cfg)
     if problems:
-        raise config_mod.ConfigError(problems[0])
+        raise config_mod.ConfigError(problems)
 
     async def run() -> int:
         return await Daemon(cfg).run()

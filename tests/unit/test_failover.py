@@ -84,3 +84,16 @@ def test_the_followup_dumps_always_and_announces_only_as_master() -> None:
     # a BACKUP came while the commit ran: the internal cache is rebuilt, nothing is announced
     assert names(followup(Role.BACKUP)) == ["dump"]
     assert names(followup(Role.FAULT)) == ["dump"]
+
+
+def test_the_interlock_keeps_an_incomplete_standby_from_winning() -> None:
+    value = failover.track_value
+    # a standby whose external cache is whole may take over
+    assert value(True, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5, incomplete_value=-254) == 0
+    # one that lacks flows may not
+    assert value(False, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5, incomplete_value=-254) == -254
+    # just started, nobody heard yet: not complete until a peer could have spoken
+    assert value(True, Role.BACKUP, heard_a_peer=False, since_start=1, peer_timeout=5, incomplete_value=-254) == -254
+    assert value(True, Role.BACKUP, heard_a_peer=False, since_start=6, peer_timeout=5, incomplete_value=-254) == 0
+    # a master's own kernel is the truth: it never needs a peer's flows
+    assert value(False, Role.MASTER, heard_a_peer=False, since_start=0, peer_timeout=5, incomplete_value=-254) == 0
