@@ -292,11 +292,19 @@ class Engine:
     def external_entries(self) -> list[Entry]:
         """Every flow learnt from peers (for a commit). A flow two peers know is taken from the one
         that was heard from first most recently (peers are kept in the order they appeared)."""
+        return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
+
+    def internal_messages(self) -> list[tuple[bytes, bytes]]:
+        """(key, FLOW message) of this node's flows: a snapshot that copies no flow (a listing)."""
+        return list(self.internal.items())
+
+    def external_messages(self) -> list[tuple[bytes, bytes]]:
+        """(key, FLOW message) of every flow learnt from peers, merged as external_entries does."""
         merged: dict[bytes, bytes] = {}
         for peer in self.peers.values():
             for key, cur in peer.external.items():
                 merged[key] = cur.message
-        return [wire.flow_entry(key, msg) for key, msg in merged.items()]
+        return list(merged.items())
 
     def flush_external(self) -> None:
         for peer in self.peers.values():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ctbridge.conntrack import codec
+from ctbridge.conntrack.listing import format_line
 from ctbridge.conntrack.table import KernelTable
 from ctbridge.lab import netns
 from tests.support import builders, witness
@@ -50,6 +51,11 @@ def test_replication_deletion_and_commit_on_master() -> None:
         theirs = {witness.flow_id(v): v for v in witness.listing(a.ns)}
         for v in b.external():
             assert witness.mismatches(v, theirs[witness.flow_id(v)], timeout_slack=5) == []
+        # the text listing says what the JSON one says, line by line (both streamed by the daemon)
+        for which, node in (("external", b), ("internal", a)):
+            views = node.dump(which)
+            text = node.ctbridge("dump", which, "-c", str(node.config)).stdout.splitlines()
+            assert text == [format_line(v) for v in views] and len(views) == len(FLOWS)
         a.run("conntrack", "-D", "-p", "udp", "-s", "198.51.100.12", "--zone", "4")
         wait_for("the deletion to reach B", lambda: len(b.external()) == len(FLOWS) - 1)
         # keepalived makes B master through the hook: the flows go into B's kernel before it returns
