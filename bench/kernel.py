@@ -98,6 +98,15 @@ def listings(n: int, repeat: int, save: Path) -> list[tuple[str, float, float]]:
         while b.request("stats")["external"]["entries"] < n and time.monotonic() < deadline:
             time.sleep(0.2)
         assert b.request("stats")["external"]["entries"] == n, "B did not get every flow"
+        # and the sync link quiet again (nothing left to send or resend), so that the daemons'
+        # work does not weigh on what is measured
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            queues = a.request("stats")["queues"]
+            if queues["pending"] == 0 and queues["resend"] <= 2 and queues["bulk"] == 0:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
         plain = best(repeat, lambda: timed_cmd(a.ns, "conntrack", "-L"))
         extended = best(repeat, lambda: timed_cmd(a.ns, "conntrack", "-L", "-o", "extended"))
         for label, argv in (
