@@ -225,6 +225,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         problems.append(f"{path}:{_line_of(text, section, name)}: {message}")
 
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    invalid: set[str] = set()  # "section.key" given with a wrong type or choice: not checked further
     for section, table in data.items():
         if section not in SECTIONS:
             fail(section, None, f"unknown section [{section}]; sections are {', '.join(SECTIONS)}")
@@ -244,22 +245,32 @@ def parse(text: str, path: str = "<config>") -> Config:
                 want = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                         list: "a list"}.get(key.kind, "another type")
                 fail(section, name, f"{section}.{name} must be {want}, not {value!r}")
+                invalid.add(f"{section}.{name}")
                 continue
             if key.choices and value not in key.choices:
                 choices = ", ".join(repr(c) for c in key.choices)
                 fail(section, name, f"{section}.{name} = {value!r}; use one of {choices}")
+                invalid.add(f"{section}.{name}")
                 continue
             values[section][name] = tuple(value) if isinstance(value, list) else value
     sections = {section: SECTION_TYPES[section](**given) for section, given in values.items()}
     cfg = Config(path, **sections)
-    _check(cfg, fail)
+    _check(cfg, fail, invalid)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None]) -> None:
-    """Every problem of a parsed configuration, each reported once through ``fail``."""
+def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], invalid: set[str]) -> None:
+    """Every problem of a parsed configuration, each reported once through ``fail``. A check that
+    reads a key already refused for its type or choice (``invalid``) is skipped: "auth = 'md5'"
+    must not also say that key_file is missing."""
+    if invalid:
+        given = fail
+
+        def fail(section: str, name: str | None, message: str) -> None:
+            if not any(key in message for key in invalid):
+                given(section, name, message)
     sync = cfg.sync
     if not cfg.node.name:
         fail("node", "name", "node.name is missing; give every node a unique name, e.g. name = \"fw1\"")
@@ -297,7 +308,7 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None]) -> 
         fail("sync", "port", f"sync.port = {sync.port} is not a UDP port (1-65535)")
     if sync.mtu < 576:
         fail("sync", "mtu", "sync.mtu below 576 cannot carry a flow")
-    if sync.auth != "none" and not sync.key_file:
+    if sync.auth != "none" and not sync.key_file and "sync.auth" not in invalid:
         fail("sync", "key_file", "sync.key_file is missing; create a key with `ctbridge keygen FILE` "
              "(or set auth = \"none\" for a lab without authentication)")
     for name, seconds in (("alive_interval", sync.alive_interval), ("peer_timeout", sync.peer_timeout)):

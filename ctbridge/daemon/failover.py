@@ -105,7 +105,7 @@ def decide(t: Transition, facts: Facts, purge_timeout: float = 60.0) -> Decision
         if facts.gated:
             actions.append(Action(GATE, closed=False, ensure=True))
         actions += [Action(FLUSH_EXTERNAL), Action(ROLE, role=Role.MASTER), Action(ANNOUNCE)]
-        return Decision(actions, role, note="MASTER: peers' flows in place, this kernel's to be announced")
+        return Decision(actions, role, note="MASTER:")
     if role is Role.BACKUP:
         actions += [Action(ROLE, role=Role.BACKUP), Action(REQUEST_RESYNC)]
         note = "BACKUP: asked peers for their flows"
@@ -124,16 +124,19 @@ def followup(role_now: Role) -> list[Action]:
     return [Action(DUMP)] + ([Action(BULK_SEND)] if role_now is Role.MASTER else [])
 
 
-def track_value(complete: bool, role: Role, heard_a_peer: bool, since_start: float, peer_timeout: float,
-                incomplete_value: int) -> int:
-    """What the priority interlock's track file holds: 0 while this node may take over, else
-    ``incomplete_value`` (keepalived adds it, times the weight, to the priority).
+def may_take_over(complete: bool, role: Role, heard_a_peer: bool, since_start: float, peer_timeout: float) -> bool:
+    """Whether the priority interlock lets this node win an election.
 
     A master never needs a peer's flows: its own kernel is the truth. A node whose external cache is
-    incomplete must not win an election; right after a start no peer has spoken yet, which is not
-    "complete" until a peer could have (``peer_timeout``), or a standby that just started would win.
+    incomplete must not win; right after a start no peer has spoken yet, which is not "complete"
+    until a peer could have (``peer_timeout``), or a standby that just started would win.
     """
     if role is Role.MASTER:
-        return 0
-    quiet_start = not heard_a_peer and since_start < peer_timeout
-    return 0 if complete and not quiet_start else incomplete_value
+        return True
+    return complete and (heard_a_peer or since_start >= peer_timeout)
+
+
+def track_value(may: bool, incomplete_value: int) -> int:
+    """What the track file holds: 0 while the node may take over, else ``incomplete_value``
+    (keepalived adds it, times the weight, to the priority)."""
+    return 0 if may else incomplete_value

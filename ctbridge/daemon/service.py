@@ -24,7 +24,7 @@ from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.conntrack.listing import Listing
-from ctbridge.conntrack.table import EventSocket, KernelTable
+from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
 from ctbridge.daemon import control, failover, gate, keepalived, metrics
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
@@ -278,13 +278,18 @@ class Daemon:
                 latest[op.key] = op
             commits = [op.entry for op in latest.values() if op.kind == "commit" and op.entry is not None]
             deletes = [op.key for op in latest.values() if op.kind == "delete"]
-            if commits:
-                result = await self.in_thread(self.kernel.commit, commits, self.cfg.apply.liberal_tcp)
-                if result.failed:
-                    log.warning("inject: %d of %d flows refused by the kernel (first: %s)", len(result.failed),
-                                len(commits), os.strerror(result.failed[0].errno))
-            if deletes:
-                await self.in_thread(self.kernel.delete, deletes)
+            try:
+                if commits:
+                    result = await self.in_thread(self.kernel.commit, commits, self.cfg.apply.liberal_tcp)
+                    if result.failed:
+                        log.warning("inject: %d of %d flows refused by the kernel (first: %s)", len(result.failed),
+                                    len(commits), os.strerror(result.failed[0].errno))
+                if deletes:
+                    await self.in_thread(self.kernel.delete, deletes)
+            except (OSError, KernelError) as exc:
+                # said here, once: the flows come again with the next bulk or commit, and a later
+                # MASTER must not fail for a batch that could not be written before it
+                log.error("inject: %d flows not written into the kernel: %s", len(commits) + len(deletes), exc)
 
     # --- keepalived transitions -------------------------------------------------------------------
 
@@ -325,7 +330,7 @@ class Daemon:
                 continue
             try:
                 out.update(await self.step(action, start) or {})
-            except Exception as exc:
+            except BaseException as exc:  # cancellation too: a master's gate opens, events come back
                 error = error or exc
         if error is not None:
             raise error
@@ -448,15 +453,14 @@ class Daemon:
         TRACK_INTERVAL."""
         started = self.loop.time()
         while True:
-            complete = self.engine.complete()
-            value = failover.track_value(complete, self.engine.role, heard_a_peer=bool(self.engine.peers),
+            may = failover.may_take_over(self.engine.complete(), self.engine.role,
+                                         heard_a_peer=bool(self.engine.peers),
                                          since_start=self.loop.time() - started,
-                                         peer_timeout=self.cfg.sync.peer_timeout,
-                                         incomplete_value=self.cfg.keepalived.incomplete_value)
+                                         peer_timeout=self.cfg.sync.peer_timeout)
+            value = failover.track_value(may, self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 keepalived.write_track_file(path, value)
-                log.info("track file %s = %d (external cache %s)", path, value,
-                         "complete" if value == 0 else "incomplete")
+                log.info("track file %s = %d (external cache %s)", path, value, "complete" if may else "incomplete")
                 self.track_value = value
             await asyncio.sleep(TRACK_INTERVAL)
 

@@ -151,3 +151,16 @@ def test_one_table_of_control_commands() -> None:
         assert callable(getattr(Daemon, "on_" + name.replace("-", "_")))
     assert control.unknown("sleep") == ("unknown command 'sleep'; commands are status, stats, commit, flush, "
                                         "resync, bulk-send, dump, notify")
+
+
+def test_a_refused_value_does_not_bring_false_problems_with_it() -> None:
+    """Found by review: after a wrong type or choice the key kept its default, and the checks of
+    that default added lines that were not true of the file."""
+    for text, only in (
+            (GOOD.replace('key_file', 'auth = "md5"\nkey_file').replace('key_file = "/etc/ctbridge/sync.key"', ""),
+             "sync.auth = 'md5'"),
+            (GOOD.replace('peers = ["192.0.2.2"]', 'peers = "192.0.2.2"'), "sync.peers must be a list"),
+            (GOOD.replace('name = "fw1"', "name = 1"), "node.name must be a string")):
+        with pytest.raises(config.ConfigError) as err:
+            config.parse(text, "c.toml")
+        assert len(err.value.problems) == 1 and only in err.value.problems[0], err.value.problems

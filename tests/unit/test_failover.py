@@ -87,13 +87,39 @@ def test_the_followup_dumps_always_and_announces_only_as_master() -> None:
 
 
 def test_the_interlock_keeps_an_incomplete_standby_from_winning() -> None:
-    value = failover.track_value
+    may = failover.may_take_over
     # a standby whose external cache is whole may take over
-    assert value(True, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5, incomplete_value=-254) == 0
+    assert may(True, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5)
     # one that lacks flows may not
-    assert value(False, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5, incomplete_value=-254) == -254
+    assert not may(False, Role.BACKUP, heard_a_peer=True, since_start=60, peer_timeout=5)
     # just started, nobody heard yet: not complete until a peer could have spoken
-    assert value(True, Role.BACKUP, heard_a_peer=False, since_start=1, peer_timeout=5, incomplete_value=-254) == -254
-    assert value(True, Role.BACKUP, heard_a_peer=False, since_start=6, peer_timeout=5, incomplete_value=-254) == 0
+    assert not may(True, Role.BACKUP, heard_a_peer=False, since_start=1, peer_timeout=5)
+    assert may(True, Role.BACKUP, heard_a_peer=False, since_start=6, peer_timeout=5)
     # a master's own kernel is the truth: it never needs a peer's flows
-    assert value(False, Role.MASTER, heard_a_peer=False, since_start=0, peer_timeout=5, incomplete_value=-254) == 0
+    assert may(False, Role.MASTER, heard_a_peer=False, since_start=0, peer_timeout=5)
+    assert failover.track_value(True, -254) == 0 and failover.track_value(False, -254) == -254
+
+
+def test_the_daemon_runs_the_ensured_steps_after_a_failure_or_a_cancellation() -> None:
+    """Found by review: a cancelled MASTER commit left kernel events paused and the gate closed."""
+    import asyncio
+
+    from ctbridge.daemon.service import Daemon
+
+    class Steps:
+        def __init__(self, fail_with: BaseException) -> None:
+            self.ran: list[str] = []
+            self.fail_with = fail_with
+
+        async def step(self, action: Action, start: float) -> dict[str, object] | None:
+            self.ran.append(action.name)
+            if action.name == failover.COMMIT:
+                raise self.fail_with
+            return None
+
+    actions = decide(t("MASTER"), Facts(role=Role.BACKUP)).actions
+    for failure in (OSError("ENOBUFS"), asyncio.CancelledError()):
+        steps = Steps(failure)
+        with pytest.raises(type(failure)):
+            asyncio.run(Daemon.execute(steps, actions, 0.0))  # type: ignore[arg-type]
+        assert steps.ran == ["pause-events", "commit", "resume-events", "gate"]
