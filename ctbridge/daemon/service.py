@@ -43,6 +43,18 @@ from ctbridge.sync.filter import LOOPBACK, FlowFilter
 log = logging.getLogger("ctbridge")
 
 UDP_RCVBUF = 8 << 20  # a bulk transfer arrives faster than the loop may read it
+UDP_SNDBUF = 4 << 20  # a window of datagrams leaves in one burst
+# From include/uapi/asm-generic/socket.h: set a buffer beyond net.core.[rw]mem_max (CAP_NET_ADMIN,
+# which the daemon has); without the capability the plain options give what the sysctl allows
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+
+def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 TRACK_INTERVAL = 0.5  # seconds between checks of the priority interlock
 
 
@@ -105,7 +117,8 @@ def sync_socket(cfg: Config) -> socket.socket:
     v6 = ":" in local
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        _buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, UDP_RCVBUF)
+        _buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, UDP_SNDBUF)
         if cfg.multicast:
             group = cfg.sync.group
             ifindex = socket.if_nametoindex(cfg.sync.interface)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 # Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
 # or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
+NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -60,7 +61,8 @@ class EngineConfig:
     max_datagram: int = 1452  # bytes: IPv6 minimum path MTU 1500 - 40 (IPv6) - 8 (UDP)
     ack_every: int = 32  # acknowledge after this many data datagrams ...
     ack_delay: float = 0.05  # ... or this long after the first unacknowledged one
-    nack_retry: float = 0.2  # ask again for a gap still open after this long
+    nack_retry: float = 0.03  # ask again for a gap still open after this long (the sender resends a
+    # datagram at most once per RTO, so asking often costs a few bytes, never a flood)
     alive_interval: float = 1.0  # send something at least this often
     peer_timeout: float = 5.0  # a peer silent this long stops holding back the resend queue
     resend_limit: int = 16384  # datagrams kept for resending
@@ -69,6 +71,15 @@ class EngineConfig:
     resync_retry: float = 3.0  # ask again for a bulk transfer that has not completed
     max_age: float = 0.0  # reject datagrams whose sender time is older than this (0: off)
     burst: int = 256  # datagrams per datagrams_to_send() call
+    # Flow control (docs/protocol.md, "Loss recovery and flow control"; after RFC 9002 and RFC 6298):
+    initial_window: int = 128  # data datagrams in flight before the first acknowledgement
+    min_window: int = 128  # never below (random loss on a LAN is no congestion to back off from; a
+    # receiver socket buffer of 4 MiB holds 2,800 datagrams)
+    max_window: int = 8192  # datagrams; at most half the resend queue
+    initial_rtt: float = 0.02  # seconds, until the first sample: a dedicated sync link is a LAN (RFC 9002
+    # 6.2.2 suggests 333 ms for the Internet)
+    min_resend_interval: float = 0.01  # a datagram is resent at most once per RTO, kept within these
+    max_resend_interval: float = 0.5
     max_peers: int = 16  # datagrams from further node ids are dropped (each peer costs state and ACK room)
     filter: FlowFilter = field(default_factory=FlowFilter)
 
@@ -163,7 +174,8 @@ def _new_stats() -> dict[str, int]:
         "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
-        "oversized_flows")}
+        "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
+        "resent_bytes")}
 
 
 class Engine:
@@ -199,6 +211,16 @@ class Engine:
         self._overflow_bulk_at = now
         self._kernel_ops: list[KernelOp] = []
         self._events: list[EngineEvent] = []
+        # flow control: congestion window (datagrams), RTT estimate, send and resend times
+        self.window = float(config.initial_window)
+        self._ssthresh = float("inf")
+        self._recovery_upto = 0  # losses of datagrams up to this one were answered already
+        self.srtt: float | None = None
+        self.rttvar = config.initial_rtt / 2
+        self._sent_at: dict[int, float] = {}  # seq -> when first sent (data datagrams still kept)
+        self._resent_at: dict[int, float] = {}  # seq -> when last resent
+        self._probe_from = now  # when acknowledgements last moved the window (or the last probe)
+        self._probes = 0  # probes since then: each waits twice as long as the one before
         self._complete = self.complete()
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
@@ -392,6 +414,11 @@ class Engine:
         assert rx is not None
         if not rx.accept(header.seq):
             stats["rejected_replay"] += 1
+            if cfg.reliable and header.seq < rx.expected and peer.ack_due is None:
+                # the sender resends what we have: our acknowledgement was lost, say it again
+                # (once per ack_delay, however many copies come; never a NACK)
+                peer.ack_sent = min(peer.ack_sent, rx.expected - 2)
+                peer.ack_due = now + cfg.ack_delay
             return None
         peer.last_heard = now
         peer.alive = True
@@ -403,7 +430,8 @@ class Engine:
                     peer.bulk_dirty = True
         elif data_seen:
             peer.unacked += 1
-            if peer.unacked >= cfg.ack_every:
+            # at once when this datagram filled a hole: the sender's window waits for it
+            if peer.unacked >= cfg.ack_every or header.seq < rx.highest:
                 self._control.append(self._ack(peer, rx))
             elif peer.ack_due is None:
                 peer.ack_due = now + cfg.ack_delay
@@ -417,7 +445,7 @@ class Engine:
                 if peer.resync_at is None:
                     self._ask_for_bulk(peer, now)
             gap = rx.missing()
-            if gap is not None and (gap != peer.nacked or now >= peer.nack_at + cfg.nack_retry):
+            if gap is not None and (gap != peer.nacked or rx.new_gap or now >= peer.nack_at + cfg.nack_retry):
                 self._nack(peer, gap, now)
         if peer.bulk_end is not None:
             self._finish_bulk(peer)
@@ -459,12 +487,14 @@ class Engine:
         peer.resync_at = now
 
     def _nack(self, peer: Peer, gap: tuple[int, int], now: float) -> None:
-        first, last = gap
-        last = min(last, first + 4095)
-        self._control.append(wire.nack_msg(peer.node, peer.epoch, first, last))
+        """Ask for every gap at once (up to NACK_RANGES, lowest first): with loss spread over a
+        window, asking for the first gap only took one round trip per gap."""
+        assert peer.rx is not None
+        for first, last in peer.rx.gaps(NACK_RANGES):
+            self._control.append(wire.nack_msg(peer.node, peer.epoch, first, min(last, first + 4095)))
+            self.stats["nacks_sent"] += 1
         peer.nacked = gap
         peer.nack_at = now
-        self.stats["nacks_sent"] += 1
 
     def _apply(self, peer: Peer, header: wire.Header, flows: list[wire.FlowTuple], messages: list[wire.Message],
                now: float) -> bool:
@@ -512,12 +542,13 @@ class Engine:
                         self._kernel_ops.append(KernelOp("delete", None, key))
             elif type(msg) is wire.Ack:
                 if msg.node == me and msg.epoch == self.epoch and msg.upto > peer.acked:
-                    peer.acked = min(msg.upto, self._seq - 1)
-                    self._release()
+                    self._on_acked(peer, min(msg.upto, self._seq - 1), now)
             elif type(msg) is wire.Nack:
                 if msg.node == me and msg.epoch == self.epoch:
                     self.stats["nacks_received"] += 1
-                    self._resend_range(peer, msg.first, msg.last)
+                    if msg.first > peer.acked:
+                        self._on_loss(msg.first)
+                    self._resend_range(peer, msg.first, msg.last, now)
             elif type(msg) is wire.Gap:
                 if msg.node == me and msg.epoch == peer.epoch and peer.rx is not None:
                     peer.rx.fill(msg.first, msg.last)
@@ -572,10 +603,75 @@ class Engine:
     # --- sending ----------------------------------------------------------------------------------
 
     def _release(self) -> None:
-        live = [p.acked for p in self.peers.values() if p.alive and p.epoch >= 0]
-        self._resend.release(min(live) if live else self._seq - 1)
+        upto = self._acked_by_all()
+        self._resend.release(upto)
+        if self._sent_at:
+            for seq in [s for s in self._sent_at if s <= upto]:
+                del self._sent_at[seq]
+                self._resent_at.pop(seq, None)
 
-    def _resend_range(self, peer: Peer, first: int, last: int) -> None:
+    def _acked_by_all(self) -> int:
+        live = [p.acked for p in self.peers.values() if p.alive and p.epoch >= 0]
+        return min(live) if live else self._seq - 1
+
+    def in_flight(self) -> int:
+        """Datagrams sent that some live peer has not acknowledged yet."""
+        return self._seq - 1 - self._acked_by_all()
+
+    def rto(self) -> float:
+        """How long before a datagram may be resent again (RFC 6298: SRTT + 4 RTTVAR)."""
+        srtt = self.srtt if self.srtt is not None else self.config.initial_rtt
+        cfg = self.config
+        return min(cfg.max_resend_interval, max(cfg.min_resend_interval, srtt + 4 * self.rttvar))
+
+    def _probe_due(self) -> float:
+        """When to probe (RFC 9002 6.2: PTO = SRTT + 4 RTTVAR, doubled per probe unanswered, here
+        kept below alive_interval)."""
+        return self._probe_from + min(self.config.alive_interval, 2.0 * self.rto() * float(1 << min(self._probes, 16)))
+
+    def _on_acked(self, peer: Peer, upto: int, now: float) -> None:
+        """An acknowledgement moved ``peer`` to ``upto``: an RTT sample (never from a resent
+        datagram, Karn's rule), and the window grows by what all peers acknowledged."""
+        before = self._acked_by_all()
+        sent = self._sent_at.get(upto)
+        # Karn's rule, for cumulative acknowledgements: no sample when the acknowledgement also
+        # covers a resent datagram (it waited for the resend, not for the round trip)
+        resent = self._resent_at
+        clean = not resent or not any(s in resent for s in range(max(peer.acked, before) + 1, upto + 1))
+        if sent is not None and clean:
+            sample = now - sent
+            if self.srtt is None:
+                self.srtt, self.rttvar = sample, sample / 2
+            else:
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+                self.srtt = 0.875 * self.srtt + 0.125 * sample
+        peer.acked = upto
+        newly = self._acked_by_all() - before
+        if newly > 0:
+            self._probe_from = now
+            self._probes = 0
+            cfg = self.config
+            if self.window < self._ssthresh:
+                self.window += newly  # slow start: doubles per round trip
+            else:
+                self.window += newly / self.window  # congestion avoidance: one more per round trip
+            self.window = min(self.window, float(cfg.max_window))
+        self._release()
+
+    def _on_loss(self, first: int) -> None:
+        """A peer reports datagrams from ``first`` on as lost: halve the window, once per round
+        of losses (those sent before the last reduction are part of it)."""
+        self.stats["losses"] += 1
+        if first <= self._recovery_upto:
+            return
+        self._ssthresh = max(float(self.config.min_window), self.window / 2)
+        self.window = self._ssthresh
+        self._recovery_upto = self._seq - 1
+        self.stats["window_reductions"] += 1
+
+    def _resend_range(self, peer: Peer, first: int, last: int, now: float) -> None:
+        """Answer a NACK. A datagram is resent at most once per RTO, however many NACKs name it
+        (a NACK that names thousands of datagrams resent a moment ago costs nothing)."""
         last = min(last, first + 4095, self._seq - 1)
         oldest = self._resend.oldest()
         if oldest is None or oldest > last:
@@ -587,9 +683,17 @@ class Engine:
             self._control.append(wire.gap_msg(peer.node, self.epoch, first, lost_end))
             self.stats["gaps_sent"] += 1
             self.bulk_send(0.0, peer.node)
+        interval = self.rto()
+        resent_at = self._resent_at
         for seq in range(max(first, oldest), last + 1):
-            if self._resend.get(seq) is not None:
-                self._resends[(seq, peer.node)] = None
+            if seq <= peer.acked or self._resend.get(seq) is None:
+                continue
+            at = resent_at.get(seq)
+            if at is not None and now - at < interval:
+                self.stats["resends_skipped"] += 1
+                continue
+            resent_at[seq] = now
+            self._resends[(seq, peer.node)] = None
 
     def _overflowed(self, now: float) -> None:
         """The resend queue overflowed: peers that had not acknowledged what was dropped get
@@ -637,6 +741,8 @@ class Engine:
                 # control message worth keeping (checked by type, not on every datagram)
                 controls = b"".join(m for m in msgs if m[0] in _MUST_ARRIVE) if len(msgs) > len(keys) else b""
                 self._resend.add(seq, (tuple(keys), controls))
+                if keys or controls:
+                    self._sent_at[seq] = now
                 if self._resend.dropped_upto > self._overflow_seen:
                     self._overflowed(now)
         header = wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
@@ -671,7 +777,12 @@ class Engine:
                 m = control.pop(0)
                 msgs.append(m)
                 size += len(m)
-            pending = self._pending if self.role is not Role.FAULT else {}
+            # New flows only while the window has room: acknowledgements, NACKs and resends
+            # always go (the peer needs them to let the window move).
+            open_ = self.in_flight() < self.window
+            if not open_ and (self._pending or self._bulks):
+                stats["window_full"] += 1
+            pending = self._pending if self.role is not Role.FAULT and open_ else {}
             while pending:
                 key = next(iter(pending))
                 m = self._message(key)
@@ -689,7 +800,7 @@ class Engine:
                     stats["flows_sent"] += 1
                 else:
                     stats["deletes_sent"] += 1
-            if self.role is not Role.FAULT:
+            if self.role is not Role.FAULT and open_:
                 size = self._fill_bulk(msgs, keys, size, room)
             if not msgs:
                 break
@@ -761,15 +872,20 @@ class Engine:
         if not msgs:
             msgs.append(wire.alive_msg())
         self.stats["resent_datagrams"] += 1
-        return self._finish(msgs, fitted, now, seq=seq)
+        data = self._finish(msgs, fitted, now, seq=seq)
+        self.stats["resent_bytes"] += len(data)
+        return data
 
     # --- time ---------------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
+        window_open = self.in_flight() < self.window
         flows_waiting = (self._pending or self._bulks) and self.role is not Role.FAULT
-        if self._control or flows_waiting or self._resends:
+        if self._control or (flows_waiting and window_open) or self._resends:
             return float("-inf")  # output is waiting: call datagrams_to_send() now
         deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
+        if self._sent_at:
+            deadlines.append(self._probe_due())  # probe: acknowledgements stopped
         if self._overflow_bulk:
             deadlines.append(self._overflow_bulk_at)
         for peer in self.peers.values():
@@ -803,6 +919,19 @@ class Engine:
                 self._events.append(PeerSilent(peer.node, now - peer.last_heard))
                 self._release()
         self._release()  # also lets go of what nobody is left to acknowledge
+        if self._sent_at and now >= self._probe_due():
+            # Data is unacknowledged and nothing was acknowledged for a probe timeout: the last
+            # datagrams, or the acknowledgements, were lost (a receiver cannot NACK a loss at the
+            # tail: nothing came after it). Probe with the oldest datagram not acknowledged: a
+            # receiver that lacks it gets it (and NACKs the rest), one that has it answers the
+            # duplicate with an acknowledgement (RFC 9002 6.2).
+            oldest = self._acked_by_all() + 1
+            if oldest in self._sent_at:
+                self._resends[(oldest, None)] = None
+                self._resent_at[oldest] = now
+            self.stats["probes"] += 1
+            self._probes += 1
+            self._probe_from = now
         if now >= self._last_send + cfg.alive_interval and not self._control:
             self._control.append(wire.alive_msg())
         if now >= self._next_sweep:

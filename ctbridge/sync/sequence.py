@@ -26,6 +26,7 @@ class ReceiveWindow:
         self.above: set[int] = set()
         self.limit = limit  # numbers held beyond a gap before the gap is given up on
         self.highest = first - 1
+        self.new_gap = False  # the last accepted number opened a gap (it skipped some)
 
     def accept(self, seq: int) -> bool:
         """Record ``seq``; False if it was received before (a duplicate or a replay)."""
@@ -39,9 +40,25 @@ class ReceiveWindow:
                 self.expected += 1
         else:
             self.above.add(seq)
+        self.new_gap = seq > self.highest + 1
         if seq > self.highest:
             self.highest = seq
         return True
+
+    def gaps(self, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` gaps (first, last), lowest first: every number missing below the
+        highest received, as ranges (what one NACK round asks for)."""
+        if not self.above:
+            return []
+        out = []
+        start = self.expected
+        for seq in sorted(self.above):
+            if seq > start:
+                out.append((start, seq - 1))
+                if len(out) == limit:
+                    break
+            start = seq + 1
+        return out
 
     def missing(self) -> tuple[int, int] | None:
         """The first gap (first, last), or None if the stream is contiguous."""

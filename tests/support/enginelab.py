@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from dataclasses import replace
 
 from ctbridge.conntrack import abi as ct
@@ -29,9 +30,16 @@ class Lab:
     """n engines, node ids 1..n, every datagram to every other node unless addressed to one."""
 
     def __init__(self, n: int, seed: int = 0, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0,
-                 latency: float = 0.001, **config: object) -> None:
+                 latency: float = 0.001, bandwidth: float = 0.0, queue: int = 0, **config: object) -> None:
+        """``bandwidth`` (bytes/s, 0: unlimited) and ``queue`` (datagrams waiting for the wire on
+        each directed link, 0: unbounded) make a bottleneck that tail-drops when full: what a
+        burst meets in a switch or in the receiver's socket buffer."""
         self.rng = random.Random(seed)
         self.loss, self.dup, self.reorder, self.latency = loss, dup, reorder, latency
+        self.bandwidth, self.queue = bandwidth, queue
+        self.links: dict[tuple[int, int], deque[float]] = {}  # (from, to) -> when each queued datagram leaves
+        self.overflowed = 0  # datagrams the bottleneck queues dropped
+        self.bytes_sent = 0
         self.now = 1000.0
         self.config = config
         self.auth = wire.Auth([KEY])
@@ -65,14 +73,32 @@ class Lab:
                         if other == node or (dest is not None and dest != other):
                             continue
                         self.sent += 1
+                        self.bytes_sent += len(data)
                         if self.rng.random() < self.loss:
                             self.dropped += 1
+                            continue
+                        leaves = self._bottleneck(node, other, len(data))
+                        if leaves is None:
                             continue
                         copies = 2 if self.rng.random() < self.dup else 1
                         for _ in range(copies):
                             delay = self.latency + (self.rng.random() * 0.05 if self.rng.random() < self.reorder else 0)
                             self._order += 1
-                            heapq.heappush(self.in_flight, (self.now + delay, self._order, other, data))
+                            heapq.heappush(self.in_flight, (leaves + delay, self._order, other, data))
+
+    def _bottleneck(self, src: int, dst: int, size: int) -> float | None:
+        """When a datagram of ``size`` bytes leaves the link src -> dst, or None if its queue is full."""
+        if not self.bandwidth:
+            return self.now
+        waiting = self.links.setdefault((src, dst), deque())
+        while waiting and waiting[0] <= self.now:
+            waiting.popleft()
+        if self.queue and len(waiting) >= self.queue:
+            self.overflowed += 1
+            return None
+        leaves = max(self.now, waiting[-1] if waiting else self.now) + size / self.bandwidth
+        waiting.append(leaves)
+        return leaves
 
     def step(self, max_dt: float = 0.05) -> None:
         self._send_all()
