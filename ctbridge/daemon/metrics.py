@@ -51,6 +51,17 @@ METRICS = (
     ("ctbridge_commit_entries", "Flows written by the last commit", ("commit", "entries"), "gauge"),
     ("ctbridge_commit_seconds", "Duration of the last commit", ("commit", "seconds"), "gauge"),
     ("ctbridge_resend_queue", "Datagrams kept for resending", ("queues", "resend"), "gauge"),
+    ("ctbridge_window_datagrams", "Flow control window: datagrams allowed in flight", ("flow", "window"), "gauge"),
+    ("ctbridge_in_flight_datagrams", "Datagrams sent and not yet acknowledged by every live peer",
+     ("flow", "in_flight"), "gauge"),
+    ("ctbridge_rtt_seconds", "Smoothed round-trip time to the peers (0 before the first sample)",
+     ("flow", "rtt_seconds"), "gauge"),
+    ("ctbridge_resent_bytes_total", "Bytes of datagrams sent again", ("sync", "resent_bytes"), "counter"),
+    ("ctbridge_resends_skipped_total", "Resends a NACK asked for within an RTO of the last (not sent)",
+     ("sync", "resends_skipped"), "counter"),
+    ("ctbridge_window_reductions_total", "Halvings of the window after losses", ("sync", "window_reductions"),
+     "counter"),
+    ("ctbridge_probes_total", "Probes sent because acknowledgements stopped", ("sync", "probes"), "counter"),
     # the names every Prometheus client library gives its process collector
     ("process_resident_memory_bytes", "Resident memory size in bytes", ("process", "resident_memory_bytes"), "gauge"),
     ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds", ("process", "cpu_seconds"),
@@ -63,7 +74,7 @@ METRICS = (
 
 def _number(value: Any) -> str:
     """A sample value, exact: %g would print a counter of 1,179,658 as 1.17966e+06."""
-    f = float(value)
+    f = float(value or 0)  # None: not known yet (an RTT before the first sample)
     return str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)
 
 

@@ -23,3 +23,11 @@ def test_process_figures_are_this_process() -> None:
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
                  "process_start_time_seconds"):
         assert f"# TYPE {name} " in text
+
+
+def test_flow_control_figures_are_exposed() -> None:
+    text = metrics.render({"flow": {"window": 128.0, "in_flight": 3, "rtt_seconds": None},
+                           "sync": {"resent_bytes": 1500, "probes": 2}})
+    for line in ("ctbridge_window_datagrams 128", "ctbridge_in_flight_datagrams 3", "ctbridge_rtt_seconds 0",
+                 "ctbridge_resent_bytes_total 1500", "ctbridge_probes_total 2"):
+        assert f"\n{line}\n" in text, line
