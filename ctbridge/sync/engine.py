@@ -922,13 +922,13 @@ class Engine:
         if self._sent_at and now >= self._probe_due():
             # Data is unacknowledged and nothing was acknowledged for a probe timeout: the last
             # datagrams, or the acknowledgements, were lost (a receiver cannot NACK a loss at the
-            # tail: nothing came after it). Probe with the oldest datagram not acknowledged: a
-            # receiver that lacks it gets it (and NACKs the rest), one that has it answers the
-            # duplicate with an acknowledgement (RFC 9002 6.2).
-            oldest = self._acked_by_all() + 1
-            if oldest in self._sent_at:
-                self._resends[(oldest, None)] = None
-                self._resent_at[oldest] = now
+            # tail: nothing came after it). Probe with the newest datagram not acknowledged: a
+            # receiver that lacks earlier ones now sees the gap and NACKs all of it at once (a
+            # probe with the oldest recovered one datagram per probe), one that has it answers
+            # the duplicate with an acknowledgement (RFC 9002 6.2).
+            newest = max(self._sent_at)
+            self._resends[(newest, None)] = None
+            self._resent_at[newest] = now
             self.stats["probes"] += 1
             self._probes += 1
             self._probe_from = now
