@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 from ctbridge.conntrack import abi as ct
@@ -39,6 +40,8 @@ class Lab:
         self.bandwidth, self.queue = bandwidth, queue
         self.links: dict[tuple[int, int], deque[float]] = {}  # (from, to) -> when each queued datagram leaves
         self.overflowed = 0  # datagrams the bottleneck queues dropped
+        # drop(from, to, datagram) -> True to lose it: a test's own loss pattern
+        self.drop: Callable[[int, int, bytes], bool] | None = None
         self.bytes_sent = 0
         self.now = 1000.0
         self.config = config
@@ -74,7 +77,7 @@ class Lab:
                             continue
                         self.sent += 1
                         self.bytes_sent += len(data)
-                        if self.rng.random() < self.loss:
+                        if self.rng.random() < self.loss or (self.drop is not None and self.drop(node, other, data)):
                             self.dropped += 1
                             continue
                         leaves = self._bottleneck(node, other, len(data))
