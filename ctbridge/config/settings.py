@@ -69,8 +69,9 @@ class ApplySettings:
     liberal_tcp: bool = _key(True, "mark committed TCP flows BE_LIBERAL (window state is not replicated)")
     gate: bool = _key(False, "commit mode: drop new forwarded flows while not MASTER, so packets that reach "
                       "the new master before its commit are not NATed anew (an nftables table; needs nft)")
-    event_buffer: int = _key(32 << 20, "bytes of receive buffer for kernel events (about 1 KiB each); "
-                             "it doubles after an overrun, up to 256 MiB")
+    event_buffer: int = _key(128 << 20, "bytes of receive buffer for kernel events (about 1 KiB each: a "
+                             "burst of 100,000 new flows needs about 100 MiB); it doubles after an overrun, up to "
+                             "256 MiB")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ DUMP_BATCH = 32
 RECV_SIZE = 1 << 20  # larger than any datagram the kernel sends (dumps use up to 32 KiB)
 BATCH_BYTES = 200_000  # bytes of requests per send(); the send buffer must exceed it
 DEFAULT_RCVBUF = 8 << 20
-DEFAULT_EVENT_RCVBUF = 32 << 20  # about 30,000 events: each costs ~1 KiB of buffer (skb truesize)
+DEFAULT_EVENT_RCVBUF = 128 << 20  # about 130,000 events: each costs ~1 KiB of buffer (skb truesize)
 MAX_EVENT_RCVBUF = 256 << 20
 REPLY_TIMEOUT = 30.0  # seconds to wait for the kernel to answer a batch
 
