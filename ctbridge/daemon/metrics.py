@@ -62,6 +62,8 @@ METRICS = (
     ("ctbridge_window_reductions_total", "Halvings of the window after losses", ("sync", "window_reductions"),
      "counter"),
     ("ctbridge_probes_total", "Probes sent because acknowledgements stopped", ("sync", "probes"), "counter"),
+    ("ctbridge_socket_drops_total", "Datagrams the sync socket dropped: its receive buffer was full",
+     ("sync_socket", "drops"), "counter"),
     # the names every Prometheus client library gives its process collector
     ("process_resident_memory_bytes", "Resident memory size in bytes", ("process", "resident_memory_bytes"), "gauge"),
     ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds", ("process", "cpu_seconds"),

@@ -25,7 +25,7 @@ from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
-from ctbridge.daemon import control, failover, gate, keepalived, metrics
+from ctbridge.daemon import control, failover, gate, keepalived, metrics, udpstat
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
     BulkCompleted,
@@ -502,6 +502,7 @@ class Daemon:
                      "rto_seconds": round(e.rto(), 6)},
             "sync": dict(s),
             "process": metrics.process_stats(),
+            "sync_socket": udpstat.socket_stats(self.sock),
             **self.stats_extra,
         }
 

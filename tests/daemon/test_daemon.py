@@ -190,6 +190,10 @@ def test_notify_fifo_track_file_and_metrics() -> None:
         assert float(figures["process_open_fds"]) >= 5 and process["open_fds"] >= 5
         assert abs(float(figures["process_start_time_seconds"]) - time.time()) < 600
         assert process["start_time_seconds"] == float(figures["process_start_time_seconds"])
+        # the sync socket's drops as the kernel counts them, and the flow control figures
+        stats = b.request("stats")
+        assert stats["sync_socket"]["drops"] == 0 and "\nctbridge_socket_drops_total 0\n" in text
+        assert stats["flow"]["window"] >= 128 and "\nctbridge_window_datagrams " in text
 
 
 def test_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
