@@ -152,6 +152,7 @@ class Peer:
         self.external: dict[bytes, ExternalFlow] = {}
         self.tombstones: dict[bytes, tuple[int, float]] = {}
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
+        self.acked_at = now  # when that last moved
         self.ack_sent = 0  # highest of its sequence numbers we acknowledged
         self.unacked = 0  # data datagrams received since our last acknowledgement
         self.ack_due: float | None = None
@@ -218,7 +219,8 @@ class Engine:
         self.srtt: float | None = None
         self.rttvar = config.initial_rtt / 2
         self._sent_at: dict[int, float] = {}  # seq -> when first sent (data datagrams still kept)
-        self._resent_at: dict[int, float] = {}  # seq -> when last resent
+        self._resent_at: dict[tuple[int, int], float] = {}  # (seq, peer node; 0: all) -> when last resent
+        self._last_input = now  # the newest ``now`` the engine was given
         self._probe_from = now  # when acknowledgements last moved the window (or the last probe)
         self._probes = 0  # probes since then: each waits twice as long as the one before
         self._complete = self.complete()
@@ -385,6 +387,7 @@ class Engine:
         """Take one datagram; the sending peer's node id if it was accepted, else None."""
         stats = self.stats
         stats["rx_datagrams"] += 1
+        self._last_input = max(self._last_input, now)
         stats["rx_bytes"] += len(data)
         try:
             header, flows, messages = wire.decode_split(data, self.auth)
@@ -405,6 +408,7 @@ class Engine:
                 stats["rejected_peers"] += 1
                 return None
             peer = self.peers[header.node] = Peer(header.node, now)
+            peer.acked = self._seq - 1  # it never saw what went before: nothing of it to wait for
         if header.epoch < peer.epoch:
             stats["rejected_replay"] += 1  # a datagram from a previous life of that node
             return None
@@ -463,7 +467,8 @@ class Engine:
         peer.nacked = None
         peer.bulk_begin = peer.bulk_end = None
         peer.synced = False
-        peer.acked = 0
+        peer.acked = self._seq - 1  # its new life never saw what went before
+        peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
         for cur in peer.external.values():
@@ -608,15 +613,34 @@ class Engine:
         if self._sent_at:
             for seq in [s for s in self._sent_at if s <= upto]:
                 del self._sent_at[seq]
-                self._resent_at.pop(seq, None)
+        if self._resent_at:
+            for key in [k for k in self._resent_at if k[0] <= upto]:
+                del self._resent_at[key]
 
     def _acked_by_all(self) -> int:
         live = [p.acked for p in self.peers.values() if p.alive and p.epoch >= 0]
         return min(live) if live else self._seq - 1
 
     def in_flight(self) -> int:
-        """Datagrams sent that some live peer has not acknowledged yet."""
-        return self._seq - 1 - self._acked_by_all()
+        """Datagrams sent that the peers keeping up have not acknowledged yet (what the window
+        limits). A peer whose acknowledgements stopped while others' went on (it cannot hear us,
+        or it is gone and not yet timed out) does not hold the others back: it catches up through
+        NACK, GAP and a bulk transfer, as it would after an outage. Best effort: nothing is
+        acknowledged, nothing is held back."""
+        if not self.config.reliable:
+            return 0
+        return self._seq - 1 - self._window_base()
+
+    def _window_base(self) -> int:
+        """The highest datagram every peer that keeps up has acknowledged (see in_flight)."""
+        keeping_up = [p.acked for p in self.peers.values()
+                      if p.alive and p.epoch >= 0 and self._last_input - p.acked_at < self._lag_limit()]
+        return min(keeping_up) if keeping_up else self._acked_by_all()
+
+    def _lag_limit(self) -> float:
+        """How long a peer's acknowledgements may stand still before it stops counting for the
+        window: a few probe timeouts, at least ack_delay and twice the resend interval's floor."""
+        return max(4 * self.config.ack_delay, 8 * self.rto())
 
     def rto(self) -> float:
         """How long before a datagram may be resent again (RFC 6298: SRTT + 4 RTTVAR)."""
@@ -632,12 +656,12 @@ class Engine:
     def _on_acked(self, peer: Peer, upto: int, now: float) -> None:
         """An acknowledgement moved ``peer`` to ``upto``: an RTT sample (never from a resent
         datagram, Karn's rule), and the window grows by what all peers acknowledged."""
-        before = self._acked_by_all()
+        before = self._window_base()
         sent = self._sent_at.get(upto)
         # Karn's rule, for cumulative acknowledgements: no sample when the acknowledgement also
         # covers a resent datagram (it waited for the resend, not for the round trip)
-        resent = self._resent_at
-        clean = not resent or not any(s in resent for s in range(max(peer.acked, before) + 1, upto + 1))
+        low = max(peer.acked, before)
+        clean = not any(low < seq <= upto for seq, _node in self._resent_at)
         if sent is not None and clean:
             sample = now - sent
             if self.srtt is None:
@@ -646,7 +670,8 @@ class Engine:
                 self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
                 self.srtt = 0.875 * self.srtt + 0.125 * sample
         peer.acked = upto
-        newly = self._acked_by_all() - before
+        peer.acked_at = now
+        newly = self._window_base() - before
         if newly > 0:
             self._probe_from = now
             self._probes = 0
@@ -688,11 +713,11 @@ class Engine:
         for seq in range(max(first, oldest), last + 1):
             if seq <= peer.acked or self._resend.get(seq) is None:
                 continue
-            at = resent_at.get(seq)
+            at = resent_at.get((seq, peer.node))
             if at is not None and now - at < interval:
                 self.stats["resends_skipped"] += 1
                 continue
-            resent_at[seq] = now
+            resent_at[(seq, peer.node)] = now
             self._resends[(seq, peer.node)] = None
 
     def _overflowed(self, now: float) -> None:
@@ -704,6 +729,9 @@ class Engine:
         if any(p.alive and p.acked < self._overflow_seen for p in self.peers.values()):
             self._overflow_bulk = True
 
+    def _overflow_bulk_can_start(self) -> bool:
+        return not self._bulks or not self._bulks[0].begun
+
     def _next_seq(self) -> int:
         seq = self._seq
         if seq >= SEQ_MAX:
@@ -713,6 +741,10 @@ class Engine:
             self._resend = ResendQueue(self.config.resend_limit)
             self._resends.clear()
             self._overflow_seen = 0
+            self._sent_at.clear()
+            self._resent_at.clear()
+            self._recovery_upto = 0
+            self._probes = 0
             for peer in self.peers.values():
                 peer.acked = 0
             seq = 1
@@ -757,9 +789,11 @@ class Engine:
         cfg = self.config
         room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 20 * sum(
             1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements; HELLO
-        if self._overflow_bulk and not self._bulks and now >= self._overflow_bulk_at:
+        self._last_input = max(self._last_input, now)
+        if self._overflow_bulk and self._overflow_bulk_can_start() and now >= self._overflow_bulk_at:
             # at most one such bulk per resync_retry: while a link is down, every datagram
-            # overflows the queue, and bulks back to back would only flood it
+            # overflows the queue, and bulks back to back would only flood it (a queued bulk
+            # that has not begun becomes one to every peer)
             self._overflow_bulk = False
             self._overflow_bulk_at = now + cfg.resync_retry
             self.bulk_send(now, 0)
@@ -886,7 +920,7 @@ class Engine:
         deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
         if self._sent_at:
             deadlines.append(self._probe_due())  # probe: acknowledgements stopped
-        if self._overflow_bulk:
+        if self._overflow_bulk and self._overflow_bulk_can_start():
             deadlines.append(self._overflow_bulk_at)
         for peer in self.peers.values():
             if peer.ack_due is not None:
@@ -901,6 +935,7 @@ class Engine:
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
+        self._last_input = max(self._last_input, now)
         for peer in self.peers.values():
             rx = peer.rx
             if peer.ack_due is not None and now >= peer.ack_due and rx is not None:
@@ -928,7 +963,7 @@ class Engine:
             # the duplicate with an acknowledgement (RFC 9002 6.2).
             newest = max(self._sent_at)
             self._resends[(newest, None)] = None
-            self._resent_at[newest] = now
+            self._resent_at[(newest, 0)] = now
             self.stats["probes"] += 1
             self._probes += 1
             self._probe_from = now

@@ -130,3 +130,34 @@ def test_a_lost_tail_is_recovered_in_a_few_round_trips() -> None:
             break
     assert lab.converged() and lab.dropped >= 250
     assert lab.now - begin < 0.5 and a.stats["probes"] - probes <= 8
+
+
+def test_best_effort_mode_is_not_held_back_by_a_window() -> None:
+    """Found by review: nothing acknowledges in best-effort mode, so the window closed after 128
+    datagrams and B got 875 of 5,000 flows, for good."""
+    lab = Lab(2, reliable=False)
+    lab.run(1)
+    for i in range(5000):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(2)
+    assert len(lab.engines[2].peers[1].external) == 5000 and lab.engines[1].in_flight() == 0
+
+
+def test_a_peer_that_cannot_hear_us_does_not_stop_the_others() -> None:
+    """Found by review: node 3 hears nothing from node 1 but node 1 hears node 3, so node 3 counts
+    as alive and never acknowledges; the shared window closed and node 2 got 924 of 5,000 flows.
+    A crashed node held everyone back for peer_timeout."""
+    lab = Lab(3)
+    lab.run(1)
+    lab.drop = lambda src, dst, data: src == 1 and dst == 3
+    for i in range(5000):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(5)
+    assert len(lab.engines[2].peers[1].external) == 5000
+    lab = Lab(3)
+    lab.run(1)
+    del lab.engines[3]  # crashed, not yet timed out
+    for i in range(5000):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    assert len(lab.engines[2].peers[1].external) == 5000
