@@ -243,7 +243,7 @@ def walk_dump(buf: bytes, seq: int | None, make: Callable[[int, bytes, int, int]
         elif mtype == ct.MSG_CT_NEW:
             if mlen < 20:
                 raise CodecError("conntrack message shorter than its nfgenmsg header")
-            f = get((buf[off + 16], mlen))
+            f = get((buf[off + 16], mlen)) if fast else None
             item = f(buf, off + 20) if f is not None else None
             append(make(buf[off + 16], buf, off + 20, off + mlen) if item is None else item)
             if mflags & ct.NLM_F_DUMP_INTR:

@@ -266,82 +266,74 @@ def _struct(fields: Iterable[tuple[int, str]], byteorder: str) -> struct.Struct:
 Formatter = Callable[..., "str | None"]  # (buf, off, zone=-1)
 
 
-class _Layout:
-    """The generated text and JSON formatters of one attribute layout: ``fn(buf, off, zone)`` gives
-    the entry whose attributes start at ``buf[off]`` (zone -1: take CTA_ZONE's), or None when the
-    entry is not of this layout after all."""
+def _formatter(family: int, sample: bytes, tables: dict[str, _Table], form: str) -> Formatter:
+    """The generated formatter (``form``: text or json) of the sample's attribute layout:
+    ``fn(buf, off, zone)`` gives the entry whose attributes start at ``buf[off]`` (zone -1: take
+    CTA_ZONE's), or None when the entry is not of this layout after all."""
+    lr = _Learner(sample)
+    lr.entry()
+    # The layout check: every header word (and protocol number) equal to the sample's. All of
+    # them at once: the attributes as one integer, masked to those bytes, compared with the
+    # sample's (a third faster than unpacking and comparing them one by one).
+    mask = 0
+    for off, length in lr.heads:
+        mask |= ((1 << (8 * length)) - 1) << (8 * off)
+    expect = int.from_bytes(sample, "little") & mask
+    end = len(sample)
+    values = _struct(((off, code) for off, code, _name in lr.values), ">")
+    variables = [name for _off, _code, name in sorted(lr.values)]  # the struct's order
+    n = lr.names
+    fam = ct.FAMILY_NAMES.get(family, str(family))
+    proto = ct.PROTO_NAMES.get(lr.protonum, str(lr.protonum))
+    status = n.get("status", "0")
+    zone = f"({n['zone_attr']} if zone < 0 else zone)" if "zone_attr" in n else "(0 if zone < 0 else zone)"
 
-    def __init__(self, family: int, sample: bytes, tables: dict[str, _Table]) -> None:
-        lr = _Learner(sample)
-        lr.entry()
-        # The layout check: every header word (and protocol number) equal to the sample's. All of
-        # them at once: the attributes as one integer, masked to those bytes, compared with the
-        # sample's (a third faster than unpacking and comparing them one by one).
-        mask = 0
-        for off, length in lr.heads:
-            mask |= ((1 << (8 * length)) - 1) << (8 * off)
-        expect = int.from_bytes(sample, "little") & mask
-        end = len(sample)
-        values = _struct(((off, code) for off, code, _name in lr.values), ">")
-        variables = [name for _off, _code, name in sorted(lr.values)]  # the struct's order
-        n = lr.names
-        fam = ct.FAMILY_NAMES.get(family, str(family))
-        proto = ct.PROTO_NAMES.get(lr.protonum, str(lr.protonum))
-        status = n.get("status", "0")
-        zone = f"({n['zone_attr']} if zone < 0 else zone)" if "zone_attr" in n else "(0 if zone < 0 else zone)"
+    # text: format_line's words, each optional one with its leading space
+    def side(prefix: str) -> str:
+        fields = lr.tuple_fields
+        return "".join(f" {k}={{{fields[prefix + k]}}}" for k in _TUPLE_WORDS if prefix + k in fields)
+    text = f"{fam:<8} {_FAMILY_NUMBERS.get(fam, 0)} {proto:<8} {lr.protonum} {{{n.get('timeout', '0')}}}"
+    if "tcp_state" in n:
+        text += f" {{TCPSTATE[{n['tcp_state']}]}}"
+    text += side("") + f"{{UNREPLIED[{status}]}}" + side("reply_") + f"{{FLAGS[{status}]}}"
+    text += f" mark={{{n.get('mark', '0')}}}{{ZONE[{zone}]}}"
+    if "use" in n:
+        text += f" use={{{n['use']}}}"
 
-        # text: format_line's words, each optional one with its leading space
-        def side(prefix: str) -> str:
-            fields = lr.tuple_fields
-            return "".join(f" {k}={{{fields[prefix + k]}}}" for k in _TUPLE_WORDS if prefix + k in fields)
-        text = f"{fam:<8} {_FAMILY_NUMBERS.get(fam, 0)} {proto:<8} {lr.protonum} {{{n.get('timeout', '0')}}}"
-        if "tcp_state" in n:
-            text += f" {{TCPSTATE[{n['tcp_state']}]}}"
-        text += side("") + f"{{UNREPLIED[{status}]}}" + side("reply_") + f"{{FLAGS[{status}]}}"
-        text += f" mark={{{n.get('mark', '0')}}}{{ZONE[{zone}]}}"
-        if "use" in n:
-            text += f" use={{{n['use']}}}"
+    # JSON: entry_view's keys in entry_view's order
+    def jfield(prefix: str, field: str) -> str:
+        expr = lr.tuple_fields[prefix + field]
+        return f',"{prefix}{field}":' + ('"{' + expr + '}"' if expr.startswith("IP") else "{" + expr + "}")
+    js = f'{{{{"family":"{fam}","proto":"{proto}","protonum":{lr.protonum}'
+    js += "".join(jfield(p, f) for p, f in lr.order if not p) + "".join(jfield(p, f) for p, f in lr.order if p)
+    js += f',"status":{{STATUS[{status}]}}'
+    if "timeout" in n:
+        js += f',"timeout":{{{n["timeout"]}}}'
+    js += f',"mark":{{{n.get("mark", "0")}}},"zone":{{{zone}}}'
+    for what, var in lr.tcp:
+        js += f',"{what}":' + (f'"{{TCPSTATE[{var}]}}"' if what == "tcp_state" else f"{{{var}}}")
+    for what, var in lr.counters:
+        js += f',"{what}":{{{var}}}'
+    for what in ("use", "ct_id"):
+        if what in n:
+            js += f',"{what}":{{{n[what]}}}'
+    js += "}}"
 
-        # JSON: entry_view's keys in entry_view's order
-        def jfield(prefix: str, field: str) -> str:
-            expr = lr.tuple_fields[prefix + field]
-            return f',"{prefix}{field}":' + ('"{' + expr + '}"' if expr.startswith("IP") else "{" + expr + "}")
-        js = f'{{{{"family":"{fam}","proto":"{proto}","protonum":{lr.protonum}'
-        js += "".join(jfield(p, f) for p, f in lr.order if not p) + "".join(jfield(p, f) for p, f in lr.order if p)
-        js += f',"status":{{STATUS[{status}]}}'
-        if "timeout" in n:
-            js += f',"timeout":{{{n["timeout"]}}}'
-        js += f',"mark":{{{n.get("mark", "0")}}},"zone":{{{zone}}}'
-        for what, var in lr.tcp:
-            js += f',"{what}":' + (f'"{{TCPSTATE[{var}]}}"' if what == "tcp_state" else f"{{{var}}}")
-        for what, var in lr.counters:
-            js += f',"{what}":{{{var}}}'
-        for what in ("use", "ct_id"):
-            if what in n:
-                js += f',"{what}":{{{n[what]}}}'
-        js += "}}"
-
-        unpack = " ".join(f"{v}," for v in variables)
-        # the tables and structs are bound as default arguments: locals, the fastest names to read
-        names = ("FROM", "MASK", "EXPECT", "VALUES", *tables)
-        bound = ", ".join(f"{name}={name}" for name in names)
-        source = "\n".join((
-            f"def text(buf, off, zone=-1, {bound}):",
-            f"    if FROM(buf[off:off + {end}], 'little') & MASK != EXPECT: return None",
-            f"    {unpack} = VALUES(buf, off)" if variables else "    pass",
-            f"    return f{text!r}",
-            f"def json(buf, off, zone=-1, {bound}):",
-            f"    if FROM(buf[off:off + {end}], 'little') & MASK != EXPECT: return None",
-            f"    {unpack} = VALUES(buf, off)" if variables else "    pass",
-            f"    return f{js!r}",
-        ))
-        self.source = source  # for a reader of a traceback, and the tests
-        namespace: dict[str, Any] = {"FROM": int.from_bytes, "MASK": mask, "EXPECT": expect,
-                                     "VALUES": values.unpack_from, **tables}
-        exec(compile(source, f"<ctbridge.conntrack.listing layout {fam} {proto}>", "exec"), namespace)
-        self.text: Formatter = namespace["text"]
-        self.json: Formatter = namespace["json"]
-        self.size = len(sample)
+    unpack = " ".join(f"{v}," for v in variables)
+    # the tables and structs are bound as default arguments: locals, the fastest names to read
+    names = ("FROM", "MASK", "EXPECT", "VALUES", *tables)
+    bound = ", ".join(f"{name}={name}" for name in names)
+    source = "\n".join((
+        f"def fmt(buf, off, zone=-1, {bound}):",
+        f"    if FROM(buf[off:off + {end}], 'little') & MASK != EXPECT: return None",
+        f"    {unpack} = VALUES(buf, off)" if variables else "    pass",
+        f"    return f{text if form == 'text' else js!r}",
+    ))
+    namespace: dict[str, Any] = {"FROM": int.from_bytes, "MASK": mask, "EXPECT": expect,
+                                 "VALUES": values.unpack_from, **tables}
+    exec(compile(source, f"<ctbridge.conntrack.listing {form} layout {fam} {proto}>", "exec"), namespace)
+    fmt: Formatter = namespace["fmt"]
+    return fmt
 
 
 # --- the listing -----------------------------------------------------------------------------------
@@ -360,7 +352,7 @@ class Listing:
             raise ValueError(f"a listing is text or json, not {form!r}")
         self.form = form
         self.tables = _tables()
-        self.layouts: dict[tuple[int, int], list[_Layout]] = {}
+        self.layouts: dict[tuple[int, int], list[Formatter]] = {}  # (family, attributes' length) -> formatters
         self.unsupported: set[tuple[int, tuple[int, ...], int]] = set()
         self.fast: dict[tuple[int, int], Formatter] = {}
 
@@ -371,8 +363,8 @@ class Listing:
     def one(self, family: int, buf: bytes, start: int, end: int, zone: int = -1, entry: Entry | None = None) -> str:
         """The entry whose attributes are ``buf[start:end]`` in ``zone`` (-1: its CTA_ZONE's);
         ``entry`` (else one made from the bytes) for the general path."""
-        for layout in self.layouts.get((family, end - start), ()):
-            out = (layout.text if self.form == "text" else layout.json)(buf, start, zone)
+        for fmt in self.layouts.get((family, end - start), ()):
+            out = fmt(buf, start, zone)
             if out is not None:
                 return out
         # The general path first: it raises on a malformed entry, and then no formatter is made.
@@ -385,13 +377,13 @@ class Listing:
         shape = (family, tuple(t for t, _s, _e in iter_attrs(sample)), len(sample))
         if shape in self.unsupported:
             return
-        layout: _Layout | None = None
+        fmt: Formatter | None = None
         try:
-            layout = _Layout(family, sample, self.tables)
-            out = (layout.text if self.form == "text" else layout.json)(buf, start, zone)
+            fmt = _formatter(family, sample, self.tables, self.form)
+            out = fmt(buf, start, zone)
         except Exception:  # any failure to generate one means: the general path for this shape
-            layout, out = None, None
-        if layout is None or out != general:
+            fmt, out = None, None
+        if fmt is None or out != general:
             # the general path's shape, or a formatter that disagrees with the view: remembered,
             # so that it is neither walked nor generated again
             if len(self.unsupported) < self.LAYOUTS_MAX:
@@ -400,9 +392,9 @@ class Listing:
         if sum(len(v) for v in self.layouts.values()) >= self.LAYOUTS_MAX:
             self.layouts.clear()
             self.fast.clear()
-        self.layouts.setdefault((family, len(sample)), []).append(layout)
+        self.layouts.setdefault((family, len(sample)), []).append(fmt)
         # a kernel message of this layout is the attributes and 20 bytes of headers
-        self.fast.setdefault((family, len(sample) + 20), layout.text if self.form == "text" else layout.json)
+        self.fast.setdefault((family, len(sample) + 20), fmt)
 
     def kernel(self, buf: bytes, seq: int) -> tuple[list[str], bool, int]:
         """One receive buffer of a kernel dump: its entries formatted, whether the dump ended, and

@@ -101,7 +101,7 @@ def _open(rcvbuf: int, sndbuf: int | None = None) -> socket.socket:
     return sock
 
 
-def _explain(err: int, what: str) -> KernelError:
+def explain(err: int, what: str) -> KernelError:
     hint = ""
     if err in (errno.EPERM, errno.EACCES):
         hint = " (run as root or with CAP_NET_ADMIN)"
@@ -114,11 +114,6 @@ def _explain(err: int, what: str) -> KernelError:
 # truesize, not its length, and a 36-byte error still takes a buffer of its own. Batches are kept
 # small enough that even an answer to every message fits.
 ANSWER_COST = 1024
-
-
-def explain(err: int, what: str) -> KernelError:
-    """A KernelError that says what the kernel's errno means for ``what``."""
-    return _explain(err, what)
 
 
 class KernelTable:
@@ -164,13 +159,13 @@ class KernelTable:
         except TimeoutError as exc:
             raise KernelError(f"the kernel did not answer within {REPLY_TIMEOUT:.0f} s") from exc
         except OSError as exc:
-            raise _explain(exc.errno or 0, "reading from the conntrack netlink socket") from exc
+            raise explain(exc.errno or 0, "reading from the conntrack netlink socket") from exc
 
     def _send(self, data: bytes, what: str) -> None:
         try:
             self.sock.send(data)
         except OSError as exc:
-            raise _explain(exc.errno or 0, what) from exc
+            raise explain(exc.errno or 0, what) from exc
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -197,7 +192,7 @@ class KernelTable:
                     try:
                         batch = receive()  # what the kernel has ready, without waiting
                     except OSError as exc:
-                        raise _explain(exc.errno or 0, "reading a conntrack dump") from exc
+                        raise explain(exc.errno or 0, "reading a conntrack dump") from exc
                     for data in batch or [self._recv()]:  # nothing ready: wait for the kernel
                         buffers.put(data)
                         if codec.dump_finished(data, seq):
@@ -226,7 +221,7 @@ class KernelTable:
             if part.entries:
                 yield part.entries
             if part.errno:
-                raise _explain(part.errno, "conntrack dump")
+                raise explain(part.errno, "conntrack dump")
             if part.interrupted:
                 log.debug("conntrack dump was interrupted by concurrent changes")
             if part.done:
@@ -246,7 +241,7 @@ class KernelTable:
             stats = codec.decode_stats(self._recv(), seq)
             if stats is not None:
                 if stats.errno:
-                    raise _explain(stats.errno, "requesting conntrack statistics")
+                    raise explain(stats.errno, "requesting conntrack statistics")
                 return stats.entries
         raise KernelError("the kernel did not answer the statistics request")
 
@@ -435,7 +430,7 @@ class KernelTable:
         seq = self._next_seq()
         failed = self._batch([(seq, codec.flush_request(seq))])
         if failed:
-            raise _explain(failed[seq], "flushing the conntrack table")
+            raise explain(failed[seq], "flushing the conntrack table")
 
 
 # While a helper thread talks to the kernel, the thread that encodes or decodes holds the GIL
@@ -532,7 +527,7 @@ class EventSocket:
                     self.overruns += 1
                     self._grow()
                     continue
-                raise _explain(exc.errno or 0, "reading conntrack events") from exc
+                raise explain(exc.errno or 0, "reading conntrack events") from exc
             if not datagrams:
                 break
             n += len(datagrams)

@@ -82,10 +82,19 @@ def role_of(state: str) -> Role:
     return {"MASTER": Role.MASTER, "BACKUP": Role.BACKUP}.get(state, Role.FAULT)
 
 
+def ignored(t: Transition, instances: tuple[str, ...]) -> str:
+    """Why ``t`` does not count ("" if it does): its instance is not in keepalived.instances
+    (notify_master & co. name none, and always count)."""
+    if instances and t.name and t.name not in instances:
+        return f"{t.kind.lower()} {t.name} is not in keepalived.instances"
+    return ""
+
+
 def decide(t: Transition, facts: Facts, purge_timeout: float = 60.0) -> Decision:
     """The ordered actions for transition ``t`` (see the module docstring for the rules)."""
-    if facts.instances and t.name and t.name not in facts.instances:
-        return Decision(ignored=f"{t.kind.lower()} {t.name} is not in keepalived.instances")
+    why = ignored(t, facts.instances)
+    if why:
+        return Decision(ignored=why)
     role = role_of(t.state)
     noop = role is facts.role and t.state != "STOP"
     actions: list[Action] = []

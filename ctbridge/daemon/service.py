@@ -315,7 +315,7 @@ class Daemon:
     async def transition(self, t: keepalived.Transition) -> dict[str, Any]:
         """Apply one transition (the policy is ctbridge.daemon.failover); a second waits for the
         first, never interleaves."""
-        ignored = failover.decide(t, self.facts()).ignored
+        ignored = failover.ignored(t, tuple(self.cfg.keepalived.instances))
         if ignored:
             return {"ok": True, "ignored": ignored}
         async with self.transition_lock:  # the facts are read again: they may have changed meanwhile

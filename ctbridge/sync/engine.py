@@ -218,7 +218,8 @@ class Engine:
         self._recovery_upto = 0  # losses of datagrams up to this one were answered already
         self.srtt: float | None = None
         self.rttvar = config.initial_rtt / 2
-        self._sent_at: dict[int, float] = {}  # seq -> when first sent (data datagrams still kept)
+        # seq -> when first sent (data datagrams still kept), in sequence order: released from the front
+        self._sent_at: OrderedDict[int, float] = OrderedDict()
         self._resent_at: dict[tuple[int, int], float] = {}  # (seq, peer node; 0: all) -> when last resent
         self._last_input = now  # the newest ``now`` the engine was given
         self._probe_from = now  # when acknowledgements last moved the window (or the last probe)
@@ -610,9 +611,9 @@ class Engine:
     def _release(self) -> None:
         upto = self._acked_by_all()
         self._resend.release(upto)
-        if self._sent_at:
-            for seq in [s for s in self._sent_at if s <= upto]:
-                del self._sent_at[seq]
+        sent_at = self._sent_at
+        while sent_at and next(iter(sent_at)) <= upto:
+            sent_at.popitem(last=False)
         if self._resent_at:
             for key in [k for k in self._resent_at if k[0] <= upto]:
                 del self._resent_at[key]
@@ -802,6 +803,8 @@ class Engine:
             del self._resends[(seq, dest)]
             out.append((self._resend_one(seq, room, now), dest))
         stats = self.stats
+        # each datagram below takes a new number: the window's room, counted down as they go
+        room_left = self.window - self.in_flight()
         while len(out) < cfg.burst:
             msgs: list[bytes] = []
             keys: list[bytes] = []
@@ -813,7 +816,7 @@ class Engine:
                 size += len(m)
             # New flows only while the window has room: acknowledgements, NACKs and resends
             # always go (the peer needs them to let the window move).
-            open_ = self.in_flight() < self.window
+            open_ = room_left > 0
             if not open_ and (self._pending or self._bulks):
                 stats["window_full"] += 1
             pending = self._pending if self.role is not Role.FAULT and open_ else {}
@@ -839,6 +842,7 @@ class Engine:
             if not msgs:
                 break
             out.append((self._finish(msgs, keys, now), None))
+            room_left -= 1
         return out
 
     def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int) -> int:
@@ -961,7 +965,7 @@ class Engine:
             # receiver that lacks earlier ones now sees the gap and NACKs all of it at once (a
             # probe with the oldest recovered one datagram per probe), one that has it answers
             # the duplicate with an acknowledgement (RFC 9002 6.2).
-            newest = max(self._sent_at)
+            newest = next(reversed(self._sent_at))
             self._resends[(newest, None)] = None
             self._resent_at[(newest, 0)] = now
             self.stats["probes"] += 1

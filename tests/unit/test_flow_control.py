@@ -83,14 +83,22 @@ def test_a_nack_is_answered_at_most_once_per_rto() -> None:
     forged = wire.datagram(wire.Header(2, b.epoch, 10_000, 0), nack * 2, lab.auth)
     before = a.stats["resent_datagrams"]
     a.receive_datagram(forged, lab.now)
-    first = len(a.datagrams_to_send(lab.now))
-    a.receive_datagram(wire.datagram(wire.Header(2, b.epoch, 10_001, 0), nack * 60, lab.auth), lab.now + 0.001)
-    second = a.datagrams_to_send(lab.now + 0.001)
+    first = 0
+    for _ in range(100):  # all of the answer (a call sends at most a burst)
+        out = a.datagrams_to_send(lab.now)
+        first += len(out)
+        if not out:
+            break
     resent = a.stats["resent_datagrams"] - before
     # each datagram in flight once, whatever the NACKs said (and a probe, if one was due)
-    assert 0 < first and resent <= sent + a.stats["probes"]
-    assert all(not d for d in second) or a.stats["resent_datagrams"] - before == resent
-    assert a.stats["resends_skipped"] >= 900
+    assert 0 < first and 0 < resent <= sent + a.stats["probes"]
+    # 60 more NACKs of the same range a millisecond later: nothing resent again (only what was
+    # sent for the first time meanwhile, a control datagram or two, is new to the range)
+    fresh = first - resent
+    a.receive_datagram(wire.datagram(wire.Header(2, b.epoch, 10_001, 0), nack * 60, lab.auth), lab.now + 0.001)
+    a.datagrams_to_send(lab.now + 0.001)
+    assert a.stats["resent_datagrams"] - before - resent <= fresh <= 2
+    assert a.stats["resends_skipped"] >= 60 * resent
 
 
 def test_a_duplicate_is_answered_with_an_acknowledgement_never_a_nack() -> None:
@@ -161,3 +169,4 @@ def test_a_peer_that_cannot_hear_us_does_not_stop_the_others() -> None:
         lab.event(1, EventKind.NEW, flow(i))
     lab.run(1)
     assert len(lab.engines[2].peers[1].external) == 5000
+
