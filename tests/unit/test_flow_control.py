@@ -170,3 +170,60 @@ def test_a_peer_that_cannot_hear_us_does_not_stop_the_others() -> None:
     lab.run(1)
     assert len(lab.engines[2].peers[1].external) == 5000
 
+
+def _wait(lab: Lab, n: int, seconds: float) -> float:
+    begin = lab.now
+    for _ in range(int(seconds / 0.01)):
+        lab.run(0.01)
+        if len(lab.engines[2].peers[1].external) == n and lab.converged():
+            return lab.now - begin
+    raise AssertionError(f"no convergence in {seconds} s: {lab.differences()}")
+
+
+def test_either_node_restarting_in_the_middle_of_a_burst_under_loss() -> None:
+    """5% loss both ways through the bottleneck. The receiver restarts in the middle of a 50,000-flow
+    burst (empty caches, a new epoch), then the sender does (its kernel still holds the flows: the
+    dump at start is its resync): both times B ends with every flow, and the window recovers."""
+    n = 50_000
+    lab = Lab(2, loss=0.05, seed=3, **LINK)  # type: ignore[arg-type]
+    lab.run(1)
+    lab.engines[1].kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(n)], lab.now)
+    lab.run(0.05)
+    assert 0 < len(lab.engines[2].peers[1].external) < n  # mid-burst
+    lab.start(2)
+    assert _wait(lab, n, 30) < 10
+    lab.engines[1].kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(n, n + 20_000)], lab.now)
+    lab.run(0.02)
+    lab.start(1).kernel_resync([flow(i) for i in range(n + 20_000)], lab.now)
+    assert _wait(lab, n + 20_000, 30) < 10
+    assert lab.engines[1].window >= lab.engines[1].config.min_window
+
+
+def test_an_attacker_on_the_link_during_a_burst() -> None:
+    """While 50,000 flows go out: every datagram replayed by an attacker without the key (no effect
+    but counters), and NACK floods forged by a key holder for every datagram sent (bounded by the
+    once-per-RTO rule: each datagram in flight may go again once per RTO, 10 ms here, so what a
+    flood can cost is bounded by the window, not by the flood). B ends with every flow; A sends at
+    most 3x the payload (without the rule: about 35x)."""
+    n = 50_000
+    lab = Lab(2, seed=5, **LINK)  # type: ignore[arg-type]
+    lab.run(1)
+    a, b = lab.engines[1], lab.engines[2]
+    captured: list[bytes] = []
+    lab.drop = lambda src, dst, data: captured.append(data) is not None  # records, drops nothing
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(n)], lab.now)
+    sent_before = a.stats["tx_bytes"]
+    nack = wire.nack_msg(1, a.epoch, 1, 4096)
+    for k in range(200):
+        lab.run(0.002)
+        for data in captured[-20:]:  # replays, to both ends
+            a.receive_datagram(data, lab.now)
+            b.receive_datagram(data, lab.now)
+        forged = wire.datagram(wire.Header(2, b.epoch, 1_000_000 + k, 0), nack * 100, lab.auth)
+        a.receive_datagram(forged, lab.now)
+        if len(b.peers[1].external) == n and lab.converged():
+            break
+    _wait(lab, n, 30)
+    assert b.stats["rejected_replay"] > 1000
+    assert a.stats["tx_bytes"] - sent_before <= 3 * payload(lab)
+    assert a.stats["resends_skipped"] > 100 * a.stats["resent_datagrams"]
