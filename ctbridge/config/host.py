@@ -43,19 +43,22 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
     """Why ``cfg`` cannot run on this host, one line each ("FILE: ..."); [] when it can."""
     out = []
     path = cfg.path
-    local = cfg.sync.local
-    problem = _bind_problem(local, 0)
-    if problem is not None:
-        mine = [a for a in addresses() if not a.startswith(("127.", "::1", "fe80:"))]
-        out.append(f"{path}: sync.local {local} is not an address of this host ({problem}); use the address "
-                   "of this node's sync interface" + (f" (this host has {', '.join(mine[:8])})" if mine else ""))
-    elif not daemon_running and not cfg.multicast:
-        taken = _bind_problem(local, cfg.sync.port)
-        if taken is not None:
-            out.append(f"{path}: UDP port {cfg.sync.port} on {local} cannot be bound ({taken}); "
-                       "is another ctbridge running? choose another sync.port")
-    if cfg.multicast and not interface_exists(cfg.sync.interface):
-        out.append(f"{path}: sync.interface {cfg.sync.interface} does not exist on this host")
+    for n, link in enumerate(cfg.sync_links()):
+        key = "sync.local" if n == 0 else f"sync.links #{n} local"
+        local = link.local
+        problem = _bind_problem(local, 0)
+        if problem is not None:
+            mine = [a for a in addresses() if not a.startswith(("127.", "::1", "fe80:"))]
+            out.append(f"{path}: {key} {local} is not an address of this host ({problem}); use the address "
+                       "of this node's sync interface" + (f" (this host has {', '.join(mine[:8])})" if mine else ""))
+        elif not daemon_running and not cfg.multicast:
+            taken = _bind_problem(local, cfg.sync.port)
+            if taken is not None:
+                out.append(f"{path}: UDP port {cfg.sync.port} on {local} cannot be bound ({taken}); "
+                           "is another ctbridge running? choose another sync.port")
+        if link.group and not interface_exists(link.interface):
+            out.append(f"{path}: the interface {link.interface} of {key.replace(' local', '')} does not exist "
+                       "on this host")
     for name in ("key_file", "previous_key_file"):
         if getattr(cfg.sync, name) and cfg.sync.auth != "none":
             try:

@@ -37,6 +37,22 @@ class NodeSettings:
 
 
 @dataclass(frozen=True)
+class SyncLink:
+    """One sync link: this node's address on it and the peers' (or its multicast group). The
+    first is [sync]'s own local/peers/group/interface; [[sync.links]] add more, in order of
+    preference. The i-th peer of every link is the same node."""
+
+    local: str
+    peers: tuple[str, ...] = ()
+    group: str = ""
+    interface: str = ""
+
+
+LINK_KEYS = ("local", "peers", "group", "interface")
+MAX_LINKS = 4  # sync links in all, [sync]'s own included (ctbridge.sync.wire.MAX_LINKS)
+
+
+@dataclass(frozen=True)
 class SyncSettings:
     local: str = _key("", "this node's address on the sync link", required=True)
     peers: tuple[str, ...] = _key((), "unicast: the other nodes' sync addresses")
@@ -53,6 +69,10 @@ class SyncSettings:
     peer_timeout: float = _key(5.0, "seconds of silence after which a peer stops holding back resends")
     resend_limit: int = _key(16384, "datagrams kept for resending; past it, peers get a bulk transfer")
     max_age: float = _key(0.0, "reject datagrams whose sender clock is this many seconds off (0: off)")
+    links: tuple[SyncLink, ...] = _key((), "redundant sync links, written [[sync.links]] with local and peers "
+                                       "(or group and interface): used in order when the ones before fail")
+    link_timeout: float = _key(1.0, "seconds without a two-way exchange on a sync link before traffic moves "
+                               "to the next one")
 
 
 @dataclass(frozen=True)
@@ -170,12 +190,17 @@ class Config:
     def multicast(self) -> bool:
         return bool(self.sync.group)
 
+    def sync_links(self) -> list[SyncLink]:
+        """Every sync link in order of preference, [sync]'s own first."""
+        s = self.sync
+        return [SyncLink(s.local, s.peers, s.group, s.interface), *s.links]
+
     def peer_addresses(self) -> list[str]:
         return list(self.sync.peers)
 
     def max_datagram(self) -> int:
         """MTU less the IP and UDP headers of the sync link's family."""
-        v6 = ipaddress.ip_address(self.sync.local).version == 6
+        v6 = any(ipaddress.ip_address(link.local).version == 6 for link in self.sync_links())
         return self.sync.mtu - (48 if v6 else 28)
 
 
@@ -202,6 +227,41 @@ def _line_of(text: str, section: str, name: str | None) -> int:
     return section_line
 
 
+def _link_line(text: str, i: int) -> int:
+    """The line of the i-th [[sync.links]] table (or of links = in [sync]), 0 if not found."""
+    tables = [n for n, line in enumerate(text.splitlines(), 1) if re.match(r"^\s*\[\[\s*sync\.links\s*\]\]", line)]
+    return tables[i] if i < len(tables) else _line_of(text, "sync", "links")
+
+
+def _links(value: list[Any], fail: typing.Callable[[int, str], None]) -> list[SyncLink]:
+    """[[sync.links]] tables as SyncLinks; a table with a problem is reported and left out."""
+    links = []
+    for i, table in enumerate(value):
+        where = f"sync.links #{i + 1}"
+        if not isinstance(table, dict):
+            fail(i, f"{where} must be a table, written [[sync.links]] with local = ... and peers = [...]")
+            continue
+        ok = True
+        for k, v in table.items():
+            if k not in LINK_KEYS:
+                fail(i, f"{where}: unknown key {k!r}; a link takes " + ", ".join(LINK_KEYS))
+                ok = False
+            elif k == "peers" and not (isinstance(v, list) and all(isinstance(a, str) for a in v)):
+                fail(i, f"{where}: peers must be a list of addresses, not {v!r}")
+                ok = False
+            elif k != "peers" and not isinstance(v, str):
+                fail(i, f"{where}: {k} must be a string, not {v!r}")
+                ok = False
+        if not isinstance(table.get("local"), str) or not table.get("local"):
+            if ok:
+                fail(i, f"{where}: has no local address; add local = \"ADDRESS\" (this node's on that link)")
+            ok = False
+        if ok:
+            links.append(SyncLink(table["local"], tuple(table.get("peers", ())), table.get("group", ""),
+                                  table.get("interface", "")))
+    return links
+
+
 def load(path: str) -> Config:
     try:
         with open(path, "rb") as f:
@@ -223,7 +283,13 @@ def parse(text: str, path: str = "<config>") -> Config:
     problems: list[str] = []
 
     def fail(section: str, name: str | None, message: str) -> None:
+        if name and name.startswith("links#"):  # a [[sync.links]] table: its own line
+            problems.append(f"{path}:{_link_line(text, int(name[6:]))}: {message}")
+            return
         problems.append(f"{path}:{_line_of(text, section, name)}: {message}")
+
+    def fail_link(i: int, message: str) -> None:
+        problems.append(f"{path}:{_link_line(text, i)}: {message}")
 
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     invalid: set[str] = set()  # "section.key" given with a wrong type or choice: not checked further
@@ -253,6 +319,8 @@ def parse(text: str, path: str = "<config>") -> Config:
                 fail(section, name, f"{section}.{name} = {value!r}; use one of {choices}")
                 invalid.add(f"{section}.{name}")
                 continue
+            if (section, name) == ("sync", "links") and isinstance(value, list):
+                value = _links(value, fail_link)
             values[section][name] = tuple(value) if isinstance(value, list) else value
     sections = {section: SECTION_TYPES[section](**given) for section, given in values.items()}
     cfg = Config(path, **sections)
@@ -260,6 +328,61 @@ def parse(text: str, path: str = "<config>") -> Config:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_links(cfg: Config, fail: typing.Callable[[str, str | None, str], None]) -> None:
+    """The redundant links agree with [sync]'s own: same kind (unicast or multicast), as many
+    peers, addresses that are addresses and not used twice."""
+    sync = cfg.sync
+    if not sync.links:
+        return
+    if len(sync.links) + 1 > MAX_LINKS:
+        fail("sync", "links", f"sync.links: {len(sync.links)} redundant links; at most {MAX_LINKS - 1} "
+             f"(a node has at most {MAX_LINKS} sync links)")
+    if sync.link_timeout <= 0:
+        fail("sync", "link_timeout", "sync.link_timeout must be positive")
+    seen: dict[str, str] = {}
+    for n, link in enumerate(cfg.sync_links()):
+        where = "sync.local" if n == 0 else f"sync.links #{n}"
+        at = f"links#{n - 1}"
+        if n > 0 and link.group and not _is_ip(link.group):
+            fail("sync", at, f"{where}: group {link.group!r} is not an IP address")
+        local = ipaddress.ip_address(link.local) if _is_ip(link.local) else None
+        for a in (link.local, *link.peers):
+            if not _is_ip(a):
+                if n > 0:  # [sync]'s own are reported by _check
+                    fail("sync", at, f"{where}: {a!r} is not an IP address")
+                continue
+            addr = ipaddress.ip_address(a)
+            if n > 0 and local is not None and addr.version != local.version:
+                fail("sync", at, f"{where}: {a} and its local address {link.local} are of different IP versions")
+            ip = str(addr)
+            other = seen.setdefault(ip, where)
+            if other != where:
+                fail("sync", at, f"{where}: address {ip} is also on {other}; each link has its own addresses")
+        if n == 0:
+            continue
+        if cfg.multicast:
+            if link.peers or not link.group or not link.interface:
+                fail("sync", at, f"{where}: [sync] is multicast, so every link needs group and interface "
+                     "(and no peers)")
+            elif link.group == sync.group:
+                fail("sync", at, f"{where}: group {link.group} is also [sync]'s; give each link its own group")
+        else:
+            if link.group or link.interface:
+                fail("sync", at, f"{where}: [sync] is unicast, so links take local and peers, not group "
+                     "or interface")
+            if len(link.peers) != len(sync.peers):
+                fail("sync", at, f"{where}: {len(link.peers)} peer(s) but sync.peers has {len(sync.peers)}; "
+                     "list every peer on every link, in the same order")
 
 
 def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], invalid: set[str]) -> None:
@@ -305,6 +428,7 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
             fail("sync", "group", f"sync.group = {sync.group!r} is not an IP address")
         if not sync.interface:
             fail("sync", "interface", "multicast needs sync.interface, the sync link's interface name")
+    _check_links(cfg, fail)
     if not 1 <= sync.port <= 65535:
         fail("sync", "port", f"sync.port = {sync.port} is not a UDP port (1-65535)")
     if sync.mtu < 576:

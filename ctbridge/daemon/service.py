@@ -15,9 +15,8 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from ctbridge.config import host
@@ -25,7 +24,8 @@ from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
-from ctbridge.daemon import control, failover, gate, keepalived, metrics, udpstat
+from ctbridge.daemon import control, failover, gate, keepalived, metrics
+from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
     BulkCompleted,
@@ -34,6 +34,7 @@ from ctbridge.sync.engine import (
     EngineConfig,
     EngineEvent,
     KernelOp,
+    LinkReport,
     PeerRestarted,
     PeerSilent,
     Role,
@@ -42,19 +43,6 @@ from ctbridge.sync.filter import LOOPBACK, FlowFilter
 
 log = logging.getLogger("ctbridge")
 
-UDP_RCVBUF = 8 << 20  # a bulk transfer arrives faster than the loop may read it
-UDP_SNDBUF = 4 << 20  # a window of datagrams leaves in one burst
-# From include/uapi/asm-generic/socket.h: set a buffer beyond net.core.[rw]mem_max (CAP_NET_ADMIN,
-# which the daemon has); without the capability the plain options give what the sysctl allows
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-
-
-def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, force, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 TRACK_INTERVAL = 0.5  # seconds between checks of the priority interlock
 
 
@@ -82,9 +70,19 @@ async def _listing(flows: list[tuple[bytes, bytes]], form: str) -> AsyncIterator
         await asyncio.sleep(0)
 
 
+def _totals(rows: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The sync sockets' kernel figures, summed over the links."""
+    total: dict[str, int] = {}
+    for row in rows:
+        for k, v in row.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def flow_filter(cfg: Config) -> FlowFilter:
-    """The configured filter, plus what is never replicated: loopback and the sync addresses."""
-    sync = [cfg.sync.local, *cfg.sync.peers]
+    """The configured filter, plus what is never replicated: loopback and the sync addresses (of
+    every sync link)."""
+    sync = [a for link in cfg.sync_links() for a in (link.local, *link.peers)]
     ignore = (*LOOPBACK, *(ipaddress.ip_network(a) for a in sync),
               *(ipaddress.ip_network(c, strict=False) for c in cfg.filter.ignore))
     protos = frozenset(config_mod.PROTOCOLS.get(p, p) if isinstance(p, str) else p for p in cfg.filter.protocols)
@@ -101,51 +99,6 @@ def engine_config(cfg: Config) -> EngineConfig:
                         max_age=cfg.sync.max_age, filter=flow_filter(cfg))
 
 
-class _SyncProtocol(asyncio.DatagramProtocol):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.daemon.on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("sync socket: %s", exc)
-
-
-def sync_socket(cfg: Config) -> socket.socket:
-    local = cfg.sync.local
-    v6 = ":" in local
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        _buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, UDP_RCVBUF)
-        _buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, UDP_SNDBUF)
-        if cfg.multicast:
-            group = cfg.sync.group
-            ifindex = socket.if_nametoindex(cfg.sync.interface)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((group, cfg.sync.port))
-            if v6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-                                socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex))
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
-            else:
-                mreqn = socket.inet_aton(group) + socket.inet_aton(local) + struct.pack("@i", ifindex)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-        else:
-            sock.bind((local, cfg.sync.port))
-    except OSError as exc:
-        sock.close()
-        raise control.ControlError(f"cannot open the sync socket on {local} port {cfg.sync.port}: "
-                                   f"{exc.strerror or exc} (is another ctbridge running?)") from None
-    sock.setblocking(False)
-    return sock
-
-
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -158,11 +111,8 @@ class Daemon:
         self.events = EventSocket(rcvbuf=cfg.apply.event_buffer)
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = self.kernel.portid
-        self.sock = sync_socket(cfg)
-        self.transport: asyncio.DatagramTransport | None = None
-        self.destinations = ([(cfg.sync.group, cfg.sync.port)] if cfg.multicast
-                             else [(p, cfg.sync.port) for p in cfg.peer_addresses()])
-        self.addresses: dict[int, tuple[str, int]] = {}  # node id -> where its datagrams come from
+        self.links = SyncLinks(cfg)
+        self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.flush_scheduled = False
         self.stop = asyncio.Event()
@@ -186,23 +136,30 @@ class Daemon:
 
     # --- sockets -> engine -> sockets -----------------------------------------------------------
 
-    def on_datagram(self, data: bytes, addr: tuple[Any, int]) -> None:
-        node = self.engine.receive_datagram(data, self.loop.time(), time.time())
-        if node is not None:  # authenticated and new: resends to that node go to this address
-            self.addresses[node] = (addr[0], addr[1])
+    def on_datagram(self, data: bytes, addr: tuple[Any, int], link: int) -> None:
+        self.engine.receive_datagram(data, self.loop.time(), time.time())
+        sender = self.engine.last_sender
+        if sender is not None:  # authentic, new or a fresh copy: that link carries its traffic
+            self.links.heard(sender, addr, link, self.loop.time())
+        self.after_input()
+
+    def _heartbeat(self) -> None:
+        """Redundant links: a heartbeat over every link, then the link choice made again."""
+        now = self.loop.time()
+        selector = self.links.selector
+        self.links.send_everywhere(self.engine.heartbeat(now, selector.hearing(now)))
+        if self.links.update(now):
+            self.engine.path_changed(now)
+        self.heartbeat = self.loop.call_later(selector.heartbeat_interval, self._heartbeat)
         self.after_input()
 
     def after_input(self) -> None:
         """Send what the engine has to send, take its kernel writes, re-arm its timer."""
         now = self.loop.time()
         out = self.engine.datagrams_to_send(now)
-        if self.transport is not None:
-            for data, dest in out:
-                if dest is not None and dest in self.addresses and not self.cfg.multicast:
-                    self.transport.sendto(data, self.addresses[dest])
-                else:
-                    for addr in self.destinations:
-                        self.transport.sendto(data, addr)
+        send = self.links.send
+        for data, dest in out:
+            send(data, dest)
         for event in self.engine.events():
             self.on_engine_event(event)
         ops = self.engine.kernel_ops()
@@ -234,6 +191,8 @@ class Daemon:
                          event.stale_removed)
             else:
                 log.info("bulk from peer %08x lost datagrams; stale flows kept", event.node)
+        elif isinstance(event, LinkReport):
+            self.links.selector.reported(event.node, event.links, self.loop.time())
         elif isinstance(event, CompletenessChanged):
             log.info("external cache %s", "complete" if event.complete else "incomplete")
 
@@ -481,9 +440,10 @@ class Daemon:
         e = self.engine
         s = e.stats
         now = self.loop.time()
+        links = self.links.stats(now)
         peers = []
         for p in e.peers.values():
-            peers.append({"node": f"{p.node:08x}", "address": self.addresses.get(p.node, ("", 0))[0],
+            peers.append({"node": f"{p.node:08x}", "address": self.links.address(p.node),
                           "epoch": p.epoch, "alive": p.alive, "synced": p.synced,
                           "entries": len(p.external), "last_heard": round(now - p.last_heard, 3),
                           "restarts": p.restarts, "bulks": p.bulks,
@@ -502,7 +462,9 @@ class Daemon:
                      "rto_seconds": round(e.rto(), 6)},
             "sync": dict(s),
             "process": metrics.process_stats(),
-            "sync_socket": udpstat.socket_stats(self.sock),
+            "sync_socket": _totals(link["socket"] for link in links),
+            "links": links,
+            "link_switches": self.links.switches,
             **self.stats_extra,
         }
 
@@ -599,7 +561,9 @@ class Daemon:
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
-            self.transport, _ = await self.loop.create_datagram_endpoint(lambda: _SyncProtocol(self), sock=self.sock)
+            await self.links.open(self.loop, self.on_datagram)
+            if self.links.redundant:
+                self.heartbeat = self.loop.call_soon(self._heartbeat)
             self.engine.request_resync(self.loop.time())
             if self.cfg.keepalived.notify_fifo:
                 tasks.append(asyncio.ensure_future(self.read_fifo(self.cfg.keepalived.notify_fifo)))
@@ -609,7 +573,7 @@ class Daemon:
             self.after_input()
             log.info("ctbridge %s running: node %s (%08x), epoch %d, %d flows in the kernel, sync %s port %d, %s",
                      self.cfg.apply.mode, self.cfg.node.name, self.engine.node_id, self.epoch, count,
-                     self.cfg.sync.local, self.cfg.sync.port,
+                     " + ".join(link.local for link in self.links.links), self.cfg.sync.port,
                      f"multicast {self.cfg.sync.group}" if self.cfg.multicast
                      else "peers " + ", ".join(self.cfg.sync.peers))
             stopper = asyncio.ensure_future(self.stop.wait())
@@ -635,8 +599,9 @@ class Daemon:
             if self.stats_extra["gate"] not in (None, "open"):  # fail open: a stopped daemon blocks nothing
                 with contextlib.suppress(Exception):
                     await gate.open_()
-            if self.transport is not None:
-                self.transport.close()
+            if self.heartbeat is not None:
+                self.heartbeat.cancel()
+            self.links.close()
             self.events.close()
             self.kernel.close()
             with contextlib.suppress(OSError):

@@ -139,7 +139,18 @@ class CompletenessChanged(NamedTuple):
     complete: bool  # Engine.complete(): every live peer's external cache is whole
 
 
-EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged
+class LinkReport(NamedTuple):
+    """Redundant sync links: ``node`` says it hears this node on these links (bit k: link k)."""
+
+    node: int
+    links: int
+
+
+EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport
+
+# A copy of a datagram this much below the newest a peer sent still shows that the link it came
+# over carries that peer's traffic (redundant links); an older one proves nothing (a replay).
+_FRESH_COPY = 1024
 
 
 class Peer:
@@ -176,7 +187,7 @@ def _new_stats() -> dict[str, int]:
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
-        "resent_bytes")}
+        "resent_bytes", "link_copies", "path_changes")}
 
 
 class Engine:
@@ -227,6 +238,10 @@ class Engine:
         self._complete = self.complete()
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
+        # the node id of the last datagram received whose MAC held and that was new or a fresh
+        # copy (another link's, see heartbeat()); None otherwise: what the adapter's link
+        # choice may believe
+        self.last_sender: int | None = None
 
     # --- this node's kernel ----------------------------------------------------------------------
 
@@ -388,6 +403,7 @@ class Engine:
         """Take one datagram; the sending peer's node id if it was accepted, else None."""
         stats = self.stats
         stats["rx_datagrams"] += 1
+        self.last_sender = None
         self._last_input = max(self._last_input, now)
         stats["rx_bytes"] += len(data)
         try:
@@ -418,6 +434,13 @@ class Engine:
         rx = peer.rx
         assert rx is not None
         if not rx.accept(header.seq):
+            if header.epoch == peer.epoch and header.seq + _FRESH_COPY > rx.highest:
+                self.last_sender = peer.node
+                if not flows and all(type(m) is wire.Alive or type(m) is wire.Ack for m in messages):
+                    # a heartbeat sent over every link at once: the copies are no replay, and
+                    # they carry nothing to acknowledge again
+                    stats["link_copies"] += 1
+                    return None
             stats["rejected_replay"] += 1
             if cfg.reliable and header.seq < rx.expected and peer.ack_due is None:
                 # the sender resends what we have: our acknowledgement was lost, say it again
@@ -427,6 +450,7 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
+        self.last_sender = peer.node
         data_seen = self._apply(peer, header, flows, messages, now)
         if not cfg.reliable:
             if rx.give_up_before(header.seq - 64):
@@ -562,6 +586,10 @@ class Engine:
                     peer.synced = False
                     if peer.resync_at is None:
                         peer.resync_at = now
+            elif type(msg) is wire.Alive:
+                for node, links in msg.reports:
+                    if node == me:
+                        self._events.append(LinkReport(peer.node, links))
             elif type(msg) is wire.Resync:
                 if msg.node in (0, me):
                     self.bulk_send(now, peer.node)
@@ -913,6 +941,32 @@ class Engine:
         data = self._finish(msgs, fitted, now, seq=seq)
         self.stats["resent_bytes"] += len(data)
         return data
+
+    # --- redundant sync links -------------------------------------------------------------------
+
+    def heartbeat(self, now: float, hearing: dict[int, int]) -> bytes:
+        """One datagram for the adapter to send over every sync link at once: ALIVE telling each
+        peer on which links this node hears it (``hearing``: node -> bits). The first copy to
+        arrive is taken like any datagram; the others show that their links carry traffic
+        (last_sender), and are counted as link_copies, not replays."""
+        msgs = [wire.alive_msg(sorted(hearing.items()))]
+        return self._finish(msgs, [], now)
+
+    def path_changed(self, now: float) -> None:
+        """The adapter moved traffic to another link (or back): what was in flight on the old one
+        may be lost. Probe at once, acknowledge and ask for gaps again over the new one, and start
+        the round-trip estimate afresh (RFC 9002 9.4: a new path has its own RTT)."""
+        self.stats["path_changes"] += 1
+        self.srtt = None
+        self.rttvar = self.config.initial_rtt / 2
+        self._probes = 0
+        self._probe_from = now - 2.0 * self.config.alive_interval  # a probe is due now, if data waits
+        for peer in self.peers.values():
+            if peer.rx is not None and self.config.reliable:
+                peer.ack_sent = min(peer.ack_sent, peer.rx.expected - 2)  # the next datagram acknowledges
+                peer.nack_at = -1.0
+                if peer.ack_due is None:
+                    peer.ack_due = now
 
     # --- time ---------------------------------------------------------------------------------------
 

@@ -119,7 +119,9 @@ class Gap(NamedTuple):
 
 
 class Alive(NamedTuple):
-    pass
+    # redundant sync links: (node, links) pairs, "I hear node on these links" (bit k: link k);
+    # empty from a node with one link, and from older nodes (version 1 ignores an ALIVE's body)
+    reports: tuple[tuple[int, int], ...] = ()
 
 
 class Hello(NamedTuple):
@@ -245,8 +247,14 @@ def gap_msg(node: int, epoch: int, first: int, last: int) -> bytes:
     return _RANGE.pack(MsgType.GAP, 0, _RANGE.size, node, epoch, first, last)
 
 
-def alive_msg() -> bytes:
-    return _MSG.pack(MsgType.ALIVE, 0, 4)
+_REPORT = struct.Struct("!II")
+MAX_LINKS = 4  # sync links a node may have (bits of a link report that mean anything)
+
+
+def alive_msg(reports: Sequence[tuple[int, int]] = ()) -> bytes:
+    """ALIVE; with ``reports``, the links on which this node hears each peer (redundant links)."""
+    body = b"".join(_REPORT.pack(node, links) for node, links in reports)
+    return _MSG.pack(MsgType.ALIVE, 0, 4 + len(body)) + body
 
 
 def hello_msg() -> bytes:
@@ -353,7 +361,12 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 node, epoch, first, last = _RANGE.unpack_from(data, off)[3:]
                 out.append(Nack(node, epoch, first, last) if mtype == MsgType.NACK else Gap(node, epoch, first, last))
             elif mtype == MsgType.ALIVE:
-                out.append(Alive())
+                if mlen == 4:
+                    out.append(Alive())
+                else:
+                    if (mlen - 4) % _REPORT.size:
+                        raise WireError("malformed", f"ALIVE message of {mlen} bytes: reports are 8 bytes each")
+                    out.append(Alive(tuple(_REPORT.unpack_from(data, o) for o in range(off + 4, nxt, _REPORT.size))))
             elif mtype == MsgType.HELLO:
                 out.append(Hello())
             elif mtype == MsgType.RESYNC:

@@ -1,0 +1,202 @@
+"""The sync links' sockets: one UDP socket per link ([sync]'s own and [[sync.links]]), and the
+routing of the engine's datagrams onto them. Which link carries a peer's traffic is decided by
+ctbridge.sync.links.LinkSelector (pure); this adapter feeds it what arrived where and sends the
+heartbeats it needs. With one link nothing of that runs: every datagram goes out on it.
+
+Datagrams go only to configured addresses: the i-th peer of each link is one node (docs/config.md),
+learnt from the address its authentic datagrams come from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ctbridge.config.settings import Config, SyncLink
+from ctbridge.daemon import control, udpstat
+from ctbridge.sync.links import LinkSelector, Switch
+
+log = logging.getLogger("ctbridge")
+
+UDP_RCVBUF = 8 << 20  # a bulk transfer arrives faster than the loop may read it
+UDP_SNDBUF = 4 << 20  # a window of datagrams leaves in one burst
+# From include/uapi/asm-generic/socket.h: set a buffer beyond net.core.[rw]mem_max (CAP_NET_ADMIN,
+# which the daemon has); without the capability the plain options give what the sysctl allows
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+
+def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def sync_socket(link: SyncLink, port: int) -> socket.socket:
+    """A bound, non-blocking UDP socket for one sync link (multicast: joined to its group)."""
+    local = link.local
+    v6 = ":" in local
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        _buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, UDP_RCVBUF)
+        _buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, UDP_SNDBUF)
+        if link.group:
+            group = link.group
+            ifindex = socket.if_nametoindex(link.interface)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((group, port))
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                                socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex))
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+            else:
+                mreqn = socket.inet_aton(group) + socket.inet_aton(local) + struct.pack("@i", ifindex)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        else:
+            sock.bind((local, port))
+    except OSError as exc:
+        sock.close()
+        raise control.ControlError(f"cannot open the sync socket on {local} port {port}: "
+                                   f"{exc.strerror or exc} (is another ctbridge running?)") from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, receive: Callable[[bytes, tuple[Any, int], int], None], link: int) -> None:
+        self.receive = receive
+        self.link = link
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.receive(data, addr, self.link)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("sync socket of link %d: %s", self.link, exc)
+
+
+def _ip(text: str) -> str:
+    return str(ipaddress.ip_address(text.split("%")[0]))
+
+
+class SyncLinks:
+    def __init__(self, cfg: Config) -> None:
+        self.links = cfg.sync_links()
+        self.port = cfg.sync.port
+        self.multicast = cfg.multicast
+        self.selector = LinkSelector(len(self.links), cfg.sync.link_timeout)
+        self.socks: list[socket.socket] = []
+        try:
+            for link in self.links:
+                self.socks.append(sync_socket(link, self.port))
+        except control.ControlError:
+            self.close()
+            raise
+        self.transports: list[asyncio.DatagramTransport | None] = [None] * len(self.links)
+        # (link, peer address) -> the peer's index in sync.peers; index -> node id and back
+        self.index = {(k, _ip(a)): i for k, link in enumerate(self.links) for i, a in enumerate(link.peers)}
+        self.node_of: dict[int, int] = {}
+        self.index_of: dict[int, int] = {}
+        self.switches = 0
+        self.heartbeats = 0
+
+    @property
+    def redundant(self) -> bool:
+        return len(self.links) > 1
+
+    async def open(self, loop: asyncio.AbstractEventLoop,
+                   receive: Callable[[bytes, tuple[Any, int], int], None]) -> None:
+        for k, sock in enumerate(self.socks):
+            transport, _ = await loop.create_datagram_endpoint(lambda k=k: _Protocol(receive, k), sock=sock)  # type: ignore[misc]
+            self.transports[k] = transport
+
+    def close(self) -> None:
+        for t in self.transports:
+            if t is not None:
+                t.close()
+        for s in self.socks:
+            s.close()
+
+    def heard(self, node: int, addr: tuple[Any, int], link: int, now: float) -> None:
+        """An authentic datagram of ``node`` came over ``link`` from ``addr``."""
+        if not self.multicast:
+            i = self.index.get((link, addr[0]))  # the kernel writes addresses as str(ip_address) does
+            if i is None:
+                return  # not a configured address: nothing is ever sent there
+            if self.node_of.get(i) != node:
+                old = self.node_of.get(i)
+                if old is not None:
+                    self.index_of.pop(old, None)
+                    self.selector.forget(old)
+                self.node_of[i] = node
+                self.index_of[node] = i
+        self.selector.heard(node, link, now)
+
+    def address(self, node: int) -> str:
+        """Where ``node``'s traffic goes now ("" while unknown)."""
+        i = self.index_of.get(node)
+        if i is None:
+            return self.links[0].group if self.multicast else ""
+        return self.links[self.selector.active(node) or 0].peers[i]
+
+    def _send(self, link: int, data: bytes, address: str) -> None:
+        t = self.transports[link]
+        if t is not None:
+            t.sendto(data, (address, self.port))
+
+    def send(self, data: bytes, dest: int | None) -> None:
+        """One datagram of the engine: to node ``dest``, or (None) to every peer, each over its
+        active link. A peer not heard yet gets it over every link (it drops the copies)."""
+        if self.multicast:
+            # one group per link: every link some peer is on now (the groups' members drop copies)
+            links = {p.active for p in self.selector.peers.values()} if self.redundant else set()
+            for k in sorted(links or {0}):
+                self._send(k, data, self.links[k].group)
+            return
+        peers = self.links[0].peers
+        targets = [self.index_of[dest]] if dest is not None and dest in self.index_of else range(len(peers))
+        for i in targets:
+            node = self.node_of.get(i)
+            via = self.selector.active(node) if node is not None and self.redundant else None
+            if via is not None:
+                self._send(via, data, self.links[via].peers[i])
+            else:
+                for k in range(len(self.links)):
+                    self._send(k, data, self.links[k].peers[i])
+
+    def send_everywhere(self, data: bytes) -> None:
+        """A heartbeat: over every link to every peer."""
+        self.heartbeats += 1
+        for k, link in enumerate(self.links):
+            for address in ([link.group] if self.multicast else link.peers):
+                self._send(k, data, address)
+
+    def update(self, now: float) -> list[Switch]:
+        switches = self.selector.update(now)
+        for s in switches:
+            self.switches += 1
+            log.warning("sync link: traffic to peer %08x moved from link %d (%s) to link %d (%s)", s.node, s.old,
+                        self.links[s.old].local, s.new, self.links[s.new].local)
+        return switches
+
+    def stats(self, now: float) -> list[dict[str, Any]]:
+        out = []
+        for k, link in enumerate(self.links):
+            peers = {}
+            for node, p in self.selector.peers.items():
+                at = p.heard[k]
+                peers[f"{node:08x}"] = {"up": self.selector.usable(node, k, now), "active": p.active == k,
+                                        "last_heard": round(now - at, 3) if at is not None else None}
+            out.append({"local": link.local, "peers": list(link.peers) if not link.group else [link.group],
+                        "socket": udpstat.socket_stats(self.socks[k]), "nodes": peers})
+        return out
