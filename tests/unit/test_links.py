@@ -141,7 +141,7 @@ def test_heartbeat_copies_are_fresh_evidence_not_replays_and_reports_reach_the_e
     b.receive_datagram(data, 0.2)
     b.receive_datagram(data, 0.2)
     assert b.stats["rejected_replay"] == replays + 1
-    for i in range(1100):
+    for _ in range(1100):
         b.receive_datagram(a.heartbeat(0.3, {}), 0.3)
     b.receive_datagram(beat, 0.3)
     assert b.last_sender is None and b.stats["rejected_replay"] == replays + 2
