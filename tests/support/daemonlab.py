@@ -47,7 +47,14 @@ class Node:
         for section, values in base.items():
             lines.append(f"[{section}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        for k in range(1, self.cluster.links):  # redundant sync links, one more bridge each
+            lines += ["[[sync.links]]", f"local = {json.dumps(self.link_address(k))}",
+                      "peers = " + json.dumps([n.link_address(k) for n in self.cluster.nodes if n is not self])]
         self.config.write_text("\n".join(lines) + "\n")
+
+    def link_address(self, link: int) -> str:
+        """This node's address on sync link ``link`` (0: [sync]'s own, 192.0.2.0/24)."""
+        return self.address if link == 0 else f"198.51.{100 + link}.{10 + self.index}"
 
     def start(self) -> None:
         self.log_file = open(self.log, "ab")
@@ -91,20 +98,23 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, size: int, directory: Path) -> None:
+    def __init__(self, size: int, directory: Path, links: int = 1) -> None:
         self.dir = directory
+        self.links = links
         self.key = directory / "sync.key"
         self.nodes = [Node(self, i + 1) for i in range(size)]
         self.switch = ""
 
 
 @contextlib.contextmanager
-def cluster(size: int, **config: dict[str, Any]) -> Iterator[Cluster]:
+def cluster(size: int, links: int = 1, **config: dict[str, Any]) -> Iterator[Cluster]:
     """``size`` namespaces on one bridge (in a namespace of its own), each with a written config.
-    Daemons are started by the test; everything is stopped and removed on the way out."""
+    With ``links`` > 1, each further sync link is another bridge (brK, ports pN-K, interfaces
+    syncK, 198.51.(100+K).0/24). Daemons are started by the test; everything is stopped and
+    removed on the way out."""
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctb-")))
-        c = Cluster(size, tmp)
+        c = Cluster(size, tmp, links)
         subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(c.key)], check=True, cwd=ROOT, timeout=60,
                        capture_output=True)
         c.switch = stack.enter_context(netns.namespace("sw"))
@@ -117,6 +127,15 @@ def cluster(size: int, **config: dict[str, Any]) -> Iterator[Cluster]:
             netns.run(c.switch, "ip", "link", "set", port, "master", "br0", "up")
             node.run("ip", "addr", "add", f"{node.address}/24", "dev", "sync0")
             node.run("ip", "link", "set", "sync0", "up")
+            for k in range(1, links):
+                if node.index == 1:
+                    netns.run(c.switch, "ip", "link", "add", f"br{k}", "type", "bridge")
+                    netns.run(c.switch, "ip", "link", "set", f"br{k}", "up")
+                netns.run(c.switch, "ip", "link", "add", f"{port}-{k}", "type", "veth", "peer", "name", f"sync{k}",
+                          "netns", node.ns)
+                netns.run(c.switch, "ip", "link", "set", f"{port}-{k}", "master", f"br{k}", "up")
+                node.run("ip", "addr", "add", f"{node.link_address(k)}/24", "dev", f"sync{k}")
+                node.run("ip", "link", "set", f"sync{k}", "up")
         for node in c.nodes:
             node.write_config(**config)
         try:
