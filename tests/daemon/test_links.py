@@ -81,8 +81,9 @@ def test_cutting_the_active_link_mid_burst_loses_no_flow_and_traffic_comes_back(
         with table:
             assert table.commit(more).failed == []
         wait_for("B to get the flows sent after the return", lambda: entries(b) == BURST + 500, timeout=30)
+        tx = sa["sync"]
         print(f"cut at {had} flows on B; all {BURST} there {switched:.1f} s after the cut; A resent "
-              f"{sa['sync']['resent_datagrams']} datagrams, {sa['sync']['bulks_sent']} bulks, {sa['sync']['tx_bytes']} bytes")
+              f"{tx['resent_datagrams']} datagrams, {tx['bulks_sent']} bulks, {tx['tx_bytes']} bytes")
 
 
 def test_a_link_broken_in_one_direction_is_left_by_both_nodes() -> None:
