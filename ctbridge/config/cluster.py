@@ -46,6 +46,7 @@ class Node:
     sync: Interface | None
     interfaces: dict[str, Interface]  # by role: "lan", "wan", ...
     metrics: str
+    sync_links: tuple[Interface, ...] = ()  # redundant sync links after ``sync``, in order of preference
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Cluster:
     apply_mode: str
     transport: str  # of both the sync link and VRRP adverts
     sync_group: str  # multicast group of the sync link ("" for unicast)
+    sync_link_groups: list[str]  # multicast: one group per redundant sync link
     sync_port: int
     notify: str  # "hook" (keepalived runs the notify hook) or "fifo" (notify_fifo, ordered)
     interlock: bool
@@ -96,7 +98,8 @@ IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # IFNAMSIZ - 1, include/uapi/l
 # [cluster] key -> (type, default); every value is checked against its type (bool is not an int)
 CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
     "name": (str, "cluster"), "key_file": (str, "/etc/ctbridge/sync.key"), "apply_mode": (str, "commit"),
-    "transport": (str, "unicast"), "sync_group": (str, ""), "sync_port": (int, 3780), "notify": (str, "fifo"),
+    "transport": (str, "unicast"), "sync_group": (str, ""), "sync_link_groups": (list, []), "sync_port": (int, 3780),
+    "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
     "group": (str, "G1"),
 }
@@ -201,7 +204,8 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
     r.name(f"{path}: [cluster] group", settings["group"], "G1")
     nodes: list[Node] = []
     for i, raw in enumerate(r.tables(data, "node")):
-        named = r.entry("node", i, raw, ("name", "priority", "sync", "interfaces", "metrics"), f"fw{i + 1}")
+        named = r.entry("node", i, raw, ("name", "priority", "sync", "sync_links", "interfaces", "metrics"),
+                        f"fw{i + 1}")
         if named is None:
             continue
         name, where = named
@@ -214,7 +218,12 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         priority = r.value(where, raw, "priority", int, 100)
         if not 1 <= priority <= 254:
             r.problems.append(f"{where}: priority {priority!r} must be 1-254 (255 is for the address owner)")
-        nodes.append(Node(name, priority, sync, interfaces, r.value(where, raw, "metrics", str, "")))
+        links = []
+        for k, value in enumerate(r.value(where, raw, "sync_links", list, [])):
+            iface = r.interface(f"{where}: sync_links #{k + 1}", value)
+            if iface is not None:
+                links.append(iface)
+        nodes.append(Node(name, priority, sync, interfaces, r.value(where, raw, "metrics", str, ""), tuple(links)))
     instances: list[Instance] = []
     for i, raw in enumerate(r.tables(data, "instance")):
         named = r.entry("instance", i, raw, ("name", "side", "virtual_router_id", "vips", "advert_int"), "LAN")
@@ -301,10 +310,13 @@ def verify(c: Cluster) -> list[str]:
                 p.append(f"cluster {c.name!r}: sync_group {group} and the sync addresses are of different families")
     seen_sync: dict[IPAddress, str] = {}
     for n in c.nodes:
-        if n.sync is not None:
-            other = seen_sync.setdefault(n.sync.address.ip, n.name)
-            if other != n.name:
-                p.append(f"node {n.name!r}: sync address {n.sync.address.ip} is also node {other!r}'s")
+        for link in [i for i in (n.sync, *n.sync_links) if i is not None]:
+            if link.address.ip in seen_sync:
+                other = seen_sync[link.address.ip]
+                p.append(f"node {n.name!r}: sync address {link.address.ip} is also "
+                         + ("on another of its sync links" if other == n.name else f"node {other!r}'s"))
+            seen_sync[link.address.ip] = n.name
+    p += _verify_links(c)
     # VRRP instances
     vrids: dict[tuple[str, str, int, int], str] = {}
     inames = [i.name for i in c.instances]
@@ -350,6 +362,51 @@ def verify(c: Cluster) -> list[str]:
                 elif vip.ip == iface.address.ip:
                     p.append(f"{where}: VIP {vip.ip} is node {n.name!r}'s own address on {iface.name}; a VIP must "
                              "be an address no node owns")
+    return p
+
+
+MAX_SYNC_LINKS = 4  # ctbridge.config.settings.MAX_LINKS
+
+
+def _verify_links(c: Cluster) -> list[str]:
+    """Redundant sync links: every node has as many, each link of one family on every node, at
+    most four links in all; multicast: one group per redundant link."""
+    p: list[str] = []
+    counts = {len(n.sync_links) for n in c.nodes}
+    if len(counts) > 1:
+        p.append(f"cluster {c.name!r}: nodes have different numbers of sync_links ("
+                 + ", ".join(f"{n.name}: {len(n.sync_links)}" for n in c.nodes)
+                 + "); give every node an address on every sync link")
+        return p
+    count = counts.pop() if counts else 0
+    if count + 1 > MAX_SYNC_LINKS:
+        p.append(f"cluster {c.name!r}: {count} sync_links per node; at most {MAX_SYNC_LINKS - 1} "
+                 f"(a node has at most {MAX_SYNC_LINKS} sync links)")
+    for k in range(count):
+        families = {n.sync_links[k].address.version for n in c.nodes}
+        if len(families) > 1:
+            p.append(f"cluster {c.name!r}: sync_links #{k + 1} mixes IPv4 and IPv6 across nodes; "
+                     "give every node an address of one family on it")
+    groups = c.sync_link_groups
+    if c.transport == "multicast":
+        if len(groups) != count:
+            p.append(f"cluster {c.name!r}: transport is multicast and nodes have {count} sync_links, but "
+                     f"sync_link_groups lists {len(groups)} group(s); give one group per redundant link")
+        for k, g in enumerate(groups):
+            try:
+                ip = ipaddress.ip_address(g)
+            except ValueError:
+                p.append(f"cluster {c.name!r}: sync_link_groups: {g!r} is not an address")
+                continue
+            if not ip.is_multicast:
+                p.append(f"cluster {c.name!r}: sync_link_groups: {g} is not a multicast address")
+            elif g == c.sync_group or groups.count(g) > 1:
+                p.append(f"cluster {c.name!r}: sync_link_groups: {g} is used twice; each link has its own group")
+            elif k < count and ip.version != c.nodes[0].sync_links[k].address.version:
+                p.append(f"cluster {c.name!r}: sync_link_groups: {g} and sync_links #{k + 1} are of different "
+                         "families")
+    elif groups:
+        p.append(f"cluster {c.name!r}: transport is unicast but sync_link_groups is set (multicast); remove it")
     return p
 
 

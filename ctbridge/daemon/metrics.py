@@ -62,8 +62,10 @@ METRICS = (
     ("ctbridge_window_reductions_total", "Halvings of the window after losses", ("sync", "window_reductions"),
      "counter"),
     ("ctbridge_probes_total", "Probes sent because acknowledgements stopped", ("sync", "probes"), "counter"),
-    ("ctbridge_socket_drops_total", "Datagrams the sync socket dropped: its receive buffer was full",
+    ("ctbridge_socket_drops_total", "Datagrams the sync sockets dropped: their receive buffers were full",
      ("sync_socket", "drops"), "counter"),
+    ("ctbridge_link_switches_total", "Times traffic to a peer moved to another sync link", ("link_switches",),
+     "counter"),
     # the names every Prometheus client library gives its process collector
     ("process_resident_memory_bytes", "Resident memory size in bytes", ("process", "resident_memory_bytes"), "gauge"),
     ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds", ("process", "cpu_seconds"),
@@ -91,6 +93,13 @@ def render(stats: dict[str, Any]) -> str:
     out.append("# HELP ctbridge_role Current keepalived role (1 for the role held)\n# TYPE ctbridge_role gauge")
     for r in ("MASTER", "BACKUP", "FAULT"):
         out.append(f'ctbridge_role{{role="{r}"}} {1 if role == r else 0}')
+    for name, field, doc in (
+            ("ctbridge_link_up", "up", "1 while a sync link carries a two-way exchange with the peer"),
+            ("ctbridge_link_active", "active", "1 for the sync link that carries traffic to the peer")):
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} gauge")
+        for k, link in enumerate(stats.get("links", [])):
+            for peer, view in sorted(link.get("nodes", {}).items()):
+                out.append(f'{name}{{link="{k}",peer="{peer}"}} {1 if view.get(field) else 0}')
     return "\n".join(out) + "\n"
 
 

@@ -43,7 +43,7 @@ def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
                 netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
                 netns.run(ns, "nft", "-f", str(out / "ctbridge-sync.nft"))
                 listed = netns.run(ns, "nft", "list", "table", "inet", "ctbridge_sync").stdout
-                peers = [n.sync.address.ip for n in c.peers(node) if n.sync is not None]
+                peers = [i.address.ip for n in c.peers(node) for i in (n.sync, *n.sync_links) if i is not None]
                 assert all(str(p) in listed for p in peers)
 
 
@@ -63,8 +63,10 @@ def test_ctbridge_check_accepts_what_is_rendered(example: str, tmp_path: Path) -
         render.write(render.render(c, node), out)
         (out / "run").mkdir()
         with netns.namespace("check") as ns:
-            _interfaces(ns, {node.sync.name})
-            netns.run(ns, "ip", "addr", "add", str(node.sync.address), "dev", node.sync.name)
+            links = [node.sync, *node.sync_links]
+            _interfaces(ns, {link.name for link in links})
+            for link in links:
+                netns.run(ns, "ip", "addr", "add", str(link.address), "dev", link.name)
             res = netns.run(ns, sys.executable, "-m", "ctbridge", "check", "-c", str(out / "ctbridge.toml"),
                             check=False)
             assert res.returncode == 0, f"{node_name}: {res.stderr}"

@@ -31,3 +31,12 @@ def test_flow_control_figures_are_exposed() -> None:
     for line in ("ctbridge_window_datagrams 128", "ctbridge_in_flight_datagrams 3", "ctbridge_rtt_seconds 0",
                  "ctbridge_resent_bytes_total 1500", "ctbridge_probes_total 2"):
         assert f"\n{line}\n" in text, line
+
+
+def test_each_sync_link_is_a_labelled_series_per_peer() -> None:
+    links = [{"nodes": {"0000000b": {"up": False, "active": False}}},
+             {"nodes": {"0000000b": {"up": True, "active": True}}}]
+    text = metrics.render({"links": links, "link_switches": 2})
+    assert 'ctbridge_link_up{link="0",peer="0000000b"} 0\n' in text
+    assert 'ctbridge_link_active{link="1",peer="0000000b"} 1\n' in text
+    assert "\nctbridge_link_switches_total 2\n" in text

@@ -5,6 +5,8 @@ shipped examples, and the real parsers: `keepalived -t` (in a namespace that has
 from __future__ import annotations
 
 import copy
+import dataclasses
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ctbridge import atomicfile
-from ctbridge.config import cluster, render
+from ctbridge.config import cluster, render, settings
 from tests.support import EXAMPLES, ROOT, SNAPSHOTS
 
 # UPDATE_SNAPSHOTS=1 rewrites the snapshots from the templates (then review the diff)
@@ -57,6 +59,13 @@ def test_the_examples_pass_and_verify_changes_nothing() -> None:
      "node 'fw2': has no interface for side 'wan' of instance 'WAN'"),
     (("transport = \"unicast\"", "transport = \"multicast\""), "transport is multicast but sync_group = ''"),
     (("apply_mode = \"commit\"", "apply_mode = \"replay\""), "apply_mode = 'replay'; use 'commit' or 'inject'"),
+    (("sync_links = [{ name = \"sync1\", address = \"198.51.100.6/30\" }]\n", ""),
+     "nodes have different numbers of sync_links (fw1: 1, fw2: 0)"),
+    (("address = \"198.51.100.6/30\"", "address = \"198.51.100.2/30\""),
+     "node 'fw2': sync address 198.51.100.2 is also on another of its sync links"),
+    (("address = \"198.51.100.6/30\"", "address = \"2001:db8::6/64\""), "sync_links #1 mixes IPv4 and IPv6"),
+    (("transport = \"unicast\"", "transport = \"unicast\"\nsync_link_groups = [\"239.1.2.4\"]"),
+     "transport is unicast but sync_link_groups is set"),
 ])
 def test_each_mistake_names_the_object_and_the_fix(edit: tuple[str, str], expected: str | None) -> None:
     old, new = edit
@@ -181,3 +190,19 @@ def test_strict_undefined_and_atomic_writes(tmp_path: Path, monkeypatch: pytest.
 
 
 # --- the real parsers -------------------------------------------------------------------------------
+
+
+def test_redundant_multicast_links_are_rendered_with_a_group_each() -> None:
+    text = (ROOT / "examples" / "three-nodes-multicast.toml").read_text()
+    c = cluster.parse(text)
+    assert cluster.verify(c) == []
+    nodes = tuple(dataclasses.replace(n, sync_links=(
+        cluster.Interface("sync1", ipaddress.ip_interface(f"198.51.100.{5 + i}/29")),)) for i, n in enumerate(c.nodes))
+    c = dataclasses.replace(c, nodes=nodes)
+    assert any("sync_link_groups lists 0 group(s)" in p for p in cluster.verify(c))
+    c = dataclasses.replace(c, sync_link_groups=["239.0.0.51"])
+    assert cluster.verify(c) == []
+    files = render.render(c, c.nodes[0])
+    cfg = settings.parse(files["ctbridge.toml"].replace(c.key_file, "/k"))
+    assert cfg.sync_links()[1] == settings.SyncLink("198.51.100.5", (), "239.0.0.51", "sync1")
+    assert 'iifname != { "' in files["ctbridge-sync.nft"] and "@peers1" in files["ctbridge-sync.nft"]
