@@ -245,6 +245,37 @@ def _rss(node: _Node) -> int:
         return 0
 
 
+def _cpu(node: _Node) -> float:
+    """User + system CPU seconds of a node's conntrackd so far, 0 if it cannot be read."""
+    try:
+        import psutil
+        if node.proc is None:
+            return 0.0
+        t = psutil.Process(node.proc.pid).cpu_times()
+        return float(t.user + t.system)
+    except Exception:
+        return 0.0
+
+
+def link_bytes(ns: str, dev: str) -> int:
+    """Bytes ``dev`` in namespace ``ns`` has sent (its kernel counter), 0 if it cannot be read."""
+    try:
+        out = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev], capture_output=True,
+                             text=True, timeout=CMD_TIMEOUT, check=True).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def loss_ruleset(percent: int, port: int = SYNC_PORT) -> str:
+    """nftables: drop ``percent`` % of the sync datagrams entering and leaving a namespace (this kernel
+    has no netem; numgen random is uniform, nft(8))."""
+    return (f"table inet ctb_loss {{\n chain input {{\n  type filter hook input priority 0;\n"
+            f"  udp dport {port} numgen random mod 100 < {percent} counter drop\n }}\n"
+            f" chain output {{\n  type filter hook output priority 0;\n"
+            f"  udp dport {port} numgen random mod 100 < {percent} counter drop\n }}\n}}\n")
+
+
 def _start_daemon(node: _Node) -> None:
     # Foreground mode (no -d) keeps the daemon as our direct child: we know its pid, can reap it, and see its exit.
     # `ip netns exec` execs the command in place, and the new session keeps a terminal's Ctrl-C away from it, so
@@ -375,8 +406,10 @@ def _load_flows(node: _Node, flows: Path, n: int, result: dict[str, Any], log: C
     result["load_seconds"] is the time of the `conntrack -R` process itself."""
     start = time.perf_counter()
     if result.get("loader") == "burst":  # ctbridge's batched CT_NEW: the whole table in about 0.2 s
-        _run(_in_ns(node.netns, sys.executable, str(Path(__file__).with_name("burst_load.py")), str(n)),
-             timeout=max(60.0, n / 1000))
+        out = _run(_in_ns(node.netns, sys.executable, str(Path(__file__).with_name("burst_load.py")), str(n)),
+                   timeout=max(60.0, n / 1000)).split()
+        # the clock starts when the kernel write does (burst_load.py prints it, CLOCK_MONOTONIC)
+        start = float(out[1]) + time.perf_counter() - time.monotonic()
     else:
         _run(_in_ns(node.netns, "conntrack", "-R", str(flows)), timeout=max(60.0, n / 1000))
     result["load_seconds"] = round(time.perf_counter() - start, 6)
@@ -544,6 +577,11 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
     internal, external = _stats(a)[0], _stats(b)[1]
     if internal or external:  # fresh namespaces: anything here would be counted as synced
         raise HarnessError(f"caches not empty before the load (A internal {internal}, B external {external})")
+    if result.get("loss"):
+        subprocess.run(_in_ns(b.netns, "nft", "-f", "-"), input=loss_ruleset(result["loss"]), text=True,
+                       check=True, timeout=CMD_TIMEOUT, capture_output=True)
+    cpu0 = (_cpu(a), _cpu(b))
+    bytes0 = link_bytes(a.netns, a.veth) + link_bytes(b.netns, b.veth)
 
     # The load runs to completion before the first poll: `conntrackd -s` is served by the same event loop that
     # drains the netlink event socket, so polling during the burst would itself slow the daemon down. The poll
@@ -587,6 +625,8 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
         time.sleep(min(delay, left))
         delay = min(delay * 2, 0.1)
 
+    result["cpu_seconds"] = round(_cpu(a) - cpu0[0] + _cpu(b) - cpu0[1], 3)
+    result["link_bytes"] = link_bytes(a.netns, a.veth) + link_bytes(b.netns, b.veth) - bytes0
     result["internal_seconds"] = None if internal_s is None else round(internal_s, 6)
     result["converged"] = external_s is not None
     if external_s is not None:
@@ -653,7 +693,8 @@ def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, 
     return _run_pair(n, result, _measure, log)
 
 
-def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst: bool = False) -> dict[str, Any]:
+def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst: bool = False,
+                              loss: int = 0) -> dict[str, Any]:
     """Time conntrackd's event path: n TCP flows loaded by one `conntrack -R` into A's kernel while both daemons run,
     until B's external cache holds all n (at most EVENTS_TIMEOUT seconds after the load started).
 
@@ -667,7 +708,7 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
         "ok": False, "error": None, "entries": n, "load_seconds": None, "sync_seconds": None, "sync_rate": None,
         "internal_seconds": None, "converged": False, "external_reached": 0, "internal_reached": 0,
         "overruns_hint": None, "timeout_seconds": EVENTS_TIMEOUT, "version": None,
-        "loader": "burst" if burst else "restore",
+        "loader": "burst" if burst else "restore", "loss": loss, "cpu_seconds": None, "link_bytes": None,
     }
     return _run_pair(n, result, _measure_events, log)
 

@@ -141,7 +141,7 @@ class Daemon:
         sender = self.engine.last_sender
         if sender is not None:  # authentic, new or a fresh copy: that link carries its traffic
             self.links.heard(sender, addr, link, self.loop.time())
-        self.after_input()
+        # the engine's answers go out once the batch read with this datagram is done (after_input)
 
     def _heartbeat(self) -> None:
         """Redundant links: a heartbeat over every link, then the link choice made again."""
@@ -465,6 +465,7 @@ class Daemon:
             "sync_socket": _totals(link["socket"] for link in links),
             "links": links,
             "link_switches": self.links.switches,
+            "send_errors": self.links.send_errors,
             **self.stats_extra,
         }
 
@@ -561,7 +562,7 @@ class Daemon:
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
-            await self.links.open(self.loop, self.on_datagram)
+            self.links.open(self.loop, self.on_datagram, self.after_input)
             if self.links.redundant:
                 self.heartbeat = self.loop.call_soon(self._heartbeat)
             self.engine.request_resync(self.loop.time())

@@ -29,6 +29,9 @@ UDP_SNDBUF = 4 << 20  # a window of datagrams leaves in one burst
 # which the daemon has); without the capability the plain options give what the sysctl allows
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+# Datagrams read per wake-up of a socket before the engine's output is made: one loop iteration
+# per datagram (asyncio's datagram transport) cost more than the datagram itself during a burst
+RECV_BATCH = 64
 
 
 def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
@@ -73,18 +76,6 @@ def sync_socket(link: SyncLink, port: int) -> socket.socket:
     return sock
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, receive: Callable[[bytes, tuple[Any, int], int], None], link: int) -> None:
-        self.receive = receive
-        self.link = link
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.receive(data, addr, self.link)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("sync socket of link %d: %s", self.link, exc)
-
-
 def _ip(text: str) -> str:
     return str(ipaddress.ip_address(text.split("%")[0]))
 
@@ -102,7 +93,8 @@ class SyncLinks:
         except control.ControlError:
             self.close()
             raise
-        self.transports: list[asyncio.DatagramTransport | None] = [None] * len(self.links)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.send_errors = 0  # datagrams the kernel refused (a full send buffer, a link down)
         # (link, peer address) -> the peer's index in sync.peers; index -> node id and back
         self.index = {(k, _ip(a)): i for k, link in enumerate(self.links) for i, a in enumerate(link.peers)}
         self.node_of: dict[int, int] = {}
@@ -114,18 +106,35 @@ class SyncLinks:
     def redundant(self) -> bool:
         return len(self.links) > 1
 
-    async def open(self, loop: asyncio.AbstractEventLoop,
-                   receive: Callable[[bytes, tuple[Any, int], int], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, receive: Callable[[bytes, tuple[Any, int], int], None],
+             after: Callable[[], None]) -> None:
+        """Serve the sockets: ``receive`` each datagram (with its source and link), then ``after``
+        once per batch of up to RECV_BATCH, when the engine's answers go out."""
+        self.loop = loop
         for k, sock in enumerate(self.socks):
-            transport, _ = await loop.create_datagram_endpoint(lambda k=k: _Protocol(receive, k), sock=sock)  # type: ignore[misc]
-            self.transports[k] = transport
+            loop.add_reader(sock.fileno(), self._readable, sock, k, receive, after)
+
+    @staticmethod
+    def _readable(sock: socket.socket, link: int, receive: Callable[[bytes, tuple[Any, int], int], None],
+                  after: Callable[[], None]) -> None:
+        recvfrom = sock.recvfrom
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # an ICMP error reported on the socket: nothing to read
+                log.debug("sync socket of link %d: %s", link, exc)
+                break
+            receive(data, addr, link)
+        after()
 
     def close(self) -> None:
-        for t in self.transports:
-            if t is not None:
-                t.close()
         for s in self.socks:
+            if self.loop is not None:
+                self.loop.remove_reader(s.fileno())
             s.close()
+        self.loop = None
 
     def heard(self, node: int, addr: tuple[Any, int], link: int, now: float) -> None:
         """An authentic datagram of ``node`` came over ``link`` from ``addr``."""
@@ -150,9 +159,11 @@ class SyncLinks:
         return self.links[self.selector.active(node) or 0].peers[i]
 
     def _send(self, link: int, data: bytes, address: str) -> None:
-        t = self.transports[link]
-        if t is not None:
-            t.sendto(data, (address, self.port))
+        try:
+            self.socks[link].sendto(data, (address, self.port))
+        except OSError as exc:  # lost like a datagram on the wire: the reliable layer resends it
+            self.send_errors += 1
+            log.debug("sync link %d: sending to %s: %s", link, address, exc)
 
     def send(self, data: bytes, dest: int | None) -> None:
         """One datagram of the engine: to node ``dest``, or (None) to every peer, each over its

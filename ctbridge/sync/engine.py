@@ -163,6 +163,8 @@ class Peer:
         self.external: dict[bytes, ExternalFlow] = {}
         self.tombstones: dict[bytes, tuple[int, float]] = {}
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
+        self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
+        # peer cannot have seen): a NACK below it is stale
         self.acked_at = now  # when that last moved
         self.ack_sent = 0  # highest of its sequence numbers we acknowledged
         self.unacked = 0  # data datagrams received since our last acknowledgement
@@ -493,6 +495,7 @@ class Engine:
         peer.bulk_begin = peer.bulk_end = None
         peer.synced = False
         peer.acked = self._seq - 1  # its new life never saw what went before
+        peer.ack_heard = 0
         peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
@@ -699,6 +702,7 @@ class Engine:
                 self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
                 self.srtt = 0.875 * self.srtt + 0.125 * sample
         peer.acked = upto
+        peer.ack_heard = upto
         peer.acked_at = now
         newly = self._window_base() - before
         if newly > 0:
@@ -727,6 +731,10 @@ class Engine:
         """Answer a NACK. A datagram is resent at most once per RTO, however many NACKs name it
         (a NACK that names thousands of datagrams resent a moment ago costs nothing)."""
         last = min(last, first + 4095, self._seq - 1)
+        # What the peer acknowledged it has: a NACK for it is stale (it was queued before the hole
+        # filled, and left with the acknowledgement that says so). Without this, each such NACK
+        # was answered with a GAP and a bulk transfer of the whole table.
+        first = max(first, peer.ack_heard + 1)
         oldest = self._resend.oldest()
         if oldest is None or oldest > last:
             oldest = self._seq  # nothing of the range is kept
@@ -775,7 +783,7 @@ class Engine:
             self._recovery_upto = 0
             self._probes = 0
             for peer in self.peers.values():
-                peer.acked = 0
+                peer.acked = peer.ack_heard = 0
             seq = 1
         self._seq = seq + 1
         return seq

@@ -227,3 +227,22 @@ def test_an_attacker_on_the_link_during_a_burst() -> None:
     assert b.stats["rejected_replay"] > 1000
     assert a.stats["tx_bytes"] - sent_before <= 3 * payload(lab)
     assert a.stats["resends_skipped"] > 100 * a.stats["resent_datagrams"]
+
+
+def test_a_stale_nack_for_what_was_acknowledged_costs_no_gap_and_no_bulk() -> None:
+    """A receiver reads a batch of datagrams: one shows a hole (a NACK is queued), a later one
+    fills it, and the datagram it sends carries the acknowledgement and then the NACK. The
+    NACK is stale; it was answered with a GAP and a bulk transfer of the whole table."""
+    lab = Lab(2)
+    lab.run(1)
+    a, b = lab.engines[1], lab.engines[2]
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(3000)], lab.now)
+    lab.run(1)
+    assert lab.converged()
+    acked = a.peers[2].acked
+    assert acked > 40
+    bulks, gaps, resent = a.stats["bulks_sent"], a.stats["gaps_sent"], a.stats["resent_datagrams"]
+    msgs = wire.ack_msg(1, a.epoch, acked) + wire.nack_msg(1, a.epoch, 10, 30)
+    a.receive_datagram(wire.datagram(wire.Header(2, b.epoch, 90_000, 0), msgs, lab.auth), lab.now)
+    lab.run(1)
+    assert (a.stats["bulks_sent"], a.stats["gaps_sent"], a.stats["resent_datagrams"]) == (bulks, gaps, resent)
