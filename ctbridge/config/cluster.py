@@ -387,6 +387,25 @@ def _verify_links(c: Cluster) -> list[str]:
         if len(families) > 1:
             p.append(f"cluster {c.name!r}: sync_links #{k + 1} mixes IPv4 and IPv6 across nodes; "
                      "give every node an address of one family on it")
+            continue
+        first = c.nodes[0].sync_links[k]
+        for n in c.nodes[1:]:
+            if n.sync_links[k].address.ip not in first.address.network:
+                p.append(f"node {n.name!r}: sync_links #{k + 1} address {n.sync_links[k].address.ip} is outside "
+                         f"node {c.nodes[0].name!r}'s {first.address.network} on that link; the nodes' addresses "
+                         "on one link share its subnet")
+    for n in c.nodes:
+        links = [i for i in (n.sync, *n.sync_links) if i is not None]
+        names = [i.name for i in links]
+        for name in sorted({x for x in names if names.count(x) > 1}):
+            p.append(f"node {n.name!r}: interface {name} carries two sync links; each link needs its own "
+                     "interface (the nftables table tells them apart by it)")
+        for i, x in enumerate(links):
+            for y in links[i + 1:]:
+                if x.address.network.overlaps(y.address.network):  # type: ignore[arg-type,unused-ignore]
+                    p.append(f"node {n.name!r}: sync links on {x.name} ({x.address.network}) and {y.name} "
+                             f"({y.address.network}) overlap: the kernel would route both over one interface; "
+                             "give each link a subnet of its own")
     groups = c.sync_link_groups
     if c.transport == "multicast":
         if len(groups) != count:

@@ -13,11 +13,24 @@ from ctbridge.config import keyfile
 from ctbridge.config.settings import Config, ConfigError, load
 
 
+def socket_address(address: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What bind() and sendto() take for ``address``: an IPv6 link-local address with a scope
+    ("fe80::1%sync0") needs the interface index in the 4-tuple (bind() refuses the "%" form)."""
+    ip, _, scope = address.partition("%")
+    if scope:
+        try:
+            index = socket.if_nametoindex(scope)
+        except OSError:
+            index = int(scope) if scope.isdigit() else 0
+        return (ip, port, 0, index)
+    return (address, port)
+
+
 def _bind_problem(address: str, port: int) -> str | None:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
-            s.bind((address, port))
+            s.bind(socket_address(address, port))
         except OSError as exc:
             return os.strerror(exc.errno or 0) if exc.errno else str(exc)
     return None

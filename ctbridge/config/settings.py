@@ -374,8 +374,13 @@ def _check_links(cfg: Config, fail: typing.Callable[[str, str | None, str], None
             if link.peers or not link.group or not link.interface:
                 fail("sync", at, f"{where}: [sync] is multicast, so every link needs group and interface "
                      "(and no peers)")
-            elif link.group == sync.group:
-                fail("sync", at, f"{where}: group {link.group} is also [sync]'s; give each link its own group")
+            elif _is_ip(link.group) and _is_ip(sync.group) and any(
+                    ipaddress.ip_address(link.group) == ipaddress.ip_address(g)
+                    for g in [sync.group, *(other.group for other in sync.links[:n - 1])] if _is_ip(g)):
+                fail("sync", at, f"{where}: group {link.group} is also another link's; give each link its own group")
+            elif any(link.interface == other.interface for other in cfg.sync_links()[:n]):
+                fail("sync", at, f"{where}: interface {link.interface} is also another link's; give each link its "
+                     "own interface")
         else:
             if link.group or link.interface:
                 fail("sync", at, f"{where}: [sync] is unicast, so links take local and peers, not group "

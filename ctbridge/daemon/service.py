@@ -139,17 +139,17 @@ class Daemon:
     def on_datagram(self, data: bytes, addr: tuple[Any, int], link: int) -> None:
         self.engine.receive_datagram(data, self.loop.time(), time.time())
         sender = self.engine.last_sender
-        if sender is not None:  # authentic, new or a fresh copy: that link carries its traffic
-            self.links.heard(sender, addr, link, self.loop.time())
+        if sender is not None:  # authentic and new: that link carries its traffic
+            self.links.heard(sender, addr, link, self.loop.time(), self.engine.last_link)
         # the engine's answers go out once the batch read with this datagram is done (after_input)
 
     def _heartbeat(self) -> None:
         """Redundant links: a heartbeat over every link, then the link choice made again."""
         now = self.loop.time()
         selector = self.links.selector
-        self.links.send_everywhere(self.engine.heartbeat(now, selector.hearing(now)))
-        if self.links.update(now):
-            self.engine.path_changed(now)
+        self.links.send_heartbeats(self.engine.heartbeats(now, selector.hearing(now), len(self.links.links)))
+        for switch in self.links.update(now):
+            self.engine.path_changed(now, switch.node)
         self.heartbeat = self.loop.call_later(selector.heartbeat_interval, self._heartbeat)
         self.after_input()
 
@@ -185,6 +185,7 @@ class Daemon:
             log.info("peer %08x restarted (epoch %d -> %d)", event.node, event.old_epoch, event.new_epoch)
         elif isinstance(event, PeerSilent):
             log.info("peer %08x silent for %.1f s", event.node, event.seconds)
+            self.links.forget(event.node)
         elif isinstance(event, BulkCompleted):
             if event.complete:
                 log.info("bulk from peer %08x complete: %d flows, %d stale removed", event.node, event.flows,
@@ -198,6 +199,12 @@ class Daemon:
 
     def _flush_again(self) -> None:
         self.flush_scheduled = False
+        # a deadline that passed (not only output waiting, -inf) is the engine's timer: run it,
+        # or the loop spins here without ever doing what is due (a probe, an acknowledgement)
+        now = self.loop.time()
+        deadline = self.engine.get_timer()
+        if deadline is not None and deadline != float("-inf") and deadline <= now:
+            self.engine.handle_timer(now)
         self.after_input()
 
     def _on_timer(self) -> None:
@@ -466,6 +473,7 @@ class Daemon:
             "links": links,
             "link_switches": self.links.switches,
             "send_errors": self.links.send_errors,
+            "link_mismatches": self.links.mismatches,
             **self.stats_extra,
         }
 

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from ctbridge.config import host
 from ctbridge.config.settings import Config, SyncLink
 from ctbridge.daemon import control, udpstat
 from ctbridge.sync.links import LinkSelector, Switch
@@ -67,7 +68,7 @@ def sync_socket(link: SyncLink, port: int) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         else:
-            sock.bind((local, port))
+            sock.bind(host.socket_address(local, port))
     except OSError as exc:
         sock.close()
         raise control.ControlError(f"cannot open the sync socket on {local} port {port}: "
@@ -99,8 +100,11 @@ class SyncLinks:
         self.index = {(k, _ip(a)): i for k, link in enumerate(self.links) for i, a in enumerate(link.peers)}
         self.node_of: dict[int, int] = {}
         self.index_of: dict[int, int] = {}
+        self.learnt_on: dict[int, int] = {}  # index -> the link its node was learnt over
+        self.address_of: dict[tuple[int, int], str] = {}  # (node, link) -> its configured address there
         self.switches = 0
-        self.heartbeats = 0
+        self.mismatches = 0  # heartbeats over another link than they name, peers in another order
+        self._warned: set[tuple[Any, ...]] = set()
 
     @property
     def redundant(self) -> bool:
@@ -136,27 +140,52 @@ class SyncLinks:
             s.close()
         self.loop = None
 
-    def heard(self, node: int, addr: tuple[Any, int], link: int, now: float) -> None:
-        """An authentic datagram of ``node`` came over ``link`` from ``addr``."""
+    def _mismatch(self, key: tuple[Any, ...], message: str, *args: Any) -> None:
+        self.mismatches += 1
+        if key not in self._warned:  # once each: a misconfiguration, not an event
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def heard(self, node: int, addr: tuple[Any, int], link: int, now: float, named: int | None = None) -> None:
+        """An authentic, fresh datagram of ``node`` came over ``link`` from ``addr``; ``named``: the
+        link a heartbeat says it was sent over (the same on both nodes, or their links are listed
+        in different orders)."""
+        if named is not None and named != link:
+            self._mismatch(("link", node, link), "sync link %d: a heartbeat of peer %08x that it sent over its "
+                           "link %d: list the sync links in the same order on every node", link, node, named)
+            return
         if not self.multicast:
             i = self.index.get((link, addr[0]))  # the kernel writes addresses as str(ip_address) does
             if i is None:
                 return  # not a configured address: nothing is ever sent there
-            if self.node_of.get(i) != node:
-                old = self.node_of.get(i)
-                if old is not None:
+            old = self.node_of.get(i)
+            if old != node:
+                if old is not None and self.learnt_on.get(i) != link:
+                    self._mismatch(("order", node, link), "sync link %d: peer %08x speaks from %s, the address of "
+                                   "another peer on link %d: list the peers in the same order on every link",
+                                   link, node, addr[0], self.learnt_on[i])
+                    return
+                if old is not None:  # a node renamed at the same address: the old one is gone
                     self.index_of.pop(old, None)
                     self.selector.forget(old)
                 self.node_of[i] = node
                 self.index_of[node] = i
+                self.learnt_on[i] = link
+            self.address_of[(node, link)] = addr[0]
         self.selector.heard(node, link, now)
+
+    def forget(self, node: int) -> None:
+        """``node`` went silent: multicast stops counting it for the groups it is sent to."""
+        if self.multicast:
+            self.selector.forget(node)
 
     def address(self, node: int) -> str:
         """Where ``node``'s traffic goes now ("" while unknown)."""
         i = self.index_of.get(node)
         if i is None:
             return self.links[0].group if self.multicast else ""
-        return self.links[self.selector.active(node) or 0].peers[i]
+        k = self.selector.active(node) or 0
+        return self.address_of.get((node, k), self.links[k].peers[i])
 
     def _send(self, link: int, data: bytes, address: str) -> None:
         try:
@@ -179,16 +208,15 @@ class SyncLinks:
         for i in targets:
             node = self.node_of.get(i)
             via = self.selector.active(node) if node is not None and self.redundant else None
-            if via is not None:
-                self._send(via, data, self.links[via].peers[i])
+            if node is not None and via is not None:
+                self._send(via, data, self.address_of.get((node, via), self.links[via].peers[i]))
             else:
                 for k in range(len(self.links)):
                     self._send(k, data, self.links[k].peers[i])
 
-    def send_everywhere(self, data: bytes) -> None:
-        """A heartbeat: over every link to every peer."""
-        self.heartbeats += 1
-        for k, link in enumerate(self.links):
+    def send_heartbeats(self, datagrams: list[bytes]) -> None:
+        """Heartbeat k over link k, to every peer (its group)."""
+        for k, (link, data) in enumerate(zip(self.links, datagrams, strict=True)):
             for address in ([link.group] if self.multicast else link.peers):
                 self._send(k, data, address)
 

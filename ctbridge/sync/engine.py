@@ -148,10 +148,6 @@ class LinkReport(NamedTuple):
 
 EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport
 
-# A copy of a datagram this much below the newest a peer sent still shows that the link it came
-# over carries that peer's traffic (redundant links); an older one proves nothing (a replay).
-_FRESH_COPY = 1024
-
 
 class Peer:
     """What this node knows about one other node."""
@@ -180,6 +176,7 @@ class Peer:
         self.resync_at: float | None = None  # when we last asked it for a bulk transfer
         self.restarts = 0
         self.bulks = 0
+        self.heartbeats: dict[int, int] = {}  # link -> number of the last heartbeat taken over it
 
 
 def _new_stats() -> dict[str, int]:
@@ -189,7 +186,7 @@ def _new_stats() -> dict[str, int]:
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
-        "resent_bytes", "link_copies", "path_changes")}
+        "resent_bytes", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored", "path_changes")}
 
 
 class Engine:
@@ -240,10 +237,13 @@ class Engine:
         self._complete = self.complete()
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
-        # the node id of the last datagram received whose MAC held and that was new or a fresh
-        # copy (another link's, see heartbeat()); None otherwise: what the adapter's link
-        # choice may believe
+        # Redundant sync links (the adapter's link choice may believe these): the node id of the
+        # last datagram received if it was authentic and new (accepted data, or a heartbeat with
+        # a higher number than any before over its link), else None; and for a heartbeat, the
+        # link it says it was sent over
         self.last_sender: int | None = None
+        self.last_link: int | None = None
+        self._heartbeat = 0  # number of the last heartbeat round sent
 
     # --- this node's kernel ----------------------------------------------------------------------
 
@@ -405,7 +405,7 @@ class Engine:
         """Take one datagram; the sending peer's node id if it was accepted, else None."""
         stats = self.stats
         stats["rx_datagrams"] += 1
-        self.last_sender = None
+        self.last_sender = self.last_link = None
         self._last_input = max(self._last_input, now)
         stats["rx_bytes"] += len(data)
         try:
@@ -421,6 +421,8 @@ class Engine:
         if cfg.max_age and wall is not None and abs(wall * 1000 - header.time_ms) > cfg.max_age * 1000:
             stats["rejected_replay"] += 1
             return None
+        if header.seq == wire.HEARTBEAT_SEQ:
+            return self._heartbeat_received(header, flows, messages)
         peer = self.peers.get(header.node)
         if peer is None:
             if len(self.peers) >= cfg.max_peers:
@@ -436,13 +438,6 @@ class Engine:
         rx = peer.rx
         assert rx is not None
         if not rx.accept(header.seq):
-            if header.epoch == peer.epoch and header.seq + _FRESH_COPY > rx.highest:
-                self.last_sender = peer.node
-                if not flows and all(type(m) is wire.Alive or type(m) is wire.Ack for m in messages):
-                    # a heartbeat sent over every link at once: the copies are no replay, and
-                    # they carry nothing to acknowledge again
-                    stats["link_copies"] += 1
-                    return None
             stats["rejected_replay"] += 1
             if cfg.reliable and header.seq < rx.expected and peer.ack_due is None:
                 # the sender resends what we have: our acknowledgement was lost, say it again
@@ -496,6 +491,7 @@ class Engine:
         peer.synced = False
         peer.acked = self._seq - 1  # its new life never saw what went before
         peer.ack_heard = 0
+        peer.heartbeats = {}  # its heartbeat numbers start again too
         peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
@@ -589,10 +585,6 @@ class Engine:
                     peer.synced = False
                     if peer.resync_at is None:
                         peer.resync_at = now
-            elif type(msg) is wire.Alive:
-                for node, links in msg.reports:
-                    if node == me:
-                        self._events.append(LinkReport(peer.node, links))
             elif type(msg) is wire.Resync:
                 if msg.node in (0, me):
                     self.bulk_send(now, peer.node)
@@ -952,29 +944,63 @@ class Engine:
 
     # --- redundant sync links -------------------------------------------------------------------
 
-    def heartbeat(self, now: float, hearing: dict[int, int]) -> bytes:
-        """One datagram for the adapter to send over every sync link at once: ALIVE telling each
-        peer on which links this node hears it (``hearing``: node -> bits). The first copy to
-        arrive is taken like any datagram; the others show that their links carry traffic
-        (last_sender), and are counted as link_copies, not replays."""
-        msgs = [wire.alive_msg(sorted(hearing.items()))]
-        return self._finish(msgs, [], now)
+    def heartbeats(self, now: float, hearing: dict[int, int], links: int) -> list[bytes]:
+        """One heartbeat datagram per sync link, for the adapter to send over link k: HEARTBEAT
+        with the link's index, this round's number, and on which links this node hears each peer
+        (``hearing``: node -> bits). Sequence number 0: outside the data stream, so a heartbeat
+        that overtakes data queued on a slower link opens no gap. Padded to a full datagram."""
+        self._heartbeat += 1
+        reports = sorted(hearing.items())[:64]
+        header = wire.Header(self.node_id, self.epoch, wire.HEARTBEAT_SEQ, int((now + self.clock_offset) * 1000))
+        size = self.config.max_datagram - wire.HEADER_LEN - wire.MAC_LEN
+        out = [wire.datagram(header, wire.heartbeat_msg(k, self._heartbeat, reports, size), self.auth)
+               for k in range(links)]
+        self.stats["heartbeats_sent"] += len(out)
+        self.stats["tx_datagrams"] += len(out)
+        self.stats["tx_bytes"] += sum(len(d) for d in out)
+        return out
 
-    def path_changed(self, now: float) -> None:
-        """The adapter moved traffic to another link (or back): what was in flight on the old one
-        may be lost. Probe at once, acknowledge and ask for gaps again over the new one, and start
-        the round-trip estimate afresh (RFC 9002 9.4: a new path has its own RTT)."""
+    def _heartbeat_received(self, header: wire.Header, flows: list[wire.FlowTuple],
+                            messages: list[wire.Message]) -> int | None:
+        """A heartbeat: fresh if its number is higher than any before from that peer over that
+        link (a replay, however recent, proves nothing about a link), from the peer's current
+        epoch (a restarted peer is learnt from its data first)."""
+        stats = self.stats
+        if flows or len(messages) != 1 or type(messages[0]) is not wire.Heartbeat:
+            stats["rejected_malformed"] += 1
+            return None
+        hb = messages[0]
+        peer = self.peers.get(header.node)
+        if peer is None or header.epoch != peer.epoch:
+            stats["heartbeats_ignored"] += 1
+            return None
+        if hb.counter <= peer.heartbeats.get(hb.link, 0):
+            stats["rejected_replay"] += 1
+            return None
+        peer.heartbeats[hb.link] = hb.counter
+        stats["heartbeats_received"] += 1
+        self.last_sender, self.last_link = peer.node, hb.link
+        for node, links in hb.reports:
+            if node == self.node_id:
+                self._events.append(LinkReport(peer.node, links))
+        return peer.node
+
+    def path_changed(self, now: float, node: int) -> None:
+        """The adapter moved the traffic to ``node`` to another link (or back): what was in flight
+        on the old one may be lost. Probe at once, acknowledge and ask for gaps again over the
+        new one, and start the round-trip estimate afresh (RFC 9002 9.4: a new path has its own
+        RTT; one estimate serves every peer)."""
         self.stats["path_changes"] += 1
         self.srtt = None
         self.rttvar = self.config.initial_rtt / 2
         self._probes = 0
         self._probe_from = now - 2.0 * self.config.alive_interval  # a probe is due now, if data waits
-        for peer in self.peers.values():
-            if peer.rx is not None and self.config.reliable:
-                peer.ack_sent = min(peer.ack_sent, peer.rx.expected - 2)  # the next datagram acknowledges
-                peer.nack_at = -1.0
-                if peer.ack_due is None:
-                    peer.ack_due = now
+        peer = self.peers.get(node)
+        if peer is not None and peer.rx is not None and self.config.reliable:
+            peer.ack_sent = min(peer.ack_sent, peer.rx.expected - 2)  # the next datagram acknowledges
+            peer.nack_at = -1.0
+            if peer.ack_due is None:
+                peer.ack_due = now
 
     # --- time ---------------------------------------------------------------------------------------
 

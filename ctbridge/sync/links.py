@@ -1,23 +1,30 @@
 """Redundant sync links: which link carries the traffic to each peer. Pure (an explicit ``now``).
 
 A node with several sync links (up to wire.MAX_LINKS, in order of preference) sends everything
-to a peer over one of them, its *active* link for that peer, and a heartbeat over all of them
-(Engine.heartbeat, every ``timeout / 5``). Each heartbeat says on which links the sender hears
-the receiver. A link is *usable* for a peer when both directions work, as in BFD's three-way
-handshake (RFC 5880 6.2): we heard the peer on it within ``timeout``, and the peer's latest
-report, itself not older than ``timeout``, says it hears us on it. One-way evidence is not
-enough: with the link broken only from us to the peer, we still hear the peer on it.
+to a peer over one of them, its *active* link for that peer, and a heartbeat over each of them
+(Engine.heartbeats, every ``timeout / 5``, numbered, padded to a full datagram). Each heartbeat
+says on which links the sender hears the receiver.
+
+A link is *usable* for a peer when both directions work, as in BFD's three-way handshake (RFC
+5880 6.2): we heard the peer on it within ``timeout``, and the peer's latest report, itself not
+older than ``timeout``, says it hears us on it. One-way evidence is not enough: with the link
+broken only from us to the peer, we still hear the peer on it.
 
 The active link is the most preferred usable one. Traffic leaves a link as soon as it stops being
 usable (detected within ``timeout`` plus one heartbeat); it goes back to a more preferred link
-only once that one has been usable for ``timeout`` without a break, so that a flapping link does
-not pull traffic back and forth. With no usable link at all the active link stays where it is:
-moving would not help, and the link that comes back first wins.
+only once that one has been usable for its *hold-down* without a break. The hold-down starts at
+``timeout`` and doubles, up to MAX_HOLD timeouts, each time the link fails again within
+STABLE timeouts of coming back (a flapping link, as BGP route-flap damping does it, RFC 2439),
+and returns to ``timeout`` once it has stayed up that long. With no usable link at all the
+active link stays where it is: moving would not help, and the link that comes back first wins.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+MAX_HOLD = 64  # the longest hold-down, in timeouts (about a minute with the default 1 s)
+STABLE = 10  # a link up this many timeouts has stopped flapping: its hold-down starts again
 
 
 class Switch(NamedTuple):
@@ -27,14 +34,15 @@ class Switch(NamedTuple):
 
 
 class _PeerLinks:
-    __slots__ = ("active", "heard", "report", "report_at", "usable_since")
+    __slots__ = ("active", "heard", "hold", "report", "report_at", "usable_since")
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, timeout: float, first: int) -> None:
         self.heard: list[float | None] = [None] * count  # when we last heard the peer on each link
         self.report: int | None = None  # links on which the peer hears us (None: never said)
         self.report_at = 0.0
         self.usable_since: list[float | None] = [None] * count
-        self.active = 0
+        self.hold = [timeout] * count  # how long a link must work before traffic comes back to it
+        self.active = first  # the link it was first heard on
 
 
 class LinkSelector:
@@ -51,20 +59,22 @@ class LinkSelector:
         ones do not make a working link look broken."""
         return self.timeout / 5
 
-    def _peer(self, node: int) -> _PeerLinks:
+    def _peer(self, node: int, link: int = 0) -> _PeerLinks:
         p = self.peers.get(node)
         if p is None:
-            p = self.peers[node] = _PeerLinks(self.count)
+            p = self.peers[node] = _PeerLinks(self.count, self.timeout, link)
         return p
 
     def heard(self, node: int, link: int, now: float) -> None:
         """An authentic, fresh datagram of ``node`` arrived over ``link``."""
         if 0 <= link < self.count:
-            self._peer(node).heard[link] = now
+            self._peer(node, link).heard[link] = now
 
     def reported(self, node: int, links: int, now: float) -> None:
         """``node`` says it hears us on ``links`` (bit k: link k)."""
-        p = self._peer(node)
+        p = self.peers.get(node)
+        if p is None:
+            return  # never heard ourselves: nothing to combine it with
         p.report = links
         p.report_at = now
 
@@ -97,18 +107,23 @@ class LinkSelector:
         for node, p in self.peers.items():
             best = None
             for k in range(self.count):
+                since = p.usable_since[k]
                 if self.usable(node, k, now):
-                    if p.usable_since[k] is None:
+                    if since is None:
                         p.usable_since[k] = now
+                    elif now - since >= STABLE * self.timeout:
+                        p.hold[k] = self.timeout  # it stopped flapping
                     if best is None:
                         best = k
-                else:
+                elif since is not None:
                     p.usable_since[k] = None
+                    if now - since < STABLE * self.timeout:  # failed again soon after it came back
+                        p.hold[k] = min(2 * p.hold[k], MAX_HOLD * self.timeout)
             if best is None or best == p.active:
                 continue
             current_usable = p.usable_since[p.active] is not None
             since = p.usable_since[best]
-            if current_usable and (best > p.active or since is None or now - since < self.timeout):
+            if current_usable and (best > p.active or since is None or now - since < p.hold[best]):
                 continue  # the current one works: go back to a preferred one only once it is stable
             switches.append(Switch(node, p.active, best))
             p.active = best

@@ -56,6 +56,8 @@ class MsgType(IntEnum):
     BULK_BEGIN = 8  # a bulk transfer for node (0: everyone) starts
     BULK_END = 9  # ... and ends; the receiver drops the sender's flows the bulk did not mention
     GAP = 10  # sender -> receiver: datagrams first..last of mine will not be resent; stop asking
+    HEARTBEAT = 11  # redundant sync links: aux = the link it was sent over; counter (u32), reports (u16), 0 (u16),
+    # a (node u32, links u32) pair per report, zero padding; alone in a datagram of sequence number 0
 
 
 class WireError(Exception):
@@ -119,8 +121,16 @@ class Gap(NamedTuple):
 
 
 class Alive(NamedTuple):
-    # redundant sync links: (node, links) pairs, "I hear node on these links" (bit k: link k);
-    # empty from a node with one link, and from older nodes (version 1 ignores an ALIVE's body)
+    pass
+
+
+class Heartbeat(NamedTuple):
+    """Redundant sync links: sent over link ``link`` with number ``counter`` (outside the data
+    sequence, in a datagram of sequence number 0); ``reports`` are (node, links) pairs, "I hear
+    that node on these links" (bit k: link k)."""
+
+    link: int
+    counter: int
     reports: tuple[tuple[int, int], ...] = ()
 
 
@@ -143,7 +153,7 @@ class BulkEnd(NamedTuple):
     flows: int
 
 
-Message = Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd
+Message = Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd | Heartbeat
 
 
 # --- authentication --------------------------------------------------------------------------------
@@ -247,14 +257,23 @@ def gap_msg(node: int, epoch: int, first: int, last: int) -> bytes:
     return _RANGE.pack(MsgType.GAP, 0, _RANGE.size, node, epoch, first, last)
 
 
+def alive_msg() -> bytes:
+    return _MSG.pack(MsgType.ALIVE, 0, 4)
+
+
+_HEARTBEAT = struct.Struct("!BBHIHH")  # type, link, length, counter, reports, 0
 _REPORT = struct.Struct("!II")
-MAX_LINKS = 4  # sync links a node may have (bits of a link report that mean anything)
+MAX_LINKS = 4  # sync links a node may have
+HEARTBEAT_SEQ = 0  # the sequence number of a heartbeat's datagram: never one of the data stream's
 
 
-def alive_msg(reports: Sequence[tuple[int, int]] = ()) -> bytes:
-    """ALIVE; with ``reports``, the links on which this node hears each peer (redundant links)."""
+def heartbeat_msg(link: int, counter: int, reports: Sequence[tuple[int, int]] = (), size: int = 0) -> bytes:
+    """HEARTBEAT over ``link``, zero-padded to ``size`` bytes (a link that drops full-size datagrams
+    must not pass its heartbeats)."""
     body = b"".join(_REPORT.pack(node, links) for node, links in reports)
-    return _MSG.pack(MsgType.ALIVE, 0, 4 + len(body)) + body
+    length = max(_HEARTBEAT.size + len(body), size & ~3)
+    return (_HEARTBEAT.pack(MsgType.HEARTBEAT, link, length, counter, len(reports), 0) + body
+            + bytes(length - _HEARTBEAT.size - len(body)))
 
 
 def hello_msg() -> bytes:
@@ -361,12 +380,15 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 node, epoch, first, last = _RANGE.unpack_from(data, off)[3:]
                 out.append(Nack(node, epoch, first, last) if mtype == MsgType.NACK else Gap(node, epoch, first, last))
             elif mtype == MsgType.ALIVE:
-                if mlen == 4:
-                    out.append(Alive())
-                else:
-                    if (mlen - 4) % _REPORT.size:
-                        raise WireError("malformed", f"ALIVE message of {mlen} bytes: reports are 8 bytes each")
-                    out.append(Alive(tuple(_REPORT.unpack_from(data, o) for o in range(off + 4, nxt, _REPORT.size))))
+                out.append(Alive())
+            elif mtype == MsgType.HEARTBEAT:
+                _need(mlen, _HEARTBEAT.size, "HEARTBEAT")
+                _t, link, _l, counter, count, _z = _HEARTBEAT.unpack_from(data, off)
+                start = off + _HEARTBEAT.size
+                if link >= MAX_LINKS or start + count * _REPORT.size > nxt:
+                    raise WireError("malformed", f"HEARTBEAT of link {link} with {count} reports in {mlen} bytes")
+                out.append(Heartbeat(link, counter, tuple(_REPORT.unpack_from(data, start + i * _REPORT.size)
+                                                          for i in range(count))))
             elif mtype == MsgType.HELLO:
                 out.append(Hello())
             elif mtype == MsgType.RESYNC:

@@ -1,7 +1,7 @@
 """The golden vectors of every sync message type: fixed inputs, one datagram each.
 
 tests/fixtures/wire_vectors.json holds their bytes; docs/protocol.md shows the same hex. Regenerate
-both only for a deliberate format change (python -m tests.wirevectors --write), and say so.
+both only for a deliberate format change (python -m tests.support.wirevectors --write), and say so.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def messages() -> dict[str, tuple[bytes, wire.Message]]:
         "BULK_BEGIN": (wire.bulk_begin_msg(0x01020304, 3), wire.BulkBegin(0x01020304, 3)),
         "BULK_END": (wire.bulk_end_msg(0x01020304, 3, 1000), wire.BulkEnd(0x01020304, 3, 1000)),
         "GAP": (wire.gap_msg(0x01020304, HEADER.epoch, 10, 12), wire.Gap(0x01020304, HEADER.epoch, 10, 12)),
+        "HEARTBEAT": (wire.heartbeat_msg(1, 77, [(0x01020304, 0b11)], size=32),
+                      wire.Heartbeat(1, 77, ((0x01020304, 3),))),
     }
 
 

@@ -66,6 +66,11 @@ def test_the_examples_pass_and_verify_changes_nothing() -> None:
     (("address = \"198.51.100.6/30\"", "address = \"2001:db8::6/64\""), "sync_links #1 mixes IPv4 and IPv6"),
     (("transport = \"unicast\"", "transport = \"unicast\"\nsync_link_groups = [\"239.1.2.4\"]"),
      "transport is unicast but sync_link_groups is set"),
+    (("name = \"sync1\", address = \"198.51.100.6/30\"", "name = \"sync0\", address = \"198.51.100.6/30\""),
+     "node 'fw2': interface sync0 carries two sync links"),
+    (("address = \"198.51.100.6/30\"", "address = \"198.51.100.3/29\""), "overlap: the kernel would route both"),
+    (("address = \"198.51.100.6/30\"", "address = \"198.51.100.10/30\""),
+     "sync_links #1 address 198.51.100.10 is outside node 'fw1''s 198.51.100.4/30"),
 ])
 def test_each_mistake_names_the_object_and_the_fix(edit: tuple[str, str], expected: str | None) -> None:
     old, new = edit
@@ -197,12 +202,12 @@ def test_redundant_multicast_links_are_rendered_with_a_group_each() -> None:
     c = cluster.parse(text)
     assert cluster.verify(c) == []
     nodes = tuple(dataclasses.replace(n, sync_links=(
-        cluster.Interface("sync1", ipaddress.ip_interface(f"198.51.100.{5 + i}/29")),)) for i, n in enumerate(c.nodes))
+        cluster.Interface("sync1", ipaddress.ip_interface(f"198.51.100.{9 + i}/29")),)) for i, n in enumerate(c.nodes))
     c = dataclasses.replace(c, nodes=nodes)
     assert any("sync_link_groups lists 0 group(s)" in p for p in cluster.verify(c))
     c = dataclasses.replace(c, sync_link_groups=["239.0.0.51"])
     assert cluster.verify(c) == []
     files = render.render(c, c.nodes[0])
     cfg = settings.parse(files["ctbridge.toml"].replace(c.key_file, "/k"))
-    assert cfg.sync_links()[1] == settings.SyncLink("198.51.100.5", (), "239.0.0.51", "sync1")
+    assert cfg.sync_links()[1] == settings.SyncLink("198.51.100.9", (), "239.0.0.51", "sync1")
     assert 'iifname != { "' in files["ctbridge-sync.nft"] and "@peers1" in files["ctbridge-sync.nft"]
