@@ -78,6 +78,7 @@ class EventBatch(NamedTuple):
 
     events: list[Event]
     overrun: bool
+    buffers: tuple[bytes, ...] | list[bytes] = ()  # with EventSocket.raw: the receive buffers, undecoded
 
 
 def _open(rcvbuf: int, sndbuf: int | None = None) -> socket.socket:
@@ -481,6 +482,7 @@ class EventSocket:
         self.overruns = 0
         # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
         self.skip_portid = -1
+        self.raw = False  # read() hands out the receive buffers undecoded (ctbridge.sync.intake reads them)
 
     def close(self) -> None:
         self.sock.close()
@@ -516,6 +518,7 @@ class EventSocket:
         up to ``max_rcvbuf``, as conntrackd's does.
         """
         events: list[Event] = []
+        buffers: list[bytes] = []
         overrun = False
         n = 0
         while n < limit or overrun:
@@ -531,10 +534,13 @@ class EventSocket:
             if not datagrams:
                 break
             n += len(datagrams)
+            if self.raw:
+                buffers += datagrams
+                continue
             skip = self.skip_portid
             for data in datagrams:
                 events.extend(codec.decode_events(data, skip))
-        return EventBatch(events, overrun)
+        return EventBatch(events, overrun, buffers)
 
     def _grow(self) -> None:
         size = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
@@ -555,7 +561,7 @@ class EventSocket:
                 await ready.wait()
                 ready.clear()
                 batch = self.read()
-                if batch.events or batch.overrun:
+                if batch.events or batch.buffers or batch.overrun:
                     yield batch
         finally:
             loop.remove_reader(self.sock.fileno())

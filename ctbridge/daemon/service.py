@@ -111,6 +111,7 @@ class Daemon:
         self.events = EventSocket(rcvbuf=cfg.apply.event_buffer)
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = self.kernel.portid
+        self.events.raw = True  # the engine reads the buffers itself (ctbridge.sync.intake)
         self.links = SyncLinks(cfg)
         self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -221,14 +222,14 @@ class Daemon:
                 await self.resync_internal()
                 # Every event of this batch was read before the dump began: the dump is newer, and
                 # applying them after it would put back states the lost events had moved on from.
-                kernel_stats["superseded"] += len(batch.events)
+                kernel_stats["superseded"] += len(batch.events) + len(batch.buffers)
                 continue
-            events = batch.events  # the echo of our own writes was skipped unread (skip_portid)
-            kernel_stats["events"] += len(events)
-            if events:
+            # the echo of our own writes is skipped unread (skip_portid)
+            keys = self.engine.kernel_messages(batch.buffers, self.loop.time(), self.events.skip_portid)
+            kernel_stats["events"] += len(keys)
+            if keys:
                 if self.touched is not None:
-                    self.touched.update(e.entry.key for e in events)
-                self.engine.kernel_events(events, self.loop.time())
+                    self.touched.update(keys)
                 self.after_input()
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:

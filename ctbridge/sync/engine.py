@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -36,6 +37,7 @@ from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.filter import FlowFilter
+from ctbridge.sync.intake import Fast, Intake
 from ctbridge.sync.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,7 @@ class Engine:
         self.last_sender: int | None = None
         self.last_link: int | None = None
         self._heartbeat = 0  # number of the last heartbeat round sent
+        self.intake = Intake()
 
     # --- this node's kernel ----------------------------------------------------------------------
 
@@ -268,6 +271,41 @@ class Engine:
             internal[key] = flow_msg(version, strip(entry))
             pending[key] = None
         self._version = version
+
+    def kernel_messages(self, buffers: Sequence[bytes], now: float, skip_portid: int = -1) -> list[bytes]:
+        """kernel_events() for the event socket's receive buffers as they are (one message each,
+        as the kernel sends events), read by ctbridge.sync.intake where it knows the layout; the
+        keys of the flows they changed (our own echo, ``skip_portid``, left out)."""
+        intake = self.intake
+        decode = intake.decode
+        internal = self.internal
+        pending = self._pending
+        accepts = self.config.filter.accepts_facts
+        flow_raw = wire.flow_raw
+        keys: list[bytes] = []
+        version = self._version
+        for buf in buffers:
+            fast = decode(buf, skip_portid)
+            if fast is None:
+                continue
+            if type(fast) is not Fast:  # the general path, in order with the rest
+                self._version = version
+                events = codec.decode_events(buf, skip_portid)
+                self.kernel_events(events, now)
+                keys.extend(e.entry.key for e in events)
+                version = self._version
+                continue
+            key = fast.key
+            keys.append(key)
+            if fast.destroy or not accepts(key[0], fast.facts):
+                if internal.pop(key, None) is not None:
+                    pending[key] = None
+                continue
+            version += 1
+            internal[key] = flow_raw(version, key[0], fast.zone, fast.orig_len, fast.attrs)
+            pending[key] = None
+        self._version = version
+        return keys
 
     def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True,
                       newer: set[bytes] | frozenset[bytes] = frozenset()) -> None:

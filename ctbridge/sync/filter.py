@@ -50,6 +50,10 @@ class FlowFilter:
         facts = _fast_facts(entry)
         if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
             facts = flow_facts(entry)
+        return self.accepts_facts(entry.family, facts)
+
+    def accepts_facts(self, family: int, facts: tuple[int, bytes, bytes, int | None]) -> bool:
+        """accepts() for the facts flow_facts() gives (ctbridge.sync.intake reads them itself)."""
         proto, src, reply_src, state = facts
         if self.protocols and proto not in self.protocols:
             return False
@@ -57,7 +61,6 @@ class FlowFilter:
             return False
         if src in self._ignore_hosts or reply_src in self._ignore_hosts:
             return False
-        family = entry.family
         nets = self._ignore_nets.get(family, ())
         if nets or self._accept:
             a = int.from_bytes(src, "big")

@@ -239,6 +239,12 @@ def flow_msg(version: int, entry: codec.Entry) -> bytes:
 _ORIG_HEADS: dict[int, bytes] = {}
 
 
+def flow_raw(version: int, family: int, zone: int, orig_len: int, attrs: bytes) -> bytes:
+    """FLOW from its parts, for attributes already in replication form (ctbridge.sync.intake):
+    they start with CTA_TUPLE_ORIG, ``orig_len`` bytes with its header, and are 4-byte aligned."""
+    return _FLOW.pack(MsgType.FLOW, family, FLOW_HEADER + len(attrs), version, zone, orig_len) + attrs
+
+
 def delete_msg(version: int, key: bytes) -> bytes:
     family, zone, orig = codec.split_key(key)
     orig = _pad(orig)
