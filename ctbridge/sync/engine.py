@@ -885,24 +885,33 @@ class Engine:
             open_ = room_left > 0
             if not open_ and (self._pending or self._bulks):
                 stats["window_full"] += 1
-            pending = self._pending if self.role is not Role.FAULT and open_ else {}
-            while pending:
-                key = next(iter(pending))
-                m = self._message(key)
-                if size + len(m) > room:
-                    if not msgs:  # a single flow larger than a datagram: cannot be sent at all
-                        del pending[key]
-                        stats["oversized_flows"] += 1
-                        continue
-                    break
-                del pending[key]
-                msgs.append(m)
-                keys.append(key)
-                size += len(m)
-                if m[0] == wire.MsgType.FLOW:
-                    stats["flows_sent"] += 1
-                else:
-                    stats["deletes_sent"] += 1
+            pending = self._pending
+            if pending and self.role is not Role.FAULT and open_:
+                take = pending.popitem
+                internal_get = self.internal.get
+                flows = 0
+                while pending:
+                    key = take(last=False)[0]
+                    cur = internal_get(key)
+                    if cur is None:
+                        m = self._message(key)  # deleted: a DELETE with a version of its own
+                    else:
+                        m = cur
+                        flows += 1
+                    if size + len(m) > room:
+                        if m[0] == wire.MsgType.FLOW:
+                            flows -= 1
+                        if not msgs:  # a single flow larger than a datagram: cannot be sent at all
+                            stats["oversized_flows"] += 1
+                            continue
+                        pending[key] = None  # back to the front: the next datagram starts with it
+                        pending.move_to_end(key, last=False)
+                        break
+                    msgs.append(m)
+                    keys.append(key)
+                    size += len(m)
+                stats["flows_sent"] += flows
+                stats["deletes_sent"] += len(keys) - flows
             if self.role is not Role.FAULT and open_:
                 size = self._fill_bulk(msgs, keys, size, room)
             if not msgs:
