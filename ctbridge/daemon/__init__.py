@@ -1,4 +1,5 @@
-"""The running node: the service that wires kernel, engine and sync socket together (service),
+"""The running node: the service that wires kernel, engine and sync sockets together (service;
+synclink: one socket per sync link, and what goes over which),
 the keepalived side (keepalived: notify FIFO and track files), the commit gate (gate), the control
 socket (control) and the metrics endpoint (metrics).
 

@@ -62,7 +62,7 @@ class EngineConfig:
     apply_mode: str = "commit"  # "inject": write peers' flows into this kernel as they arrive
     max_datagram: int = 1452  # bytes: IPv6 minimum path MTU 1500 - 40 (IPv6) - 8 (UDP)
     ack_every: int = 32  # acknowledge after this many data datagrams ...
-    ack_delay: float = 0.05  # ... or this long after the first unacknowledged one
+    ack_delay: float = 0.01  # ... or this long after the first unacknowledged one
     nack_retry: float = 0.03  # ask again for a gap still open after this long (the sender resends a
     # datagram at most once per RTO, so asking often costs a few bytes, never a flood)
     alive_interval: float = 1.0  # send something at least this often
@@ -163,6 +163,11 @@ class Peer:
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
         # peer cannot have seen): a NACK below it is stale
+        # What its latest NACKs say beyond the acknowledgement (selective acknowledgement, as
+        # RFC 6675 counts the pipe): it has datagrams up to sack_high, but for these ranges
+        self.sack_high = 0
+        self.missing: list[tuple[int, int]] = []
+        self.missing_count = 0
         self.acked_at = now  # when that last moved
         self.ack_sent = 0  # highest of its sequence numbers we acknowledged
         self.unacked = 0  # data datagrams received since our last acknowledgement
@@ -528,7 +533,8 @@ class Engine:
         peer.bulk_begin = peer.bulk_end = None
         peer.synced = False
         peer.acked = self._seq - 1  # its new life never saw what went before
-        peer.ack_heard = 0
+        peer.ack_heard = peer.sack_high = peer.missing_count = 0
+        peer.missing = []
         peer.heartbeats = {}  # its heartbeat numbers start again too
         peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
@@ -541,11 +547,27 @@ class Engine:
         self._ask_for_bulk(peer, now)
 
     def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
-        """An ACK of everything received in order from ``peer``, noted as sent."""
+        """An ACK of everything received in order from ``peer``, noted as sent; with a gap open,
+        also how far beyond it we have everything but the gaps our NACKs name."""
         peer.ack_sent = rx.expected - 1
         peer.unacked = 0
         peer.ack_due = None
-        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1)
+        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, self._sack(rx)[0] if rx.above else 0)
+
+    @staticmethod
+    def _sack(rx: ReceiveWindow) -> tuple[int, list[tuple[int, int]]]:
+        """(highest, gaps): the gaps one NACK round names (up to NACK_RANGES, each at most 4096
+        long) and how far they cover what is missing: up to the newest received, or to just
+        before the first gap left unnamed (the sender counts everything else as arrived)."""
+        gaps = rx.gaps(NACK_RANGES + 1)
+        highest = gaps[NACK_RANGES][0] - 1 if len(gaps) > NACK_RANGES else rx.highest
+        named = []
+        for first, last in gaps[:NACK_RANGES]:
+            if last > first + 4095:
+                last = first + 4095
+                highest = min(highest, last)
+            named.append((first, last))
+        return highest, named
 
     def _ask_for_bulk(self, peer: Peer, now: float) -> None:
         """RESYNC to ``peer``: its bulk transfer replaces what we hold of it (retried until it comes)."""
@@ -556,10 +578,14 @@ class Engine:
     def _nack(self, peer: Peer, gap: tuple[int, int], now: float) -> None:
         """Ask for every gap at once (up to NACK_RANGES, lowest first): with loss spread over a
         window, asking for the first gap only took one round trip per gap."""
-        assert peer.rx is not None
-        for first, last in peer.rx.gaps(NACK_RANGES):
-            self._control.append(wire.nack_msg(peer.node, peer.epoch, first, min(last, first + 4095)))
+        rx = peer.rx
+        assert rx is not None
+        highest, gaps = self._sack(rx)
+        for first, last in gaps:
+            self._control.append(wire.nack_msg(peer.node, peer.epoch, first, last))
             self.stats["nacks_sent"] += 1
+        # the sender's window counts only what the NACKs name as missing up to ``highest``
+        self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest))
         peer.nacked = gap
         peer.nack_at = now
 
@@ -593,6 +619,8 @@ class Engine:
                 continue
             if inject:
                 self._kernel_ops.append(KernelOp("commit", wire.flow_entry(key, fmsg), key))
+        nacked: list[tuple[int, int]] | None = None
+        sack_high = 0
         for msg in messages:
             if type(msg) is wire.Delete:
                 data_seen = True
@@ -608,10 +636,16 @@ class Engine:
                     if inject:
                         self._kernel_ops.append(KernelOp("delete", None, key))
             elif type(msg) is wire.Ack:
-                if msg.node == me and msg.epoch == self.epoch and msg.upto > peer.acked:
-                    self._on_acked(peer, min(msg.upto, self._seq - 1), now)
+                if msg.node == me and msg.epoch == self.epoch:
+                    if msg.upto > peer.acked:
+                        self._on_acked(peer, min(msg.upto, self._seq - 1), now)
+                    if msg.highest > peer.sack_high:
+                        sack_high = msg.highest
             elif type(msg) is wire.Nack:
                 if msg.node == me and msg.epoch == self.epoch:
+                    if nacked is None:
+                        nacked = []
+                    nacked.append((msg.first, msg.last))
                     self.stats["nacks_received"] += 1
                     if msg.first > peer.acked:
                         self._on_loss(msg.first)
@@ -636,6 +670,8 @@ class Engine:
                 if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
                     peer.bulk_end = (msg.bulk_id, seq, peer.bulk_begin[1])
                     peer.bulk_begin = None
+        if nacked is not None or sack_high:
+            self._sacked(peer, nacked or [], sack_high, now)
         stats["flows_received"] += len(flows)
         stats["stale_ignored"] += stale
         return data_seen
@@ -684,14 +720,47 @@ class Engine:
         return min(live) if live else self._seq - 1
 
     def in_flight(self) -> int:
-        """Datagrams sent that the peers keeping up have not acknowledged yet (what the window
-        limits). A peer whose acknowledgements stopped while others' went on (it cannot hear us,
-        or it is gone and not yet timed out) does not hold the others back: it catches up through
-        NACK, GAP and a bulk transfer, as it would after an outage. Best effort: nothing is
+        """Datagrams sent that a peer keeping up has not received as far as we know (what the
+        window limits): those after the newest it reported having, and the holes it reported
+        below (its NACKs name every gap, so what lies between them arrived: RFC 6675's pipe).
+        Counting from the cumulative acknowledgement instead let one lost datagram whose resend
+        was lost too hold the whole window: 100,000 flows under 20% loss took 16 s.
+        A peer whose acknowledgements stopped while others' went on (it cannot hear us, or it is
+        gone and not yet timed out) does not hold the others back: it catches up through NACK,
+        GAP and a bulk transfer, as it would after an outage. Best effort: nothing is
         acknowledged, nothing is held back."""
         if not self.config.reliable:
             return 0
-        return self._seq - 1 - self._window_base()
+        last = self._seq - 1
+        limit = self._lag_limit()
+        pipes = [last - max(p.acked, p.sack_high) + p.missing_count for p in self.peers.values()
+                 if p.alive and p.epoch >= 0 and self._last_input - p.acked_at < limit]
+        return max(pipes) if pipes else last - self._acked_by_all()
+
+    def _sacked(self, peer: Peer, ranges: list[tuple[int, int]], highest: int, now: float) -> None:
+        """A datagram of ``peer`` NACKed these ranges and said it has everything else up to
+        ``highest`` (an older peer does not say: then up to the last range's end)."""
+        last = self._seq - 1
+        if ranges:
+            highest = max(highest, max(b for _a, b in ranges) + 1)
+        high = min(last, highest)
+        if high > peer.sack_high:
+            peer.sack_high = high
+            peer.acked_at = now  # it keeps up: what it has moves on, if not its first hole
+        if ranges:
+            peer.missing = sorted(ranges)
+            self._count_missing(peer)
+
+    @staticmethod
+    def _count_missing(peer: Peer) -> None:
+        floor = peer.acked
+        count = 0
+        for a, b in peer.missing:
+            a = max(a, floor + 1)
+            if b >= a:
+                count += b - a + 1
+                floor = b
+        peer.missing_count = count
 
     def _window_base(self) -> int:
         """The highest datagram every peer that keeps up has acknowledged (see in_flight)."""
@@ -733,6 +802,9 @@ class Engine:
                 self.srtt = 0.875 * self.srtt + 0.125 * sample
         peer.acked = upto
         peer.ack_heard = upto
+        if peer.missing:
+            peer.missing = [(a, b) for a, b in peer.missing if b > upto]
+            self._count_missing(peer)
         peer.acked_at = now
         newly = self._window_base() - before
         if newly > 0:
@@ -813,7 +885,8 @@ class Engine:
             self._recovery_upto = 0
             self._probes = 0
             for peer in self.peers.values():
-                peer.acked = peer.ack_heard = 0
+                peer.acked = peer.ack_heard = peer.sack_high = peer.missing_count = 0
+                peer.missing = []
             seq = 1
         self._seq = seq + 1
         return seq

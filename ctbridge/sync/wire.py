@@ -104,6 +104,7 @@ class Ack(NamedTuple):
     node: int
     epoch: int
     upto: int
+    highest: int = 0  # 0: not said
 
 
 class Nack(NamedTuple):
@@ -251,7 +252,14 @@ def delete_msg(version: int, key: bytes) -> bytes:
     return _DELETE.pack(MsgType.DELETE, family, FLOW_HEADER + len(orig), version, zone, 0) + orig
 
 
-def ack_msg(node: int, epoch: int, upto: int) -> bytes:
+_U32 = struct.Struct("!I")
+
+
+def ack_msg(node: int, epoch: int, upto: int, highest: int = 0) -> bytes:
+    """ACK; with ``highest``, also "I have every datagram up to highest but those my NACKs in this
+    datagram name" (selective acknowledgement; a version 1 decoder reads the ACK and ignores it)."""
+    if highest > upto:
+        return _ACK.pack(MsgType.ACK, 0, _ACK.size + 4, node, epoch, upto) + _U32.pack(highest)
     return _ACK.pack(MsgType.ACK, 0, _ACK.size, node, epoch, upto)
 
 
@@ -380,7 +388,9 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                                   + data[off + FLOW_HEADER:nxt]))
             elif mtype == MsgType.ACK:
                 _need(mlen, _ACK.size, "ACK")
-                out.append(Ack(*_ACK.unpack_from(data, off)[3:]))
+                node, epoch, upto = _ACK.unpack_from(data, off)[3:]
+                highest = _U32.unpack_from(data, off + _ACK.size)[0] if mlen >= _ACK.size + 4 else 0
+                out.append(Ack(node, epoch, upto, highest))
             elif mtype == MsgType.NACK or mtype == MsgType.GAP:
                 _need(mlen, _RANGE.size, "NACK/GAP")
                 node, epoch, first, last = _RANGE.unpack_from(data, off)[3:]

@@ -88,3 +88,13 @@ def test_flow_of_an_entry_in_another_attribute_order_still_carries_its_key() -> 
     (flow,) = wire.decode(data, wirevectors.AUTH)[1]
     assert isinstance(flow, wire.Flow) and flow.key == e.key and flow.version == 3
     assert codec.attr_map(flow.entry.attrs) == codec.attr_map(shuffled)
+
+
+def test_an_ack_with_a_selective_part_reads_as_a_plain_ack_up_to_its_third_field() -> None:
+    plain = wire.ack_msg(0x01020304, 5, 41)
+    sack = wire.ack_msg(0x01020304, 5, 41, highest=90)
+    assert len(plain) == 20 and sack == plain[:2] + b"\x00\x18" + plain[4:] + (90).to_bytes(4, "big")
+    auth = wirevectors.AUTH
+    decoded = wire.decode(wire.datagram(wirevectors.HEADER, sack, auth), auth)[1]
+    assert decoded == [wire.Ack(0x01020304, 5, 41, 90)]
+    assert wire.ack_msg(0x01020304, 5, 41, highest=41) == plain  # nothing beyond: nothing said
