@@ -598,7 +598,7 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
     delay = 0.002
     while True:
         alive()
-        left = EVENTS_TIMEOUT - (time.perf_counter() - start)
+        left = result["timeout_seconds"] - (time.perf_counter() - start)
         # A daemon busy with a resync may answer slowly: a query that times out is a missed sample, not an error,
         # and no query may run past the bound.
         try:
@@ -619,7 +619,7 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
             if external >= n:
                 external_s = now
                 break
-        left = EVENTS_TIMEOUT - (time.perf_counter() - start)
+        left = result["timeout_seconds"] - (time.perf_counter() - start)
         if left <= 0:
             break
         time.sleep(min(delay, left))
@@ -635,7 +635,7 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
         log(f"conntrackd harness: B's external cache holds {result['external_reached']} entries {external_s:.3f}s "
             f"after the load started ({n / external_s:,.0f}/s)")
     else:
-        log(f"conntrackd harness: not converged within {EVENTS_TIMEOUT:.0f}s: A's internal cache reached "
+        log(f"conntrackd harness: not converged within {result['timeout_seconds']:.0f}s: A's internal cache reached "
             f"{result['internal_reached']}/{n}, B's external cache {result['external_reached']}/{n}")
     result["overruns_hint"] = _overrun_hint(a, b)
     result["ok"] = True
@@ -694,7 +694,7 @@ def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, 
 
 
 def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst: bool = False,
-                              loss: int = 0) -> dict[str, Any]:
+                              loss: int = 0, timeout: float = EVENTS_TIMEOUT) -> dict[str, Any]:
     """Time conntrackd's event path: n TCP flows loaded by one `conntrack -R` into A's kernel while both daemons run,
     until B's external cache holds all n (at most EVENTS_TIMEOUT seconds after the load started).
 
@@ -707,7 +707,7 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
     result: dict[str, Any] = {
         "ok": False, "error": None, "entries": n, "load_seconds": None, "sync_seconds": None, "sync_rate": None,
         "internal_seconds": None, "converged": False, "external_reached": 0, "internal_reached": 0,
-        "overruns_hint": None, "timeout_seconds": EVENTS_TIMEOUT, "version": None,
+        "overruns_hint": None, "timeout_seconds": timeout, "version": None,
         "loader": "burst" if burst else "restore", "loss": loss, "cpu_seconds": None, "link_bytes": None,
     }
     return _run_pair(n, result, _measure_events, log)
