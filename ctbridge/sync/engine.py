@@ -193,7 +193,7 @@ def _new_stats() -> dict[str, int]:
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
-        "resent_bytes", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored", "path_changes")}
+        "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored", "path_changes")}
 
 
 class Engine:
@@ -268,14 +268,24 @@ class Engine:
         for ev in events:
             entry = ev.entry
             key = entry.key
-            if ev.kind is EventKind.DESTROY or not accepts(entry):
-                if internal.pop(key, None) is not None:
-                    pending[key] = None
+            try:
+                if ev.kind is EventKind.DESTROY or not accepts(entry):
+                    if internal.pop(key, None) is not None:
+                        pending[key] = None
+                    continue
+                msg = flow_msg(version + 1, strip(entry))
+            except codec.CodecError as exc:  # attributes that do not parse: counted, dropped
+                self._malformed(exc)
                 continue
             version += 1
-            internal[key] = flow_msg(version, strip(entry))
+            internal[key] = msg
             pending[key] = None
         self._version = version
+
+    def _malformed(self, exc: Exception) -> None:
+        self.stats["kernel_malformed"] += 1
+        if self.stats["kernel_malformed"] == 1:  # once: the counter tells how often
+            log.warning("a kernel event message that cannot be read was dropped: %s", exc)
 
     def kernel_messages(self, buffers: Sequence[bytes], now: float, skip_portid: int = -1) -> list[bytes]:
         """kernel_events() for the event socket's receive buffers as they are (one message each,
@@ -295,7 +305,11 @@ class Engine:
                 continue
             if type(fast) is not Fast:  # the general path, in order with the rest
                 self._version = version
-                events = codec.decode_events(buf, skip_portid)
+                try:
+                    events = codec.decode_events(buf, skip_portid)
+                except codec.CodecError as exc:  # counted and dropped: a message we cannot read
+                    self._malformed(exc)
+                    continue
                 self.kernel_events(events, now)
                 keys.extend(e.entry.key for e in events)
                 version = self._version

@@ -84,7 +84,7 @@ def flow_facts(entry: codec.Entry) -> tuple[int, bytes, bytes, int | None]:
     attrs = codec.attr_map(entry.attrs)
     orig = attrs.get(ct.CTA_TUPLE_ORIG, b"")
     proto_attrs = codec.attr_map(codec.attr_map(orig).get(ct.CTA_TUPLE_PROTO, b""))
-    proto = proto_attrs.get(ct.CTA_PROTO_NUM, b"\x00")[0]
+    proto = (proto_attrs.get(ct.CTA_PROTO_NUM) or b"\x00")[0]  # an empty attribute reads as 0, no IndexError
     state = None
     if proto == ct.IPPROTO_TCP and ct.CTA_PROTOINFO in attrs:
         tcp = codec.attr_map(codec.attr_map(attrs[ct.CTA_PROTOINFO]).get(ct.CTA_PROTOINFO_TCP, b""))

@@ -105,3 +105,20 @@ def test_random_entries_agree_with_the_general_path(items: list[tuple[tuple[Entr
                                                      flow_filter: FlowFilter | None) -> None:
     buffers = [event(entry, kind, seq=i) for i, ((entry, _fields), kind) in enumerate(items)]
     same(buffers + buffers, flow_filter)
+
+
+def test_a_message_the_codec_cannot_read_is_counted_and_the_rest_applied() -> None:
+    """No CTA_TUPLE_ORIG, a truncated attribute, an empty CTA_PROTO_NUM: each crashed the daemon's
+    event reader (which restarted the daemon); now each is counted and dropped."""
+    flows = builders.tcp_flows(2)
+    no_orig = codec.message(ct.MSG_CT_NEW, NEW_FLAGS, 1, ct.AF_INET, codec.attr(ct.CTA_MARK, bytes(4)))
+    truncated = event(flows[0])[:-3]
+    truncated = len(truncated).to_bytes(4, "little") + truncated[4:]
+    ip = codec.attr(ct.CTA_TUPLE_IP, codec.attr(ct.CTA_IP_V4_SRC, bytes(4)) + codec.attr(ct.CTA_IP_V4_DST, bytes(4)),
+                    nested=True)
+    empty_proto = ip + codec.attr(ct.CTA_TUPLE_PROTO, codec.attr(ct.CTA_PROTO_NUM, b""), nested=True)
+    odd = builders.build_entry(ct.AF_INET, empty_proto, empty_proto)
+    fast, _general = pair()
+    fast.kernel_messages([no_orig, truncated, event(odd), event(flows[1])], 1.0)
+    assert fast.stats["kernel_malformed"] == 2 and flows[1].key in fast.internal
+    assert odd.key in fast.internal  # protocol 0, as the general path reads an empty number
