@@ -193,7 +193,8 @@ def _new_stats() -> dict[str, int]:
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
-        "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored", "path_changes")}
+        "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
+        "path_changes")}
 
 
 class Engine:
