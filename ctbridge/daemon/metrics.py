@@ -48,6 +48,8 @@ METRICS = (
     ("ctbridge_bulks_received_total", "Bulk transfers completed from peers", ("sync", "bulks_received"), "counter"),
     ("ctbridge_kernel_overruns_total", "Netlink event overruns (answered by a dump)", ("kernel", "overruns"),
      "counter"),
+    ("ctbridge_kernel_malformed_total", "Kernel event messages that could not be read (dropped)",
+     ("sync", "kernel_malformed"), "counter"),
     ("ctbridge_commit_entries", "Flows written by the last commit", ("commit", "entries"), "gauge"),
     ("ctbridge_commit_seconds", "Duration of the last commit", ("commit", "seconds"), "gauge"),
     ("ctbridge_resend_queue", "Datagrams kept for resending", ("queues", "resend"), "gauge"),
