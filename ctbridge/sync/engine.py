@@ -168,6 +168,10 @@ class Peer:
         self.sack_high = 0
         self.missing: list[tuple[int, int]] = []
         self.missing_count = 0
+        # as a receiver: the last NACK round queued, how far it named the gaps, and whether all
+        self.nack_round: bytes | None = None
+        self.round_high = 0
+        self.round_full = True
         self.acked_at = now  # when that last moved
         self.ack_sent = 0  # highest of its sequence numbers we acknowledged
         self.unacked = 0  # data datagrams received since our last acknowledgement
@@ -542,6 +546,7 @@ class Engine:
         peer.epoch = header.epoch
         peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
         peer.ack_sent = header.seq - 1
+        peer.round_high, peer.round_full = 0, True
         peer.unacked = 0
         peer.ack_due = None
         peer.nacked = None
@@ -563,11 +568,18 @@ class Engine:
 
     def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
         """An ACK of everything received in order from ``peer``, noted as sent; with a gap open,
-        also how far beyond it we have everything but the gaps our NACKs name."""
+        also how far beyond it we have everything but the gaps our last NACK round named (not
+        while a newer round waits to go out: the sender would count its gaps as arrived)."""
         peer.ack_sent = rx.expected - 1
         peer.unacked = 0
         peer.ack_due = None
-        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, self._sack(rx)[0] if rx.above else 0)
+        highest = 0
+        if rx.above:
+            # Every gap that opens brings a new round at once, so what arrived since the last round
+            # is contiguous: up to the newest if that round named every gap, else up to where its
+            # naming stopped.
+            highest = rx.highest if peer.round_full else peer.round_high
+        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest)
 
     @staticmethod
     def _sack(rx: ReceiveWindow) -> tuple[int, list[tuple[int, int]]]:
@@ -578,9 +590,9 @@ class Engine:
         highest = gaps[NACK_RANGES][0] - 1 if len(gaps) > NACK_RANGES else rx.highest
         named = []
         for first, last in gaps[:NACK_RANGES]:
-            if last > first + 4095:
-                last = first + 4095
-                highest = min(highest, last)
+            if last > first + 4095:  # only so much per NACK: the naming stops here
+                named.append((first, first + 4095))
+                return first + 4095, named
             named.append((first, last))
         return highest, named
 
@@ -596,11 +608,21 @@ class Engine:
         rx = peer.rx
         assert rx is not None
         highest, gaps = self._sack(rx)
-        for first, last in gaps:
-            self._control.append(wire.nack_msg(peer.node, peer.epoch, first, last))
-            self.stats["nacks_sent"] += 1
-        # the sender's window counts only what the NACKs name as missing up to ``highest``
-        self._control.append(wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest))
+        # One round is one control entry: its NACKs and the ACK that says how far they cover what is
+        # missing travel in one datagram (at most 32 x 24 + 24 bytes), so the sender never takes
+        # part of a round for all of it; a round still queued is replaced by the newer one.
+        queued = peer.nack_round
+        if queued is not None:
+            for i, m in enumerate(self._control):
+                if m is queued:
+                    del self._control[i]
+                    break
+        self.stats["nacks_sent"] += len(gaps)
+        peer.round_high = highest
+        peer.round_full = highest == rx.highest
+        peer.nack_round = b"".join([wire.nack_msg(peer.node, peer.epoch, first, last) for first, last in gaps]
+                                   + [wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest)])
+        self._control.append(peer.nack_round)
         peer.nacked = gap
         peer.nack_at = now
 
@@ -654,7 +676,7 @@ class Engine:
                 if msg.node == me and msg.epoch == self.epoch:
                     if msg.upto > peer.acked:
                         self._on_acked(peer, min(msg.upto, self._seq - 1), now)
-                    if msg.highest > peer.sack_high:
+                    if msg.highest > sack_high:
                         sack_high = msg.highest
             elif type(msg) is wire.Nack:
                 if msg.node == me and msg.epoch == self.epoch:
@@ -734,6 +756,11 @@ class Engine:
         live = [p.acked for p in self.peers.values() if p.alive and p.epoch >= 0]
         return min(live) if live else self._seq - 1
 
+    @property
+    def sent_upto(self) -> int:
+        """The newest sequence number this epoch's datagrams have used."""
+        return self._seq - 1
+
     def in_flight(self) -> int:
         """Datagrams sent that a peer keeping up has not received as far as we know (what the
         window limits): those after the newest it reported having, and the holes it reported
@@ -748,30 +775,42 @@ class Engine:
             return 0
         last = self._seq - 1
         limit = self._lag_limit()
-        pipes = [last - max(p.acked, p.sack_high) + p.missing_count for p in self.peers.values()
-                 if p.alive and p.epoch >= 0 and self._last_input - p.acked_at < limit]
-        return max(pipes) if pipes else last - self._acked_by_all()
+        keeping_up = [p for p in self.peers.values()
+                      if p.alive and p.epoch >= 0 and self._last_input - p.acked_at < limit]
+        if not keeping_up:
+            return last - self._acked_by_all()
+        pipe = max(last - max(p.acked, p.sack_high) + p.missing_count for p in keeping_up)
+        # However little is in flight, never run further past an unfilled hole than the receiver
+        # holds beyond one (rx_limit: then it gives up and asks for a bulk) or we keep for resending
+        cfg = self.config
+        if last - min(p.acked for p in keeping_up) >= min(cfg.rx_limit, cfg.resend_limit) - cfg.burst:
+            return max(pipe, int(self.window))
+        return pipe
 
     def _sacked(self, peer: Peer, ranges: list[tuple[int, int]], highest: int, now: float) -> None:
-        """A datagram of ``peer`` NACKed these ranges and said it has everything else up to
-        ``highest`` (an older peer does not say: then up to the last range's end)."""
+        """A datagram of ``peer`` NACKed these ranges (one whole round, or none) and said it has
+        everything else up to ``highest`` (a peer that does not say: up to the last range's end).
+        Whatever a datagram claims, the count stays within what was sent and 4096 per range."""
         last = self._seq - 1
-        if ranges:
-            highest = max(highest, max(b for _a, b in ranges) + 1)
+        if not highest and ranges:
+            highest = max(b for _a, b in ranges) + 1
         high = min(last, highest)
         if high > peer.sack_high:
             peer.sack_high = high
             peer.acked_at = now  # it keeps up: what it has moves on, if not its first hole
         if ranges:
-            peer.missing = sorted(ranges)
+            top = max(peer.sack_high, peer.acked)
+            peer.missing = sorted((a, min(b, a + 4095, top)) for a, b in ranges if a <= top)
             self._count_missing(peer)
 
     @staticmethod
     def _count_missing(peer: Peer) -> None:
         floor = peer.acked
+        top = max(peer.sack_high, peer.acked)
         count = 0
         for a, b in peer.missing:
             a = max(a, floor + 1)
+            b = min(b, top)
             if b >= a:
                 count += b - a + 1
                 floor = b
@@ -942,8 +981,8 @@ class Engine:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         out: list[tuple[bytes, int | None]] = []
         cfg = self.config
-        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 20 * sum(
-            1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements; HELLO
+        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 24 * sum(
+            1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements (24 with highest); HELLO
         self._last_input = max(self._last_input, now)
         if self._overflow_bulk and self._overflow_bulk_can_start() and now >= self._overflow_bulk_at:
             # at most one such bulk per resync_retry: while a link is down, every datagram

@@ -61,6 +61,7 @@ class _Plan(NamedTuple):
     src: slice
     reply_src: slice
     state_at: int  # -1: no TCP state
+    tcp: bool  # the plan was learnt from a TCP flow (its state is read only for one)
     keep: Callable[[bytes], Any]  # -> the replicated attributes, as a tuple of slices
     synproxy: int  # offset of a CTA_SYNPROXY attribute (-1 if none) ...
     keep_no_synproxy: Callable[[bytes], Any] | None  # ... and what to keep when it is all zero
@@ -143,7 +144,8 @@ def _learn(buf: bytes) -> _Plan | None:
         num_s, num_e = protos[ct.CTA_PROTO_NUM]
         if num_e <= num_s:
             return None
-        for s2 in (ips, proto_s, src[0], num_s):
+        # every header inside: a later message with a duplicate or another order does not match
+        for s2, _e2 in (inner[ct.CTA_TUPLE_IP], inner[ct.CTA_TUPLE_PROTO], *addrs.values(), *protos.values()):
             head(s2)
         return num_s, slice(*src)
 
@@ -157,19 +159,25 @@ def _learn(buf: bytes) -> _Plan | None:
         info = _unique(codec.iter_attrs(buf, s, e))
         if info is None:
             return None
+        for s2, _e2 in info.values():
+            head(s2)
         if ct.CTA_PROTOINFO_TCP in info:
             ts, te = info[ct.CTA_PROTOINFO_TCP]
             tcp = _unique(codec.iter_attrs(buf, ts, te))
             if tcp is None:
                 return None
-            head(ts)
+            for s2, _e2 in tcp.values():
+                head(s2)
             if ct.CTA_PROTOINFO_TCP_STATE in tcp:
                 ss, se = tcp[ct.CTA_PROTOINFO_TCP_STATE]
                 if se > ss:
-                    head(ss)
                     state_at = ss
     zone_at = -1
     if ct.CTA_ZONE in attrs:
+        # the key's zone is read where the kernel puts it, third (codec.key_from_attrs): a zone
+        # elsewhere is left to the general path, which reads it the same way
+        if len(top) < 3 or top[2][0] != ct.CTA_ZONE or top[1][0] != ct.CTA_TUPLE_REPLY:
+            return None
         zs, ze = attrs[ct.CTA_ZONE]
         if ze - zs != 2:
             return None
@@ -183,7 +191,8 @@ def _learn(buf: bytes) -> _Plan | None:
         pos = off + 4
     plan = _Plan(struct.Struct("".join(fmt)), tuple(heads[o] for o in sorted(heads)), family,
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
-                 reply[1] if reply is not None else slice(0, 0), state_at, _getter(ranges), synproxy, keep_no,
+                 reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
+                 _getter(ranges), synproxy, keep_no,
                  oe - os_ + 4)
     return plan if _agrees(plan, buf) else None
 
@@ -239,11 +248,11 @@ class Intake:
             self.slow += 1
             return SLOW
         mlen, mtype, mflags, _seq, mpid = _NLMSG.unpack_from(buf)
+        if mlen != n or (mtype != ct.MSG_CT_NEW and mtype != ct.MSG_CT_DELETE):
+            self.slow += 1  # several messages in one buffer, or not an event: all of it the general way
+            return SLOW
         if mpid == skip_portid:
             return None
-        if mlen != n or (mtype != ct.MSG_CT_NEW and mtype != ct.MSG_CT_DELETE):
-            self.slow += 1
-            return SLOW
         pkey = (mlen, mtype, mflags, buf[20:28])
         plans = self.plans
         if pkey in plans:
@@ -255,7 +264,8 @@ class Intake:
                 plan = plans[pkey] = _learn(buf)
             except codec.CodecError:
                 plan = plans[pkey] = None
-        if plan is None or plan.heads.unpack_from(buf) != plan.expect:
+        if plan is None or plan.heads.unpack_from(buf) != plan.expect or (
+                buf[plan.proto_at] == ct.IPPROTO_TCP) != plan.tcp:
             self.slow += 1
             return SLOW
         self.fast += 1

@@ -269,3 +269,45 @@ def test_a_hole_lost_again_and_again_does_not_hold_the_window() -> None:
     lab.drop = None
     lab.run(2)
     assert lab.converged() and len(b.peers[1].external) == 20_000
+
+
+def test_the_window_never_counts_less_in_flight_than_the_receiver_lacks() -> None:
+    """The sender's estimate comes from what the receiver said earlier, and a receiver only ever
+    gains datagrams: at every instant the estimate must be at least what it really lacks. It was
+    not when a NACK round went out split over two datagrams, when a gap longer than one NACK came
+    before others, or after one forged NACK of 4 billion datagrams (replication then slowed 40x)."""
+    for seed, loss in ((1, 0.2), (2, 0.05), (3, 0.5)):
+        lab = Lab(2, loss=loss, seed=seed, **LINK)  # type: ignore[arg-type]
+        lab.run(1)
+        a, b = lab.engines[1], lab.engines[2]
+        rx = b.peers[1].rx
+        assert rx is not None
+        a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(5000)], lab.now)
+        for _ in range(2000):
+            lab.step(0.0005)
+            last = a.sent_upto
+            lacking = last - (rx.expected - 1) - sum(1 for s in rx.above if s <= last)
+            assert a.in_flight() >= lacking, (seed, lab.now)
+            if len(b.peers[1].external) == 5000 and lab.converged():
+                break
+        assert loss > 0.3 or len(b.peers[1].external) == 5000
+
+
+def test_a_forged_nack_of_every_number_costs_nothing_lasting() -> None:
+    lab = Lab(2, **LINK)  # type: ignore[arg-type]
+    lab.run(1)
+    a, b = lab.engines[1], lab.engines[2]
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(40_000)], lab.now)
+    lab.run(0.01)
+    forged = wire.datagram(wire.Header(2, b.epoch, 5_000_000, 0),
+                           wire.nack_msg(1, a.epoch, a.peers[2].acked + 1, 2**32 - 1)
+                           + wire.ack_msg(1, a.epoch, a.peers[2].acked, 2**32 - 1), lab.auth)
+    a.receive_datagram(forged, lab.now)
+    assert a.in_flight() <= a.stats["tx_datagrams"]  # bounded by what was sent, not by the claim
+    begin = lab.now
+    for _ in range(400):
+        lab.run(0.005)
+        if len(b.peers[1].external) == 40_000 and lab.converged():
+            break
+    assert len(b.peers[1].external) == 40_000 and lab.now - begin < 0.5  # 4.4 s before
+

@@ -122,3 +122,41 @@ def test_a_message_the_codec_cannot_read_is_counted_and_the_rest_applied() -> No
     fast.kernel_messages([no_orig, truncated, event(odd), event(flows[1])], 1.0)
     assert fast.stats["kernel_malformed"] == 2 and flows[1].key in fast.internal
     assert odd.key in fast.internal  # protocol 0, as the general path reads an empty number
+
+
+def _tuple(src: bytes, dst: bytes, sport: int, dport: int, ip: bytes | None = None,
+           proto: int = ct.IPPROTO_TCP) -> bytes:
+    ip = ip if ip is not None else codec.attr(ct.CTA_IP_V4_SRC, src) + codec.attr(ct.CTA_IP_V4_DST, dst)
+    ports = (codec.attr(ct.CTA_PROTO_NUM, bytes((proto,))) + codec.attr(ct.CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big"))
+             + codec.attr(ct.CTA_PROTO_DST_PORT, dport.to_bytes(2, "big")))
+    return codec.attr(ct.CTA_TUPLE_IP, ip, nested=True) + codec.attr(ct.CTA_TUPLE_PROTO, ports, nested=True)
+
+
+def _message(orig: bytes, reply: bytes, tail: bytes, seq: int = 1) -> bytes:
+    attrs = codec.attr(ct.CTA_TUPLE_ORIG, orig, nested=True) + codec.attr(ct.CTA_TUPLE_REPLY, reply, nested=True)
+    return codec.message(ct.MSG_CT_NEW, NEW_FLAGS, seq, ct.AF_INET, attrs + tail)
+
+
+def test_crafted_look_alikes_found_by_review_take_the_general_path() -> None:
+    """Messages the kernel does not write but a process with CAP_NET_ADMIN could: each was read
+    differently by a plan than by the general path."""
+    a, b, c = bytes((198, 51, 100, 7)), bytes((203, 0, 113, 9)), bytes((192, 0, 2, 66))
+    tail = codec.attr(ct.CTA_STATUS, (0xE).to_bytes(4, "big")) + codec.attr(ct.CTA_TIMEOUT, (100).to_bytes(4, "big"))
+    learn = _message(_tuple(a, b, 1000, 443), _tuple(b, a, 443, 1000), tail)
+    # a duplicate source address where the destination was, with an ignore filter
+    dup = _message(_tuple(a, b, 1001, 443, ip=codec.attr(ct.CTA_IP_V4_SRC, a) + codec.attr(ct.CTA_IP_V4_SRC, c)),
+                   _tuple(b, a, 443, 1001), tail, seq=2)
+    same([learn, dup], FlowFilter(ignore=(ipaddress.ip_network("192.0.2.0/24"),), tcp_states=frozenset({3})))
+    # CTA_ZONE not third: learnt with zone 0 there, then zone 5 at the same place
+    ztail = tail + codec.attr(ct.CTA_ZONE, (0).to_bytes(2, "big"))
+    same([_message(_tuple(a, b, 1, 2), _tuple(b, a, 2, 1), ztail),
+          _message(_tuple(a, b, 3, 4), _tuple(b, a, 4, 3), tail + codec.attr(ct.CTA_ZONE, (5).to_bytes(2, "big")))])
+    # a plan learnt from another protocol with a PROTOINFO, then TCP: its state must be read
+    info = codec.attr(ct.CTA_PROTOINFO, codec.attr(ct.CTA_PROTOINFO_TCP, codec.attr(ct.CTA_PROTOINFO_TCP_STATE,
+                                                                                    b"\x07"), nested=True), nested=True)
+    same([_message(_tuple(a, b, 5, 6, proto=136), _tuple(b, a, 6, 5, proto=136), tail + info),
+          _message(_tuple(a, b, 7, 8), _tuple(b, a, 8, 7), tail + info, seq=2)], FlowFilter(tcp_states=frozenset({3})))
+    # our own echo first in a buffer of two messages: the second is not ours
+    flows = builders.tcp_flows(2)
+    kernel = same([event(flows[0], pid=77) + event(flows[1])], skip=77)
+    assert list(kernel.internal) == [flows[1].key]
