@@ -23,8 +23,8 @@ BURST = 100_000
 def link_view(node: Node, link: int) -> dict[str, Any]:
     """What ``node`` says of its one peer on ``link``: up, active, last heard."""
     nodes = node.request("stats")["links"][link]["nodes"]
-    assert len(nodes) == 1, nodes
-    return dict(next(iter(nodes.values())))
+    assert len(nodes) <= 1, nodes
+    return dict(next(iter(nodes.values()))) if nodes else {}  # {}: not heard yet
 
 
 def entries(node: Node) -> int:
@@ -76,7 +76,8 @@ def test_cutting_the_active_link_mid_burst_loses_no_flow_and_traffic_comes_back(
         # link 0 returns: traffic goes back once it has worked for link_timeout (1 s)
         netns.run(c.switch, "ip", "link", "set", "p1", "up")
         for node in (a, b):
-            wait_for(f"{node.name} to move back to link 0", lambda node=node: link_view(node, 0)["active"], timeout=20)
+            wait_for(f"{node.name} to move back to link 0", lambda node=node: link_view(node, 0).get("active"),
+                     timeout=20)
         more = builders.tcp_flows(BURST + 500)[BURST:]
         with netns.inside(a.ns):
             table = KernelTable()
@@ -100,8 +101,8 @@ def test_a_link_broken_in_one_direction_is_left_by_both_nodes() -> None:
         b.start()
         both_links_up(a, b)
         a.run("nft", "-f", "-", input=one_way)
-        wait_for("A to leave link 0", lambda: link_view(a, 1)["active"], timeout=10)
-        wait_for("B to leave link 0", lambda: link_view(b, 1)["active"], timeout=10)
+        wait_for("A to leave link 0", lambda: link_view(a, 1).get("active"), timeout=10)
+        wait_for("B to leave link 0", lambda: link_view(b, 1).get("active"), timeout=10)
         assert link_view(a, 0)["last_heard"] < 1.0  # A still hears B there: one-way evidence was not enough
         with netns.inside(a.ns):
             table = KernelTable()
