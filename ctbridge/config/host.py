@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import socket
+import stat
 import time
 
 from ctbridge import atomicfile
@@ -82,6 +82,10 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
         why = None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
         if why is not None:
             out.append(f"{path}: apply.gate: {why}, or set gate = false")
+    fifo = cfg.keepalived.notify_fifo
+    if fifo and os.path.lexists(fifo) and not stat.S_ISFIFO(os.stat(fifo).st_mode if os.path.exists(fifo) else 0):
+        out.append(f"{path}: keepalived.notify_fifo {fifo} exists and is not a FIFO; remove it (ctbridge makes "
+                   "the FIFO) or point notify_fifo at keepalived's notify_fifo")
     control_dir = os.path.dirname(cfg.control.socket) or "."
     if not os.path.isdir(control_dir) and not os.access(os.path.dirname(control_dir) or "/", os.W_OK):
         out.append(f"{path}: control.socket directory {control_dir} does not exist and cannot be created")
@@ -98,24 +102,44 @@ def keys(cfg: Config) -> list[bytes]:
     return out
 
 
+class EpochError(ConfigError):
+    """The boot epoch cannot be kept: starting anyway could give peers a lower epoch than the last
+    one they saw, and they would reject every datagram of this node as a replay."""
+
+
 def next_epoch(state_dir: str) -> int:
     """This start's boot epoch: the time in ns, and at least one more than the last start's, so
-    peers see a restart even if the clock went backwards. Kept in STATE_DIR/epoch."""
+    peers see a restart even if the clock went backwards. Kept in STATE_DIR/epoch; a file that
+    cannot be read or written refuses the start (EpochError), it is never ignored."""
     path = os.path.join(state_dir, "epoch")
     last = 0
     try:
         with open(path) as f:
-            last = int(f.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
+            text = f.read().strip()
+        last = int(text or 0)
+    except FileNotFoundError:
         pass
+    except ValueError:
+        raise EpochError(f"{path}: holds {text[:40]!r}, not an epoch; it is only ever written whole, so "
+                         "something else wrote it: restore it or remove it (peers then accept this node "
+                         "only once its clock is past its last epoch)") from None
+    except OSError as exc:
+        raise EpochError(f"{path}: cannot be read: {exc.strerror}") from None
     epoch = max(time.time_ns(), last + 1)
+    save_epoch(state_dir, epoch)
+    return epoch
+
+
+def save_epoch(state_dir: str, epoch: int) -> None:
+    """Keep ``epoch`` in STATE_DIR/epoch (at start, and when the sequence space wraps)."""
+    path = os.path.join(state_dir, "epoch")
     try:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         atomicfile.write(path, f"{epoch}\n")
     except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-    return epoch
+        raise EpochError(f"{path}: cannot be written ({exc.strerror}); node.state_dir must be a writable "
+                         "directory that survives restarts (a read-only or missing one would let this node "
+                         "start with an epoch its peers reject)") from None
 
 
 def check(path: str) -> list[str]:

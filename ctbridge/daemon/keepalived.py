@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import shlex
+import stat
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -93,6 +94,10 @@ async def fifo_transitions(path: str) -> AsyncIterator[Transition]:
                     f"cannot read keepalived's notify FIFO {path}: permission denied; remove it and "
                     "restart ctbridge before keepalived, or make it readable by ctbridge's user") from None
             reopen = True
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FifoError(f"keepalived's notify FIFO {path} is not a FIFO; remove it (ctbridge makes the FIFO) "
+                            "or point keepalived.notify_fifo at keepalived's notify_fifo")
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         transport, _ = await loop.connect_read_pipe(lambda p=protocol: p,  # type: ignore[misc]

@@ -48,6 +48,8 @@ METRICS = (
     ("ctbridge_bulks_received_total", "Bulk transfers completed from peers", ("sync", "bulks_received"), "counter"),
     ("ctbridge_kernel_overruns_total", "Netlink event overruns (answered by a dump)", ("kernel", "overruns"),
      "counter"),
+    ("ctbridge_track_errors_total", "Failed writes of the interlock's track file (tried again)", ("track_errors",),
+     "counter"),
     ("ctbridge_kernel_malformed_total", "Kernel event messages that could not be read (dropped)",
      ("sync", "kernel_malformed"), "counter"),
     ("ctbridge_commit_entries", "Flows written by the last commit", ("commit", "entries"), "gauge"),
@@ -105,25 +107,53 @@ def render(stats: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-async def serve(listen: str, stats: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
+MAX_CLIENTS = 16  # connections served at once; more are closed at once (a scraper needs one)
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request, headers included (a slow client cannot hold a slot)
+MAX_HEADER_LINES = 100
+
+
+async def serve(listen: str, stats: Callable[[], dict[str, Any]],
+                counters: dict[str, int] | None = None) -> asyncio.AbstractServer:
+    """The endpoint. ``counters`` (refused, timed_out, bad_requests) count what it turned away."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
+    count = counters if counters is not None else {}
+    for k in ("refused", "timed_out", "bad_requests"):
+        count.setdefault(k, 0)
+    active = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readline()
+        for _ in range(MAX_HEADER_LINES):
+            if not (await reader.readline()).strip():
+                break
+        else:
+            count["bad_requests"] += 1
+            return
+        if request.split(b" ")[1:2] in ([b"/metrics"], [b"/"]):
+            body = render(stats()).encode()
+            head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+        else:
+            count["bad_requests"] += 1
+            body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+        writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= MAX_CLIENTS:
+            count["refused"] += 1
+            writer.close()
+            return
+        active += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)).strip():
-                pass  # headers
-            if request.split(b" ")[1:2] in ([b"/metrics"], [b"/"]):
-                body = render(stats()).encode()
-                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            else:
-                body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
-            writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
+            await asyncio.wait_for(answer(reader, writer), REQUEST_TIMEOUT)
+        except TimeoutError:
+            count["timed_out"] += 1
+        except (ConnectionError, ValueError, IndexError):  # a line longer than the stream's limit: ValueError
+            count["bad_requests"] += 1
         finally:
+            active -= 1
             writer.close()
 
     return await asyncio.start_server(client, host, int(port))

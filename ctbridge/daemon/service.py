@@ -33,6 +33,7 @@ from ctbridge.sync.engine import (
     Engine,
     EngineConfig,
     EngineEvent,
+    EpochChanged,
     KernelOp,
     LinkReport,
     PeerRestarted,
@@ -131,6 +132,8 @@ class Daemon:
             "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},
             "transitions": [],
             "gate": None,
+            "track_errors": 0,
+            "metrics_endpoint": {"refused": 0, "timed_out": 0, "bad_requests": 0},
         }
         self.gated = cfg.apply.gate and cfg.apply.mode == "commit"
         self.gate_retry: asyncio.Future[None] | None = None
@@ -193,6 +196,12 @@ class Daemon:
                          event.stale_removed)
             else:
                 log.info("bulk from peer %08x lost datagrams; stale flows kept", event.node)
+        elif isinstance(event, EpochChanged):
+            try:
+                host.save_epoch(self.cfg.node.state_dir, event.epoch)
+                log.info("sequence numbers ran out: epoch %d begins", event.epoch)
+            except host.EpochError as exc:  # running on is right; the next start would be refused
+                log.error("%s", exc)
         elif isinstance(event, LinkReport):
             self.links.selector.reported(event.node, event.links, self.loop.time())
         elif isinstance(event, CompletenessChanged):
@@ -439,9 +448,17 @@ class Daemon:
                                          peer_timeout=self.cfg.sync.peer_timeout)
             value = failover.track_value(may, self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
-                keepalived.write_track_file(path, value)
-                log.info("track file %s = %d (external cache %s)", path, value, "complete" if may else "incomplete")
-                self.track_value = value
+                try:
+                    keepalived.write_track_file(path, value)
+                except OSError as exc:  # a full tmpfs, no file descriptors: counted, tried again
+                    self.stats_extra["track_errors"] += 1
+                    if self.stats_extra["track_errors"] == 1:
+                        log.error("track file %s cannot be written (%s); trying again every %.1f s", path,
+                                  exc.strerror or exc, TRACK_INTERVAL)
+                else:
+                    log.info("track file %s = %d (external cache %s)", path, value,
+                             "complete" if may else "incomplete")
+                    self.track_value = value
             await asyncio.sleep(TRACK_INTERVAL)
 
     def stats(self) -> dict[str, Any]:
@@ -566,7 +583,8 @@ class Daemon:
         try:
             servers.append(await control.serve(self.cfg.control.socket, self.handle))
             if self.cfg.metrics.listen:
-                servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats))
+                servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats,
+                                                   self.stats_extra["metrics_endpoint"]))
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)

@@ -119,6 +119,13 @@ class ExternalFlow:
         self.seq = seq
 
 
+class EpochChanged(NamedTuple):
+    """This node's sequence numbers ran out and a new epoch began: the adapter must keep it (the
+    next start must begin above it)."""
+
+    epoch: int
+
+
 class PeerRestarted(NamedTuple):
     node: int
     old_epoch: int
@@ -148,7 +155,7 @@ class LinkReport(NamedTuple):
     links: int
 
 
-EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport
+EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport | EpochChanged
 
 
 class Peer:
@@ -930,6 +937,7 @@ class Engine:
         if seq >= SEQ_MAX:
             # Sequence space exhausted: start a new epoch, which peers treat as a restart.
             self.epoch += 1
+            self._events.append(EpochChanged(self.epoch))
             self._seq = 1
             self._resend = ResendQueue(self.config.resend_limit)
             self._resends.clear()

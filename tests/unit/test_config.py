@@ -164,3 +164,24 @@ def test_a_refused_value_does_not_bring_false_problems_with_it() -> None:
         with pytest.raises(config.ConfigError) as err:
             config.parse(text, "c.toml")
         assert len(err.value.problems) == 1 and only in err.value.problems[0], err.value.problems
+
+
+def test_the_boot_epoch_is_kept_or_the_start_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-only or unwritable state, and a file of garbage, were silently ignored: with the clock
+    behind, the node then started with an epoch its peers rejected as a replay, for good."""
+    from ctbridge.config import host
+    state = tmp_path / "state"
+    first = host.next_epoch(str(state))
+    assert int((state / "epoch").read_text()) == first
+    monkeypatch.setattr(host.time, "time_ns", lambda: 1000)  # the clock went back
+    second = host.next_epoch(str(state))
+    assert second == first + 1
+    (state / "epoch").write_text("not a number\n")
+    with pytest.raises(host.EpochError, match="not an epoch"):
+        host.next_epoch(str(state))
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a state_dir that is a file: cannot be made, cannot be written
+    with pytest.raises(host.EpochError, match="cannot be read: Not a directory"):
+        host.next_epoch(str(blocked))
+    with pytest.raises(host.EpochError, match="cannot be written"):
+        host.save_epoch(str(blocked), 5)

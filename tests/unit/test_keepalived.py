@@ -41,3 +41,21 @@ async def _take(stream: object, n: int, out: list[Transition]) -> None:
         out.append(t)
         if len(out) == n:
             return
+
+
+def test_a_notify_fifo_that_is_a_regular_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A regular file at the FIFO's path was opened and read as if keepalived wrote to it."""
+    import pytest
+
+    from ctbridge.config import host, settings
+    path = tmp_path / "notify.fifo"
+    path.write_text('INSTANCE "VI_1" MASTER 100\n')
+
+    async def first() -> None:
+        async for _t in keepalived.fifo_transitions(str(path)):
+            raise AssertionError("read a regular file as the FIFO")
+    with pytest.raises(keepalived.FifoError, match="is not a FIFO"):
+        asyncio.run(first())
+    cfg = settings.parse(f'[node]\nname = "fw1"\n[sync]\nlocal = "127.0.0.1"\npeers = ["127.0.0.2"]\nauth = "none"\n'
+                         f'[keepalived]\nnotify_fifo = "{path}"\n[control]\nsocket = "{tmp_path}/s.sock"\n')
+    assert any("is not a FIFO" in p for p in host.problems(cfg))

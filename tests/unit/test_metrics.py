@@ -40,3 +40,33 @@ def test_each_sync_link_is_a_labelled_series_per_peer() -> None:
     assert 'ctbridge_link_up{link="0",peer="0000000b"} 0\n' in text
     assert 'ctbridge_link_active{link="1",peer="0000000b"} 1\n' in text
     assert "\nctbridge_link_switches_total 2\n" in text
+
+
+def test_the_endpoint_caps_its_clients_and_their_time(monkeypatch: object) -> None:
+    """Idle connections held every slot of the endpoint for as long as each sent a header line
+    every 5 s; now at most MAX_CLIENTS are served, each for REQUEST_TIMEOUT in all."""
+    import asyncio
+
+    import pytest
+    mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
+    mp.setattr(metrics, "REQUEST_TIMEOUT", 0.3)
+
+    async def scenario() -> tuple[dict[str, int], bytes]:
+        counters: dict[str, int] = {}
+        server = await metrics.serve("127.0.0.1:0", lambda: {"role": "MASTER"}, counters)
+        port = server.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(metrics.MAX_CLIENTS + 4)]
+        await asyncio.sleep(0.1)
+        refused = counters["refused"]
+        await asyncio.sleep(0.4)  # the idle ones time out and free their slots
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = await asyncio.wait_for(reader.read(), 2)
+        for _r, w in idle:
+            w.close()
+        writer.close()
+        server.close()
+        return {**counters, "refused_at_first": refused}, body
+    counters, body = asyncio.run(scenario())
+    assert counters["refused_at_first"] == 4 and counters["timed_out"] == metrics.MAX_CLIENTS
+    assert b'ctbridge_role{role="MASTER"} 1' in body
