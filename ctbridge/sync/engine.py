@@ -202,7 +202,8 @@ def _new_stats() -> dict[str, int]:
         "rx_datagrams", "rx_bytes", "tx_datagrams", "tx_bytes", "flows_sent", "deletes_sent", "flows_received",
         "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
-        "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "own_datagrams",
+        "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "rejected_oversize",
+        "peers_reclaimed", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
         "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
         "path_changes")}
@@ -477,6 +478,11 @@ class Engine:
         self.last_sender = self.last_link = None
         self._last_input = max(self._last_input, now)
         stats["rx_bytes"] += len(data)
+        if len(data) > self.config.max_datagram:
+            # no node of this cluster sends more (sync.mtu is the same on every node): checked
+            # before the MAC, so a flood of 64 KB datagrams costs no hashing
+            stats["rejected_oversize"] += 1
+            return None
         try:
             header, flows, messages = wire.decode_split(data, self.auth)
         except wire.WireError as exc:
@@ -1227,6 +1233,13 @@ class Engine:
                 peer.alive = False
                 self._events.append(PeerSilent(peer.node, now - peer.last_heard))
                 self._release()
+        # A slot of a node silent for long and holding no flow is given back: 16 forged (or
+        # renamed) node ids heard once used to hold every slot, and a real new node was refused.
+        # One with flows stays: they are what a MASTER commit needs of a node that died.
+        for node in [n for n, p in self.peers.items()
+                     if not p.alive and not p.external and now >= p.last_heard + 4 * cfg.peer_timeout]:
+            del self.peers[node]
+            self.stats["peers_reclaimed"] += 1
         self._release()  # also lets go of what nobody is left to acknowledge
         if self._sent_at and now >= self._probe_due():
             # Data is unacknowledged and nothing was acknowledged for a probe timeout: the last

@@ -499,3 +499,24 @@ def test_nothing_outside_the_sync_package_reaches_into_the_engine() -> None:
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
                 touched.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
     assert touched == []
+
+
+def test_oversized_datagrams_are_refused_unread_and_silent_empty_peer_slots_come_back() -> None:
+    """A 64 KB datagram was accepted (and MACed); 16 node ids heard once held every peer slot
+    forever, so a real new node was refused."""
+    lab = Lab(2)
+    lab.run(1)
+    b = lab.engines[2]
+    big = wire.datagram(wire.Header(1, lab.epochs[1], 999, 0), wire.alive_msg() * 16000, lab.auth)
+    assert b.receive_datagram(big, lab.now) is None and b.stats["rejected_oversize"] == 1
+    for node in range(100, 100 + b.config.max_peers - 1):  # forged ids, each heard once
+        forger = Engine(EngineConfig(node_id=node), lab.auth, epoch=1, now=lab.now)
+        (data, _), *_ = forger.datagrams_to_send(lab.now)
+        b.receive_datagram(data, lab.now)
+    newcomer = Engine(EngineConfig(node_id=77), lab.auth, epoch=1, now=lab.now)
+    (hello, _), *_ = newcomer.datagrams_to_send(lab.now)
+    assert b.receive_datagram(hello, lab.now) is None and b.stats["rejected_peers"] == 1
+    lab.run(4 * b.config.peer_timeout + 2)  # A keeps talking; the forged ids stay silent
+    assert b.stats["peers_reclaimed"] == b.config.max_peers - 1 and 1 in b.peers
+    (hello, _), *_ = Engine(EngineConfig(node_id=77), lab.auth, epoch=2, now=lab.now).datagrams_to_send(lab.now)
+    assert b.receive_datagram(hello, lab.now) == 77
