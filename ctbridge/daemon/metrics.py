@@ -42,6 +42,8 @@ METRICS = (
     ("ctbridge_rejected_malformed_total", "Datagrams dropped: malformed", ("rejected", "malformed"), "counter"),
     ("ctbridge_rejected_oversize_total", "Datagrams dropped: larger than the sync link's MTU allows",
      ("rejected", "oversize"), "counter"),
+    ("ctbridge_rejected_bounds_total", "Datagrams or messages dropped: numbers out of bounds (a GAP beyond the "
+     "datagram's own number, an epoch far ahead)", ("rejected", "bounds"), "counter"),
     ("ctbridge_rejected_peers_total", "Datagrams dropped: from a node id beyond the peer slots", ("rejected", "peers"),
      "counter"),
     ("ctbridge_datagrams_sent_total", "Sync datagrams sent", ("sync", "tx_datagrams"), "counter"),

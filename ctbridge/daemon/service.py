@@ -480,7 +480,7 @@ class Daemon:
             "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
             "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
                          "malformed": s["rejected_malformed"], "peers": s["rejected_peers"],
-                         "oversize": s["rejected_oversize"]},
+                         "oversize": s["rejected_oversize"], "bounds": s["rejected_bounds"]},
             "peers": peers,
             "queues": {**e.queue_sizes(), "inject": len(self.inject_ops)},
             "flow": {"window": round(e.window, 1), "in_flight": e.in_flight(),

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
 # or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
 NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
+EPOCH_AHEAD = 86400.0  # seconds a peer's epoch (its boot time) may lie ahead of our clock
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -203,7 +204,7 @@ def _new_stats() -> dict[str, int]:
         "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "rejected_oversize",
-        "peers_reclaimed", "own_datagrams",
+        "peers_reclaimed", "rejected_bounds", "own_datagrams",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
         "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
         "path_changes")}
@@ -496,6 +497,11 @@ class Engine:
         if cfg.max_age and wall is not None and abs(wall * 1000 - header.time_ms) > cfg.max_age * 1000:
             stats["rejected_replay"] += 1
             return None
+        if wall is not None and header.epoch > (wall + EPOCH_AHEAD) * 1e9:
+            # epochs are boot times in ns (config.host.next_epoch): one far in the future is forged
+            # or from a clock that is off by days, and would lock that node's real epoch out
+            stats["rejected_bounds"] += 1
+            return None
         if header.seq == wire.HEARTBEAT_SEQ:
             return self._heartbeat_received(header, flows, messages)
         peer = self.peers.get(header.node)
@@ -701,7 +707,11 @@ class Engine:
                         self._on_loss(msg.first)
                     self._resend_range(peer, msg.first, msg.last, now)
             elif type(msg) is wire.Gap:
-                if msg.node == me and msg.epoch == peer.epoch and peer.rx is not None:
+                if msg.last >= seq or msg.first > msg.last:
+                    # a sender gives up only on numbers it used before this datagram's: a GAP up to
+                    # 2^32-1 made every later datagram of that peer a "replay"
+                    stats["rejected_bounds"] += 1
+                elif msg.node == me and msg.epoch == peer.epoch and peer.rx is not None:
                     peer.rx.fill(msg.first, msg.last)
                     # what those datagrams carried is lost: incomplete until the bulk that follows
                     peer.synced = False
