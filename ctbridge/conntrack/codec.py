@@ -524,7 +524,7 @@ _LAYOUTS: dict[tuple[bool, int, bytes], _Layout | None] = {}
 _LAYOUTS_MAX = 512
 
 
-def _extend(ranges: list[slice], start: int, stop: int) -> None:
+def extend_ranges(ranges: list[slice], start: int, stop: int) -> None:
     """Add bytes start..stop to a list of ranges to copy, joining it to the last one if adjacent."""
     if ranges and ranges[-1].stop == start:
         ranges[-1] = slice(ranges[-1].start, stop)
@@ -532,7 +532,7 @@ def _extend(ranges: list[slice], start: int, stop: int) -> None:
         ranges.append(slice(start, stop))
 
 
-def _getter(ranges: list[slice]) -> Callable[[Any], tuple[Any, ...]]:
+def ranges_getter(ranges: list[slice]) -> Callable[[Any], tuple[Any, ...]]:
     """One C call that slices all ranges out of a buffer."""
     getter = operator.itemgetter(*ranges)
     return getter if len(ranges) > 1 else (lambda b: (getter(b),))
@@ -569,10 +569,10 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
                 fmt.append(f"{off + inner - pos}xI")
                 pos = off + inner + 4
                 expect.append(_U32.unpack_from(buf, off + inner)[0])
-        _extend(ranges, off, nxt)
+        extend_ranges(ranges, off, nxt)
     if not ranges or ranges[-1].stop > len(buf):
         return None
-    copy = _getter(ranges)
+    copy = ranges_getter(ranges)
     size = sum(r.stop - r.start for r in ranges)
     return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp)
 
@@ -743,6 +743,18 @@ _ZERO_SYNPROXY = attr(ct.CTA_SYNPROXY, attr(1, bytes(4)) + attr(2, bytes(4)) + a
 _STRIP_PLANS: dict[tuple[int, bytes], _StripPlan | None] = {}
 
 
+def without_zero_synproxy(ranges: list[slice], synproxy: int) -> Callable[[Any], tuple[Any, ...]]:
+    """The getter of ``ranges`` less the all-zero CTA_SYNPROXY attribute at offset ``synproxy``."""
+    end = synproxy + len(_ZERO_SYNPROXY)
+    cut: list[slice] = []
+    for r in ranges:
+        if r.start <= synproxy < r.stop:
+            cut += [x for x in (slice(r.start, synproxy), slice(end, r.stop)) if x.stop > x.start]
+        else:
+            cut.append(r)
+    return ranges_getter(cut) if cut else (lambda b: (b"",))
+
+
 def _plan_strip(buf: bytes) -> _StripPlan | None:
     fmt = ["="]
     expect = []
@@ -761,20 +773,11 @@ def _plan_strip(buf: bytes) -> _StripPlan | None:
             continue
         if t == ct.CTA_SYNPROXY and nxt - off == len(_ZERO_SYNPROXY):
             synproxy = off
-        _extend(ranges, off, nxt)
+        extend_ranges(ranges, off, nxt)
     if not ranges or ranges[-1].stop > len(buf):
         return None
-    keep = _getter(ranges) if dropped else None
-    keep_no_synproxy = None
-    if synproxy >= 0:
-        end = synproxy + len(_ZERO_SYNPROXY)
-        cut: list[slice] = []
-        for r in ranges:
-            if r.start <= synproxy < r.stop:
-                cut += [x for x in (slice(r.start, synproxy), slice(end, r.stop)) if x.stop > x.start]
-            else:
-                cut.append(r)
-        keep_no_synproxy = _getter(cut) if cut else (lambda b: (b"",))
+    keep = ranges_getter(ranges) if dropped else None
+    keep_no_synproxy = without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else None
     return _StripPlan(struct.Struct("".join(fmt)), tuple(expect), keep, synproxy, keep_no_synproxy)
 
 

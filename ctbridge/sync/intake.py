@@ -68,18 +68,6 @@ class _Plan(NamedTuple):
     orig_len: int
 
 
-def _getter(ranges: list[slice]) -> Callable[[bytes], Any]:
-    get = operator.itemgetter(*ranges)
-    return get if len(ranges) > 1 else (lambda b: (get(b),))
-
-
-def _extend(ranges: list[slice], start: int, stop: int) -> None:
-    if ranges and ranges[-1].stop == start:
-        ranges[-1] = slice(ranges[-1].start, stop)
-    else:
-        ranges.append(slice(start, stop))
-
-
 def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | None:
     """{type: (payload start, end)}, None when a type repeats (attr_map keeps the last: not planned)."""
     out: dict[int, tuple[int, int]] = {}
@@ -99,6 +87,14 @@ def _learn(buf: bytes) -> _Plan | None:
     def head(s: int) -> None:
         heads[s - 4] = _U32.unpack_from(buf, s - 4)[0]
 
+    def children(span: tuple[int, int]) -> dict[int, tuple[int, int]] | None:
+        """The attributes nested in ``span``, each header checked by the plan (a later message
+        with a duplicate or another order does not match); None when a type repeats."""
+        inner = _unique(codec.iter_attrs(buf, *span))
+        for s2, _e2 in (inner or {}).values():
+            head(s2)
+        return inner
+
     top = codec.iter_attrs(buf, _ATTRS, mlen)
     attrs = _unique(top)
     if attrs is None or ct.CTA_TUPLE_ORIG not in attrs or top[0][0] != ct.CTA_TUPLE_ORIG:
@@ -112,30 +108,18 @@ def _learn(buf: bytes) -> _Plan | None:
             continue
         if t == ct.CTA_SYNPROXY and nxt - (s - 4) == len(codec._ZERO_SYNPROXY):
             synproxy = s - 4
-        _extend(ranges, s - 4, nxt)
+        codec.extend_ranges(ranges, s - 4, nxt)
     if not ranges or ranges[-1].stop > mlen:
         return None
-    keep_no = None
-    if synproxy >= 0:
-        end = synproxy + len(codec._ZERO_SYNPROXY)
-        cut: list[slice] = []
-        for r in ranges:
-            if r.start <= synproxy < r.stop:
-                cut += [x for x in (slice(r.start, synproxy), slice(end, r.stop)) if x.stop > x.start]
-            else:
-                cut.append(r)
-        keep_no = _getter(cut) if cut else (lambda b: (b"",))
+    keep_no = codec.without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else None
 
     def tuple_fields(t: int) -> tuple[int, slice] | None:
         """(offset of the protocol number, slice of the source address) of a tuple attribute."""
-        s, e = attrs[t]
-        inner = _unique(codec.iter_attrs(buf, s, e))
+        inner = children(attrs[t])
         if inner is None or ct.CTA_TUPLE_IP not in inner or ct.CTA_TUPLE_PROTO not in inner:
             return None
-        ips, ipe = inner[ct.CTA_TUPLE_IP]
-        proto_s, proto_e = inner[ct.CTA_TUPLE_PROTO]
-        addrs = _unique(codec.iter_attrs(buf, ips, ipe))
-        protos = _unique(codec.iter_attrs(buf, proto_s, proto_e))
+        addrs = children(inner[ct.CTA_TUPLE_IP])
+        protos = children(inner[ct.CTA_TUPLE_PROTO])
         if addrs is None or protos is None or ct.CTA_PROTO_NUM not in protos:
             return None
         src = addrs.get(ct.CTA_IP_V4_SRC) or addrs.get(ct.CTA_IP_V6_SRC)
@@ -144,9 +128,6 @@ def _learn(buf: bytes) -> _Plan | None:
         num_s, num_e = protos[ct.CTA_PROTO_NUM]
         if num_e <= num_s:
             return None
-        # every header inside: a later message with a duplicate or another order does not match
-        for s2, _e2 in (inner[ct.CTA_TUPLE_IP], inner[ct.CTA_TUPLE_PROTO], *addrs.values(), *protos.values()):
-            head(s2)
         return num_s, slice(*src)
 
     orig = tuple_fields(ct.CTA_TUPLE_ORIG)
@@ -155,19 +136,13 @@ def _learn(buf: bytes) -> _Plan | None:
         return None
     state_at = -1
     if buf[orig[0]] == ct.IPPROTO_TCP and ct.CTA_PROTOINFO in attrs:
-        s, e = attrs[ct.CTA_PROTOINFO]
-        info = _unique(codec.iter_attrs(buf, s, e))
+        info = children(attrs[ct.CTA_PROTOINFO])
         if info is None:
             return None
-        for s2, _e2 in info.values():
-            head(s2)
         if ct.CTA_PROTOINFO_TCP in info:
-            ts, te = info[ct.CTA_PROTOINFO_TCP]
-            tcp = _unique(codec.iter_attrs(buf, ts, te))
+            tcp = children(info[ct.CTA_PROTOINFO_TCP])
             if tcp is None:
                 return None
-            for s2, _e2 in tcp.values():
-                head(s2)
             if ct.CTA_PROTOINFO_TCP_STATE in tcp:
                 ss, se = tcp[ct.CTA_PROTOINFO_TCP_STATE]
                 if se > ss:
@@ -192,7 +167,7 @@ def _learn(buf: bytes) -> _Plan | None:
     plan = _Plan(struct.Struct("".join(fmt)), tuple(heads[o] for o in sorted(heads)), family,
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
-                 _getter(ranges), synproxy, keep_no,
+                 codec.ranges_getter(ranges), synproxy, keep_no,
                  oe - os_ + 4)
     return plan if _agrees(plan, buf) else None
 
