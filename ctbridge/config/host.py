@@ -113,6 +113,7 @@ def next_epoch(state_dir: str) -> int:
     cannot be read or written refuses the start (EpochError), it is never ignored."""
     path = os.path.join(state_dir, "epoch")
     last = 0
+    text = ""
     try:
         with open(path) as f:
             text = f.read().strip()
@@ -125,6 +126,8 @@ def next_epoch(state_dir: str) -> int:
                          "only once its clock is past its last epoch)") from None
     except OSError as exc:
         raise EpochError(f"{path}: cannot be read: {exc.strerror}") from None
+    if not 0 <= last < 2**63:  # the wire carries a u64, and sequence wraps add one each
+        raise EpochError(f"{path}: epoch {last} is out of range; restore the file or remove it")
     epoch = max(time.time_ns(), last + 1)
     save_epoch(state_dir, epoch)
     return epoch

@@ -441,6 +441,7 @@ class Daemon:
         """Priority interlock: the track file follows failover.track_value, checked every
         TRACK_INTERVAL."""
         started = self.loop.time()
+        failing = False
         while True:
             may = failover.may_take_over(self.engine.complete(), self.engine.role,
                                          heard_a_peer=bool(self.engine.peers),
@@ -452,10 +453,14 @@ class Daemon:
                     keepalived.write_track_file(path, value)
                 except OSError as exc:  # a full tmpfs, no file descriptors: counted, tried again
                     self.stats_extra["track_errors"] += 1
-                    if self.stats_extra["track_errors"] == 1:
+                    if not failing:  # logged when it starts failing, and when it works again
                         log.error("track file %s cannot be written (%s); trying again every %.1f s", path,
                                   exc.strerror or exc, TRACK_INTERVAL)
+                    failing = True
                 else:
+                    if failing:
+                        log.info("track file %s written again", path)
+                    failing = False
                     log.info("track file %s = %d (external cache %s)", path, value,
                              "complete" if may else "incomplete")
                     self.track_value = value

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 # Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
 # or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
 NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
-EPOCH_AHEAD = 86400.0  # seconds a peer's epoch (its boot time) may lie ahead of our clock
+EPOCH_AHEAD = 86400.0  # seconds a peer's epoch (its boot time) may lie ahead of our clock (with max_age)
+RECEIVE_LIMIT = 9216  # bytes: no datagram longer is read (a jumbo frame; a peer's own limit may exceed ours)
+RECLAIMED_KEPT = 1024  # node ids whose slots were given back, remembered with their replay floor
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -266,6 +268,7 @@ class Engine:
         self.last_link: int | None = None
         self._heartbeat = 0  # number of the last heartbeat round sent
         self.intake = Intake()
+        self._reclaimed: OrderedDict[int, tuple[int, int]] = OrderedDict()  # node -> (epoch, highest seq)
 
     # --- this node's kernel ----------------------------------------------------------------------
 
@@ -479,9 +482,9 @@ class Engine:
         self.last_sender = self.last_link = None
         self._last_input = max(self._last_input, now)
         stats["rx_bytes"] += len(data)
-        if len(data) > self.config.max_datagram:
-            # no node of this cluster sends more (sync.mtu is the same on every node): checked
-            # before the MAC, so a flood of 64 KB datagrams costs no hashing
+        if len(data) > RECEIVE_LIMIT:
+            # checked before the MAC, so a flood of 64 KB datagrams costs no hashing; not this
+            # node's own send limit, which another node's MTU or link family may exceed
             stats["rejected_oversize"] += 1
             return None
         try:
@@ -497,7 +500,7 @@ class Engine:
         if cfg.max_age and wall is not None and abs(wall * 1000 - header.time_ms) > cfg.max_age * 1000:
             stats["rejected_replay"] += 1
             return None
-        if wall is not None and header.epoch > (wall + EPOCH_AHEAD) * 1e9:
+        if cfg.max_age and wall is not None and header.epoch > (wall + EPOCH_AHEAD) * 1e9:
             # epochs are boot times in ns (config.host.next_epoch): one far in the future is forged
             # or from a clock that is off by days, and would lock that node's real epoch out
             stats["rejected_bounds"] += 1
@@ -506,9 +509,14 @@ class Engine:
             return self._heartbeat_received(header, flows, messages)
         peer = self.peers.get(header.node)
         if peer is None:
+            floor = self._reclaimed.get(header.node)
+            if floor is not None and (header.epoch, header.seq) <= floor:
+                stats["rejected_replay"] += 1  # its slot was given back, not its replay protection
+                return None
             if len(self.peers) >= cfg.max_peers:
                 stats["rejected_peers"] += 1
                 return None
+            self._reclaimed.pop(header.node, None)
             peer = self.peers[header.node] = Peer(header.node, now)
             peer.acked = self._seq - 1  # it never saw what went before: nothing of it to wait for
         if header.epoch < peer.epoch:
@@ -707,11 +715,13 @@ class Engine:
                         self._on_loss(msg.first)
                     self._resend_range(peer, msg.first, msg.last, now)
             elif type(msg) is wire.Gap:
-                if msg.last >= seq or msg.first > msg.last:
+                if msg.node != me or msg.epoch != peer.epoch or peer.rx is None:
+                    pass  # another's, or of a previous epoch: nothing to do
+                elif msg.last >= seq or msg.first > msg.last:
                     # a sender gives up only on numbers it used before this datagram's: a GAP up to
                     # 2^32-1 made every later datagram of that peer a "replay"
                     stats["rejected_bounds"] += 1
-                elif msg.node == me and msg.epoch == peer.epoch and peer.rx is not None:
+                else:
                     peer.rx.fill(msg.first, msg.last)
                     # what those datagrams carried is lost: incomplete until the bulk that follows
                     peer.synced = False
@@ -1248,7 +1258,10 @@ class Engine:
         # One with flows stays: they are what a MASTER commit needs of a node that died.
         for node in [n for n, p in self.peers.items()
                      if not p.alive and not p.external and now >= p.last_heard + 4 * cfg.peer_timeout]:
-            del self.peers[node]
+            p = self.peers.pop(node)
+            self._reclaimed[node] = (p.epoch, p.rx.highest if p.rx is not None else 0)
+            if len(self._reclaimed) > RECLAIMED_KEPT:
+                self._reclaimed.popitem(last=False)
             self.stats["peers_reclaimed"] += 1
         self._release()  # also lets go of what nobody is left to acknowledge
         if self._sent_at and now >= self._probe_due():

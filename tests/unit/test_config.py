@@ -179,6 +179,12 @@ def test_the_boot_epoch_is_kept_or_the_start_refused(tmp_path: Path, monkeypatch
     (state / "epoch").write_text("not a number\n")
     with pytest.raises(host.EpochError, match="not an epoch"):
         host.next_epoch(str(state))
+    (state / "epoch").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(host.EpochError, match="not an epoch"):
+        host.next_epoch(str(state))
+    (state / "epoch").write_text(f"{2**64 - 1}\n")  # the next start's epoch would not fit the wire's u64
+    with pytest.raises(host.EpochError, match="out of range"):
+        host.next_epoch(str(state))
     blocked = tmp_path / "file"
     blocked.write_text("")  # a state_dir that is a file: cannot be made, cannot be written
     with pytest.raises(host.EpochError, match="cannot be read: Not a directory"):

@@ -524,16 +524,18 @@ def test_oversized_datagrams_are_refused_unread_and_silent_empty_peer_slots_come
 
 def test_a_key_holder_forging_a_gap_to_the_end_or_an_epoch_far_ahead_is_refused() -> None:
     """Found by review: a GAP ending at 2^32-1 in A's name made B reject all of A's real datagrams
-    as replays; an epoch of 2^64-1 locked A out even after A restarted."""
-    lab = Lab(2)
+    as replays; an epoch of 2^64-1 locked A out even after A restarted. The epoch is checked
+    against the clock only where the clocks are declared synced (max_age)."""
+    lab = Lab(2, max_age=60.0)
     lab.run(1)
     a, b = lab.engines[1], lab.engines[2]
     wall = 1_700_000_000.0
+    stamp = int(wall * 1000)
     gap = wire.gap_msg(2, a.epoch, b.peers[1].rx.expected, 2**32 - 1)  # type: ignore[union-attr]
-    forged = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 1, 0), gap, lab.auth)
+    forged = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 1, stamp), gap, lab.auth)
     b.receive_datagram(forged, lab.now, wall)
     assert b.stats["rejected_bounds"] == 1
-    future = wire.datagram(wire.Header(1, 2**64 - 1, 1, 0), wire.hello_msg(), lab.auth)
+    future = wire.datagram(wire.Header(1, 2**64 - 1, 1, stamp), wire.hello_msg(), lab.auth)
     assert b.receive_datagram(future, lab.now, wall) is None and b.stats["rejected_bounds"] == 2
     assert b.peers[1].epoch == a.epoch
     # A's next datagrams are still taken (the one whose number the forgery used is a replay now:
@@ -541,5 +543,37 @@ def test_a_key_holder_forging_a_gap_to_the_end_or_an_epoch_far_ahead_is_refused(
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(50)], lab.now)
     real = [d for d, _ in a.datagrams_to_send(lab.now)]
     assert len(real) >= 2
-    assert [b.receive_datagram(d, lab.now, wall) for d in real[1:]] == [1] * (len(real) - 1)
+    assert [b.receive_datagram(d, lab.now) for d in real[1:]] == [1] * (len(real) - 1)
     assert b.peers[1].rx is not None and b.peers[1].rx.expected < 2**31
+
+
+def test_a_reclaimed_slot_keeps_its_replay_floor_and_peers_may_send_more_than_we_do() -> None:
+    """Found by review: once a silent node's slot was given back, its captured datagrams were
+    taken again as a new life (5 flows of a dead node resurrected); and a peer whose own limit
+    is larger (another MTU or link family) had every datagram refused as oversize."""
+    lab = Lab(2)
+    captured: list[bytes] = []
+    lab.drop = lambda src, dst, data: src == 1 and captured.append(data) is not None
+    lab.run(1)
+    for i in range(5):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(0.5)
+    for i in range(5):
+        lab.event(1, EventKind.DESTROY, flow(i))
+    lab.run(0.5)
+    b = lab.engines[2]
+    assert b.peers[1].external == {}
+    lab.drop = lambda src, dst, data: src == 1  # A falls silent
+    lab.run(5 * b.config.peer_timeout)
+    assert 1 not in b.peers and b.stats["peers_reclaimed"] == 1
+    for data in captured:
+        assert b.receive_datagram(data, lab.now) is None
+    assert 1 not in b.peers and b.stats["rejected_replay"] >= len(captured)
+    # a peer that may send 1,472-byte datagrams to one that sends 1,452 at most
+    big = Lab(2, max_datagram=1472)
+    big.engines[2] = Engine(EngineConfig(node_id=2, max_datagram=1452), big.auth, epoch=1, now=big.now)
+    big.run(1)
+    for i in range(2000):
+        big.event(1, EventKind.NEW, flow(i))
+    big.run(3)
+    assert big.converged() and big.engines[2].stats["rejected_oversize"] == 0
