@@ -36,7 +36,7 @@ def fuzz(n: int, seed: int) -> dict[str, int]:
     engines = {a: Engine(EngineConfig(node_id=0x01020304), a, epoch=1, now=0.0) for a in (signed, unsigned)}
     counts = {"inputs": 0, "decoded": 0}
     for i in range(n):
-        data = bytearray(rng.choice(samples)[:-wire.MAC_LEN])
+        data = bytearray(rng.choice(samples)[:-wire.MAC_ENTRY_LEN])
         for _ in range(rng.randint(1, 6)):
             op = rng.random()
             if op < 0.6 and data:
@@ -48,14 +48,16 @@ def fuzz(n: int, seed: int) -> dict[str, int]:
         if rng.random() < 0.5 and len(data) >= wire.HEADER_LEN:
             data[3] |= wire.FLAG_MAC
             data[4] = signed.sign_id
+            data[5] = 1  # one MAC, for every holder of the group key
             data[6:8] = (len(data) - wire.HEADER_LEN).to_bytes(2, "big")
-            data += signed.mac(KEY, bytes(data))
+            data += signed.sign(bytes(data))
             if rng.random() < 0.2:  # damaged on the way, after signing: the MAC must catch it
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             auth = signed
         else:
-            if len(data) > 3:
+            if len(data) > 5:
                 data[3] &= ~wire.FLAG_MAC & 0xFF
+                data[5] = 0
             auth = unsigned
         blob = bytes(data)
         counts["inputs"] += 1

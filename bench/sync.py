@@ -47,10 +47,10 @@ def needed_bytes(n: int, mtu: int = 1500) -> int:
     """What n of the benchmark's flows take on the wire, each sent once in full datagrams (the floor
     any sender of ctbridge's encoding meets; acknowledgements not counted)."""
     msg = len(wire.flow_msg(1, builders.tcp_flows(1)[0]))
-    room = mtu - 28 - wire.HEADER_LEN - wire.MAC_LEN - 20
+    room = mtu - 28 - wire.HEADER_LEN - wire.MAC_ENTRY_LEN - 20
     per = room // msg
     datagrams = -(-n // per)
-    return n * msg + datagrams * (wire.HEADER_LEN + wire.MAC_LEN + ETHERNET)
+    return n * msg + datagrams * (wire.HEADER_LEN + wire.MAC_ENTRY_LEN + ETHERNET)
 
 
 @contextlib.contextmanager

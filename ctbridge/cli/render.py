@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctbridge.config import cluster, render
+from ctbridge.config import cluster, keyfile, render
 
 
 def setargs(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,14 @@ def run(args: argparse.Namespace) -> int:
         for line in str(exc).splitlines():
             print(f"ctbridge render: {line}", file=sys.stderr)
         return 1
-    files = render.render(c, node, args.templates)
+    secret = None
+    if c.secret:
+        try:
+            secret = keyfile.read_secret(c.secret_path())
+        except keyfile.KeyFileError as exc:
+            print(f"ctbridge render: [cluster] secret: {exc}", file=sys.stderr)
+            return 1
+    files = render.render(c, node, args.templates, secret)
     changed = render.write(files, args.out)
     for name in files:
         print(f"{args.out / name}: {'written' if name in changed else 'unchanged'}")

@@ -8,6 +8,7 @@ each naming the node or instance at fault and the fix. See docs/cluster.md for t
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Instance:
 class Cluster:
     name: str
     key_file: str
+    secret: str  # the cluster secret on the rendering machine ("": a group key the operator copies)
     apply_mode: str
     transport: str  # of both the sync link and VRRP adverts
     sync_group: str  # multicast group of the sync link ("" for unicast)
@@ -77,6 +79,12 @@ class Cluster:
     instances: tuple[Instance, ...]
     paths: dict[str, str]
     path: str = "<cluster>"
+
+    def secret_path(self) -> str:
+        """The cluster secret's file, relative paths taken from the description's directory."""
+        if not self.secret or os.path.isabs(self.secret):
+            return self.secret
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), self.secret)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -97,7 +105,8 @@ NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what keepalived.conf and node id
 IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # IFNAMSIZ - 1, include/uapi/linux/if.h
 # [cluster] key -> (type, default); every value is checked against its type (bool is not an int)
 CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
-    "name": (str, "cluster"), "key_file": (str, "/etc/ctbridge/sync.key"), "apply_mode": (str, "commit"),
+    "name": (str, "cluster"), "key_file": (str, "/etc/ctbridge/sync.key"), "secret": (str, ""),
+    "apply_mode": (str, "commit"),
     "transport": (str, "unicast"), "sync_group": (str, ""), "sync_link_groups": (list, []), "sync_port": (int, 3780),
     "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),

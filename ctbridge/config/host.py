@@ -11,6 +11,7 @@ import time
 from ctbridge import atomicfile
 from ctbridge.config import keyfile
 from ctbridge.config.settings import Config, ConfigError, load
+from ctbridge.sync import wire
 
 
 def socket_address(address: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
@@ -72,12 +73,11 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
         if link.group and not interface_exists(link.interface):
             out.append(f"{path}: the interface {link.interface} of {key.replace(' local', '')} does not exist "
                        "on this host")
-    for name in ("key_file", "previous_key_file"):
-        if getattr(cfg.sync, name) and cfg.sync.auth != "none":
-            try:
-                keyfile.load(getattr(cfg.sync, name))
-            except keyfile.KeyFileError as exc:
-                out.append(f"{path}: sync.{name}: {exc}")
+    if cfg.sync.auth != "none" and cfg.sync.key_file:
+        try:
+            auth(cfg)
+        except keyfile.KeyFileError as exc:
+            out.append(f"{path}: {exc}")
     if cfg.apply.gate and cfg.apply.mode == "commit":
         why = None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
         if why is not None:
@@ -92,14 +92,32 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
     return out
 
 
-def keys(cfg: Config) -> list[bytes]:
-    """The keys to sign with (first) and accept; [] when auth is "none"."""
+def auth(cfg: Config) -> wire.Auth:
+    """The keys to sign with (key_file) and accept (also previous_key_file), for this node and
+    cluster; KeyFileError, naming the file, for keys that are another node's or cluster's."""
     if cfg.sync.auth == "none":
-        return []
-    out = [keyfile.load(cfg.sync.key_file)]
+        return wire.Auth([], "none")
+    files = [("key_file", cfg.sync.key_file)]
     if cfg.sync.previous_key_file:
-        out.append(keyfile.load(cfg.sync.previous_key_file))
-    return out
+        files.append(("previous_key_file", cfg.sync.previous_key_file))
+    sets = []
+    cluster = cfg.sync.cluster
+    for name, path in files:
+        try:
+            kf = keyfile.load(path, cfg.sync.auth)
+        except keyfile.KeyFileError as exc:
+            raise keyfile.KeyFileError(f"sync.{name}: {exc}") from None
+        if kf.node and kf.node != cfg.node.name:
+            raise keyfile.KeyFileError(f"sync.{name}: {path} holds the keys of node {kf.node}, and this node is "
+                                       f"{cfg.node.name}; copy this node's own file (ctbridge render writes one per "
+                                       "node)")
+        if kf.cluster:
+            if cluster and kf.cluster != cluster:
+                raise keyfile.KeyFileError(f"sync.{name}: {path} was made for cluster {kf.cluster}, and sync.cluster "
+                                           f"is {cluster}; render this cluster's keys")
+            cluster = kf.cluster
+        sets.append(kf.keys)
+    return wire.Auth(sets, cfg.sync.auth, cluster=cluster)
 
 
 class EpochError(ConfigError):

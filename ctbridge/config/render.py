@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from ctbridge import atomicfile
-from ctbridge.config import resources
+from ctbridge.config import keyfile, resources
 from ctbridge.config.cluster import Cluster, Node
 
 # template -> the file it becomes
@@ -50,11 +50,19 @@ def environment(directory: Path | None = None) -> jinja2.Environment:
     return env
 
 
-def render(cluster: Cluster, node: Node, directory: Path | None = None) -> dict[str, str]:
-    """File name -> content for one node; the cluster must have passed verify()."""
+KEY_FILE = "sync.key"  # the node's pairwise keys, beside the rendered files (mode 0600)
+
+
+def render(cluster: Cluster, node: Node, directory: Path | None = None, secret: bytes | None = None
+           ) -> dict[str, str]:
+    """File name -> content for one node; the cluster must have passed verify(). With the cluster
+    ``secret``, also the node's pairwise keys (KEY_FILE), derived from it: the same every time."""
     env = environment(directory)
     context = {"cluster": cluster, "node": node, "peers": cluster.peers(node), "paths": cluster.paths_for(node)}
-    return {out: env.get_template(tpl).render(context) for tpl, out in FILES.items()}
+    files = {out: env.get_template(tpl).render(context) for tpl, out in FILES.items()}
+    if secret is not None:
+        files[KEY_FILE] = keyfile.pairwise_text(secret, cluster.name, node.name, [n.name for n in cluster.peers(node)])
+    return files
 
 
 def write_atomic(path: Path, content: str, mode: int = 0o644) -> bool:
@@ -69,6 +77,8 @@ def write_atomic(path: Path, content: str, mode: int = 0o644) -> bool:
 
 
 def write(files: dict[str, str], out: Path) -> list[str]:
-    """Write every file into ``out`` (created if missing); the names of those that changed."""
+    """Write every file into ``out`` (created if missing); the names of those that changed. Keys
+    are written readable by their owner only."""
     out.mkdir(parents=True, exist_ok=True)
-    return [name for name, content in files.items() if write_atomic(out / name, content)]
+    return [name for name, content in files.items()
+            if write_atomic(out / name, content, 0o600 if name == KEY_FILE else 0o644)]

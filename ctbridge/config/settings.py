@@ -61,6 +61,10 @@ class SyncSettings:
     port: int = _key(3780, "UDP port, the same on every node")
     key_file: str = _key("", "file with the pre-shared key (`ctbridge keygen`)")
     previous_key_file: str = _key("", "during a key rollover: a second key that is accepted, never used to sign")
+    cluster: str = _key("", "the cluster's name, covered by every MAC (a key file reused by another cluster "
+                        "is refused by it); `ctbridge render` writes it")
+    max_flows: int = _key(0, "flows kept per peer (0: the kernel's nf_conntrack_max); beyond, the peer's copy "
+                          "is incomplete and the refusals counted")
     auth: str = _key("blake2b", "MAC algorithm; \"none\" (labs only) must be said explicitly",
                      ("blake2b", "hmac-sha256", "none"))
     mode: str = _key("reliable", "\"reliable\" (acknowledged, resent) or \"best-effort\"", ("reliable", "best-effort"))
@@ -101,6 +105,9 @@ class FilterSettings:
     ignore: tuple[str, ...] = _key((), "never replicate flows whose original or reply source is in these CIDRs "
                                    "(loopback and the sync addresses always are)")
     tcp_states: tuple[str, ...] = _key((), "replicate TCP flows only in these states (empty: all)")
+    peer_accept: tuple[str, ...] = _key((), "take from peer NODE only flows whose original or reply source is in "
+                                        "CIDR, written \"NODE CIDR\" (peers not named: no limit but the filters "
+                                        "above, which apply on receive too)")
 
 
 @dataclass(frozen=True)
@@ -448,6 +455,18 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
         if proto not in PROTOCOLS and not (isinstance(proto, int) and 0 <= proto <= 255):
             fail("filter", "protocols", f"filter.protocols: unknown protocol {proto!r}; use "
                  + ", ".join(sorted(PROTOCOLS)) + " or a number")
+    for item in cfg.filter.peer_accept:
+        parts = item.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            ipaddress.ip_network(parts[1], strict=False)
+        except ValueError:
+            fail("filter", "peer_accept", f"filter.peer_accept: {item!r} is not \"NODE CIDR\" (a node name, a space, "
+                 "an address or CIDR)")
+    if cfg.sync.max_flows < 0:
+        fail("sync", "max_flows", f"sync.max_flows: {cfg.sync.max_flows} is negative; 0 means the kernel's "
+             "nf_conntrack_max")
     for name, cidrs in (("accept", cfg.filter.accept), ("ignore", cfg.filter.ignore)):
         for cidr in cidrs:
             try:

@@ -44,6 +44,13 @@ METRICS = (
      ("rejected", "oversize"), "counter"),
     ("ctbridge_rejected_bounds_total", "Datagrams or messages dropped: numbers out of bounds (a GAP beyond the "
      "datagram's own number, an epoch far ahead)", ("rejected", "bounds"), "counter"),
+    ("ctbridge_rejected_unproven_total", "Datagrams dropped: of a peer's session that has not answered this node's "
+     "challenge yet (a replayed capture, or the first round trip after a restart)", ("rejected", "unproven"),
+     "counter"),
+    ("ctbridge_flows_refused_policy_total", "Flows from peers refused by this node's filter or filter.peer_accept",
+     ("refused", "policy"), "counter"),
+    ("ctbridge_flows_refused_cap_total", "Flows from peers refused: the peer's copy reached sync.max_flows",
+     ("refused", "cap"), "counter"),
     ("ctbridge_rejected_peers_total", "Datagrams dropped: from a node id beyond the peer slots", ("rejected", "peers"),
      "counter"),
     ("ctbridge_datagrams_sent_total", "Sync datagrams sent", ("sync", "tx_datagrams"), "counter"),
@@ -114,19 +121,28 @@ def render(stats: dict[str, Any]) -> str:
 
 
 MAX_CLIENTS = 16  # connections served at once; more are closed at once (a scraper needs one)
+# Connections served at once per remote address. Without it one source held all MAX_CLIENTS slots
+# with 16 idle connections and locked every scraper out; 4 leave room for a scraper, its retry
+# while an old connection times out, and a person with curl behind the same address, and take 4
+# sources to fill the endpoint.
+MAX_PER_SOURCE = 4
 REQUEST_TIMEOUT = 5.0  # seconds for a whole request, headers included (a slow client cannot hold a slot)
 MAX_HEADER_LINES = 100
 
 
 async def serve(listen: str, stats: Callable[[], dict[str, Any]],
                 counters: dict[str, int] | None = None) -> asyncio.AbstractServer:
-    """The endpoint. ``counters`` (refused, timed_out, bad_requests) count what it turned away."""
+    """The endpoint. ``counters`` (refused, refused_per_source, timed_out, bad_requests) count what it
+    turned away: refused at MAX_CLIENTS in all, refused_per_source at MAX_PER_SOURCE from one address."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     count = counters if counters is not None else {}
-    for k in ("refused", "timed_out", "bad_requests"):
+    for k in ("refused", "refused_per_source", "timed_out", "bad_requests"):
         count.setdefault(k, 0)
     active = 0
+    # connections served per remote address; an address leaves at 0, so this holds at most
+    # MAX_CLIENTS entries however many sources come and go
+    per_source: dict[str, int] = {}
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.readline()
@@ -147,11 +163,21 @@ async def serve(listen: str, stats: Callable[[], dict[str, Any]],
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal active
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""  # None: the peer reset before the transport asked
+        # Either cap closes the connection before a byte of it is read: a refused client costs
+        # no parsing and holds nothing. The source's cap first, so that a flood from one address
+        # is counted as that even while the endpoint is full.
+        if per_source.get(source, 0) >= MAX_PER_SOURCE:
+            count["refused_per_source"] += 1
+            writer.close()
+            return
         if active >= MAX_CLIENTS:
             count["refused"] += 1
             writer.close()
             return
         active += 1
+        per_source[source] = per_source.get(source, 0) + 1
         try:
             await asyncio.wait_for(answer(reader, writer), REQUEST_TIMEOUT)
         except TimeoutError:
@@ -160,6 +186,10 @@ async def serve(listen: str, stats: Callable[[], dict[str, Any]],
             count["bad_requests"] += 1
         finally:
             active -= 1
+            if per_source[source] > 1:
+                per_source[source] -= 1
+            else:
+                del per_source[source]
             writer.close()
 
     return await asyncio.start_server(client, host, int(port))

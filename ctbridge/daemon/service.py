@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -35,6 +36,7 @@ from ctbridge.sync.engine import (
     EngineEvent,
     EpochChanged,
     KernelOp,
+    LimitReached,
     LinkReport,
     PeerRestarted,
     PeerSilent,
@@ -93,21 +95,44 @@ def flow_filter(cfg: Config) -> FlowFilter:
                       tcp_states=frozenset(config_mod.TCP_STATE_NUMBERS[s] for s in cfg.filter.tcp_states))
 
 
+def peer_filters(cfg: Config) -> dict[int, FlowFilter]:
+    """filter.peer_accept as the engine takes it: node id -> what that peer may send (also
+    within the filter's own accept and ignore lists, which the engine checks apart)."""
+    nets: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+    for item in cfg.filter.peer_accept:
+        name, cidr = item.split()
+        nets.setdefault(config_mod.node_id(name), []).append(ipaddress.ip_network(cidr, strict=False))
+    return {node: FlowFilter(accept=tuple(n), ignore=()) for node, n in nets.items()}
+
+
+def conntrack_max() -> int:
+    """The kernel's table size (nf_conntrack_max, in proc_sys_net_netfilter(5)'s nf_conntrack
+    sysctls): a peer can never need more, so it caps each peer's copy; 0 if it cannot be read."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            return max(0, int(f.read().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
 def engine_config(cfg: Config) -> EngineConfig:
     return EngineConfig(node_id=cfg.node_id, reliable=cfg.sync.mode == "reliable", apply_mode=cfg.apply.mode,
                         max_datagram=cfg.max_datagram(), alive_interval=cfg.sync.alive_interval,
                         peer_timeout=cfg.sync.peer_timeout, resend_limit=cfg.sync.resend_limit,
-                        max_age=cfg.sync.max_age, filter=flow_filter(cfg))
+                        max_age=cfg.sync.max_age, filter=flow_filter(cfg), peer_filters=peer_filters(cfg),
+                        max_entries=cfg.sync.max_flows or conntrack_max())
 
 
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.auth = wire.Auth(host.keys(cfg), cfg.sync.auth)
+        self.auth = host.auth(cfg)
         self.epoch = host.next_epoch(cfg.node.state_dir)
         now = self.loop.time()
-        self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now)
+        # the challenge of this life: random, so no earlier life's answers (a captured stream) fit it
+        self.engine = Engine(engine_config(cfg), self.auth, self.epoch, now, clock_offset=time.time() - now,
+                             nonce=secrets.randbits(64))
         self.kernel = KernelTable()
         self.events = EventSocket(rcvbuf=cfg.apply.event_buffer)
         # the echo of our own commits (100,000 events after a failover) is not even decoded
@@ -206,6 +231,10 @@ class Daemon:
             self.links.selector.reported(event.node, event.links, self.loop.time())
         elif isinstance(event, CompletenessChanged):
             log.info("external cache %s", "complete" if event.complete else "incomplete")
+        elif isinstance(event, LimitReached):
+            log.warning("peer %08x reached the cap of %d %s: %s", event.node, event.limit, event.what,
+                        "its further flows are refused, its copy is incomplete (sync.max_flows)"
+                        if event.what == "flows" else "the oldest deletions are forgotten")
 
     def _flush_again(self) -> None:
         self.flush_scheduled = False
@@ -474,7 +503,8 @@ class Daemon:
         peers = []
         for p in e.peers.values():
             peers.append({"node": f"{p.node:08x}", "address": self.links.address(p.node),
-                          "epoch": p.epoch, "alive": p.alive, "synced": p.synced,
+                          "epoch": p.epoch, "alive": p.alive, "synced": p.synced, "proven": p.proven,
+                          "refused": len(p.refused), "limits": sorted(p.limits),
                           "entries": len(p.external), "last_heard": round(now - p.last_heard, 3),
                           "restarts": p.restarts, "bulks": p.bulks,
                           "gap": p.rx.missing() if p.rx is not None else None})
@@ -485,7 +515,11 @@ class Daemon:
             "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
             "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
                          "malformed": s["rejected_malformed"], "peers": s["rejected_peers"],
-                         "oversize": s["rejected_oversize"], "bounds": s["rejected_bounds"]},
+                         "oversize": s["rejected_oversize"], "bounds": s["rejected_bounds"],
+                         "unproven": s["rejected_unproven"]},
+            "refused": {"policy": s["flows_refused_policy"], "cap": s["flows_refused_cap"],
+                        "tombstones_dropped": s["tombstones_dropped"],
+                        "bulk_count_mismatches": s["bulk_count_mismatches"]},
             "peers": peers,
             "queues": {**e.queue_sizes(), "inject": len(self.inject_ops)},
             "flow": {"window": round(e.window, 1), "in_flight": e.in_flight(),
@@ -573,7 +607,7 @@ class Daemon:
         self.reload = False
         try:
             cfg = config_mod.load(self.cfg.path)
-            auth = wire.Auth(host.keys(cfg), cfg.sync.auth)
+            auth = host.auth(cfg)
         except Exception as exc:  # keep running with what works
             log.error("reload refused, keeping the running configuration: %s", exc)
             return

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -49,6 +49,9 @@ NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
 EPOCH_AHEAD = 86400.0  # seconds a peer's epoch (its boot time) may lie ahead of our clock (with max_age)
 RECEIVE_LIMIT = 9216  # bytes: no datagram longer is read (a jumbo frame; a peer's own limit may exceed ours)
 RECLAIMED_KEPT = 1024  # node ids whose slots were given back, remembered with their replay floor
+CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has not come; 16 bytes
+# each, and only while that peer is heard, so retrying often costs nothing and makes a lost echo
+# cost 0.1 s instead of a bulk retry of 3 s
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -87,6 +90,11 @@ class EngineConfig:
     max_resend_interval: float = 0.5
     max_peers: int = 16  # datagrams from further node ids are dropped (each peer costs state and ACK room)
     filter: FlowFilter = field(default_factory=FlowFilter)
+    # Receive-side policy and caps (docs/protocol.md, "Threat model"): flows a peer sends that this
+    # node's own filter, or the accept list for that peer, refuses are counted and never stored
+    peer_filters: Mapping[int, FlowFilter] = field(default_factory=dict)  # node id -> what it may send
+    max_entries: int = 0  # flows kept per peer (the daemon: nf_conntrack_max); 0: no cap
+    max_tombstones: int = 65536  # deletions remembered per peer; beyond, the oldest is forgotten (counted)
 
 
 class KernelOp(NamedTuple):
@@ -151,6 +159,15 @@ class CompletenessChanged(NamedTuple):
     complete: bool  # Engine.complete(): every live peer's external cache is whole
 
 
+class LimitReached(NamedTuple):
+    """A cap was hit for the first time since the last bulk from ``node`` (the adapter logs it
+    once): ``what`` is "flows" (max_entries) or "tombstones" (max_tombstones)."""
+
+    node: int
+    what: str
+    limit: int
+
+
 class LinkReport(NamedTuple):
     """Redundant sync links: ``node`` says it hears this node on these links (bit k: link k)."""
 
@@ -158,7 +175,8 @@ class LinkReport(NamedTuple):
     links: int
 
 
-EngineEvent = PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport | EpochChanged
+EngineEvent = (PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged | LinkReport | EpochChanged
+               | LimitReached)
 
 
 class Peer:
@@ -169,7 +187,19 @@ class Peer:
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
         self.external: dict[bytes, ExternalFlow] = {}
-        self.tombstones: dict[bytes, tuple[int, float]] = {}
+        # key -> (version, until when it outranks late updates, sequence number of the DELETE)
+        self.tombstones: dict[bytes, tuple[int, float, int]] = {}
+        # flows it sent that our policy refused: key -> (version, sequence number), so a bulk counts
+        # them as mentioned; bounded with the external cache by max_entries
+        self.refused: dict[bytes, tuple[int, int]] = {}
+        self.refused_total = 0
+        self.limits: set[str] = set()  # caps hit since its last bulk began that make its copy incomplete
+        self.warned: set[str] = set()  # caps said (LimitReached) since then
+        # Freshness: its current epoch is accepted only once it answered our challenge (ECHO of
+        # our nonce in that epoch); until then nothing it sends is applied
+        self.proven = False
+        self.challenge_at: float | None = None
+        self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
         # peer cannot have seen): a NACK below it is stale
@@ -189,9 +219,10 @@ class Peer:
         self.nack_at = -1.0
         self.nacked: tuple[int, int] | None = None
         self.last_heard = now
-        self.alive = True
+        self.alive = False  # True from its first accepted datagram until peer_timeout of silence
         self.bulk_begin: tuple[int, int] | None = None  # (bulk id, sequence number of BULK_BEGIN)
-        self.bulk_end: tuple[int, int, int] | None = None  # (bulk id, end seq, begin seq) awaiting contiguity
+        # (bulk id, end seq, begin seq, flows it says it sent) awaiting contiguity
+        self.bulk_end: tuple[int, int, int, int] | None = None
         self.synced = False  # a bulk transfer completed and no data was lost since
         self.bulk_dirty = False  # best-effort: datagrams of the current bulk were lost
         self.resync_at: float | None = None  # when we last asked it for a bulk transfer
@@ -206,7 +237,9 @@ def _new_stats() -> dict[str, int]:
         "deletes_received", "stale_ignored", "resent_datagrams", "nacks_sent", "nacks_received", "gaps_sent",
         "gaps_given_up", "bulks_sent", "bulks_received", "resyncs_requested", "resend_overflows",
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "rejected_oversize",
-        "peers_reclaimed", "rejected_bounds", "own_datagrams",
+        "peers_reclaimed", "rejected_bounds", "rejected_unproven", "own_datagrams", "challenges_sent",
+        "echoes_sent", "sessions_proven", "flows_refused_policy", "flows_refused_cap", "tombstones_dropped",
+        "bulk_count_mismatches",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
         "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
         "path_changes")}
@@ -214,13 +247,15 @@ def _new_stats() -> dict[str, int]:
 
 class Engine:
     def __init__(self, config: EngineConfig, auth: wire.Auth, epoch: int, now: float,
-                 clock_offset: float = 0.0, first_seq: int = 1) -> None:
+                 clock_offset: float = 0.0, first_seq: int = 1, nonce: int | None = None) -> None:
         """``first_seq``: this epoch's first sequence number (1; a test of the wrap starts near
-        the end of the space)."""
+        the end of the space). ``nonce``: this life's challenge (the daemon draws 64 random bits;
+        it need not be secret, only never used by an earlier life: by default the epoch)."""
         self.config = config
         self.auth = auth
         self.node_id = config.node_id
         self.epoch = epoch
+        self.nonce = (epoch if nonce is None else nonce) & 0xFFFFFFFFFFFFFFFF
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
         self.role = Role.BACKUP
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
@@ -384,8 +419,10 @@ class Engine:
         self.role = role
 
     def request_resync(self, now: float, node: int = 0) -> None:
-        """Ask ``node`` (0: every peer) to send its whole internal cache."""
-        self._control.append(wire.resync_msg(node))
+        """Ask ``node`` (0: every peer) to send its whole internal cache. The challenge goes with
+        it: a peer that does not know our epoch yet proves itself in the datagram its bulk begins in."""
+        self._control.append(wire.challenge_msg(node, self.nonce) + wire.resync_msg(node))
+        self.stats["challenges_sent"] += 1
         self.stats["resyncs_requested"] += 1
         for peer in self.peers.values():
             if node in (0, peer.node):
@@ -426,6 +463,7 @@ class Engine:
         for peer in self.peers.values():
             peer.external.clear()
             peer.tombstones.clear()
+            peer.refused.clear()
 
     def kernel_ops(self) -> list[KernelOp]:
         ops, self._kernel_ops = self._kernel_ops, []
@@ -470,8 +508,13 @@ class Engine:
         return {k for p in self.peers.values() for k in p.external}
 
     def complete(self) -> bool:
-        """Every live peer's external cache is whole: a bulk arrived and nothing was lost since."""
-        return all(p.synced and (p.rx is None or p.rx.missing() is None) for p in self.peers.values() if p.alive)
+        """Every peer that is heard has a whole external cache: a bulk arrived in a session it proved
+        live, and nothing was lost or refused since. A peer whose authentic datagrams are being
+        refused (replays, an unanswered challenge, numbers out of bounds) counts as heard: it is
+        never "silent, so complete"."""
+        recent = self._last_input - self.config.peer_timeout
+        return all(p.synced and p.proven and not p.limits and (p.rx is None or p.rx.missing() is None)
+                   for p in self.peers.values() if p.alive or p.rejected_at > recent)
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -488,7 +531,7 @@ class Engine:
             stats["rejected_oversize"] += 1
             return None
         try:
-            header, flows, messages = wire.decode_split(data, self.auth)
+            header, flows, messages = wire.decode_split(data, self.auth, self.node_id)
         except wire.WireError as exc:
             stats["rejected_" + exc.reason] += 1
             log.debug("dropped a datagram: %s", exc)
@@ -521,12 +564,16 @@ class Engine:
             peer.acked = self._seq - 1  # it never saw what went before: nothing of it to wait for
         if header.epoch < peer.epoch:
             stats["rejected_replay"] += 1  # a datagram from a previous life of that node
+            peer.rejected_at = now
             return None
         if header.epoch > peer.epoch:
             self._new_incarnation(peer, header, now)
+        if not peer.proven and not self._proves(peer, header, messages, now):
+            return None
         rx = peer.rx
         assert rx is not None
         if not rx.accept(header.seq):
+            peer.rejected_at = now
             stats["rejected_replay"] += 1
             if cfg.reliable and header.seq < rx.expected and peer.ack_due is None:
                 # the sender resends what we have: our acknowledgement was lost, say it again
@@ -566,12 +613,61 @@ class Engine:
             self._finish_bulk(peer)
         return peer.node
 
+    def _proves(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> bool:
+        """A datagram of a peer's epoch that has not answered our challenge yet: True if this one
+        answers it (ECHO of our nonce: the peer runs this epoch now), which starts its session
+        here; else only its own challenges and bulk requests are taken (so that it can prove
+        itself and get our flows) and the rest is refused, however authentic: a captured stream
+        replayed to a node that restarted plants nothing."""
+        me = self.node_id
+        for msg in messages:
+            if type(msg) is wire.Echo and msg.node == me and msg.nonce == self.nonce:
+                peer.proven = True
+                peer.challenge_at = None
+                peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
+                peer.ack_sent = header.seq - 1  # what it sent before was refused: the bulk replaces it
+                self.stats["sessions_proven"] += 1
+                if peer.resync_at is not None and not any(
+                        type(m) is wire.BulkBegin and m.node in (0, me) for m in messages):
+                    # the bulk it sent for our request began before its answer (ours was lost):
+                    # ask again now, not after resync_retry
+                    self._control.append(wire.resync_msg(peer.node))
+                    self.stats["resyncs_requested"] += 1
+                    peer.resync_at = now
+                return True
+        for msg in messages:
+            if type(msg) is wire.Challenge and msg.node in (0, me):
+                self._echo(peer, msg.nonce)
+            elif type(msg) is wire.Resync and msg.node in (0, me):
+                self.bulk_send(now, peer.node)
+        self.stats["rejected_unproven"] += 1
+        peer.rejected_at = now
+        if peer.challenge_at is None or now >= peer.challenge_at + CHALLENGE_RETRY:
+            self._challenge(peer, now)
+        return False
+
+    def _challenge(self, peer: Peer, now: float) -> None:
+        self._control.append(wire.challenge_msg(peer.node, self.nonce))
+        self.stats["challenges_sent"] += 1
+        peer.challenge_at = now
+
+    def _echo(self, peer: Peer, nonce: int) -> None:
+        """Answer a challenge, once per datagram however often it was asked (a challenge that
+        was already answered is asked again only when the answer was lost)."""
+        m = wire.echo_msg(peer.node, nonce)
+        if m not in self._control:
+            self._control.append(m)
+            self.stats["echoes_sent"] += 1
+
     def _new_incarnation(self, peer: Peer, header: wire.Header, now: float) -> None:
         if peer.epoch >= 0:
             peer.restarts += 1
             self._events.append(PeerRestarted(peer.node, peer.epoch, header.epoch))
         peer.epoch = header.epoch
-        peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
+        # Nothing of this epoch is applied before it answers our challenge, which goes out with
+        # the bulk request below; its receive window starts at that answer.
+        peer.proven = False
+        peer.rx = None
         peer.ack_sent = header.seq - 1
         peer.round_high, peer.round_full = 0, True
         peer.unacked = 0
@@ -590,6 +686,7 @@ class Engine:
             cur.version = -1
             cur.seq = 0
         peer.tombstones.clear()
+        peer.refused.clear()
         # What it had before is unknown now: ask for everything, the bulk replaces the cache.
         self._ask_for_bulk(peer, now)
 
@@ -624,7 +721,10 @@ class Engine:
         return highest, named
 
     def _ask_for_bulk(self, peer: Peer, now: float) -> None:
-        """RESYNC to ``peer``: its bulk transfer replaces what we hold of it (retried until it comes)."""
+        """RESYNC to ``peer``: its bulk transfer replaces what we hold of it (retried until it
+        comes); with a challenge while its epoch has not answered one."""
+        if not peer.proven:
+            self._challenge(peer, now)
         self._control.append(wire.resync_msg(peer.node))
         self.stats["resyncs_requested"] += 1
         peer.resync_at = now
@@ -660,7 +760,8 @@ class Engine:
         external = peer.external
         tombstones = peer.tombstones
         seq = header.seq
-        inject = self.config.apply_mode == "inject"
+        cfg = self.config
+        inject = cfg.apply_mode == "inject"
         stats = self.stats
         me = self.node_id
         stale = 0
@@ -669,6 +770,8 @@ class Engine:
             if cur is None:
                 if tombstones and key in tombstones and tombstones[key][0] >= version:
                     stale += 1
+                    continue
+                if not self._admit(peer, version, key, fmsg, seq):
                     continue
                 external[key] = ExternalFlow(version, fmsg, seq)
             elif version > cur.version:
@@ -694,7 +797,15 @@ class Engine:
                 if cur is not None and cur.version >= msg.version:
                     stale += 1
                     continue
-                tombstones[key] = (msg.version, now + self.config.tombstone_ttl)
+                if peer.refused and peer.refused.pop(key, None) is not None:
+                    continue  # a flow we never took is gone: nothing to remember
+                if len(tombstones) >= cfg.max_tombstones and key not in tombstones:
+                    # the oldest deletion is forgotten: a late update of that flow, older than the
+                    # deletion, could bring it back until the next bulk (counted, logged once)
+                    del tombstones[next(iter(tombstones))]
+                    stats["tombstones_dropped"] += 1
+                    self._limit(peer, "tombstones", cfg.max_tombstones, whole=True)
+                tombstones[key] = (msg.version, now + cfg.tombstone_ttl, seq)
                 if cur is not None:
                     del external[key]
                     if inject:
@@ -730,15 +841,20 @@ class Engine:
             elif type(msg) is wire.Resync:
                 if msg.node in (0, me):
                     self.bulk_send(now, peer.node)
+            elif type(msg) is wire.Challenge:
+                if msg.node in (0, me):
+                    self._echo(peer, msg.nonce)
             elif type(msg) is wire.BulkBegin:
                 data_seen = True
                 if msg.node in (0, me):
                     peer.bulk_begin = (msg.bulk_id, seq)
                     peer.bulk_dirty = False
+                    peer.limits.clear()  # caps hit before this bulk no longer matter once it completes
+                    peer.warned.clear()
             elif type(msg) is wire.BulkEnd:
                 data_seen = True
                 if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
-                    peer.bulk_end = (msg.bulk_id, seq, peer.bulk_begin[1])
+                    peer.bulk_end = (msg.bulk_id, seq, peer.bulk_begin[1], msg.flows)
                     peer.bulk_begin = None
         if nacked is not None or sack_high:
             self._sacked(peer, nacked or [], sack_high, now)
@@ -746,11 +862,46 @@ class Engine:
         stats["stale_ignored"] += stale
         return data_seen
 
+    def _admit(self, peer: Peer, version: int, key: bytes, fmsg: bytes, seq: int) -> bool:
+        """A flow new to this peer's cache: taken only if our own filter, the accept list for that
+        peer and the cap allow it; refused ones are remembered by key (a bulk counts them)."""
+        cfg = self.config
+        refused = peer.refused
+        if cfg.max_entries and len(peer.external) + len(refused) >= cfg.max_entries and key not in refused:
+            self.stats["flows_refused_cap"] += 1
+            self._limit(peer, "flows", cfg.max_entries)
+            return False
+        entry = wire.flow_entry(key, fmsg)
+        peer_filter = cfg.peer_filters.get(peer.node)
+        try:
+            allowed = cfg.filter.accepts(entry) and (peer_filter is None or peer_filter.accepts(entry))
+        except codec.CodecError:
+            allowed = False  # attributes our filter cannot read are not written into our kernel either
+        if allowed:
+            if refused:
+                refused.pop(key, None)
+            return True
+        refused[key] = (version, seq)
+        peer.refused_total += 1
+        self.stats["flows_refused_policy"] += 1
+        return False
+
+    def _limit(self, peer: Peer, what: str, limit: int, whole: bool = False) -> None:
+        """A cap was hit, said once per bulk. Unless ``whole``, the peer's cache is no longer a
+        whole copy: incomplete until a bulk completes without hitting it. (Forgetting the oldest
+        deletion keeps the copy whole: a late update older than a deletion arrives within a
+        round trip or a resend, long before a busy node's oldest tombstone.)"""
+        if what not in peer.warned:
+            peer.warned.add(what)
+            self._events.append(LimitReached(peer.node, what, limit))
+        if not whole:
+            peer.limits.add(what)
+
     def _finish_bulk(self, peer: Peer) -> None:
         """Once every datagram up to BULK_END has arrived, the peer's cache is what the bulk said."""
         if peer.bulk_end is None or peer.rx is None:
             return
-        _bulk_id, end_seq, begin_seq = peer.bulk_end
+        _bulk_id, end_seq, begin_seq, flows_sent = peer.bulk_end
         if self.config.reliable and peer.rx.expected <= end_seq:
             return
         gap = peer.rx.missing()
@@ -761,7 +912,24 @@ class Engine:
             peer.bulk_end = None
             peer.bulk_dirty = False
             return
+        # Every flow the bulk carried was mentioned since BULK_BEGIN: it is in the cache, or was
+        # deleted or refused since. Fewer than BULK_END says means something of it was lost or
+        # is not what the peer sent: keep what we have and ask again.
+        mentioned = (sum(1 for v in peer.external.values() if v.seq >= begin_seq)
+                     + sum(1 for t in peer.tombstones.values() if t[2] >= begin_seq)
+                     + sum(1 for r in peer.refused.values() if r[1] >= begin_seq))
+        if mentioned < flows_sent:
+            self.stats["bulk_count_mismatches"] += 1
+            log.warning("bulk from node %08x said %d flows, %d arrived: asking again", peer.node, flows_sent,
+                        mentioned)
+            self._events.append(BulkCompleted(peer.node, len(peer.external), 0, complete=False))
+            peer.bulk_end = None
+            peer.synced = False
+            self._ask_for_bulk(peer, self._last_input)
+            return
         stale = [k for k, v in peer.external.items() if v.seq < begin_seq]
+        for key in [k for k, v in peer.refused.items() if v[1] < begin_seq]:
+            del peer.refused[key]
         for key in stale:
             del peer.external[key]
             if self.config.apply_mode == "inject":
@@ -1015,7 +1183,7 @@ class Engine:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         out: list[tuple[bytes, int | None]] = []
         cfg = self.config
-        room = cfg.max_datagram - wire.HEADER_LEN - wire.MAC_LEN - 24 * sum(
+        room = cfg.max_datagram - wire.HEADER_LEN - self.auth.trailer_len - 24 * sum(
             1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements (24 with highest); HELLO
         self._last_input = max(self._last_input, now)
         if self._overflow_bulk and self._overflow_bulk_can_start() and now >= self._overflow_bulk_at:
@@ -1160,7 +1328,7 @@ class Engine:
         self._heartbeat += 1
         reports = sorted(hearing.items())[:64]
         header = wire.Header(self.node_id, self.epoch, wire.HEARTBEAT_SEQ, int((now + self.clock_offset) * 1000))
-        size = self.config.max_datagram - wire.HEADER_LEN - wire.MAC_LEN
+        size = self.config.max_datagram - wire.HEADER_LEN - self.auth.trailer_len
         out = [wire.datagram(header, wire.heartbeat_msg(k, self._heartbeat, reports, size), self.auth)
                for k in range(links)]
         self.stats["heartbeats_sent"] += len(out)
@@ -1179,7 +1347,7 @@ class Engine:
             return None
         hb = messages[0]
         peer = self.peers.get(header.node)
-        if peer is None or header.epoch != peer.epoch:
+        if peer is None or header.epoch != peer.epoch or not peer.proven:
             stats["heartbeats_ignored"] += 1
             return None
         if hb.counter <= peer.heartbeats.get(hb.link, 0):
@@ -1212,6 +1380,11 @@ class Engine:
 
     # --- time ---------------------------------------------------------------------------------------
 
+    def _challenging(self, peer: Peer) -> bool:
+        """Still worth challenging: not proven, and heard within a peer timeout (a node that went
+        away is not asked forever)."""
+        return not peer.proven and self._last_input < peer.rejected_at + self.config.peer_timeout
+
     def get_timer(self) -> float | None:
         window_open = self.in_flight() < self.window
         flows_waiting = (self._pending or self._bulks) and self.role is not Role.FAULT
@@ -1229,6 +1402,8 @@ class Engine:
                 deadlines.append(peer.nack_at + self.config.nack_retry)
             if peer.resync_at is not None:
                 deadlines.append(peer.resync_at + self.config.resync_retry)
+            if peer.challenge_at is not None and self._challenging(peer):
+                deadlines.append(peer.challenge_at + CHALLENGE_RETRY)
             if peer.alive:
                 deadlines.append(peer.last_heard + self.config.peer_timeout)
         return min(deadlines)
@@ -1249,6 +1424,11 @@ class Engine:
                     self._nack(peer, gap, now)
             if peer.resync_at is not None and now >= peer.resync_at + cfg.resync_retry:
                 self._ask_for_bulk(peer, now)
+            if peer.challenge_at is not None and now >= peer.challenge_at + CHALLENGE_RETRY:
+                if self._challenging(peer):
+                    self._challenge(peer, now)
+                else:
+                    peer.challenge_at = None  # it went quiet: its next datagram challenges it again
             if peer.alive and now >= peer.last_heard + cfg.peer_timeout:
                 peer.alive = False
                 self._events.append(PeerSilent(peer.node, now - peer.last_heard))
@@ -1256,8 +1436,9 @@ class Engine:
         # A slot of a node silent for long and holding no flow is given back: 16 forged (or
         # renamed) node ids heard once used to hold every slot, and a real new node was refused.
         # One with flows stays: they are what a MASTER commit needs of a node that died.
+        quiet_since = now - 4 * cfg.peer_timeout
         for node in [n for n, p in self.peers.items()
-                     if not p.alive and not p.external and now >= p.last_heard + 4 * cfg.peer_timeout]:
+                     if not p.alive and not p.external and max(p.last_heard, p.rejected_at) <= quiet_since]:
             p = self.peers.pop(node)
             self._reclaimed[node] = (p.epoch, p.rx.highest if p.rx is not None else 0)
             if len(self._reclaimed) > RECLAIMED_KEPT:

@@ -1,13 +1,15 @@
-"""Sync protocol version 1: datagram and message encoding, authentication. Pure functions.
+"""Sync protocol version 2: datagram and message encoding, authentication. Pure functions.
 
-A datagram is a 32-byte header, a run of messages, and (when authenticated) a 16-byte MAC over
-both. All integers are big endian. docs/protocol.md has the byte diagrams; tests/unit/test_wire.py
-holds a golden vector of every message type.
+A datagram is a 32-byte header, a run of messages, and (when authenticated) one MAC per receiver
+over both. All integers are big endian. docs/protocol.md has the byte diagrams;
+tests/unit/test_wire.py holds a golden vector of every message type.
 
-    header   magic "CB" | version 1 | flags | key id | reserved | payload length
+    header   magic "CB" | version 2 | flags | key id | MAC count | payload length
              | node id (u32) | boot epoch (u64) | sequence (u32) | sender time, ms (u64)
     message  type (u8) | aux (u8) | length (u16, whole message, multiple of 4) | body
-    trailer  MAC (16 bytes): keyed BLAKE2b or HMAC-SHA256 over header and messages
+    trailer  MAC count x (receiver node id (u32), MAC (16 bytes)): keyed BLAKE2b or HMAC-SHA256
+             over header and messages, with the key this node shares with that receiver (pairwise
+             keys), or once with receiver 0 and the cluster's group key
 
 Decoding never raises anything but WireError, whose ``reason`` is the counter it belongs to.
 """
@@ -17,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -25,11 +28,19 @@ from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 
 MAGIC = b"CB"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!2sBBBBHIQIQ")
 HEADER_LEN = HEADER.size  # 32
 MAC_LEN = 16
-FLAG_MAC = 0x01  # a MAC follows the messages
+_MAC_ENTRY = struct.Struct("!I16s")  # receiver node id, MAC
+MAC_ENTRY_LEN = _MAC_ENTRY.size  # 20
+MAX_MACS = 16  # MACs one datagram carries: one per peer, and a node has at most 16 (EngineConfig.max_peers)
+GROUP = 0  # the receiver id of a MAC made with a group key (any holder can check it, and make it)
+FLAG_MAC = 0x01  # MACs follow the messages
+# The protocol label: BLAKE2b's 16-byte personalization (RFC 7693 2.5), and the first bytes HMAC
+# signs, so a MAC made for another protocol or another version of this one never verifies here
+LABEL = b"ctbridge sync v2"
+VERSION_MAX = (1 << 48) - 1  # a flow version beyond this is forged: 2^48 changes in one boot cannot happen
 
 _MSG = struct.Struct("!BBH")
 _U64 = struct.Struct("!Q")
@@ -58,6 +69,8 @@ class MsgType(IntEnum):
     GAP = 10  # sender -> receiver: datagrams first..last of mine will not be resent; stop asking
     HEARTBEAT = 11  # redundant sync links: aux = the link it was sent over; counter (u32), reports (u16), 0 (u16),
     # a (node u32, links u32) pair per report, zero padding; alone in a datagram of sequence number 0
+    CHALLENGE = 12  # node (0: every peer), nonce (u64): prove to me that you are alive now (echo it)
+    ECHO = 13  # node, nonce (u64): the answer, in the sender's current epoch; starts that node's session
 
 
 class WireError(Exception):
@@ -139,6 +152,16 @@ class Hello(NamedTuple):
     pass
 
 
+class Challenge(NamedTuple):
+    node: int
+    nonce: int
+
+
+class Echo(NamedTuple):
+    node: int
+    nonce: int
+
+
 class Resync(NamedTuple):
     node: int
 
@@ -154,7 +177,8 @@ class BulkEnd(NamedTuple):
     flows: int
 
 
-Message = Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd | Heartbeat
+Message = (Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd | Heartbeat | Challenge
+           | Echo)
 
 
 # --- authentication --------------------------------------------------------------------------------
@@ -171,41 +195,111 @@ def key_id(key: bytes) -> int:
     return hashlib.sha256(b"ctbridge key id\x00" + key).digest()[0]
 
 
-class Auth:
-    """Signs with the first key; verifies with any of them (two during a key rollover).
+def cluster_salt(cluster: str) -> bytes:
+    """The cluster's identity as every MAC covers it (BLAKE2b's 16-byte salt): a key file that a
+    second cluster reuses does not let one cluster's datagrams be accepted by the other."""
+    return hashlib.blake2b(cluster.encode(), digest_size=16, person=b"ctbridge cluster").digest()
 
-    ``algorithm`` "none" sends no MAC and accepts datagrams without one; a receiver with keys
-    rejects datagrams that carry no MAC or a wrong one.
+
+def _check_key(k: bytes, algorithm: str) -> None:
+    if len(k) < KEY_MIN_BYTES:
+        raise ValueError(f"a sync key must have at least {KEY_MIN_BYTES} bytes, this one has {len(k)}")
+    if algorithm == "blake2b" and len(k) > BLAKE2B_KEY_MAX:
+        raise ValueError(f"a blake2b sync key has at most {BLAKE2B_KEY_MAX} bytes, this one has "
+                         f"{len(k)}; make a new one with `ctbridge keygen`")
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """One generation of keys with its algorithm: a group key every node holds (any holder can
+    sign as any node), or this node's pairwise keys, one per peer (node id -> the key only the
+    two of them hold): then no node can make another accept a datagram as a third node's."""
+
+    algorithm: str
+    key_id: int
+    group: bytes = b""
+    pairs: Mapping[int, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown authentication algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+        if bool(self.group) == bool(self.pairs):
+            raise ValueError("a key set holds either a group key or pairwise keys")
+        for k in (self.group,) if self.group else self.pairs.values():
+            _check_key(k, self.algorithm)
+        if self.pairs and (GROUP in self.pairs or len(self.pairs) > MAX_MACS):
+            raise ValueError(f"pairwise keys for at most {MAX_MACS} peers, none with node id 0")
+
+    @classmethod
+    def of_group(cls, key: bytes, algorithm: str = "blake2b") -> KeySet:
+        return cls(algorithm, key_id(key), group=key)
+
+    def key_for(self, node: int) -> bytes | None:
+        """The key of a datagram exchanged with ``node`` (None: this set shares none with it)."""
+        return self.group or self.pairs.get(node)
+
+
+class Auth:
+    """Signs with the first key set; verifies with any of them (two during a rollover, which
+    may also change the algorithm or go from a group key to pairwise keys).
+
+    ``keys`` are group keys (bytes, with ``algorithm``) or KeySets. ``algorithm`` "none" sends no
+    MAC and accepts datagrams without one; a receiver with keys rejects datagrams that carry no
+    MAC, or none for it, or a wrong one.
     """
 
-    def __init__(self, keys: Sequence[bytes], algorithm: str = "blake2b") -> None:
+    def __init__(self, keys: Sequence[bytes | KeySet], algorithm: str = "blake2b", cluster: str = "") -> None:
+        sets: list[KeySet] = []
         if algorithm != "none":
             if algorithm not in ALGORITHMS:
                 raise ValueError(f"unknown authentication algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
             if not keys:
                 raise ValueError("authentication needs at least one key")
             for k in keys:
-                if len(k) < KEY_MIN_BYTES:
-                    raise ValueError(f"a sync key must have at least {KEY_MIN_BYTES} bytes, this one has {len(k)}")
-                if algorithm == "blake2b" and len(k) > BLAKE2B_KEY_MAX:
-                    raise ValueError(f"a blake2b sync key has at most {BLAKE2B_KEY_MAX} bytes, this one has "
-                                     f"{len(k)}; make a new one with `ctbridge keygen`")
-        self.algorithm = algorithm
-        # one byte of key id can collide between two keys: keep every key under its id
-        self.keys: dict[int, list[bytes]] = {}
-        for k in keys if algorithm != "none" else ():
-            self.keys.setdefault(key_id(k), []).append(k)
-        self.sign_key = keys[0] if keys and algorithm != "none" else b""
-        self.sign_id = key_id(self.sign_key) if self.sign_key else 0
+                if isinstance(k, KeySet):
+                    sets.append(k)
+                else:
+                    _check_key(k, algorithm)
+                    sets.append(KeySet.of_group(k, algorithm))
+        self.algorithm = sets[0].algorithm if sets else "none"
+        self.sets = sets
+        # one byte of key id can collide between two sets: keep every set under its id
+        self.keys: dict[int, list[KeySet]] = {}
+        for ks in sets:
+            self.keys.setdefault(ks.key_id, []).append(ks)
+        self.sign_set = sets[0] if sets else None
+        self.sign_id = sets[0].key_id if sets else 0
+        self.salt = cluster_salt(cluster)
+        self._prefix = LABEL + self.salt
+        # the trailer's receivers and keys, in node id order
+        self._sign: list[tuple[int, bytes]] = []
+        if self.sign_set is not None:
+            ss = self.sign_set
+            self._sign = [(GROUP, ss.group)] if ss.group else sorted(ss.pairs.items())
+        self.trailer_len = MAC_ENTRY_LEN * len(self._sign)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sign_key)
+        return self.sign_set is not None
 
-    def mac(self, key: bytes, data: bytes) -> bytes:
-        if self.algorithm == "blake2b":
-            return hashlib.blake2b(data, key=key, digest_size=MAC_LEN).digest()
-        return hmac.digest(key, data, "sha256")[:MAC_LEN]
+    @property
+    def pairwise(self) -> bool:
+        return self.sign_set is not None and not self.sign_set.group
+
+    def peers(self) -> list[int]:
+        """The nodes the signing keys name (pairwise keys: the cluster's other members)."""
+        return [] if self.sign_set is None else sorted(self.sign_set.pairs)
+
+    def mac(self, algorithm: str, key: bytes, data: bytes) -> bytes:
+        if algorithm == "blake2b":
+            return hashlib.blake2b(data, key=key, digest_size=MAC_LEN, person=LABEL, salt=self.salt).digest()
+        return hmac.digest(key, self._prefix + data, "sha256")[:MAC_LEN]
+
+    def sign(self, data: bytes) -> bytes:
+        """The trailer for ``data`` (header and messages): a MAC per receiver."""
+        alg = self.algorithm
+        mac = self.mac
+        return b"".join(_MAC_ENTRY.pack(node, mac(alg, key, data)) for node, key in self._sign)
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -294,6 +388,17 @@ def hello_msg() -> bytes:
     return _MSG.pack(MsgType.HELLO, 0, 4)
 
 
+_NONCE = struct.Struct("!BBHIQ")  # type, 0, length, node, nonce
+
+
+def challenge_msg(node: int, nonce: int) -> bytes:
+    return _NONCE.pack(MsgType.CHALLENGE, 0, _NONCE.size, node, nonce)
+
+
+def echo_msg(node: int, nonce: int) -> bytes:
+    return _NONCE.pack(MsgType.ECHO, 0, _NONCE.size, node, nonce)
+
+
 def resync_msg(node: int) -> bytes:
     return _NODE.pack(MsgType.RESYNC, 0, _NODE.size, node)
 
@@ -307,48 +412,56 @@ def bulk_end_msg(node: int, bulk_id: int, flows: int) -> bytes:
 
 
 def datagram(header: Header, messages: bytes, auth: Auth) -> bytes:
-    """Header + messages (+ MAC)."""
+    """Header + messages (+ a MAC per receiver)."""
     flags = header.flags | (FLAG_MAC if auth.enabled else 0)
     if len(messages) > 0xFFFF:
         raise ValueError("messages exceed the 64 KiB a datagram can carry")
-    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, 0, len(messages), header.node, header.epoch,
-                       header.seq, header.time_ms)
+    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, auth.trailer_len // MAC_ENTRY_LEN, len(messages),
+                       header.node, header.epoch, header.seq, header.time_ms)
     data = head + messages
     if auth.enabled:
-        data += auth.mac(auth.sign_key, data)
+        data += auth.sign(data)
     return data
 
 
 # --- decoding --------------------------------------------------------------------------------------
 
 
-def decode_header(data: bytes, auth: Auth) -> tuple[Header, int]:
-    """Check framing and MAC; (header, end of the messages). Raises WireError."""
+def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int]:
+    """Check framing and the MAC made for ``me`` (this node's id); (header, end of the messages).
+    Raises WireError."""
     if len(data) < HEADER_LEN:
         raise WireError("malformed", f"datagram of {len(data)} bytes is shorter than a header")
-    magic, version, flags, kid, _res, length, node, epoch, seq, time_ms = HEADER.unpack_from(data)
+    magic, version, flags, kid, count, length, node, epoch, seq, time_ms = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise WireError("malformed", "not a ctbridge datagram (bad magic)")
     if version != VERSION:
         raise WireError("malformed", f"protocol version {version} is not supported (this node speaks {VERSION})")
-    if flags & ~FLAG_MAC or _res:
-        raise WireError("malformed", "flag or reserved bits set that version 1 does not define")
+    if flags & ~FLAG_MAC or bool(flags & FLAG_MAC) != (count > 0) or count > MAX_MACS:
+        raise WireError("malformed", f"flags {flags:#x} with {count} MACs: not what version 2 defines")
     end = HEADER_LEN + length
-    if flags & FLAG_MAC:
-        if len(data) != end + MAC_LEN:
-            raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end} + MAC)")
-        if auth.enabled:
-            keys = auth.keys.get(kid)
-            if keys is None:
-                raise WireError("auth", f"datagram signed with an unknown key (id {kid})")
-            signed = data[:end]
-            if not any(hmac.compare_digest(auth.mac(key, signed), data[end:]) for key in keys):
-                raise WireError("auth", "MAC does not match")
-    else:
-        if auth.enabled:
+    if len(data) != end + count * MAC_ENTRY_LEN:
+        raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end} + "
+                                     f"{count} MACs)")
+    if auth.enabled:
+        if not count:
             raise WireError("auth", "datagram carries no MAC")
-        if len(data) != end:
-            raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end})")
+        sets = auth.keys.get(kid)
+        if sets is None:
+            raise WireError("auth", f"datagram signed with an unknown key (id {kid})")
+        signed = data[:end]
+        for ks in sets:
+            key = ks.key_for(node)
+            if key is None:
+                continue  # no key shared with that node in this set
+            receiver = GROUP if ks.group else me  # the MAC made for us, or the group's
+            for i in range(count):
+                to, mac = _MAC_ENTRY.unpack_from(data, end + i * MAC_ENTRY_LEN)
+                if to == receiver:
+                    if hmac.compare_digest(auth.mac(ks.algorithm, key, signed), mac):
+                        return Header(node, epoch, seq, time_ms, flags, kid), end
+                    break
+        raise WireError("auth", f"no MAC for this node that matches (from node {node:08x}, key id {kid})")
     return Header(node, epoch, seq, time_ms, flags, kid), end
 
 
@@ -378,12 +491,16 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 alen, atype = nla(data, off + FLOW_HEADER) if mlen >= FLOW_HEADER + 4 else (0, 0)
                 if alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1:
                     raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"FLOW of version {version}, beyond any a node can reach")
                 # the flow key: family, zone, and the tuple's payload (after its attribute header)
                 add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14]
                           + data[off + FLOW_HEADER + 4:off + FLOW_HEADER + olen], data[off:nxt]))
             elif mtype == MsgType.DELETE:
                 if mlen < FLOW_HEADER:
                     raise WireError("malformed", "DELETE message too short")
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"DELETE of version {version}, beyond any a node can reach")
                 out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14]
                                   + data[off + FLOW_HEADER:nxt]))
             elif mtype == MsgType.ACK:
@@ -407,6 +524,10 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                                                           for i in range(count))))
             elif mtype == MsgType.HELLO:
                 out.append(Hello())
+            elif mtype == MsgType.CHALLENGE or mtype == MsgType.ECHO:
+                _need(mlen, _NONCE.size, "CHALLENGE/ECHO")
+                node, nonce = _NONCE.unpack_from(data, off)[3:]
+                out.append(Challenge(node, nonce) if mtype == MsgType.CHALLENGE else Echo(node, nonce))
             elif mtype == MsgType.RESYNC:
                 _need(mlen, _NODE.size, "RESYNC")
                 out.append(Resync(_NODE.unpack_from(data, off)[3]))
@@ -435,14 +556,14 @@ def _need(mlen: int, size: int, what: str) -> None:
         raise WireError("malformed", f"{what} message of {mlen} bytes, needs {size}")
 
 
-def decode(data: bytes, auth: Auth) -> tuple[Header, list[Message]]:
+def decode(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[Message]]:
     """A whole datagram: header checked, MAC verified, every message decoded — or WireError."""
-    header, end = decode_header(data, auth)
+    header, end = decode_header(data, auth, me)
     return header, decode_messages(data, HEADER_LEN, end)
 
 
-def decode_split(data: bytes, auth: Auth) -> tuple[Header, list[FlowTuple], list[Message]]:
+def decode_split(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[FlowTuple], list[Message]]:
     """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart."""
-    header, end = decode_header(data, auth)
+    header, end = decode_header(data, auth, me)
     flows, others = decode_body(data, HEADER_LEN, end)
     return header, flows, others

@@ -16,8 +16,13 @@ from ctbridge.sync import wire
 from tests.support import builders
 
 KEY = bytes(range(32))
-AUTH = wire.Auth([KEY], "blake2b")
-HEADER = wire.Header(node=0x0A0B0C0D, epoch=0x0000018BCFE56800, seq=42, time_ms=1700000000123)
+SENDER, RECEIVER = 0x0A0B0C0D, 0x01020304
+CLUSTER = "example"
+KEY_ID = 0x5A
+# the key the two nodes share, as each of them holds it: the sender signs, the receiver checks
+AUTH = wire.Auth([wire.KeySet("blake2b", KEY_ID, pairs={RECEIVER: KEY})], cluster=CLUSTER)
+RX_AUTH = wire.Auth([wire.KeySet("blake2b", KEY_ID, pairs={SENDER: KEY})], cluster=CLUSTER)
+HEADER = wire.Header(node=SENDER, epoch=0x0000018BCFE56800, seq=42, time_ms=1700000000123)
 FILE = Path(__file__).resolve().parents[1] / "fixtures" / "wire_vectors.json"
 
 
@@ -44,6 +49,8 @@ def messages() -> dict[str, tuple[bytes, wire.Message]]:
         "GAP": (wire.gap_msg(0x01020304, HEADER.epoch, 10, 12), wire.Gap(0x01020304, HEADER.epoch, 10, 12)),
         "HEARTBEAT": (wire.heartbeat_msg(1, 77, [(0x01020304, 0b11)], size=32),
                       wire.Heartbeat(1, 77, ((0x01020304, 3),))),
+        "CHALLENGE": (wire.challenge_msg(0, 0x0123456789ABCDEF), wire.Challenge(0, 0x0123456789ABCDEF)),
+        "ECHO": (wire.echo_msg(0x01020304, 0xFEDCBA9876543210), wire.Echo(0x01020304, 0xFEDCBA9876543210)),
     }
 
 

@@ -266,16 +266,16 @@ def test_fault_stops_advertising_and_keeps_receiving() -> None:
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
     from ctbridge.sync.engine import Engine, EngineConfig
     tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
-    rx = Engine(EngineConfig(node_id=2, rx_limit=64), wire.Auth([KEY]), epoch=1, now=0.0)
-    for d, _ in tx.datagrams_to_send(0.0):
-        rx.receive_datagram(d, 0.0)
+    rx = Engine(EngineConfig(node_id=2, rx_limit=32), wire.Auth([KEY]), epoch=1, now=0.0)
+    _handshake(tx, rx, 0.0)
+    asked = rx.stats["resyncs_requested"]  # at first contact
     tx.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(3000)], 0.0)
     out = tx.datagrams_to_send(0.0) + tx.datagrams_to_send(0.0)
     for k, (d, _) in enumerate(out):
         if k % 2:  # every other datagram lost
             rx.receive_datagram(d, 0.0)
     assert rx.stats["gaps_given_up"] >= 1
-    assert rx.stats["resyncs_requested"] == 1  # once, at first contact: not again for each datagram
+    assert rx.stats["resyncs_requested"] == asked + 1  # once: not again for each datagram
     resyncs = [d for d, _ in rx.datagrams_to_send(0.0) if _has(d, wire.MsgType.RESYNC)]
     assert len(resyncs) == 1
 
@@ -285,6 +285,14 @@ def _pair(**config: object) -> tuple[Engine, Engine]:
     a = Engine(EngineConfig(node_id=1, **config), wire.Auth([KEY]), epoch=1, now=0.0)  # type: ignore[arg-type]
     b = Engine(EngineConfig(node_id=2, **config), wire.Auth([KEY]), epoch=1, now=0.0)  # type: ignore[arg-type]
     return a, b
+
+
+def _handshake(a: Engine, b: Engine, now: float) -> None:
+    """Both ways until each has answered the other's challenge (three trips)."""
+    for _ in range(3):
+        _deliver(a, b, now)
+        _deliver(b, a, now)
+    assert a.peers[b.node_id].proven and b.peers[a.node_id].proven
 
 
 def _deliver(src: Engine, dst: Engine, now: float, drop: object = None) -> int:
@@ -326,8 +334,7 @@ def test_a_lost_bulk_end_is_resent_and_the_bulk_completes() -> None:
 
 def test_gap_makes_the_cache_incomplete_until_the_bulk() -> None:
     a, b = _pair()
-    _deliver(a, b, 0.0)
-    _deliver(b, a, 0.0)
+    _handshake(a, b, 0.0)
     peer = b.peers[1]
     peer.synced = True
     gap = wire.datagram(wire.Header(1, 1, 50, 0), wire.gap_msg(2, 1, peer.rx.expected, 49), wire.Auth([KEY]))
@@ -519,7 +526,8 @@ def test_oversized_datagrams_are_refused_unread_and_silent_empty_peer_slots_come
     lab.run(4 * b.config.peer_timeout + 2)  # A keeps talking; the forged ids stay silent
     assert b.stats["peers_reclaimed"] == b.config.max_peers - 1 and 1 in b.peers
     (hello, _), *_ = Engine(EngineConfig(node_id=77), lab.auth, epoch=2, now=lab.now).datagrams_to_send(lab.now)
-    assert b.receive_datagram(hello, lab.now) == 77
+    assert b.receive_datagram(hello, lab.now) is None and 77 in b.peers  # a slot, and a challenge
+    assert not b.peers[77].proven and b.stats["rejected_unproven"] >= 1
 
 
 def test_a_key_holder_forging_a_gap_to_the_end_or_an_epoch_far_ahead_is_refused() -> None:

@@ -23,14 +23,14 @@ def test_keygen_writes_a_private_key_that_loads(tmp_path: Path) -> None:
     res = keygen(str(path))
     assert res.returncode == 0, res.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    key = keyfile.load(str(path))
+    key = keyfile.load(str(path)).keys.group
     assert len(key) == 32
-    assert keyfile.load(str(path)) == key
+    assert keyfile.load(str(path)).keys.group == key
     again = keygen(str(path))  # never overwrites by accident
     assert again.returncode == 1 and "--force" in again.stderr and again.stderr.count("\n") == 1
-    assert keyfile.load(str(path)) == key
+    assert keyfile.load(str(path)).keys.group == key
     assert keygen(str(path), "--force").returncode == 0
-    assert keyfile.load(str(path)) != key
+    assert keyfile.load(str(path)).keys.group != key
 
 
 @pytest.mark.parametrize("content, mode, message", [
@@ -38,7 +38,16 @@ def test_keygen_writes_a_private_key_that_loads(tmp_path: Path) -> None:
     ("00" * 32, 0o644, "chmod 600"),
     ("zz" * 32, 0o600, "is not hex"),
     ("00" * 8, 0o600, "at least 16 are needed"),
-    ("# nothing\n", 0o600, "exactly one line of hex"),
+    ("# nothing\n", 0o600, "holds no key"),
+    ("cluster c\nnode a\nalgorithm blake2b\ngeneration 5a\n", 0o600, "lacks peer lines"),
+    ("cluster c\nnode a\nalgorithm blake2b\ngeneration 5a\npeer b 00\n", 0o600, "at least 16 are needed"),
+    ("cluster c\nnode a\nalgorithm md5\ngeneration 5a\npeer b " + "00" * 32 + "\n", 0o600,
+     "unknown authentication algorithm"),
+    ("cluster c\nnode a\nalgorithm blake2b\ngeneration 1ff\npeer b " + "00" * 32 + "\n", 0o600,
+     "not a byte in hex"),
+    ("cluster c\nnode a\nalgorithm blake2b\ngeneration 5a\npeer a " + "00" * 32 + "\n", 0o600,
+     "among its own peers"),
+    ("garbage here\n", 0o600, "cannot read"),
 ])
 def test_bad_key_files_are_refused_with_the_fix(tmp_path: Path, content: str | None, mode: int, message: str) -> None:
     path = tmp_path / "k"
@@ -48,3 +57,27 @@ def test_bad_key_files_are_refused_with_the_fix(tmp_path: Path, content: str | N
     with pytest.raises(keyfile.KeyFileError, match=message.replace("(", r"\(")) as err:
         keyfile.load(str(path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pairwise_files_hold_only_the_nodes_own_keys_and_agree_pair_by_pair(tmp_path: Path) -> None:
+    """Each node's file holds a key per peer; the two ends of a pair hold the same key, and no
+    file holds a key of a pair its node is not part of."""
+    from ctbridge.config.settings import node_id
+    secret = bytes(range(32))
+    names = ["fw1", "fw2", "fw3"]
+    loaded = {}
+    for n in names:
+        path = tmp_path / n
+        path.write_text(keyfile.pairwise_text(secret, "edge", n, names))
+        os.chmod(path, 0o600)
+        loaded[n] = keyfile.load(str(path))
+        assert loaded[n].node == n and loaded[n].cluster == "edge"
+        assert set(loaded[n].keys.pairs) == {node_id(p) for p in names if p != n}
+    for a in names:
+        for b in names:
+            if a != b:
+                assert loaded[a].keys.pairs[node_id(b)] == loaded[b].keys.pairs[node_id(a)]
+    k12 = loaded["fw1"].keys.pairs[node_id("fw2")]
+    assert k12 not in loaded["fw3"].keys.pairs.values()
+    assert len({loaded[n].keys.key_id for n in names}) == 1  # one generation
+    assert keyfile.pair_key(secret, "other", "fw1", "fw2") != k12  # bound to the cluster

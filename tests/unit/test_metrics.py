@@ -55,7 +55,10 @@ def test_the_endpoint_caps_its_clients_and_their_time(monkeypatch: object) -> No
         counters: dict[str, int] = {}
         server = await metrics.serve("127.0.0.1:0", lambda: {"role": "MASTER"}, counters)
         port = server.sockets[0].getsockname()[1]
-        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(metrics.MAX_CLIENTS + 4)]
+        # from several sources: one source gets only MAX_PER_SOURCE (tests/unit/test_metrics_endpoint.py)
+        idle = [await asyncio.open_connection("127.0.0.1", port,
+                                              local_addr=(f"127.0.0.{2 + i // metrics.MAX_PER_SOURCE}", 0))
+                for i in range(metrics.MAX_CLIENTS + 4)]
         await asyncio.sleep(0.1)
         refused = counters["refused"]
         await asyncio.sleep(0.4)  # the idle ones time out and free their slots

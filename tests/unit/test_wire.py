@@ -1,4 +1,4 @@
-"""Wire format version 1: golden vectors, round trips, and a decoder that only ever says WireError."""
+"""Wire format version 2: golden vectors, round trips, and a decoder that only ever says WireError."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_golden_vector(name: str) -> None:
     msg, expected = wirevectors.messages()[name]
     data = wire.datagram(wirevectors.HEADER, msg, wirevectors.AUTH)
     assert data.hex() == GOLDEN[name], f"{name}: the wire format changed"
-    header, decoded = wire.decode(bytes.fromhex(GOLDEN[name]), wirevectors.AUTH)
+    header, decoded = wire.decode(bytes.fromhex(GOLDEN[name]), wirevectors.RX_AUTH, wirevectors.RECEIVER)
     assert header[:4] == wirevectors.HEADER[:4]
     assert decoded == [expected]
 
@@ -36,12 +36,13 @@ def test_protocol_document_shows_the_golden_vectors() -> None:
 
 def test_header_layout_is_as_documented() -> None:
     data = bytes.fromhex(GOLDEN["ALIVE"])
-    assert data[:2] == b"CB" and data[2] == 1 and data[3] == wire.FLAG_MAC
-    assert data[4] == wire.key_id(wirevectors.KEY)
+    assert data[:2] == b"CB" and data[2] == 2 and data[3] == wire.FLAG_MAC
+    assert data[4] == wirevectors.KEY_ID and data[5] == 1  # key id, one MAC
     assert int.from_bytes(data[6:8], "big") == 4  # one ALIVE message
     assert int.from_bytes(data[8:12], "big") == 0x0A0B0C0D
     assert int.from_bytes(data[20:24], "big") == 42
-    assert len(data) == wire.HEADER_LEN + 4 + wire.MAC_LEN
+    assert len(data) == wire.HEADER_LEN + 4 + wire.MAC_ENTRY_LEN
+    assert int.from_bytes(data[-20:-16], "big") == wirevectors.RECEIVER  # the MAC is for that node
 
 
 def test_wrong_key_and_missing_mac_are_auth_errors() -> None:
@@ -51,8 +52,14 @@ def test_wrong_key_and_missing_mac_are_auth_errors() -> None:
     assert err.value.reason == "auth"
     unsigned = wire.datagram(wirevectors.HEADER, wire.alive_msg(), wire.Auth([], "none"))
     with pytest.raises(wire.WireError) as err:
-        wire.decode(unsigned, wirevectors.AUTH)
+        wire.decode(unsigned, wirevectors.RX_AUTH, wirevectors.RECEIVER)
     assert err.value.reason == "auth"
+    # the right key, but another cluster's identity or another receiver: refused
+    for auth, me in ((wire.Auth(wirevectors.RX_AUTH.sets, cluster="other"), wirevectors.RECEIVER),
+                     (wirevectors.RX_AUTH, 0x05060708)):
+        with pytest.raises(wire.WireError) as err:
+            wire.decode(data, auth, me)
+        assert err.value.reason == "auth"
     # a receiver without keys accepts unsigned datagrams (auth = "none" on both sides)
     assert wire.decode(unsigned, wire.Auth([], "none"))[1] == [wire.Alive()]
 
@@ -62,7 +69,7 @@ def test_hmac_sha256_signs_too() -> None:
     data = wire.datagram(wirevectors.HEADER, wire.hello_msg(), auth)
     assert wire.decode(data, auth)[1] == [wire.Hello()]
     with pytest.raises(wire.WireError):
-        wire.decode(data, wirevectors.AUTH)
+        wire.decode(data, wire.Auth([wirevectors.KEY], "blake2b"))
 
 
 def test_decoder_fuzz_raises_only_wire_errors() -> None:
@@ -85,7 +92,7 @@ def test_flow_of_an_entry_in_another_attribute_order_still_carries_its_key() -> 
     assert odd.key == e.key
     msg = wire.flow_msg(3, odd)
     data = wire.datagram(wirevectors.HEADER, msg, wirevectors.AUTH)
-    (flow,) = wire.decode(data, wirevectors.AUTH)[1]
+    (flow,) = wire.decode(data, wirevectors.RX_AUTH, wirevectors.RECEIVER)[1]
     assert isinstance(flow, wire.Flow) and flow.key == e.key and flow.version == 3
     assert codec.attr_map(flow.entry.attrs) == codec.attr_map(shuffled)
 
@@ -94,7 +101,7 @@ def test_an_ack_with_a_selective_part_reads_as_a_plain_ack_up_to_its_third_field
     plain = wire.ack_msg(0x01020304, 5, 41)
     sack = wire.ack_msg(0x01020304, 5, 41, highest=90)
     assert len(plain) == 20 and sack == plain[:2] + b"\x00\x18" + plain[4:] + (90).to_bytes(4, "big")
-    auth = wirevectors.AUTH
-    decoded = wire.decode(wire.datagram(wirevectors.HEADER, sack, auth), auth)[1]
+    decoded = wire.decode(wire.datagram(wirevectors.HEADER, sack, wirevectors.AUTH), wirevectors.RX_AUTH,
+                          wirevectors.RECEIVER)[1]
     assert decoded == [wire.Ack(0x01020304, 5, 41, 90)]
     assert wire.ack_msg(0x01020304, 5, 41, highest=41) == plain  # nothing beyond: nothing said
