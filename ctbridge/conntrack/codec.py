@@ -518,6 +518,7 @@ class _Layout(NamedTuple):
     size: int  # length of the body
     status: int  # payload offset of CTA_STATUS, -1 if none
     tcp: int  # offset of a kernel-layout TCP CTA_PROTOINFO, -1 if none
+    zone: int  # payload offset of CTA_ZONE, -1 if none
 
 
 _LAYOUTS: dict[tuple[bool, int, bytes], _Layout | None] = {}
@@ -543,7 +544,7 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
     fmt = ["="]
     expect = []
     ranges: list[slice] = []
-    status = tcp = -1
+    status = tcp = zone = -1
     pos = 0
     for t, s, e in iter_attrs(buf):
         off = s - 4
@@ -552,6 +553,10 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
         expect.append(_U32.unpack_from(buf, off)[0])
         what = action.get(t, 0)
         nxt = off + align(e - off)
+        if t == ct.CTA_ZONE:
+            if e - s != 2 or zone >= 0:
+                return None
+            zone = s
         if what == 1:
             continue  # dropped
         if what == 2 and e - s != 4:
@@ -574,7 +579,7 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
         return None
     copy = ranges_getter(ranges)
     size = sum(r.stop - r.start for r in ranges)
-    return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp)
+    return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp, zone)
 
 
 def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes | None:
@@ -588,6 +593,9 @@ def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes 
         layout = _LAYOUTS[key] = _learn_layout(buf, update)
     if layout is None or layout.heads.unpack_from(buf) != layout.expect:
         return None
+    zo = layout.zone
+    if (buf[zo:zo + 2] if zo >= 0 else b"\0\0") != entry.key[1:3]:
+        raise CodecError(_zone_mismatch(entry.key, buf[zo:zo + 2] if zo >= 0 else b"\0\0"))
     ba = bytearray(buf)
     so = layout.status
     if so >= 0:
@@ -607,6 +615,13 @@ def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes 
     head = _HEAD.pack(20 + layout.size, ct.MSG_CT_NEW, _UPDATE_FLAGS if update else _CREATE_FLAGS, seq, 0,
                       entry.family, ct.NFNETLINK_V0, 0)
     return head + b"".join(layout.copy(ba))
+
+
+def _zone_mismatch(key: bytes, zone: bytes) -> str:
+    """The flow's key (from a sync message's head) names one zone and its CTA_ZONE another: written,
+    the kernel would hold the flow under another key than the cache does."""
+    return (f"flow in zone {int.from_bytes(key[1:3], 'big')} carries CTA_ZONE "
+            f"{int.from_bytes(zone, 'big') if len(zone) == 2 else zone.hex()}: not written")
 
 
 _MISSING: Any = object()
@@ -651,11 +666,14 @@ def _general_request(entry: Entry, seq: int, liberal: bool, update: bool, keep_s
     run = 0  # start of the current run of attributes copied unchanged
     n = len(buf)
     unpack = _NLA.unpack_from
+    zone = b"\0\0"
     while n - off >= 4:
         alen, atype = unpack(buf, off)
         if alen < 4 or off + alen > n:
             raise CodecError(f"attribute at offset {off} has bad length {alen}")
         nxt = off + ((alen + 3) & ~3)
+        if atype & 0x3FFF == ct.CTA_ZONE:
+            zone = buf[off + 4:off + alen]
         what = action.get(atype & 0x3FFF, 0)
         if what == 0:
             pass
@@ -679,6 +697,8 @@ def _general_request(entry: Entry, seq: int, liberal: bool, update: bool, keep_s
             elif what == 3:
                 parts.append(_protoinfo(buf, off, alen, liberal))
         off = nxt
+    if zone != entry.key[1:3]:
+        raise CodecError(_zone_mismatch(entry.key, zone))
     if run < n:
         tail = buf[run:n]
         parts.append(tail + b"\x00" * (align(len(tail)) - len(tail)))

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack.codec import Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
+from ctbridge.conntrack.codec import CodecError, Entry, entry_from_attrs, iter_attrs, make_key, split_key, walk_dump
 from ctbridge.conntrack.view import entry_view
 
 # --- the general path ------------------------------------------------------------------------------
@@ -338,6 +338,29 @@ def _formatter(family: int, sample: bytes, tables: dict[str, _Table], form: str)
 
 # --- the listing -----------------------------------------------------------------------------------
 
+_Shape = tuple[int, tuple[int, ...], int, tuple[bytes, ...]]
+
+
+def _shape(family: int, sample: bytes) -> _Shape:
+    """What a refused sample is remembered by: its family, top-level attribute types and length,
+    and the protocol numbers of its tuples. The protocol number is part of a layout (a formatter
+    checks it with the headers): the kernel dumps a GRE flow (refused: its keys) in exactly the
+    attributes and length of a UDP, UDP-Lite, SCTP or DCCP flow of the family, and without the
+    number one GRE flow listed first sent every such flow after it to the general path."""
+    found = iter_attrs(sample)
+    numbers: list[bytes] = []
+    try:
+        for t, s, e in found:
+            if t == ct.CTA_TUPLE_ORIG or t == ct.CTA_TUPLE_REPLY:
+                for a, s2, e2 in iter_attrs(sample, s, e):
+                    if a == ct.CTA_TUPLE_PROTO:
+                        numbers += (sample[s3:e3] for b, s3, e3 in iter_attrs(sample, s2, e2)
+                                    if b == ct.CTA_PROTO_NUM)
+    except CodecError:  # a tuple no formatter can read: refused by its top level alone
+        numbers = []
+    return family, tuple(t for t, _s, _e in found), len(sample), tuple(numbers)
+
+
 class Listing:
     """Formats entries as text lines or JSON objects, learning layouts as they come.
 
@@ -353,7 +376,7 @@ class Listing:
         self.form = form
         self.tables = _tables()
         self.layouts: dict[tuple[int, int], list[Formatter]] = {}  # (family, attributes' length) -> formatters
-        self.unsupported: set[tuple[int, tuple[int, ...], int]] = set()
+        self.unsupported: set[_Shape] = set()  # shapes (_shape) the general path lists
         self.fast: dict[tuple[int, int], Formatter] = {}
 
     def _general(self, entry: Entry) -> str:
@@ -374,7 +397,7 @@ class Listing:
 
     def _learn_checked(self, family: int, buf: bytes, start: int, end: int, zone: int, general: str) -> None:
         sample = buf[start:end]
-        shape = (family, tuple(t for t, _s, _e in iter_attrs(sample)), len(sample))
+        shape = _shape(family, sample)
         if shape in self.unsupported:
             return
         fmt: Formatter | None = None

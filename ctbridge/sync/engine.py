@@ -182,7 +182,7 @@ EngineEvent = (PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged 
 class Peer:
     """What this node knows about one other node."""
 
-    def __init__(self, node: int, now: float) -> None:
+    def __init__(self, node: int, now: float, nonce: int = 0) -> None:
         self.node = node
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
@@ -199,6 +199,11 @@ class Peer:
         # our nonce in that epoch); until then nothing it sends is applied
         self.proven = False
         self.challenge_at: float | None = None
+        # What its answer must echo: at first our life's nonce (what our first datagram's
+        # challenge to everyone carries), after each answer a new one. A nonce proves one epoch
+        # only, or a captured answer could prove an old epoch again (one older than the newest
+        # is taken when the newest is silent: a restart with the clock behind).
+        self.nonce = nonce
         self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
@@ -256,6 +261,7 @@ class Engine:
         self.node_id = config.node_id
         self.epoch = epoch
         self.nonce = (epoch if nonce is None else nonce) & 0xFFFFFFFFFFFFFFFF
+        self._nonces = 0  # nonces drawn from it since, one per session a peer started (Peer.nonce)
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
         self.role = Role.BACKUP
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
@@ -421,7 +427,9 @@ class Engine:
     def request_resync(self, now: float, node: int = 0) -> None:
         """Ask ``node`` (0: every peer) to send its whole internal cache. The challenge goes with
         it: a peer that does not know our epoch yet proves itself in the datagram its bulk begins in."""
-        self._control.append(wire.challenge_msg(node, self.nonce) + wire.resync_msg(node))
+        peer = self.peers.get(node)
+        self._control.append(wire.challenge_msg(node, self.nonce if peer is None else peer.nonce)
+                             + wire.resync_msg(node))
         self.stats["challenges_sent"] += 1
         self.stats["resyncs_requested"] += 1
         for peer in self.peers.values():
@@ -560,16 +568,21 @@ class Engine:
                 stats["rejected_peers"] += 1
                 return None
             self._reclaimed.pop(header.node, None)
-            peer = self.peers[header.node] = Peer(header.node, now)
+            peer = self.peers[header.node] = Peer(header.node, now, self.nonce)
             peer.acked = self._seq - 1  # it never saw what went before: nothing of it to wait for
-        if header.epoch < peer.epoch:
-            stats["rejected_replay"] += 1  # a datagram from a previous life of that node
-            peer.rejected_at = now
-            return None
-        if header.epoch > peer.epoch:
-            self._new_incarnation(peer, header, now)
-        if not peer.proven and not self._proves(peer, header, messages, now):
-            return None
+        if header.epoch != peer.epoch:
+            # Another epoch than its session's. An older one while the session runs is a replay;
+            # one older than a silent session's may be a restart with the clock behind (its state
+            # lost); a newer one a restart. Any of them is taken only when it answers our
+            # challenge: until then the session, if any, goes on.
+            if header.epoch < peer.epoch and peer.alive:
+                stats["rejected_replay"] += 1
+                peer.rejected_at = now
+                return None
+            if not self._answered(peer, messages):
+                self._candidate(peer, messages, now)
+                return None
+            self._start_session(peer, header, messages, now)
         rx = peer.rx
         assert rx is not None
         if not rx.accept(header.seq):
@@ -613,41 +626,61 @@ class Engine:
             self._finish_bulk(peer)
         return peer.node
 
-    def _proves(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> bool:
-        """A datagram of a peer's epoch that has not answered our challenge yet: True if this one
-        answers it (ECHO of our nonce: the peer runs this epoch now), which starts its session
-        here; else only its own challenges and bulk requests are taken (so that it can prove
-        itself and get our flows) and the rest is refused, however authentic: a captured stream
-        replayed to a node that restarted plants nothing."""
+    def _candidate(self, peer: Peer, messages: list[wire.Message], now: float) -> None:
+        """A datagram of another epoch than the peer's session, not answering our challenge: a
+        restart (or first contact) not proven yet, or a replay. Nothing of it is applied, and the
+        session, if there is one, goes on; only its own challenges and bulk requests are taken (so
+        that the two nodes prove themselves to each other in one round trip). The first such
+        datagram brings our challenge and a bulk request (the answer then comes in the datagram
+        its bulk begins in); the challenge alone is repeated while more come."""
+        self._take_requests(peer, messages, now)
+        self.stats["rejected_unproven"] += 1
+        peer.rejected_at = now
+        if peer.challenge_at is None:
+            self._challenge(peer, now)
+            self._control.append(wire.resync_msg(peer.node))
+            self.stats["resyncs_requested"] += 1
+        elif now >= peer.challenge_at + CHALLENGE_RETRY:
+            self._challenge(peer, now)
+
+    def _start_session(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> None:
+        """The peer answered our challenge in this datagram: its epoch is live now, and its session
+        starts here (what it sent before is not applied: the bulk replaces it)."""
+        self._new_incarnation(peer, header, now)
+        peer.proven = True
+        peer.challenge_at = None
+        self._nonces += 1
+        # distinct for every count below 2^64 (an odd multiplier), and from the life's own nonce
+        peer.nonce = (self.nonce + 0x9E3779B97F4A7C15 * self._nonces) & 0xFFFFFFFFFFFFFFFF
+        peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
+        peer.ack_sent = header.seq - 1
+        self.stats["sessions_proven"] += 1
         me = self.node_id
-        for msg in messages:
-            if type(msg) is wire.Echo and msg.node == me and msg.nonce == self.nonce:
-                peer.proven = True
-                peer.challenge_at = None
-                peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
-                peer.ack_sent = header.seq - 1  # what it sent before was refused: the bulk replaces it
-                self.stats["sessions_proven"] += 1
-                if peer.resync_at is not None and not any(
-                        type(m) is wire.BulkBegin and m.node in (0, me) for m in messages):
-                    # the bulk it sent for our request began before its answer (ours was lost):
-                    # ask again now, not after resync_retry
-                    self._control.append(wire.resync_msg(peer.node))
-                    self.stats["resyncs_requested"] += 1
-                    peer.resync_at = now
-                return True
+        peer.resync_at = now  # asked with the challenge; retried until the bulk completes
+        if not any(type(m) is wire.BulkBegin and m.node in (0, me) for m in messages):
+            # the bulk it sent for our request began before its answer (ours was lost), or it
+            # knew us already: ask now, not after resync_retry
+            self._control.append(wire.resync_msg(peer.node))
+            self.stats["resyncs_requested"] += 1
+
+    def _answered(self, peer: Peer, messages: list[wire.Message]) -> bool:
+        """The datagram echoes the nonce we expect of that peer: drawn when its last session
+        started (our life's own before the first), never sent before that."""
+        me = self.node_id
+        nonce = peer.nonce
+        return any(type(m) is wire.Echo and m.node == me and m.nonce == nonce for m in messages)
+
+    def _take_requests(self, peer: Peer, messages: list[wire.Message], now: float) -> None:
+        """What a peer not proven yet may still ask: that we prove ourselves, and our flows."""
+        me = self.node_id
         for msg in messages:
             if type(msg) is wire.Challenge and msg.node in (0, me):
                 self._echo(peer, msg.nonce)
             elif type(msg) is wire.Resync and msg.node in (0, me):
                 self.bulk_send(now, peer.node)
-        self.stats["rejected_unproven"] += 1
-        peer.rejected_at = now
-        if peer.challenge_at is None or now >= peer.challenge_at + CHALLENGE_RETRY:
-            self._challenge(peer, now)
-        return False
 
     def _challenge(self, peer: Peer, now: float) -> None:
-        self._control.append(wire.challenge_msg(peer.node, self.nonce))
+        self._control.append(wire.challenge_msg(peer.node, peer.nonce))
         self.stats["challenges_sent"] += 1
         peer.challenge_at = now
 
@@ -664,10 +697,6 @@ class Engine:
             peer.restarts += 1
             self._events.append(PeerRestarted(peer.node, peer.epoch, header.epoch))
         peer.epoch = header.epoch
-        # Nothing of this epoch is applied before it answers our challenge, which goes out with
-        # the bulk request below; its receive window starts at that answer.
-        peer.proven = False
-        peer.rx = None
         peer.ack_sent = header.seq - 1
         peer.round_high, peer.round_full = 0, True
         peer.unacked = 0
@@ -687,8 +716,7 @@ class Engine:
             cur.seq = 0
         peer.tombstones.clear()
         peer.refused.clear()
-        # What it had before is unknown now: ask for everything, the bulk replaces the cache.
-        self._ask_for_bulk(peer, now)
+        # What it had before is unknown now: the bulk asked for with our challenge replaces it.
 
     def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
         """An ACK of everything received in order from ``peer``, noted as sent; with a gap open,

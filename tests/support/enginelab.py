@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections import deque
@@ -27,11 +28,23 @@ def flow(i: int, mark: int = 0, timeout: int = 3600, zone: int = 0) -> Entry:
     return builders.build_entry(ct.AF_INET, orig, reply, status=0xE, timeout=timeout, mark=mark, zone=zone, tcp_state=3)
 
 
+def pair_key(a: int, b: int) -> bytes:
+    """The key nodes a and b share in a pairwise lab."""
+    return hashlib.blake2b(f"lab pair {min(a, b)} {max(a, b)}".encode(), digest_size=32).digest()
+
+
+def pairwise_auth(node: int, cluster: range | list[int], key_id: int = 0x42) -> wire.Auth:
+    """What node holds in a pairwise cluster: a key per other member, none of the others' pairs."""
+    return wire.Auth([wire.KeySet("blake2b", key_id, pairs={j: pair_key(node, j) for j in cluster if j != node})],
+                     cluster="lab")
+
+
 class Lab:
     """n engines, node ids 1..n, every datagram to every other node unless addressed to one."""
 
     def __init__(self, n: int, seed: int = 0, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0,
-                 latency: float = 0.001, bandwidth: float = 0.0, queue: int = 0, **config: object) -> None:
+                 latency: float = 0.001, bandwidth: float = 0.0, queue: int = 0, pairwise: bool = False,
+                 **config: object) -> None:
         """``bandwidth`` (bytes/s, 0: unlimited) and ``queue`` (datagrams waiting for the wire on
         each directed link, 0: unbounded) make a bottleneck that tail-drops when full: what a
         burst meets in a switch or in the receiver's socket buffer."""
@@ -45,7 +58,9 @@ class Lab:
         self.bytes_sent = 0
         self.now = 1000.0
         self.config = config
-        self.auth = wire.Auth([KEY])
+        self.auth = wire.Auth([KEY])  # the group key (pairwise=False): every node signs with it
+        # pairwise=True: node i holds only the keys it shares with each j (as rendered keys are)
+        self.auths = {i: pairwise_auth(i, range(1, n + 1)) if pairwise else self.auth for i in range(1, n + 1)}
         self.engines: dict[int, Engine] = {}
         self.epochs: dict[int, int] = {}
         self.in_flight: list[tuple[float, int, int, bytes]] = []
@@ -59,7 +74,8 @@ class Lab:
         """(Re)start a node: a new engine with a higher epoch, empty caches."""
         self.epochs[node] = self.epochs.get(node, 0) + 1
         cfg = EngineConfig(node_id=node, **self.config)  # type: ignore[arg-type]
-        self.engines[node] = Engine(cfg, self.auth, epoch=self.epochs[node], now=self.now)
+        self.engines[node] = Engine(cfg, self.auths.get(node, self.auth), epoch=self.epochs[node], now=self.now,
+                                    nonce=self.rng.getrandbits(64))
         return self.engines[node]
 
     def event(self, node: int, kind: EventKind, entry: Entry) -> None:

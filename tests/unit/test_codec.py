@@ -242,3 +242,24 @@ def test_strip_local_removes_only_instance_attributes(item: tuple[Entry, dict], 
     assert synproxy == codec._ZERO_SYNPROXY[4:]
     assert codec.new_request(stripped, 1) == codec.new_request(
         Entry(full.key, full.family, entry.attrs + extra.replace(codec._ZERO_SYNPROXY, b"")), 1)
+
+
+def test_a_flow_whose_key_and_cta_zone_disagree_is_not_written() -> None:
+    """Found by review (issue 13, finding 3): a sync message's head names the zone that keys the
+    flow in the cache; a CTA_ZONE attribute naming another one made the kernel hold the flow under
+    a key the cache did not know. Both encoding paths refuse it; agreeing zones still encode."""
+    from ctbridge.conntrack import abi as ct
+    from tests.support import builders
+    src, dst = bytes((192, 0, 2, 1)), bytes((198, 51, 100, 2))
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, src, dst, 5353, 53)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 53, 5353)
+    for attr_zone, key_zone in ((7, 0), (0, 7), (7, 9)):
+        e = builders.build_entry(ct.AF_INET, orig, reply, zone=attr_zone)
+        forged = Entry(builders.make_key(ct.AF_INET, key_zone, orig), e.family, e.attrs)
+        for update in (False, True):
+            for _ in range(2):  # the second time through the layout learnt the first time
+                with pytest.raises(codec.CodecError, match="zone"):
+                    codec.new_request(forged, 1, update=update)
+            with pytest.raises(codec.CodecError, match="zone"):
+                codec.new_request(forged, 1, update=update, keep_status=False)  # the general path
+        assert codec.new_request(e, 1)  # the entry as the kernel had it is fine

@@ -472,15 +472,25 @@ def test_the_engine_says_what_happened_to_its_peers() -> None:
     lab = Lab(2)
     b = lab.engines[2]
     assert b.events() == []  # alone, nothing to be incomplete about yet
-    for i in range(10):
+    for i in range(300):
         lab.event(1, EventKind.NEW, flow(i))
     lab.run(1)
-    assert BulkCompleted(1, 10, 0, complete=True) in b.events()
+    assert BulkCompleted(1, 300, 0, complete=True) in b.events()
     assert b.events() == []  # drained
-    lab.start(1)  # A restarts: B hears a new epoch, is incomplete until A's bulk arrives
-    lab.run(0.001)
-    events = b.events()
-    assert events[0] == PeerRestarted(1, 1, 2) and CompletenessChanged(False) in events
+    a = lab.start(1)  # A restarts: once it answers B's challenge, B is incomplete until A's bulk ends
+    for i in range(300):
+        lab.event(1, EventKind.NEW, flow(i))
+    ends = []  # the first BULK_END is lost: the bulk ends with its resend, a while later
+    lab.drop = lambda src, dst, data: (src == 1 and not ends and _has(data, wire.MsgType.BULK_END)
+                                       and not ends.append(data))
+    events: list[object] = []
+    for _ in range(100):
+        lab.step(0.0005)
+        events += b.events()
+        if any(isinstance(e, PeerRestarted) for e in events):
+            break
+    assert PeerRestarted(1, 1, 2) in events and CompletenessChanged(False) in events
+    assert a.stats["echoes_sent"] >= 1 and b.stats["sessions_proven"] == 2
     lab.run(2)
     assert CompletenessChanged(True) in b.events()
     del lab.engines[1]  # A is gone
@@ -585,3 +595,67 @@ def test_a_reclaimed_slot_keeps_its_replay_floor_and_peers_may_send_more_than_we
         big.event(1, EventKind.NEW, flow(i))
     big.run(3)
     assert big.converged() and big.engines[2].stats["rejected_oversize"] == 0
+
+
+def test_a_restarted_receiver_takes_nothing_of_a_captured_stream_until_the_sender_answers_it() -> None:
+    """Issue 13, finding 1: B restarts while A is cut off; an attacker replays A's traffic captured
+    before, bulk included. Before sessions, 16 of 16 replayed datagrams were accepted, B held A's
+    old flows, counted A as synced and complete() was true (inject mode wrote them at once). Now
+    nothing is applied, B stays incomplete while the replays come, and A, back, is taken."""
+    lab = Lab(2, pairwise=True, apply_mode="inject")
+    captured: list[bytes] = []
+    lab.drop = lambda src, dst, data: src == 1 and captured.append(data) is not None and False
+    lab.run(1)
+    for i in range(50):
+        lab.event(1, EventKind.NEW, flow(i, mark=1))
+    lab.run(1)
+    lab.engines[1].bulk_send(lab.now)  # a bulk in the capture too
+    lab.run(1)
+    assert len(lab.engines[2].peers[1].external) == 50
+    lab.drop = lambda src, dst, data: src == 1  # A is cut off (or silent) from now on
+    b = lab.start(2)
+    lab.run(0.5)
+    for rnd in range(3):  # replayed, three times over
+        for data in captured:
+            b.receive_datagram(data, lab.now)
+            assert b.kernel_ops() == []
+        lab.run(0.2)
+        assert not b.complete(), f"round {rnd}: complete while a peer's replays are refused"
+    assert 1 not in b.peers or b.peers[1].external == {}
+    assert b.stats["rejected_unproven"] >= len(captured) and b.stats["sessions_proven"] == 0
+    lab.drop = None  # A is back: it answers B's challenge, and B gets A's flows
+    lab.run(2)
+    assert b.peers[1].proven and len(b.peers[1].external) == 50 and b.complete()
+    assert lab.converged()
+
+
+def test_a_node_restarted_with_its_clock_behind_is_taken_back_and_its_old_answers_are_not() -> None:
+    """Issue 13, finding 5: a node whose epoch file was lost (the package purged) and whose clock
+    is behind starts with a lower epoch, and every datagram of it was a "replay" for good. Once
+    its old epoch is silent, it is challenged with a nonce never sent before and taken when it
+    answers. A captured answer of its old life (to the nonce that proved it then) proves nothing."""
+    lab = Lab(2, pairwise=True)
+    lab.epochs[1] = 1000
+    lab.start(1)
+    captured: list[bytes] = []
+    lab.drop = lambda src, dst, data: src == 1 and captured.append(data) is not None and False
+    lab.run(1)
+    for i in range(5):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    b = lab.engines[2]
+    assert b.peers[1].epoch == 1001 and len(b.peers[1].external) == 5
+    lab.drop = None
+    lab.epochs[1] = 10  # state lost, clock behind: the next start is epoch 11
+    lab.start(1)
+    lab.event(1, EventKind.NEW, flow(7))
+    lab.run(b.config.peer_timeout + 2)
+    assert b.peers[1].epoch == 11 and b.peers[1].proven
+    assert lab.converged() and b.complete()
+    before = b.stats["sessions_proven"]
+    lab.engines.pop(1)  # the node dies; its captured old life (epoch 1001, answers included) replayed
+    lab.run(b.config.peer_timeout + 1)
+    for data in captured:
+        b.receive_datagram(data, lab.now)
+    assert b.peers[1].epoch == 11 and b.stats["sessions_proven"] == before
+    assert set(b.peers[1].external) == {flow(7).key}

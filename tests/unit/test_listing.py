@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ctbridge.conntrack import abi as ct
@@ -20,6 +21,7 @@ from tests.support.strategies import entries
 
 CAPTURED = json.loads(FIXTURES.joinpath("ctnetlink.json").read_text())
 DUMP_MESSAGES = [bytes.fromhex(f["hex"]) for f in CAPTURED if f["what"] == "dump"]
+Flow = tuple[Entry, dict[str, Any]]  # an entry and the fields it was built from (strategies.entries)
 
 
 def general(entry: Entry, form: str) -> str:
@@ -27,9 +29,22 @@ def general(entry: Entry, form: str) -> str:
     return format_line(view) if form == "text" else json.dumps(view, separators=(",", ":"))
 
 
+def _zero_flow(family: int, proto: int) -> Flow:
+    """An entry of the strategy's (the kernel's) layout with every value 0, and its fields."""
+    addr = b"\x20\x01\x0d\xb8" + bytes(12) if family == ct.AF_INET6 else b"\xc0\x00\x02\x01"
+    orig = builders.encode_tuple(family, proto, addr, addr, 0, 0)
+    entry = builders.build_entry(family, orig, orig, status=0, timeout=0)
+    return entry, {"family": family, "proto": proto, "src": addr, "dst": addr, "sport": 0, "dport": 0, "status": 0,
+                   "timeout": 0, "mark": 0, "zone": 0, "tcp_state": None, "unknown": b""}
+
+
 @settings(max_examples=300)
 @given(st.lists(entries(), min_size=1, max_size=12), st.sampled_from(["text", "json"]))
-def test_every_entry_is_listed_as_the_general_path_lists_it(items: list[tuple[Entry, dict]], form: str) -> None:
+# found by hypothesis: a GRE flow (refused: its keys) has the attributes and length of a UDP flow of
+# its family, and its refusal was remembered for the UDP flow's shape too: no layout was learnt
+@example([_zero_flow(ct.AF_INET6, ct.IPPROTO_GRE), _zero_flow(ct.AF_INET6, ct.IPPROTO_UDP)], "text")
+@example([_zero_flow(ct.AF_INET, ct.IPPROTO_GRE), _zero_flow(ct.AF_INET, ct.IPPROTO_UDP)], "json")
+def test_every_entry_is_listed_as_the_general_path_lists_it(items: list[Flow], form: str) -> None:
     listing = Listing(form)
     batch = [e for e, _ in items] * 2  # the second time round, through the layouts learnt
     assert list(listing.entries(batch)) == [general(e, form) for e in batch]
@@ -51,6 +66,30 @@ def test_the_kernel_messages_of_the_fixtures() -> None:
     # the common layouts got a formatter of their own; GRE keys and SCTP state did not
     assert len(listing.fast) >= 5
     assert any("sctp" in line for line in lines) and any('"srckey"' in line for line in lines)
+
+
+def test_a_refused_gre_flow_does_not_refuse_the_udp_flows_laid_out_like_it() -> None:
+    """The kernel dumps a GRE flow in the attributes and length of a UDP one (its keys in the port
+    attributes): the captured GRE flow, listed first, left the captured DNS flow after it to the
+    general path for the rest of the listing. Each protocol is a layout of its own."""
+    gre = next(m for m in DUMP_MESSAGES if _protonum(m) == ct.IPPROTO_GRE)
+    udp = next(m for m in DUMP_MESSAGES if _protonum(m) == ct.IPPROTO_UDP and (m[16], len(m)) == (gre[16], len(gre)))
+    seq = struct.unpack_from("=I", gre, 8)[0]
+    buf = b"".join(m[:8] + struct.pack("=I", seq) + m[12:] for m in (gre, udp, gre, udp))
+    expected = codec.decode_dump(buf, seq).entries
+    for form in ("text", "json"):
+        listing = Listing(form)
+        lines, _done, _errno = listing.kernel(buf, seq)
+        assert lines == [general(e, form) for e in expected]
+        # the UDP flow has a formatter of its own; the GRE flow has none
+        formatters = listing.layouts[(udp[16], len(udp) - 20)]
+        assert [f(udp, 20) for f in formatters] == [general(expected[1], form)]
+        assert [f(gre, 20) for f in formatters] == [None]
+
+
+def _protonum(message: bytes) -> int:
+    orig = codec.attr_map(message, 20)[ct.CTA_TUPLE_ORIG]
+    return codec.attr_map(codec.attr_map(orig)[ct.CTA_TUPLE_PROTO])[ct.CTA_PROTO_NUM][0]
 
 
 def test_a_learnt_layout_refuses_an_entry_of_another_shape() -> None:
