@@ -117,7 +117,10 @@ def auth(cfg: Config) -> wire.Auth:
                                            f"is {cluster}; render this cluster's keys")
             cluster = kf.cluster
         sets.append(kf.keys)
-    return wire.Auth(sets, cfg.sync.auth, cluster=cluster)
+    try:
+        return wire.Auth(sets, cfg.sync.auth, cluster=cluster, encrypt=cfg.sync.encrypt, node=cfg.node_id)
+    except ValueError as exc:  # encryption without its package, or without this node's sealing key
+        raise keyfile.KeyFileError(f"sync.encrypt: {exc}") from None
 
 
 class EpochError(ConfigError):

@@ -14,6 +14,8 @@ Two kinds (docs/protocol.md, "Authentication"):
       algorithm blake2b
       generation 5a
       peer fw2 3f1c...
+      seal fw1 9a0e...   (the key each node seals its datagrams with, if sync.encrypt is on)
+      seal fw2 77b2...
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ctbridge.sync.wire import KEY_MIN_BYTES
 
 KEY_BYTES = 32
 _PAIR_PERSON = b"ctbridge pairkey"  # BLAKE2b personalization of the pair key derivation (16 bytes)
+_SEAL_PERSON = b"ctbridge sealkey"  # ... and of the sealing keys
 
 
 class KeyFileError(Exception):
@@ -67,6 +70,12 @@ def pair_key(secret: bytes, cluster: str, a: str, b: str) -> bytes:
     return hashlib.blake2b(label, key=secret, digest_size=KEY_BYTES, person=_PAIR_PERSON).digest()
 
 
+def seal_key(secret: bytes, cluster: str, node: str) -> bytes:
+    """The key ``node`` seals its datagrams with (every member holds every member's)."""
+    label = b"\0".join(x.encode() for x in (cluster, node))
+    return hashlib.blake2b(label, key=secret, digest_size=KEY_BYTES, person=_SEAL_PERSON).digest()
+
+
 def pairwise_text(secret: bytes, cluster: str, node: str, peers: list[str], algorithm: str = "blake2b") -> str:
     """The key file of ``node``: a key for each peer, derived from the cluster secret. The key id
     (``generation``) is the secret's, so every node's file of one secret agrees on it."""
@@ -75,6 +84,7 @@ def pairwise_text(secret: bytes, cluster: str, node: str, peers: list[str], algo
              f"cluster {cluster}", f"node {node}", f"algorithm {algorithm}",
              f"generation {wire.key_id(secret):02x}"]
     lines += [f"peer {p} {pair_key(secret, cluster, node, p).hex()}" for p in sorted(peers) if p != node]
+    lines += [f"seal {n} {seal_key(secret, cluster, n).hex()}" for n in sorted({node, *peers})]
     return "\n".join(lines) + "\n"
 
 
@@ -126,10 +136,10 @@ def _hex(path: str, text: str) -> bytes:
     return key
 
 
-def _keyset(path: str, algorithm: str, kid: int, group: bytes = b"", pairs: dict[int, bytes] | None = None
-            ) -> wire.KeySet:
+def _keyset(path: str, algorithm: str, kid: int, group: bytes = b"", pairs: dict[int, bytes] | None = None,
+            seals: dict[int, bytes] | None = None) -> wire.KeySet:
     try:
-        return wire.KeySet(algorithm, kid, group=group, pairs=pairs or {})
+        return wire.KeySet(algorithm, kid, group=group, pairs=pairs or {}, seals=seals or {})
     except ValueError as exc:
         raise KeyFileError(f"key file {path}: {exc}") from None
 
@@ -137,13 +147,16 @@ def _keyset(path: str, algorithm: str, kid: int, group: bytes = b"", pairs: dict
 def _pairwise(path: str, lines: list[str]) -> KeyFile:
     fields: dict[str, str] = {}
     peers: dict[str, bytes] = {}
+    seals: dict[str, bytes] = {}
     for line in lines:
         word, _, rest = line.partition(" ")
-        if word == "peer":
+        if word in ("peer", "seal"):
             name, _, key = rest.strip().partition(" ")
-            if not name or not key or name in peers:
-                raise KeyFileError(f"key file {path}: {line[:40]!r}: a peer line is `peer NAME HEX`, once per peer")
-            peers[name] = _hex(path, key.strip())
+            into = peers if word == "peer" else seals
+            if not name or not key or name in into:
+                raise KeyFileError(f"key file {path}: {line[:40]!r}: a {word} line is `{word} NAME HEX`, once per "
+                                   "node")
+            into[name] = _hex(path, key.strip())
         elif word in ("cluster", "node", "algorithm", "generation") and rest.strip() and word not in fields:
             fields[word] = rest.strip()
         else:
@@ -164,5 +177,6 @@ def _pairwise(path: str, lines: list[str]) -> KeyFile:
     ids = {node_id(n): n for n in peers}
     if len(ids) != len(peers) or node_id(fields["node"]) in ids:
         raise KeyFileError(f"key file {path}: two node names give the same node id; rename one of them")
-    keys = _keyset(path, fields["algorithm"], kid, pairs={i: peers[n] for i, n in ids.items()})
+    keys = _keyset(path, fields["algorithm"], kid, pairs={i: peers[n] for i, n in ids.items()},
+                   seals={node_id(n): k for n, k in seals.items()})
     return KeyFile(keys, cluster=fields["cluster"], node=fields["node"])

@@ -63,6 +63,10 @@ class SyncSettings:
     previous_key_file: str = _key("", "during a key rollover: a second key that is accepted, never used to sign")
     cluster: str = _key("", "the cluster's name, covered by every MAC (a key file reused by another cluster "
                         "is refused by it); `ctbridge render` writes it")
+    encrypt: str = _key("off", "seal the sync payload: \"aes-256-gcm\" or \"chacha20-poly1305\" (needs "
+                        "python3-cryptography; clear datagrams are still taken); \"accept\" opens sealed ones "
+                        "and sends in clear (turning it on without an outage)",
+                        ("off", "accept", "aes-256-gcm", "chacha20-poly1305"))
     max_flows: int = _key(0, "flows kept per peer (0: the kernel's nf_conntrack_max); beyond, the peer's copy "
                           "is incomplete and the refusals counted")
     auth: str = _key("blake2b", "MAC algorithm; \"none\" (labs only) must be said explicitly",

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ctbridge.config import cluster as cluster_mod
-from ctbridge.config import render, resources
+from ctbridge.config import keyfile, render, resources
 from ctbridge.daemon import control
 from ctbridge.lab import netns
 
@@ -399,7 +399,8 @@ advert_int = {o.advert_int}
         return f"""# The lab's cluster description, rendered into each firewall's directory.
 [cluster]
 name = "lab"
-key_file = "{self.key}"
+key_file = "{self.dir}/{{node}}/sync.key"
+secret = "{self.key}"
 apply_mode = "{o.apply_mode}"
 transport = "unicast"
 notify = "{o.notify}"
@@ -418,8 +419,9 @@ hook = "{self.dir}/{{node}}/notify"
         path = self.dir / "cluster.toml"
         path.write_text(self.cluster_text())
         c = cluster_mod.checked(cluster_mod.load(str(path)))
+        secret = keyfile.read_secret(c.secret_path())  # each firewall gets only its own pairwise keys
         for fw in self.fws:
-            render.write(render.render(c, c.node(fw.name)), fw.dir)
+            render.write(render.render(c, c.node(fw.name), secret=secret), fw.dir)
             netns.run(fw.ns, "nft", "-f", str(fw.dir / "ctbridge-sync.nft"))
             self.replicator.prepare(fw, self)
 

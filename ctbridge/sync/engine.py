@@ -49,6 +49,9 @@ NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
 EPOCH_AHEAD = 86400.0  # seconds a peer's epoch (its boot time) may lie ahead of our clock (with max_age)
 RECEIVE_LIMIT = 9216  # bytes: no datagram longer is read (a jumbo frame; a peer's own limit may exceed ours)
 RECLAIMED_KEPT = 1024  # node ids whose slots were given back, remembered with their replay floor
+# a new epoch begins this far before the sealing counter runs out: resends between two new
+# sequence numbers take counters too, never 2^24 of them
+SEAL_WRAP = wire.SEAL_COUNTER_MAX - (1 << 24)
 CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has not come; 16 bytes
 # each, and only while that peer is heard, so retrying often costs nothing and makes a lost echo
 # cost 0.1 s instead of a bulk retry of 3 s
@@ -193,6 +196,7 @@ class Peer:
         # them as mentioned; bounded with the external cache by max_entries
         self.refused: dict[bytes, tuple[int, int]] = {}
         self.refused_total = 0
+        self.capped = 0  # flows refused by the cap since its last bulk began
         self.limits: set[str] = set()  # caps hit since its last bulk began that make its copy incomplete
         self.warned: set[str] = set()  # caps said (LimitReached) since then
         # Freshness: its current epoch is accepted only once it answered our challenge (ECHO of
@@ -262,6 +266,8 @@ class Engine:
         self.epoch = epoch
         self.nonce = (epoch if nonce is None else nonce) & 0xFFFFFFFFFFFFFFFF
         self._nonces = 0  # nonces drawn from it since, one per session a peer started (Peer.nonce)
+        self._sealed = 0  # sealing counter of this epoch (encryption)
+        self._resync_all_at = float("-inf")  # when we last asked every peer for a bulk
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
         self.role = Role.BACKUP
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
@@ -432,6 +438,8 @@ class Engine:
                              + wire.resync_msg(node))
         self.stats["challenges_sent"] += 1
         self.stats["resyncs_requested"] += 1
+        if node == 0:
+            self._resync_all_at = now
         for peer in self.peers.values():
             if node in (0, peer.node):
                 peer.resync_at = now
@@ -638,8 +646,11 @@ class Engine:
         peer.rejected_at = now
         if peer.challenge_at is None:
             self._challenge(peer, now)
-            self._control.append(wire.resync_msg(peer.node))
-            self.stats["resyncs_requested"] += 1
+            if now >= self._resync_all_at + self.config.resync_retry:
+                # (a peer that has our request to everyone would send a second bulk; one that
+                # has not is asked when it answers, in _start_session)
+                self._control.append(wire.resync_msg(peer.node))
+                self.stats["resyncs_requested"] += 1
         elif now >= peer.challenge_at + CHALLENGE_RETRY:
             self._challenge(peer, now)
 
@@ -879,6 +890,7 @@ class Engine:
                     peer.bulk_dirty = False
                     peer.limits.clear()  # caps hit before this bulk no longer matter once it completes
                     peer.warned.clear()
+                    peer.capped = 0
             elif type(msg) is wire.BulkEnd:
                 data_seen = True
                 if msg.node in (0, me) and peer.bulk_begin is not None and peer.bulk_begin[0] == msg.bulk_id:
@@ -897,12 +909,14 @@ class Engine:
         refused = peer.refused
         if cfg.max_entries and len(peer.external) + len(refused) >= cfg.max_entries and key not in refused:
             self.stats["flows_refused_cap"] += 1
+            peer.capped += 1  # a bulk counts it as mentioned (it is not kept, not even by key)
             self._limit(peer, "flows", cfg.max_entries)
             return False
-        entry = wire.flow_entry(key, fmsg)
         peer_filter = cfg.peer_filters.get(peer.node)
+        family = fmsg[1]
         try:
-            allowed = cfg.filter.accepts(entry) and (peer_filter is None or peer_filter.accepts(entry))
+            allowed = (cfg.filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)
+                       and (peer_filter is None or peer_filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)))
         except codec.CodecError:
             allowed = False  # attributes our filter cannot read are not written into our kernel either
         if allowed:
@@ -945,15 +959,15 @@ class Engine:
         # is not what the peer sent: keep what we have and ask again.
         mentioned = (sum(1 for v in peer.external.values() if v.seq >= begin_seq)
                      + sum(1 for t in peer.tombstones.values() if t[2] >= begin_seq)
-                     + sum(1 for r in peer.refused.values() if r[1] >= begin_seq))
+                     + sum(1 for r in peer.refused.values() if r[1] >= begin_seq) + peer.capped)
         if mentioned < flows_sent:
             self.stats["bulk_count_mismatches"] += 1
-            log.warning("bulk from node %08x said %d flows, %d arrived: asking again", peer.node, flows_sent,
-                        mentioned)
+            log.warning("bulk from node %08x said %d flows, %d arrived: asking again in %.0f s", peer.node,
+                        flows_sent, mentioned, self.config.resync_retry)
             self._events.append(BulkCompleted(peer.node, len(peer.external), 0, complete=False))
             peer.bulk_end = None
             peer.synced = False
-            self._ask_for_bulk(peer, self._last_input)
+            peer.resync_at = self._last_input  # asked again after resync_retry, never in a loop
             return
         stale = [k for k, v in peer.external.items() if v.seq < begin_seq]
         for key in [k for k, v in peer.refused.items() if v[1] < begin_seq]:
@@ -1154,13 +1168,20 @@ class Engine:
     def _overflow_bulk_can_start(self) -> bool:
         return not self._bulks or not self._bulks[0].begun
 
+    def _seal_counter(self) -> int:
+        """The next sealing counter of this epoch (the AEAD's nonce is epoch and counter: never
+        twice, resends included). _next_seq starts a new epoch well before it runs out."""
+        self._sealed += 1
+        return self._sealed
+
     def _next_seq(self) -> int:
         seq = self._seq
-        if seq >= SEQ_MAX:
+        if seq >= SEQ_MAX or self._sealed >= SEAL_WRAP:
             # Sequence space exhausted: start a new epoch, which peers treat as a restart.
             self.epoch += 1
             self._events.append(EpochChanged(self.epoch))
             self._seq = 1
+            self._sealed = 0
             self._resend = ResendQueue(self.config.resend_limit)
             self._resends.clear()
             self._overflow_seen = 0
@@ -1202,7 +1223,7 @@ class Engine:
                 if self._resend.dropped_upto > self._overflow_seen:
                     self._overflowed(now)
         header = wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
-        data = wire.datagram(header, b"".join(acks + msgs), self.auth)
+        data = wire.datagram(header, b"".join(acks + msgs), self.auth, self._seal_counter())
         self.stats["tx_datagrams"] += 1
         self.stats["tx_bytes"] += len(data)
         self._last_send = now
@@ -1211,7 +1232,7 @@ class Engine:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         out: list[tuple[bytes, int | None]] = []
         cfg = self.config
-        room = cfg.max_datagram - wire.HEADER_LEN - self.auth.trailer_len - 24 * sum(
+        room = cfg.max_datagram - wire.HEADER_LEN - self.auth.overhead - 24 * sum(
             1 for p in self.peers.values() if p.rx is not None) - 4  # acknowledgements (24 with highest); HELLO
         self._last_input = max(self._last_input, now)
         if self._overflow_bulk and self._overflow_bulk_can_start() and now >= self._overflow_bulk_at:
@@ -1356,9 +1377,9 @@ class Engine:
         self._heartbeat += 1
         reports = sorted(hearing.items())[:64]
         header = wire.Header(self.node_id, self.epoch, wire.HEARTBEAT_SEQ, int((now + self.clock_offset) * 1000))
-        size = self.config.max_datagram - wire.HEADER_LEN - self.auth.trailer_len
-        out = [wire.datagram(header, wire.heartbeat_msg(k, self._heartbeat, reports, size), self.auth)
-               for k in range(links)]
+        size = self.config.max_datagram - wire.HEADER_LEN - self.auth.overhead
+        out = [wire.datagram(header, wire.heartbeat_msg(k, self._heartbeat, reports, size), self.auth,
+                             self._seal_counter()) for k in range(links)]
         self.stats["heartbeats_sent"] += len(out)
         self.stats["tx_datagrams"] += len(out)
         self.stats["tx_bytes"] += sum(len(d) for d in out)

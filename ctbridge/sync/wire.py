@@ -22,7 +22,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
@@ -37,6 +37,15 @@ MAC_ENTRY_LEN = _MAC_ENTRY.size  # 20
 MAX_MACS = 16  # MACs one datagram carries: one per peer, and a node has at most 16 (EngineConfig.max_peers)
 GROUP = 0  # the receiver id of a MAC made with a group key (any holder can check it, and make it)
 FLAG_MAC = 0x01  # MACs follow the messages
+# The messages are sealed (optional encryption): the payload is a counter (u32), the messages
+# encrypted with the sender's sealing key, and the AEAD's 16-byte tag; the AEAD's nonce is the
+# epoch (8 bytes) and that counter, its associated data the header.
+FLAG_AES_GCM = 0x02  # AES-256-GCM (NIST SP 800-38D)
+FLAG_CHACHA = 0x04  # ChaCha20-Poly1305 (RFC 8439)
+_SEALED = FLAG_AES_GCM | FLAG_CHACHA
+CIPHERS = {"aes-256-gcm": FLAG_AES_GCM, "chacha20-poly1305": FLAG_CHACHA}
+SEAL_OVERHEAD = 4 + 16  # counter, tag
+SEAL_COUNTER_MAX = 0xFFFFFFFF
 # The protocol label: BLAKE2b's 16-byte personalization (RFC 7693 2.5), and the first bytes HMAC
 # signs, so a MAC made for another protocol or another version of this one never verifies here
 LABEL = b"ctbridge sync v2"
@@ -219,6 +228,9 @@ class KeySet:
     key_id: int
     group: bytes = b""
     pairs: Mapping[int, bytes] = field(default_factory=dict)
+    # optional encryption: node id -> the key that node seals its datagrams with (every member
+    # holds every member's: a member reads all flows anyway); a group key derives them
+    seals: Mapping[int, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -238,6 +250,13 @@ class KeySet:
         """The key of a datagram exchanged with ``node`` (None: this set shares none with it)."""
         return self.group or self.pairs.get(node)
 
+    def seal_key(self, node: int) -> bytes | None:
+        """The key ``node`` seals its datagrams with."""
+        if self.group:
+            return hashlib.blake2b(node.to_bytes(4, "big"), key=self.group, digest_size=32,
+                                   person=b"ctbridge seal v2").digest()
+        return self.seals.get(node)
+
 
 class Auth:
     """Signs with the first key set; verifies with any of them (two during a rollover, which
@@ -248,7 +267,12 @@ class Auth:
     MAC, or none for it, or a wrong one.
     """
 
-    def __init__(self, keys: Sequence[bytes | KeySet], algorithm: str = "blake2b", cluster: str = "") -> None:
+    def __init__(self, keys: Sequence[bytes | KeySet], algorithm: str = "blake2b", cluster: str = "",
+                 encrypt: str = "off", node: int = GROUP) -> None:
+        """``encrypt``: "off"; "accept" (open sealed datagrams, send in clear: the first step of
+        turning encryption on without an outage); or a cipher of CIPHERS (seal as ``node``; clear
+        datagrams of peers not sealing yet are still taken: they carry MACs all the same).
+        Sealing needs the cryptography package."""
         sets: list[KeySet] = []
         if algorithm != "none":
             if algorithm not in ALGORITHMS:
@@ -277,6 +301,23 @@ class Auth:
             ss = self.sign_set
             self._sign = [(GROUP, ss.group)] if ss.group else sorted(ss.pairs.items())
         self.trailer_len = MAC_ENTRY_LEN * len(self._sign)
+        self.encrypt = encrypt
+        self.seal_flag = CIPHERS.get(encrypt, 0)
+        self._aeads: dict[tuple[int, bytes], Any] = {}
+        self._seal_key = b""
+        if encrypt != "off":
+            if encrypt != "accept" and not self.seal_flag:
+                raise ValueError(f"unknown encryption {encrypt!r}; use off, accept, " + ", ".join(CIPHERS))
+            if self.sign_set is None:
+                raise ValueError("encryption needs keys (auth is \"none\")")
+            _aead_class(FLAG_AES_GCM)  # the cryptography package is there, or a clear error now
+            if self.seal_flag:
+                key = self.sign_set.seal_key(node)
+                if key is None:
+                    raise ValueError(f"the key file holds no sealing key for this node ({node:08x}); render "
+                                     "the keys again")
+                self._seal_key = key
+        self.overhead = self.trailer_len + (SEAL_OVERHEAD if self.seal_flag else 0)
 
     @property
     def enabled(self) -> bool:
@@ -295,11 +336,52 @@ class Auth:
             return hashlib.blake2b(data, key=key, digest_size=MAC_LEN, person=LABEL, salt=self.salt).digest()
         return hmac.digest(key, self._prefix + data, "sha256")[:MAC_LEN]
 
+    def aead(self, flag: int, key: bytes) -> Any:
+        """The AEAD object of a key (made once: key setup is most of a small seal's cost)."""
+        got = self._aeads.get((flag, key))
+        if got is None:
+            got = self._aeads[(flag, key)] = _aead_class(flag)(key)
+        return got
+
+    def seal(self, head: bytes, epoch: int, counter: int, messages: bytes) -> bytes:
+        nonce = _NONCE_HEAD.pack(epoch, counter)
+        sealed: bytes = self.aead(self.seal_flag, self._seal_key).encrypt(nonce, messages, head)
+        return _U32_BE.pack(counter) + sealed
+
+    def open(self, data: bytes, end: int, header: Header, ks: KeySet) -> bytes:
+        """The messages of a sealed datagram, or WireError("auth")."""
+        flag = header.flags & _SEALED
+        key = ks.seal_key(header.node)
+        if self.encrypt == "off" or key is None:
+            raise WireError("auth", "sealed datagram, and this node does not open sealed ones (sync.encrypt)")
+        if end - HEADER_LEN < SEAL_OVERHEAD:
+            raise WireError("malformed", "sealed payload shorter than its counter and tag")
+        counter = _U32_BE.unpack_from(data, HEADER_LEN)[0]
+        try:
+            opened: bytes = self.aead(flag, key).decrypt(_NONCE_HEAD.pack(header.epoch, counter),
+                                                         data[HEADER_LEN + 4:end], data[:HEADER_LEN])
+            return opened
+        except Exception as exc:  # cryptography's InvalidTag: the type lives in the optional package
+            raise WireError("auth", f"sealed payload does not open ({type(exc).__name__})") from None
+
     def sign(self, data: bytes) -> bytes:
         """The trailer for ``data`` (header and messages): a MAC per receiver."""
         alg = self.algorithm
         mac = self.mac
         return b"".join(_MAC_ENTRY.pack(node, mac(alg, key, data)) for node, key in self._sign)
+
+
+_NONCE_HEAD = struct.Struct("!QI")
+_U32_BE = struct.Struct("!I")
+
+
+def _aead_class(flag: int) -> Any:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    except ImportError:
+        raise ValueError("sync.encrypt needs the cryptography package: apt install python3-cryptography "
+                         "(or pip install 'ctbridge[encrypt]')") from None
+    return AESGCM if flag == FLAG_AES_GCM else ChaCha20Poly1305
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -411,14 +493,16 @@ def bulk_end_msg(node: int, bulk_id: int, flows: int) -> bytes:
     return _BULK_END.pack(MsgType.BULK_END, 0, _BULK_END.size, node, bulk_id, flows)
 
 
-def datagram(header: Header, messages: bytes, auth: Auth) -> bytes:
-    """Header + messages (+ a MAC per receiver)."""
-    flags = header.flags | (FLAG_MAC if auth.enabled else 0)
-    if len(messages) > 0xFFFF:
+def datagram(header: Header, messages: bytes, auth: Auth, counter: int = 0) -> bytes:
+    """Header + messages (+ a MAC per receiver); sealed with ``counter`` (never used before in
+    this epoch: it makes the AEAD's nonce) when the node encrypts."""
+    flags = header.flags | (FLAG_MAC if auth.enabled else 0) | auth.seal_flag
+    length = len(messages) + (SEAL_OVERHEAD if auth.seal_flag else 0)
+    if length > 0xFFFF:
         raise ValueError("messages exceed the 64 KiB a datagram can carry")
-    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, auth.trailer_len // MAC_ENTRY_LEN, len(messages),
+    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, auth.trailer_len // MAC_ENTRY_LEN, length,
                        header.node, header.epoch, header.seq, header.time_ms)
-    data = head + messages
+    data = head + (auth.seal(head, header.epoch, counter, messages) if auth.seal_flag else messages)
     if auth.enabled:
         data += auth.sign(data)
     return data
@@ -429,7 +513,22 @@ def datagram(header: Header, messages: bytes, auth: Auth) -> bytes:
 
 def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int]:
     """Check framing and the MAC made for ``me`` (this node's id); (header, end of the messages).
-    Raises WireError."""
+    Raises WireError. A sealed datagram's payload is opened by ``payload``."""
+    header, end, _ks = _verify(data, auth, me)
+    return header, end
+
+
+def payload(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, bytes]:
+    """(header, the messages) of an authentic datagram, opened if sealed; or WireError."""
+    header, end, ks = _verify(data, auth, me)
+    if header.flags & _SEALED:
+        if ks is None:
+            raise WireError("auth", "sealed datagram, and this node has no keys to open it")
+        return header, auth.open(data, end, header, ks)
+    return header, data[HEADER_LEN:end]
+
+
+def _verify(data: bytes, auth: Auth, me: int) -> tuple[Header, int, KeySet | None]:
     if len(data) < HEADER_LEN:
         raise WireError("malformed", f"datagram of {len(data)} bytes is shorter than a header")
     magic, version, flags, kid, count, length, node, epoch, seq, time_ms = HEADER.unpack_from(data)
@@ -437,7 +536,8 @@ def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int
         raise WireError("malformed", "not a ctbridge datagram (bad magic)")
     if version != VERSION:
         raise WireError("malformed", f"protocol version {version} is not supported (this node speaks {VERSION})")
-    if flags & ~FLAG_MAC or bool(flags & FLAG_MAC) != (count > 0) or count > MAX_MACS:
+    if (flags & ~(FLAG_MAC | _SEALED) or bool(flags & FLAG_MAC) != (count > 0) or count > MAX_MACS
+            or flags & _SEALED == _SEALED):
         raise WireError("malformed", f"flags {flags:#x} with {count} MACs: not what version 2 defines")
     end = HEADER_LEN + length
     if len(data) != end + count * MAC_ENTRY_LEN:
@@ -459,10 +559,10 @@ def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int
                 to, mac = _MAC_ENTRY.unpack_from(data, end + i * MAC_ENTRY_LEN)
                 if to == receiver:
                     if hmac.compare_digest(auth.mac(ks.algorithm, key, signed), mac):
-                        return Header(node, epoch, seq, time_ms, flags, kid), end
+                        return Header(node, epoch, seq, time_ms, flags, kid), end, ks
                     break
         raise WireError("auth", f"no MAC for this node that matches (from node {node:08x}, key id {kid})")
-    return Header(node, epoch, seq, time_ms, flags, kid), end
+    return Header(node, epoch, seq, time_ms, flags, kid), end, None
 
 
 FlowTuple = tuple[int, bytes, bytes]  # (version, key, the FLOW message)
@@ -557,13 +657,18 @@ def _need(mlen: int, size: int, what: str) -> None:
 
 
 def decode(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[Message]]:
-    """A whole datagram: header checked, MAC verified, every message decoded — or WireError."""
-    header, end = decode_header(data, auth, me)
-    return header, decode_messages(data, HEADER_LEN, end)
+    """A whole datagram: header checked, MAC verified, opened if sealed, every message decoded —
+    or WireError."""
+    header, body = payload(data, auth, me)
+    return header, decode_messages(body, 0, len(body))
 
 
 def decode_split(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[FlowTuple], list[Message]]:
     """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart."""
-    header, end = decode_header(data, auth, me)
-    flows, others = decode_body(data, HEADER_LEN, end)
+    header, end, _ks = _verify(data, auth, me)
+    if header.flags & _SEALED:
+        header, body = payload(data, auth, me)
+        flows, others = decode_body(body, 0, len(body))
+    else:
+        flows, others = decode_body(data, HEADER_LEN, end)
     return header, flows, others

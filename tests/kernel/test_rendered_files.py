@@ -51,16 +51,18 @@ def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_ctbridge_check_accepts_what_is_rendered(example: str, tmp_path: Path) -> None:
     """On a host that has the node's sync address and the key: `ctbridge check` (file and host)."""
-    key = tmp_path / "sync.key"
-    keyfile.generate(str(key))
-    text = (ROOT / "examples" / f"{example}.toml").read_text().replace("/etc/ctbridge/sync.key", str(key))
+    secret = tmp_path / "cluster.secret"
+    keyfile.generate(str(secret))
+    text = (ROOT / "examples" / f"{example}.toml").read_text().replace(
+        "/etc/ctbridge/sync.key", f"{tmp_path}/{{node}}/sync.key").replace('"cluster.secret"', f'"{secret}"')
     text += f'\n[paths]\nrun_dir = "{tmp_path}/{{node}}/run"\nstate_dir = "{tmp_path}/{{node}}/state"\n'
     c = cluster.checked(cluster.parse(text))
     for node_name in EXAMPLES[example]:
         node = c.node(node_name)
         assert node.sync is not None
         out = tmp_path / node_name
-        render.write(render.render(c, node), out)
+        render.write(render.render(c, node, secret=keyfile.read_secret(c.secret_path())), out)
+        assert keyfile.load(str(out / render.KEY_FILE)).node == node_name
         (out / "run").mkdir()
         with netns.namespace("check") as ns:
             links = [node.sync, *node.sync_links]

@@ -33,10 +33,12 @@ def pair_key(a: int, b: int) -> bytes:
     return hashlib.blake2b(f"lab pair {min(a, b)} {max(a, b)}".encode(), digest_size=32).digest()
 
 
-def pairwise_auth(node: int, cluster: range | list[int], key_id: int = 0x42) -> wire.Auth:
-    """What node holds in a pairwise cluster: a key per other member, none of the others' pairs."""
-    return wire.Auth([wire.KeySet("blake2b", key_id, pairs={j: pair_key(node, j) for j in cluster if j != node})],
-                     cluster="lab")
+def pairwise_auth(node: int, cluster: range | list[int], key_id: int = 0x42, encrypt: str = "off") -> wire.Auth:
+    """What node holds in a pairwise cluster: a key per other member, none of the others' pairs
+    (and every member's sealing key, for encryption)."""
+    seals = {j: hashlib.blake2b(f"lab seal {j}".encode(), digest_size=32).digest() for j in cluster}
+    return wire.Auth([wire.KeySet("blake2b", key_id, pairs={j: pair_key(node, j) for j in cluster if j != node},
+                                  seals=seals)], cluster="lab", encrypt=encrypt, node=node)
 
 
 class Lab:
@@ -44,7 +46,7 @@ class Lab:
 
     def __init__(self, n: int, seed: int = 0, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0,
                  latency: float = 0.001, bandwidth: float = 0.0, queue: int = 0, pairwise: bool = False,
-                 **config: object) -> None:
+                 encrypt: str = "off", **config: object) -> None:
         """``bandwidth`` (bytes/s, 0: unlimited) and ``queue`` (datagrams waiting for the wire on
         each directed link, 0: unbounded) make a bottleneck that tail-drops when full: what a
         burst meets in a switch or in the receiver's socket buffer."""
@@ -60,7 +62,8 @@ class Lab:
         self.config = config
         self.auth = wire.Auth([KEY])  # the group key (pairwise=False): every node signs with it
         # pairwise=True: node i holds only the keys it shares with each j (as rendered keys are)
-        self.auths = {i: pairwise_auth(i, range(1, n + 1)) if pairwise else self.auth for i in range(1, n + 1)}
+        self.auths = {i: pairwise_auth(i, range(1, n + 1), encrypt=encrypt) if pairwise or encrypt != "off"
+                      else self.auth for i in range(1, n + 1)}
         self.engines: dict[int, Engine] = {}
         self.epochs: dict[int, int] = {}
         self.in_flight: list[tuple[float, int, int, bytes]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -240,10 +241,13 @@ def test_filter_fast_path_agrees_with_the_parser() -> None:
     seen = 0
     for f in fixtures:
         for entry in codec.decode_dump(bytes.fromhex(f["hex"])).entries:
-            fast = _fast_facts(entry)
+            fast = _fast_facts(entry.key, entry.attrs, 0)
             if fast is not None:
                 seen += 1
                 assert fast[:3] == flow_facts(entry)[:3]
+                # and as a peer's FLOW message carries the attributes (an offset, no copy)
+                msg = wire.flow_msg(1, entry)
+                assert _fast_facts(entry.key, msg, wire.FLOW_HEADER) == fast
     assert seen >= 10  # IPv4 and IPv6 of every protocol take the fast path
 
 
@@ -659,3 +663,112 @@ def test_a_node_restarted_with_its_clock_behind_is_taken_back_and_its_old_answer
         b.receive_datagram(data, lab.now)
     assert b.peers[1].epoch == 11 and b.stats["sessions_proven"] == before
     assert set(b.peers[1].external) == {flow(7).key}
+
+
+def test_sealed_replication_converges_under_loss_and_turns_on_without_an_outage() -> None:
+    """sync.encrypt: three nodes seal everything, under 10% loss with reordering, and converge;
+    then a cluster goes from clear to sealed in the documented steps (every node "accept", then
+    every node sealing) without a datagram refused on the way."""
+    pytest.importorskip("cryptography", reason="sync.encrypt needs python3-cryptography (make test installs it)")
+    from tests.support.enginelab import pairwise_auth
+    lab = Lab(3, seed=4, loss=0.1, reorder=0.2, encrypt="chacha20-poly1305")
+    for i in range(600):
+        lab.event(1 + i % 3, EventKind.NEW, flow(i))
+    lab.run(2)
+    lab.quiet()
+    assert lab.converged() and all(e.stats["rejected_auth"] == 0 for e in lab.engines.values())
+    plain = Lab(2, pairwise=True)
+    for i in range(100):
+        plain.event(1, EventKind.NEW, flow(i))
+    plain.run(1)
+    for mode in ("accept", "aes-256-gcm"):
+        for node in (1, 2):  # one node after the other, traffic flowing meanwhile
+            plain.engines[node].reconfigure(auth=pairwise_auth(node, [1, 2], encrypt=mode))
+            plain.event(1, EventKind.NEW, flow(1000 + node + (10 if mode != "accept" else 0)))
+            plain.run(0.5)
+    assert plain.converged() and len(plain.engines[2].peers[1].external) == 104
+    assert plain.engines[2].stats["rejected_auth"] == 0
+
+
+def test_a_peers_flows_pass_this_nodes_own_filter_and_its_accept_list_on_receive() -> None:
+    """Issue 13, finding 3: filters ran only on the sender, so a peer could install flows (with
+    their NAT bindings and marks) for addresses the receiver's own filter ignores. Now a flow new
+    from a peer passes the receiver's filter and filter.peer_accept, or is refused and counted;
+    a bulk counts the refused ones as mentioned and still completes."""
+    import ipaddress
+
+    def net(c: str) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(c)
+    # flow(i) runs 198.51.100.x -> 203.0.113.1: B ignores 198.51.100.2, and takes from A only
+    # what comes from 198.51.100.0/31
+    lab = Lab(2, pairwise=True)
+    lab.engines[2] = Engine(EngineConfig(node_id=2, filter=FlowFilter(ignore=(net("198.51.100.2/32"),)),
+                                         peer_filters={1: FlowFilter(accept=(net("198.51.100.0/31"),), ignore=())}),
+                            lab.auths[2], epoch=5, now=lab.now)
+    flows = [flow(0), flow(60000), flow(120000), flow(180000)]  # sources 198.51.100.1, .2, .3, .4
+    for f in flows:
+        lab.event(1, EventKind.NEW, f)
+    lab.run(1)
+    b = lab.engines[2]
+    assert set(b.peers[1].external) == {flows[0].key}
+    assert b.stats["flows_refused_policy"] == 3 and b.complete()
+    lab.engines[1].bulk_send(lab.now)
+    lab.run(1)
+    assert b.stats["bulk_count_mismatches"] == 0 and b.peers[1].bulks >= 2 and b.complete()
+    lab.event(1, EventKind.DESTROY, flows[1])  # a refused flow deleted: nothing to remember
+    lab.run(1)
+    assert flows[1].key not in b.peers[1].refused and flows[1].key not in b.peers[1].tombstones
+
+
+def test_a_peer_beyond_its_cap_makes_its_copy_incomplete_and_is_said_once() -> None:
+    """Issue 13, finding 4: the external cache grew without limit. Beyond max_entries a peer's
+    flows are refused, counted, said once (LimitReached), and its copy is incomplete until a bulk
+    completes within the cap; tombstones are capped too, the oldest forgotten (counted)."""
+    from ctbridge.sync.engine import LimitReached
+    lab = Lab(2, pairwise=True, max_entries=100, max_tombstones=10)
+    for i in range(150):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    b = lab.engines[2]
+    assert len(b.peers[1].external) == 100 and b.stats["flows_refused_cap"] == 50
+    assert not b.complete()
+    said = [e for e in b.events() if isinstance(e, LimitReached)]
+    assert said == [LimitReached(1, "flows", 100)]
+    for i in range(100, 150):  # back within the cap; the next bulk completes within it
+        lab.event(1, EventKind.DESTROY, flow(i))
+    for i in range(30):
+        lab.event(1, EventKind.DESTROY, flow(i))
+    lab.run(1)
+    lab.engines[1].bulk_send(lab.now)
+    lab.run(1)
+    assert b.complete() and len(b.peers[1].external) == 70
+    assert len(b.peers[1].tombstones) <= 10 and b.stats["tombstones_dropped"] >= 20
+    assert [e for e in b.events() if isinstance(e, LimitReached)] == [LimitReached(1, "tombstones", 10)]
+
+
+def test_the_receive_filter_on_a_peers_message_agrees_with_the_filter_on_the_entry() -> None:
+    """FlowFilter.accepts_message reads a FLOW as it came (the receive path's shortcut for the
+    usual filter, hosts and byte-aligned prefixes): it must decide as accepts() on the entry."""
+    import ipaddress
+    import json
+    import random
+
+    from ctbridge.conntrack import codec
+    rng = random.Random(7)
+    entries = [e for f in json.loads((FIXTURES / "ctnetlink.json").read_text())
+               for e in codec.decode_dump(bytes.fromhex(f["hex"])).entries]
+    addrs = [str(ipaddress.ip_address(src)) for e in entries for src in filter(None, [
+        codec.attr_map(codec.attr_map(e.key[3:]).get(1, b"")).get(k) for k in (1, 3)])]
+    assert addrs
+    for _ in range(200):
+        ignore = []
+        for a in rng.sample(addrs, min(3, len(addrs))):
+            ip = ipaddress.ip_address(a)
+            plen = rng.choice([ip.max_prefixlen, 8, 16, 24, 23, 33 if ip.version == 6 else 17])
+            ignore.append(ipaddress.ip_network(f"{a}/{plen}", strict=False))
+        f = FlowFilter(ignore=tuple(ignore))
+        for e in entries:
+            msg = wire.flow_msg(3, e)
+            assert f.accepts_message(e.key, e.family, msg, wire.FLOW_HEADER) == f.accepts(e), (ignore, e)
+    forged = wire.flow_msg(3, entries[0])
+    assert FlowFilter().accepts_message(entries[0].key, 99, forged, wire.FLOW_HEADER) in (True, False)

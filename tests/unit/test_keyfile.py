@@ -81,3 +81,24 @@ def test_pairwise_files_hold_only_the_nodes_own_keys_and_agree_pair_by_pair(tmp_
     assert k12 not in loaded["fw3"].keys.pairs.values()
     assert len({loaded[n].keys.key_id for n in names}) == 1  # one generation
     assert keyfile.pair_key(secret, "other", "fw1", "fw2") != k12  # bound to the cluster
+
+
+@pytest.mark.parametrize("node, cluster_name, message", [
+    ("fw2", "", "holds the keys of node fw1, and this node is fw2"),
+    ("fw1", "other", "was made for cluster edge, and sync.cluster is other"),
+])
+def test_a_key_file_of_another_node_or_cluster_refuses_the_start(tmp_path: Path, node: str, cluster_name: str,
+                                                                  message: str) -> None:
+    from ctbridge.config import host, settings
+    path = tmp_path / "sync.key"
+    path.write_text(keyfile.pairwise_text(bytes(32), "edge", "fw1", ["fw1", "fw2"]))
+    os.chmod(path, 0o600)
+    cfg = settings.parse(f'[node]\nname = "{node}"\n[sync]\nlocal = "192.0.2.1"\npeers = ["192.0.2.2"]\n'
+                         f'key_file = "{path}"\ncluster = "{cluster_name}"\n', "c.toml")
+    with pytest.raises(keyfile.KeyFileError, match=message):
+        host.auth(cfg)
+    ok = settings.parse(f'[node]\nname = "fw1"\n[sync]\nlocal = "192.0.2.1"\npeers = ["192.0.2.2"]\n'
+                        f'key_file = "{path}"\n', "c.toml")
+    auth = host.auth(ok)
+    assert auth.pairwise and auth.peers() == [settings.node_id("fw2")]
+    assert auth.salt == host.auth(ok).salt  # the cluster's identity from the file: "edge"

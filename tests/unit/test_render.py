@@ -211,3 +211,31 @@ def test_redundant_multicast_links_are_rendered_with_a_group_each() -> None:
     cfg = settings.parse(files["ctbridge.toml"].replace(c.key_file, "/k"))
     assert cfg.sync_links()[1] == settings.SyncLink("198.51.100.9", (), "239.0.0.51", "sync1")
     assert 'iifname != { "' in files["ctbridge-sync.nft"] and "@peers1" in files["ctbridge-sync.nft"]
+
+
+def test_render_places_each_nodes_own_pairwise_keys_and_refuses_without_the_secret(tmp_path: Path) -> None:
+    """`ctbridge render` with the cluster secret writes the node's sync.key (mode 0600, its own
+    pairs only, the same bytes every time); without the secret file it says how to make one."""
+    from ctbridge.config import keyfile
+    from ctbridge.config.settings import node_id
+    desc = tmp_path / "two.toml"
+    shutil.copy(ROOT / "examples" / "two-nodes-unicast.toml", desc)
+
+    def render_node(node: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ctbridge", "render", "--cluster", str(desc), "--node", node,
+                               "--out", str(tmp_path / node)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    res = render_node("fw1")
+    assert res.returncode == 1 and "cluster.secret" in res.stderr and "ctbridge keygen" in res.stderr
+    assert res.stderr.count("\n") == 1
+    keyfile.generate(str(tmp_path / "cluster.secret"))  # relative to the description
+    for node in ("fw1", "fw2"):
+        assert render_node(node).returncode == 0
+    key = tmp_path / "fw1" / render.KEY_FILE
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    k1, k2 = (keyfile.load(str(tmp_path / n / render.KEY_FILE)) for n in ("fw1", "fw2"))
+    assert k1.node == "fw1" and k1.cluster == "edge" and set(k1.keys.pairs) == {node_id("fw2")}
+    assert k1.keys.pairs[node_id("fw2")] == k2.keys.pairs[node_id("fw1")]
+    before = key.read_bytes()
+    again = render_node("fw1")
+    assert f"{key}: unchanged" in again.stdout and key.read_bytes() == before

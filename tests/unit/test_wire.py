@@ -105,3 +105,37 @@ def test_an_ack_with_a_selective_part_reads_as_a_plain_ack_up_to_its_third_field
                           wirevectors.RECEIVER)[1]
     assert decoded == [wire.Ack(0x01020304, 5, 41, 90)]
     assert wire.ack_msg(0x01020304, 5, 41, highest=41) == plain  # nothing beyond: nothing said
+
+
+@pytest.mark.parametrize("cipher", sorted(wire.CIPHERS))
+def test_sealed_datagrams_open_only_for_members_that_open_them(cipher: str) -> None:
+    """Optional encryption: the flows are not readable on the link, a changed byte does not open,
+    a node that does not open sealed datagrams refuses them, and "accept" (the first step of
+    turning it on) and a sealing node open both."""
+    pytest.importorskip("cryptography", reason="sync.encrypt needs python3-cryptography (make test installs it)")
+    from tests.support.enginelab import pairwise_auth
+    tx = pairwise_auth(1, [1, 2], encrypt=cipher)
+    rx = {mode: pairwise_auth(2, [1, 2], encrypt=mode) for mode in ("off", "accept", cipher)}
+    entry = wirevectors.sample_entry()
+    msg = wire.flow_msg(7, entry)
+    header = wire.Header(1, 5, 42, 0)
+    sealed = wire.datagram(header, msg, tx, counter=1)
+    assert sealed[3] & wire.CIPHERS[cipher] and entry.key[3:] not in sealed
+    assert len(sealed) == wire.HEADER_LEN + len(msg) + wire.SEAL_OVERHEAD + wire.MAC_ENTRY_LEN
+    again = wire.datagram(header, msg, tx, counter=2)  # a resend: same number, another counter
+    assert again[wire.HEADER_LEN + 4:-20] != sealed[wire.HEADER_LEN + 4:-20]
+    for mode in ("accept", cipher):
+        (flow,) = wire.decode(sealed, rx[mode], 2)[1]
+        assert isinstance(flow, wire.Flow) and flow.key == entry.key and flow.msg == msg
+    with pytest.raises(wire.WireError, match="does not open sealed"):
+        wire.decode(sealed, rx["off"], 2)
+    clear = wire.datagram(header, msg, pairwise_auth(1, [1, 2]))
+    assert all(wire.decode(clear, rx[mode], 2)[1] for mode in rx)
+    for at in (wire.HEADER_LEN + 2, wire.HEADER_LEN + 10, len(sealed) - 30):
+        bad = bytearray(sealed)
+        bad[at] ^= 1  # the MAC catches it first; with a MAC made anew, the AEAD's tag does
+        resigned = bytes(bad[:-20]) + tx.sign(bytes(bad[:-20]))
+        for data in (bytes(bad), resigned):
+            with pytest.raises(wire.WireError) as err:
+                wire.decode(data, rx[cipher], 2)
+            assert err.value.reason == "auth"
