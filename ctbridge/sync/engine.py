@@ -209,6 +209,7 @@ class Peer:
         # is taken when the newest is silent: a restart with the clock behind).
         self.nonce = nonce
         self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
+        self.served_at = float("-inf")  # when we last began a bulk for it before it was proven
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
         # peer cannot have seen): a NACK below it is stale
@@ -682,13 +683,17 @@ class Engine:
         return any(type(m) is wire.Echo and m.node == me and m.nonce == nonce for m in messages)
 
     def _take_requests(self, peer: Peer, messages: list[wire.Message], now: float) -> None:
-        """What a peer not proven yet may still ask: that we prove ourselves, and our flows."""
+        """What a peer not proven yet may still ask: that we prove ourselves, and our flows —
+        the flows at most once per resync_retry: a replayed request would otherwise have us
+        stream the whole table again and again (to a peer that may not even be there)."""
         me = self.node_id
         for msg in messages:
             if type(msg) is wire.Challenge and msg.node in (0, me):
                 self._echo(peer, msg.nonce)
             elif type(msg) is wire.Resync and msg.node in (0, me):
-                self.bulk_send(now, peer.node)
+                if now >= peer.served_at + self.config.resync_retry:
+                    peer.served_at = now
+                    self.bulk_send(now, peer.node)
 
     def _challenge(self, peer: Peer, now: float) -> None:
         self._control.append(wire.challenge_msg(peer.node, peer.nonce))

@@ -772,3 +772,58 @@ def test_the_receive_filter_on_a_peers_message_agrees_with_the_filter_on_the_ent
             assert f.accepts_message(e.key, e.family, msg, wire.FLOW_HEADER) == f.accepts(e), (ignore, e)
     forged = wire.flow_msg(3, entries[0])
     assert FlowFilter().accepts_message(entries[0].key, 99, forged, wire.FLOW_HEADER) in (True, False)
+
+
+def test_a_rollover_from_a_group_key_to_pairwise_keys_of_another_algorithm_has_no_outage() -> None:
+    """Issue 13, deliver 2: the three documented steps (the new set as second key everywhere,
+    then first everywhere, then the old one removed), here from an HMAC-SHA256 group key to
+    pairwise BLAKE2b keys, one node at a time while flows change: nothing is refused."""
+    from tests.support.enginelab import pairwise_auth
+    lab = Lab(3)
+    old = wire.KeySet.of_group(b"g" * 32, "hmac-sha256")
+    for node in (1, 2, 3):
+        lab.engines[node].reconfigure(auth=wire.Auth([old], cluster="lab"))
+    lab.run(1)
+    new = {node: pairwise_auth(node, [1, 2, 3]).sets[0] for node in (1, 2, 3)}
+    steps = [lambda n: [old, new[n]], lambda n: [new[n], old], lambda n: [new[n]]]
+    count = 0
+    for step in steps:
+        for node in (1, 2, 3):
+            lab.engines[node].reconfigure(auth=wire.Auth(step(node), cluster="lab"))
+            lab.event(node, EventKind.NEW, flow(count))
+            count += 1
+            lab.run(0.3)
+    lab.run(1)
+    assert lab.converged() and sum(len(p.external) for p in lab.engines[1].peers.values()) == 6
+    assert all(e.stats["rejected_auth"] == 0 for e in lab.engines.values())
+    assert lab.engines[1].auth.pairwise and lab.engines[1].auth.algorithm == "blake2b"
+
+
+def test_replayed_bulk_requests_to_a_restarted_node_cost_one_bulk_per_retry_interval() -> None:
+    """Found by review of the sessions: a peer not proven yet may ask for our flows (it must, to
+    start), and every replayed datagram with its RESYNC queued another bulk of the whole table,
+    sent to a peer that may not be there at all (no window holds back a peer never heard)."""
+    lab = Lab(2, pairwise=True)
+    captured: list[bytes] = []
+    lab.drop = lambda src, dst, data: src == 1 and captured.append(data) is not None and False
+    lab.run(1)
+    lab.drop = lambda src, dst, data: True  # A is gone for good
+    b = lab.start(2)
+    for i in range(2000):
+        lab.event(2, EventKind.NEW, flow(i))
+    lab.run(0.1)
+    requests = [d for d in captured if _has_any(d, lab.auths[2], wire.Resync)]
+    assert requests
+    sent = b.stats["bulks_sent"]
+    for _ in range(20):  # 20 replays of A's bulk requests within 2 s
+        for d in requests:
+            b.receive_datagram(d, lab.now)
+        lab.run(0.1)
+    assert b.stats["bulks_sent"] - sent <= 1 + 2 / b.config.resync_retry
+
+
+def _has_any(data: bytes, auth: wire.Auth, kind: type) -> bool:
+    try:
+        return any(isinstance(m, kind) for m in wire.decode(data, auth, 2)[1])
+    except wire.WireError:
+        return False
