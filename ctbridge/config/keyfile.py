@@ -90,6 +90,9 @@ def pairwise_text(secret: bytes, cluster: str, node: str, peers: list[str], algo
 
 def read_secret(path: str) -> bytes:
     """A group key file's key (a cluster secret)."""
+    if not os.path.exists(path):
+        raise KeyFileError(f"cluster secret {path} does not exist; make it once with `ctbridge keygen {path}` "
+                           "(it stays on the machine that renders; each node gets only its own sync.key)")
     kf = load(path)
     if not kf.keys.group:
         raise KeyFileError(f"{path} holds a node's pairwise keys, not a cluster secret; make one with "

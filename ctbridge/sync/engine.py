@@ -52,6 +52,11 @@ RECLAIMED_KEPT = 1024  # node ids whose slots were given back, remembered with t
 # a new epoch begins this far before the sealing counter runs out: resends between two new
 # sequence numbers take counters too, never 2^24 of them
 SEAL_WRAP = wire.SEAL_COUNTER_MAX - (1 << 24)
+NONCE_LIFETIME = 1.0  # seconds an answer to a challenge is taken after the challenge went out: an
+# answer held back longer (by an attacker who dropped it, and the peer's later life) proves nothing,
+# so what a held-back answer can make a node take is a life that ran at most this long ago
+NONCES_KEPT = 32  # challenges per peer whose answers are still taken (one per CHALLENGE_RETRY)
+SERVED_EPOCHS = 8  # epochs of a peer not proven yet whose bulk request we served (once each)
 CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has not come; 16 bytes
 # each, and only while that peer is heard, so retrying often costs nothing and makes a lost echo
 # cost 0.1 s instead of a bulk retry of 3 s
@@ -185,7 +190,7 @@ EngineEvent = (PeerRestarted | PeerSilent | BulkCompleted | CompletenessChanged 
 class Peer:
     """What this node knows about one other node."""
 
-    def __init__(self, node: int, now: float, nonce: int = 0) -> None:
+    def __init__(self, node: int, now: float) -> None:
         self.node = node
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
@@ -203,13 +208,13 @@ class Peer:
         # our nonce in that epoch); until then nothing it sends is applied
         self.proven = False
         self.challenge_at: float | None = None
-        # What its answer must echo: at first our life's nonce (what our first datagram's
-        # challenge to everyone carries), after each answer a new one. A nonce proves one epoch
-        # only, or a captured answer could prove an old epoch again (one older than the newest
-        # is taken when the newest is silent: a restart with the clock behind).
-        self.nonce = nonce
+        # The challenges whose answers we take: nonce -> when it went out. Each is drawn anew,
+        # taken within NONCE_LIFETIME, and forgotten when a session starts: a captured answer,
+        # or one an attacker held back while the peer restarted, proves nothing later.
+        self.nonces: OrderedDict[int, float] = OrderedDict()
+        self.candidate_at = float("-inf")  # when a datagram of an unproven epoch was last refused
+        self.served: deque[int] = deque(maxlen=SERVED_EPOCHS)  # unproven epochs whose bulk request we served
         self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
-        self.served_at = float("-inf")  # when we last began a bulk for it before it was proven
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
         # peer cannot have seen): a NACK below it is stale
@@ -269,6 +274,7 @@ class Engine:
         self._nonces = 0  # nonces drawn from it since, one per session a peer started (Peer.nonce)
         self._sealed = 0  # sealing counter of this epoch (encryption)
         self._resync_all_at = float("-inf")  # when we last asked every peer for a bulk
+        self._broadcast = (-1, float("-inf"))  # (nonce, when) of our last challenge to every peer
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
         self.role = Role.BACKUP
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
@@ -434,13 +440,17 @@ class Engine:
     def request_resync(self, now: float, node: int = 0) -> None:
         """Ask ``node`` (0: every peer) to send its whole internal cache. The challenge goes with
         it: a peer that does not know our epoch yet proves itself in the datagram its bulk begins in."""
-        peer = self.peers.get(node)
-        self._control.append(wire.challenge_msg(node, self.nonce if peer is None else peer.nonce)
-                             + wire.resync_msg(node))
-        self.stats["challenges_sent"] += 1
-        self.stats["resyncs_requested"] += 1
+        nonce = self._draw_nonce()
         if node == 0:
             self._resync_all_at = now
+            self._broadcast = (nonce, now)
+        else:
+            peer = self.peers.get(node)
+            if peer is not None:
+                peer.nonces[nonce] = now
+        self._control.append(wire.challenge_msg(node, nonce) + wire.resync_msg(node))
+        self.stats["challenges_sent"] += 1
+        self.stats["resyncs_requested"] += 1
         for peer in self.peers.values():
             if node in (0, peer.node):
                 peer.resync_at = now
@@ -530,7 +540,8 @@ class Engine:
         refused (replays, an unanswered challenge, numbers out of bounds) counts as heard: it is
         never "silent, so complete"."""
         recent = self._last_input - self.config.peer_timeout
-        return all(p.synced and p.proven and not p.limits and (p.rx is None or p.rx.missing() is None)
+        return all(p.synced and p.proven and not p.limits and p.candidate_at <= recent
+                   and (p.rx is None or p.rx.missing() is None)
                    for p in self.peers.values() if p.alive or p.rejected_at > recent)
 
     # --- receiving --------------------------------------------------------------------------------
@@ -570,14 +581,15 @@ class Engine:
         peer = self.peers.get(header.node)
         if peer is None:
             floor = self._reclaimed.get(header.node)
-            if floor is not None and (header.epoch, header.seq) <= floor:
+            if floor is not None and header.epoch == floor[0] and header.seq <= floor[1]:
+                # (an older epoch is a candidate like any other: a restart with the clock behind)
                 stats["rejected_replay"] += 1  # its slot was given back, not its replay protection
                 return None
             if len(self.peers) >= cfg.max_peers:
                 stats["rejected_peers"] += 1
                 return None
             self._reclaimed.pop(header.node, None)
-            peer = self.peers[header.node] = Peer(header.node, now, self.nonce)
+            peer = self.peers[header.node] = Peer(header.node, now)
             peer.acked = self._seq - 1  # it never saw what went before: nothing of it to wait for
         if header.epoch != peer.epoch:
             # Another epoch than its session's. An older one while the session runs is a replay;
@@ -588,8 +600,8 @@ class Engine:
                 stats["rejected_replay"] += 1
                 peer.rejected_at = now
                 return None
-            if not self._answered(peer, messages):
-                self._candidate(peer, messages, now)
+            if not self._answered(peer, messages, now):
+                self._candidate(peer, header, messages, now)
                 return None
             self._start_session(peer, header, messages, now)
         rx = peer.rx
@@ -635,21 +647,22 @@ class Engine:
             self._finish_bulk(peer)
         return peer.node
 
-    def _candidate(self, peer: Peer, messages: list[wire.Message], now: float) -> None:
+    def _candidate(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> None:
         """A datagram of another epoch than the peer's session, not answering our challenge: a
         restart (or first contact) not proven yet, or a replay. Nothing of it is applied, and the
         session, if there is one, goes on; only its own challenges and bulk requests are taken (so
         that the two nodes prove themselves to each other in one round trip). The first such
         datagram brings our challenge and a bulk request (the answer then comes in the datagram
         its bulk begins in); the challenge alone is repeated while more come."""
-        self._take_requests(peer, messages, now)
+        self._take_requests(peer, header, messages, now)
         self.stats["rejected_unproven"] += 1
-        peer.rejected_at = now
+        peer.rejected_at = peer.candidate_at = now
         if peer.challenge_at is None:
             self._challenge(peer, now)
-            if now >= self._resync_all_at + self.config.resync_retry:
-                # (a peer that has our request to everyone would send a second bulk; one that
-                # has not is asked when it answers, in _start_session)
+            if not peer.alive and now >= self._resync_all_at + self.config.resync_retry:
+                # (not while its session runs: a replayed datagram of another life of it would
+                # have the live peer send us its table each time. A peer that has our request to
+                # everyone would send a second bulk. Those are asked when they answer.)
                 self._control.append(wire.resync_msg(peer.node))
                 self.stats["resyncs_requested"] += 1
         elif now >= peer.challenge_at + CHALLENGE_RETRY:
@@ -661,9 +674,8 @@ class Engine:
         self._new_incarnation(peer, header, now)
         peer.proven = True
         peer.challenge_at = None
-        self._nonces += 1
-        # distinct for every count below 2^64 (an odd multiplier), and from the life's own nonce
-        peer.nonce = (self.nonce + 0x9E3779B97F4A7C15 * self._nonces) & 0xFFFFFFFFFFFFFFFF
+        peer.nonces.clear()  # each answer proves one epoch: none of them is taken again
+        peer.candidate_at = float("-inf")
         peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
         peer.ack_sent = header.seq - 1
         self.stats["sessions_proven"] += 1
@@ -675,28 +687,46 @@ class Engine:
             self._control.append(wire.resync_msg(peer.node))
             self.stats["resyncs_requested"] += 1
 
-    def _answered(self, peer: Peer, messages: list[wire.Message]) -> bool:
-        """The datagram echoes the nonce we expect of that peer: drawn when its last session
-        started (our life's own before the first), never sent before that."""
+    def _answered(self, peer: Peer, messages: list[wire.Message], now: float) -> bool:
+        """The datagram answers a challenge of ours to that peer (or to everyone) that went out
+        within NONCE_LIFETIME: the peer runs this epoch now, not only at some time since."""
         me = self.node_id
-        nonce = peer.nonce
-        return any(type(m) is wire.Echo and m.node == me and m.nonce == nonce for m in messages)
+        oldest = now - NONCE_LIFETIME
+        for m in messages:
+            if type(m) is wire.Echo and m.node == me:
+                sent = peer.nonces.get(m.nonce)
+                if sent is None and m.nonce == self._broadcast[0] and not peer.proven:
+                    sent = self._broadcast[1]  # our challenge to everyone (a peer's first session only)
+                if sent is not None and sent >= oldest:
+                    return True
+        return False
 
-    def _take_requests(self, peer: Peer, messages: list[wire.Message], now: float) -> None:
+    def _draw_nonce(self) -> int:
+        """A nonce never used before in this life: distinct for every count below 2^64 (an odd
+        multiplier), from a random start the adapter gave."""
+        self._nonces += 1
+        return (self.nonce + 0x9E3779B97F4A7C15 * self._nonces) & 0xFFFFFFFFFFFFFFFF
+
+    def _take_requests(self, peer: Peer, header: wire.Header, messages: list[wire.Message], now: float) -> None:
         """What a peer not proven yet may still ask: that we prove ourselves, and our flows —
-        the flows at most once per resync_retry: a replayed request would otherwise have us
-        stream the whole table again and again (to a peer that may not even be there)."""
+        the flows once per epoch of it: a replayed request would otherwise have us stream the
+        whole table again and again (to a peer that may not even be there). A real peer whose
+        bulk began before it took our answer asks again once its session with us starts."""
         me = self.node_id
         for msg in messages:
             if type(msg) is wire.Challenge and msg.node in (0, me):
                 self._echo(peer, msg.nonce)
             elif type(msg) is wire.Resync and msg.node in (0, me):
-                if now >= peer.served_at + self.config.resync_retry:
-                    peer.served_at = now
+                if header.epoch not in peer.served:
+                    peer.served.append(header.epoch)
                     self.bulk_send(now, peer.node)
 
     def _challenge(self, peer: Peer, now: float) -> None:
-        self._control.append(wire.challenge_msg(peer.node, peer.nonce))
+        nonce = self._draw_nonce()
+        peer.nonces[nonce] = now
+        if len(peer.nonces) > NONCES_KEPT:
+            peer.nonces.popitem(last=False)
+        self._control.append(wire.challenge_msg(peer.node, nonce))
         self.stats["challenges_sent"] += 1
         peer.challenge_at = now
 
@@ -841,8 +871,8 @@ class Engine:
                 if cur is not None and cur.version >= msg.version:
                     stale += 1
                     continue
-                if peer.refused and peer.refused.pop(key, None) is not None:
-                    continue  # a flow we never took is gone: nothing to remember
+                if peer.refused:
+                    peer.refused.pop(key, None)  # never taken; its tombstone below counts it for a bulk
                 if len(tombstones) >= cfg.max_tombstones and key not in tombstones:
                     # the oldest deletion is forgotten: a late update of that flow, older than the
                     # deletion, could bring it back until the next bulk (counted, logged once)
@@ -893,8 +923,7 @@ class Engine:
                 if msg.node in (0, me):
                     peer.bulk_begin = (msg.bulk_id, seq)
                     peer.bulk_dirty = False
-                    peer.limits.clear()  # caps hit before this bulk no longer matter once it completes
-                    peer.warned.clear()
+                    peer.warned.clear()  # a cap this bulk hits is said again
                     peer.capped = 0
             elif type(msg) is wire.BulkEnd:
                 data_seen = True
@@ -984,6 +1013,8 @@ class Engine:
         peer.bulk_end = None
         peer.synced = True
         peer.resync_at = None
+        if not peer.capped:
+            peer.limits.discard("flows")  # a whole copy within the cap: caps hit before no longer matter
         peer.bulks += 1
         self.stats["bulks_received"] += 1
         self._events.append(BulkCompleted(peer.node, len(peer.external), len(stale), complete=True))
@@ -1027,6 +1058,14 @@ class Engine:
                       if p.alive and p.epoch >= 0 and self._last_input - p.acked_at < limit]
         if not keeping_up:
             return last - self._acked_by_all()
+        if len(keeping_up) > 1:
+            # Nor does one that acknowledges, but half a window behind another: a member that
+            # trickled acknowledgements (one datagram per 50 ms) held every peer's stream to its
+            # pace, the window always full of what it had not acknowledged. Progress counts what a
+            # peer reported having beyond a gap too, so a lossy but honest peer is not left out.
+            best = max(max(p.acked, p.sack_high) for p in keeping_up)
+            slack = max(int(self.window), self.config.initial_window) // 2
+            keeping_up = [p for p in keeping_up if max(p.acked, p.sack_high) >= best - slack]
         pipe = max(last - max(p.acked, p.sack_high) + p.missing_count for p in keeping_up)
         # However little is in flight, never run further past an unfilled hole than the receiver
         # holds beyond one (rx_limit: then it gives up and asks for a bulk) or we keep for resending

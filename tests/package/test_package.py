@@ -77,12 +77,14 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
         version = sh("/usr/bin/ctbridge", "--version").stdout
         assert version.strip() == f"ctbridge {ctbridge.__version__}"
         # render with the installed templates
-        res = sh("/usr/bin/ctbridge", "render", "--cluster", "/usr/share/doc/ctbridge/examples/two-nodes-unicast.toml",
-                 "--node", "fw2", "--out", str(tmp_path / "rendered"))
-        assert "keepalived.conf: written" in res.stdout
-        # two namespaces on a veth pair, one installed daemon in each
-        key = tmp_path / "sync.key"
-        sh("/usr/bin/ctbridge", "keygen", str(key))
+        shutil.copy("/usr/share/doc/ctbridge/examples/two-nodes-unicast.toml", tmp_path / "cluster.toml")
+        sh("/usr/bin/ctbridge", "keygen", str(tmp_path / "cluster.secret"))
+        for name in ("fw1", "fw2"):
+            res = sh("/usr/bin/ctbridge", "render", "--cluster", str(tmp_path / "cluster.toml"), "--node", name,
+                     "--out", str(tmp_path / "rendered" / name))
+            assert "keepalived.conf: written" in res.stdout and "sync.key: written" in res.stdout
+        # two namespaces on a veth pair, one installed daemon in each, with the rendered pairwise keys
+        keys = {name: tmp_path / "rendered" / name / "sync.key" for name in ("fw1", "fw2")}
         a = stack.enter_context(netns.namespace("pkga"))
         b = stack.enter_context(netns.namespace("pkgb"))
         netns.run(a, "ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", b)
@@ -94,7 +96,8 @@ def test_installed_package_replicates_and_commits(deb: Path, tmp_path: Path) -> 
         home = Path(tempfile.mkdtemp(prefix="ctb-pkg-"))
         stack.callback(shutil.rmtree, home, True)
         home.chmod(0o755)
-        shutil.copy(key, home / "sync.key")
+        shutil.copy(keys["fw1"], tmp_path / "sync.key")
+        shutil.copy(keys["fw2"], home / "sync.key")
         shutil.chown(home, "ctbridge", "ctbridge")
         shutil.chown(home / "sync.key", "ctbridge", "ctbridge")
         unprivileged = ["setpriv", "--reuid=ctbridge", "--regid=ctbridge", "--init-groups",

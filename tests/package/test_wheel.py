@@ -71,11 +71,14 @@ def test_installed_render_writes_the_snapshots(installed: Path, tmp_path: Path, 
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(ROOT / "examples" / f"{example}.toml", work / "cluster.toml")
-    res = subprocess.run([str(installed), "render", "--cluster", "cluster.toml", "--node", node, "--out", "out"],
-                         capture_output=True, text=True, env=_clean_env(tmp_path), cwd=work, timeout=60)
-    assert res.returncode == 0, res.stderr
+    for argv in (["keygen", "cluster.secret"], ["render", "--cluster", "cluster.toml", "--node", node, "--out", "out"]):
+        res = subprocess.run([str(installed), *argv], capture_output=True, text=True, env=_clean_env(tmp_path),
+                             cwd=work, timeout=60)
+        assert res.returncode == 0, res.stderr
     expected = SNAPSHOTS / example / node
-    written = sorted(p.name for p in (work / "out").iterdir())
+    written = sorted(p.name for p in (work / "out").iterdir() if p.name != "sync.key")
     assert written == sorted(p.name for p in expected.iterdir())
+    key = work / "out" / "sync.key"  # the node's own pairwise keys, from the secret: not a snapshot
+    assert key.stat().st_mode & 0o777 == 0o600 and f"node {node}" in key.read_text()
     for name in written:
         assert (work / "out" / name).read_text() == (expected / name).read_text(), name
