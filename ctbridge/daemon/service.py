@@ -612,7 +612,7 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         # Only filters and keys change on SIGHUP; addresses, ports and the node name need a restart.
-        self.engine.reconfigure(auth=auth, flow_filter=flow_filter(cfg))
+        self.engine.reconfigure(auth=auth, flow_filter=flow_filter(cfg), peer_filters=peer_filters(cfg))
         log.info("reloaded filters and keys from %s", cfg.path)
 
     async def run(self) -> int:

@@ -510,12 +510,31 @@ class Engine:
         """Forget this node's flows (they come back with the next dump); nothing is sent."""
         self.internal.clear()
 
-    def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None) -> None:
-        """New keys or a new filter (a reload): the next datagram and the next flow use them."""
+    def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None,
+                    peer_filters: Mapping[int, FlowFilter] | None = None) -> None:
+        """New keys or filters (a reload): the next datagram and the next flow use them, and what
+        peers sent before that the new filters refuse leaves their copies (refused, as if it came
+        now; in inject mode deleted from this kernel), so a commit never writes it."""
         if auth is not None:
             self.auth = auth
-        if flow_filter is not None:
-            self.config = dataclasses.replace(self.config, filter=flow_filter)
+        if flow_filter is None and peer_filters is None:
+            return
+        self.config = dataclasses.replace(self.config, filter=flow_filter or self.config.filter,
+                                          peer_filters=self.config.peer_filters if peer_filters is None
+                                          else peer_filters)
+        inject = self.config.apply_mode == "inject"
+        for peer in self.peers.values():
+            mine = self.config.peer_filters.get(peer.node)
+            for key, cur in list(peer.external.items()):
+                fam = cur.message[1]
+                if self.config.filter.accepts_message(key, fam, cur.message, wire.FLOW_HEADER) and (
+                        mine is None or mine.accepts_message(key, fam, cur.message, wire.FLOW_HEADER)):
+                    continue
+                del peer.external[key]
+                peer.refused[key] = (cur.version, cur.seq)
+                self.stats["flows_refused_policy"] += 1
+                if inject:
+                    self._kernel_ops.append(KernelOp("delete", None, key))
 
     def queue_sizes(self) -> dict[str, int]:
         """Flows waiting to go out, datagrams kept for resending, bulk transfers under way."""

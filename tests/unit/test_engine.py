@@ -827,3 +827,25 @@ def _has_any(data: bytes, auth: wire.Auth, kind: type) -> bool:
         return any(isinstance(m, kind) for m in wire.decode(data, auth, 2)[1])
     except wire.WireError:
         return False
+
+
+def test_a_reload_that_narrows_the_filters_takes_what_they_now_refuse_out_of_the_copies() -> None:
+    """The receiver's filters apply on receive and again at commit: flows a peer sent before a
+    reload that the new filters refuse leave the copy (refused, in inject mode deleted from this
+    kernel), so a commit never writes them; a bulk still completes."""
+    import ipaddress
+    lab = Lab(2, pairwise=True, apply_mode="inject")
+    flows = [flow(0), flow(60000)]  # sources 198.51.100.1 and .2
+    for f in flows:
+        lab.event(1, EventKind.NEW, f)
+    lab.run(1)
+    b = lab.engines[2]
+    b.kernel_ops()
+    assert len(b.peers[1].external) == 2
+    b.reconfigure(peer_filters={1: FlowFilter(accept=(ipaddress.ip_network("198.51.100.1/32"),), ignore=())})
+    assert set(b.peers[1].external) == {flows[0].key}
+    assert [op.key for op in b.kernel_ops() if op.kind == "delete"] == [flows[1].key]
+    assert all(e.key != flows[1].key for e in b.external_entries())
+    lab.engines[1].bulk_send(lab.now)
+    lab.run(1)
+    assert b.stats["bulk_count_mismatches"] == 0 and b.complete() and set(b.peers[1].external) == {flows[0].key}
