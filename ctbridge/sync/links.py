@@ -41,7 +41,10 @@ class _PeerLinks:
         self.report: int | None = None  # links on which the peer hears us (None: never said)
         self.report_at = 0.0
         self.usable_since: list[float | None] = [None] * count
-        self.hold = [timeout] * count  # how long a link must work before traffic comes back to it
+        # How long a link must work before traffic comes back to it: nothing for one that never
+        # failed (the peer's first datagram may come over any link: with sessions, the copy that
+        # answers our challenge first), a timeout after its first failure, doubling while it flaps
+        self.hold = [0.0] * count
         self.active = first  # the link it was first heard on
 
 
@@ -117,7 +120,9 @@ class LinkSelector:
                         best = k
                 elif since is not None:
                     p.usable_since[k] = None
-                    if now - since < STABLE * self.timeout:  # failed again soon after it came back
+                    if not p.hold[k]:
+                        p.hold[k] = self.timeout  # its first failure
+                    elif now - since < STABLE * self.timeout:  # failed again soon after it came back
                         p.hold[k] = min(2 * p.hold[k], MAX_HOLD * self.timeout)
             if best is None or best == p.active:
                 continue

@@ -224,3 +224,20 @@ def test_config_takes_redundant_links_and_refuses_what_cannot_work() -> None:
         with pytest.raises(settings.ConfigError) as err:
             settings.parse(base + tail)
         assert expected in str(err.value), (tail, str(err.value))
+
+
+def test_a_peer_first_heard_on_a_later_link_moves_to_the_preferred_one_at_once() -> None:
+    """Found when sessions came: the datagram that starts a peer's session is sent over every link
+    and the copy on link 1 may arrive first. The peer started on link 1, and link 0, which never
+    failed, had to wait out a hold-down (CI saw both nodes still on link 1 with both links up)."""
+    sel = LinkSelector(2, timeout=1.0)
+    sel.heard(B, 1, 0.0)
+    assert sel.active(B) == 1
+    heartbeats(sel, [0, 1], 0.0, 0.2)
+    assert sel.active(B) == 0
+    heartbeats(sel, [1], 0.4, 2.0)  # link 0 fails: left at once; now it has a hold-down
+    assert sel.active(B) == 1
+    heartbeats(sel, [0, 1], 2.2, 2.6)
+    assert sel.active(B) == 1  # back only once stable for a timeout
+    heartbeats(sel, [0, 1], 2.8, 4.0)
+    assert sel.active(B) == 0
