@@ -214,6 +214,9 @@ class Peer:
         self.nonces: OrderedDict[int, float] = OrderedDict()
         self.candidate_at = float("-inf")  # when a datagram of an unproven epoch was last refused
         self.served: deque[int] = deque(maxlen=SERVED_EPOCHS)  # unproven epochs whose bulk request we served
+        self.ack_queued: bytes | None = None  # our last ACK to it put in the control queue alone
+        self.gap_upto = 0  # the highest of our numbers a GAP to it named (this epoch of ours) ...
+        self.gap_at = float("-inf")  # ... and when
         self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
@@ -273,6 +276,7 @@ class Engine:
         self.nonce = (epoch if nonce is None else nonce) & 0xFFFFFFFFFFFFFFFF
         self._nonces = 0  # nonces drawn from it since, one per session a peer started (Peer.nonce)
         self._sealed = 0  # sealing counter of this epoch (encryption)
+        self._own_id = self.node_id.to_bytes(4, "big")  # as the header carries it
         self._resync_all_at = float("-inf")  # when we last asked every peer for a bulk
         self._broadcast = (-1, float("-inf"))  # (nonce, when) of our last challenge to every peer
         self.clock_offset = clock_offset  # wall clock minus ``now``, for the time in each header
@@ -577,6 +581,11 @@ class Engine:
             # node's own send limit, which another node's MTU or link family may exceed
             stats["rejected_oversize"] += 1
             return None
+        if data[8:12] == self._own_id and len(data) >= wire.HEADER_LEN:
+            # multicast loops our own datagrams back, and with pairwise keys none carries a MAC
+            # for us: not an authentication failure (nothing in it is used either way)
+            stats["own_datagrams"] += 1
+            return None
         try:
             header, flows, messages = wire.decode_split(data, self.auth, self.node_id)
         except wire.WireError as exc:
@@ -647,7 +656,7 @@ class Engine:
             peer.unacked += 1
             # at once when this datagram filled a hole: the sender's window waits for it
             if peer.unacked >= cfg.ack_every or header.seq < rx.highest:
-                self._control.append(self._ack(peer, rx))
+                self._queue_ack(peer, rx)
             elif peer.ack_due is None:
                 peer.ack_due = now + cfg.ack_delay
         if cfg.reliable:
@@ -675,7 +684,12 @@ class Engine:
         its bulk begins in); the challenge alone is repeated while more come."""
         self._take_requests(peer, header, messages, now)
         self.stats["rejected_unproven"] += 1
-        peer.rejected_at = peer.candidate_at = now
+        peer.rejected_at = now
+        if header.epoch > peer.epoch:
+            # a newer life heard and not proven: the copy of the old one is not what the peer
+            # has. (Not an older one: replays of a dead master's older life would keep the
+            # survivor incomplete, and keepalived would never let it take over.)
+            peer.candidate_at = now
         if peer.challenge_at is None:
             self._challenge(peer, now)
             if not peer.alive and now >= self._resync_all_at + self.config.resync_retry:
@@ -782,6 +796,18 @@ class Engine:
         peer.tombstones.clear()
         peer.refused.clear()
         # What it had before is unknown now: the bulk asked for with our challenge replaces it.
+
+    def _queue_ack(self, peer: Peer, rx: ReceiveWindow) -> None:
+        """An acknowledgement to go out, replacing one of the same peer still queued (80 late
+        datagrams filling holes in one step queued 80 ACKs; the newest says all of them)."""
+        queued = peer.ack_queued
+        if queued is not None:
+            for i, m in enumerate(self._control):
+                if m is queued:
+                    del self._control[i]
+                    break
+        peer.ack_queued = self._ack(peer, rx)
+        self._control.append(peer.ack_queued)
 
     def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
         """An ACK of everything received in order from ``peer``, noted as sent; with a gap open,
@@ -898,7 +924,10 @@ class Engine:
                     del tombstones[next(iter(tombstones))]
                     stats["tombstones_dropped"] += 1
                     self._limit(peer, "tombstones", cfg.max_tombstones, whole=True)
-                tombstones[key] = (msg.version, now + cfg.tombstone_ttl, seq)
+                old = tombstones.get(key)
+                # the highest number that mentioned it: a deletion resent under an older number
+                # must not make a bulk that carried the flow look short
+                tombstones[key] = (msg.version, now + cfg.tombstone_ttl, seq if old is None else max(seq, old[2]))
                 if cur is not None:
                     del external[key]
                     if inject:
@@ -1201,11 +1230,15 @@ class Engine:
         if oldest is None or oldest > last:
             oldest = self._seq  # nothing of the range is kept
         lost_end = min(last, oldest - 1)
-        if first <= lost_end:
+        if first <= lost_end and (lost_end > peer.gap_upto or now >= peer.gap_at + self.rto()):
             # Gone from the resend queue: tell the peer to stop waiting for all of it at once,
             # and rebuild its cache with one bulk transfer (bulk_send merges repeated requests).
+            # Once per RTO for what a GAP already covered: 50 datagrams of 40 NACKs each queued
+            # 2,000 identical GAPs.
             self._control.append(wire.gap_msg(peer.node, self.epoch, first, lost_end))
             self.stats["gaps_sent"] += 1
+            peer.gap_upto = max(peer.gap_upto, lost_end)
+            peer.gap_at = now
             self.bulk_send(0.0, peer.node)
         interval = self.rto()
         resent_at = self._resent_at
@@ -1253,7 +1286,7 @@ class Engine:
             self._recovery_upto = 0
             self._probes = 0
             for peer in self.peers.values():
-                peer.acked = peer.ack_heard = peer.sack_high = peer.missing_count = 0
+                peer.acked = peer.ack_heard = peer.sack_high = peer.missing_count = peer.gap_upto = 0
                 peer.missing = []
             seq = 1
         self._seq = seq + 1
@@ -1527,7 +1560,7 @@ class Engine:
             rx = peer.rx
             if peer.ack_due is not None and now >= peer.ack_due and rx is not None:
                 if rx.expected - 1 > peer.ack_sent:
-                    self._control.append(self._ack(peer, rx))
+                    self._queue_ack(peer, rx)
                 peer.unacked = 0
                 peer.ack_due = None
             if rx is not None and cfg.reliable:
