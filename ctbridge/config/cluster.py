@@ -80,6 +80,18 @@ class Cluster:
     paths: dict[str, str]
     path: str = "<cluster>"
 
+    def demotion(self) -> int:
+        """How far the interlock lowers an incomplete node's priority: below every complete node
+        (the highest priority less the lowest, plus one), yet not to FAULT (keepalived.conf(5),
+        track_file: a result below -253 is FAULT; the effective priority stays within [1, 254]),
+        so an incomplete node never preempts a complete one and still becomes master alone."""
+        priorities = [n.priority for n in self.nodes] or [100]
+        return max(priorities) - min(priorities) + 1
+
+    def vips(self) -> list[str]:
+        """Every virtual address of the cluster's instances, without its prefix length."""
+        return [str(v.ip) for inst in self.instances for v in inst.vips]
+
     def secret_path(self) -> str:
         """The cluster secret's file, relative paths taken from the description's directory."""
         if not self.secret or os.path.isabs(self.secret):
@@ -280,6 +292,9 @@ def load(path: str) -> Cluster:
 def verify(c: Cluster) -> list[str]:
     """Every reason the cluster cannot work, each naming the object and the fix; [] when it can."""
     p: list[str] = []
+    if c.interlock and c.nodes and c.demotion() > 253:
+        p.append(f"cluster {c.name!r}: node priorities span {c.demotion() - 1}; the interlock needs them within 252 "
+                 "of each other (an incomplete node is lowered below the lowest, and -254 would be FAULT)")
     for value, allowed, key in ((c.apply_mode, APPLY_MODES, "apply_mode"), (c.transport, TRANSPORTS, "transport"),
                                 (c.notify, NOTIFY_MODES, "notify")):
         if value not in allowed:

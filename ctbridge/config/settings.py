@@ -120,6 +120,8 @@ class KeepalivedSettings:
     instances: tuple[str, ...] = _key((), "VRRP instances/groups whose transitions count (empty: all)")
     track_file: str = _key("", "priority interlock: keep this track_file at 0 while the external cache is complete")
     incomplete_value: int = _key(-254, "what the track_file holds while the external cache is incomplete")
+    vips: tuple[str, ...] = _key((), "the virtual addresses keepalived gives this node as master: a daemon that "
+                                 "restarts while this node holds one comes back as master")
 
 
 @dataclass(frozen=True)

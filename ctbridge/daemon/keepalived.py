@@ -64,6 +64,20 @@ def parse_fifo_line(line: str) -> Transition | None:
     return Transition(m.group(1), name, m.group(3), int(m.group(4) or 0))
 
 
+ROLE_FILE = "role"  # beside the control socket, in the runtime directory (a tmpfs: gone at reboot)
+
+
+def read_role(path: str) -> str | None:
+    """The role keepalived gave this node last, as the daemon kept it ("MASTER", "BACKUP",
+    "FAULT"); None when there is none or it cannot be read (a first start, a reboot)."""
+    try:
+        with open(path) as f:
+            role = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return role if role in ("MASTER", "BACKUP", "FAULT") else None
+
+
 def write_track_file(path: str, value: int) -> None:
     """Atomically: keepalived may read the file at any moment (track_file reads an integer)."""
     atomicfile.write(path, f"{value}\n")

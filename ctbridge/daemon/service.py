@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from ctbridge import atomicfile
 from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
@@ -335,8 +336,37 @@ class Daemon:
                 log.info("%s%s", decision.note, f" {out}" if out else "")
             record["seconds"] = round(time.monotonic() - start, 6)
             self.stats_extra["transitions"] = [*self.stats_extra["transitions"][-9:], record]
+            self.keep_role()
             self.after_input()
             return {"ok": True, "role": self.engine.role.value, **record}
+
+    def role_path(self) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.cfg.control.socket)), keepalived.ROLE_FILE)
+
+    def keep_role(self) -> None:
+        """The role keepalived gave this node, kept across a restart of the daemon (not of the
+        host: the runtime directory is a tmpfs): a master whose daemon restarts, or is upgraded,
+        must come back as master, or its interlock demotes it and the VIPs move."""
+        try:
+            atomicfile.write(self.role_path(), self.engine.role.value + "\n", mode=0o644)
+        except OSError as exc:
+            log.warning("cannot keep the role in %s: %s", self.role_path(), exc.strerror or exc)
+
+    async def restore_role(self) -> None:
+        """At start: MASTER, if that is the role kept before. A transition keepalived made while
+        the daemon was down may be lost (a FIFO without a reader drops what is written), so the
+        kept role is believed only while this node holds one of keepalived.vips (what keepalived
+        adds as master), when they are configured (ctbridge render writes them)."""
+        role = keepalived.read_role(self.role_path())
+        if role != "MASTER":
+            return
+        vips = {str(ipaddress.ip_interface(v).ip) for v in self.cfg.keepalived.vips}
+        # in a thread: pyroute2 0.9's synchronous API cannot run inside a running event loop
+        if vips and not vips & set(await self.in_thread(host.addresses)):
+            log.info("role MASTER kept from before this start, but this node holds none of its VIPs: BACKUP")
+            return
+        self.engine.set_role(Role.MASTER)
+        log.info("role MASTER kept from before this start (%s): the interlock reads complete", self.role_path())
 
     async def execute(self, actions: list[failover.Action], start: float) -> dict[str, Any]:
         """Run the policy's steps in order. After a step fails only the ``ensure`` ones run (a
@@ -627,6 +657,7 @@ class Daemon:
                                                    self.stats_extra["metrics_endpoint"]))
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
+            await self.restore_role()
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
             self.links.open(self.loop, self.on_datagram, self.after_input)

@@ -288,3 +288,38 @@ def test_the_commit_gate_follows_keepalived_and_is_left_alone_at_start() -> None
         assert _gate_table(a)
         a.stop()
         assert not _gate_table(a)
+
+
+def test_a_master_whose_daemon_restarts_comes_back_as_master_and_a_stale_role_does_not() -> None:
+    """Issue 14, deliver 1: restarting ctbridge on the master moved the VIPs — the daemon started
+    as BACKUP and wrote "incomplete" until a peer's bulk completed. The role keepalived gave it is
+    kept beside the control socket and taken back at start while the node holds one of its VIPs:
+    the track file reads 0 at once, alone, with nothing learnt. Without the VIP the kept role is
+    stale (a transition lost while the daemon was down): BACKUP, incomplete."""
+    with cluster(2) as c:
+        _a, b = c.nodes
+        fifo, track = c.dir / "notify.fifo", c.dir / "track"
+        vip = "203.0.113.77"
+        b.write_config(keepalived={"notify_fifo": str(fifo), "track_file": str(track), "vips": [vip]})
+        b.start()
+        assert wait_for("the track file", lambda: track.exists() and track.read_text().strip()) == "-254"
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b'INSTANCE "VI_1" MASTER 100\n')
+        os.close(fd)
+        wait_for("B to become master from the FIFO", lambda: b.request("status")["role"] == "MASTER")
+        wait_for("track file 0 as master", lambda: track.read_text().strip() == "0")
+        b.run("ip", "addr", "add", f"{vip}/32", "dev", "lo")  # what keepalived does as master
+        b.stop()
+        track.write_text("-254\n")  # so that only the new start can make it 0
+        try:
+            b.start()
+        except TimeoutError:
+            raise AssertionError(b.log.read_text()[-3000:]) from None
+        wait_for("the kept role", lambda: b.request("status")["role"] == "MASTER", timeout=20)
+        assert wait_for("track file 0 at once", lambda: track.read_text().strip() == "0", timeout=2.5)
+        b.stop()
+        b.run("ip", "addr", "del", f"{vip}/32", "dev", "lo")  # keepalived moved on meanwhile
+        b.start()
+        time.sleep(1)
+        assert b.request("status")["role"] == "BACKUP", b.log.read_text()[-3000:]
+        assert track.read_text().strip() == "-254"
