@@ -133,16 +133,20 @@ def followup(role_now: Role) -> list[Action]:
     return [Action(DUMP)] + ([Action(BULK_SEND)] if role_now is Role.MASTER else [])
 
 
-def may_take_over(complete: bool, role: Role, heard_a_peer: bool, since_start: float, peer_timeout: float) -> bool:
-    """Whether the priority interlock lets this node win an election.
+def may_take_over(complete: bool, role: Role, heard_a_peer: bool) -> bool:
+    """Whether the priority interlock lets this node win an election against a complete node.
 
-    A master never needs a peer's flows: its own kernel is the truth. A node whose external cache is
-    incomplete must not win; right after a start no peer has spoken yet, which is not "complete"
-    until a peer could have (``peer_timeout``), or a standby that just started would win.
+    A master never needs a peer's flows: its own kernel is the truth. A standby must hold every
+    live peer's flows, and must have heard a peer at all: a node that hears nobody (just started,
+    or its sync link down) cannot know what a master elsewhere holds. Losing does not keep it from
+    serving: the interlock demotes and never faults, so a node left alone becomes master anyway.
+    (Before the interlock demoted, a node that had heard nobody for peer_timeout counted as
+    complete, so that it could become master alone; with its sync link down and its caches empty
+    it then preempted a complete master.)
     """
     if role is Role.MASTER:
         return True
-    return complete and (heard_a_peer or since_start >= peer_timeout)
+    return complete and heard_a_peer
 
 
 def track_value(may: bool, incomplete_value: int) -> int:

@@ -499,13 +499,10 @@ class Daemon:
     async def track_loop(self, path: str) -> None:
         """Priority interlock: the track file follows failover.track_value, checked every
         TRACK_INTERVAL."""
-        started = self.loop.time()
         failing = False
         while True:
             may = failover.may_take_over(self.engine.complete(), self.engine.role,
-                                         heard_a_peer=bool(self.engine.peers),
-                                         since_start=self.loop.time() - started,
-                                         peer_timeout=self.cfg.sync.peer_timeout)
+                                         heard_a_peer=any(p.proven for p in self.engine.peers.values()))
             value = failover.track_value(may, self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ctbridge.lab import Lab, Options, lab, wait_for
+from ctbridge.lab.network import Firewall
 from ctbridge.lab.scenario import Switch, switch
 from tests.conftest import require
 
@@ -168,3 +169,44 @@ def test_restarting_the_daemons_never_moves_the_vips_nor_leaves_the_pair_without
         wait_for("fw2 complete again", lambda: fw2.request("status")["external"]["complete"], timeout=30)
     assert fw1.request("status")["role"] == "MASTER"
     final_check(the_lab)
+
+
+def test_an_incomplete_node_does_not_preempt_until_synced_and_takes_over_alone(
+        running: Callable[[Options], Lab]) -> None:
+    """Issue 14, deliver 5, against keepalived itself: fw1 (priority 150) comes back with its
+    sync link down and its daemon restarted, so it holds none of fw2's flows. Demoted by the
+    interlock (150 - 51 = 99 < 100), it does not take the VIPs from fw2 (100), which would break
+    every connection; once its sync link is up and its copy complete, it takes them back with the
+    flows. And when the master dies while fw1 is incomplete, fw1 takes over anyway: a node left
+    alone must serve, demoted is not FAULT."""
+    the_lab = running(Options(tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))  # fw2 is master now
+    fw1.link("sync0", up=False)
+    the_lab.replicator.stop(fw1)
+    the_lab.replicator.start(fw1)  # empty caches, and no link to fill them
+    fw1.start_keepalived()
+    seen = []
+    for _ in range(80):  # 8 s: several advert intervals for a preemption to happen
+        seen.append((fw1.has_vips(), fw2.has_vips()))
+        time.sleep(0.1)
+    assert all(not one and two for one, two in seen), (
+        f"fw1 took the VIPs although it holds none of fw2's flows: {seen}; fw1's track file {track(fw1)}")
+    assert track(fw1) < 0  # demoted: it has heard no peer
+    fw1.link("sync0", up=True)  # it syncs, becomes complete, and preempts with every flow
+    wait_for("fw1 to hold fw2's flows", lambda: fw1.request("status")["external"]["entries"] >= TCP + UDP, timeout=30)
+    became = the_lab.wait_master(fw1, timeout=30)
+    the_lab.wait_recovered(became)
+    # fw2 restarts cut off from fw1, so it holds nothing and is demoted; then the master dies:
+    # fw2, incomplete, serves anyway
+    fw2.link("sync0", up=False)
+    the_lab.replicator.stop(fw2)
+    the_lab.replicator.start(fw2)
+    wait_for("fw2 demoted", lambda: track(fw2) < 0, timeout=30)
+    fw1.stop_keepalived()
+    the_lab.wait_master(fw2, timeout=30)
+
+
+def track(fw: Firewall) -> int:
+    """The interlock's value in the firewall's track file."""
+    return int((fw.run_dir / "complete").read_text().strip())
