@@ -116,6 +116,7 @@ class Options:
     event_buffer: int = 0  # bytes for the firewalls' kernel event socket (0: ctbridge's default)
     advert_int: float = 1.0
     verbose: bool = False
+    gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -216,14 +217,19 @@ class Firewall:
 
     def dropped(self) -> int:
         """Forwarded packets this firewall dropped: its ruleset's counter plus ctbridge's commit gate."""
-        total = 0
+        return sum(self.drops().values())
+
+    def drops(self) -> dict[str, int]:
+        """Forwarded packets dropped, by whom: the strict ruleset ("policy": a packet of a flow it
+        does not know) and ctbridge's commit gate ("gate": a new flow before the commit)."""
+        out = {"policy": 0, "gate": 0}
         for item in json.loads(self.run("nft", "-j", "list", "ruleset").stdout)["nftables"]:
             if "counter" in item and item["counter"].get("name") == "dropped":
-                total += int(item["counter"]["packets"])
+                out["policy"] += int(item["counter"]["packets"])
             rule = item.get("rule")
             if rule and rule["table"] == "ctbridge_gate":
-                total += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
-        return total
+                out["gate"] += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
+        return out
 
     def maintenance(self, on: bool) -> None:
         """The rendered keepalived.conf's maintenance track file: 1 drains this firewall."""
@@ -405,6 +411,7 @@ apply_mode = "{o.apply_mode}"
 transport = "unicast"
 notify = "{o.notify}"
 interlock = {"true" if self.replicator.interlock else "false"}
+gate = {"true" if o.gate else "false"}
 vrrp_version = {3 if o.advert_int != int(o.advert_int) else 2}
 group = "FW"
 

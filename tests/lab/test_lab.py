@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from ctbridge.lab import Lab, Options, lab, wait_for
 from ctbridge.lab.network import Firewall
 from ctbridge.lab.scenario import Switch, switch
 from tests.conftest import require
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 TCP, UDP = 200, 20
@@ -210,3 +213,69 @@ def test_an_incomplete_node_does_not_preempt_until_synced_and_takes_over_alone(
 def track(fw: Firewall) -> int:
     """The interlock's value in the firewall's track file."""
     return int((fw.run_dir / "complete").read_text().strip())
+
+
+# N established TCP flows 198.51.100.10-.250 -> 203.0.113.250:443, written at once into this
+# namespace's table (no packets: only what a busy master's table holds besides the lab's flows)
+BACKGROUND = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack.table import KernelTable
+from tests.support import builders
+n = int(sys.argv[1])
+flows = []
+for i in range(n):
+    src, dst, sport = bytes((198, 51, 100, 10 + i // 50000)), bytes((203, 0, 113, 250)), 1024 + i % 50000
+    o = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, src, dst, sport, 443)
+    r = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, dst, src, 443, sport)
+    flows.append(builders.build_entry(ct.AF_INET, o, r, status=0xE, timeout=3600, tcp_state=3))
+with KernelTable() as table:
+    print(table.commit(flows).created)
+"""
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate on", "gate off (control)"])
+def test_the_commit_gate_against_its_control(gate: bool, running: Callable[[Options], Lab]) -> None:
+    """Issue 14, deliver 5: 100,000 background flows in fw1's table make fw2's MASTER commit take
+    about a second, and the lab's flows are written last. Packets reaching fw2 meanwhile find no
+    entry. With the gate, they are dropped before NAT (the flows retransmit into the committed
+    entries): every flow lives, none is NATed anew, the strict policy drops nothing. The control,
+    without the gate: they are NATed anew or dropped by the policy."""
+    the_lab = running(Options(tcp=TCP, udp=UDP, gate=gate))
+    fw1, fw2 = the_lab.fws
+    load = fw1.run(sys.executable, "-c", BACKGROUND, "100000")
+    assert load.stdout.strip() == "100000", load.stderr
+    wait_for("fw2 to hold the background flows", timeout=60,
+             check=lambda: fw2.request("status")["external"]["entries"] >= 100_000 + TCP + UDP)
+    before = fw2.drops()
+    # the gate's counter goes with its table when the gate opens: watch it meanwhile
+    held = [0]
+    watching = threading.Event()
+
+    def watch() -> None:
+        for _ in range(600):  # bounded: 30 s
+            if watching.is_set():
+                return
+            with contextlib.suppress(Exception):
+                held[0] = max(held[0], fw2.drops()["gate"])
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        s = switch(the_lab, "keepalived stopped", fw1, fw2, recover_timeout=30)
+    finally:
+        watching.set()
+        watcher.join(timeout=5)
+    after = fw2.drops()
+    policy, gated = after["policy"] - before["policy"], held[0]
+    rebound = s.status.get("udp_rebound", 0)
+    harmed = rebound + policy + s.status.get("tcp_failed", 0)
+    print(f"gate {'on' if gate else 'off'}: {gated} packets held by the gate, {policy} dropped by the policy, "
+          f"{rebound} UDP flows NATed anew, {s.status.get('tcp_failed', 0)} TCP connections failed")
+    if gate:
+        survived(s)
+        assert policy == 0 and gated > 0, (policy, gated)  # the window was there, and the gate held it
+        final_check(the_lab)
+    else:
+        assert harmed > 0, f"no harm without the gate: rebound {rebound}, policy drops {policy}, {s.status}"
