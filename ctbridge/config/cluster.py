@@ -292,6 +292,9 @@ def load(path: str) -> Cluster:
 def verify(c: Cluster) -> list[str]:
     """Every reason the cluster cannot work, each naming the object and the fix; [] when it can."""
     p: list[str] = []
+    if c.interlock and c.nodes and min(n.priority for n in c.nodes) < 2:
+        p.append(f"cluster {c.name!r}: with the interlock, every priority must be at least 2 (a demoted node "
+                 "clamps to 1, and would tie with a complete node of priority 1)")
     if c.interlock and c.nodes and c.demotion() > 253:
         p.append(f"cluster {c.name!r}: node priorities span {c.demotion() - 1}; the interlock needs them within 252 "
                  "of each other (an incomplete node is lowered below the lowest, and -254 would be FAULT)")

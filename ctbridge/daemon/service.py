@@ -152,6 +152,7 @@ class Daemon:
         self.inject_ops: list[KernelOp] = []
         self.inject_task: asyncio.Task[None] | None = None
         self.track_value: int | None = None
+        self.role_restored = False  # MASTER taken back at start, no MASTER transition since
         self.touched: set[bytes] | None = None  # while a dump runs: flows events changed meanwhile
         self.stats_extra: dict[str, Any] = {
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
@@ -312,9 +313,14 @@ class Daemon:
 
     # --- keepalived transitions -------------------------------------------------------------------
 
-    def facts(self) -> failover.Facts:
+    def facts(self, t: keepalived.Transition | None = None) -> failover.Facts:
+        role = self.engine.role
+        if self.role_restored and t is not None and t.state == "MASTER":
+            # a master kept from before the start has committed nothing in this life: its first
+            # MASTER is a full one (taken for a no-op, a stale kept role committed nothing)
+            role = Role.BACKUP
         return failover.Facts(
-            role=self.engine.role, mode=self.cfg.apply.mode, gated=self.gated,
+            role=role, mode=self.cfg.apply.mode, gated=self.gated,
             instances=tuple(self.cfg.keepalived.instances), purging=self.purge_task is not None,
             injecting=self.inject_task is not None and not self.inject_task.done())
 
@@ -326,7 +332,8 @@ class Daemon:
             return {"ok": True, "ignored": ignored}
         async with self.transition_lock:  # the facts are read again: they may have changed meanwhile
             start = time.monotonic()
-            decision = failover.decide(t, self.facts(), self.cfg.apply.purge_timeout)
+            decision = failover.decide(t, self.facts(t), self.cfg.apply.purge_timeout)
+            self.role_restored = False
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
             if decision.noop:
                 record["noop"] = True
@@ -353,19 +360,24 @@ class Daemon:
             log.warning("cannot keep the role in %s: %s", self.role_path(), exc.strerror or exc)
 
     async def restore_role(self) -> None:
-        """At start: MASTER, if that is the role kept before. A transition keepalived made while
-        the daemon was down may be lost (a FIFO without a reader drops what is written), so the
-        kept role is believed only while this node holds one of keepalived.vips (what keepalived
-        adds as master), when they are configured (ctbridge render writes them)."""
+        """At start: MASTER, if that is the role kept before and this node holds one of
+        keepalived.vips (what keepalived adds as master; ctbridge render writes them). The hook
+        mode loses a transition made while the daemon was down, and a VIP can outlive a killed
+        keepalived: a node restored so still commits at its next MASTER (facts()). Transitions
+        keepalived wrote into its FIFO meanwhile are kept by the pipe and follow in order."""
         role = keepalived.read_role(self.role_path())
         if role != "MASTER":
             return
         vips = {str(ipaddress.ip_interface(v).ip) for v in self.cfg.keepalived.vips}
+        if not vips:
+            log.info("role MASTER kept from before this start, and no keepalived.vips to check it by: BACKUP")
+            return
         # in a thread: pyroute2 0.9's synchronous API cannot run inside a running event loop
-        if vips and not vips & set(await self.in_thread(host.addresses)):
+        if not vips & set(await self.in_thread(host.addresses)):
             log.info("role MASTER kept from before this start, but this node holds none of its VIPs: BACKUP")
             return
         self.engine.set_role(Role.MASTER)
+        self.role_restored = True
         log.info("role MASTER kept from before this start (%s): the interlock reads complete", self.role_path())
 
     async def execute(self, actions: list[failover.Action], start: float) -> dict[str, Any]:
@@ -502,7 +514,7 @@ class Daemon:
         failing = False
         while True:
             may = failover.may_take_over(self.engine.complete(), self.engine.role,
-                                         heard_a_peer=any(p.proven for p in self.engine.peers.values()))
+                                         heard_a_peer=any(p.proven and p.alive for p in self.engine.peers.values()))
             value = failover.track_value(may, self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 try:
@@ -648,13 +660,13 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, self.on_signal, signum)
         try:
+            await self.restore_role()  # before any transition can come (the hook, the FIFO)
             servers.append(await control.serve(self.cfg.control.socket, self.handle))
             if self.cfg.metrics.listen:
                 servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats,
                                                    self.stats_extra["metrics_endpoint"]))
             # The table first (events meanwhile wait in the event socket), then the sync link: a
             # peer that asks for a bulk transfer at once must get the whole table.
-            await self.restore_role()
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
             self.links.open(self.loop, self.on_datagram, self.after_input)
@@ -697,6 +709,11 @@ class Daemon:
                     await gate.open_()
             if self.heartbeat is not None:
                 self.heartbeat.cancel()
+            if self.cfg.keepalived.track_file and self.engine.role is not Role.MASTER:
+                # a stopped daemon replicates nothing: demoted until it runs again (a master's own
+                # table stays the truth, so a master's restart keeps its priority)
+                with contextlib.suppress(OSError):
+                    keepalived.write_track_file(self.cfg.keepalived.track_file, self.cfg.keepalived.incomplete_value)
             self.links.close()
             self.events.close()
             self.kernel.close()

@@ -317,6 +317,13 @@ def test_a_master_whose_daemon_restarts_comes_back_as_master_and_a_stale_role_do
             raise AssertionError(b.log.read_text()[-3000:]) from None
         wait_for("the kept role", lambda: b.request("status")["role"] == "MASTER", timeout=20)
         assert wait_for("track file 0 at once", lambda: track.read_text().strip() == "0", timeout=2.5)
+        # found by review: the next MASTER from keepalived was a no-op (the role was MASTER
+        # already), so a kept role that was stale committed nothing; it is a full MASTER now
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b'INSTANCE "VI_1" MASTER 100\n')
+        os.close(fd)
+        last = wait_for("the MASTER transition", lambda: b.request("stats")["transitions"][-1:], timeout=10)[0]
+        assert not last.get("noop") and "committed" in last, last
         b.stop()
         b.run("ip", "addr", "del", f"{vip}/32", "dev", "lo")  # keepalived moved on meanwhile
         b.start()

@@ -279,3 +279,25 @@ def test_the_commit_gate_against_its_control(gate: bool, running: Callable[[Opti
         final_check(the_lab)
     else:
         assert harmed > 0, f"no harm without the gate: rebound {rebound}, policy drops {policy}, {s.status}"
+
+
+def test_a_standby_cut_off_from_its_peer_is_demoted_without_a_restart(running: Callable[[Options], Lab]) -> None:
+    """Found by review: a standby that had heard its peer once read complete for good once the
+    peer fell silent (silent peers do not count), so fw1, in FAULT while fw2 served, cut off on
+    its sync link, preempted with a stale copy when its LAN link came back; new connections then
+    died. A standby is complete only while it hears a peer now."""
+    the_lab = running(Options(tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    survived(switch(the_lab, "LAN link down", fw1, fw2))  # fw1 in FAULT, fw2 master
+    fw1.link("sync0", up=False)
+    wait_for("fw1 demoted", lambda: track(fw1) < 0, timeout=30)  # within peer_timeout, no restart
+    fw1.link("lan0", up=True)
+    seen = []
+    for _ in range(60):  # 6 s: fw1 (150, demoted to 99) must not take the VIPs from fw2 (100)
+        seen.append((fw1.has_vips(), fw2.has_vips()))
+        time.sleep(0.1)
+    assert all(not one and two for one, two in seen), seen
+    fw1.link("sync0", up=True)  # synced again: it takes the VIPs back with every flow
+    wait_for("fw1 to hold fw2's flows", lambda: fw1.request("status")["external"]["entries"] >= TCP + UDP, timeout=30)
+    the_lab.wait_recovered(the_lab.wait_master(fw1, timeout=30))
+    final_check(the_lab)
