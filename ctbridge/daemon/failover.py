@@ -113,7 +113,9 @@ def decide(t: Transition, facts: Facts, purge_timeout: float = 60.0) -> Decision
         actions.append(Action(COMMITTED))
         if facts.gated:
             actions.append(Action(GATE, closed=False, ensure=True))
-        actions += [Action(FLUSH_EXTERNAL), Action(ROLE, role=Role.MASTER), Action(ANNOUNCE)]
+        # The role follows keepalived even when the commit failed: a master that stayed BACKUP
+        # here was demoted by its own interlock, and a higher incomplete node took the VIPs.
+        actions += [Action(FLUSH_EXTERNAL), Action(ROLE, role=Role.MASTER, ensure=True), Action(ANNOUNCE)]
         return Decision(actions, role, note="MASTER:")
     if role is Role.BACKUP:
         actions += [Action(ROLE, role=Role.BACKUP), Action(REQUEST_RESYNC)]

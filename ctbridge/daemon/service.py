@@ -337,13 +337,15 @@ class Daemon:
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
             if decision.noop:
                 record["noop"] = True
-            out = await self.execute(decision.actions, start)
+            try:
+                out = await self.execute(decision.actions, start)
+            finally:
+                self.keep_role()  # what the role became, also when a step failed
             record.update(out)
             if not decision.noop:
                 log.info("%s%s", decision.note, f" {out}" if out else "")
             record["seconds"] = round(time.monotonic() - start, 6)
             self.stats_extra["transitions"] = [*self.stats_extra["transitions"][-9:], record]
-            self.keep_role()
             self.after_input()
             return {"ok": True, "role": self.engine.role.value, **record}
 

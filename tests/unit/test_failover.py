@@ -25,7 +25,7 @@ def test_master_in_commit_mode_commits_then_opens_the_gate_then_announces() -> N
                                 "flush-external", "role(MASTER)", "announce"]
     assert not d.noop and d.role is Role.MASTER
     # what must happen even if the commit fails: events back, and a master never keeps new flows out
-    assert [a.name for a in d.actions if a.ensure] == ["resume-events", "gate"]
+    assert [a.name for a in d.actions if a.ensure] == ["resume-events", "gate", "role"]
 
 
 def test_master_in_inject_mode_waits_for_the_injected_flows_and_cancels_a_purge() -> None:
@@ -122,4 +122,13 @@ def test_the_daemon_runs_the_ensured_steps_after_a_failure_or_a_cancellation() -
         steps = Steps(failure)
         with pytest.raises(type(failure)):
             asyncio.run(Daemon.execute(steps, actions, 0.0))  # type: ignore[arg-type]
-        assert steps.ran == ["pause-events", "commit", "resume-events", "gate"]
+        assert steps.ran == ["pause-events", "commit", "resume-events", "gate", "role"]
+
+
+def test_a_failed_commit_still_makes_the_node_master() -> None:
+    """Found by review: the ROLE step was skipped after a failed commit, so the new master stayed
+    BACKUP for the engine, its interlock demoted it, and an incomplete higher node could take the
+    VIPs; the kept role was wrong for the next restart too."""
+    d = decide(t("MASTER"), Facts(role=Role.BACKUP, mode="commit", gated=True))
+    role_steps = [a for a in d.actions if a.name == failover.ROLE]
+    assert role_steps == [failover.Action(failover.ROLE, role=Role.MASTER, ensure=True)]
