@@ -63,6 +63,8 @@ METRICS = (
      "counter"),
     ("ctbridge_track_errors_total", "Failed writes of the interlock's track file (tried again)", ("track_errors",),
      "counter"),
+    ("ctbridge_interlock_value", "What the interlock's track file holds: 0 while this node may win an election, "
+     "the demotion while it may not (keepalived adds it to the priority)", ("interlock", "value"), "gauge"),
     ("ctbridge_kernel_malformed_total", "Kernel event messages that could not be read (dropped)",
      ("sync", "kernel_malformed"), "counter"),
     ("ctbridge_commit_entries", "Flows written by the last commit", ("commit", "entries"), "gauge"),

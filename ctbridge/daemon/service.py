@@ -554,6 +554,9 @@ class Daemon:
             "apply_mode": self.cfg.apply.mode,
             "internal": {"entries": len(e.internal)},
             "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
+            # the interlock's verdict (external.complete is the engine's: true with no peer heard)
+            "interlock": {"value": self.track_value, "may_take_over": self.track_value == 0
+                          if self.track_value is not None else None},
             "rejected": {"auth": s["rejected_auth"], "replay": s["rejected_replay"],
                          "malformed": s["rejected_malformed"], "peers": s["rejected_peers"],
                          "oversize": s["rejected_oversize"], "bounds": s["rejected_bounds"],

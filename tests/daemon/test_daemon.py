@@ -127,7 +127,9 @@ def test_every_flow_arrives_through_20_percent_loss() -> None:
             assert table.commit(flows).failed == []
         wait_for("all 3000 flows on B", lambda: b.request("stats")["external"]["entries"] == 3000, timeout=60)
         listing = b.run("nft", "list", "table", "inet", "loss").stdout
-        assert sum(int(n) for n in re.findall(r"packets (\d+)", listing)) > 100  # the loss really happened
+        # the loss really happened (fresh-root CI once counted exactly 100 of some 500 datagrams:
+        # the bound only has to show that there was loss to recover from)
+        assert sum(int(n) for n in re.findall(r"packets (\d+)", listing)) > 20
         assert b.request("stats")["sync"]["nacks_sent"] > 0
 
 
@@ -182,6 +184,9 @@ def test_notify_fifo_track_file_and_metrics() -> None:
         text = b.run(os.sys.executable, "-c", scrape).stdout
         assert f"ctbridge_commit_entries {len(FLOWS)}" in text and 'ctbridge_role{role="MASTER"} 1' in text
         assert "ctbridge_rejected_auth_total 0" in text
+        # the interlock's verdict, not only the engine's completeness (found by review: a node that
+        # heard nobody showed complete while its track file demoted it)
+        assert "\nctbridge_interlock_value 0\n" in text and b.request("stats")["interlock"]["may_take_over"]
         # the daemon's own process, under the names Prometheus clients use, and in stats --json
         figures = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("process_"))
         process = b.request("stats")["process"]
