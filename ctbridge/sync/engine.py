@@ -444,14 +444,14 @@ class Engine:
     def request_resync(self, now: float, node: int = 0) -> None:
         """Ask ``node`` (0: every peer) to send its whole internal cache. The challenge goes with
         it: a peer that does not know our epoch yet proves itself in the datagram its bulk begins in."""
-        nonce = self._draw_nonce()
-        if node == 0:
-            self._resync_all_at = now
-            self._broadcast = (nonce, now)
+        peer = self.peers.get(node) if node else None
+        if peer is not None:
+            nonce = self._issue_nonce(peer, now)
         else:
-            peer = self.peers.get(node)
-            if peer is not None:
-                peer.nonces[nonce] = now
+            nonce = self._draw_nonce()
+            if node == 0:
+                self._resync_all_at = now
+                self._broadcast = (nonce, now)
         self._control.append(wire.challenge_msg(node, nonce) + wire.resync_msg(node))
         self.stats["challenges_sent"] += 1
         self.stats["resyncs_requested"] += 1
@@ -754,12 +754,16 @@ class Engine:
                     peer.served.append(header.epoch)
                     self.bulk_send(now, peer.node)
 
-    def _challenge(self, peer: Peer, now: float) -> None:
+    def _issue_nonce(self, peer: Peer, now: float) -> int:
+        """A new nonce for a challenge to ``peer``, whose answer is taken for NONCE_LIFETIME."""
         nonce = self._draw_nonce()
         peer.nonces[nonce] = now
         if len(peer.nonces) > NONCES_KEPT:
             peer.nonces.popitem(last=False)
-        self._control.append(wire.challenge_msg(peer.node, nonce))
+        return nonce
+
+    def _challenge(self, peer: Peer, now: float) -> None:
+        self._control.append(wire.challenge_msg(peer.node, self._issue_nonce(peer, now)))
         self.stats["challenges_sent"] += 1
         peer.challenge_at = now
 
@@ -800,14 +804,17 @@ class Engine:
     def _queue_ack(self, peer: Peer, rx: ReceiveWindow) -> None:
         """An acknowledgement to go out, replacing one of the same peer still queued (80 late
         datagrams filling holes in one step queued 80 ACKs; the newest says all of them)."""
-        queued = peer.ack_queued
-        if queued is not None:
-            for i, m in enumerate(self._control):
-                if m is queued:
-                    del self._control[i]
-                    break
+        self._unqueue(peer.ack_queued)
         peer.ack_queued = self._ack(peer, rx)
         self._control.append(peer.ack_queued)
+
+    def _unqueue(self, entry: bytes | None) -> None:
+        """Take a control entry (this very object) out of the queue, if it still waits there."""
+        if entry is not None:
+            for i, m in enumerate(self._control):
+                if m is entry:
+                    del self._control[i]
+                    return
 
     def _ack(self, peer: Peer, rx: ReceiveWindow) -> bytes:
         """An ACK of everything received in order from ``peer``, noted as sent; with a gap open,
@@ -857,12 +864,7 @@ class Engine:
         # One round is one control entry: its NACKs and the ACK that says how far they cover what is
         # missing travel in one datagram (at most 32 x 24 + 24 bytes), so the sender never takes
         # part of a round for all of it; a round still queued is replaced by the newer one.
-        queued = peer.nack_round
-        if queued is not None:
-            for i, m in enumerate(self._control):
-                if m is queued:
-                    del self._control[i]
-                    break
+        self._unqueue(peer.nack_round)
         self.stats["nacks_sent"] += len(gaps)
         peer.round_high = highest
         peer.round_full = highest == rx.highest

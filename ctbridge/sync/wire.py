@@ -521,11 +521,16 @@ def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int
 def payload(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, bytes]:
     """(header, the messages) of an authentic datagram, opened if sealed; or WireError."""
     header, end, ks = _verify(data, auth, me)
+    return header, _opened(data, auth, header, end, ks)
+
+
+def _opened(data: bytes, auth: Auth, header: Header, end: int, ks: KeySet | None) -> bytes:
+    """The messages of a verified datagram: opened if sealed."""
     if header.flags & _SEALED:
         if ks is None:
             raise WireError("auth", "sealed datagram, and this node has no keys to open it")
-        return header, auth.open(data, end, header, ks)
-    return header, data[HEADER_LEN:end]
+        return auth.open(data, end, header, ks)
+    return data[HEADER_LEN:end]
 
 
 def _verify(data: bytes, auth: Auth, me: int) -> tuple[Header, int, KeySet | None]:
@@ -665,9 +670,9 @@ def decode(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[Messa
 
 def decode_split(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[FlowTuple], list[Message]]:
     """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart."""
-    header, end, _ks = _verify(data, auth, me)
-    if header.flags & _SEALED:
-        header, body = payload(data, auth, me)
+    header, end, ks = _verify(data, auth, me)
+    if header.flags & _SEALED:  # opened with the key set that verified it (the MAC is checked once)
+        body = _opened(data, auth, header, end, ks)
         flows, others = decode_body(body, 0, len(body))
     else:
         flows, others = decode_body(data, HEADER_LEN, end)
