@@ -837,3 +837,35 @@ def same_but_timeout(a: bytes, b: bytes) -> bool:
         if t == ct.CTA_TIMEOUT:
             return a[:s] == b[:s] and a[e:] == b[e:] and b[s - 4:s] == a[s - 4:s]
     return False
+
+
+def timeout_offset(buf: bytes, start: int = 0) -> int:
+    """Where the seconds of CTA_TIMEOUT lie in the attributes ``buf[start:]`` (a big-endian u32,
+    include/uapi/linux/netfilter/nfnetlink_conntrack.h), or -1 when there are none. The kernel
+    puts it fourth or fifth (after the tuples, the zone and the status), so this reads a few
+    attribute headers, not all of them."""
+    off = start
+    n = len(buf)
+    unpack = _NLA.unpack_from
+    while n - off >= 4:
+        alen, atype = unpack(buf, off)
+        if alen < 4 or off + alen > n:
+            return -1
+        if atype & _TYPE_MASK == ct.CTA_TIMEOUT:
+            return off + 4 if alen == 8 else -1
+        off += (alen + 3) & ~3
+    return -1
+
+
+def timeout_of(buf: bytes, start: int = 0) -> int:
+    """The seconds left in CTA_TIMEOUT (0 when there are none: such a flow counts as running out)."""
+    at = timeout_offset(buf, start)
+    return _BE32.unpack_from(buf, at)[0] if at >= 0 else 0
+
+
+def with_timeout(buf: bytes, seconds: int, start: int = 0) -> bytes:
+    """``buf`` with CTA_TIMEOUT set to ``seconds`` (unchanged when it has none)."""
+    at = timeout_offset(buf, start)
+    if at < 0:
+        return buf
+    return buf[:at] + _BE32.pack(max(0, min(seconds, 0xFFFFFFFF))) + buf[at + 4:]

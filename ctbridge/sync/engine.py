@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -60,6 +60,8 @@ SERVED_EPOCHS = 8  # epochs of a peer not proven yet whose bulk request we serve
 CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has not come; 16 bytes
 # each, and only while that peer is heard, so retrying often costs nothing and makes a lost echo
 # cost 0.1 s instead of a bulk retry of 3 s
+REFRESH_SLACK = 1.0  # seconds: timeouts are whole seconds, so a deadline moved less is no refresh
+EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -103,6 +105,10 @@ class EngineConfig:
     peer_filters: Mapping[int, FlowFilter] = field(default_factory=dict)  # node id -> what it may send
     max_entries: int = 0  # flows kept per peer (the daemon: nf_conntrack_max); 0: no cap
     max_tombstones: int = 65536  # deletions remembered per peer; beyond, the oldest is forgotten (counted)
+    # Expiry (docs/protocol.md, "Timeouts"): a peer's flow is dropped this long after the timeout
+    # it last came with ran out; the peer refreshes what its traffic keeps alive (kernel_refresh).
+    # 0: never (a dead peer's flows stay until a bulk or a flush)
+    expiry_margin: float = 30.0
 
 
 class KernelOp(NamedTuple):
@@ -126,16 +132,22 @@ class _Bulk:
 
 
 class ExternalFlow:
-    """One flow a peer told us about: its version (the peer's counter), its FLOW message, and the
+    """One flow a peer told us about: its version (the peer's counter), its FLOW message, the
     sequence number of the peer's last datagram that mentioned it (bulks drop flows not mentioned
-    since BULK_BEGIN)."""
+    since BULK_BEGIN), and when that version came (its CTA_TIMEOUT counts from then: expiry).
+    ``heard`` is the ``now`` of the datagram, one float shared by every flow it carried."""
 
-    __slots__ = ("message", "seq", "version")
+    __slots__ = ("heard", "message", "seq", "version")
 
-    def __init__(self, version: int, message: bytes, seq: int) -> None:
+    def __init__(self, version: int, message: bytes, seq: int, heard: float = 0.0) -> None:
         self.version = version
         self.message = message
         self.seq = seq
+        self.heard = heard
+
+    def runs_out(self) -> float:
+        """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
+        return self.heard + codec.timeout_of(self.message, wire.FLOW_HEADER)
 
 
 class EpochChanged(NamedTuple):
@@ -243,6 +255,7 @@ class Peer:
         self.bulk_end: tuple[int, int, int, int] | None = None
         self.synced = False  # a bulk transfer completed and no data was lost since
         self.bulk_dirty = False  # best-effort: datagrams of the current bulk were lost
+        self.given_up = 0  # the highest of its sequence numbers it said (GAP) it cannot resend
         self.resync_at: float | None = None  # when we last asked it for a bulk transfer
         self.restarts = 0
         self.bulks = 0
@@ -257,7 +270,7 @@ def _new_stats() -> dict[str, int]:
         "rejected_auth", "rejected_replay", "rejected_malformed", "rejected_peers", "rejected_oversize",
         "peers_reclaimed", "rejected_bounds", "rejected_unproven", "own_datagrams", "challenges_sent",
         "echoes_sent", "sessions_proven", "flows_refused_policy", "flows_refused_cap", "tombstones_dropped",
-        "bulk_count_mismatches",
+        "bulk_count_mismatches", "flows_expired", "refresh_sweeps", "flows_refreshed",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
         "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
         "path_changes")}
@@ -284,6 +297,9 @@ class Engine:
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
         # sending, resending and bulk transfers only join bytes
         self.internal: dict[bytes, bytes] = {}
+        # key -> when the timeout it went out with runs out (the engine's clock): peers expire
+        # their copy then (plus their margin) unless kernel_refresh() sends it again first
+        self._told: dict[bytes, float] = {}
         self.peers: dict[int, Peer] = {}
         self.stats = _new_stats()
         self._version = 0
@@ -318,6 +334,8 @@ class Engine:
         self._complete = self.complete()
         self._last_send = now - config.alive_interval  # so the HELLO goes out at once
         self._next_sweep = now + config.tombstone_ttl
+        self._expiry_at = now + self._expiry_pass()
+        self._expiry_work: list[tuple[Peer, list[bytes]]] = []  # an expiry pass under way
         # Redundant sync links (the adapter's link choice may believe these): the node id of the
         # last datagram received if it was authentic and new (accepted data, or a heartbeat with
         # a higher number than any before over its link), else None; and for a heartbeat, the
@@ -335,6 +353,7 @@ class Engine:
 
     def kernel_events(self, events: list[Event], now: float) -> None:
         internal = self.internal
+        told = self._told
         pending = self._pending
         accepts = self.config.filter.accepts
         flow_msg = wire.flow_msg
@@ -346,6 +365,7 @@ class Engine:
             try:
                 if ev.kind is EventKind.DESTROY or not accepts(entry):
                     if internal.pop(key, None) is not None:
+                        told.pop(key, None)
                         pending[key] = None
                     continue
                 msg = flow_msg(version + 1, strip(entry))
@@ -354,6 +374,7 @@ class Engine:
                 continue
             version += 1
             internal[key] = msg
+            told[key] = now + codec.timeout_of(msg, wire.FLOW_HEADER)
             pending[key] = None
         self._version = version
 
@@ -369,6 +390,7 @@ class Engine:
         intake = self.intake
         decode = intake.decode
         internal = self.internal
+        told = self._told
         pending = self._pending
         accepts = self.config.filter.accepts_facts
         flow_raw = wire.flow_raw
@@ -393,10 +415,12 @@ class Engine:
             keys.append(key)
             if fast.destroy or not accepts(key[0], fast.facts):
                 if internal.pop(key, None) is not None:
+                    told.pop(key, None)
                     pending[key] = None
                 continue
             version += 1
             internal[key] = flow_raw(version, key[0], fast.zone, fast.orig_len, fast.attrs)
+            told[key] = now + fast.timeout
             pending[key] = None
         self._version = version
         return keys
@@ -411,10 +435,13 @@ class Engine:
         the event: they keep it."""
         accepts = self.config.filter.accepts
         old = self.internal
+        old_told = self._told
         new: dict[bytes, bytes] = {}
+        told: dict[bytes, float] = {}
         for key in newer:
             if key in old:
                 new[key] = old[key]
+                told[key] = old_told.get(key, now)
         for entry in entries:
             if entry.key in newer or not accepts(entry):
                 continue
@@ -422,17 +449,82 @@ class Engine:
             prev = old.get(entry.key)
             if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
                 # only the countdown moved: no need to send the flow again (after an overrun the
-                # dump would otherwise re-announce the whole table)
+                # dump would otherwise re-announce the whole table; kernel_refresh() sends what
+                # traffic kept alive longer than peers were told)
                 new[entry.key] = prev
+                told[entry.key] = old_told.get(entry.key, now)
             else:
                 self._version += 1
                 new[entry.key] = wire.flow_msg(self._version, entry)
+                told[entry.key] = now + codec.timeout_of(entry.attrs)
                 if announce:
                     self._queue(entry.key)
         if announce:
             for key in old.keys() - new.keys():
                 self._queue(key)
         self.internal = new
+        self._told = told
+
+    def kernel_refresh(self, messages: Sequence[bytes], now: float, within: float,
+                       newer: Container[bytes] = frozenset()) -> int:
+        """Send again the flows whose timeouts traffic refreshed: the kernel reports no event
+        when a packet restarts a flow's countdown (a UDP stream, an ICMP echo, an established
+        TCP connection), so peers would expire their copy, or an injected one would expire in
+        their kernel, while the flow lives on here.
+
+        ``messages``: this kernel's table from a dump, one netlink message each, read as events
+        are (ctbridge.sync.intake). A flow goes out again when what peers were told runs out
+        within ``within`` seconds (the caller: until its next sweep has surely run) and this
+        kernel keeps it longer. So a flow is sent about once per its timeout, never once per
+        sweep, and a TCP connection established for days almost never. ``newer``: flows whose
+        events came while the dump ran (their cache entry is newer than the dump). The number of
+        flows refreshed; flows the cache lacks are left to their events (never brought back)."""
+        told = self._told
+        internal = self.internal
+        pending = self._pending
+        decode = self.intake.decode
+        horizon = now + within
+        version = self._version
+        refreshed = 0
+        for buf in messages:
+            fast = decode(buf, -1)
+            if fast is None:
+                continue
+            if type(fast) is Fast:
+                key = fast.key
+                runs_out = told.get(key)
+                if runs_out is None or runs_out >= horizon or now + fast.timeout <= runs_out + REFRESH_SLACK:
+                    continue
+                if key in newer or fast.destroy:
+                    continue
+                msg = wire.flow_raw(version + 1, key[0], fast.zone, fast.orig_len, fast.attrs)
+                seconds = fast.timeout
+            else:  # a layout the fast path does not follow
+                try:
+                    events = codec.decode_events(buf)
+                    if len(events) != 1:
+                        continue
+                    entry = codec.strip_local(events[0].entry)
+                except codec.CodecError as exc:
+                    self._malformed(exc)
+                    continue
+                key = entry.key
+                runs_out = told.get(key)
+                seconds = codec.timeout_of(entry.attrs)
+                if runs_out is None or runs_out >= horizon or now + seconds <= runs_out + REFRESH_SLACK:
+                    continue
+                if key in newer:
+                    continue
+                msg = wire.flow_msg(version + 1, entry)
+            version += 1
+            internal[key] = msg
+            told[key] = now + seconds
+            pending[key] = None
+            refreshed += 1
+        self._version = version
+        self.stats["refresh_sweeps"] += 1
+        self.stats["flows_refreshed"] += refreshed
+        return refreshed
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -473,10 +565,35 @@ class Engine:
         """This node's flows as it replicates them."""
         return [wire.flow_entry(key, msg) for key, msg in self.internal.items()]
 
-    def external_entries(self) -> list[Entry]:
-        """Every flow learnt from peers (for a commit). A flow two peers know is taken from the one
-        that was heard from first most recently (peers are kept in the order they appeared)."""
-        return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
+    def external_entries(self, now: float | None = None) -> list[Entry]:
+        """Every flow learnt from peers. A flow two peers know is taken from the one that was
+        heard from first most recently (peers are kept in the order they appeared).
+
+        With ``now`` (a commit), each flow's CTA_TIMEOUT is what is left of it: until the peer's
+        timeout runs out plus the expiry margin, so a committed flow lives here as long as its
+        copy would have; flows past that are left out (expired, counted)."""
+        if now is None or self.config.expiry_margin <= 0:
+            return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
+        merged: dict[bytes, ExternalFlow] = {}
+        for peer in self.peers.values():
+            merged.update(peer.external)
+        margin = self.config.expiry_margin
+        out: list[Entry] = []
+        expired = 0
+        with_timeout = codec.with_timeout
+        for key, cur in merged.items():
+            msg = cur.message
+            at = codec.timeout_offset(msg, wire.FLOW_HEADER)
+            if at < 0:
+                out.append(codec.Entry(key, msg[1], msg[wire.FLOW_HEADER:]))
+                continue
+            left = cur.heard + codec.timeout_of(msg, wire.FLOW_HEADER) + margin - now
+            if left <= 0:
+                expired += 1
+                continue
+            out.append(codec.Entry(key, msg[1], with_timeout(msg[wire.FLOW_HEADER:], int(left) + 1)))
+        self.stats["flows_expired"] += expired
+        return out
 
     def internal_messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of this node's flows: a snapshot that copies no flow (a listing)."""
@@ -513,6 +630,7 @@ class Engine:
     def flush_internal(self) -> None:
         """Forget this node's flows (they come back with the next dump); nothing is sent."""
         self.internal.clear()
+        self._told.clear()
 
     def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None,
                     peer_filters: Mapping[int, FlowFilter] | None = None) -> None:
@@ -710,6 +828,7 @@ class Engine:
         peer.nonces.clear()  # each answer proves one epoch: none of them is taken again
         peer.candidate_at = float("-inf")
         peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
+        peer.given_up = 0
         peer.ack_sent = header.seq - 1
         self.stats["sessions_proven"] += 1
         me = self.node_id
@@ -894,10 +1013,11 @@ class Engine:
                     continue
                 if not self._admit(peer, version, key, fmsg, seq):
                     continue
-                external[key] = ExternalFlow(version, fmsg, seq)
+                external[key] = ExternalFlow(version, fmsg, seq, now)
             elif version > cur.version:
                 cur.version = version
                 cur.message = fmsg
+                cur.heard = now
                 if seq > cur.seq:
                     cur.seq = seq
             else:
@@ -960,6 +1080,9 @@ class Engine:
                     peer.rx.fill(msg.first, msg.last)
                     # what those datagrams carried is lost: incomplete until the bulk that follows
                     peer.synced = False
+                    # a bulk that began before this gap's end proves nothing: a deletion lost in
+                    # the gap leaves a flow the bulk mentioned before it looking current
+                    peer.given_up = max(peer.given_up, msg.last)
                     if peer.resync_at is None:
                         peer.resync_at = now
             elif type(msg) is wire.Resync:
@@ -1031,9 +1154,10 @@ class Engine:
         if self.config.reliable and peer.rx.expected <= end_seq:
             return
         gap = peer.rx.missing()
-        if peer.bulk_dirty or (gap is not None and gap[0] <= end_seq):
-            # best-effort: datagrams of this bulk were lost, so "not mentioned" does not mean
-            # "gone"; keep what we have rather than delete flows the peer still has
+        if peer.bulk_dirty or peer.given_up >= begin_seq or (gap is not None and gap[0] <= end_seq):
+            # datagrams of this bulk were lost (best-effort), or given up (a GAP), so "not
+            # mentioned" does not mean "gone", nor "mentioned" "still there": keep what we have
+            # rather than delete flows the peer still has, and ask again
             self._events.append(BulkCompleted(peer.node, len(peer.external), 0, complete=False))
             peer.bulk_end = None
             peer.bulk_dirty = False
@@ -1538,6 +1662,9 @@ class Engine:
         if self._control or (flows_waiting and window_open) or self._resends:
             return float("-inf")  # output is waiting: call datagrams_to_send() now
         deadlines = [self._last_send + self.config.alive_interval, self._next_sweep]
+        if self.config.expiry_margin > 0:
+            # an expiry pass under way takes its next chunk as soon as the adapter can call
+            deadlines.append(self._last_input if self._expiry_work else self._expiry_at)
         if self._sent_at:
             deadlines.append(self._probe_due())  # probe: acknowledgements stopped
         if self._overflow_bulk and self._overflow_bulk_can_start():
@@ -1554,6 +1681,41 @@ class Engine:
             if peer.alive:
                 deadlines.append(peer.last_heard + self.config.peer_timeout)
         return min(deadlines)
+
+    def _expiry_pass(self) -> float:
+        """Seconds between expiry passes: a flow is dropped at most this late (a quarter of the
+        margin, at most 5 s)."""
+        return min(5.0, max(0.05, self.config.expiry_margin / 4))
+
+    def _expire(self, now: float) -> None:
+        """One chunk of an expiry pass (EXPIRY_CHUNK flows): drop the flows of peers whose timeout,
+        as it last came, ran out more than the margin ago. A pass starts when the last ended and
+        its interval passed; it works on the keys as they were at its start."""
+        if not self._expiry_work:
+            self._expiry_at = now + self._expiry_pass()
+            self._expiry_work = [(p, list(p.external)) for p in self.peers.values() if p.external]
+        limit = now - self.config.expiry_margin
+        budget = EXPIRY_CHUNK
+        expired = 0
+        timeout_of = codec.timeout_of
+        work = self._expiry_work
+        while work and budget > 0:
+            peer, keys = work[-1]
+            external = peer.external
+            take = min(budget, len(keys))
+            budget -= take
+            for key in keys[len(keys) - take:]:
+                cur = external.get(key)
+                if cur is not None and cur.heard + timeout_of(cur.message, wire.FLOW_HEADER) < limit:
+                    del external[key]
+                    expired += 1
+            del keys[len(keys) - take:]
+            if not keys:
+                work.pop()
+        if expired:
+            if self.stats["flows_expired"] == 0:
+                log.info("flows of peers expired: the peer stopped refreshing them (sync.expiry_margin)")
+            self.stats["flows_expired"] += expired
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
@@ -1607,6 +1769,8 @@ class Engine:
             self._probe_from = now
         if now >= self._last_send + cfg.alive_interval and not self._control:
             self._control.append(wire.alive_msg())
+        if cfg.expiry_margin > 0 and (self._expiry_work or now >= self._expiry_at):
+            self._expire(now)
         if now >= self._next_sweep:
             self._next_sweep = now + cfg.tombstone_ttl / 2
             for peer in self.peers.values():

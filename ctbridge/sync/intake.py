@@ -27,6 +27,7 @@ from ctbridge.sync import wire
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr, include/uapi/linux/netlink.h
 _U32 = struct.Struct("=I")
+_BE32 = struct.Struct(">I")  # CTA_TIMEOUT's seconds, network order
 _NLA = struct.Struct("=HH")
 _TYPE_MASK = 0x3FFF  # NLA_TYPE_MASK, include/uapi/linux/netlink.h
 _NEW_FLAGS = ct.NLM_F_CREATE | ct.NLM_F_EXCL  # a new entry (ctnetlink_conntrack_event)
@@ -47,6 +48,7 @@ class Fast(NamedTuple):
     attrs: bytes  # what is replicated (codec.strip_local), empty for a destroy
     zone: int
     orig_len: int  # length of the CTA_TUPLE_ORIG attribute, header included
+    timeout: int  # seconds left in CTA_TIMEOUT (0: none)
 
 
 class _Plan(NamedTuple):
@@ -66,6 +68,7 @@ class _Plan(NamedTuple):
     synproxy: int  # offset of a CTA_SYNPROXY attribute (-1 if none) ...
     keep_no_synproxy: Callable[[bytes], Any] | None  # ... and what to keep when it is all zero
     orig_len: int
+    timeout_at: int  # offset of CTA_TIMEOUT's seconds (-1: none)
 
 
 def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | None:
@@ -168,7 +171,7 @@ def _learn(buf: bytes) -> _Plan | None:
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
                  codec.ranges_getter(ranges), synproxy, keep_no,
-                 oe - os_ + 4)
+                 oe - os_ + 4, codec.timeout_offset(buf, _ATTRS))
     return plan if _agrees(plan, buf) else None
 
 
@@ -188,6 +191,8 @@ def _agrees(plan: _Plan, buf: bytes) -> bool:
         return False
     if plan.destroy:
         return True
+    if fast.timeout != codec.timeout_of(entry.attrs):
+        return False
     return wire.flow_raw(1, plan.family, fast.zone, fast.orig_len, fast.attrs) == \
         wire.flow_msg(1, codec.strip_local(entry))
 
@@ -199,13 +204,15 @@ def _read(plan: _Plan, buf: bytes) -> Fast:
     at = plan.state_at
     facts = (buf[plan.proto_at], buf[plan.src], buf[plan.reply_src], buf[at] if at >= 0 else None)
     if plan.destroy:
-        return Fast(key, True, False, facts, b"", 0, plan.orig_len)
+        return Fast(key, True, False, facts, b"", 0, plan.orig_len, 0)
     so = plan.synproxy
     if so >= 0 and plan.keep_no_synproxy is not None and buf[so:so + 28] == codec._ZERO_SYNPROXY:
         attrs = b"".join(plan.keep_no_synproxy(buf))
     else:
         attrs = b"".join(plan.keep(buf))
-    return Fast(key, False, plan.new, facts, attrs, (zone[0] << 8) | zone[1], plan.orig_len)
+    t = plan.timeout_at
+    return Fast(key, False, plan.new, facts, attrs, (zone[0] << 8) | zone[1], plan.orig_len,
+                _BE32.unpack_from(buf, t)[0] if t >= 0 else 0)
 
 
 class Intake:

@@ -849,3 +849,38 @@ def test_a_reload_that_narrows_the_filters_takes_what_they_now_refuse_out_of_the
     lab.engines[1].bulk_send(lab.now)
     lab.run(1)
     assert b.stats["bulk_count_mismatches"] == 0 and b.complete() and set(b.peers[1].external) == {flows[0].key}
+
+
+def test_a_gap_inside_a_bulk_makes_that_bulk_prove_nothing() -> None:
+    """Found by the attacker suite once expiry changed its timing: a bulk was still waiting for
+    its datagrams when the sender gave up on some of them (GAP), one of which deleted a flow the
+    bulk had mentioned. The bulk then completed (the GAP filled the hole) and the receiver said
+    complete, holding the deleted flow, with no bulk to come."""
+    a, b = _pair()
+    _handshake(a, b, 0.0)
+    _deliver(b, a, 0.0)
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(40)], 0.0)
+    _deliver(a, b, 0.0)
+    b.request_resync(1.0, 1)
+    _deliver(b, a, 1.0)
+    bulk = [d for d, _ in a.datagrams_to_send(1.0)]
+    assert len(bulk) >= 3 and _has(bulk[0], wire.MsgType.BULK_BEGIN) and _has(bulk[-1], wire.MsgType.BULK_END)
+    for d in [bulk[0], bulk[-1]]:  # the middle of the bulk is lost: the end waits for it
+        b.receive_datagram(d, 1.0)
+    # every flow but one changes, and arrives: the bulk's count of flows mentioned adds up
+    a.kernel_events([Event(EventKind.UPDATE, flow(i, mark=1), 0) for i in range(1, 40)], 1.0)
+    _deliver(a, b, 1.0)
+    a.kernel_events([Event(EventKind.DESTROY, flow(0), 0)], 1.0)
+    assert len(a.datagrams_to_send(1.0)) == 1  # the deletion, lost too
+    first = b.peers[1].rx.expected
+    seq = a._next_seq()  # and the sender says it cannot resend any of it
+    b.receive_datagram(wire.datagram(wire.Header(1, a.epoch, seq, 0), wire.gap_msg(2, a.epoch, first, seq - 1),
+                                     wire.Auth([KEY])), 1.0)
+    assert flow(0).key in b.peers[1].external
+    assert not b.complete()  # before the fix: complete, holding a flow its peer deleted
+    for t in range(2, 12):  # the bulk asked again completes, without the flow
+        b.handle_timer(float(t))
+        a.handle_timer(float(t))
+        _deliver(b, a, float(t))
+        _deliver(a, b, float(t))
+    assert b.complete() and flow(0).key not in b.peers[1].external and len(b.peers[1].external) == 39

@@ -1,0 +1,128 @@
+"""Timeouts across nodes (issue 14, deliver 2 and 3), with a fake clock: the kernel sends no event
+when traffic restarts a flow's countdown, so the sender finds those flows in a periodic dump
+(Engine.kernel_refresh) and sends them again before its peers' copies run out; peers expire what
+stops coming (expiry_margin), and a commit gives each flow what is left of it."""
+
+from __future__ import annotations
+
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec
+from ctbridge.conntrack.codec import Entry, Event, EventKind
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine, EngineConfig
+from tests.support.enginelab import KEY, flow
+
+
+def pair(**config: object) -> tuple[Engine, Engine]:
+    a = Engine(EngineConfig(node_id=1, **config), wire.Auth([KEY]), epoch=1, now=0.0)  # type: ignore[arg-type]
+    b = Engine(EngineConfig(node_id=2, **config), wire.Auth([KEY]), epoch=1, now=0.0)  # type: ignore[arg-type]
+    for _ in range(3):  # both ways until each answered the other's challenge
+        deliver(a, b, 0.0)
+        deliver(b, a, 0.0)
+    assert a.peers[2].proven and b.peers[1].proven
+    return a, b
+
+
+def deliver(src: Engine, dst: Engine, now: float) -> int:
+    sent = 0
+    for data, _ in src.datagrams_to_send(now):
+        dst.receive_datagram(data, now)
+        sent += 1
+    return sent
+
+
+def dump(*entries: Entry) -> list[bytes]:
+    """What a dump of the kernel's table gives, one netlink message per flow."""
+    return [codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 1, e.family, e.attrs) for e in entries]
+
+
+def timeout_at_b(b: Engine, key: bytes) -> int:
+    return codec.timeout_of(b.peers[1].external[key].message, wire.FLOW_HEADER)
+
+
+def test_a_flow_traffic_keeps_alive_is_sent_again_before_its_peers_copy_runs_out() -> None:
+    a, b = pair()
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0)], 0.0)
+    deliver(a, b, 0.0)
+    assert flow(1).key in b.peers[1].external
+    # t=10: traffic restarted the countdown (30 s left again); what B has runs out at 30, after
+    # the next sweep (within=20): nothing to send yet
+    assert a.kernel_refresh(dump(flow(1, timeout=30)), 10.0, within=20.0) == 0
+    assert deliver(a, b, 10.0) <= 1  # at most an ALIVE
+    # t=15: B's copy would run out before the sweep after next: sent again, with 30 s from now
+    assert a.kernel_refresh(dump(flow(1, timeout=30)), 15.0, within=20.0) == 1
+    deliver(a, b, 15.0)
+    assert b.peers[1].external[flow(1).key].runs_out() == 45.0
+    # an idle flow (its countdown only ran down) is not sent again
+    assert a.kernel_refresh(dump(flow(1, timeout=20)), 25.0, within=20.0) == 0
+    assert a.stats["flows_refreshed"] == 1 and a.stats["refresh_sweeps"] == 3
+
+
+def test_a_long_timeout_is_not_sent_again_at_every_sweep() -> None:
+    """An established TCP connection (5 days) whose packets keep restarting its countdown: what
+    peers hold runs out in days, so sweeps every few seconds send nothing."""
+    a, _b = pair()
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=432000), 0)], 0.0)
+    for t in range(1, 100):
+        assert a.kernel_refresh(dump(flow(1, timeout=432000)), float(t * 10), within=20.0) == 0
+
+
+def test_a_sweep_brings_back_no_flow_deleted_meanwhile_and_keeps_newer_events() -> None:
+    a, _b = pair()
+    a.kernel_events([Event(EventKind.NEW, flow(i, timeout=30), 0) for i in range(3)], 0.0)
+    a.datagrams_to_send(0.0)
+    a.kernel_events([Event(EventKind.DESTROY, flow(0), 0)], 5.0)  # gone after the dump read it
+    a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=7, timeout=30), 0)], 5.0)  # changed meanwhile
+    before = a.internal[flow(1).key]
+    assert a.kernel_refresh(dump(*(flow(i, timeout=30) for i in range(3))), 20.0, within=20.0,
+                            newer={flow(1).key}) == 1  # flow 2 only
+    assert flow(0).key not in a.internal and a.internal[flow(1).key] == before
+
+
+def test_a_dead_peers_flows_expire_after_their_timeout_and_the_margin() -> None:
+    a, b = pair(expiry_margin=30.0)
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=60), 0), Event(EventKind.NEW, flow(2, timeout=600), 0)],
+                    0.0)
+    deliver(a, b, 0.0)
+    for t in range(1, 200):  # A is gone: B hears nothing more
+        b.handle_timer(float(t))
+        for _ in range(4):
+            b.handle_timer(float(t))
+        if t == 85:
+            assert len(b.peers[1].external) == 2  # 60 + 30: not yet (a pass every 5 s)
+    assert flow(1).key not in b.peers[1].external and flow(2).key in b.peers[1].external
+    assert b.stats["flows_expired"] == 1
+
+
+def test_a_commit_gives_each_flow_what_is_left_of_it_and_leaves_out_what_expired() -> None:
+    a, b = pair(expiry_margin=30.0)
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=120), 0), Event(EventKind.NEW, flow(2, timeout=10), 0)],
+                    0.0)
+    deliver(a, b, 0.0)
+    entries = {e.key: e for e in b.external_entries(now=50.0)}
+    assert codec.timeout_of(entries[flow(1).key].attrs) == 101  # 120 + 30 - 50, rounded up
+    assert flow(2).key not in entries  # 10 + 30 < 50: expired
+    assert b.stats["flows_expired"] == 1
+    raw = {e.key: e for e in b.external_entries()}  # without a clock: as they came
+    assert codec.timeout_of(raw[flow(1).key].attrs) == 120
+
+
+def test_inject_mode_writes_the_refreshed_timeout_into_the_peers_kernel() -> None:
+    a, b = pair(apply_mode="inject")
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0)], 0.0)
+    deliver(a, b, 0.0)
+    assert [codec.timeout_of(op.entry.attrs) for op in b.kernel_ops() if op.entry is not None] == [30]
+    a.kernel_refresh(dump(flow(1, timeout=30)), 20.0, within=20.0)
+    deliver(a, b, 20.0)
+    ops = b.kernel_ops()
+    assert [(op.kind, codec.timeout_of(op.entry.attrs)) for op in ops if op.entry is not None] == [("commit", 30)]
+
+
+def test_without_a_margin_nothing_expires() -> None:
+    a, b = pair(expiry_margin=0.0)
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=1), 0)], 0.0)
+    deliver(a, b, 0.0)
+    for t in range(1, 100):
+        b.handle_timer(float(t))
+    assert flow(1).key in b.peers[1].external
+    assert codec.timeout_of(b.external_entries(now=99.0)[0].attrs) == 1
