@@ -77,6 +77,13 @@ class SyncSettings:
     peer_timeout: float = _key(5.0, "seconds of silence after which a peer stops holding back resends")
     resend_limit: int = _key(16384, "datagrams kept for resending; past it, peers get a bulk transfer")
     max_age: float = _key(0.0, "reject datagrams whose sender clock is this many seconds off (0: off)")
+    refresh_interval: float = _key(0.0, "seconds between sweeps of this kernel's table for flows whose timeouts "
+                                   "traffic restarted (the kernel sends no event for it), sent again before peers' "
+                                   "copies run out; 0: a quarter of the shortest UDP, ICMP or generic timeout, "
+                                   "1-10 s. A sweep waits at least 20 times the last one's duration")
+    expiry_margin: float = _key(30.0, "seconds a peer's flow is kept after the timeout it last came with ran out "
+                                "(a dead peer's flows go too); a commit gives each flow what is left of it. 0: "
+                                "never expire")
     links: tuple[SyncLink, ...] = _key((), "redundant sync links, written [[sync.links]] with local and peers "
                                        "(or group and interface): used in order when the ones before fail")
     link_timeout: float = _key(1.0, "seconds without a two-way exchange on a sync link before traffic moves "
@@ -470,6 +477,9 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
         except ValueError:
             fail("filter", "peer_accept", f"filter.peer_accept: {item!r} is not \"NODE CIDR\" (a node name, a space, "
                  "an address or CIDR)")
+    for name, seconds in (("refresh_interval", sync.refresh_interval), ("expiry_margin", sync.expiry_margin)):
+        if seconds < 0:
+            fail("sync", name, f"sync.{name} = {seconds} is negative")
     if cfg.sync.max_flows < 0:
         fail("sync", "max_flows", f"sync.max_flows: {cfg.sync.max_flows} is negative; 0 means the kernel's "
              "nf_conntrack_max")

@@ -228,6 +228,19 @@ class KernelTable:
             if part.done:
                 return
 
+    def dump_messages(self) -> list[bytes]:
+        """The whole table as its netlink messages (nlmsghdr included), one bytes each, undecoded:
+        a sweep reads them the way events are read (ctbridge.sync.intake)."""
+        out: list[bytes] = []
+        for buf, seq in self.dump_buffers():
+            messages, done, err, _interrupted = codec.walk_dump(buf, seq, _whole_message)
+            out.extend(messages)
+            if err:
+                raise explain(err, "conntrack dump")
+            if done:
+                break
+        return out
+
     def dump(self) -> list[Entry]:
         out: list[Entry] = []
         for part in self.dump_parts():
@@ -439,6 +452,10 @@ class KernelTable:
 # 5 ms after every send() or recv() before it may hand over the next batch, which costs about 40%
 # of a 100k-entry commit. A 0.5 ms interval for the duration keeps both cores busy.
 _SWITCH_INTERVAL = 0.0005
+
+
+def _whole_message(_family: int, buf: bytes, start: int, end: int) -> bytes:
+    return buf[start - 20:end]  # the attributes follow the nlmsghdr (16 bytes) and the nfgenmsg (4)
 
 
 @contextlib.contextmanager

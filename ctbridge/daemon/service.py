@@ -116,12 +116,39 @@ def conntrack_max() -> int:
         return 0
 
 
+# the timeouts traffic restarts without an event, in proc_sys_net_netfilter(5): a sweep must come
+# well within the shortest, or an injected copy (and a peer's cache) runs out between two sweeps
+REFRESHED_TIMEOUTS = ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream", "nf_conntrack_icmp_timeout",
+                      "nf_conntrack_icmpv6_timeout", "nf_conntrack_generic_timeout")
+REFRESH_SHARE = 20  # a sweep starts at least 20 times its last duration after it: at most 5% of a core
+REFRESH_CHUNK = 8192  # dump messages the engine reads per turn of the event loop (about 20 ms)
+
+
+def refresh_interval(cfg: Config) -> float:
+    """Seconds between sweeps: sync.refresh_interval, or a quarter of the shortest of this network
+    namespace's REFRESHED_TIMEOUTS, within 1-10 s (read again before each sweep: an operator may
+    lower them while the daemon runs)."""
+    if cfg.sync.refresh_interval > 0:
+        return cfg.sync.refresh_interval
+    shortest = 30.0  # the kernel's UDP default, if none can be read
+    seen = []
+    for name in REFRESHED_TIMEOUTS:
+        try:
+            with open(f"/proc/sys/net/netfilter/{name}") as f:
+                seen.append(float(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    if seen:
+        shortest = min(seen)
+    return min(10.0, max(1.0, shortest / 4))
+
+
 def engine_config(cfg: Config) -> EngineConfig:
     return EngineConfig(node_id=cfg.node_id, reliable=cfg.sync.mode == "reliable", apply_mode=cfg.apply.mode,
                         max_datagram=cfg.max_datagram(), alive_interval=cfg.sync.alive_interval,
                         peer_timeout=cfg.sync.peer_timeout, resend_limit=cfg.sync.resend_limit,
                         max_age=cfg.sync.max_age, filter=flow_filter(cfg), peer_filters=peer_filters(cfg),
-                        max_entries=cfg.sync.max_flows or conntrack_max())
+                        max_entries=cfg.sync.max_flows or conntrack_max(), expiry_margin=cfg.sync.expiry_margin)
 
 
 class Daemon:
@@ -153,10 +180,12 @@ class Daemon:
         self.inject_task: asyncio.Task[None] | None = None
         self.track_value: int | None = None
         self.role_restored = False  # MASTER taken back at start, no MASTER transition since
-        self.touched: set[bytes] | None = None  # while a dump runs: flows events changed meanwhile
+        self.watching: list[set[bytes]] = []  # while dumps run: for each, the flows events changed meanwhile
         self.stats_extra: dict[str, Any] = {
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
             "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},
+            # sweeps for timeouts traffic restarted: the last one's table size and duration
+            "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0},
             "transitions": [],
             "gate": None,
             "track_errors": 0,
@@ -268,8 +297,8 @@ class Daemon:
             keys = self.engine.kernel_messages(batch.buffers, self.loop.time(), self.events.skip_portid)
             kernel_stats["events"] += len(keys)
             if keys:
-                if self.touched is not None:
-                    self.touched.update(keys)
+                for touched in self.watching:
+                    touched.update(keys)
                 self.after_input()
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
@@ -279,15 +308,55 @@ class Daemon:
     async def resync_internal(self, announce: bool = True) -> int:
         async with self.kernel_lock:
             # flows whose events arrive while the dump runs: their events are newer than the dump
-            self.touched = touched = set[bytes]()
+            touched = set[bytes]()
+            self.watching.append(touched)
             try:
                 entries = await self.loop.run_in_executor(None, self.kernel.dump)
             finally:
-                self.touched = None
+                self.watching.remove(touched)
         self.engine.kernel_resync(entries, self.loop.time(), announce=announce, newer=touched)
         self.stats_extra["kernel"]["resyncs"] += 1
         self.after_input()
         return len(entries)
+
+    async def refresh_loop(self) -> None:
+        """Sweeps of this kernel's table for flows whose timeouts traffic restarted
+        (Engine.kernel_refresh), on a socket of their own: a sweep never waits for a commit, nor
+        holds one up. The dump is read in a thread; the engine takes it in chunks, so datagrams
+        and events are served in between."""
+        sweeper = KernelTable()
+        info = self.stats_extra["refresh"]
+        last = 0.0
+        try:
+            while True:
+                interval = refresh_interval(self.cfg)
+                wait = max(interval, REFRESH_SHARE * last)
+                info["interval"] = round(wait, 3)
+                await asyncio.sleep(wait)
+                start = time.monotonic()
+                touched = set[bytes]()
+                self.watching.append(touched)
+                try:
+                    messages = await self.loop.run_in_executor(None, sweeper.dump_messages)
+                    # until the next sweep has surely run: its wait, its own duration, a second
+                    within = 2 * max(interval, REFRESH_SHARE * last) + last + 1.0
+                    refreshed = 0
+                    for at in range(0, len(messages), REFRESH_CHUNK):
+                        refreshed += self.engine.kernel_refresh(messages[at:at + REFRESH_CHUNK], self.loop.time(),
+                                                                within, newer=touched)
+                        self.after_input()
+                        await asyncio.sleep(0)
+                except (OSError, KernelError) as exc:
+                    info["errors"] += 1
+                    if info["errors"] == 1:  # once: the counter tells how often
+                        log.warning("refresh sweep failed: %s (peers may expire flows traffic keeps alive)", exc)
+                    continue
+                finally:
+                    self.watching.remove(touched)
+                last = time.monotonic() - start
+                info.update(flows=len(messages), seconds=round(last, 4), refreshed=info["refreshed"] + refreshed)
+        finally:
+            sweeper.close()
 
     async def apply_injected(self) -> None:
         """Inject mode: peers' flows go into this kernel as they arrive, in batches."""
@@ -443,7 +512,8 @@ class Daemon:
                 log.info("MASTER: %d flows of this kernel announced to the peers", out.get("announced", 0))
 
     async def commit(self) -> dict[str, Any]:
-        entries = self.engine.external_entries()
+        # each with what is left of its timeout (expired ones left out)
+        entries = self.engine.external_entries(self.loop.time())
         # flows this kernel already holds (a node taking back the master role): updated at once
         existing = frozenset(self.engine.internal)
         result = await self.in_thread(self.kernel.commit, entries, self.cfg.apply.liberal_tcp, existing)
@@ -674,6 +744,7 @@ class Daemon:
             # peer that asks for a bulk transfer at once must get the whole table.
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
+            tasks.append(asyncio.ensure_future(self.refresh_loop()))
             self.links.open(self.loop, self.on_datagram, self.after_input)
             if self.links.redundant:
                 self.heartbeat = self.loop.call_soon(self._heartbeat)

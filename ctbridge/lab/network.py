@@ -117,6 +117,7 @@ class Options:
     advert_int: float = 1.0
     verbose: bool = False
     gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
+    sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -274,6 +275,9 @@ class CtbridgeReplicator:
         if self.options.event_buffer:
             text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
             cfg.write_text(text)
+        if self.options.sync:
+            cfg.write_text(cfg.read_text().replace("[sync]\n", "[sync]\n" + "".join(f"{line}\n" for line in
+                                                                                   self.options.sync), 1))
         lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:

@@ -304,3 +304,48 @@ def test_a_standby_cut_off_from_its_peer_is_demoted_without_a_restart(running: C
     wait_for("fw1 to hold fw2's flows", lambda: fw1.request("status")["external"]["entries"] >= TCP + UDP, timeout=30)
     the_lab.wait_recovered(the_lab.wait_master(fw1, timeout=30))
     final_check(the_lab)
+
+
+def lower_udp_timeouts(the_lab: Lab) -> None:
+    """UDP timeouts of 10 s (unreplied) and 15 s (stream) on both firewalls (per network namespace):
+    each packet of a flow restarts its countdown, without a kernel event."""
+    for fw in the_lab.fws:
+        fw.run("sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=10",
+               "net.netfilter.nf_conntrack_udp_timeout_stream=15")
+
+
+LONG_LIVED = 45.0  # seconds the flows run past the lowered timeouts: three times the stream timeout
+
+
+@pytest.mark.parametrize("mode", ["commit", "inject"])
+def test_long_lived_udp_flows_outlive_their_timeouts_on_the_standby(mode: str,
+                                                                    running: Callable[[Options], Lab]) -> None:
+    """Issue 14, deliver 2: with the UDP timeouts lowered, the flows kept alive three times past
+    them. The kernel reports no event when traffic restarts a flow's countdown, so fw1's sweeps
+    find those flows and send them again before fw2's copy runs out: fw2 (its cache, in inject mode
+    its kernel) still holds every flow at the failover, and none is NATed anew."""
+    the_lab = running(Options(apply_mode=mode, tcp=TCP, udp=UDP))
+    fw1, fw2 = the_lab.fws
+    lower_udp_timeouts(the_lab)
+    time.sleep(LONG_LIVED)
+    refresh = fw1.request("stats")["refresh"]
+    assert refresh["refreshed"] >= UDP and refresh["interval"] <= 2.5, refresh  # a quarter of 10 s
+    if mode == "inject":
+        assert fw2.lab_flows()["udp"] == UDP  # the injected copies did not run out
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+    assert fw2.request("stats")["sync"]["flows_expired"] == 0
+    final_check(the_lab)
+
+
+def test_without_refreshes_injected_udp_flows_run_out_on_the_standby(running: Callable[[Options], Lab]) -> None:
+    """The control: sweeps too rare to matter (1000 s), the same lowered timeouts and wait. The
+    standby's injected copies run out 15 s after the flows' last event, although traffic keeps
+    them alive on the master, and a failover would NAT them anew."""
+    the_lab = running(Options(apply_mode="inject", tcp=TCP, udp=UDP, sync=("refresh_interval = 1000",)))
+    fw1, fw2 = the_lab.fws
+    lower_udp_timeouts(the_lab)
+    time.sleep(LONG_LIVED)
+    assert fw1.lab_flows()["udp"] == UDP
+    assert fw2.lab_flows()["udp"] == 0
+    s = switch(the_lab, "keepalived stopped", fw1, fw2, recover_timeout=10)
+    assert s.status["udp_rebound"] == UDP, s.status
