@@ -223,6 +223,26 @@ class Intake:
         self.fast = 0  # messages read by a plan
         self.slow = 0  # messages left to the general path
 
+    def brief(self, buf: bytes) -> tuple[bytes, int, _Plan] | None:
+        """A dump message's key and seconds left, read by its layout's plan (None: the message
+        needs decode()): a refresh sweep reads the rest, with read(), only for the flows it sends."""
+        n = len(buf)
+        if n < _ATTRS + 4:
+            return None
+        mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
+        pkey = (mlen, mtype, mflags, buf[20:28])
+        plan = self.plans.get(pkey)
+        if plan is None or mlen != n or plan.destroy or plan.timeout_at < 0 or \
+                plan.heads.unpack_from(buf) != plan.expect or (buf[plan.proto_at] == ct.IPPROTO_TCP) != plan.tcp:
+            return None
+        zone, orig = plan.key(buf)
+        return bytes((plan.family,)) + (zone or _ZERO) + orig, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
+
+    @staticmethod
+    def read(plan: _Plan, buf: bytes) -> Fast:
+        """The whole of a message brief() took."""
+        return _read(plan, buf)
+
     def decode(self, buf: bytes, skip_portid: int) -> Fast | object | None:
         """One receive buffer holding one message: Fast, None (our own echo: skip it), or SLOW."""
         n = len(buf)
