@@ -381,13 +381,36 @@ def delete_request(key: bytes, seq: int, flags: int = ct.NLM_F_REQUEST) -> bytes
     return message(ct.MSG_CT_DELETE, flags, seq, family, body)
 
 
-def timeout_request(key: bytes, seq: int, seconds: int) -> bytes:
-    """CT_NEW that only sets an existing entry's timeout (a missing one answers ENOENT)."""
+def key_protocol(key: bytes) -> int:
+    """The IP protocol number of a flow key (CTA_PROTO_NUM of its original tuple)."""
+    _ip, proto = _tuple_fields(split_key(key)[2])
+    num = proto.get(ct.CTA_PROTO_NUM, b"")
+    if len(num) != 1:
+        raise CodecError("tuple lacks CTA_PROTO_NUM")
+    return num[0]
+
+
+def release_request(key: bytes, seq: int, seconds: int | None) -> bytes:
+    """CT_NEW that updates an entry a node kept from when it was master (a missing one answers
+    ENOENT): a TCP entry is marked BE_LIBERAL in both directions, because its windows fall behind
+    the traffic the new master carries and a packet of that traffic would be INVALID here if the
+    node took the role back before its commit landed; with ``seconds``, its timeout becomes that
+    (the purge: what no packet refreshes goes away)."""
     family, zone, orig = split_key(key)
     body = _NLA.pack(4 + len(orig), ct.CTA_TUPLE_ORIG | _NESTED) + orig
     if zone:
         body += attr(ct.CTA_ZONE, _BE16.pack(zone))
-    body += attr(ct.CTA_TIMEOUT, _BE32.pack(seconds))
+    if seconds is not None:
+        body += attr(ct.CTA_TIMEOUT, _BE32.pack(seconds))
+    if key_protocol(key) == ct.IPPROTO_TCP:
+        # struct nf_ct_tcp_flags {flags, mask}: nlattr_to_tcp (net/netfilter/nf_conntrack_proto_tcp.c)
+        # changes only the bits in the mask, so every other flag stays as the kernel has it
+        loose = bytes((ct.IP_CT_TCP_FLAG_BE_LIBERAL, ct.IP_CT_TCP_FLAG_BE_LIBERAL))
+        body += attr(ct.CTA_PROTOINFO, attr(ct.CTA_PROTOINFO_TCP, attr(ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, loose)
+                                            + attr(ct.CTA_PROTOINFO_TCP_FLAGS_REPLY, loose), nested=True),
+                     nested=True)
+    elif seconds is None:
+        raise CodecError("nothing to change: not a TCP flow, and no timeout")
     return message(ct.MSG_CT_NEW, ct.NLM_F_REQUEST, seq, family, body)
 
 

@@ -417,10 +417,13 @@ class KernelTable:
         """Remove entries by flow key; an entry already gone counts as missing, not as a failure."""
         return self._by_key(keys, codec.delete_request)
 
-    def expire(self, keys: Iterable[bytes], seconds: int) -> KeyResult:
-        """Set the timeout of entries to ``seconds``: those no packet refreshes go away then,
-        those still in use live on (what a node that lost the master role does with its flows)."""
-        return self._by_key(keys, lambda key, seq: codec.timeout_request(key, seq, seconds))
+    def release(self, keys: Iterable[bytes], seconds: int | None = None) -> KeyResult:
+        """Entries a node kept from when it was master: TCP ones marked BE_LIBERAL, and with
+        ``seconds`` every one's timeout set to it (codec.release_request). Keys of other
+        protocols are left alone when no timeout is asked for."""
+        if seconds is None:
+            keys = [k for k in keys if _is_tcp(k)]
+        return self._by_key(keys, lambda key, seq: codec.release_request(key, seq, seconds))
 
     def _by_key(self, keys: Iterable[bytes], encode: Callable[[bytes, int], bytes]) -> KeyResult:
         todo = list(keys)
@@ -452,6 +455,13 @@ class KernelTable:
 # 5 ms after every send() or recv() before it may hand over the next batch, which costs about 40%
 # of a 100k-entry commit. A 0.5 ms interval for the duration keeps both cores busy.
 _SWITCH_INTERVAL = 0.0005
+
+
+def _is_tcp(key: bytes) -> bool:
+    try:
+        return codec.key_protocol(key) == ct.IPPROTO_TCP
+    except codec.CodecError:
+        return True  # its request fails with EINVAL, counted with the others
 
 
 def _whole_message(_family: int, buf: bytes, start: int, end: int) -> bytes:

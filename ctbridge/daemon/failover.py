@@ -12,8 +12,12 @@ tested without root (tests/unit/test_failover.py). The rules:
   turn with other transitions, rebuild the internal cache from a dump and, if still MASTER, send it
   to the peers (``followup``).
 - BACKUP: become BACKUP and ask the peers for their flows; a node that was MASTER also starts the
-  purge of its former flows (their timeouts become apply.purge_timeout).
-- FAULT, STOP, DELETED: stop advertising this node's flows; the caches are kept.
+  purge of its former flows (their timeouts become apply.purge_timeout, and TCP ones are marked
+  BE_LIBERAL: see below).
+- FAULT, STOP, DELETED: stop advertising this node's flows; the caches are kept. A node that was
+  MASTER marks its former TCP flows BE_LIBERAL (release): their windows fall behind the traffic
+  the new master carries, and if it took the role back before its commit landed, the first packet
+  of each flow would be INVALID here (measured: one packet of every flow dropped at failback).
 - A transition to the role the node already has does nothing (except STOP, which always stands
   down), but the gate still follows keepalived: right after a start the engine says BACKUP while
   the gate has not been closed yet.
@@ -51,7 +55,8 @@ FLUSH_EXTERNAL = "flush-external"  # a master holds no peer's flows: its kernel 
 ROLE = "role"  # the engine's role
 ANNOUNCE = "announce"  # start the follow-up: a dump, then a bulk send if still MASTER
 REQUEST_RESYNC = "request-resync"  # ask the peers for their flows
-START_PURGE = "start-purge"
+START_PURGE = "start-purge"  # release this node's former flows with the purge timeout
+RELEASE = "release"  # mark this node's former TCP flows BE_LIBERAL, timeouts left alone
 DUMP = "dump"  # rebuild the internal cache from the kernel
 BULK_SEND = "bulk-send"  # send the internal cache to the peers
 
@@ -125,7 +130,11 @@ def decide(t: Transition, facts: Facts, purge_timeout: float = 60.0) -> Decision
             note += f"; flows of the former master expire in {purge_timeout:.0f} s unless packets keep them alive"
         return Decision(actions, role, note=note)
     actions.append(Action(ROLE, role=Role.FAULT))
-    return Decision(actions, role, note=f"{t.state}: stopped advertising this node's flows; caches kept")
+    note = f"{t.state}: stopped advertising this node's flows; caches kept"
+    if facts.role is Role.MASTER:
+        actions.append(Action(RELEASE))
+        note += "; its former TCP flows marked liberal"
+    return Decision(actions, role, note=note)
 
 
 def followup(role_now: Role) -> list[Action]:

@@ -498,6 +498,10 @@ class Daemon:
             self.engine.request_resync(self.loop.time())
         elif name == failover.START_PURGE and self.purge_task is None:
             self.purge_task = asyncio.ensure_future(self.purge())
+        elif name == failover.RELEASE:
+            keys = self.former_flows()
+            result = await self.in_thread(self.kernel.release, keys)
+            log.info("release: %d former TCP flows marked liberal", result.done)
         elif name == failover.DUMP:
             return {"announced": await self.resync_internal()}
         elif name == failover.BULK_SEND:
@@ -566,11 +570,16 @@ class Daemon:
         """Flows this node had as master: their timeout becomes the purge timeout, so those no
         packet refreshes (the new master forwards them now) go away; flows peers tell us about
         (inject mode) are left alone."""
-        external = self.engine.external_keys()
-        keys = [k for k in self.engine.internal if k not in external]
-        result = await self.in_thread(self.kernel.expire, keys, max(1, int(self.cfg.apply.purge_timeout)))
-        log.info("purge: %d flows of the former master expire in %.0f s", result.done, self.cfg.apply.purge_timeout)
+        result = await self.in_thread(self.kernel.release, self.former_flows(),
+                                      max(1, int(self.cfg.apply.purge_timeout)))
+        log.info("purge: %d flows of the former master expire in %.0f s (TCP ones marked liberal)", result.done,
+                 self.cfg.apply.purge_timeout)
         self.purge_task = None
+
+    def former_flows(self) -> list[bytes]:
+        """This kernel's flows that no peer told us about: the ones this node had as master."""
+        external = self.engine.external_keys()
+        return [k for k in self.engine.internal if k not in external]
 
     async def read_fifo(self, path: str) -> None:
         """keepalived's notify_fifo: the one channel where transitions arrive in order."""

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import EventKind
 from ctbridge.conntrack.table import EventSocket, KernelTable
@@ -384,14 +385,27 @@ def test_a_small_receive_buffer_means_smaller_batches_not_lost_answers(ns: str) 
         assert table.count() == 0
 
 
-def test_expire_shortens_timeouts(ns: str) -> None:
+def test_release_marks_tcp_flows_liberal_and_shortens_timeouts(ns: str) -> None:
+    """What a node that lost the master role does with its own flows (issue 14, deliver 4): TCP
+    ones become BE_LIBERAL in both directions, every other flag kept; the purge also shortens
+    their timeouts, and leaves flows still in use to their packets."""
     flows = builders.tcp_flows(100)
+    liberal = ct.IP_CT_TCP_FLAG_BE_LIBERAL
     with _table(ns) as table:
-        table.commit(flows)
-        result = table.expire([e.key for e in flows[:60]] + [builders.tcp_flows(200)[150].key], 30)
-        assert (result.done, result.missing, result.failed) == (60, 1, [])
-        timeouts = sorted(v["timeout"] for v in map(entry_view, table.dump()))
-    assert all(t <= 30 for t in timeouts[:60]) and all(t > 3000 for t in timeouts[60:])
+        table.commit(flows, liberal=False)
+        before = {e.key: entry_view(e) for e in table.dump()}
+        assert not any(v["tcp_flags_original"] & liberal for v in before.values())
+        result = table.release([e.key for e in flows[:40]])  # leaving MASTER for FAULT: flags only
+        assert (result.done, result.missing, result.failed) == (40, 0, [])
+        result = table.release([e.key for e in flows[40:60]] + [builders.tcp_flows(200)[150].key], 30)
+        assert (result.done, result.missing, result.failed) == (20, 1, [])
+        after = {e.key: entry_view(e) for e in table.dump()}
+    for i, e in enumerate(flows):
+        v, was = after[e.key], before[e.key]
+        released = i < 60
+        for side in ("tcp_flags_original", "tcp_flags_reply"):
+            assert v[side] == (was[side] | liberal if released else was[side]), (i, side)
+        assert (v["timeout"] <= 30) == (40 <= i < 60), (i, v["timeout"])
 
 
 def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:

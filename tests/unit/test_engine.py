@@ -873,12 +873,14 @@ def test_a_gap_inside_a_bulk_makes_that_bulk_prove_nothing() -> None:
     a.kernel_events([Event(EventKind.DESTROY, flow(0), 0)], 1.0)
     assert len(a.datagrams_to_send(1.0)) == 1  # the deletion, lost too
     first = b.peers[1].rx.expected
-    seq = a._next_seq()  # and the sender says it cannot resend any of it
+    a.handle_timer(3.0)
+    alive = a.datagrams_to_send(3.0)  # the sender's next datagram, lost; in its place, under its number,
+    seq = wire.decode(alive[0][0], wire.Auth([KEY]))[0].seq  # it says it cannot resend any of them
     b.receive_datagram(wire.datagram(wire.Header(1, a.epoch, seq, 0), wire.gap_msg(2, a.epoch, first, seq - 1),
-                                     wire.Auth([KEY])), 1.0)
+                                     wire.Auth([KEY])), 3.0)
     assert flow(0).key in b.peers[1].external
     assert not b.complete()  # before the fix: complete, holding a flow its peer deleted
-    for t in range(2, 12):  # the bulk asked again completes, without the flow
+    for t in range(4, 14):  # the bulk asked again completes, without the flow
         b.handle_timer(float(t))
         a.handle_timer(float(t))
         _deliver(b, a, float(t))
