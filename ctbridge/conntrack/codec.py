@@ -46,6 +46,30 @@ class Entry(NamedTuple):
     attrs: bytes
 
 
+class Record(NamedTuple):
+    """An entry kept inside a larger buffer (a sync message, its attributes from ``start`` on), to
+    be written with its CTA_TIMEOUT moved by ``extend`` seconds (never below 1): a commit of
+    cached flows gives each what is left of its time without copying it into an Entry first."""
+
+    key: bytes
+    family: int
+    buf: bytes
+    start: int
+    extend: float
+
+    @property
+    def attrs(self) -> bytes:
+        """The attributes as an Entry has them, the timeout moved."""
+        attrs = self.buf[self.start:]
+        if self.extend:
+            attrs = with_timeout(attrs, _moved(timeout_of(attrs), self.extend))
+        return attrs
+
+
+def _moved(seconds: int, extend: float) -> int:
+    return max(1, int(seconds + extend + 0.999))
+
+
 class EventKind(IntEnum):
     NEW = 1
     UPDATE = 2
@@ -542,9 +566,11 @@ class _Layout(NamedTuple):
     status: int  # payload offset of CTA_STATUS, -1 if none
     tcp: int  # offset of a kernel-layout TCP CTA_PROTOINFO, -1 if none
     zone: int  # payload offset of CTA_ZONE, -1 if none
+    timeout: int  # payload offset of CTA_TIMEOUT, -1 if none
+    ranges: tuple[slice, ...]  # what ``copy`` takes
 
 
-_LAYOUTS: dict[tuple[bool, int, bytes], _Layout | None] = {}
+_LAYOUTS: dict[tuple[bool, int, bytes, int], _Layout | None] = {}
 _LAYOUTS_MAX = 512
 
 
@@ -567,7 +593,7 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
     fmt = ["="]
     expect = []
     ranges: list[slice] = []
-    status = tcp = zone = -1
+    status = tcp = zone = timeout = -1
     pos = 0
     for t, s, e in iter_attrs(buf):
         off = s - 4
@@ -582,6 +608,10 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
             zone = s
         if what == 1:
             continue  # dropped
+        if t == ct.CTA_TIMEOUT:
+            if e - s != 4 or timeout >= 0:
+                return None
+            timeout = s
         if what == 2 and e - s != 4:
             return None
         if what == 2:
@@ -602,18 +632,35 @@ def _learn_layout(buf: bytes, update: bool) -> _Layout | None:
         return None
     copy = ranges_getter(ranges)
     size = sum(r.stop - r.start for r in ranges)
-    return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp, zone)
+    return _Layout(struct.Struct("".join(fmt)), tuple(expect), copy, size, status, tcp, zone, timeout,
+                   tuple(ranges))
 
 
-def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes | None:
+def _shifted(layout: _Layout | None, start: int) -> _Layout | None:
+    """A layout learnt on attributes alone, for the same attributes at ``start`` in a buffer."""
+    if layout is None or start == 0:
+        return layout
+    ranges = [slice(r.start + start, r.stop + start) for r in layout.ranges]
+
+    def at(off: int) -> int:
+        return off + start if off >= 0 else -1
+    return layout._replace(heads=struct.Struct(f"={start}x" + layout.heads.format[1:]), copy=ranges_getter(ranges),
+                           status=at(layout.status), tcp=at(layout.tcp), zone=at(layout.zone),
+                           timeout=at(layout.timeout), ranges=tuple(ranges))
+
+
+def _fast_request(entry: Entry | Record, seq: int, update: bool, liberal: bool) -> bytes | None:
     """The CT_NEW through a learnt layout, or None when the general path must do it."""
-    buf = entry.attrs
-    key = (update, len(buf), buf[:8])
+    if type(entry) is Record:
+        buf, start, extend = entry.buf, entry.start, entry.extend
+    else:
+        buf, start, extend = entry.attrs, 0, 0.0
+    key = (update, len(buf), buf[start:start + 8], start)
     layout = _LAYOUTS.get(key, _MISSING)
     if layout is _MISSING:
         if len(_LAYOUTS) >= _LAYOUTS_MAX:
             _LAYOUTS.clear()
-        layout = _LAYOUTS[key] = _learn_layout(buf, update)
+        layout = _LAYOUTS[key] = _shifted(_learn_layout(buf[start:], update), start)
     if layout is None or layout.heads.unpack_from(buf) != layout.expect:
         return None
     zo = layout.zone
@@ -635,6 +682,9 @@ def _fast_request(entry: Entry, seq: int, update: bool, liberal: bool) -> bytes 
         ba[po + 37] = _TCP_FLAGS_CARRIED
         ba[po + 44] = (ba[po + 44] & _TCP_FLAGS_CARRIED) | extra
         ba[po + 45] = _TCP_FLAGS_CARRIED
+    to = layout.timeout
+    if extend and to >= 0:
+        _BE32.pack_into(ba, to, _moved(_BE32.unpack_from(ba, to)[0], extend))
     head = _HEAD.pack(20 + layout.size, ct.MSG_CT_NEW, _UPDATE_FLAGS if update else _CREATE_FLAGS, seq, 0,
                       entry.family, ct.NFNETLINK_V0, 0)
     return head + b"".join(layout.copy(ba))
@@ -655,7 +705,7 @@ _EXPECTED_LOW = ct.IPS_EXPECTED
 _DYING_BYTE2 = ct.IPS_DYING >> 8
 
 
-def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = False,
+def new_request(entry: Entry | Record, seq: int, *, liberal: bool = True, update: bool = False,
                 keep_status: bool = True) -> bytes:
     """CT_NEW that recreates ``entry`` in another kernel.
 
@@ -676,7 +726,7 @@ def new_request(entry: Entry, seq: int, *, liberal: bool = True, update: bool = 
     return _general_request(entry, seq, liberal, update, keep_status)
 
 
-def _general_request(entry: Entry, seq: int, liberal: bool, update: bool, keep_status: bool) -> bytes:
+def _general_request(entry: Entry | Record, seq: int, liberal: bool, update: bool, keep_status: bool) -> bytes:
     """new_request for any layout: walks every attribute."""
     buf = entry.attrs
     # Per attribute: 0 copy unchanged, 1 drop, 2 status, 3 protoinfo, 4 original tuple, 5 reply tuple.

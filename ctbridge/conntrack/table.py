@@ -24,7 +24,7 @@ from typing import NamedTuple
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.conntrack import recvmmsg as mmsg
-from ctbridge.conntrack.codec import Entry, Event
+from ctbridge.conntrack.codec import Entry, Event, Record
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ class KernelTable:
             raise errors[0]
         return failures
 
-    def _write(self, entries: list[Entry], liberal: bool, update: bool = False,
+    def _write(self, entries: list[Entry | Record], liberal: bool, update: bool = False,
                keep_status: bool = True) -> dict[int, int]:
         """One pass of CT_NEW requests; {index into entries: errno} of the failures. An entry the
         codec cannot encode fails with EINVAL instead of stopping the others."""
@@ -352,7 +352,7 @@ class KernelTable:
         failed.update(bad)
         return failed
 
-    def commit(self, entries: Iterable[Entry], liberal: bool = True,
+    def commit(self, entries: Iterable[Entry | Record], liberal: bool = True,
                existing: Container[bytes] = frozenset()) -> CommitResult:
         """Write entries into the table: create what is missing, update what exists.
 
@@ -396,7 +396,8 @@ class KernelTable:
         return CommitResult(created, updated, [Failure(k, e) for k, e in final.items()],
                             time.monotonic() - start)
 
-    def _update(self, entries: list[Entry], liberal: bool, final: dict[bytes, int]) -> tuple[int, list[Entry]]:
+    def _update(self, entries: list[Entry | Record], liberal: bool,
+                final: dict[bytes, int]) -> tuple[int, list[Entry | Record]]:
         """Update entries in place; (how many were, those the table did not hold). Other refusals
         go into ``final``; EBUSY (a status bit that may only be set) is retried without the status."""
         upd = self._write(entries, liberal, update=True)

@@ -516,8 +516,8 @@ class Daemon:
                 log.info("MASTER: %d flows of this kernel announced to the peers", out.get("announced", 0))
 
     async def commit(self) -> dict[str, Any]:
-        # each with what is left of its timeout (expired ones left out)
-        entries = self.engine.external_entries(self.loop.time())
+        # each with what is left of its timeout
+        entries = self.engine.commit_records(self.loop.time())
         # flows this kernel already holds (a node taking back the master role): updated at once
         existing = frozenset(self.engine.internal)
         result = await self.in_thread(self.kernel.commit, entries, self.cfg.apply.liberal_tcp, existing)

@@ -574,35 +574,30 @@ class Engine:
         """This node's flows as it replicates them."""
         return [wire.flow_entry(key, msg) for key, msg in self.internal.items()]
 
-    def external_entries(self, now: float | None = None) -> list[Entry]:
+    def external_entries(self) -> list[Entry]:
         """Every flow learnt from peers. A flow two peers know is taken from the one that was
-        heard from first most recently (peers are kept in the order they appeared).
+        heard from first most recently (peers are kept in the order they appeared)."""
+        return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
 
-        With ``now`` (a commit), each flow's CTA_TIMEOUT is what is left of it: until the peer's
-        timeout runs out plus the expiry margin, so a committed flow lives here as long as its
-        copy would have; flows past that are left out (expired, counted)."""
-        if now is None or self.config.expiry_margin <= 0:
-            return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
-        merged: dict[bytes, ExternalFlow] = {}
-        for peer in self.peers.values():
-            merged.update(peer.external)
+    def commit_records(self, now: float) -> list[codec.Record]:
+        """external_entries() for a commit, each flow with what is left of its timeout: until
+        the peer's timeout, as it last came, runs out plus the expiry margin (at least 1 s: a
+        flow past it is gone from the cache at the next expiry pass). Records point into the
+        cached messages: nothing is copied until the codec writes the request."""
         margin = self.config.expiry_margin
-        out: list[Entry] = []
-        expired = 0
-        with_timeout = codec.with_timeout
-        for key, cur in merged.items():
-            msg = cur.message
-            at = codec.timeout_offset(msg, wire.FLOW_HEADER)
-            if at < 0:
-                out.append(codec.Entry(key, msg[1], msg[wire.FLOW_HEADER:]))
-                continue
-            left = cur.heard + codec.timeout_of(msg, wire.FLOW_HEADER) + margin - now
-            if left <= 0:
-                expired += 1
-                continue
-            out.append(codec.Entry(key, msg[1], with_timeout(msg[wire.FLOW_HEADER:], int(left) + 1)))
-        self.stats["flows_expired"] += expired
-        return out
+        header = wire.FLOW_HEADER
+        record = codec.Record
+        peers = [p.external for p in self.peers.values() if p.external]
+        if len(peers) == 1:
+            flows = peers[0]
+        else:
+            flows = {}
+            for external in peers:
+                flows.update(external)
+        if margin <= 0:
+            return [record(key, cur.message[1], cur.message, header, 0.0) for key, cur in flows.items()]
+        base = margin - now
+        return [record(key, cur.message[1], cur.message, header, cur.heard + base) for key, cur in flows.items()]
 
     def internal_messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of this node's flows: a snapshot that copies no flow (a listing)."""

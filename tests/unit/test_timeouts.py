@@ -94,16 +94,20 @@ def test_a_dead_peers_flows_expire_after_their_timeout_and_the_margin() -> None:
     assert b.stats["flows_expired"] == 1
 
 
-def test_a_commit_gives_each_flow_what_is_left_of_it_and_leaves_out_what_expired() -> None:
+def test_a_commit_gives_each_flow_what_is_left_of_it() -> None:
     a, b = pair(expiry_margin=30.0)
     a.kernel_events([Event(EventKind.NEW, flow(1, timeout=120), 0), Event(EventKind.NEW, flow(2, timeout=10), 0)],
                     0.0)
     deliver(a, b, 0.0)
-    entries = {e.key: e for e in b.external_entries(now=50.0)}
-    assert codec.timeout_of(entries[flow(1).key].attrs) == 101  # 120 + 30 - 50, rounded up
-    assert flow(2).key not in entries  # 10 + 30 < 50: expired
-    assert b.stats["flows_expired"] == 1
-    raw = {e.key: e for e in b.external_entries()}  # without a clock: as they came
+    records = {r.key: r for r in b.commit_records(now=50.0)}
+    assert codec.timeout_of(records[flow(1).key].attrs) == 100  # 120 + 30 - 50
+    assert codec.timeout_of(records[flow(2).key].attrs) == 1  # past it: 1 s (the next expiry pass drops it)
+    # the request the codec writes from the record (its fast path) says the same
+    for r, seconds in ((records[flow(1).key], 100), (records[flow(2).key], 1)):
+        request = codec.new_request(r, 1)
+        assert codec.timeout_of(request, 20) == seconds
+        assert request == codec.new_request(codec.Entry(r.key, r.family, r.attrs), 1)
+    raw = {e.key: e for e in b.external_entries()}  # as they came
     assert codec.timeout_of(raw[flow(1).key].attrs) == 120
 
 
@@ -125,4 +129,4 @@ def test_without_a_margin_nothing_expires() -> None:
     for t in range(1, 100):
         b.handle_timer(float(t))
     assert flow(1).key in b.peers[1].external
-    assert codec.timeout_of(b.external_entries(now=99.0)[0].attrs) == 1
+    assert codec.timeout_of(b.commit_records(now=99.0)[0].attrs) == 1  # as it came
