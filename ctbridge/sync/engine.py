@@ -132,18 +132,25 @@ class _Bulk:
 
 
 class ExternalFlow:
-    """One flow a peer told us about: its version (the peer's counter), its FLOW message, the
-    sequence number of the peer's last datagram that mentioned it (bulks drop flows not mentioned
-    since BULK_BEGIN), and when that version came (its CTA_TIMEOUT counts from then: expiry).
-    ``heard`` is the ``now`` of the datagram, one float shared by every flow it carried."""
+    """One flow a peer told us about: its FLOW message, the sequence number of the peer's last
+    datagram that mentioned it (bulks drop flows not mentioned since BULK_BEGIN; 0: from a
+    previous life of the peer), and when that version came (its CTA_TIMEOUT counts from then:
+    expiry). ``seq`` and ``heard`` are the datagram's, one object shared by every flow it
+    carried; the version is read from the message, so a cached flow costs its message, its key
+    and this object (bench/failover.py: memory per cached flow)."""
 
-    __slots__ = ("heard", "message", "seq", "version")
+    __slots__ = ("heard", "message", "seq")
 
-    def __init__(self, version: int, message: bytes, seq: int, heard: float = 0.0) -> None:
-        self.version = version
+    def __init__(self, message: bytes, seq: int, heard: float = 0.0) -> None:
         self.message = message
         self.seq = seq
         self.heard = heard
+
+    @property
+    def version(self) -> int:
+        """The peer's counter for this state; -1 for a flow of the peer's previous life, which
+        anything of its new life outranks."""
+        return wire.flow_version(self.message) if self.seq else -1
 
     def runs_out(self) -> float:
         """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
@@ -918,8 +925,7 @@ class Engine:
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
         for cur in peer.external.values():
-            cur.version = -1
-            cur.seq = 0
+            cur.seq = 0  # version -1: outranked by anything it sends now
         peer.tombstones.clear()
         peer.refused.clear()
         # What it had before is unknown now: the bulk asked for with our challenge replaces it.
@@ -1017,9 +1023,8 @@ class Engine:
                     continue
                 if not self._admit(peer, version, key, fmsg, seq):
                     continue
-                external[key] = ExternalFlow(version, fmsg, seq, now)
+                external[key] = ExternalFlow(fmsg, seq, now)
             elif version > cur.version:
-                cur.version = version
                 cur.message = fmsg
                 cur.heard = now
                 if seq > cur.seq:

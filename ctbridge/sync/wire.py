@@ -112,6 +112,15 @@ class Flow(NamedTuple):
         return flow_entry(self.key, self.msg)
 
 
+_VERSION = struct.Struct("!Q")
+
+
+def flow_version(msg: bytes) -> int:
+    """The version a FLOW (or DELETE) message carries, read from its head."""
+    version: int = _VERSION.unpack_from(msg, 4)[0]
+    return version
+
+
 def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
     """The Entry a FLOW message carries."""
     return codec.Entry(key, msg[1], msg[FLOW_HEADER:])

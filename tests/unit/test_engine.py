@@ -322,7 +322,7 @@ def test_a_lost_bulk_end_is_resent_and_the_bulk_completes() -> None:
     for t in range(3):
         _deliver(a, b, t)
         _deliver(b, a, t)
-    b.peers[1].external[flow(999).key] = ExternalFlow(0, wire.flow_msg(0, flow(999)), 0)  # a flow A does not have
+    b.peers[1].external[flow(999).key] = ExternalFlow(wire.flow_msg(0, flow(999)), 0)  # a flow A does not have
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(20)], 3.0)
     _deliver(a, b, 3.0)
     a.bulk_send(4.0)
