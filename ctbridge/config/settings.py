@@ -480,6 +480,11 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
     for name, seconds in (("refresh_interval", sync.refresh_interval), ("expiry_margin", sync.expiry_margin)):
         if seconds < 0:
             fail("sync", name, f"sync.{name} = {seconds} is negative")
+    for vip in cfg.keepalived.vips:
+        try:
+            ipaddress.ip_interface(vip)
+        except ValueError:
+            fail("keepalived", "vips", f"keepalived.vips: {vip!r} is not an address (with or without a prefix length)")
     if cfg.sync.max_flows < 0:
         fail("sync", "max_flows", f"sync.max_flows: {cfg.sync.max_flows} is negative; 0 means the kernel's "
              "nf_conntrack_max")

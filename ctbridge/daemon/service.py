@@ -543,7 +543,7 @@ class Daemon:
             self.gate_retry.cancel()
             self.gate_retry = None
         try:
-            await (gate.close() if closed else gate.open_())
+            await (gate.close(self.cfg.keepalived.vips) if closed else gate.open_())
         except (gate.GateError, OSError) as exc:
             log.error("%s", exc)
             self.stats_extra["gate"] = f"failed to {'close' if closed else 'open'}"

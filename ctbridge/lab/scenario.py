@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctbridge.lab.network import Firewall, Lab
+from ctbridge.lab.network import LAN_VIP, WAN_VIP, Firewall, Lab
 
 
 @dataclass
@@ -38,6 +39,28 @@ FAILOVERS = (
     ("LAN link up", 0, 0),
 )
 
+def _kill_keepalived(lab: Lab, fw: Firewall) -> None:
+    """keepalived dies (SIGKILL) and cannot take its VIPs down: they are removed as its restart
+    would (keepalived deletes the addresses of its instances when it starts as BACKUP)."""
+    fw.stop_keepalived(signal.SIGKILL)
+    for vip, dev in ((LAN_VIP, "lan0"), (WAN_VIP, "wan0")):
+        fw.run("ip", "addr", "del", f"{vip}/24", "dev", dev, check=False)
+
+
+def _kill_ctbridge(lab: Lab, fw: Firewall) -> None:
+    """ctbridge dies (SIGKILL: no clean stop) and is started again, as systemd's Restart= does."""
+    lab.replicator.stop(fw, signal.SIGKILL)
+    lab.replicator.start(fw)
+
+
+def _restart_daemons(lab: Lab, fw: Firewall) -> None:
+    """Every daemon stopped, then started again: what upgrading the package on both nodes does."""
+    for each in lab.fws:
+        lab.replicator.stop(each)
+    for each in lab.fws:
+        lab.replicator.start(each)
+
+
 TRIGGERS: dict[str, Callable[[Lab, Firewall], None]] = {
     "keepalived stopped": lambda lab, fw: fw.stop_keepalived(),
     "keepalived started": lambda lab, fw: fw.start_keepalived(),
@@ -45,6 +68,9 @@ TRIGGERS: dict[str, Callable[[Lab, Firewall], None]] = {
     "LAN link up": lambda lab, fw: fw.link("lan0", up=True),
     "maintenance on": lambda lab, fw: fw.maintenance(True),
     "maintenance off": lambda lab, fw: fw.maintenance(False),
+    "keepalived killed": _kill_keepalived,
+    "ctbridge killed": _kill_ctbridge,
+    "daemons restarted": _restart_daemons,
 }
 
 

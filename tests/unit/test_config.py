@@ -191,3 +191,13 @@ def test_the_boot_epoch_is_kept_or_the_start_refused(tmp_path: Path, monkeypatch
         host.next_epoch(str(blocked))
     with pytest.raises(host.EpochError, match="cannot be written"):
         host.save_epoch(str(blocked), 5)
+
+
+def test_a_vip_that_is_no_address_refuses_the_start() -> None:
+    """keepalived.vips go into the commit gate's nft script and the restart check: a wrong one is
+    said at load, in one line, never when the gate closes."""
+    config.parse(GOOD + '[keepalived]\nvips = ["192.0.2.1/24", "2001:db8::1"]\n', "c.toml")
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(GOOD + '[keepalived]\nvips = ["192.0.2.300/24"]\n', "c.toml")
+    assert len(err.value.problems) == 1
+    assert "keepalived.vips: '192.0.2.300/24' is not an address" in err.value.problems[0]
