@@ -275,10 +275,10 @@ def test_the_commit_gate_against_its_control(gate: bool, running: Callable[[Opti
           f"{rebound} UDP flows NATed anew, {s.status.get('tcp_failed', 0)} TCP connections failed")
     if gate:
         survived(s)
-        # the window was there, and the gate held it. Locally the policy dropped 0 packets in every
-        # run; fresh-root CI once counted 7 (of the control's 200), every flow recovering: not
-        # explained yet (issue 14 stays open), so bounded here rather than hidden
-        assert gated > 0 and policy <= TCP // 20, (policy, gated)
+        # the window was there, and the gate held it. Fresh-root CI once counted 7 policy drops
+        # here: replies addressed to the VIP reach the new master's input hook before their entry
+        # is committed (they are not de-NATed), which the gate now holds too (daemon/gate.py)
+        assert gated > 0 and policy == 0, (policy, gated)
         final_check(the_lab)
     else:
         assert harmed > 0, f"no harm without the gate: rebound {rebound}, policy drops {policy}, {s.status}"
