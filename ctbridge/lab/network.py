@@ -118,6 +118,8 @@ class Options:
     verbose: bool = False
     gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
     sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
+    ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
+    # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -281,9 +283,11 @@ class CtbridgeReplicator:
         lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:
-        fw.daemon = Process(f"{fw.name} ctbridge", fw.ns,
-                            [sys.executable, "-m", "ctbridge", "run", "-c", str(fw.dir / "ctbridge.toml")],
-                            fw.dir / "ctbridge.log", env={"PYTHONPATH": str(ROOT)})
+        command = list(self.options.ctbridge) or [sys.executable, "-m", "ctbridge"]
+        env = {"PYTHONPATH": str(ROOT)} if not self.options.ctbridge else {
+            "PYTHONPATH": "", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # nothing of this tree or venv
+        fw.daemon = Process(f"{fw.name} ctbridge", fw.ns, [*command, "run", "-c", str(fw.dir / "ctbridge.toml")],
+                            fw.dir / "ctbridge.log", env=env)
         wait_for(f"{fw.name}'s ctbridge to answer", lambda: fw.request("status"), timeout=30)
 
     def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None:

@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +166,75 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(15)
+
+
+def newer_deb(out: Path) -> tuple[Path, str]:
+    """This tree rebuilt as a newer version (a changelog entry on top, in a copy): what an upgrade
+    installs."""
+    src = out / "tree"
+    sh("cp", "-a", str(ROOT), str(src))
+    for junk in (".venv", "build", ".git"):
+        shutil.rmtree(src / junk, ignore_errors=True)
+    version = f"{ctbridge.__version__}+upgrade1"
+    changelog = src / "packaging" / "debian" / "changelog"
+    changelog.write_text(f"ctbridge ({version}) unstable; urgency=medium\n\n  * Rebuilt for the upgrade test.\n\n"
+                         f" -- ctbridge tests <tests@ctbridge.invalid>  Tue, 01 Dec 2026 00:00:00 +0000\n\n"
+                         + changelog.read_text())
+    res = sh(str(src / "packaging" / "build-deb"), str(out / "deb"), check=False)
+    assert res.returncode == 0, res.stderr
+    return Path(res.stdout.strip().splitlines()[-1]), version
+
+
+def test_upgrading_the_package_on_both_firewalls_under_traffic_moves_nothing(deb: Path, tmp_path: Path) -> None:
+    """Issue 14, deliver 1: the lab's two firewalls run the installed package's daemon (Debian's
+    Python and pyroute2). A newer build is installed over it and both daemons are restarted, as
+    the unit's restart after an upgrade does (no systemd here: the test restarts them). keepalived
+    sees no transition, the VIPs never leave fw1, and no flow is lost; a failover afterwards,
+    with the new version, still carries every flow."""
+    require("keepalived")
+    from ctbridge.lab import Options, lab
+    from ctbridge.lab.scenario import switch
+
+    newer, version = newer_deb(tmp_path)
+    with installed(deb), contextlib.ExitStack() as stack:
+        the_lab = stack.enter_context(lab(Options(tcp=100, udp=10, ctbridge=("/usr/bin/ctbridge",))))
+        the_lab.start()
+        fw1, fw2 = the_lab.fws
+        wait_for("fw2 to hold fw1's flows", lambda: fw2.request("status")["external"]["entries"] >= 110)
+        masters: list[str] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            for _ in range(1200):  # bounded: 2 minutes at 0.1 s
+                if done.is_set():
+                    return
+                m = the_lab.master()
+                masters.append(m.name if m is not None else "none")
+                time.sleep(0.1)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        logs = [(fw.dir / "keepalived.log").read_text().count("Entering") for fw in the_lab.fws]
+        try:
+            res = sh("apt-get", "install", "-y", "-q", "--no-install-recommends", str(newer), check=False)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            assert sh("dpkg-query", "-W", "-f=${Version}", "ctbridge").stdout == version
+            for fw in the_lab.fws:  # the unit's restart on both nodes at once
+                the_lab.replicator.stop(fw)
+            for fw in the_lab.fws:
+                the_lab.replicator.start(fw)
+            wait_for("fw2 to hold fw1's flows again", lambda: fw2.request("stats")["interlock"]["value"] == 0,
+                     timeout=60)
+            time.sleep(3)
+        finally:
+            done.set()
+            watcher.join(timeout=5)
+        assert sh("dpkg-query", "-W", "-f=${Version}", "ctbridge").stdout == version
+        assert set(masters) == {"fw1"}, masters
+        assert [(fw.dir / "keepalived.log").read_text().count("Entering") for fw in the_lab.fws] == logs
+        assert fw1.request("stats")["role"] == "MASTER"
+        status = the_lab.status()
+        assert status["tcp_failed"] == 0 and status["udp_rebound"] == 0 and status["tcp_alive"] == 100, status
+        s = switch(the_lab, "keepalived stopped", fw1, fw2)
+        assert s.recovered is not None and s.status["udp_rebound"] == 0 and s.flows_after == {"tcp": 100, "udp": 10}
+        final = the_lab.stop()
+        assert final["tcp_failed"] == 0 and final["udp_rebound"] == 0, final
