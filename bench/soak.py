@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--background", type=int, default=100_000)
     ap.add_argument("--no-conntrackd", action="store_true")
     args = ap.parse_args()
-    options = Options(tcp=args.tcp, udp=args.udp)
+    options = Options(tcp=args.tcp, udp=args.udp, ipv6=True)
     ours = totals(run(None, options, args.background), args.tcp, args.udp)
     theirs: dict[str, float] | None = None
     if not args.no_conntrackd:

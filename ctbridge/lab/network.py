@@ -47,6 +47,13 @@ CLIENT = f"{LAN}.100"
 SERVER = f"{WAN}.100"
 LAN_VIP = f"{LAN}.1"
 WAN_VIP = f"{WAN}.1"
+# IPv6 (Options.ipv6): the same plan in 2001:db8::/32, NAT66 to the WAN VIP
+LAN6 = "2001:db8:1::"
+WAN6 = "2001:db8:2::"
+CLIENT6 = f"{LAN6}100"
+SERVER6 = f"{WAN6}100"
+LAN_VIP6 = f"{LAN6}1"
+WAN_VIP6 = f"{WAN6}1"
 SYNC_PORT = 3780
 
 # The firewall's own ruleset: what an operator of a stateful NAT firewall would run.
@@ -55,6 +62,8 @@ table inet lab
 delete table inet lab
 table inet lab {{
     counter dropped {{ }}
+    counter dropped_input {{ }}
+    counter dropped_input6 {{ }}
 
     chain forward {{
         type filter hook forward priority filter; policy drop;
@@ -67,12 +76,14 @@ table inet lab {{
     chain input {{
         type filter hook input priority filter; policy accept;
         ct state established,related accept
-        iifname "wan0" ip protocol != vrrp counter name "dropped" drop
+        iifname "wan0" ip protocol != vrrp counter name "dropped_input" drop
+        iifname "wan0" meta nfproto ipv6 meta l4proto != {{ icmpv6, vrrp }} counter name "dropped_input6" drop
     }}
 
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "wan0" ip saddr {LAN}.0/24 snat ip to {WAN_VIP} fully-random
+        oifname "wan0" ip6 saddr {LAN6}/64 snat ip6 to {WAN_VIP6} fully-random
     }}
 }}
 """
@@ -118,6 +129,7 @@ class Options:
     verbose: bool = False
     gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
     sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
+    ipv6: bool = False  # IPv6 too: VIPs of their own (VRRP 3), NAT66, every other flow over IPv6
     ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
     # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
 
@@ -186,6 +198,8 @@ class Firewall:
         self.run_dir = self.dir / "run"
         self.lan = f"{LAN}.{1 + index}"
         self.wan = f"{WAN}.{1 + index}"
+        self.lan6 = f"{LAN6}{1 + index}"
+        self.wan6 = f"{WAN6}{1 + index}"
         self.sync = f"198.51.100.{index}"
         self.keepalived: Process | None = None
         self.daemon: Process | None = None
@@ -212,8 +226,11 @@ class Firewall:
     # --- state --------------------------------------------------------------------------------------
 
     def has_vips(self) -> bool:
-        out = self.run("ip", "-o", "-4", "addr", "show", check=False).stdout
-        return f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out
+        out = self.run("ip", "-o", "addr", "show", check=False).stdout
+        held = f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out
+        if self.lab.options.ipv6:
+            return held and f" {LAN_VIP6}/" in out and f" {WAN_VIP6}/" in out
+        return held
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
@@ -227,8 +244,9 @@ class Firewall:
         does not know) and ctbridge's commit gate ("gate": a new flow before the commit)."""
         out = {"policy": 0, "gate": 0}
         for item in json.loads(self.run("nft", "-j", "list", "ruleset").stdout)["nftables"]:
-            if "counter" in item and item["counter"].get("name") == "dropped":
+            if "counter" in item and item["counter"].get("name", "").startswith("dropped"):
                 out["policy"] += int(item["counter"]["packets"])
+                out[item["counter"]["name"]] = int(item["counter"]["packets"])
             rule = item.get("rule")
             if rule and rule["table"] == "ctbridge_gate":
                 out["gate"] += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
@@ -244,9 +262,13 @@ class Firewall:
     def lab_flows(self) -> dict[str, int]:
         """The client's flows in this kernel (conntrack CLI as the witness): TCP ones established."""
         out = {}
+        servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if self.lab.options.ipv6 else [])
         for proto, port in (("tcp", "5001"), ("udp", "5002")):
-            res = self.run("conntrack", "-L", "-p", proto, "--orig-dst", SERVER, "--dport", port, check=False)
-            lines = [line for line in res.stdout.splitlines() if line.strip()]
+            lines = []
+            for family, server in servers:
+                res = self.run("conntrack", "-L", "-f", family, "-p", proto, "--orig-dst", server, "--dport", port,
+                               check=False)
+                lines += [line for line in res.stdout.splitlines() if line.strip()]
             if proto == "tcp":
                 lines = [line for line in lines if " ESTABLISHED " in line]
             out[proto] = len(lines)
@@ -362,6 +384,15 @@ class Lab:
             fw.ns = stack.enter_context(netns.namespace(fw.name))
             fw.dir.mkdir()
             fw.run_dir.mkdir()
+        if self.options.ipv6:
+            # No duplicate address detection: an address is usable at once, as on a lab link it can
+            # be. Addresses kept when a link goes down ("LAN link down"): without it the kernel
+            # drops a firewall's IPv6 addresses with the link, and its peer's VRRP and neighbour
+            # solicitations to them were forwarded back out of the LAN (and dropped) after it came up.
+            for ns in (self.client_ns, self.server_ns, *(fw.ns for fw in self.fws)):
+                for scope in ("all", "default"):
+                    netns.run(ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.accept_dad=0",
+                              f"net.ipv6.conf.{scope}.dad_transmits=0", f"net.ipv6.conf.{scope}.keep_addr_on_down=1")
         sw = self.switch_ns
         for bridge in ("br-lan", "br-wan"):
             netns.run(sw, "ip", "link", "add", bridge, "type", "bridge")
@@ -378,6 +409,10 @@ class Lab:
         netns.run(self.client_ns, "ip", "route", "add", "default", "via", LAN_VIP)
         netns.run(self.server_ns, "ip", "addr", "add", f"{SERVER}/24", "dev", "eth0")
         netns.run(self.server_ns, "ip", "link", "set", "eth0", "up")
+        if self.options.ipv6:
+            netns.run(self.client_ns, "ip", "-6", "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
+            netns.run(self.client_ns, "ip", "-6", "route", "add", "default", "via", LAN_VIP6)
+            netns.run(self.server_ns, "ip", "-6", "addr", "add", f"{SERVER6}/64", "dev", "eth0", "nodad")
         fw1, fw2 = self.fws
         fw1.run("ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", fw2.ns)
         for fw in self.fws:
@@ -387,6 +422,10 @@ class Lab:
                 fw.run("ip", "addr", "add", addr, "dev", ifname)
                 fw.run("ip", "link", "set", ifname, "up")
             fw.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            if self.options.ipv6:
+                for ifname, addr in (("lan0", f"{fw.lan6}/64"), ("wan0", f"{fw.wan6}/64")):
+                    fw.run("ip", "-6", "addr", "add", addr, "dev", ifname, "nodad")
+                fw.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
             netns.run(fw.ns, "nft", "-f", "-", input=FIREWALL_RULES)
         subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(self.key)], check=True, timeout=60,
                        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -401,15 +440,19 @@ priority = {200 - 50 * fw.index}
 sync = {{ name = "sync0", address = "{fw.sync}/30" }}
 interfaces.lan = {{ name = "lan0", address = "{fw.lan}/24" }}
 interfaces.wan = {{ name = "wan0", address = "{fw.wan}/24" }}
-""" for fw in self.fws)
+""" + (f"""interfaces.lan6 = {{ name = "lan0", address = "{fw.lan6}/64" }}
+interfaces.wan6 = {{ name = "wan0", address = "{fw.wan6}/64" }}
+""" if o.ipv6 else "") for fw in self.fws)
         instances = "".join(f"""
 [[instance]]
 name = "{name}"
 side = "{side}"
 virtual_router_id = {vrid}
-vips = ["{vip}/24"]
+vips = ["{vip}"]
 advert_int = {o.advert_int}
-""" for name, side, vrid, vip in (("LAN", "lan", 51, LAN_VIP), ("WAN", "wan", 52, WAN_VIP)))
+""" for name, side, vrid, vip in (("LAN", "lan", 51, f"{LAN_VIP}/24"), ("WAN", "wan", 52, f"{WAN_VIP}/24"),
+                                 *((("LAN6", "lan6", 61, f"{LAN_VIP6}/64"), ("WAN6", "wan6", 62, f"{WAN_VIP6}/64"))
+                                   if o.ipv6 else ())))
         return f"""# The lab's cluster description, rendered into each firewall's directory.
 [cluster]
 name = "lab"
@@ -420,7 +463,7 @@ transport = "unicast"
 notify = "{o.notify}"
 interlock = {"true" if self.replicator.interlock else "false"}
 gate = {"true" if o.gate else "false"}
-vrrp_version = {3 if o.advert_int != int(o.advert_int) else 2}
+vrrp_version = {3 if o.advert_int != int(o.advert_int) or o.ipv6 else 2}
 group = "FW"
 
 [paths]
@@ -462,12 +505,14 @@ exit $rc
         self.fws[0].start_keepalived()
         wait_for("fw1 to become master", self.fws[0].has_vips, timeout=60)
         self.fws[1].start_keepalived()
+        six = self.options.ipv6
         self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
-                                                         "--address", SERVER], self.dir / "server.log",
-                              env={"PYTHONPATH": str(ROOT)})
+                                                         "--address", SERVER, *(["--address", SERVER6] if six else [])],
+                              self.dir / "server.log", env={"PYTHONPATH": str(ROOT)})
         wait_for("the server to listen", lambda: b"listening" in (self.dir / "server.log").read_bytes(), timeout=30)
         client = Process("client", self.client_ns, [
-            sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER, "--tcp",
+            sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER,
+            *(["--server", SERVER6] if six else []), "--tcp",
             str(self.options.tcp), "--udp", str(self.options.udp)], self.dir / "client.log",
             env={"PYTHONPATH": str(ROOT)}, stdout_pipe=True)
         self.traffic = Traffic(client)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctbridge.lab.network import LAN_VIP, WAN_VIP, Firewall, Lab
+from ctbridge.lab.network import LAN_VIP, LAN_VIP6, WAN_VIP, WAN_VIP6, Firewall, Lab
 
 
 @dataclass
@@ -43,8 +43,9 @@ def _kill_keepalived(lab: Lab, fw: Firewall) -> None:
     """keepalived dies (SIGKILL) and cannot take its VIPs down: they are removed as its restart
     would (keepalived deletes the addresses of its instances when it starts as BACKUP)."""
     fw.stop_keepalived(signal.SIGKILL)
-    for vip, dev in ((LAN_VIP, "lan0"), (WAN_VIP, "wan0")):
-        fw.run("ip", "addr", "del", f"{vip}/24", "dev", dev, check=False)
+    for vip, dev in ((f"{LAN_VIP}/24", "lan0"), (f"{WAN_VIP}/24", "wan0"), (f"{LAN_VIP6}/64", "lan0"),
+                     (f"{WAN_VIP6}/64", "wan0")):
+        fw.run("ip", "addr", "del", vip, "dev", dev, check=False)
 
 
 def _kill_ctbridge(lab: Lab, fw: Firewall) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctbridge.lab import netns
-from ctbridge.lab.network import SERVER, Firewall, Lab, wait_for
+from ctbridge.lab.network import SERVER, SERVER6, Firewall, Lab, wait_for
 from ctbridge.lab.scenario import Switch, switch
 
 # (event, on firewall index, who is master after it): ten in a row, every kind, each failover
@@ -47,22 +47,26 @@ class Row:
     renat: int
     same_bindings: bool
     switch: Switch
+    drops_by_rule: str = ""  # which of the ruleset's drop rules counted them, on which firewall
 
     def ok(self, tcp: int, udp: int) -> bool:
         return (self.recovered is not None and self.tcp_alive == tcp and self.udp == udp and self.policy_drops == 0
                 and self.renat == 0 and self.same_bindings)
 
 
-def bindings(fw: Firewall) -> set[tuple[str, str, str]]:
-    """The lab's flows in ``fw``'s kernel as (protocol, client port, NAT port): what a failover
-    must carry over unchanged (the conntrack CLI as the witness)."""
+def bindings(fw: Firewall) -> set[tuple[str, str, str, str]]:
+    """The lab's flows in ``fw``'s kernel as (family, protocol, client port, NAT port): what a
+    failover must carry over unchanged (the conntrack CLI as the witness)."""
     out = set()
-    for proto, port in (("tcp", "5001"), ("udp", "5002")):
-        res = fw.run("conntrack", "-L", "-p", proto, "--orig-dst", SERVER, "--dport", port, check=False)
-        for text in res.stdout.splitlines():
-            ports = [f.split("=", 1)[1] for f in text.split() if f.startswith(("sport=", "dport="))]
-            if len(ports) == 4:  # original sport, dport; reply sport, dport (the NAT binding's port)
-                out.add((proto, ports[0], ports[3]))
+    servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if fw.lab.options.ipv6 else [])
+    for family, server in servers:
+        for proto, port in (("tcp", "5001"), ("udp", "5002")):
+            res = fw.run("conntrack", "-L", "-f", family, "-p", proto, "--orig-dst", server, "--dport", port,
+                         check=False)
+            for text in res.stdout.splitlines():
+                ports = [f.split("=", 1)[1] for f in text.split() if f.startswith(("sport=", "dport="))]
+                if len(ports) == 4:  # original sport, dport; reply sport, dport (the NAT binding's port)
+                    out.add((family, proto, ports[0], ports[3]))
     return out
 
 
@@ -99,7 +103,7 @@ def run(lab: Lab, background: int = 0, sequence: tuple[tuple[str, int, int], ...
     for how, on, to in sequence:
         old = lab.master() or fws[0]
         before = bindings(old)
-        drops = [fw.drops()["policy"] for fw in fws]
+        drops = [fw.drops() for fw in fws]
         s = switch(lab, how, fws[on], fws[to], recover_timeout=60)
         new = fws[to]
         same = False
@@ -108,9 +112,14 @@ def run(lab: Lab, background: int = 0, sequence: tuple[tuple[str, int, int], ...
                 same = True
                 break
             time.sleep(0.2)
+        after = [fw.drops() for fw in fws]
+        detail = ", ".join(f"{fw.name} {name} {a[name] - d.get(name, 0)}"
+                           for fw, a, d in zip(fws, after, drops, strict=True)
+                           for name in sorted(a) if name.startswith("dropped") and a[name] > d.get(name, 0))
         row = Row(how, s.old, s.new, s.to_master, s.recovered, int(s.status.get("tcp_alive", 0)),
                   s.flows_after.get("udp", 0),
-                  sum(fw.drops()["policy"] - d for fw, d in zip(fws, drops, strict=True)), s.udp_renat, same, s)
+                  sum(a["policy"] - d["policy"] for a, d in zip(after, drops, strict=True)),
+                  s.udp_renat, same, s, detail)
         rows.append(row)
         log(line(row))
         standby = fws[1 - to]
@@ -128,7 +137,8 @@ HEAD = (f"{'event':<20} {'from':>4} {'to':>4} {'to master':>9} {'recovered':>9} 
 def line(r: Row) -> str:
     rec = f"{r.recovered:.2f}s" if r.recovered is not None else "never"
     return (f"{r.event:<20} {r.old:>4} {r.new:>4} {r.to_master:>8.2f}s {rec:>9} {r.tcp_alive:>9} {r.udp:>4} "
-            f"{r.policy_drops:>12} {r.renat:>8} {'yes' if r.same_bindings else 'NO':>8}")
+            f"{r.policy_drops:>12} {r.renat:>8} {'yes' if r.same_bindings else 'NO':>8}"
+            + (f"  ({r.drops_by_rule})" if r.drops_by_rule else ""))
 
 
 def table(rows: list[Row]) -> list[str]:

@@ -1,7 +1,9 @@
 """Lab traffic: long-lived TCP connections and UDP flows whose every byte is checked.
 
-    python -m ctbridge.lab.traffic server --address ADDR
-    python -m ctbridge.lab.traffic client --server ADDR --tcp 200 --udp 20
+    python -m ctbridge.lab.traffic server --address ADDR [--address ADDR6]
+    python -m ctbridge.lab.traffic client --server ADDR [--server ADDR6] --tcp 200 --udp 20
+
+With two server addresses (IPv4 and IPv6) the flows alternate between them.
 
 The server echoes TCP byte for byte, and answers each UDP datagram with the datagram plus the
 source address and port it saw, so the client notices a NAT binding that changed (a flow the new
@@ -51,17 +53,23 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data + f"|{addr[0]}:{addr[1]}".encode(), addr)
 
 
-async def serve(address: str) -> None:
+async def serve(addresses: list[str]) -> None:
     loop = asyncio.get_running_loop()
-    server = await asyncio.start_server(_echo, address, TCP_PORT, backlog=1024)
-    transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(address, UDP_PORT))
+    servers = []
+    transports = []
+    for address in addresses:
+        servers.append(await asyncio.start_server(_echo, address, TCP_PORT, backlog=1024))
+        transport, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(address, UDP_PORT))
+        transports.append(transport)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"listening": address}), flush=True)
+    print(json.dumps({"listening": addresses}), flush=True)
     await stop.wait()
-    server.close()
-    transport.close()
+    for server in servers:
+        server.close()
+    for transport in transports:
+        transport.close()
 
 
 # --- client -----------------------------------------------------------------------------------------
@@ -145,8 +153,9 @@ class _UdpFlow(asyncio.DatagramProtocol):
 
 async def _udp_flow(n: int, server: str, interval: float, c: Counters) -> None:
     loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
     transport, _ = await loop.create_datagram_endpoint(lambda: _UdpFlow(n, c), remote_addr=(server, UDP_PORT),
-                                                       family=socket.AF_INET)
+                                                       family=family)
     seq = 0
     try:
         while True:
@@ -157,7 +166,7 @@ async def _udp_flow(n: int, server: str, interval: float, c: Counters) -> None:
         transport.close()
 
 
-async def client(server: str, tcp: int, udp: int, chunk: int, interval: float) -> None:
+async def client(servers: list[str], tcp: int, udp: int, chunk: int, interval: float) -> None:
     loop = asyncio.get_running_loop()
     c = Counters()
     stop = asyncio.Event()
@@ -167,8 +176,9 @@ async def client(server: str, tcp: int, udp: int, chunk: int, interval: float) -
         if not os.read(sys.stdin.fileno(), 4096):  # the lab closed our stdin: stop
             stop.set()
     loop.add_reader(sys.stdin.fileno(), stdin_readable)
-    tasks = [asyncio.ensure_future(_tcp_conn(i, server, chunk, interval, c)) for i in range(tcp)]
-    tasks += [asyncio.ensure_future(_udp_flow(i, server, interval, c)) for i in range(udp)]
+    k = len(servers)
+    tasks = [asyncio.ensure_future(_tcp_conn(i, servers[i % k], chunk, interval, c)) for i in range(tcp)]
+    tasks += [asyncio.ensure_future(_udp_flow(i, servers[i % k], interval, c)) for i in range(udp)]
     while not stop.is_set():
         print(json.dumps(c.status()), flush=True)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -183,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctbridge.lab.traffic", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("server")
-    s.add_argument("--address", required=True)
+    s.add_argument("--address", required=True, action="append", help="an address to listen on (repeatable)")
     c = sub.add_parser("client")
-    c.add_argument("--server", required=True)
+    c.add_argument("--server", required=True, action="append", help="a server address (repeatable)")
     c.add_argument("--tcp", type=int, default=200, help="TCP connections")
     c.add_argument("--udp", type=int, default=20, help="UDP flows")
     c.add_argument("--chunk", type=int, default=512, help="bytes per TCP round trip")

@@ -1,5 +1,6 @@
 """The soak in its CI size (issue 14, deliver 7): ten events of every kind in a row, under
-traffic, with background entries in the master's table; bench/soak.py runs the full size."""
+traffic over IPv4 and IPv6 (every other flow, NAT66 to VIPs of their own), with background
+entries in the master's table; bench/soak.py runs the full size."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ BACKGROUND = 10_000
 def test_ten_events_in_a_row_lose_nothing() -> None:
     require("keepalived")
     with contextlib.ExitStack() as stack:
-        the_lab = stack.enter_context(lab(Options(tcp=TCP, udp=UDP)))
+        the_lab = stack.enter_context(lab(Options(tcp=TCP, udp=UDP, ipv6=True)))
         the_lab.start()
         soak.load_background(the_lab, BACKGROUND)
         rows = soak.run(the_lab, BACKGROUND)
