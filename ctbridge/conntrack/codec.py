@@ -67,7 +67,9 @@ class Record(NamedTuple):
 
 
 def _moved(seconds: int, extend: float) -> int:
-    return max(1, int(seconds + extend + 0.999))
+    """CTA_TIMEOUT moved by ``extend``: at least 1, at most what its u32 holds (a peer's timeout
+    near 2^32 plus a margin must not stop a commit)."""
+    return max(1, min(int(seconds + extend + 0.999), 0xFFFFFFFF))
 
 
 class EventKind(IntEnum):
@@ -931,9 +933,23 @@ def timeout_offset(buf: bytes, start: int = 0) -> int:
 
 
 def timeout_of(buf: bytes, start: int = 0) -> int:
-    """The seconds left in CTA_TIMEOUT (0 when there are none: such a flow counts as running out)."""
-    at = timeout_offset(buf, start)
+    """The seconds left in CTA_TIMEOUT (0 when there are none: such a flow counts as running out).
+
+    Runs for every cached flow in each expiry pass, so the offset is remembered per (length,
+    first attribute header) and only checked (the attribute header before it must be
+    CTA_TIMEOUT's) instead of walking the attributes again."""
+    key = (len(buf), start, buf[start:start + 4])
+    at = _TIMEOUT_AT.get(key, -2)
+    if at < 0 or buf[at - 4:at] != _TIMEOUT_HEAD:
+        at = timeout_offset(buf, start)
+        if len(_TIMEOUT_AT) >= _LAYOUTS_MAX:
+            _TIMEOUT_AT.clear()
+        _TIMEOUT_AT[key] = at
     return _BE32.unpack_from(buf, at)[0] if at >= 0 else 0
+
+
+_TIMEOUT_AT: dict[tuple[int, int, bytes], int] = {}
+_TIMEOUT_HEAD = struct.pack("=HH", 8, ct.CTA_TIMEOUT)
 
 
 def with_timeout(buf: bytes, seconds: int, start: int = 0) -> bytes:

@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ from ctbridge.daemon import control, failover, gate, keepalived, metrics
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
+    EVERYTHING,
     BulkCompleted,
     CompletenessChanged,
     Engine,
@@ -122,15 +124,37 @@ REFRESHED_TIMEOUTS = ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stre
                       "nf_conntrack_icmpv6_timeout", "nf_conntrack_generic_timeout")
 REFRESH_SHARE = 20  # a sweep starts at least 20 times its last duration after it: at most 5% of a core
 REFRESH_CHUNK = 8192  # dump messages the engine reads per turn of the event loop (about 20 ms)
+REFRESH_HISTORY = 8  # sweeps whose longest duration estimates the next one
 
 
-def refresh_interval(cfg: Config) -> float:
-    """Seconds between sweeps: sync.refresh_interval, or a quarter of the shortest of this network
-    namespace's REFRESHED_TIMEOUTS, within 1-10 s (read again before each sweep: an operator may
-    lower them while the daemon runs)."""
-    if cfg.sync.refresh_interval > 0:
-        return cfg.sync.refresh_interval
-    shortest = 30.0  # the kernel's UDP default, if none can be read
+def sweep_timing(interval: float, shortest: float, dumped: float, last: float) -> tuple[float, float]:
+    """(seconds until the next sweep, how far ahead this one refreshes), once this sweep's dump
+    took ``dumped`` seconds and the longest of the last sweeps ``last`` (REFRESH_HISTORY of
+    them); ``shortest``: the shortest timeout traffic restarts (refreshed_timeouts()).
+
+    A flow this sweep does not send must still be held by its peers when the next sweep has
+    read it: after this sweep's own remaining work, the wait, and the next sweep's dump and
+    work. So this sweep refreshes what runs out within the wait plus twice a sweep's duration
+    (the estimate: the longer of the last sweeps and 1.5 times this dump) plus a fifth of the
+    shortest timeout (at least a second) for a next sweep slower than any before. The wait is
+    decided here and kept, whatever this sweep then takes: ``within`` rests on it.
+
+    The next sweep waits REFRESH_SHARE times a sweep's duration (at most 5% of a core), but
+    never so long that a flow refreshed now with the shortest timeout would run out before the
+    next sweep has sent it again: correctness first, so a table whose sweep takes more than a
+    few percent of the shortest timeout is swept more often (found by review: 3 s sweeps waited
+    60 s, and 30 s UDP flows ran out on every peer)."""
+    estimate = max(last, 1.5 * dumped)
+    slack = max(1.0, shortest / 5)
+    ceiling = shortest - 3 * estimate - slack  # what a flow refreshed now must outlive
+    wait = max(interval if ceiling >= interval else 0.25, min(REFRESH_SHARE * estimate, ceiling))
+    return wait, wait + 2 * estimate + slack
+
+
+def refreshed_timeouts() -> float:
+    """The shortest of this network namespace's REFRESHED_TIMEOUTS, in seconds (30, the kernel's
+    UDP default, if none can be read). Read again before each sweep: an operator may lower them
+    while the daemon runs."""
     seen = []
     for name in REFRESHED_TIMEOUTS:
         try:
@@ -138,8 +162,13 @@ def refresh_interval(cfg: Config) -> float:
                 seen.append(float(f.read().strip()))
         except (OSError, ValueError):
             continue
-    if seen:
-        shortest = min(seen)
+    return min(seen) if seen else 30.0
+
+
+def refresh_interval(cfg: Config, shortest: float) -> float:
+    """Seconds between sweeps: sync.refresh_interval, or a quarter of ``shortest``, within 1-10 s."""
+    if cfg.sync.refresh_interval > 0:
+        return cfg.sync.refresh_interval
     return min(10.0, max(1.0, shortest / 4))
 
 
@@ -185,7 +214,7 @@ class Daemon:
             "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},
             "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},
             # sweeps for timeouts traffic restarted: the last one's table size and duration
-            "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0},
+            "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0, "superseded": 0},
             "transitions": [],
             "gate": None,
             "track_errors": 0,
@@ -315,6 +344,8 @@ class Daemon:
             finally:
                 self.watching.remove(touched)
         self.engine.kernel_resync(entries, self.loop.time(), announce=announce, newer=touched)
+        for other in self.watching:  # a sweep under way read the table before this: it is older
+            other.add(EVERYTHING)
         self.stats_extra["kernel"]["resyncs"] += 1
         self.after_input()
         return len(entries)
@@ -323,25 +354,29 @@ class Daemon:
         """Sweeps of this kernel's table for flows whose timeouts traffic restarted
         (Engine.kernel_refresh), on a socket of their own: a sweep never waits for a commit, nor
         holds one up. The dump is read in a thread; the engine takes it in chunks, so datagrams
-        and events are served in between."""
+        and events are served in between. When the next sweep comes, and so how far ahead this
+        one refreshes, is sweep_timing()'s."""
         sweeper = KernelTable()
         info = self.stats_extra["refresh"]
-        last = 0.0
+        recent: deque[float] = deque([0.0], maxlen=REFRESH_HISTORY)
+        wait = refresh_interval(self.cfg, refreshed_timeouts())
         try:
             while True:
-                interval = refresh_interval(self.cfg)
-                wait = max(interval, REFRESH_SHARE * last)
                 info["interval"] = round(wait, 3)
                 await asyncio.sleep(wait)
                 start = time.monotonic()
                 touched = set[bytes]()
                 self.watching.append(touched)
+                refreshed = 0
                 try:
                     messages = await self.loop.run_in_executor(None, sweeper.dump_messages)
-                    # until the next sweep has surely run: its wait, its own duration, a second
-                    within = 2 * max(interval, REFRESH_SHARE * last) + last + 1.0
-                    refreshed = 0
+                    shortest = refreshed_timeouts()
+                    wait, within = sweep_timing(refresh_interval(self.cfg, shortest), shortest,
+                                                time.monotonic() - start, max(recent))
                     for at in range(0, len(messages), REFRESH_CHUNK):
+                        if EVERYTHING in touched:  # the table was read again meanwhile: this dump is older
+                            info["superseded"] += 1
+                            break
                         refreshed += self.engine.kernel_refresh(messages[at:at + REFRESH_CHUNK], self.loop.time(),
                                                                 within, newer=touched)
                         self.after_input()
@@ -350,11 +385,12 @@ class Daemon:
                     info["errors"] += 1
                     if info["errors"] == 1:  # once: the counter tells how often
                         log.warning("refresh sweep failed: %s (peers may expire flows traffic keeps alive)", exc)
+                    wait = refresh_interval(self.cfg, refreshed_timeouts())
                     continue
                 finally:
                     self.watching.remove(touched)
-                last = time.monotonic() - start
-                info.update(flows=len(messages), seconds=round(last, 4), refreshed=info["refreshed"] + refreshed)
+                recent.append(time.monotonic() - start)
+                info.update(flows=len(messages), seconds=round(recent[-1], 4), refreshed=info["refreshed"] + refreshed)
         finally:
             sweeper.close()
 
@@ -689,6 +725,9 @@ class Daemon:
             raise ValueError("flush takes internal, external or nothing (both)")
         if which in ("internal", "both"):
             self.engine.flush_internal()
+            # read again at once, and announced: the sweeps refresh only what the cache holds,
+            # and what peers were told of the flushed flows is unknown now
+            await self.resync_internal()
         if which in ("external", "both"):
             self.engine.flush_external()
         return {"ok": True, "flushed": which}

@@ -66,17 +66,18 @@ class ReceiveWindow:
             return None
         return self.expected, min(self.above) - 1
 
-    def fill(self, first: int, last: int) -> None:
-        """The sender will not resend first..last: stop waiting for them. Only a range that
-        starts at the first missing number moves anything (a sender answers what was asked for);
-        the cost does not depend on the range's size."""
+    def fill(self, first: int, last: int) -> bool:
+        """The sender will not resend first..last: stop waiting for them; True if that skipped
+        numbers not received. Only a range that starts at the first missing number moves anything
+        (a sender answers what was asked for); the cost does not depend on the range's size."""
         if first > self.expected or last < self.expected:
-            return
+            return False
         self.expected = last + 1
         self.above = {s for s in self.above if s > last}
         while self.expected in self.above:
             self.above.discard(self.expected)
             self.expected += 1
+        return True
 
     def give_up_before(self, seq: int) -> bool:
         """Treat every number below ``seq`` as done; True if that skipped a gap."""

@@ -335,3 +335,15 @@ def test_a_master_whose_daemon_restarts_comes_back_as_master_and_a_stale_role_do
         time.sleep(1)
         assert b.request("status")["role"] == "BACKUP", b.log.read_text()[-3000:]
         assert track.read_text().strip() == "-254"
+
+
+def test_flushing_the_internal_cache_reads_the_table_again() -> None:
+    """Found by review: `ctbridge flush internal` emptied the cache the refresh sweeps work from,
+    and nothing read the table again until an overrun or a role change, so peers expired flows
+    this kernel still had. The flush is now followed by a dump, announced."""
+    with cluster(2) as c:
+        a, b = c.nodes
+        replicated(a, b)
+        assert a.request("flush", which="internal")["ok"]
+        assert a.request("status")["internal"]["entries"] == len(FLOWS)
+        wait_for("B to hold A's flows", lambda: len(b.external()) == len(FLOWS))

@@ -172,9 +172,8 @@ def newer_deb(out: Path) -> tuple[Path, str]:
     """This tree rebuilt as a newer version (a changelog entry on top, in a copy): what an upgrade
     installs."""
     src = out / "tree"
-    sh("cp", "-a", str(ROOT), str(src))
-    for junk in (".venv", "build", ".git"):
-        shutil.rmtree(src / junk, ignore_errors=True)
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", "build", ".git", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache", ".pytest_cache"))
     version = f"{ctbridge.__version__}+upgrade1"
     changelog = src / "packaging" / "debian" / "changelog"
     changelog.write_text(f"ctbridge ({version}) unstable; urgency=medium\n\n  * Rebuilt for the upgrade test.\n\n"

@@ -886,3 +886,80 @@ def test_a_gap_inside_a_bulk_makes_that_bulk_prove_nothing() -> None:
         _deliver(b, a, float(t))
         _deliver(a, b, float(t))
     assert b.complete() and flow(0).key not in b.peers[1].external and len(b.peers[1].external) == 39
+
+
+def test_a_local_give_up_inside_a_bulk_makes_that_bulk_prove_nothing() -> None:
+    """Found by review: the receiver's own give-up (too much beyond a gap, rx_limit) set no mark
+    a bulk under way would check, so a deletion lost for good inside the bulk left its flow in
+    the copy, which said complete, for the flow's whole timeout."""
+    from ctbridge.sync.engine import Engine, EngineConfig
+    auth = wire.Auth([KEY])
+    a = Engine(EngineConfig(node_id=1, rx_limit=16, burst=1), auth, epoch=1, now=0.0)
+    b = Engine(EngineConfig(node_id=2, rx_limit=16, burst=1), auth, epoch=1, now=0.0)
+    lost: set[int] = set()
+
+    def seq_of(data: bytes) -> int:
+        return wire.decode(data, auth)[0].seq
+
+    def run(src: Engine, dst: Engine, now: float) -> None:
+        for _ in range(300):
+            out = src.datagrams_to_send(now)
+            if not out:
+                return
+            for data, _ in out:
+                if seq_of(data) not in lost:
+                    dst.receive_datagram(data, now)
+    for _ in range(3):
+        run(a, b, 0.0)
+        run(b, a, 0.0)
+    n = 2000
+    a.kernel_events([Event(EventKind.NEW, flow(i, timeout=432000), 0) for i in range(n)], 0.0)
+    a.drop_pending()
+    b.request_resync(1.0)
+    run(b, a, 1.0)
+    out = a.datagrams_to_send(1.0)
+    b.receive_datagram(out[0][0], 1.0)  # BULK_BEGIN and the first flows
+    a.kernel_events([Event(EventKind.DESTROY, flow(0), 0)], 1.0)
+    nxt = a.datagrams_to_send(1.0)
+    lost.add(seq_of(nxt[0][0]))  # the DELETE's datagram, and every resend of it, are lost
+    carried = [m.key for m in wire.decode(nxt[0][0], auth)[1] if isinstance(m, wire.Flow)]
+    index = {flow(i).key: i for i in range(n)}
+    # what else it carried changes and goes out again: the bulk's count still adds up
+    a.kernel_events([Event(EventKind.UPDATE, flow(index[k], mark=1, timeout=432000), 0) for k in carried], 1.0)
+    t = 1.0
+    for _ in range(400):
+        t += 0.01
+        run(a, b, t)
+        run(b, a, t)
+        a.handle_timer(t)
+        b.handle_timer(t)
+    assert b.stats["gaps_given_up"] >= 1
+    assert not (b.complete() and flow(0).key in b.peers[1].external)  # before the fix: both
+    for _ in range(30):  # the bulk asked again replaces the copy
+        t += 1.0
+        run(a, b, t)
+        run(b, a, t)
+        a.handle_timer(t)
+        b.handle_timer(t)
+    assert flow(0).key not in b.peers[1].external and b.complete()
+
+
+def test_a_stale_gap_does_not_void_a_bulk() -> None:
+    """Found by review: a GAP naming only numbers that had arrived (a late answer to a NACK the
+    resend overtook) still marked the bulk under way as proving nothing: an extra bulk each time."""
+    a, b = _pair()
+    _handshake(a, b, 0.0)
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(50)], 1.0)
+    a.drop_pending()
+    a.bulk_send(1.0)
+    out = a.datagrams_to_send(1.0)
+    first = wire.decode(out[0][0], wire.Auth([KEY]))[0].seq
+    for d, _ in out[:-1]:
+        b.receive_datagram(d, 1.0)
+    a.kernel_events([Event(EventKind.NEW, flow(99), 0)], 3.0)  # A's next datagram: lost, its number
+    spare = wire.decode(a.datagrams_to_send(3.0)[0][0], wire.Auth([KEY]))[0].seq  # taken by the GAP
+    stale = wire.datagram(wire.Header(1, a.epoch, spare, 0), wire.gap_msg(2, a.epoch, first, first), wire.Auth([KEY]))
+    bulks = b.stats["bulks_received"]
+    b.receive_datagram(stale, 3.0)  # names a datagram B has: changes nothing
+    b.receive_datagram(out[-1][0], 3.0)  # BULK_END
+    assert b.stats["bulks_received"] == bulks + 1 and b.peers[1].synced

@@ -130,3 +130,81 @@ def test_without_a_margin_nothing_expires() -> None:
         b.handle_timer(float(t))
     assert flow(1).key in b.peers[1].external
     assert codec.timeout_of(b.commit_records(now=99.0)[0].attrs) == 1  # as it came
+
+
+def test_sweeps_refresh_in_time_whatever_they_take() -> None:
+    """Found by review: the horizon came from the last sweep's duration while the wait came from
+    this one's (times 20), so a slow sweep (a big table) let a live flow's copy run out before
+    the next sweep refreshed it (inject mode: in the peer's kernel, which has no margin). A fake
+    clock drives Engine.kernel_refresh with the daemon's sweep_timing and sweeps of random
+    duration, 50 ms to 3 s: the peer's copy of a flow traffic keeps alive never runs out."""
+    import random
+
+    from ctbridge.daemon.service import sweep_timing
+    rng = random.Random(7)
+    a, b = pair(expiry_margin=30.0)
+    t = 0.0
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0)], t)
+    deliver(a, b, t)
+    wait = 2.5
+    recent = [0.0]  # the daemon's REFRESH_HISTORY
+    lapses = 0
+    for _ in range(300):
+        start = t + wait
+        dumped = rng.choice([0.05, 0.05, 0.5, 1.5, 3.0])  # the dump, then as long again for the engine
+        t = start + dumped
+        runs_out = b.peers[1].external[flow(1).key].runs_out()  # what B's kernel would hold
+        lapses += runs_out < start  # ran out before this sweep read the table
+        wait, within = sweep_timing(2.5, 30.0, dumped, max(recent[-8:]))
+        a.kernel_refresh(dump(flow(1, timeout=30)), t, within)
+        deliver(a, b, t)
+        deliver(b, a, t)  # the acknowledgements
+        t += dumped
+        recent.append(2 * dumped)
+        b.handle_timer(t)
+    assert lapses == 0 and flow(1).key in b.peers[1].external and b.stats["flows_expired"] == 0
+
+
+def test_best_effort_survives_one_lost_refresh() -> None:
+    """Found by review: best-effort mode resends nothing, and the next refresh came only once
+    the new deadline neared: one lost refresh cost the flow on the peer for about its timeout.
+    Flows are now refreshed twice per timeout there."""
+    a, b = pair(expiry_margin=30.0, reliable=False)
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=120), 0)], 0.0)
+    deliver(a, b, 0.0)
+    lost = 0
+    for t in range(5, 400, 5):
+        if a.kernel_refresh(dump(flow(1, timeout=120)), float(t), within=16.0):
+            if lost == 0:
+                a.datagrams_to_send(float(t))  # the first refresh is lost
+                lost += 1
+        deliver(a, b, float(t))
+        for _ in range(4):
+            b.handle_timer(float(t))
+        assert flow(1).key in b.peers[1].external, t
+    assert lost == 1 and a.stats["flows_refreshed"] >= 5
+
+
+def test_a_timeout_near_the_top_of_its_u32_does_not_stop_a_commit() -> None:
+    """Found by review: a peer's CTA_TIMEOUT near 2^32 plus the margin overflowed the fast
+    path's pack and the whole MASTER commit failed; the general path clamped."""
+    entry = flow(1, timeout=0xFFFFFFF0)
+    msg = wire.flow_msg(1, entry)
+    record = codec.Record(entry.key, entry.family, msg, wire.FLOW_HEADER, 3600.0)
+    assert codec.timeout_of(codec.new_request(record, 1), 20) == 0xFFFFFFFF
+    assert codec.timeout_of(record.attrs) == 0xFFFFFFFF
+
+
+def test_a_sweep_whose_table_was_read_again_meanwhile_changes_nothing() -> None:
+    """Found by review: a resync (after an overrun: events were lost) that ran while a sweep's dump
+    was being read was then undone by the sweep's older dump, for the flows it refreshed: a flow
+    the resync saw closing went out again as established. The daemon now marks the sweep's set
+    of flows changed meanwhile with EVERYTHING, and the sweep changes nothing."""
+    from ctbridge.sync.engine import EVERYTHING
+    a, _b = pair()
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0)], 0.0)
+    older = dump(flow(1, timeout=30))  # the sweep's dump, read first
+    a.kernel_resync([flow(1, mark=5, timeout=10)], 20.0)  # then the resync: the flow changed
+    now = a.internal[flow(1).key]
+    assert a.kernel_refresh(older, 25.0, within=20.0, newer={EVERYTHING}) == 0
+    assert a.internal[flow(1).key] == now
