@@ -13,6 +13,7 @@ totals of both replicators side by side.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -21,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ctbridge.lab import Options, lab, soak
 
 
-def run(replicator: object | None, options: Options, background: int) -> list[soak.Row]:
+def run(replicator: object | None, options: Options, background: int, **timeouts: float) -> list[soak.Row]:
     name = getattr(replicator, "name", "ctbridge")
     print(f"\n{name}: {options.tcp} TCP and {options.udp} UDP flows, {background:,} background entries", flush=True)
     with lab(options, replicator) as the_lab:  # type: ignore[arg-type]
         the_lab.start()
         soak.load_background(the_lab, background)
         print(soak.HEAD, flush=True)
-        rows = soak.run(the_lab, background, log=lambda text: print(text, flush=True))
+        rows = soak.run(the_lab, background, log=lambda text: print(text, flush=True), **timeouts)
         the_lab.stop()
     return rows
 
@@ -42,7 +43,12 @@ def totals(rows: list[soak.Row], tcp: int, udp: int) -> dict[str, float]:
             "recovery, worst (s)": max((r.recovered or 99.0) for r in rows)}
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM tears the lab down as Ctrl-C does (namespaces, processes)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupted)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tcp", type=int, default=1000)
     ap.add_argument("--udp", type=int, default=100)
@@ -55,7 +61,9 @@ def main() -> int:
     if not args.no_conntrackd:
         from bench.lab import ConntrackdReplicator
         try:
-            theirs = totals(run(ConntrackdReplicator(), options, args.background), args.tcp, args.udp)
+            # shorter waits: a replicator that fails an event is not waited for as long
+            theirs = totals(run(ConntrackdReplicator(), options, args.background, recover_timeout=20.0,
+                                sync_timeout=60.0), args.tcp, args.udp)
         except Exception as exc:  # the comparison is reported, not fatal
             print(f"conntrackd: not measured: {exc}")
     print(f"\nsoak totals over {len(soak.SEQUENCE)} events{'':<6}{'ctbridge':>10}{'conntrackd':>12}")

@@ -93,18 +93,18 @@ def replicated(lab: Lab, fw: Firewall, want: int) -> bool:
 
 
 def run(lab: Lab, background: int = 0, sequence: tuple[tuple[str, int, int], ...] = SEQUENCE,
-        log: Callable[[str], None] = print) -> list[Row]:
+        log: Callable[[str], None] = print, recover_timeout: float = 60.0, sync_timeout: float = 120.0) -> list[Row]:
     """Go through ``sequence``, each event once the flows recovered from the one before and the
     standby holds every flow again (whichever replicator the lab runs)."""
     rows: list[Row] = []
     fws = lab.fws
     want = background + lab.options.tcp + lab.options.udp
-    wait_for(f"{fws[1].name} to hold every flow", lambda: replicated(lab, fws[1], want), timeout=120)
+    wait_for(f"{fws[1].name} to hold every flow", lambda: replicated(lab, fws[1], want), timeout=sync_timeout)
     for how, on, to in sequence:
         old = lab.master() or fws[0]
         before = bindings(old)
         drops = [fw.drops() for fw in fws]
-        s = switch(lab, how, fws[on], fws[to], recover_timeout=60)
+        s = switch(lab, how, fws[on], fws[to], recover_timeout=recover_timeout)
         new = fws[to]
         same = False
         for _ in range(50):  # bounded: 10 s for the last entries to land (a commit's tail)
@@ -126,7 +126,7 @@ def run(lab: Lab, background: int = 0, sequence: tuple[tuple[str, int, int], ...
         if standby.daemon is not None:  # the next event may be a failover to it
             with contextlib.suppress(TimeoutError):  # a replicator that never catches up fails the next row
                 wait_for(f"{standby.name} to hold every flow again",
-                         lambda: replicated(lab, standby, want), timeout=120)  # noqa: B023
+                         lambda: replicated(lab, standby, want), timeout=sync_timeout)  # noqa: B023
     return rows
 
 
