@@ -93,10 +93,12 @@ def replicated(lab: Lab, fw: Firewall, want: int) -> bool:
 
 
 def run(lab: Lab, background: int = 0, sequence: tuple[tuple[str, int, int], ...] = SEQUENCE,
-        log: Callable[[str], None] = print, recover_timeout: float = 60.0, sync_timeout: float = 120.0) -> list[Row]:
+        log: Callable[[str], None] = print, recover_timeout: float = 60.0, sync_timeout: float = 120.0,
+        rows: list[Row] | None = None) -> list[Row]:
     """Go through ``sequence``, each event once the flows recovered from the one before and the
-    standby holds every flow again (whichever replicator the lab runs)."""
-    rows: list[Row] = []
+    standby holds every flow again (whichever replicator the lab runs). ``rows``: filled as the
+    events go, so what ran is kept if one of them raises."""
+    rows = [] if rows is None else rows
     fws = lab.fws
     want = background + lab.options.tcp + lab.options.udp
     wait_for(f"{fws[1].name} to hold every flow", lambda: replicated(lab, fws[1], want), timeout=sync_timeout)
