@@ -129,6 +129,7 @@ class Options:
     verbose: bool = False
     gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
     sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
+    apply: tuple[str, ...] = ()  # ... and to its [apply] section
     ipv6: bool = False  # IPv6 too: VIPs of their own (VRRP 3), NAT66, every other flow over IPv6
     ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
     # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
@@ -299,9 +300,10 @@ class CtbridgeReplicator:
         if self.options.event_buffer:
             text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
             cfg.write_text(text)
-        if self.options.sync:
-            cfg.write_text(cfg.read_text().replace("[sync]\n", "[sync]\n" + "".join(f"{line}\n" for line in
-                                                                                   self.options.sync), 1))
+        for section, lines in (("sync", self.options.sync), ("apply", self.options.apply)):
+            if lines:
+                head = f"[{section}]\n"
+                cfg.write_text(cfg.read_text().replace(head, head + "".join(f"{line}\n" for line in lines), 1))
         lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:

@@ -367,3 +367,30 @@ def test_failback_drops_no_packet_in_either_notify_mode(notify: str, running: Ca
     print(f"failback with the {notify}: {policy} packets dropped by fw1's strict policy")
     assert policy == 0
     final_check(the_lab)
+
+
+def test_strict_tcp_windows_still_carry_every_connection(running: Callable[[Options], Lab]) -> None:
+    """Issue 15, deliver 4: apply.liberal_tcp = false writes TCP entries without BE_LIBERAL, so
+    the new master checks windows it has to learn from the traffic (the kernel takes the first
+    packets' windows when none are set). Every connection still survives the failover and the
+    failback, with the strict ruleset dropping nothing."""
+    the_lab = running(Options(tcp=TCP, udp=UDP, apply=("liberal_tcp = false",)))
+    fw1, fw2 = the_lab.fws
+    before = [fw.drops()["policy"] for fw in the_lab.fws]
+    survived(switch(the_lab, "keepalived stopped", fw1, fw2))
+    # what fw2 committed carries no BE_LIBERAL (read back from its kernel)
+    from ctbridge.conntrack import abi as ct
+    from ctbridge.conntrack.table import KernelTable
+    from ctbridge.conntrack.view import entry_view
+    from ctbridge.lab import netns
+    with netns.inside(fw2.ns):
+        table = KernelTable()
+    with table:
+        views = [entry_view(e) for e in table.dump()]
+    lab_tcp = [v for v in views if v.get("dport") == 5001 and v.get("proto") == "tcp"]
+    assert len(lab_tcp) == TCP, len(lab_tcp)
+    assert not any(v["tcp_flags_original"] & ct.IP_CT_TCP_FLAG_BE_LIBERAL for v in lab_tcp)
+    survived(switch(the_lab, "keepalived started", fw1, fw1))
+    after = [fw.drops()["policy"] for fw in the_lab.fws]
+    assert after == before, (before, after)
+    final_check(the_lab)
