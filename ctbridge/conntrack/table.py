@@ -365,6 +365,10 @@ class KernelTable:
         ``existing``: keys the caller believes the table holds (a node taking back the master
         role still has its old entries). Those are updated straight away: creating them first
         would cost one error message per entry from the kernel, the slowest part of such a commit.
+        Without ``liberal``, existing TCP entries are deleted and created anew instead: ctnetlink
+        sets no TCP window, so an updated entry would keep the windows this kernel learnt before
+        the peer carried the flow, and judge its packets INVALID (the lab measured every
+        connection stalling at a failback); a new entry learns them from the next packets.
         """
         start = time.monotonic()
         todo = list(entries)
@@ -372,6 +376,13 @@ class KernelTable:
         created = updated = 0
         creates = [e for e in todo if e.key not in existing] if existing else todo
         known = [e for e in todo if e.key in existing] if existing else []
+        if known and not liberal:
+            stale = [e for e in known if _is_tcp(e.key)]
+            if stale:
+                self.delete(e.key for e in stale)
+                keep = {e.key for e in stale}
+                known = [e for e in known if e.key not in keep]
+                creates = creates + stale
         if known:
             n, missing = self._update(known, liberal, final)
             updated += n

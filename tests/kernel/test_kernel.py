@@ -420,3 +420,18 @@ def test_an_overrun_after_an_overrun_is_reported_too(ns: str) -> None:
         assert sock.read(limit=1).overrun
         table.commit(flows[3000:])
         assert sock.read(limit=1).overrun
+
+
+def test_strict_windows_write_existing_tcp_entries_anew(ns: str) -> None:
+    """With liberal off, entries the table already holds are created anew rather than updated:
+    an update cannot replace the TCP windows the kernel learnt (issue 15, deliver 4; the lab
+    measured every connection stalling at a failback before)."""
+    flows = builders.tcp_flows(50)
+    with _table(ns) as table:
+        table.commit(flows)
+        keys = frozenset(e.key for e in flows)
+        loose = table.commit(flows, liberal=True, existing=keys)
+        assert (loose.created, loose.updated, loose.failed) == (0, 50, [])
+        strict = table.commit(flows, liberal=False, existing=keys)
+        assert (strict.created, strict.updated, strict.failed) == (50, 0, [])
+        assert len(table.dump()) == 50
