@@ -61,9 +61,10 @@ class Record(NamedTuple):
     def attrs(self) -> bytes:
         """The attributes as an Entry has them, the timeout moved."""
         attrs = self.buf[self.start:]
-        if self.extend:
-            attrs = with_timeout(attrs, _moved(timeout_of(attrs), self.extend))
-        return attrs
+        at = timeout_offset(attrs) if self.extend else -1
+        if at < 0:
+            return attrs
+        return attrs[:at] + _BE32.pack(_moved(_BE32.unpack_from(attrs, at)[0], self.extend)) + attrs[at + 4:]
 
 
 def _moved(seconds: int, extend: float) -> int:
@@ -951,10 +952,3 @@ def timeout_of(buf: bytes, start: int = 0) -> int:
 _TIMEOUT_AT: dict[tuple[int, int, bytes], int] = {}
 _TIMEOUT_HEAD = struct.pack("=HH", 8, ct.CTA_TIMEOUT)
 
-
-def with_timeout(buf: bytes, seconds: int, start: int = 0) -> bytes:
-    """``buf`` with CTA_TIMEOUT set to ``seconds`` (unchanged when it has none)."""
-    at = timeout_offset(buf, start)
-    if at < 0:
-        return buf
-    return buf[:at] + _BE32.pack(max(0, min(seconds, 0xFFFFFFFF))) + buf[at + 4:]

@@ -499,49 +499,45 @@ class Engine:
         told = self._told
         internal = self.internal
         pending = self._pending
-        decode = self.intake.decode
-        brief = self.intake.brief
+        intake = self.intake
         horizon = now + within
         version = self._version
         refreshed = 0
         for buf in messages:
-            seen = brief(buf)  # the key and the seconds left, by a plan learnt before: most flows end here
+            # the key and the seconds left, by a plan learnt before: most flows end at the check
+            seen = intake.brief(buf)
+            entry: Entry | None = None
+            fast: Fast | object | None = None
             if seen is not None:
                 key, seconds, plan = seen
-                runs_out = told.get(key)
-                if runs_out is None or runs_out >= horizon or now + seconds <= runs_out + REFRESH_SLACK:
+            else:  # a layout seen first here, or one the fast path does not follow
+                fast = intake.decode(buf, -1)
+                if fast is None:
                     continue
-                fast: Fast | object | None = self.intake.read(plan, buf)
-            else:
-                fast = decode(buf, -1)
-            if fast is None:
-                continue
-            if isinstance(fast, Fast):
-                key = fast.key
-                runs_out = told.get(key)
-                if runs_out is None or runs_out >= horizon or now + fast.timeout <= runs_out + REFRESH_SLACK:
-                    continue
-                if key in newer or fast.destroy:
-                    continue
-                msg = wire.flow_raw(version + 1, key[0], fast.zone, fast.orig_len, fast.attrs)
-                seconds = fast.timeout
-            else:  # a layout the fast path does not follow
-                try:
-                    events = codec.decode_events(buf)
-                    if len(events) != 1:
+                if isinstance(fast, Fast):
+                    if fast.destroy:  # a deletion is no state to refresh
                         continue
-                    entry = codec.strip_local(events[0].entry)
-                except codec.CodecError as exc:
-                    self._malformed(exc)
-                    continue
-                key = entry.key
-                runs_out = told.get(key)
-                seconds = codec.timeout_of(entry.attrs)
-                if runs_out is None or runs_out >= horizon or now + seconds <= runs_out + REFRESH_SLACK:
-                    continue
-                if key in newer:
-                    continue
+                    key, seconds = fast.key, fast.timeout
+                else:
+                    try:
+                        events = codec.decode_events(buf)
+                        if len(events) != 1:
+                            continue
+                        entry = codec.strip_local(events[0].entry)
+                    except codec.CodecError as exc:
+                        self._malformed(exc)
+                        continue
+                    key, seconds = entry.key, codec.timeout_of(entry.attrs)
+            runs_out = told.get(key)
+            if runs_out is None or runs_out >= horizon or now + seconds <= runs_out + REFRESH_SLACK or key in newer:
+                continue
+            if entry is not None:
                 msg = wire.flow_msg(version + 1, entry)
+            else:
+                if fast is None:
+                    fast = intake.read(plan, buf)
+                assert isinstance(fast, Fast)
+                msg = wire.flow_raw(version + 1, key[0], fast.zone, fast.orig_len, fast.attrs)
             version += 1
             internal[key] = msg
             told[key] = now + seconds * self._told_share
@@ -604,13 +600,7 @@ class Engine:
         margin = self.config.expiry_margin
         header = wire.FLOW_HEADER
         record = codec.Record
-        peers = [p.external for p in self.peers.values() if p.external]
-        if len(peers) == 1:
-            flows = peers[0]
-        else:
-            flows = {}
-            for external in peers:
-                flows.update(external)
+        flows = self._merged()
         if margin <= 0:
             return [record(key, cur.message[1], cur.message, header, 0.0) for key, cur in flows.items()]
         base = margin - now
@@ -622,11 +612,18 @@ class Engine:
 
     def external_messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of every flow learnt from peers, merged as external_entries does."""
-        merged: dict[bytes, bytes] = {}
-        for peer in self.peers.values():
-            for key, cur in peer.external.items():
-                merged[key] = cur.message
-        return list(merged.items())
+        return [(key, cur.message) for key, cur in self._merged().items()]
+
+    def _merged(self) -> Mapping[bytes, ExternalFlow]:
+        """Every peer's copy in one mapping: a flow two peers know is the later peer's (peers are
+        kept in the order they appeared). One peer's copy as it is, without a copy."""
+        copies = [p.external for p in self.peers.values() if p.external]
+        if len(copies) == 1:
+            return copies[0]
+        merged: dict[bytes, ExternalFlow] = {}
+        for external in copies:
+            merged.update(external)
+        return merged
 
     def flush_external(self) -> None:
         for peer in self.peers.values():

@@ -215,6 +215,11 @@ def _read(plan: _Plan, buf: bytes) -> Fast:
                 _BE32.unpack_from(buf, t)[0] if t >= 0 else 0)
 
 
+def _fits(plan: _Plan, buf: bytes) -> bool:
+    """``buf`` has every attribute header ``plan`` relies on, and its protocol's kind."""
+    return plan.heads.unpack_from(buf) == plan.expect and (buf[plan.proto_at] == ct.IPPROTO_TCP) == plan.tcp
+
+
 class Intake:
     """Plans per layout, learnt as messages come (at most _LAYOUTS_MAX, then learnt again)."""
 
@@ -232,8 +237,7 @@ class Intake:
         mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
         pkey = (mlen, mtype, mflags, buf[20:28])
         plan = self.plans.get(pkey)
-        if plan is None or mlen != n or plan.destroy or plan.timeout_at < 0 or \
-                plan.heads.unpack_from(buf) != plan.expect or (buf[plan.proto_at] == ct.IPPROTO_TCP) != plan.tcp:
+        if plan is None or mlen != n or plan.destroy or plan.timeout_at < 0 or not _fits(plan, buf):
             return None
         zone, orig = plan.key(buf)
         return bytes((plan.family,)) + (zone or _ZERO) + orig, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
@@ -266,8 +270,7 @@ class Intake:
                 plan = plans[pkey] = _learn(buf)
             except codec.CodecError:
                 plan = plans[pkey] = None
-        if plan is None or plan.heads.unpack_from(buf) != plan.expect or (
-                buf[plan.proto_at] == ct.IPPROTO_TCP) != plan.tcp:
+        if plan is None or not _fits(plan, buf):
             self.slow += 1
             return SLOW
         self.fast += 1
