@@ -84,6 +84,10 @@ class SyncSettings:
     expiry_margin: float = _key(30.0, "seconds a peer's flow is kept after the timeout it last came with ran out "
                                 "(a dead peer's flows go too); a commit gives each flow what is left of it. 0: "
                                 "never expire")
+    expectations: bool = _key(False, "replicate the expectations of the kernel's helpers (`ct helper` in the "
+                              "ruleset: FTP, SIP), so that a data connection a client opens after a failover is "
+                              "RELATED on the new master; every node must run a ctbridge that knows them (older "
+                              "ones drop the datagrams that carry one)")
     links: tuple[SyncLink, ...] = _key((), "redundant sync links, written [[sync.links]] with local and peers "
                                        "(or group and interface): used in order when the ones before fail")
     link_timeout: float = _key(1.0, "seconds without a two-way exchange on a sync link before traffic moves "

@@ -242,9 +242,10 @@ def decode_dump(buf: bytes, seq: int | None = None) -> DumpPart:
 
 def walk_dump(buf: bytes, seq: int | None, make: Callable[[int, bytes, int, int], T],
               fast: dict[tuple[int, int], Callable[[bytes, int], T | None]] | None = None,
-              ) -> tuple[list[T], bool, int, bool]:
+              kind: int = ct.MSG_CT_NEW) -> tuple[list[T], bool, int, bool]:
     """decode_dump's walk, with ``make(family, buf, start, end)`` called on each entry's attributes
-    (a listing formats them straight from the buffer): (made, done, errno, interrupted).
+    (a listing formats them straight from the buffer): (made, done, errno, interrupted). ``kind``:
+    the message type a dump's entries come as (ct.MSG_EXP_NEW for a dump of expectations).
 
     ``fast`` maps (family, message length) to a function tried first, ``f(buf, start)``, which
     may answer None to pass the entry to ``make``: a listing's formatters, one call per entry."""
@@ -267,7 +268,7 @@ def walk_dump(buf: bytes, seq: int | None, make: Callable[[int, bytes, int, int]
             raise CodecError(f"netlink message at offset {off} has bad length {mlen}")
         if seq is not None and mseq != seq:
             pass
-        elif mtype == ct.MSG_CT_NEW:
+        elif mtype == kind:
             if mlen < 20:
                 raise CodecError("conntrack message shorter than its nfgenmsg header")
             f = get((buf[off + 16], mlen)) if fast else None
@@ -902,15 +903,16 @@ def strip_local(entry: Entry) -> Entry:
     return Entry(entry.key, entry.family, b"".join(kept))
 
 
-def same_but_timeout(a: bytes, b: bytes) -> bool:
+def same_but_timeout(a: bytes, b: bytes, timeout: int = ct.CTA_TIMEOUT) -> bool:
     """Whether two attribute runs describe the same state of a flow: equal but, perhaps, for the
-    seconds left in CTA_TIMEOUT, which count down in every dump."""
+    seconds left in CTA_TIMEOUT (``timeout``: an expectation's CTA_EXPECT_TIMEOUT), which count
+    down in every dump."""
     if a == b:
         return True
     if len(a) != len(b):
         return False
     for t, s, e in iter_attrs(a):
-        if t == ct.CTA_TIMEOUT:
+        if t == timeout:
             return a[:s] == b[:s] and a[e:] == b[e:] and b[s - 4:s] == a[s - 4:s]
     return False
 

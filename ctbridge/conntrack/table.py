@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterat
 from typing import NamedTuple
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack import recvmmsg as mmsg
 from ctbridge.conntrack.codec import Entry, Event, Record
 
@@ -170,7 +170,7 @@ class KernelTable:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def dump_buffers(self) -> Iterator[tuple[bytes, int]]:
+    def dump_buffers(self, request: Callable[[int], bytes] = codec.dump_request) -> Iterator[tuple[bytes, int]]:
         """The whole table (IPv4 and IPv6, every zone) as the kernel's receive buffers, each with
         the dump's sequence number (to tell its messages from late answers to other requests).
 
@@ -180,7 +180,7 @@ class KernelTable:
         the reader to take the rest of the dump off the socket, so the next request starts clean.
         """
         seq = self._next_seq()
-        self._send(codec.dump_request(seq), "requesting a conntrack dump")
+        self._send(request(seq), "requesting a conntrack dump")
         buffers: queue.SimpleQueue[bytes | BaseException | None] = queue.SimpleQueue()
 
         if self._dump_receiver is None:
@@ -245,6 +245,19 @@ class KernelTable:
         out: list[Entry] = []
         for part in self.dump_parts():
             out.extend(part)
+        return out
+
+    def dump_expectations(self) -> list[Entry]:
+        """Every expectation of this namespace (ctbridge.conntrack.expectation)."""
+        out: list[Entry] = []
+        for buf, seq in self.dump_buffers(expectation.dump_request):
+            made, done, err, _interrupted = codec.walk_dump(buf, seq, expectation.entry_from_attrs,
+                                                            kind=ct.MSG_EXP_NEW)
+            out.extend(made)
+            if err:
+                raise explain(err, "expectation dump")
+            if done:
+                break
         return out
 
     def count(self) -> int:
@@ -454,6 +467,36 @@ class KernelTable:
         errors = [Failure(todo[i], err) for i, err in failed.items() if err != errno.ENOENT]
         return KeyResult(len(todo) - len(failed), missing, errors)
 
+    def commit_expectations(self, entries: Iterable[Entry], seconds: Callable[[Entry], int] | None = None
+                            ) -> KeyResult:
+        """Write expectations, after their masters (expectation.py): each is created, or found,
+        and then given what is left of its timeout, ``seconds(entry)`` (else as it came). A master
+        that is not in the table (ENOENT) or has no helper (EOPNOTSUPP) fails that one only."""
+        todo = list(entries)
+        base = self._next_seq(2 * len(todo))
+        bad: dict[int, int] = {}
+
+        def requests() -> Iterator[tuple[int, bytes]]:
+            for i, entry in enumerate(todo):
+                try:
+                    yield base + 2 * i, expectation.new_request(entry, base + 2 * i)
+                    # the same request once it exists: now it changes the timeout
+                    left = seconds(entry) if seconds is not None else None
+                    yield base + 2 * i + 1, expectation.new_request(entry, base + 2 * i + 1, left)
+                except codec.CodecError:
+                    bad[i] = errno.EINVAL
+        failed: dict[int, int] = {}
+        for seq, err in self._batch(requests()).items():
+            failed.setdefault((seq - base) // 2, err)  # the creation's error, when both failed
+        failed.update(bad)
+        missing = sum(1 for err in failed.values() if err == errno.ENOENT)
+        errors = [Failure(todo[i].key, err) for i, err in failed.items() if err != errno.ENOENT]
+        return KeyResult(len(todo) - len(failed), missing, errors)
+
+    def delete_expectations(self, keys: Iterable[bytes]) -> KeyResult:
+        """Remove expectations by key; one already gone (used, expired) counts as missing."""
+        return self._by_key(keys, expectation.delete_request)
+
     def flush(self) -> None:
         """Remove every entry of this namespace's table (IPv4 and IPv6, every zone)."""
         seq = self._next_seq()
@@ -508,9 +551,13 @@ class EventSocket:
     """
 
     GROUPS = (ct.NFNLGRP_CONNTRACK_NEW, ct.NFNLGRP_CONNTRACK_UPDATE, ct.NFNLGRP_CONNTRACK_DESTROY)
+    # expectations, read with expectation.decode_events (nothing changes an expectation in place
+    # that a peer needs: EXP_UPDATE is not joined)
+    EXPECT_GROUPS = (ct.NFNLGRP_CONNTRACK_EXP_NEW, ct.NFNLGRP_CONNTRACK_EXP_DESTROY)
 
     def __init__(self, rcvbuf: int = DEFAULT_EVENT_RCVBUF, groups: Iterable[int] = GROUPS,
-                 max_rcvbuf: int = MAX_EVENT_RCVBUF) -> None:
+                 max_rcvbuf: int = MAX_EVENT_RCVBUF,
+                 decode: Callable[[bytes, int], list[Event]] = codec.decode_events) -> None:
         self.max_rcvbuf = max(max_rcvbuf, rcvbuf)
         self.sock = _open(rcvbuf)
         self.groups = tuple(groups)
@@ -522,6 +569,7 @@ class EventSocket:
         # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
         self.skip_portid = -1
         self.raw = False  # read() hands out the receive buffers undecoded (ctbridge.sync.intake reads them)
+        self.decode = decode
 
     def close(self) -> None:
         self.sock.close()
@@ -577,8 +625,9 @@ class EventSocket:
                 buffers += datagrams
                 continue
             skip = self.skip_portid
+            decode = self.decode
             for data in datagrams:
-                events.extend(codec.decode_events(data, skip))
+                events.extend(decode(data, skip))
         return EventBatch(events, overrun, buffers)
 
     def _grow(self) -> None:

@@ -25,6 +25,9 @@ from ctbridge import atomicfile
 from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
+from ctbridge.conntrack import expectation
+from ctbridge.conntrack.codec import Entry
+from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
 from ctbridge.daemon import control, failover, gate, keepalived, metrics
@@ -195,6 +198,12 @@ class Daemon:
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = self.kernel.portid
         self.events.raw = True  # the engine reads the buffers itself (ctbridge.sync.intake)
+        # the helpers' expectations (sync.expectations): few, read as they come on a socket of their own
+        self.expect_events: EventSocket | None = None
+        if cfg.sync.expectations:
+            self.expect_events = EventSocket(rcvbuf=1 << 20, groups=EventSocket.EXPECT_GROUPS,
+                                             decode=expectation.decode_events)
+            self.expect_events.skip_portid = self.kernel.portid
         self.links = SyncLinks(cfg)
         self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -218,6 +227,8 @@ class Daemon:
             "transitions": [],
             "gate": None,
             "track_errors": 0,
+            # peers' expectations written into this kernel (commit, inject), and those refused
+            "expectations": {"written": 0, "failed": 0},
             "metrics_endpoint": {"refused": 0, "timed_out": 0, "bad_requests": 0},
         }
         self.gated = cfg.apply.gate and cfg.apply.mode == "commit"
@@ -330,6 +341,18 @@ class Daemon:
                     touched.update(keys)
                 self.after_input()
 
+    async def read_expectations(self) -> None:
+        sock = self.expect_events
+        assert sock is not None
+        async for batch in sock.stream():
+            if batch.overrun:
+                self.stats_extra["kernel"]["overruns"] += 1
+                log.warning("expectation events were lost (netlink overrun); reading them again from a dump")
+                await self.resync_internal()
+                continue
+            self.engine.kernel_expectations(batch.events, self.loop.time())
+            self.after_input()
+
     async def in_thread(self, fn: Any, *args: Any) -> Any:
         async with self.kernel_lock:
             return await self.loop.run_in_executor(None, fn, *args)
@@ -341,9 +364,14 @@ class Daemon:
             self.watching.append(touched)
             try:
                 entries = await self.loop.run_in_executor(None, self.kernel.dump)
+                # after the flows: an expectation whose master the dump missed is refused by no one
+                expected = (await self.loop.run_in_executor(None, self.kernel.dump_expectations)
+                            if self.expect_events is not None else None)
             finally:
                 self.watching.remove(touched)
         self.engine.kernel_resync(entries, self.loop.time(), announce=announce, newer=touched)
+        if expected is not None:
+            self.engine.kernel_expect_resync(expected, self.loop.time(), announce=announce)
         for other in self.watching:  # a sweep under way read the table before this: it is older
             other.add(EVERYTHING)
         self.stats_extra["kernel"]["resyncs"] += 1
@@ -403,6 +431,12 @@ class Daemon:
                 latest[op.key] = op
             commits = [op.entry for op in latest.values() if op.kind == "commit" and op.entry is not None]
             deletes = [op.key for op in latest.values() if op.kind == "delete"]
+            # expectations after the flows (their masters may be among them), with their timeouts
+            expected = [e for e in commits if is_expectation(e.key)]
+            gone = [k for k in deletes if is_expectation(k)]
+            if expected or gone:
+                commits = [e for e in commits if not is_expectation(e.key)]
+                deletes = [k for k in deletes if not is_expectation(k)]
             try:
                 if commits:
                     result = await self.in_thread(self.kernel.commit, commits, self.cfg.apply.liberal_tcp)
@@ -411,6 +445,10 @@ class Daemon:
                                     len(commits), os.strerror(result.failed[0].errno))
                 if deletes:
                     await self.in_thread(self.kernel.delete, deletes)
+                if expected:
+                    await self.write_expectations([(e, expectation.timeout_of(e.attrs)) for e in expected])
+                if gone:
+                    await self.in_thread(self.kernel.delete_expectations, gone)
             except (OSError, KernelError) as exc:
                 # said here, once: the flows come again with the next bulk or commit, and a later
                 # MASTER must not fail for a batch that could not be written before it
@@ -564,7 +602,26 @@ class Daemon:
                  info["entries"], result.seconds, result.created, result.updated, len(result.failed))
         for failure in result.failed[:5]:
             log.warning("commit: the kernel refused a flow: %s", os.strerror(failure.errno))
-        return {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
+        answer = {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
+        expected = self.engine.external_expectations(self.loop.time())
+        if expected:  # after their masters, which the kernel looks up (and which carry the helper)
+            answer["expectations"] = await self.write_expectations(expected)
+        return answer
+
+    async def write_expectations(self, expected: list[tuple[Entry, int]]) -> int:
+        """Peers' expectations into this kernel, each with what is left of its timeout; the
+        number written. A master the kernel lacks (its flow was refused, or ended) fails that one."""
+        left = {entry.key: seconds for entry, seconds in expected}
+        result = await self.in_thread(self.kernel.commit_expectations, [e for e, _ in expected],
+                                      lambda entry: left[entry.key])
+        info = self.stats_extra["expectations"]
+        info["written"] += result.done
+        info["failed"] += result.missing + len(result.failed)
+        if result.missing or result.failed:
+            first = os.strerror(result.failed[0].errno) if result.failed else "no master flow"
+            log.warning("%d of %d expectations not written into the kernel (first: %s)",
+                        result.missing + len(result.failed), len(expected), first)
+        return int(result.done)
 
     async def set_gate(self, closed: bool) -> None:
         """Close the commit gate while not MASTER, open it once the flows are committed.
@@ -615,7 +672,7 @@ class Daemon:
     def former_flows(self) -> list[bytes]:
         """This kernel's flows that no peer told us about: the ones this node had as master."""
         external = self.engine.external_keys()
-        return [k for k in self.engine.internal if k not in external]
+        return [k for k in self.engine.internal if k not in external and not is_expectation(k)]
 
     async def read_fifo(self, path: str) -> None:
         """keepalived's notify_fifo: the one channel where transitions arrive in order."""
@@ -692,6 +749,8 @@ class Daemon:
             "send_errors": self.links.send_errors,
             "link_mismatches": self.links.mismatches,
             **self.stats_extra,
+            "expectations": {**self.stats_extra["expectations"], "enabled": self.expect_events is not None,
+                             **dict(zip(("internal", "external"), e.expectation_counts(), strict=True))},
         }
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any] | control.Stream:
@@ -793,6 +852,8 @@ class Daemon:
             count = await self.resync_internal(announce=False)
             tasks.append(asyncio.ensure_future(self.read_events()))
             tasks.append(asyncio.ensure_future(self.refresh_loop()))
+            if self.expect_events is not None:
+                tasks.append(asyncio.ensure_future(self.read_expectations()))
             self.links.open(self.loop, self.on_datagram, self.after_input)
             if self.links.redundant:
                 self.heartbeat = self.loop.call_soon(self._heartbeat)
@@ -840,6 +901,8 @@ class Daemon:
                     keepalived.write_track_file(self.cfg.keepalived.track_file, self.cfg.keepalived.incomplete_value)
             self.links.close()
             self.events.close()
+            if self.expect_events is not None:
+                self.expect_events.close()
             self.kernel.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.cfg.control.socket)

@@ -4,5 +4,5 @@ and the choice among redundant sync links (links).
 
 No I/O, no clock, no asyncio: every input carries its ``now`` (a test fails on an import of
 socket, asyncio, pyroute2, os, subprocess, random, threading or time here). It imports only
-ctbridge.conntrack's codec and constants; the daemon, the tests and the benches import it.
+ctbridge.conntrack's codecs (flows, expectations) and constants; the daemon, the tests and the benches import it.
 """

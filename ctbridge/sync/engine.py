@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.filter import FlowFilter
@@ -63,6 +64,7 @@ CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has
 # in kernel_refresh's ``newer``: the whole table was read again while the dump ran (a resync after
 # an overrun), so every flow is newer than the dump (no key is empty)
 EVERYTHING = b""
+_MARK = expectation.EXPECTATION  # a key whose first byte has it is an expectation's
 REFRESH_SLACK = 1.0  # seconds: timeouts are whole seconds, so a deadline moved less is no refresh
 EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
@@ -157,7 +159,17 @@ class ExternalFlow:
 
     def runs_out(self) -> float:
         """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
-        return self.heard + codec.timeout_of(self.message, wire.FLOW_HEADER)
+        return self.heard + seconds_of(self.message)
+
+
+_EXPECT = int(wire.MsgType.EXPECT)
+
+
+def seconds_of(msg: bytes) -> int:
+    """The timeout a FLOW or EXPECT message came with (their attributes number it differently)."""
+    if msg[0] == _EXPECT:
+        return expectation.timeout_of(msg, wire.FLOW_HEADER)
+    return codec.timeout_of(msg, wire.FLOW_HEADER)
 
 
 class EpochChanged(NamedTuple):
@@ -310,6 +322,9 @@ class Engine:
         # key -> when the timeout it went out with runs out (the engine's clock): peers expire
         # their copy then (plus their margin) unless kernel_refresh() sends it again first
         self._told: dict[bytes, float] = {}
+        # the keys of this node's expectations among them (kept in ``internal``, they travel as
+        # flows do; kernel_resync's dump of flows leaves them be)
+        self._expectations: set[bytes] = set()
         # Best-effort mode resends nothing: one lost refresh would cost the flow on every peer
         # until its next. So peers are taken to hold half the timeout, and each flow is sent
         # again twice per timeout: one loss is survived.
@@ -392,6 +407,63 @@ class Engine:
             pending[key] = None
         self._version = version
 
+    def kernel_expectations(self, events: list[Event], now: float) -> None:
+        """Expectation events of this kernel (ctbridge.conntrack.expectation): replicated as
+        flows are, under keys of their own; no refresh (traffic does not restart an
+        expectation's timer), and the kernel reports each one's end (used, timed out, or gone
+        with its master)."""
+        internal = self.internal
+        keys = self._expectations
+        accepts = self.config.filter.accepts_expectation
+        for ev in events:
+            key = ev.entry.key
+            try:
+                if ev.kind is EventKind.DESTROY or not accepts(ev.entry):
+                    if internal.pop(key, None) is not None:
+                        keys.discard(key)
+                        self._pending[key] = None
+                    continue
+                msg = wire.expect_msg(self._version + 1, ev.entry)
+            except (codec.CodecError, ValueError) as exc:
+                self._malformed(exc)
+                continue
+            self._version += 1
+            internal[key] = msg
+            keys.add(key)
+            self._pending[key] = None
+
+    def kernel_expect_resync(self, entries: list[Entry], now: float, announce: bool = True) -> None:
+        """Replace this node's expectations with a dump of them; what changed is sent (unless
+        ``announce`` is False)."""
+        internal = self.internal
+        old = self._expectations
+        new: set[bytes] = set()
+        accepts = self.config.filter.accepts_expectation
+        for entry in entries:
+            key = entry.key
+            try:
+                if not accepts(entry):
+                    continue
+                prev = internal.get(key)
+                if prev is not None and key in old and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs,
+                                                                              ct.CTA_EXPECT_TIMEOUT):
+                    new.add(key)
+                    continue
+                msg = wire.expect_msg(self._version + 1, entry)
+            except (codec.CodecError, ValueError) as exc:
+                self._malformed(exc)
+                continue
+            self._version += 1
+            internal[key] = msg
+            new.add(key)
+            if announce:
+                self._queue(key)
+        for key in old - new:
+            internal.pop(key, None)
+            if announce:
+                self._queue(key)
+        self._expectations = new
+
     def _malformed(self, exc: Exception) -> None:
         self.stats["kernel_malformed"] += 1
         if self.stats["kernel_malformed"] == 1:  # once: the counter tells how often
@@ -457,6 +529,8 @@ class Engine:
             if key in old:
                 new[key] = old[key]
                 told[key] = old_told.get(key, now)
+        for key in self._expectations:  # a flow dump holds none: kernel_expect_resync's
+            new[key] = old[key]
         for entry in entries:
             if entry.key in newer or not accepts(entry):
                 continue
@@ -584,13 +658,28 @@ class Engine:
         self._bulks.append(_Bulk(target, self._bulk_id))
 
     def internal_entries(self) -> list[Entry]:
-        """This node's flows as it replicates them."""
-        return [wire.flow_entry(key, msg) for key, msg in self.internal.items()]
+        """This node's flows as it replicates them (its expectations: internal_expectations)."""
+        return [wire.flow_entry(key, msg) for key, msg in self.internal_messages()]
 
     def external_entries(self) -> list[Entry]:
         """Every flow learnt from peers. A flow two peers know is taken from the one that was
         heard from first most recently (peers are kept in the order they appeared)."""
         return [wire.flow_entry(key, msg) for key, msg in self.external_messages()]
+
+    def expectation_counts(self) -> tuple[int, int]:
+        """(this node's expectations, those learnt from peers): the rest of each cache is flows."""
+        return len(self._expectations), sum(1 for p in self.peers.values() for k in p.external if k[0] & _MARK)
+
+    def internal_expectations(self) -> list[Entry]:
+        """This node's expectations as it replicates them."""
+        internal = self.internal
+        return [wire.flow_entry(key, internal[key]) for key in self._expectations]
+
+    def external_expectations(self, now: float) -> list[tuple[Entry, int]]:
+        """Every expectation learnt from peers, with what is left of its timeout (whole
+        seconds, at least 1), for a commit after the flows: merged as external_entries."""
+        return [(wire.flow_entry(key, cur.message), max(1, int(cur.runs_out() - now + 0.5)))
+                for key, cur in self._merged().items() if key[0] & _MARK]
 
     def commit_records(self, now: float) -> list[codec.Record]:
         """external_entries() for a commit, each flow with what is left of its timeout: until
@@ -602,17 +691,21 @@ class Engine:
         record = codec.Record
         flows = self._merged()
         if margin <= 0:
-            return [record(key, cur.message[1], cur.message, header, 0.0) for key, cur in flows.items()]
+            return [record(key, cur.message[1], cur.message, header, 0.0) for key, cur in flows.items()
+                    if key[0] < _MARK]
         base = margin - now
-        return [record(key, cur.message[1], cur.message, header, cur.heard + base) for key, cur in flows.items()]
+        return [record(key, cur.message[1], cur.message, header, cur.heard + base) for key, cur in flows.items()
+                if key[0] < _MARK]
 
     def internal_messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of this node's flows: a snapshot that copies no flow (a listing)."""
+        if self._expectations:
+            return [(key, msg) for key, msg in self.internal.items() if key[0] < _MARK]
         return list(self.internal.items())
 
     def external_messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of every flow learnt from peers, merged as external_entries does."""
-        return [(key, cur.message) for key, cur in self._merged().items()]
+        return [(key, cur.message) for key, cur in self._merged().items() if key[0] < _MARK]
 
     def _merged(self) -> Mapping[bytes, ExternalFlow]:
         """Every peer's copy in one mapping: a flow two peers know is the later peer's (peers are
@@ -646,9 +739,11 @@ class Engine:
         return out
 
     def flush_internal(self) -> None:
-        """Forget this node's flows (they come back with the next dump); nothing is sent."""
+        """Forget this node's flows and expectations (they come back with the next dumps);
+        nothing is sent."""
         self.internal.clear()
         self._told.clear()
+        self._expectations.clear()
 
     def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None,
                     peer_filters: Mapping[int, FlowFilter] | None = None) -> None:
@@ -1716,6 +1811,8 @@ class Engine:
         budget = EXPIRY_CHUNK
         expired = 0
         timeout_of = codec.timeout_of
+        expect_timeout = expectation.timeout_of
+        header = wire.FLOW_HEADER
         work = self._expiry_work
         while work and budget > 0:
             peer, keys = work[-1]
@@ -1726,7 +1823,8 @@ class Engine:
                 cur = external.get(key)
                 # heard within the margin: not expired whatever its timeout (most of a busy table)
                 if cur is not None and cur.heard < limit and \
-                        cur.heard + timeout_of(cur.message, wire.FLOW_HEADER) < limit:
+                        cur.heard + (timeout_of(cur.message, header) if cur.message[0] != _EXPECT
+                                     else expect_timeout(cur.message, header)) < limit:
                     del external[key]
                     expired += 1
             del keys[len(keys) - take:]

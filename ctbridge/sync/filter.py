@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
+from ctbridge.conntrack.expectation import EXPECTATION
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -67,6 +68,8 @@ class FlowFilter:
     def accepts_message(self, key: bytes, family: int, buf: bytes, start: int) -> bool:
         """accepts() for a flow whose attributes are ``buf[start:]`` (a FLOW message as it came
         from a peer): no Entry, no copy of the attributes, on the fast path."""
+        if key[0] & EXPECTATION:
+            return self.accepts_expectation(codec.Entry(key, family & ~EXPECTATION, buf[start:]))
         if self._only_ignore:
             # the usual filter on receive (loopback, the sync addresses, an ignore list): two
             # slices and three lookups, for every flow of a bulk
@@ -83,6 +86,21 @@ class FlowFilter:
         if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
             facts = flow_facts(codec.Entry(key, family, buf[start:]))
         return self.accepts_facts(family, facts)
+
+    def accepts_expectation(self, entry: codec.Entry) -> bool:
+        """An expectation lets a new connection in as RELATED: it is taken when this filter takes
+        both that connection (the expectation's tuple, its source and destination) and the
+        master flow it belongs to (the master's original tuple)."""
+        attrs = codec.attr_map(entry.attrs)
+        for tup in (attrs.get(ct.CTA_EXPECT_TUPLE, b""), attrs.get(ct.CTA_EXPECT_MASTER, b"")):
+            fields = codec.attr_map(tup)
+            addrs = codec.attr_map(fields.get(ct.CTA_TUPLE_IP, b""))
+            proto = (codec.attr_map(fields.get(ct.CTA_TUPLE_PROTO, b"")).get(ct.CTA_PROTO_NUM) or b"\x00")[0]
+            src = addrs.get(ct.CTA_IP_V4_SRC) or addrs.get(ct.CTA_IP_V6_SRC) or b""
+            dst = addrs.get(ct.CTA_IP_V4_DST) or addrs.get(ct.CTA_IP_V6_DST) or b""
+            if not self.accepts_facts(entry.family, (proto, src, dst, None)):
+                return False
+        return True
 
     def accepts_facts(self, family: int, facts: tuple[int, bytes, bytes, int | None]) -> bool:
         """accepts() for the facts flow_facts() gives (ctbridge.sync.intake reads them itself)."""

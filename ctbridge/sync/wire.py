@@ -25,7 +25,7 @@ from enum import IntEnum
 from typing import Any, NamedTuple
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import codec, expectation
 
 MAGIC = b"CB"
 VERSION = 2
@@ -80,6 +80,9 @@ class MsgType(IntEnum):
     # a (node u32, links u32) pair per report, zero padding; alone in a datagram of sequence number 0
     CHALLENGE = 12  # node (0: every peer), nonce (u64): prove to me that you are alive now (echo it)
     ECHO = 13  # node, nonce (u64): the answer, in the sender's current epoch; starts that node's session
+    # an expectation's state (ctbridge.conntrack.expectation): a FLOW's head with aux = family | 0x80;
+    # the attributes start with CTA_EXPECT_TUPLE (n bytes); its deletion is a DELETE of the same aux
+    EXPECT = 14
 
 
 class WireError(Exception):
@@ -122,8 +125,8 @@ def flow_version(msg: bytes) -> int:
 
 
 def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
-    """The Entry a FLOW message carries."""
-    return codec.Entry(key, msg[1], msg[FLOW_HEADER:])
+    """The Entry a FLOW (or EXPECT) message carries."""
+    return codec.Entry(key, msg[1] & ~expectation.EXPECTATION, msg[FLOW_HEADER:])
 
 
 class Delete(NamedTuple):
@@ -425,6 +428,20 @@ def flow_msg(version: int, entry: codec.Entry) -> bytes:
 _ORIG_HEADS: dict[int, bytes] = {}
 
 
+def expect_msg(version: int, entry: codec.Entry) -> bytes:
+    """EXPECT for an expectation in replication form (expectation.entry_from_attrs: its
+    attributes start with CTA_EXPECT_TUPLE, the key's tuple)."""
+    key = entry.key
+    attrs = entry.attrs
+    tlen = len(key) + 1  # CTA_EXPECT_TUPLE: 4-byte header + the tuple
+    if attrs[:4] != _NLA.pack(tlen, ct.CTA_EXPECT_TUPLE | ct.NLA_F_NESTED) or not expectation.is_expectation(key):
+        raise ValueError("an expectation's attributes start with its tuple")
+    if len(attrs) & 3:
+        attrs = _pad(attrs)
+    return _FLOW.pack(MsgType.EXPECT, key[0], FLOW_HEADER + len(attrs), version, (key[1] << 8) | key[2],
+                      tlen) + attrs
+
+
 def flow_raw(version: int, family: int, zone: int, orig_len: int, attrs: bytes) -> bytes:
     """FLOW from its parts, for attributes already in replication form (ctbridge.sync.intake):
     they start with CTA_TUPLE_ORIG, ``orig_len`` bytes with its header, and are 4-byte aligned."""
@@ -579,7 +596,8 @@ def _verify(data: bytes, auth: Auth, me: int) -> tuple[Header, int, KeySet | Non
     return Header(node, epoch, seq, time_ms, flags, kid), end, None
 
 
-FlowTuple = tuple[int, bytes, bytes]  # (version, key, the FLOW message)
+FlowTuple = tuple[int, bytes, bytes]  # (version, key, the FLOW or EXPECT message)
+_EXPECT = int(MsgType.EXPECT)
 
 
 def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], list[Message]]:
@@ -594,16 +612,20 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
     try:
         while off < end:
             if end - off >= FLOW_HEADER:
-                mtype, _aux, mlen, version, _zone, olen = head(data, off)
+                mtype, aux, mlen, version, _zone, olen = head(data, off)
             else:
-                mtype, _aux, mlen = _MSG.unpack_from(data, off)
+                mtype, aux, mlen = _MSG.unpack_from(data, off)
                 version = olen = 0
             if mlen < 4 or mlen & 3 or off + mlen > end:
                 raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
             nxt = off + mlen
-            if mtype == 1:  # FLOW, the one that comes by the thousand: no objects, no parsing
+            if mtype == 1 or mtype == _EXPECT:  # FLOW, the one that comes by the thousand: no objects
                 alen, atype = nla(data, off + FLOW_HEADER) if mlen >= FLOW_HEADER + 4 else (0, 0)
-                if alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1:
+                # a FLOW starts with CTA_TUPLE_ORIG (1), an EXPECT with CTA_EXPECT_TUPLE (2); only an
+                # EXPECT has the expectation bit in its family: the two kinds of key never mix
+                expect = mtype == _EXPECT
+                if (alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1 + expect
+                        or (aux >= 0x80) != expect):
                     raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
                 if version > VERSION_MAX:
                     raise WireError("bounds", f"FLOW of version {version}, beyond any a node can reach")

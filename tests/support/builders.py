@@ -49,6 +49,36 @@ def build_entry(family: int, orig: bytes, reply: bytes, *, status: int = ct.IPS_
     return Entry(make_key(family, zone, orig), family, attrs)
 
 
+def expectation_attrs(family: int, client: bytes, server: bytes, data_port: int, control_port: int,
+                      server_port: int = 21, *, timeout: int = 300, zone: int = 0, helper: str = "ftp",
+                      exp_id: int = 0x1234) -> bytes:
+    """The attributes of an expectation as the kernel dumps one (ctnetlink_exp_dump_expect): the
+    FTP helper's for a passive data connection client -> server:data_port, any source port, of
+    the control connection client:control_port -> server:server_port, following its NAT."""
+    full = b"\xff" * len(client)
+    tup = encode_tuple(family, ct.IPPROTO_TCP, client, server, 0, data_port)
+    mask = encode_tuple(family, ct.IPPROTO_TCP, full, full, 0, 0xFFFF)
+    master = encode_tuple(family, ct.IPPROTO_TCP, client, server, control_port, server_port)
+    zero = bytes(len(client))
+    nat = (attr(ct.CTA_EXPECT_NAT_DIR, _BE32.pack(0))
+           + attr(ct.CTA_EXPECT_NAT_TUPLE, encode_tuple(family, ct.IPPROTO_TCP, zero, zero, 0, data_port), nested=True))
+    attrs = (attr(ct.CTA_EXPECT_TUPLE, tup, nested=True) + attr(ct.CTA_EXPECT_MASK, mask, nested=True)
+             + attr(ct.CTA_EXPECT_MASTER, master, nested=True) + attr(ct.CTA_EXPECT_NAT, nat, nested=True))
+    if zone:
+        attrs += attr(ct.CTA_EXPECT_ZONE, _BE16.pack(zone))
+    return (attrs + attr(ct.CTA_EXPECT_TIMEOUT, _BE32.pack(timeout)) + attr(ct.CTA_EXPECT_ID, _BE32.pack(exp_id))
+            + attr(ct.CTA_EXPECT_FLAGS, _BE32.pack(0)) + attr(ct.CTA_EXPECT_CLASS, _BE32.pack(0))
+            + attr(ct.CTA_EXPECT_HELP_NAME, helper.encode() + b"\0") + attr(ct.CTA_EXPECT_FN, b"nat-follow-master\0"))
+
+
+def build_expectation(family: int, client: bytes, server: bytes, data_port: int, control_port: int,
+                      server_port: int = 21, **kw: object) -> Entry:
+    """expectation_attrs() as ctbridge replicates it (ctbridge.conntrack.expectation)."""
+    from ctbridge.conntrack import expectation
+    buf = expectation_attrs(family, client, server, data_port, control_port, server_port, **kw)  # type: ignore[arg-type]
+    return expectation.entry_from_attrs(family, buf, 0, len(buf))
+
+
 def tcp_flows(n: int, timeout: int = 3600, tcp_state: int = 3) -> list[Entry]:
     """n distinct IPv4 TCP flows 198.51.100.x:port -> 203.0.113.y:443 (test and bench load), by
     default ESTABLISHED (3, include/uapi/linux/netfilter/nf_conntrack_tcp.h)."""

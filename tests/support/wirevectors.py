@@ -34,8 +34,16 @@ def sample_entry() -> codec.Entry:
                                 mark=7)
 
 
+def sample_expectation() -> codec.Entry:
+    """A passive FTP data connection the FTP helper expects: 192.0.2.1 to 198.51.100.2 port
+    30002 (any source port), of the control connection 192.0.2.1:40000 -> 198.51.100.2:21."""
+    return builders.build_expectation(ct.AF_INET, bytes((192, 0, 2, 1)), bytes((198, 51, 100, 2)), 30002,
+                                      40000, 21, timeout=300)
+
+
 def messages() -> dict[str, tuple[bytes, wire.Message]]:
     e = sample_entry()
+    x = sample_expectation()
     return {
         "FLOW": (wire.flow_msg(7, e), wire.Flow(7, e.key, wire.flow_msg(7, e))),
         "DELETE": (wire.delete_msg(8, e.key), wire.Delete(8, e.key)),
@@ -51,6 +59,7 @@ def messages() -> dict[str, tuple[bytes, wire.Message]]:
                       wire.Heartbeat(1, 77, ((0x01020304, 3),))),
         "CHALLENGE": (wire.challenge_msg(0, 0x0123456789ABCDEF), wire.Challenge(0, 0x0123456789ABCDEF)),
         "ECHO": (wire.echo_msg(0x01020304, 0xFEDCBA9876543210), wire.Echo(0x01020304, 0xFEDCBA9876543210)),
+        "EXPECT": (wire.expect_msg(9, x), wire.Flow(9, x.key, wire.expect_msg(9, x))),
     }
 
 

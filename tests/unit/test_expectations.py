@@ -1,0 +1,195 @@
+"""Expectations (issue 15, deliver 1): the helpers' word that a connection is coming, replicated
+as flows are. The codec against the kernel's layout, the wire's EXPECT, and the engine with a fake
+clock and lossy links: delivery, deletion, bulks, expiry, the filters, and the commit's order."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec, expectation
+from ctbridge.conntrack.codec import Event, EventKind
+from ctbridge.sync import wire
+from ctbridge.sync.engine import Engine
+from ctbridge.sync.filter import FlowFilter
+from tests.support import builders
+from tests.support.enginelab import Lab
+from tests.unit.test_timeouts import deliver, pair
+
+CLIENT, SERVER = bytes((192, 0, 2, 10)), bytes((203, 0, 113, 20))
+
+
+def kernel_message(kind: int, attrs: bytes, flags: int = 0, portid: int = 0) -> bytes:
+    """An expectation event as the kernel sends it."""
+    msg = bytearray(codec.message(kind, flags, 0, ct.AF_INET, attrs))
+    msg[12:16] = portid.to_bytes(4, "little")
+    return bytes(msg)
+
+
+def exp(port: int = 30002, control: int = 40000, timeout: int = 300, zone: int = 0) -> codec.Entry:
+    return builders.build_expectation(ct.AF_INET, CLIENT, SERVER, port, control, timeout=timeout, zone=zone)
+
+
+def master(control: int = 40000) -> codec.Entry:
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, CLIENT, SERVER, control, 21)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, SERVER, CLIENT, 21, control)
+    return builders.build_entry(ct.AF_INET, orig, reply, status=0xE, timeout=3600, tcp_state=3)
+
+
+# --- codec ---------------------------------------------------------------------------------------
+
+def test_an_expectation_reads_with_its_tuple_first_and_without_its_kernel_id() -> None:
+    raw = builders.expectation_attrs(ct.AF_INET, CLIENT, SERVER, 30002, 40000, zone=7)
+    e = expectation.entry_from_attrs(ct.AF_INET, raw, 0, len(raw))
+    assert expectation.is_expectation(e.key) and not expectation.is_expectation(master().key)
+    assert e.key[0] == ct.AF_INET | expectation.EXPECTATION and (e.key[1] << 8 | e.key[2]) == 7
+    types = [t for t, _s, _e in codec.iter_attrs(e.attrs)]
+    assert types[0] == ct.CTA_EXPECT_TUPLE and ct.CTA_EXPECT_ID not in types
+    assert sorted(types) == sorted(t for t, _s, _e in codec.iter_attrs(raw) if t != ct.CTA_EXPECT_ID)
+    assert expectation.timeout_of(e.attrs) == 300
+    assert expectation.master_key(e) == codec.make_key(ct.AF_INET, 7, master().key[3:])
+    # one without its master or mask is no expectation the kernel would take
+    bare = codec.attr(ct.CTA_EXPECT_TUPLE, e.key[3:], nested=True)
+    with pytest.raises(codec.CodecError):
+        expectation.entry_from_attrs(ct.AF_INET, bare, 0, len(bare))
+
+
+def test_events_tell_new_from_destroyed_and_skip_our_own() -> None:
+    raw = builders.expectation_attrs(ct.AF_INET, CLIENT, SERVER, 30002, 40000)
+    buf = (kernel_message(ct.MSG_EXP_NEW, raw, ct.NLM_F_CREATE | ct.NLM_F_EXCL)
+           + kernel_message(ct.MSG_EXP_NEW, raw, ct.NLM_F_CREATE | ct.NLM_F_EXCL, portid=99)
+           + kernel_message(ct.MSG_CT_NEW, master().attrs)  # not an expectation: not read here
+           + kernel_message(ct.MSG_EXP_DELETE, raw))
+    events = expectation.decode_events(buf, skip_portid=99)
+    assert [ev.kind for ev in events] == [EventKind.NEW, EventKind.DESTROY]
+    assert events[0].entry == exp()
+    with pytest.raises(codec.CodecError):
+        expectation.decode_events(buf[:-3])
+
+
+def test_requests_name_the_expectation_and_set_what_is_left_of_its_timeout() -> None:
+    e = exp(zone=3)
+    req = expectation.new_request(e, 5, seconds=42)
+    mlen, mtype, flags = (int.from_bytes(req[i:j], "little") for i, j in ((0, 4), (4, 6), (6, 8)))
+    assert mlen == len(req) and mtype == ct.MSG_EXP_NEW and flags & ct.NLM_F_CREATE
+    attrs = codec.attr_map(req, 20)
+    assert expectation.timeout_of(req, 20) == 42 and attrs[ct.CTA_EXPECT_HELP_NAME] == b"ftp\0"
+    assert attrs[ct.CTA_EXPECT_FN] == b"nat-follow-master\0" and ct.CTA_EXPECT_NAT in attrs
+    gone = expectation.delete_request(e.key, 6)
+    assert int.from_bytes(gone[4:6], "little") == ct.MSG_EXP_DELETE
+    # a deletion without its tuple would flush every expectation: never made from a flow's key
+    assert codec.attr_map(gone, 20) == {ct.CTA_EXPECT_TUPLE: e.key[3:], ct.CTA_EXPECT_ZONE: b"\x00\x03"}
+    with pytest.raises(codec.CodecError):
+        expectation.delete_request(master().key, 7)
+
+
+# --- wire -----------------------------------------------------------------------------------------
+
+def test_expect_and_flow_keys_never_mix_on_the_wire() -> None:
+    auth = wire.Auth([b"k" * 32])
+    header = wire.Header(1, 1, 1, 0)
+    good = wire.expect_msg(3, exp())
+    _h, flows, _m = wire.decode_split(wire.datagram(header, good, auth), auth)
+    assert flows == [(3, exp().key, good)]
+    assert wire.flow_entry(exp().key, good) == exp()
+    # an EXPECT without the expectation bit, a FLOW with it: malformed
+    for bad in (good[:1] + bytes((ct.AF_INET,)) + good[2:],
+                wire.flow_msg(3, master())[:1] + bytes((0x82,)) + wire.flow_msg(3, master())[2:]):
+        with pytest.raises(wire.WireError) as err:
+            wire.decode_split(wire.datagram(header, bad, auth), auth)
+        assert err.value.reason == "malformed"
+    # a deletion keeps the bit: the receiver deletes the expectation, never a flow
+    (gone,) = wire.decode_messages(wire.delete_msg(4, exp().key), 0, len(wire.delete_msg(4, exp().key)))
+    assert gone == wire.Delete(4, exp().key)
+
+
+# --- engine ---------------------------------------------------------------------------------------
+
+def expect_event(node: Engine, kind: EventKind, e: codec.Entry, now: float) -> None:
+    node.kernel_expectations([Event(kind, e, 0)], now)
+
+
+def test_an_expectation_and_its_end_reach_every_peer_through_loss() -> None:
+    lab = Lab(3, seed=4, loss=0.3)
+    a = lab.engines[1]
+    a.kernel_events([Event(EventKind.NEW, master(), 0)], lab.now)
+    expect_event(a, EventKind.NEW, exp(), lab.now)
+    lab.quiet()
+    for node in (2, 3):
+        external = lab.engines[node].peers[1].external
+        assert exp().key in external and master().key in external
+        assert lab.engines[node].external_entries() == [master()]  # flows only
+        assert [e for e, _s in lab.engines[node].external_expectations(lab.now)] == [exp()]
+    assert a.internal_entries() == [master()] and a.internal_expectations() == [exp()]
+    assert a.expectation_counts() == (1, 0) and lab.engines[2].expectation_counts() == (0, 1)
+    # the data connection came: the kernel ends the expectation, and so do the peers
+    lab.loss = 0.3
+    expect_event(a, EventKind.DESTROY, exp(), lab.now)
+    lab.quiet()
+    for node in (2, 3):
+        assert exp().key not in lab.engines[node].peers[1].external
+        assert master().key in lab.engines[node].peers[1].external
+
+
+def test_a_bulk_carries_expectations_and_drops_one_that_ended_meanwhile() -> None:
+    a, b = pair()
+    a.kernel_events([Event(EventKind.NEW, master(), 0)], 0.0)
+    expect_event(a, EventKind.NEW, exp(30002), 0.0)
+    expect_event(a, EventKind.NEW, exp(30003, 40001), 0.0)
+    deliver(a, b, 0.0)
+    # 30003's end is lost; a bulk afterwards leaves it out, and the receiver drops it
+    expect_event(a, EventKind.DESTROY, exp(30003, 40001), 0.1)
+    a.datagrams_to_send(0.1)  # the DELETE goes nowhere
+    a.bulk_send(0.2)
+    for t in (0.2, 0.3, 0.4):
+        deliver(a, b, t)
+        deliver(b, a, t)
+    assert exp(30002).key in b.peers[1].external and exp(30003, 40001).key not in b.peers[1].external
+
+
+def test_a_dump_of_flows_keeps_expectations_and_a_dump_of_expectations_replaces_them() -> None:
+    a, b = pair()
+    expect_event(a, EventKind.NEW, exp(30002), 0.0)
+    a.kernel_resync([master()], 1.0)  # a table re-read after lost events: it has no expectations
+    assert a.internal_expectations() == [exp(30002)]
+    a.kernel_expect_resync([exp(30002, timeout=290), exp(30004, 40002)], 2.0)
+    assert sorted(e.key for e in a.internal_expectations()) == sorted((exp(30002).key, exp(30004, 40002).key))
+    deliver(a, b, 2.0)
+    # only the countdown of 30002 moved: it was not sent again (its version is the first one's)
+    assert b.peers[1].external[exp(30002).key].version == 1
+    a.kernel_expect_resync([], 3.0)
+    deliver(a, b, 3.0)
+    assert b.expectation_counts() == (0, 0) and master().key in b.peers[1].external
+    a.flush_internal()
+    assert a.internal_expectations() == [] and a.internal_entries() == []
+
+
+def test_an_expectation_expires_with_its_timeout_plus_the_margin() -> None:
+    a, b = pair(expiry_margin=30.0)
+    a.kernel_events([Event(EventKind.NEW, master(), 0)], 0.0)
+    expect_event(a, EventKind.NEW, exp(timeout=60), 0.0)
+    deliver(a, b, 0.0)
+    (entry, left), = b.external_expectations(20.0)
+    assert entry == exp(timeout=60) and left == 40  # a commit at t=20 writes what is left of it
+    assert b.commit_records(20.0)[0].key == master().key and len(b.commit_records(20.0)) == 1
+    for t in range(1, 122):  # passes every half margin: gone within 60 + 30 + 15 s
+        b.handle_timer(float(t))
+        deliver(a, b, float(t))  # the master's flow: refreshed by nothing here, 3600 s long
+    # an expectation's timeout is whole: the FLOW's CTA_TIMEOUT reading would have kept it 3600 s
+    assert exp().key not in b.peers[1].external and master().key in b.peers[1].external
+    assert b.stats["flows_expired"] == 1
+
+
+def test_a_peer_may_not_open_a_pinhole_its_accept_list_refuses() -> None:
+    accept = FlowFilter(accept=(ipaddress.ip_network("198.51.100.0/24"),))
+    a, b = pair()
+    b.reconfigure(peer_filters={1: accept})
+    expect_event(a, EventKind.NEW, exp(), 0.0)  # 192.0.2.10 -> 203.0.113.20: outside 198.51.100.0/24
+    deliver(a, b, 0.0)
+    assert exp().key not in b.peers[1].external and b.stats["flows_refused_policy"] == 1
+    # the sender's own filter: an ignored client's expectations are not replicated at all
+    a.reconfigure(flow_filter=FlowFilter(ignore=(ipaddress.ip_network("192.0.2.10/32"),)))
+    expect_event(a, EventKind.NEW, exp(30009), 0.0)
+    assert a.internal_expectations() == [exp()]  # 30002, taken before the reload
