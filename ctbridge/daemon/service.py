@@ -763,7 +763,7 @@ class Daemon:
 
     async def on_status(self, req: dict[str, Any]) -> dict[str, Any]:
         st = self.stats()
-        return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "peers")}}
+        return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "expectations", "peers")}}
 
     async def on_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.stats()}

@@ -87,6 +87,30 @@ table inet lab {{
     }}
 }}
 """
+# Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
+# passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
+# through a strict firewall. A table of its own, before the lab's forward chain.
+FTP_PORTS = (30000, 30099)
+FTP_RULES = f"""
+table inet lab_ftp
+delete table inet lab_ftp
+table inet lab_ftp {{{{
+    ct helper ftp-standard {{{{ type "ftp" protocol tcp; }}}}
+    counter refused {{{{ }}}}
+
+    chain prerouting {{{{
+        type filter hook prerouting priority filter; policy accept;
+        iifname "lan0" tcp dport 21 ct helper set "ftp-standard"
+    }}}}
+
+    chain forward {{{{
+        type filter hook forward priority filter - 1; policy accept;
+        iifname "lan0" tcp dport {FTP_PORTS[0]}-{FTP_PORTS[1]} ct state new counter name "refused" drop
+    }}}}
+}}}}
+"""
+FTP_FILE = 256 << 10  # bytes of the file the FTP tests retrieve
+
 # 'numgen random' drops: this kernel has no netem. A table of its own, added and removed by lossy().
 LOSS_RULES = """
 table inet lab_loss {{
@@ -133,6 +157,7 @@ class Options:
     ipv6: bool = False  # IPv6 too: VIPs of their own (VRRP 3), NAT66, every other flow over IPv6
     ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
     # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
+    ftp: bool = False  # an FTP server behind the pair, the FTP helper on the firewalls (FTP_RULES)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -253,6 +278,12 @@ class Firewall:
                 out["gate"] += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
         return out
 
+    def ftp_refused(self) -> int:
+        """New connections to the FTP data ports this firewall dropped (FTP_RULES): the ones no
+        expectation made RELATED."""
+        out = self.run("nft", "-j", "list", "counter", "inet", "lab_ftp", "refused").stdout
+        return sum(int(item["counter"]["packets"]) for item in json.loads(out)["nftables"] if "counter" in item)
+
     def maintenance(self, on: bool) -> None:
         """The rendered keepalived.conf's maintenance track file: 1 drains this firewall."""
         path = self.run_dir / "maintenance"
@@ -336,6 +367,27 @@ class CtbridgeReplicator:
 
 
 @dataclass
+class FtpSession:
+    """The lab's FTP client: one command, one JSON answer (ctbridge.lab.ftp)."""
+
+    proc: Process
+
+    def answer(self) -> dict[str, Any]:
+        assert self.proc.proc.stdout is not None
+        line = self.proc.proc.stdout.readline()  # the client bounds every step (ftp.TIMEOUT)
+        if not line:
+            raise RuntimeError(f"the FTP client ended: {self.proc.log.read_text()[-400:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.proc.stdin is not None
+        self.proc.proc.stdin.write(command.encode() + b"\n")
+        self.proc.proc.stdin.flush()
+        return self.answer()
+
+
+@dataclass
 class Traffic:
     """The client's status lines, read in a thread; the latest is ``status``."""
 
@@ -373,6 +425,8 @@ class Lab:
         self.fws = [Firewall(self, 1), Firewall(self, 2)]
         self.client_ns = self.server_ns = self.switch_ns = ""
         self.server: Process | None = None
+        self.ftp_server: Process | None = None
+        self.ftp_clients: list[Process] = []
         self.traffic: Traffic | None = None
         self.key = directory / "sync.key"
 
@@ -429,6 +483,8 @@ class Lab:
                     fw.run("ip", "-6", "addr", "add", addr, "dev", ifname, "nodad")
                 fw.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
             netns.run(fw.ns, "nft", "-f", "-", input=FIREWALL_RULES)
+            if self.options.ftp:
+                netns.run(fw.ns, "nft", "-f", "-", input=FTP_RULES.format())
         subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(self.key)], check=True, timeout=60,
                        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.render()
@@ -512,6 +568,15 @@ exit $rc
                                                          "--address", SERVER, *(["--address", SERVER6] if six else [])],
                               self.dir / "server.log", env={"PYTHONPATH": str(ROOT)})
         wait_for("the server to listen", lambda: b"listening" in (self.dir / "server.log").read_bytes(), timeout=30)
+        if self.options.ftp:
+            root = self.dir / "ftp"
+            root.mkdir()
+            (root / "file").write_bytes(os.urandom(FTP_FILE))
+            self.ftp_server = Process("ftp server", self.server_ns, [
+                sys.executable, "-m", "pyftpdlib", "-i", SERVER, "-p", "21", "-d", str(root),
+                "-r", f"{FTP_PORTS[0]}-{FTP_PORTS[1]}"], self.dir / "ftp-server.log")
+            wait_for("the FTP server to listen",
+                     lambda: b"starting FTP server" in (self.dir / "ftp-server.log").read_bytes(), timeout=30)
         client = Process("client", self.client_ns, [
             sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER,
             *(["--server", SERVER6] if six else []), "--tcp",
@@ -526,6 +591,16 @@ exit $rc
 
     def status(self) -> dict[str, Any]:
         return dict(self.traffic.status) if self.traffic else {}
+
+    def ftp_session(self) -> FtpSession:
+        """A logged-in FTP control connection from the client (ctbridge.lab.ftp), stopped with the lab."""
+        proc = Process("ftp client", self.client_ns, [sys.executable, "-m", "ctbridge.lab.ftp", SERVER],
+                       self.dir / f"ftp-client{len(self.ftp_clients)}.log", env={"PYTHONPATH": str(ROOT)},
+                       stdout_pipe=True)
+        self.ftp_clients.append(proc)
+        session = FtpSession(proc)
+        session.answer()
+        return session
 
     def master(self) -> Firewall | None:
         holders = [fw for fw in self.fws if fw.has_vips()]
@@ -574,6 +649,9 @@ exit $rc
         if self.server is not None:
             attempt(self.server.stop)
             self.server = None
+        for proc in [*self.ftp_clients, *([self.ftp_server] if self.ftp_server else [])]:
+            attempt(proc.stop)
+        self.ftp_clients, self.ftp_server = [], None
         for fw in self.fws:
             attempt(fw.stop_keepalived)
         for fw in self.fws:

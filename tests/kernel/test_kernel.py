@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sys
 
@@ -435,3 +436,49 @@ def test_strict_windows_write_existing_tcp_entries_anew(ns: str) -> None:
         strict = table.commit(flows, liberal=False, existing=keys)
         assert (strict.created, strict.updated, strict.failed) == (50, 0, [])
         assert len(table.dump()) == 50
+
+
+def _with_helper(entry: codec.Entry, helper: str = "ftp") -> codec.Entry:
+    """The entry with CTA_HELP, as the kernel dumps a flow the FTP helper follows."""
+    return codec.Entry(entry.key, entry.family,
+                       entry.attrs + codec.attr(ct.CTA_HELP, codec.attr(ct.CTA_HELP_NAME, helper.encode() + b"\0"),
+                                                nested=True))
+
+
+def test_expectations_are_written_after_their_master_with_what_is_left_of_their_timeout(ns: str) -> None:
+    """Expectation sync's kernel side (issue 15, deliver 1), witnessed by `conntrack -L expect`:
+    the kernel takes an expectation only for a master it holds that has a helper, starts it from
+    the helper's policy (300 s for FTP), and a second request sets the replicated timeout."""
+    from ctbridge.conntrack import expectation
+    master, _child = _related_pair()
+    a, b = bytes((192, 0, 2, 30)), bytes((198, 51, 100, 30))
+    exp = builders.build_expectation(ct.AF_INET, a, b, 30002, 40000, timeout=300)
+    with netns.inside(ns):
+        table = KernelTable()
+        sock = EventSocket(groups=EventSocket.EXPECT_GROUPS, decode=expectation.decode_events)
+    with table, sock:
+        # no master yet: refused, and counted as missing (not an error)
+        assert table.commit_expectations([exp]).missing == 1
+        # a master without a helper cannot hold one
+        assert table.commit([master]).failed == []
+        result = table.commit_expectations([exp])
+        assert [f.errno for f in result.failed] == [errno.EOPNOTSUPP]
+        table.delete([master.key])
+        assert table.commit([_with_helper(master)]).failed == []
+        result = table.commit_expectations([exp], lambda e: 77)
+        assert result.done == 1 and not result.failed, result
+        listed = netns.run(ns, "conntrack", "-L", "expect").stdout
+        assert "dport=30002" in listed and "helper=ftp" in listed and "master-src=192.0.2.30" in listed
+        seconds = int(listed.split()[0])
+        assert 70 <= seconds <= 77, listed  # not the helper's 300 s
+        (dumped,) = table.dump_expectations()
+        assert dumped.key == exp.key and expectation.timeout_of(dumped.attrs) <= 77
+        events = _collect(sock, 1)  # the creation (the change of its timeout reports nothing)
+        assert events[0].kind is EventKind.NEW and events[0].entry.key == exp.key
+        assert all(e.portid == table.portid for e in events)  # ours: the daemon skips them
+        # written again (a second commit): found, not doubled
+        assert table.commit_expectations([exp], lambda e: 50).done == 1
+        assert len(table.dump_expectations()) == 1
+        assert table.delete_expectations([exp.key]).done == 1
+        assert table.delete_expectations([exp.key]).missing == 1
+        assert netns.run(ns, "conntrack", "-L", "expect").stdout.strip() == ""
