@@ -1,13 +1,15 @@
 """The lab's FTP client, driven line by line: a control connection that lives across failovers,
-and passive data connections opened when told (ctbridge.lab.network.FtpSession drives it).
+and passive data connections opened when told (ctbridge.lab.network.FtpSession drives it); and
+its server, pyftpdlib (a test dependency), anonymous and read-only.
 
-    python -m ctbridge.lab.ftp SERVER      then, on stdin, one command a line:
+    python -m ctbridge.lab.ftp server ADDRESS ROOT FIRST-LAST    the server, passive ports FIRST-LAST
+    python -m ctbridge.lab.ftp SERVER      the client; then, on stdin, one command a line:
       pasv            PASV: the server listens on a data port; prints {"port": N}
       retr NAME       connects to that port now and retrieves NAME over it
       get NAME        PASV and retrieval at once (a data connection of a new PASV)
       noop            NOOP on the control connection
-Each answer is one JSON line: {"ok": true, ...} or {"ok": false, "error": "..."}. The server is
-the lab's real one (pyftpdlib, anonymous, read-only); only ftplib of the standard library here.
+Each answer is one JSON line: {"ok": true, ...} or {"ok": false, "error": "..."}. The client
+uses only ftplib of the standard library.
 """
 
 from __future__ import annotations
@@ -35,7 +37,31 @@ def _retrieve(ftp: ftplib.FTP, data: socket.socket, name: str) -> dict[str, Any]
     return {"ok": True, "bytes": len(got), "first": first, "reply": ftp.voidresp()}
 
 
+PASSIVE_WAIT = 300  # seconds a passive port waits for its data connection (pyftpdlib's own: 30)
+
+
+def serve(address: str, root: str, ports: str) -> None:
+    """pyftpdlib's FTP server on port 21. A passive port waits PASSIVE_WAIT for its connection:
+    a test that fails over and back between the PASV and the connection takes longer than 30 s."""
+    from pyftpdlib.authorizers import DummyAuthorizer  # type: ignore[import-untyped]
+    from pyftpdlib.handlers import FTPHandler  # type: ignore[import-untyped]
+    from pyftpdlib.servers import FTPServer  # type: ignore[import-untyped]
+
+    authorizer = DummyAuthorizer()
+    authorizer.add_anonymous(root)
+    first, _, last = ports.partition("-")
+    handler = type("LabHandler", (FTPHandler,), {
+        "authorizer": authorizer, "passive_ports": range(int(first), int(last) + 1),
+        "passive_dtp": type("LabPassive", (FTPHandler.passive_dtp,), {"timeout": PASSIVE_WAIT})})
+    server = FTPServer((address, 21), handler)
+    print(f"starting FTP server on {address}:21", flush=True)
+    server.serve_forever()
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "server":
+        serve(*argv[1:4])
+        return 0
     server = argv[0]
     ftp = ftplib.FTP(timeout=TIMEOUT)
     ftp.connect(server, 21)

@@ -573,8 +573,8 @@ exit $rc
             root.mkdir()
             (root / "file").write_bytes(os.urandom(FTP_FILE))
             self.ftp_server = Process("ftp server", self.server_ns, [
-                sys.executable, "-m", "pyftpdlib", "-i", SERVER, "-p", "21", "-d", str(root),
-                "-r", f"{FTP_PORTS[0]}-{FTP_PORTS[1]}"], self.dir / "ftp-server.log")
+                sys.executable, "-m", "ctbridge.lab.ftp", "server", SERVER, str(root),
+                f"{FTP_PORTS[0]}-{FTP_PORTS[1]}"], self.dir / "ftp-server.log", env={"PYTHONPATH": str(ROOT)})
             wait_for("the FTP server to listen",
                      lambda: b"starting FTP server" in (self.dir / "ftp-server.log").read_bytes(), timeout=30)
         client = Process("client", self.client_ns, [
