@@ -50,6 +50,78 @@ class Simple:
         return 0
 
 
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.1f} s ago"
+    return f"{seconds / 60:.0f} min ago" if seconds < 7200 else f"{seconds / 3600:.0f} h ago"
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def format_status(st: dict[str, Any], now: float) -> str:
+    """`ctbridge status` for people: the node, its caches, its peers (a table), its queues, the
+    last commit and the gate. ``now``: wall time, for the commit's age."""
+    internal, external = st.get("internal", {}), st.get("external", {})
+    exp = st.get("expectations", {})
+    inter = st.get("interlock", {})
+    lines = [f"node      {st.get('node', '?')} ({st.get('node_id', '?')})   role {st.get('role', '?')}   "
+             f"apply {st.get('apply_mode', '?')}   gate {st.get('gate') or 'not used'}"]
+    lines.append(f"internal  {internal.get('entries', 0)} entries (this node's flows"
+                 + (f", {exp.get('internal', 0)} of them expectations" if exp.get("enabled") else "") + ")")
+    lines.append(f"external  {external.get('entries', 0)} entries (the peers'), "
+                 f"{'complete' if external.get('complete') else 'INCOMPLETE'}"
+                 + (f"; interlock {'may take over' if inter.get('may_take_over') else 'holds it back'}"
+                    if inter.get("value") is not None else ""))
+    peers = st.get("peers", [])
+    if peers:
+        rows = [("PEER", "ADDRESS", "ALIVE", "SYNCED", "PROVEN", "LAST HEARD", "FLOWS", "REFUSED", "REJECTED", "GAP")]
+        for p in peers:
+            rejected = sum(p.get("rejected", {}).values())
+            gap = p.get("gap")
+            rows.append((str(p.get("node")), str(p.get("address") or "-"), _yes(p.get("alive")), _yes(p.get("synced")),
+                         _yes(p.get("proven")), _ago(p.get("last_heard")), str(p.get("entries", 0)),
+                         str(p.get("refused_total", p.get("refused", 0))), str(rejected),
+                         f"{gap[0]}-{gap[1]}" if gap else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append("peers")
+        lines.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    else:
+        lines.append("peers     none heard yet")
+    q = st.get("queues", {})
+    if q:
+        lines.append("queues    " + ", ".join(f"{k} {v}" for k, v in q.items()))
+    c = st.get("commit", {})
+    if c.get("at"):
+        lines.append(f"commit    {c.get('entries', 0)} flows in {c.get('seconds', 0):.3f} s, {c.get('failed', 0)} "
+                     f"failed, {_ago(now - c['at'])}")
+    else:
+        lines.append("commit    none since the start")
+    return "\n".join(lines)
+
+
+class Status:
+    """The node at a glance (a table of its peers); --json for machines."""
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        answer = control.request(_socket(args), "status")
+        if args.json:
+            _print(answer, True)
+        else:
+            import time
+            answer.pop("ok", None)
+            print(format_status(answer, time.time()))
+        return 0
+
+
 class Flush:
     """Drop the internal and/or external cache (the kernel table is not touched)."""
 
@@ -107,12 +179,13 @@ class Notify:
 
 COMMANDS: dict[str, Any] = {
     # their one-line help is in ctbridge.cli.HELP
-    "status": Simple("status", json_flag=True),
+    "status": Status(),
     "stats": Simple("stats", json_flag=True),
     "commit": Simple("commit"),
     "flush": Flush(),
     "resync": Simple("resync"),
     "bulk-send": Simple("bulk-send"),
+    "rebuild": Simple("rebuild"),
     "dump": Dump(),
     "notify": Notify(),
 }

@@ -47,6 +47,7 @@ COMMANDS: dict[str, str] = {
     "flush": "Empty the internal, the external or both caches of the running daemon.",
     "resync": "Ask the peers for their whole internal caches.",
     "bulk-send": "Send this node's whole internal cache to the peers.",
+    "rebuild": "Read this kernel's table again into the internal cache, and send what changed.",
     "dump": "Print the running daemon's internal or external cache.",
     "notify": "Pass a keepalived transition to the running daemon (what the notify hook runs).",
 }

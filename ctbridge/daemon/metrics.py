@@ -108,6 +108,68 @@ def _number(value: Any) -> str:
     return str(int(f)) if f.is_integer() and abs(f) < 2**63 else repr(f)
 
 
+# Upper bounds (seconds) of the commit-duration histogram's buckets: a few flows take
+# milliseconds, 100,000 about half a second (bench/failover.py), a million several seconds.
+COMMIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Observations counted in cumulative buckets, as Prometheus histograms are exposed
+    (https://prometheus.io/docs/concepts/metric_types/#histogram): ``le`` bounds, a sum and a count."""
+
+    def __init__(self, buckets: tuple[float, ...] = COMMIT_BUCKETS) -> None:
+        self.bounds = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"buckets": [[b, c] for b, c in zip(self.bounds, self.counts, strict=True)],
+                "sum": round(self.sum, 6), "count": self.count}
+
+
+# Per peer, labelled peer="<node id>" (status.peers): (name, help, field, type)
+PEER_METRICS = (
+    ("ctbridge_peer_alive", "1 while the peer is heard (within sync.peer_timeout)", "alive", "gauge"),
+    ("ctbridge_peer_synced", "1 while this node holds a whole copy of the peer's flows (a bulk completed, "
+     "nothing lost since)", "synced", "gauge"),
+    ("ctbridge_peer_proven", "1 while the peer's session answered this node's challenge", "proven", "gauge"),
+    ("ctbridge_peer_last_heard_seconds", "Seconds since the peer's last accepted datagram", "last_heard", "gauge"),
+    ("ctbridge_peer_flows", "Flows (and expectations) this node holds for the peer", "entries", "gauge"),
+    ("ctbridge_peer_refused_total", "Flows of the peer refused by this node's filters", "refused_total", "counter"),
+    ("ctbridge_peer_restarts_total", "Restarts of the peer seen (new epochs it proved)", "restarts", "counter"),
+)
+
+
+def _peer_lines(stats: dict[str, Any]) -> list[str]:
+    peers = stats.get("peers", [])
+    out = []
+    for name, doc, key, kind in PEER_METRICS:
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}")
+        out.extend(f'{name}{{peer="{p["node"]}"}} {_number(p.get(key))}' for p in peers)
+    out.append("# HELP ctbridge_peer_rejected_total Authentic datagrams (or messages) of the peer refused, by "
+               "reason\n# TYPE ctbridge_peer_rejected_total counter")
+    for p in peers:
+        out.extend(f'ctbridge_peer_rejected_total{{peer="{p["node"]}",reason="{reason}"}} {_number(n)}'
+                   for reason, n in sorted(p.get("rejected", {}).items()))
+    return out
+
+
+def _histogram_lines(name: str, doc: str, h: dict[str, Any]) -> list[str]:
+    out = [f"# HELP {name} {doc}\n# TYPE {name} histogram"]
+    out.extend(f'{name}_bucket{{le="{bound!r}"}} {count}' for bound, count in h.get("buckets", []))
+    out.append(f'{name}_bucket{{le="+Inf"}} {h.get("count", 0)}')
+    out.append(f"{name}_sum {_number(h.get('sum', 0))}\n{name}_count {h.get('count', 0)}")
+    return out
+
+
 def render(stats: dict[str, Any]) -> str:
     out = []
     for name, doc, path, kind in METRICS:
@@ -126,6 +188,9 @@ def render(stats: dict[str, Any]) -> str:
         for k, link in enumerate(stats.get("links", [])):
             for peer, view in sorted(link.get("nodes", {}).items()):
                 out.append(f'{name}{{link="{k}",peer="{peer}"}} {1 if view.get(field) else 0}')
+    out.extend(_peer_lines(stats))
+    out.extend(_histogram_lines("ctbridge_commit_duration_seconds", "Durations of MASTER commits (and of "
+                                "`ctbridge commit`)", stats.get("commit_histogram", {})))
     return "\n".join(out) + "\n"
 
 

@@ -30,7 +30,7 @@ from ctbridge.conntrack.codec import Entry
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
-from ctbridge.daemon import control, failover, gate, keepalived, metrics
+from ctbridge.daemon import control, failover, gate, journal, keepalived, metrics
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
@@ -168,6 +168,11 @@ def refreshed_timeouts() -> float:
     return min(seen) if seen else 30.0
 
 
+# What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
+STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "internal", "external", "expectations", "interlock",
+               "peers", "queues", "commit", "gate")
+
+
 def refresh_interval(cfg: Config, shortest: float) -> float:
     """Seconds between sweeps: sync.refresh_interval, or a quarter of ``shortest``, within 1-10 s."""
     if cfg.sync.refresh_interval > 0:
@@ -232,6 +237,7 @@ class Daemon:
             "metrics_endpoint": {"refused": 0, "timed_out": 0, "bad_requests": 0},
         }
         self.gated = cfg.apply.gate and cfg.apply.mode == "commit"
+        self.commit_histogram = metrics.Histogram()
         self.gate_retry: asyncio.Future[None] | None = None
 
     # --- sockets -> engine -> sockets -----------------------------------------------------------
@@ -598,6 +604,7 @@ class Daemon:
         info = {"entries": result.created + result.updated, "failed": len(result.failed),
                 "seconds": round(result.seconds, 6), "at": time.time()}
         self.stats_extra["commit"] = info
+        self.commit_histogram.observe(result.seconds)
         log.info("committed %d flows into the kernel in %.3f s (%d created, %d updated, %d failed)",
                  info["entries"], result.seconds, result.created, result.updated, len(result.failed))
         for failure in result.failed[:5]:
@@ -719,7 +726,8 @@ class Daemon:
                           "epoch": p.epoch, "alive": p.alive, "synced": p.synced, "proven": p.proven,
                           "refused": len(p.refused), "limits": sorted(p.limits),
                           "entries": len(p.external), "last_heard": round(now - p.last_heard, 3),
-                          "restarts": p.restarts, "bulks": p.bulks,
+                          "restarts": p.restarts, "bulks": p.bulks, "refused_total": p.refused_total,
+                          "rejected": dict(p.rejected),
                           "gap": p.rx.missing() if p.rx is not None else None})
         return {
             "node": self.cfg.node.name, "node_id": f"{e.node_id:08x}", "epoch": e.epoch, "role": e.role.value,
@@ -749,6 +757,7 @@ class Daemon:
             "send_errors": self.links.send_errors,
             "link_mismatches": self.links.mismatches,
             **self.stats_extra,
+            "commit_histogram": self.commit_histogram.snapshot(),
             "expectations": {**self.stats_extra["expectations"], "enabled": self.expect_events is not None,
                              **dict(zip(("internal", "external"), e.expectation_counts(), strict=True))},
         }
@@ -763,7 +772,7 @@ class Daemon:
 
     async def on_status(self, req: dict[str, Any]) -> dict[str, Any]:
         st = self.stats()
-        return {"ok": True, **{k: st[k] for k in ("node", "role", "internal", "external", "expectations", "peers")}}
+        return {"ok": True, **{k: st[k] for k in STATUS_KEYS}}
 
     async def on_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.stats()}
@@ -795,6 +804,13 @@ class Daemon:
         self.engine.request_resync(self.loop.time())
         self.after_input()
         return {"ok": True}
+
+    async def on_rebuild(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The internal cache from a dump of this kernel's table (and its expectations), as after
+        lost events: flows that changed, appeared or went are sent; the others are not."""
+        before = self.engine.stats["tx_datagrams"]
+        flows = await self.resync_internal()
+        return {"ok": True, "flows": flows, "datagrams": self.engine.stats["tx_datagrams"] - before}
 
     async def on_bulk_send(self, req: dict[str, Any]) -> dict[str, Any]:
         self.engine.bulk_send(self.loop.time())
@@ -932,6 +948,7 @@ def main(path: str) -> int:
     """Load, check against this host, and run; ConfigError/ControlError/KeyFileError say why not."""
     cfg = config_mod.load(path)
     logging.getLogger().setLevel(cfg.log.level.upper())
+    journal.use_journal_priorities()
     problems = host.problems(cfg)
     if problems:
         raise config_mod.ConfigError(problems)

@@ -252,6 +252,8 @@ class Peer:
         self.gap_upto = 0  # the highest of our numbers a GAP to it named (this epoch of ours) ...
         self.gap_at = float("-inf")  # ... and when
         self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
+        # its authentic datagrams (or messages) refused, by the counter's reason (per-peer metrics)
+        self.rejected: dict[str, int] = {"replay": 0, "unproven": 0, "bounds": 0}
         self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
         self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
         # peer cannot have seen): a NACK below it is stale
@@ -857,6 +859,7 @@ class Engine:
             # challenge: until then the session, if any, goes on.
             if header.epoch < peer.epoch and peer.alive:
                 stats["rejected_replay"] += 1
+                peer.rejected["replay"] += 1
                 peer.rejected_at = now
                 return None
             if not self._answered(peer, messages, now):
@@ -868,6 +871,7 @@ class Engine:
         if not rx.accept(header.seq):
             peer.rejected_at = now
             stats["rejected_replay"] += 1
+            peer.rejected["replay"] += 1
             if cfg.reliable and header.seq < rx.expected and peer.ack_due is None:
                 # the sender resends what we have: our acknowledgement was lost, say it again
                 # (once per ack_delay, however many copies come; never a NACK)
@@ -916,6 +920,7 @@ class Engine:
         its bulk begins in); the challenge alone is repeated while more come."""
         self._take_requests(peer, header, messages, now)
         self.stats["rejected_unproven"] += 1
+        peer.rejected["unproven"] += 1
         peer.rejected_at = now
         if header.epoch > peer.epoch:
             # a newer life heard and not proven: the copy of the old one is not what the peer
@@ -1188,6 +1193,7 @@ class Engine:
                     # a sender gives up only on numbers it used before this datagram's: a GAP up to
                     # 2^32-1 made every later datagram of that peer a "replay"
                     stats["rejected_bounds"] += 1
+                    peer.rejected["bounds"] += 1
                 elif peer.rx.fill(msg.first, msg.last):
                     # what those datagrams carried is lost: incomplete until the bulk that follows
                     peer.synced = False
@@ -1735,6 +1741,7 @@ class Engine:
             return None
         if hb.counter <= peer.heartbeats.get(hb.link, 0):
             stats["rejected_replay"] += 1
+            peer.rejected["replay"] += 1
             return None
         peer.heartbeats[hb.link] = hb.counter
         stats["heartbeats_received"] += 1
