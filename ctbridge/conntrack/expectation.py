@@ -28,6 +28,10 @@ from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack.codec import CodecError, Entry, Event, EventKind, align, attr, iter_attrs, make_key, message
 
 EXPECTATION = 0x80  # set in the first byte of an expectation's key (and in its wire messages' family)
+# No helper of the kernel's expects a connection for longer than 5 minutes (nf_conntrack_ftp.c,
+# _irc.c, _tftp.c, _sane.c: 5 * 60; _sip.c 3 * 60, _h323_main.c 240): a peer's expectation is
+# never written for longer, whatever it says.
+TIMEOUT_MAX = 300
 _BE16 = struct.Struct("!H")
 _BE32 = struct.Struct("!I")
 _NLMSG = struct.Struct("=IHHII")
@@ -99,13 +103,32 @@ def master_key(entry: Entry) -> bytes:
     raise CodecError("expectation lacks CTA_EXPECT_MASTER")
 
 
+def timeout_offset(buf: bytes, start: int = 0) -> int:
+    """Where the seconds of CTA_EXPECT_TIMEOUT lie in buf[start:], or -1 (none, or attributes
+    that do not parse: a peer's message is never trusted to)."""
+    try:
+        for t, s, e in iter_attrs(buf, start):
+            if t == ct.CTA_EXPECT_TIMEOUT:
+                return s if e - s == 4 else -1
+    except CodecError:
+        pass
+    return -1
+
+
 def timeout_of(buf: bytes, start: int = 0) -> int:
-    """CTA_EXPECT_TIMEOUT, seconds left when the kernel reported it (0 when absent)."""
-    for t, s, e in iter_attrs(buf, start):
-        if t == ct.CTA_EXPECT_TIMEOUT and e - s == 4:
-            seconds: int = _BE32.unpack_from(buf, s)[0]
-            return seconds
-    return 0
+    """CTA_EXPECT_TIMEOUT, seconds left when the kernel reported it (0 when absent or unreadable:
+    such an expectation counts as run out)."""
+    at = timeout_offset(buf, start)
+    seconds: int = _BE32.unpack_from(buf, at)[0] if at >= 0 else 0
+    return seconds
+
+
+def with_timeout(buf: bytes, start: int, seconds: int) -> bytes:
+    """buf with its CTA_EXPECT_TIMEOUT (at ``start`` on) set to ``seconds``; buf as it is without one."""
+    at = timeout_offset(buf, start)
+    if at < 0:
+        return buf
+    return buf[:at] + _BE32.pack(max(0, min(seconds, 0xFFFFFFFF))) + buf[at + 4:]
 
 
 def _whole(buf: bytes, s: int, e: int) -> bytes:

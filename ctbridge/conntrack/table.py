@@ -72,6 +72,15 @@ class KeyResult(NamedTuple):
     failed: list[Failure]
 
 
+class ExpectResult(NamedTuple):
+    """What writing expectations did: ``done``, the keys of those whose master the table lacks
+    (``missing``: ENOENT, worth another try once it is there), and the other refusals."""
+
+    done: int
+    missing: list[bytes]
+    failed: list[Failure]
+
+
 class EventBatch(NamedTuple):
     """Events read in one go. ``overrun`` means the kernel dropped events before these (ENOBUFS):
     the reader's view of the table is incomplete and must be rebuilt from a dump."""
@@ -468,7 +477,7 @@ class KernelTable:
         return KeyResult(len(todo) - len(failed), missing, errors)
 
     def commit_expectations(self, entries: Iterable[Entry], seconds: Callable[[Entry], int] | None = None
-                            ) -> KeyResult:
+                            ) -> ExpectResult:
         """Write expectations, after their masters (expectation.py): each is created, or found,
         and then given what is left of its timeout, ``seconds(entry)`` (else as it came). A master
         that is not in the table (ENOENT) or has no helper (EOPNOTSUPP) fails that one only."""
@@ -489,9 +498,9 @@ class KernelTable:
         for seq, err in self._batch(requests()).items():
             failed.setdefault((seq - base) // 2, err)  # the creation's error, when both failed
         failed.update(bad)
-        missing = sum(1 for err in failed.values() if err == errno.ENOENT)
+        missing = [todo[i].key for i, err in failed.items() if err == errno.ENOENT]
         errors = [Failure(todo[i].key, err) for i, err in failed.items() if err != errno.ENOENT]
-        return KeyResult(len(todo) - len(failed), missing, errors)
+        return ExpectResult(len(todo) - len(failed), missing, errors)
 
     def delete_expectations(self, keys: Iterable[bytes]) -> KeyResult:
         """Remove expectations by key; one already gone (used, expired) counts as missing."""

@@ -25,7 +25,7 @@ from ctbridge import atomicfile
 from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
-from ctbridge.conntrack import expectation
+from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing
@@ -185,7 +185,8 @@ def engine_config(cfg: Config) -> EngineConfig:
                         max_datagram=cfg.max_datagram(), alive_interval=cfg.sync.alive_interval,
                         peer_timeout=cfg.sync.peer_timeout, resend_limit=cfg.sync.resend_limit,
                         max_age=cfg.sync.max_age, filter=flow_filter(cfg), peer_filters=peer_filters(cfg),
-                        max_entries=cfg.sync.max_flows or conntrack_max(), expiry_margin=cfg.sync.expiry_margin)
+                        max_entries=cfg.sync.max_flows or conntrack_max(), expiry_margin=cfg.sync.expiry_margin,
+                        expectations=cfg.sync.expectations)
 
 
 class Daemon:
@@ -221,6 +222,8 @@ class Daemon:
         self.kernel_lock = asyncio.Lock()  # one kernel request at a time (KernelTable is not thread-safe)
         self.inject_ops: list[KernelOp] = []
         self.inject_task: asyncio.Task[None] | None = None
+        # inject mode: peers' expectations whose master this kernel lacked -> until when to try again
+        self.expect_retry: dict[bytes, float] = {}
         self.track_value: int | None = None
         self.role_restored = False  # MASTER taken back at start, no MASTER transition since
         self.watching: list[set[bytes]] = []  # while dumps run: for each, the flows events changed meanwhile
@@ -357,6 +360,8 @@ class Daemon:
                 await self.resync_internal()
                 continue
             self.engine.kernel_expectations(batch.events, self.loop.time())
+            for touched in self.watching:  # a dump under way read them before: these are newer
+                touched.update(e.entry.key for e in batch.events)
             self.after_input()
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
@@ -377,7 +382,7 @@ class Daemon:
                 self.watching.remove(touched)
         self.engine.kernel_resync(entries, self.loop.time(), announce=announce, newer=touched)
         if expected is not None:
-            self.engine.kernel_expect_resync(expected, self.loop.time(), announce=announce)
+            self.engine.kernel_expect_resync(expected, self.loop.time(), announce=announce, newer=touched)
         for other in self.watching:  # a sweep under way read the table before this: it is older
             other.add(EVERYTHING)
         self.stats_extra["kernel"]["resyncs"] += 1
@@ -443,6 +448,8 @@ class Daemon:
             if expected or gone:
                 commits = [e for e in commits if not is_expectation(e.key)]
                 deletes = [k for k in deletes if not is_expectation(k)]
+            for key in gone:
+                self.expect_retry.pop(key, None)
             try:
                 if commits:
                     result = await self.in_thread(self.kernel.commit, commits, self.cfg.apply.liberal_tcp)
@@ -451,11 +458,15 @@ class Daemon:
                                     len(commits), os.strerror(result.failed[0].errno))
                 if deletes:
                     await self.in_thread(self.kernel.delete, deletes)
-                if expected:
-                    await self.write_expectations([(e, expectation.timeout_of(e.attrs)) for e in expected])
+                cap = expectation.TIMEOUT_MAX
+                todo = {e.key: (e, max(1, min(cap, expectation.timeout_of(e.attrs)))) for e in expected}
+                if commits:  # a master that came now may be one an earlier expectation waited for
+                    todo.update((e.key, (e, s)) for e, s in self.retried_expectations() if e.key not in todo)
+                if todo:
+                    await self.write_expectations(list(todo.values()), retry=True)
                 if gone:
                     await self.in_thread(self.kernel.delete_expectations, gone)
-            except (OSError, KernelError) as exc:
+            except (OSError, KernelError, codec.CodecError) as exc:
                 # said here, once: the flows come again with the next bulk or commit, and a later
                 # MASTER must not fail for a batch that could not be written before it
                 log.error("inject: %d flows not written into the kernel: %s", len(commits) + len(deletes), exc)
@@ -615,20 +626,40 @@ class Daemon:
             answer["expectations"] = await self.write_expectations(expected)
         return answer
 
-    async def write_expectations(self, expected: list[tuple[Entry, int]]) -> int:
+    async def write_expectations(self, expected: list[tuple[Entry, int]], retry: bool = False) -> int:
         """Peers' expectations into this kernel, each with what is left of its timeout; the
-        number written. A master the kernel lacks (its flow was refused, or ended) fails that one."""
+        number written. A master the kernel lacks (its flow was refused, ended, or, in inject
+        mode, has not arrived yet: ``retry``, tried again with the next injected flows) fails
+        that one."""
         left = {entry.key: seconds for entry, seconds in expected}
         result = await self.in_thread(self.kernel.commit_expectations, [e for e, _ in expected],
                                       lambda entry: left[entry.key])
         info = self.stats_extra["expectations"]
         info["written"] += result.done
-        info["failed"] += result.missing + len(result.failed)
-        if result.missing or result.failed:
+        for key in left:
+            self.expect_retry.pop(key, None)
+        if retry:
+            self.expect_retry.update((key, self.loop.time() + left[key]) for key in result.missing)
+        else:
+            info["failed"] += len(result.missing)
+        info["failed"] += len(result.failed)
+        if result.failed or (result.missing and not retry):
             first = os.strerror(result.failed[0].errno) if result.failed else "no master flow"
             log.warning("%d of %d expectations not written into the kernel (first: %s)",
-                        result.missing + len(result.failed), len(expected), first)
+                        len(result.missing) + len(result.failed), len(expected), first)
         return int(result.done)
+
+    def retried_expectations(self) -> list[tuple[Entry, int]]:
+        """Inject mode: peers' expectations written before their master was in this kernel, as
+        the cache holds them now (gone or run out: forgotten)."""
+        if not self.expect_retry:
+            return []
+        now = self.loop.time()
+        current = {e.key: (e, s) for e, s in self.engine.external_expectations(now) if e.key in self.expect_retry}
+        for key in [k for k, until in self.expect_retry.items() if k not in current or until <= now]:
+            del self.expect_retry[key]
+            self.stats_extra["expectations"]["failed"] += 1
+        return list(current.values())
 
     async def set_gate(self, closed: bool) -> None:
         """Close the commit gate while not MASTER, open it once the flows are committed.

@@ -114,6 +114,9 @@ class EngineConfig:
     # it last came with ran out; the peer refreshes what its traffic keeps alive (kernel_refresh).
     # 0: never (a dead peer's flows stay until a bulk or a flush)
     expiry_margin: float = 30.0
+    # the helpers' expectations (sync.expectations): sent and taken only when on; a peer's are
+    # refused (refused.policy) when off, so a node that does not use them writes none
+    expectations: bool = False
 
 
 class KernelOp(NamedTuple):
@@ -327,6 +330,9 @@ class Engine:
         # the keys of this node's expectations among them (kept in ``internal``, they travel as
         # flows do; kernel_resync's dump of flows leaves them be)
         self._expectations: set[bytes] = set()
+        # ... and when each runs out (the engine's clock): they go out with what is left of their
+        # timeout, so a peer that first hears of one in a bulk does not count it from the start
+        self._expect_until: dict[bytes, float] = {}
         # Best-effort mode resends nothing: one lost refresh would cost the flow on every peer
         # until its next. So peers are taken to hold half the timeout, and each flow is sent
         # again twice per timeout: one loss is survived.
@@ -416,6 +422,7 @@ class Engine:
         with its master)."""
         internal = self.internal
         keys = self._expectations
+        until = self._expect_until
         accepts = self.config.filter.accepts_expectation
         for ev in events:
             key = ev.entry.key
@@ -423,6 +430,7 @@ class Engine:
                 if ev.kind is EventKind.DESTROY or not accepts(ev.entry):
                     if internal.pop(key, None) is not None:
                         keys.discard(key)
+                        until.pop(key, None)
                         self._pending[key] = None
                     continue
                 msg = wire.expect_msg(self._version + 1, ev.entry)
@@ -432,20 +440,28 @@ class Engine:
             self._version += 1
             internal[key] = msg
             keys.add(key)
+            until[key] = now + expectation.timeout_of(ev.entry.attrs)
             self._pending[key] = None
 
-    def kernel_expect_resync(self, entries: list[Entry], now: float, announce: bool = True) -> None:
+    def kernel_expect_resync(self, entries: list[Entry], now: float, announce: bool = True,
+                             newer: Container[bytes] = frozenset()) -> None:
         """Replace this node's expectations with a dump of them; what changed is sent (unless
-        ``announce`` is False)."""
+        ``announce`` is False). ``newer``: expectations whose events came while the dump ran
+        (what the cache holds for them, or their absence, is newer than the dump), as for
+        kernel_resync."""
         internal = self.internal
         old = self._expectations
-        new: set[bytes] = set()
+        until = self._expect_until
+        new: set[bytes] = {key for key in old if key in newer}
         accepts = self.config.filter.accepts_expectation
         for entry in entries:
             key = entry.key
+            if key in newer:
+                continue
             try:
                 if not accepts(entry):
                     continue
+                until[key] = now + expectation.timeout_of(entry.attrs)
                 prev = internal.get(key)
                 if prev is not None and key in old and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs,
                                                                               ct.CTA_EXPECT_TIMEOUT):
@@ -461,7 +477,10 @@ class Engine:
             if announce:
                 self._queue(key)
         for key in old - new:
+            if key in newer:
+                continue
             internal.pop(key, None)
+            until.pop(key, None)
             if announce:
                 self._queue(key)
         self._expectations = new
@@ -531,8 +550,6 @@ class Engine:
             if key in old:
                 new[key] = old[key]
                 told[key] = old_told.get(key, now)
-        for key in self._expectations:  # a flow dump holds none: kernel_expect_resync's
-            new[key] = old[key]
         for entry in entries:
             if entry.key in newer or not accepts(entry):
                 continue
@@ -550,6 +567,10 @@ class Engine:
                 told[entry.key] = now + codec.timeout_of(entry.attrs) * self._told_share
                 if announce:
                     self._queue(entry.key)
+        # a flow dump holds no expectations (kernel_expect_resync's): kept, after every flow, so a
+        # bulk carries each master before its expectations
+        for key in self._expectations:
+            new[key] = old[key]
         if announce:
             for key in old.keys() - new.keys():
                 self._queue(key)
@@ -680,7 +701,8 @@ class Engine:
     def external_expectations(self, now: float) -> list[tuple[Entry, int]]:
         """Every expectation learnt from peers, with what is left of its timeout (whole
         seconds, at least 1), for a commit after the flows: merged as external_entries."""
-        return [(wire.flow_entry(key, cur.message), max(1, int(cur.runs_out() - now + 0.5)))
+        cap = expectation.TIMEOUT_MAX
+        return [(wire.flow_entry(key, cur.message), max(1, min(cap, int(cur.runs_out() - now + 0.5))))
                 for key, cur in self._merged().items() if key[0] & _MARK]
 
     def commit_records(self, now: float) -> list[codec.Record]:
@@ -746,6 +768,7 @@ class Engine:
         self.internal.clear()
         self._told.clear()
         self._expectations.clear()
+        self._expect_until.clear()
 
     def reconfigure(self, auth: wire.Auth | None = None, flow_filter: FlowFilter | None = None,
                     peer_filters: Mapping[int, FlowFilter] | None = None) -> None:
@@ -761,11 +784,8 @@ class Engine:
                                           else peer_filters)
         inject = self.config.apply_mode == "inject"
         for peer in self.peers.values():
-            mine = self.config.peer_filters.get(peer.node)
             for key, cur in list(peer.external.items()):
-                fam = cur.message[1]
-                if self.config.filter.accepts_message(key, fam, cur.message, wire.FLOW_HEADER) and (
-                        mine is None or mine.accepts_message(key, fam, cur.message, wire.FLOW_HEADER)):
+                if self._allowed(peer, key, cur.message):
                     continue
                 del peer.external[key]
                 peer.refused[key] = (cur.version, cur.seq)
@@ -1133,6 +1153,16 @@ class Engine:
                     continue
                 external[key] = ExternalFlow(fmsg, seq, now)
             elif version > cur.version:
+                if fmsg[0] == _EXPECT and not self._allowed(peer, key, fmsg):
+                    # an expectation's master and mask are not in its key: every version is
+                    # checked, or an accepted one could be turned into a pinhole the filter refuses
+                    del external[key]
+                    peer.refused[key] = (version, seq)
+                    peer.refused_total += 1
+                    stats["flows_refused_policy"] += 1
+                    if inject:
+                        self._kernel_ops.append(KernelOp("delete", None, key))
+                    continue
                 cur.message = fmsg
                 cur.heard = now
                 if seq > cur.seq:
@@ -1237,14 +1267,7 @@ class Engine:
             peer.capped += 1  # a bulk counts it as mentioned (it is not kept, not even by key)
             self._limit(peer, "flows", cfg.max_entries)
             return False
-        peer_filter = cfg.peer_filters.get(peer.node)
-        family = fmsg[1]
-        try:
-            allowed = (cfg.filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)
-                       and (peer_filter is None or peer_filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)))
-        except codec.CodecError:
-            allowed = False  # attributes our filter cannot read are not written into our kernel either
-        if allowed:
+        if self._allowed(peer, key, fmsg):
             if refused:
                 refused.pop(key, None)
             return True
@@ -1252,6 +1275,19 @@ class Engine:
         peer.refused_total += 1
         self.stats["flows_refused_policy"] += 1
         return False
+
+    def _allowed(self, peer: Peer, key: bytes, fmsg: bytes) -> bool:
+        """What our own filter and the accept list for that peer say of a flow (or expectation)."""
+        cfg = self.config
+        if fmsg[0] == _EXPECT and not cfg.expectations:
+            return False
+        peer_filter = cfg.peer_filters.get(peer.node)
+        family = fmsg[1]
+        try:
+            return (cfg.filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)
+                    and (peer_filter is None or peer_filter.accepts_message(key, family, fmsg, wire.FLOW_HEADER)))
+        except codec.CodecError:
+            return False  # attributes our filter cannot read are not written into our kernel either
 
     def _limit(self, peer: Peer, what: str, limit: int, whole: bool = False) -> None:
         """A cap was hit, said once per bulk. Unless ``whole``, the peer's cache is no longer a
@@ -1536,10 +1572,17 @@ class Engine:
         self._seq = seq + 1
         return seq
 
-    def _message(self, key: bytes) -> bytes:
+    def _fresh(self, key: bytes, msg: bytes, now: float) -> bytes:
+        """An expectation's EXPECT as it goes out: with what is left of its timeout."""
+        until = self._expect_until.get(key)
+        if until is None:
+            return msg
+        return expectation.with_timeout(msg, wire.FLOW_HEADER, max(0, int(until - now + 0.5)))
+
+    def _message(self, key: bytes, now: float) -> bytes:
         cur = self.internal.get(key)
         if cur is not None:
-            return cur
+            return cur if key[0] < _MARK else self._fresh(key, cur, now)
         self._version += 1
         return wire.delete_msg(self._version, key)
 
@@ -1612,12 +1655,12 @@ class Engine:
                     key = take(last=False)[0]
                     cur = internal_get(key)
                     if cur is None:
-                        m = self._message(key)  # deleted: a DELETE with a version of its own
+                        m = self._message(key, now)  # deleted: a DELETE with a version of its own
                     else:
-                        m = cur
+                        m = cur if key[0] < _MARK else self._fresh(key, cur, now)
                         flows += 1
                     if size + len(m) > room:
-                        if m[0] == wire.MsgType.FLOW:
+                        if m[0] != wire.MsgType.DELETE:
                             flows -= 1
                         if not msgs:  # a single flow larger than a datagram: cannot be sent at all
                             stats["oversized_flows"] += 1
@@ -1631,14 +1674,14 @@ class Engine:
                 stats["flows_sent"] += flows
                 stats["deletes_sent"] += len(keys) - flows
             if self.role is not Role.FAULT and open_:
-                size = self._fill_bulk(msgs, keys, size, room)
+                size = self._fill_bulk(msgs, keys, size, room, now)
             if not msgs:
                 break
             out.append((self._finish(msgs, keys, now), None))
             room_left -= 1
         return out
 
-    def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int) -> int:
+    def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int, now: float) -> int:
         while self._bulks:
             bulk = self._bulks[0]
             if not bulk.begun:
@@ -1661,6 +1704,8 @@ class Engine:
                 if fm is None:  # deleted since the bulk began: the delete went out by itself
                     pos += 1
                     continue
+                if key[0] >= _MARK:
+                    fm = self._fresh(key, fm, now)
                 if len(fm) > room:  # larger than any datagram: cannot be sent (counted), go on
                     self.stats["oversized_flows"] += 1
                     pos += 1
@@ -1693,7 +1738,7 @@ class Engine:
         fitted: list[bytes] = []
         size = len(controls)
         for key in keys:
-            m = self._message(key)
+            m = self._message(key, now)
             if size + len(m) > room:
                 self._queue(key)  # grew since: goes out in a new datagram
                 continue

@@ -90,17 +90,22 @@ class FlowFilter:
     def accepts_expectation(self, entry: codec.Entry) -> bool:
         """An expectation lets a new connection in as RELATED: it is taken when this filter takes
         both that connection (the expectation's tuple, its source and destination) and the
-        master flow it belongs to (the master's original tuple)."""
+        master flow it belongs to (the master's original tuple). A source the mask leaves open
+        (SIP media from anywhere; or a forged mask of 0) is no source inside an accept list: then
+        the destination must be. Raises CodecError on attributes that do not parse."""
         attrs = codec.attr_map(entry.attrs)
-        for tup in (attrs.get(ct.CTA_EXPECT_TUPLE, b""), attrs.get(ct.CTA_EXPECT_MASTER, b"")):
-            fields = codec.attr_map(tup)
-            addrs = codec.attr_map(fields.get(ct.CTA_TUPLE_IP, b""))
-            proto = (codec.attr_map(fields.get(ct.CTA_TUPLE_PROTO, b"")).get(ct.CTA_PROTO_NUM) or b"\x00")[0]
-            src = addrs.get(ct.CTA_IP_V4_SRC) or addrs.get(ct.CTA_IP_V6_SRC) or b""
-            dst = addrs.get(ct.CTA_IP_V4_DST) or addrs.get(ct.CTA_IP_V6_DST) or b""
-            if not self.accepts_facts(entry.family, (proto, src, dst, None)):
-                return False
-        return True
+        try:
+            tup, master, mask = (attrs[t] for t in (ct.CTA_EXPECT_TUPLE, ct.CTA_EXPECT_MASTER, ct.CTA_EXPECT_MASK))
+        except KeyError:
+            raise codec.CodecError("expectation lacks its tuple, mask or master") from None
+        proto, src, dst = _tuple_addresses(tup)
+        _p, mask_src, _d = _tuple_addresses(mask)
+        if mask_src != b"\xff" * len(src):
+            src = b""
+        if not self.accepts_facts(entry.family, (proto, src, dst, None)):
+            return False
+        proto, src, dst = _tuple_addresses(master)
+        return self.accepts_facts(entry.family, (proto, src, dst, None))
 
     def accepts_facts(self, family: int, facts: tuple[int, bytes, bytes, int | None]) -> bool:
         """accepts() for the facts flow_facts() gives (ctbridge.sync.intake reads them itself)."""
@@ -124,6 +129,16 @@ class FlowFilter:
             if self._accept:
                 return any(fam == family and (a & mask == net or b & mask == net) for fam, net, mask in self._accept)
         return True
+
+
+def _tuple_addresses(tuple_payload: bytes) -> tuple[int, bytes, bytes]:
+    """(protocol number, source, destination) of a tuple's payload; CodecError if it does not parse."""
+    fields = codec.attr_map(tuple_payload)
+    addrs = codec.attr_map(fields.get(ct.CTA_TUPLE_IP, b""))
+    proto = (codec.attr_map(fields.get(ct.CTA_TUPLE_PROTO, b"")).get(ct.CTA_PROTO_NUM) or b"\x00")[0]
+    src = addrs.get(ct.CTA_IP_V4_SRC) or addrs.get(ct.CTA_IP_V6_SRC) or b""
+    dst = addrs.get(ct.CTA_IP_V4_DST) or addrs.get(ct.CTA_IP_V6_DST) or b""
+    return proto, src, dst
 
 
 def _source(tuple_payload: bytes) -> bytes:

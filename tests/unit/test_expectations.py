@@ -4,7 +4,9 @@ clock and lossy links: delivery, deletion, bulks, expiry, the filters, and the c
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import struct
 
 import pytest
 
@@ -15,7 +17,7 @@ from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine
 from ctbridge.sync.filter import FlowFilter
 from tests.support import builders
-from tests.support.enginelab import Lab
+from tests.support.enginelab import Lab, flow
 from tests.unit.test_timeouts import deliver, pair
 
 CLIENT, SERVER = bytes((192, 0, 2, 10)), bytes((203, 0, 113, 20))
@@ -112,7 +114,7 @@ def expect_event(node: Engine, kind: EventKind, e: codec.Entry, now: float) -> N
 
 
 def test_an_expectation_and_its_end_reach_every_peer_through_loss() -> None:
-    lab = Lab(3, seed=4, loss=0.3)
+    lab = Lab(3, seed=4, loss=0.3, expectations=True)
     a = lab.engines[1]
     a.kernel_events([Event(EventKind.NEW, master(), 0)], lab.now)
     expect_event(a, EventKind.NEW, exp(), lab.now)
@@ -134,7 +136,7 @@ def test_an_expectation_and_its_end_reach_every_peer_through_loss() -> None:
 
 
 def test_a_bulk_carries_expectations_and_drops_one_that_ended_meanwhile() -> None:
-    a, b = pair()
+    a, b = pair(expectations=True)
     a.kernel_events([Event(EventKind.NEW, master(), 0)], 0.0)
     expect_event(a, EventKind.NEW, exp(30002), 0.0)
     expect_event(a, EventKind.NEW, exp(30003, 40001), 0.0)
@@ -150,7 +152,7 @@ def test_a_bulk_carries_expectations_and_drops_one_that_ended_meanwhile() -> Non
 
 
 def test_a_dump_of_flows_keeps_expectations_and_a_dump_of_expectations_replaces_them() -> None:
-    a, b = pair()
+    a, b = pair(expectations=True)
     expect_event(a, EventKind.NEW, exp(30002), 0.0)
     a.kernel_resync([master()], 1.0)  # a table re-read after lost events: it has no expectations
     assert a.internal_expectations() == [exp(30002)]
@@ -167,7 +169,7 @@ def test_a_dump_of_flows_keeps_expectations_and_a_dump_of_expectations_replaces_
 
 
 def test_an_expectation_expires_with_its_timeout_plus_the_margin() -> None:
-    a, b = pair(expiry_margin=30.0)
+    a, b = pair(expiry_margin=30.0, expectations=True)
     a.kernel_events([Event(EventKind.NEW, master(), 0)], 0.0)
     expect_event(a, EventKind.NEW, exp(timeout=60), 0.0)
     deliver(a, b, 0.0)
@@ -184,7 +186,7 @@ def test_an_expectation_expires_with_its_timeout_plus_the_margin() -> None:
 
 def test_a_peer_may_not_open_a_pinhole_its_accept_list_refuses() -> None:
     accept = FlowFilter(accept=(ipaddress.ip_network("198.51.100.0/24"),))
-    a, b = pair()
+    a, b = pair(expectations=True)
     b.reconfigure(peer_filters={1: accept})
     expect_event(a, EventKind.NEW, exp(), 0.0)  # 192.0.2.10 -> 203.0.113.20: outside 198.51.100.0/24
     deliver(a, b, 0.0)
@@ -193,3 +195,118 @@ def test_a_peer_may_not_open_a_pinhole_its_accept_list_refuses() -> None:
     a.reconfigure(flow_filter=FlowFilter(ignore=(ipaddress.ip_network("192.0.2.10/32"),)))
     expect_event(a, EventKind.NEW, exp(30009), 0.0)
     assert a.internal_expectations() == [exp()]  # 30002, taken before the reload
+
+
+# --- found by the adversarial review (each failed before its fix) ---------------------------------
+
+def forged(a: Engine, key: bytes, after_tuple: bytes) -> None:
+    """Node a sends, under ``key``, an EXPECT whose attributes after the tuple are ``after_tuple``
+    (a peer holding the cluster's key can send any bytes; the decoder checks the tuple only)."""
+    e = codec.Entry(key, ct.AF_INET, codec.attr(ct.CTA_EXPECT_TUPLE, key[3:], nested=True) + after_tuple)
+    a.internal[key] = wire.expect_msg(1000, e)  # a version above the real one's
+    a.bulk_send(0.5)  # what carries it: a bulk of a's cache
+
+
+def test_a_malformed_update_of_an_expectation_is_refused_and_stops_nothing() -> None:
+    a, b = pair(expiry_margin=30.0, expectations=True)
+    a.kernel_events([Event(EventKind.NEW, master(), 0)], 0.0)
+    expect_event(a, EventKind.NEW, exp(), 0.0)
+    deliver(a, b, 0.0)
+    # v2: an attribute that claims 64 bytes and has 8. It was stored unchecked, and then the
+    # timer (expiry), a MASTER commit and inject mode raised on it
+    forged(a, exp().key, struct.pack("=HH", 64, ct.CTA_EXPECT_TIMEOUT) + bytes(4))
+    deliver(a, b, 1.0)
+    assert exp().key not in b.peers[1].external and b.stats["flows_refused_policy"] == 1
+    assert b.external_expectations(2.0) == []
+    for t in range(2, 130):
+        b.handle_timer(float(t))
+    assert master().key in b.peers[1].external
+    assert expectation.timeout_of(struct.pack("=HH", 64, ct.CTA_EXPECT_TIMEOUT) + bytes(4)) == 0  # never raises
+
+
+def test_an_update_cannot_move_an_expectation_outside_the_accept_list() -> None:
+    a, b = pair(expectations=True)
+    b.reconfigure(peer_filters={1: FlowFilter(accept=(ipaddress.ip_network("192.0.2.0/24"),))})
+    expect_event(a, EventKind.NEW, exp(), 0.0)  # master 192.0.2.10 -> 203.0.113.20: inside
+    deliver(a, b, 0.0)
+    assert exp().key in b.peers[1].external
+    # the same key (same tuple), its master now 10.9.9.9 -> 10.9.9.8: outside
+    outside = builders.build_expectation(ct.AF_INET, bytes((10, 9, 9, 9)), bytes((10, 9, 9, 8)), 30002, 40000)
+    moved = codec.Entry(exp().key, ct.AF_INET, exp().attrs.replace(
+        codec.attr_map(exp().attrs)[ct.CTA_EXPECT_MASTER], codec.attr_map(outside.attrs)[ct.CTA_EXPECT_MASTER]))
+    expect_event(a, EventKind.NEW, moved, 1.0)
+    deliver(a, b, 1.0)
+    assert exp().key not in b.peers[1].external and b.stats["flows_refused_policy"] == 1
+
+
+def test_a_source_the_mask_leaves_open_is_no_source_inside_the_accept_list() -> None:
+    """A tuple whose source is inside, with a source mask of 0 (any source) and a destination
+    outside, opened the destination to everyone."""
+    accept = FlowFilter(accept=(ipaddress.ip_network("192.0.2.0/24"),))
+    wide = builders.build_expectation(ct.AF_INET, CLIENT, bytes((10, 9, 9, 9)), 22, 40000)
+    m = codec.attr_map(wide.attrs)
+    open_mask = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, bytes(4), b"\xff" * 4, 0, 0xFFFF)
+    forged_attrs = wide.attrs.replace(m[ct.CTA_EXPECT_MASK], open_mask)
+    # its master inside too (192.0.2.10 -> 192.0.2.20): only the mask makes the difference
+    inside_master = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, CLIENT, bytes((192, 0, 2, 20)), 40000, 21)
+    forged_attrs = forged_attrs.replace(m[ct.CTA_EXPECT_MASTER], inside_master)
+    assert not accept.accepts_expectation(codec.Entry(wide.key, ct.AF_INET, forged_attrs))
+    # the same with the source masked exactly (as the FTP helper does): taken, its source is inside
+    assert accept.accepts_expectation(codec.Entry(wide.key, ct.AF_INET,
+                                                  wide.attrs.replace(m[ct.CTA_EXPECT_MASTER], inside_master)))
+    # and whatever a peer says, no expectation is written for longer than any helper expects
+    a, b = pair(expectations=True)
+    expect_event(a, EventKind.NEW, exp(timeout=0xFFFFFFF0), 0.0)
+    deliver(a, b, 0.0)
+    assert b.external_expectations(0.0)[0][1] == expectation.TIMEOUT_MAX
+
+
+def test_a_node_without_expectation_sync_takes_none() -> None:
+    a, b = pair()
+    a.config = dataclasses.replace(a.config, expectations=True)
+    expect_event(a, EventKind.NEW, exp(), 0.0)
+    deliver(a, b, 0.0)
+    assert b.expectation_counts() == (0, 0) and b.stats["flows_refused_policy"] == 1
+
+
+def test_a_bulk_after_a_resync_carries_each_master_before_its_expectations() -> None:
+    a, _b = pair(expectations=True)
+    expect_event(a, EventKind.NEW, exp(), 0.0)
+    a.kernel_resync([master()] + [flow(i) for i in range(300)], 0.0, announce=False)
+    order = list(a.internal)
+    assert order.index(master().key) < order.index(exp().key)
+
+
+def test_an_expectation_that_ends_while_its_dump_runs_is_not_brought_back() -> None:
+    a, _b = pair(expectations=True)
+    expect_event(a, EventKind.NEW, exp(), 0.0)
+    # the dump read it; then its DESTROY came, before the dump was applied
+    dumped = [exp()]
+    expect_event(a, EventKind.DESTROY, exp(), 0.5)
+    a.kernel_expect_resync(dumped, 1.0, newer={exp().key})
+    assert a.internal_expectations() == []
+    # and one made while the dump ran is kept, though the dump did not have it
+    expect_event(a, EventKind.NEW, exp(30005, 40003), 1.5)
+    a.kernel_expect_resync([], 2.0, newer={exp(30005, 40003).key})
+    assert [e.key for e in a.internal_expectations()] == [exp(30005, 40003).key]
+
+
+def test_a_peer_that_hears_of_an_expectation_late_gets_what_is_left_of_it() -> None:
+    """A standby that restarted 250 s into a 300 s expectation was given 297 s by the bulk."""
+    a, b = pair(expectations=True)
+    expect_event(a, EventKind.NEW, exp(timeout=300), 0.0)
+    a.drop_pending()  # b never heard of it
+    a.bulk_send(250.0)
+    for _ in range(3):
+        deliver(a, b, 250.0)
+        deliver(b, a, 250.0)
+    ((entry, left),) = b.external_expectations(250.0)
+    assert entry.key == exp().key and 49 <= left <= 51
+
+
+def test_expectations_do_not_count_as_deletions_sent() -> None:
+    a, b = pair(expectations=True)
+    for i in range(100):
+        expect_event(a, EventKind.NEW, exp(30000 + i, 40000 + i), 0.0)
+    deliver(a, b, 0.0)
+    assert a.stats["deletes_sent"] == 0 and a.stats["flows_sent"] == 100
