@@ -55,6 +55,7 @@ SERVER6 = f"{WAN6}100"
 LAN_VIP6 = f"{LAN6}1"
 WAN_VIP6 = f"{WAN6}1"
 SYNC_PORT = 3780
+SYNC_GROUP = "239.255.37.80"  # Options.multicast: as examples/three-nodes-multicast.toml
 
 # The firewall's own ruleset: what an operator of a stateful NAT firewall would run.
 FIREWALL_RULES = f"""
@@ -158,6 +159,8 @@ class Options:
     ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
     # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
     ftp: bool = False  # an FTP server behind the pair, the FTP helper on the firewalls (FTP_RULES)
+    firewalls: int = 2  # how many firewalls (three: the three-node example's cluster)
+    multicast: bool = False  # sync and VRRP adverts over multicast (SYNC_GROUP), the sync link a bridge
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -422,7 +425,7 @@ class Lab:
         self.dir = directory
         self.options = options
         self.replicator = replicator or CtbridgeReplicator(options)
-        self.fws = [Firewall(self, 1), Firewall(self, 2)]
+        self.fws = [Firewall(self, i) for i in range(1, options.firewalls + 1)]
         self.client_ns = self.server_ns = self.switch_ns = ""
         self.server: Process | None = None
         self.ftp_server: Process | None = None
@@ -469,12 +472,21 @@ class Lab:
             netns.run(self.client_ns, "ip", "-6", "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
             netns.run(self.client_ns, "ip", "-6", "route", "add", "default", "via", LAN_VIP6)
             netns.run(self.server_ns, "ip", "-6", "addr", "add", f"{SERVER6}/64", "dev", "eth0", "nodad")
-        fw1, fw2 = self.fws
-        fw1.run("ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", fw2.ns)
+        if self.sync_bridged:
+            # more than two firewalls, or multicast: the sync link is a bridge of its own, without
+            # IGMP snooping (every port hears the group, as on a sync switch with it off)
+            netns.run(sw, "ip", "link", "add", "br-sync", "type", "bridge", "mcast_snooping", "0")
+            netns.run(sw, "ip", "link", "set", "br-sync", "up")
+            for fw in self.fws:
+                port(fw.ns, "sync0", "br-sync", f"{fw.name}-sync")
+        else:
+            fw1, fw2 = self.fws
+            fw1.run("ip", "link", "add", "sync0", "type", "veth", "peer", "name", "sync0", "netns", fw2.ns)
         for fw in self.fws:
             port(fw.ns, "lan0", "br-lan", f"{fw.name}-lan")
             port(fw.ns, "wan0", "br-wan", f"{fw.name}-wan")
-            for ifname, addr in (("lan0", f"{fw.lan}/24"), ("wan0", f"{fw.wan}/24"), ("sync0", f"{fw.sync}/30")):
+            for ifname, addr in (("lan0", f"{fw.lan}/24"), ("wan0", f"{fw.wan}/24"),
+                                 ("sync0", f"{fw.sync}/{self.sync_prefix}")):
                 fw.run("ip", "addr", "add", addr, "dev", ifname)
                 fw.run("ip", "link", "set", ifname, "up")
             fw.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
@@ -489,13 +501,21 @@ class Lab:
                        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.render()
 
+    @property
+    def sync_bridged(self) -> bool:
+        return len(self.fws) > 2 or self.options.multicast
+
+    @property
+    def sync_prefix(self) -> int:
+        return 29 if self.sync_bridged else 30
+
     def cluster_text(self) -> str:
         o = self.options
         nodes = "".join(f"""
 [[node]]
 name = "{fw.name}"
 priority = {200 - 50 * fw.index}
-sync = {{ name = "sync0", address = "{fw.sync}/30" }}
+sync = {{ name = "sync0", address = "{fw.sync}/{self.sync_prefix}" }}
 interfaces.lan = {{ name = "lan0", address = "{fw.lan}/24" }}
 interfaces.wan = {{ name = "wan0", address = "{fw.wan}/24" }}
 """ + (f"""interfaces.lan6 = {{ name = "lan0", address = "{fw.lan6}/64" }}
@@ -517,7 +537,8 @@ name = "lab"
 key_file = "{self.dir}/{{node}}/sync.key"
 secret = "{self.key}"
 apply_mode = "{o.apply_mode}"
-transport = "unicast"
+transport = "{'multicast' if o.multicast else 'unicast'}"
+{f'sync_group = "{SYNC_GROUP}"' if o.multicast else ''}
 notify = "{o.notify}"
 interlock = {"true" if self.replicator.interlock else "false"}
 gate = {"true" if o.gate else "false"}
@@ -562,7 +583,8 @@ exit $rc
             self.replicator.start(fw)
         self.fws[0].start_keepalived()
         wait_for("fw1 to become master", self.fws[0].has_vips, timeout=60)
-        self.fws[1].start_keepalived()
+        for fw in self.fws[1:]:
+            fw.start_keepalived()
         six = self.options.ipv6
         self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
                                                          "--address", SERVER, *(["--address", SERVER6] if six else [])],

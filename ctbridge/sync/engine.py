@@ -333,6 +333,7 @@ class Engine:
         # ... and when each runs out (the engine's clock): they go out with what is left of their
         # timeout, so a peer that first hears of one in a bulk does not count it from the start
         self._expect_until: dict[bytes, float] = {}
+        self._vouched_none: set[int] = set()  # peers given an empty bulk under FAULT (set_role)
         # Best-effort mode resends nothing: one lost refresh would cost the flow on every peer
         # until its next. So peers are taken to hold half the timeout, and each flow is sent
         # again twice per timeout: one loss is survived.
@@ -649,7 +650,14 @@ class Engine:
 
     def set_role(self, role: Role) -> None:
         """MASTER and BACKUP behave alike here; FAULT stops advertising this node's flows (they stay
-        queued, coalesced, and go out when the role changes) but keeps receiving and acknowledging."""
+        queued, coalesced, and go out when the role changes) but keeps receiving and acknowledging.
+        A bulk a peer asks for under FAULT is empty: the node vouches for none of its flows, and a
+        standby that restarted meanwhile is complete without waiting for it to recover. Leaving
+        FAULT, the node sends a whole bulk to the peers it gave an empty one."""
+        if self.role is Role.FAULT and role is not Role.FAULT and self._vouched_none:
+            targets, self._vouched_none = self._vouched_none, set()
+            for target in targets if len(targets) == 1 else (0,):
+                self.bulk_send(0.0, target)
         self.role = role
 
     def request_resync(self, now: float, node: int = 0) -> None:
@@ -1199,7 +1207,7 @@ class Engine:
                 tombstones[key] = (msg.version, now + cfg.tombstone_ttl, seq if old is None else max(seq, old[2]))
                 if cur is not None:
                     del external[key]
-                    if inject:
+                    if inject and not self._held_by_another(peer, key):
                         self._kernel_ops.append(KernelOp("delete", None, key))
             elif type(msg) is wire.Ack:
                 if msg.node == me and msg.epoch == self.epoch:
@@ -1276,6 +1284,12 @@ class Engine:
         self.stats["flows_refused_policy"] += 1
         return False
 
+    def _held_by_another(self, peer: Peer, key: bytes) -> bool:
+        """Inject mode: whether a peer other than ``peer`` still tells us of this flow. This
+        kernel holds one entry per flow, whoever told us of it: one peer's word that it is gone
+        (a faulty node's empty bulk, a former master's expiry) does not take it from another's."""
+        return len(self.peers) > 1 and any(key in p.external for p in self.peers.values() if p is not peer)
+
     def _allowed(self, peer: Peer, key: bytes, fmsg: bytes) -> bool:
         """What our own filter and the accept list for that peer say of a flow (or expectation)."""
         cfg = self.config
@@ -1334,9 +1348,10 @@ class Engine:
         stale = [k for k, v in peer.external.items() if v.seq < begin_seq]
         for key in [k for k, v in peer.refused.items() if v[1] < begin_seq]:
             del peer.refused[key]
+        inject = self.config.apply_mode == "inject"
         for key in stale:
             del peer.external[key]
-            if self.config.apply_mode == "inject":
+            if inject and not self._held_by_another(peer, key):
                 self._kernel_ops.append(KernelOp("delete", None, key))
         peer.bulk_end = None
         peer.synced = True
@@ -1673,7 +1688,7 @@ class Engine:
                     size += len(m)
                 stats["flows_sent"] += flows
                 stats["deletes_sent"] += len(keys) - flows
-            if self.role is not Role.FAULT and open_:
+            if open_:
                 size = self._fill_bulk(msgs, keys, size, room, now)
             if not msgs:
                 break
@@ -1691,13 +1706,20 @@ class Engine:
                 msgs.append(m)
                 size += len(m)
                 bulk.begun = True
-                bulk.keys = list(self.internal)
+                if self.role is Role.FAULT:
+                    self._vouched_none.add(bulk.target)
+                else:
+                    bulk.keys = list(self.internal)
                 self.stats["bulks_sent"] += 1
             internal = self.internal
             bkeys = bulk.keys
             pos = bulk.pos
             n = len(bkeys)
             sent = 0
+            if self.role is Role.FAULT:  # faulty since the bulk began: the rest is not vouched for
+                if pos < n:
+                    self._vouched_none.add(bulk.target)
+                pos = n
             while pos < n:
                 key = bkeys[pos]
                 fm = internal.get(key)

@@ -267,6 +267,50 @@ def test_fault_stops_advertising_and_keeps_receiving() -> None:
     assert lab.converged()
 
 
+def test_a_faulty_node_does_not_keep_a_restarted_standby_incomplete() -> None:
+    """Found in the three-node multicast lab: a node whose keepalived was stopped (FAULT) sent no
+    bulk, so a standby restarted meanwhile never became complete, and its interlock held it back.
+    Under FAULT the bulk is empty (the node vouches for none of its flows); leaving FAULT it sends
+    a whole one."""
+    from ctbridge.sync.engine import Role
+    lab = Lab(3)
+    for i in range(10):
+        lab.event(1, EventKind.NEW, flow(i))
+        lab.event(2, EventKind.NEW, flow(100 + i))
+    lab.quiet()
+    lab.engines[1].set_role(Role.FAULT)
+    lab.start(3)  # restarted: empty caches, asks both peers for a bulk
+    lab.run(3)
+    three = lab.engines[3]
+    assert three.complete(), {n: (p.synced, p.proven) for n, p in three.peers.items()}
+    assert len(three.peers[2].external) == 10 and three.peers[1].external == {}
+    lab.engines[1].set_role(Role.BACKUP)
+    lab.quiet()  # node 1's flows reach node 3 again
+    assert len(three.peers[1].external) == 10
+
+
+def test_inject_mode_keeps_a_flow_in_the_kernel_while_another_peer_still_tells_of_it() -> None:
+    """This kernel holds one entry per flow whoever told of it: one peer's deletion, or its
+    empty bulk under FAULT, must not take the entry another peer (the new master) still has.
+    Found in the three-node lab: the faulty node's empty bulk deleted the master's flows from
+    a standby's kernel, and at the next failover every connection broke."""
+    from ctbridge.sync.engine import Role
+    lab = Lab(3, apply_mode="inject")
+    lab.event(1, EventKind.NEW, flow(1))
+    lab.event(2, EventKind.NEW, flow(1))
+    lab.quiet()
+    three = lab.engines[3]
+    three.kernel_ops()
+    lab.event(1, EventKind.DESTROY, flow(1))
+    lab.quiet()
+    assert [op for op in three.kernel_ops() if op.kind == "delete"] == []  # node 2 still has it
+    lab.engines[2].set_role(Role.FAULT)
+    three.request_resync(lab.now, 2)  # node 2's bulk is empty now
+    lab.run(2)
+    assert flow(1).key not in three.peers[2].external
+    assert [op.key for op in three.kernel_ops() if op.kind == "delete"] == [flow(1).key]  # nobody has it now
+
+
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
     from ctbridge.sync.engine import Engine, EngineConfig
     tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
