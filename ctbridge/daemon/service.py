@@ -26,7 +26,7 @@ from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.conntrack import codec, expectation
-from ctbridge.conntrack.codec import Entry
+from ctbridge.conntrack.codec import Entry, EventKind
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
@@ -207,9 +207,9 @@ class Daemon:
         # the helpers' expectations (sync.expectations): few, read as they come on a socket of their own
         self.expect_events: EventSocket | None = None
         if cfg.sync.expectations:
+            # our own writes' echo is read too (few): read_expectations keeps their ends
             self.expect_events = EventSocket(rcvbuf=1 << 20, groups=EventSocket.EXPECT_GROUPS,
                                              decode=expectation.decode_events)
-            self.expect_events.skip_portid = self.kernel.portid
         self.links = SyncLinks(cfg)
         self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -359,9 +359,16 @@ class Daemon:
                 log.warning("expectation events were lost (netlink overrun); reading them again from a dump")
                 await self.resync_internal()
                 continue
-            self.engine.kernel_expectations(batch.events, self.loop.time())
+            # Our own writes (peers' expectations) are not this node's to announce, but their end
+            # is: an expectation this node had, deleted here because a peer said it was used,
+            # must leave the internal cache too, or it is announced again later, and written
+            # into a peer's kernel it evicts the live one (FTP's helper keeps one per master; the
+            # FTP lab test lost its data connection at a failback to exactly that)
+            own = self.kernel.portid
+            events = [e for e in batch.events if e.portid != own or e.kind is EventKind.DESTROY]
+            self.engine.kernel_expectations(events, self.loop.time())
             for touched in self.watching:  # a dump under way read them before: these are newer
-                touched.update(e.entry.key for e in batch.events)
+                touched.update(e.entry.key for e in events)
             self.after_input()
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
