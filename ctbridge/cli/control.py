@@ -122,6 +122,47 @@ class Status:
         return 0
 
 
+def format_diff(answer: dict[str, Any]) -> str:
+    """`ctbridge diff` for people: a line per peer, then the flows that differ."""
+    lines = []
+    for p in answer.get("peers", []):
+        if not p.get("answered"):
+            lines.append(f"peer {p['peer']}: no answer within the time allowed")
+            continue
+        if p["equal"]:
+            lines.append(f"peer {p['peer']}: equal ({p['theirs']} flows)")
+            continue
+        lines.append(f"peer {p['peer']}: {len(p['missing'])} missing here, {len(p['extra'])} extra here, "
+                     f"{len(p['stale'])} in another state (the peer has {p['theirs']} flows, this node's copy "
+                     f"{p['ours']})" + (f"; {p['refused']} of the missing refused by this node's filters"
+                                        if p.get("refused") else "")
+                     + ("; more differ than were listed" if p.get("truncated") else ""))
+        for what, label in (("missing", "missing"), ("extra", "extra"), ("stale", "stale")):
+            lines.extend(f"  {label:<8} {line}" for line in p[what])
+    return "\n".join(lines)
+
+
+class Diff:
+    """Compare this node's copies with the peers' own tables; exit 0 only when every one is equal
+    (changes in flight show as differences: run it again to tell them from real ones)."""
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        parser.add_argument("--peer", metavar="NODE", help="only this peer (its node id, as status shows it)")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        kw = {"peer": args.peer} if args.peer else {}
+        answer = control.request(_socket(args), "diff", timeout=60, **kw)
+        equal = bool(answer.get("equal"))
+        if args.json:
+            _print(answer, True)
+        else:
+            print(format_diff(answer))
+        return 0 if equal else 1
+
+
 class Flush:
     """Drop the internal and/or external cache (the kernel table is not touched)."""
 
@@ -186,6 +227,7 @@ COMMANDS: dict[str, Any] = {
     "resync": Simple("resync"),
     "bulk-send": Simple("bulk-send"),
     "rebuild": Simple("rebuild"),
+    "diff": Diff(),
     "dump": Dump(),
     "notify": Notify(),
 }

@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "resync": "Ask the peers for their whole internal caches.",
     "bulk-send": "Send this node's whole internal cache to the peers.",
     "rebuild": "Read this kernel's table again into the internal cache, and send what changed.",
+    "diff": "Compare this node's copy of each peer's flows with the peer's own table (exit 0: equal).",
     "dump": "Print the running daemon's internal or external cache.",
     "notify": "Pass a keepalived transition to the running daemon (what the notify hook runs).",
 }

@@ -26,10 +26,12 @@ from ctbridge.config import host
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.conntrack import codec, expectation
-from ctbridge.conntrack.codec import Entry, EventKind
+from ctbridge.conntrack.abi import CTA_TUPLE_ORIG
+from ctbridge.conntrack.codec import CodecError, Entry, EventKind, attr
 from ctbridge.conntrack.expectation import is_expectation
-from ctbridge.conntrack.listing import Listing
+from ctbridge.conntrack.listing import Listing, format_line
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
+from ctbridge.conntrack.view import entry_view
 from ctbridge.daemon import control, failover, gate, journal, keepalived, metrics
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync import wire
@@ -166,6 +168,25 @@ def refreshed_timeouts() -> float:
         except (OSError, ValueError):
             continue
     return min(seen) if seen else 30.0
+
+
+DIFF_TIMEOUT = 10.0  # seconds `ctbridge diff` waits for the peers' answers
+DIFF_RETRY = 1.2  # ... asking again this often (a peer answers one question for its sums a second)
+
+
+def _describe(key: bytes, msg: bytes | None) -> str:
+    """A flow (or expectation) as a listing line: as our copy has it, or from its key alone."""
+    if msg is not None:
+        entry = wire.flow_entry(key, msg)
+        if is_expectation(key):  # its tuple is what names it
+            entry = Entry(key, entry.family, attr(CTA_TUPLE_ORIG, key[3:], nested=True))
+    else:
+        entry = Entry(key, key[0] & 0x7F, attr(CTA_TUPLE_ORIG, key[3:], nested=True))
+    try:
+        line = format_line(entry_view(entry))
+    except (CodecError, ValueError, IndexError, KeyError) as exc:  # a peer's key is a peer's bytes
+        line = f"(a key that does not read: {exc or type(exc).__name__})"
+    return ("expectation " + line) if is_expectation(key) else line
 
 
 # What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
@@ -849,6 +870,47 @@ class Daemon:
         before = self.engine.stats["tx_datagrams"]
         flows = await self.resync_internal()
         return {"ok": True, "flows": flows, "datagrams": self.engine.stats["tx_datagrams"] - before}
+
+    async def on_diff(self, req: dict[str, Any]) -> dict[str, Any]:
+        """This node's copy of each live peer's table (or of ``peer``'s) against that table
+        (Engine.diff_start: sums by bucket over the sync link, then the keys of the buckets that
+        differ): the flows missing here, extra here, or in another state, each as a listing line."""
+        want = req.get("peer")
+        live = [p for p in self.engine.peers.values() if p.proven and p.alive]
+        peers = [p for p in live if want is None or f"{p.node:08x}" == str(want).lower()]
+        if not peers:
+            known = ", ".join(f"{p.node:08x}" for p in live) or "none"
+            raise ValueError(f"no live peer {want!r} to compare with (live peers: {known})" if want is not None
+                             else "no live peer to compare with")
+        started = {p.node: self.engine.diff_start(p.node, self.loop.time()) for p in peers}
+        self.after_input()
+        results: dict[int, dict[str, Any]] = {}
+        deadline = self.loop.time() + DIFF_TIMEOUT
+        again = self.loop.time() + DIFF_RETRY
+        while len(results) < len(started) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for node, request in started.items():
+                result = self.engine.diff_result(request)
+                if result is not None:
+                    results[node] = result
+                elif self.loop.time() >= again:
+                    self.engine.diff_retry(request)
+            if self.loop.time() >= again:
+                again = self.loop.time() + DIFF_RETRY
+                self.after_input()
+        out = []
+        for node in started:
+            result = results.get(node)
+            if result is None:
+                out.append({"peer": f"{node:08x}", "answered": False, "equal": False})
+                continue
+            external = self.engine.peers[node].external
+            lines = {what: [_describe(k, external[k].message if k in external else None) for k in result[what]]
+                     for what in ("missing", "extra", "stale")}
+            out.append({"peer": f"{node:08x}", "answered": True, "equal": result["equal"],
+                        "theirs": result["theirs"], "ours": result["ours"], **lines,
+                        "refused": len(result["refused"]), "truncated": result["truncated"]})
+        return {"ok": True, "equal": all(p["equal"] for p in out), "peers": out}
 
     async def on_bulk_send(self, req: dict[str, Any]) -> dict[str, Any]:
         self.engine.bulk_send(self.loop.time())

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from ctbridge.conntrack import expectation
+from ctbridge.sync.wire import FLOW_HEADER
 
 BUCKETS = 256
 _PERSON = b"ctbridge diff v1"  # BLAKE2b personalization: these hashes mean nothing elsewhere
-FLOW_HEADER = 16  # wire.FLOW_HEADER: the head of a FLOW or EXPECT message (wire imports this module's users)
 
 
 def bucket_of(key: bytes) -> int:

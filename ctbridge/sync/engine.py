@@ -31,12 +31,12 @@ from collections import OrderedDict, deque
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, Event, EventKind
-from ctbridge.sync import wire
+from ctbridge.sync import digest, wire
 from ctbridge.sync.filter import FlowFilter
 from ctbridge.sync.intake import Fast, Intake
 from ctbridge.sync.sequence import SEQ_MAX, ReceiveWindow, ResendQueue
@@ -137,6 +137,27 @@ class _Bulk:
         self.pos = 0
         self.sent = 0
         self.begun = False
+
+
+class _Diff:
+    """A comparison of a peer's table with our copy of it under way (`ctbridge diff`)."""
+
+    __slots__ = ("asked", "counts", "differ", "keys", "node", "result", "started", "sums")
+
+    def __init__(self, node: int, now: float) -> None:
+        self.node = node
+        self.started = now
+        self.sums: dict[int, digest.Bucket] = {}  # the peer's, by bucket
+        self.asked: frozenset[int] = frozenset()  # the buckets whose keys we asked for
+        self.keys: dict[bytes, int] = {}  # the peer's keys of those buckets, with their state hash
+        self.counts: dict[str, int] = {}  # flows on each side ("theirs", "ours")
+        self.differ = 0  # buckets that differ
+        self.result: dict[str, Any] | None = None
+
+
+DIFF_KEPT = 16  # comparisons remembered (the oldest is forgotten)
+DIFF_BUCKETS_ASKED = 32  # buckets whose keys one comparison asks for at most
+DIGEST_INTERVAL = 1.0  # seconds: a peer's questions (each costs a pass over our table) answered at most this often
 
 
 class ExternalFlow:
@@ -334,6 +355,9 @@ class Engine:
         # timeout, so a peer that first hears of one in a bulk does not count it from the start
         self._expect_until: dict[bytes, float] = {}
         self._vouched_none: set[int] = set()  # peers given an empty bulk under FAULT (set_role)
+        self._diffs: OrderedDict[int, _Diff] = OrderedDict()  # request -> comparison (diff_start)
+        self._diff_request = 0
+        self._digest_at: dict[int, float] = {}  # peer -> when we last answered its question
         # Best-effort mode resends nothing: one lost refresh would cost the flow on every peer
         # until its next. So peers are taken to hold half the timeout, and each flow is sent
         # again twice per timeout: one loss is survived.
@@ -1247,6 +1271,12 @@ class Engine:
             elif type(msg) is wire.Challenge:
                 if msg.node in (0, me):
                     self._echo(peer, msg.nonce)
+            elif type(msg) is wire.DigestAsk:
+                if msg.node == me:
+                    self._answer_digest(peer, msg, now)
+            elif type(msg) is wire.Digest or type(msg) is wire.DigestKeys:
+                if msg.node == me:
+                    self._digest_received(peer, msg)
             elif type(msg) is wire.BulkBegin:
                 data_seen = True
                 if msg.node in (0, me):
@@ -1361,6 +1391,88 @@ class Engine:
         peer.bulks += 1
         self.stats["bulks_received"] += 1
         self._events.append(BulkCompleted(peer.node, len(peer.external), len(stale), complete=True))
+
+    # --- comparing a peer's table with our copy (ctbridge diff) ---------------------------------
+
+    def diff_start(self, node: int, now: float) -> int:
+        """Ask ``node`` for its table's sums (ctbridge.sync.digest); the request's number, for
+        diff_result()."""
+        self._diff_request = (self._diff_request + 1) & SEQ_MAX
+        request = self._diff_request
+        self._diffs[request] = _Diff(node, now)
+        while len(self._diffs) > DIFF_KEPT:
+            self._diffs.popitem(last=False)
+        self._control.append(wire.digest_ask_msg(node, request))
+        return request
+
+    def diff_retry(self, request: int) -> None:
+        """Ask again what a comparison waits for (nothing of it is resent: an answer was lost, or
+        the peer answered another question for its sums less than DIGEST_INTERVAL before)."""
+        d = self._diffs.get(request)
+        if d is None or d.result is not None:
+            return
+        if d.asked:
+            d.keys.clear()
+            self._control.append(wire.digest_ask_msg(d.node, request, d.asked))
+        else:
+            d.sums.clear()
+            self._control.append(wire.digest_ask_msg(d.node, request))
+
+    def diff_result(self, request: int) -> dict[str, Any] | None:
+        """The comparison, once the answers came: "equal", "theirs" and "ours" (flows in each),
+        and the keys "missing" (the peer has them, our copy not), "extra" (ours only), "stale"
+        (in another state), "refused" (missing because our filters refuse them), "truncated"."""
+        d = self._diffs.get(request)
+        return d.result if d is not None else None
+
+    def _answer_digest(self, peer: Peer, msg: wire.DigestAsk, now: float) -> None:
+        if now < self._digest_at.get(peer.node, float("-inf")) + DIGEST_INTERVAL and not msg.buckets:
+            return  # asked again too soon: each answer is a pass over the whole table
+        self._digest_at[peer.node] = now
+        # under FAULT this node vouches for none of its flows (as its bulks say)
+        items = list(self.internal.items()) if self.role is not Role.FAULT else []
+        if not msg.buckets:
+            self._control.extend(wire.digest_msgs(peer.node, msg.request, digest.summary(items)))
+            return
+        listed = digest.listing(items, set(msg.buckets))
+        keys = [pair for b in sorted(listed) for pair in listed[b]]
+        cut = len(keys) > wire.DIGEST_KEYS_MAX
+        self._control.extend(wire.digest_keys_msgs(peer.node, msg.request, keys[:wire.DIGEST_KEYS_MAX], cut))
+
+    def _digest_received(self, peer: Peer, msg: wire.Digest | wire.DigestKeys) -> None:
+        d = self._diffs.get(msg.request)
+        if d is None or d.node != peer.node or d.result is not None:
+            return
+        ours = ((k, cur.message) for k, cur in peer.external.items())  # our copy, read once when needed
+        if type(msg) is wire.Digest:
+            for i, (flows, xor) in enumerate(msg.sums):
+                d.sums[msg.first + i] = digest.Bucket(flows, xor)
+            if len(d.sums) < digest.BUCKETS:
+                return
+            theirs = [d.sums[b] for b in range(digest.BUCKETS)]
+            mine = digest.summary(ours)
+            differ = digest.differing(theirs, mine)
+            d.counts = {"theirs": sum(b.flows for b in theirs), "ours": sum(b.flows for b in mine)}
+            if not differ:
+                d.result = {"equal": True, **d.counts, "missing": [], "extra": [], "stale": [], "refused": [],
+                            "truncated": False}
+                return
+            d.differ = len(differ)
+            d.asked = frozenset(differ[:DIFF_BUCKETS_ASKED])
+            self._control.append(wire.digest_ask_msg(peer.node, msg.request, d.asked))
+            return
+        assert type(msg) is wire.DigestKeys
+        if not d.asked:
+            return
+        d.keys.update((key, h) for h, key in msg.keys)
+        if not msg.last:
+            return
+        asked = set(d.asked)
+        mine_keys = {k: h for h, k in (pair for b, pairs in digest.listing(ours, asked).items() for pair in pairs)}
+        diff = digest.compare(d.keys, mine_keys)
+        refused = [k for k in diff.missing if k in peer.refused]
+        d.result = {"equal": False, **d.counts, "missing": diff.missing, "extra": diff.extra, "stale": diff.stale,
+                    "refused": refused, "truncated": msg.truncated or len(d.asked) < d.differ}
 
     # --- sending ----------------------------------------------------------------------------------
 

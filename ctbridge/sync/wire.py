@@ -83,6 +83,15 @@ class MsgType(IntEnum):
     # an expectation's state (ctbridge.conntrack.expectation): a FLOW's head with aux = family | 0x80;
     # the attributes start with CTA_EXPECT_TUPLE (n bytes); its deletion is a DELETE of the same aux
     EXPECT = 14
+    # `ctbridge diff` (ctbridge.sync.digest): node (u32: who is asked), request (u32), a bitmap of
+    # the 256 buckets (32 bytes, bucket b in bit b % 8 of byte b // 8) whose keys are asked for;
+    # none set: the buckets' sums
+    DIGEST_ASK = 15
+    # node (u32: the asker), request (u32), first bucket (u16), n (u16), n x (flows u32, XOR u64)
+    DIGEST = 16
+    # aux 1: the last of the answer, 3: the last, cut short (DIGEST_KEYS_MAX); node (u32: the
+    # asker), request (u32), n (u16), 0 (u16), n x (hash u64, key length u16, 0 u16, key, padded)
+    DIGEST_KEYS = 17
 
 
 class WireError(Exception):
@@ -187,6 +196,27 @@ class Resync(NamedTuple):
     node: int
 
 
+class DigestAsk(NamedTuple):
+    node: int
+    request: int
+    buckets: frozenset[int] = frozenset()  # empty: the sums
+
+
+class Digest(NamedTuple):
+    node: int
+    request: int
+    first: int
+    sums: tuple[tuple[int, int], ...]  # (flows, XOR) of buckets first, first + 1, ...
+
+
+class DigestKeys(NamedTuple):
+    node: int
+    request: int
+    last: bool
+    keys: tuple[tuple[int, bytes], ...]  # (state hash, key)
+    truncated: bool = False
+
+
 class BulkBegin(NamedTuple):
     node: int
     bulk_id: int
@@ -199,7 +229,7 @@ class BulkEnd(NamedTuple):
 
 
 Message = (Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd | Heartbeat | Challenge
-           | Echo)
+           | Echo | DigestAsk | Digest | DigestKeys)
 
 
 # --- authentication --------------------------------------------------------------------------------
@@ -519,6 +549,54 @@ def bulk_end_msg(node: int, bulk_id: int, flows: int) -> bytes:
     return _BULK_END.pack(MsgType.BULK_END, 0, _BULK_END.size, node, bulk_id, flows)
 
 
+_DIGEST_ASK = struct.Struct("!BBHII32s")
+_DIGEST = struct.Struct("!BBHIIHH")
+_BUCKET_SUM = struct.Struct("!IQ")
+_DIGEST_KEYS = struct.Struct("!BBHIIHH")
+_KEY_HEAD = struct.Struct("!QHH")
+DIGEST_SUMS = 64  # bucket sums per DIGEST (784 bytes: room for acknowledgements in any datagram)
+DIGEST_KEY_BYTES = 1024  # bytes of keys per DIGEST_KEYS message
+DIGEST_KEYS_MAX = 5_000  # keys one answer lists at most (about 300 KB; the result says it was cut short)
+
+
+def digest_ask_msg(node: int, request: int, buckets: frozenset[int] | set[int] = frozenset()) -> bytes:
+    bitmap = bytearray(32)
+    for b in buckets:
+        bitmap[b >> 3] |= 1 << (b & 7)
+    return _DIGEST_ASK.pack(MsgType.DIGEST_ASK, 0, _DIGEST_ASK.size, node, request, bytes(bitmap))
+
+
+def digest_msgs(node: int, request: int, sums: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The sums of every bucket, DIGEST_SUMS per message."""
+    out = []
+    for first in range(0, len(sums), DIGEST_SUMS):
+        part = sums[first:first + DIGEST_SUMS]
+        body = b"".join(_BUCKET_SUM.pack(flows, xor) for flows, xor in part)
+        out.append(_DIGEST.pack(MsgType.DIGEST, 0, _DIGEST.size + len(body), node, request, first, len(part)) + body)
+    return out
+
+
+def digest_keys_msgs(node: int, request: int, keys: Sequence[tuple[int, bytes]], truncated: bool = False
+                     ) -> list[bytes]:
+    """(state hash, key) pairs, DIGEST_KEY_BYTES of them per message; the last says it is."""
+    chunks: list[list[bytes]] = [[]]
+    size = 0
+    for h, key in keys:
+        item = _pad(_KEY_HEAD.pack(h, len(key), 0) + key)
+        if size + len(item) > DIGEST_KEY_BYTES and chunks[-1]:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item)
+    out = []
+    for i, items in enumerate(chunks):
+        aux = (1 | (2 if truncated else 0)) if i == len(chunks) - 1 else 0
+        body = b"".join(items)
+        out.append(_DIGEST_KEYS.pack(MsgType.DIGEST_KEYS, aux, _DIGEST_KEYS.size + len(body), node, request,
+                                     len(items), 0) + body)
+    return out
+
+
 def datagram(header: Header, messages: bytes, auth: Auth, counter: int = 0) -> bytes:
     """Header + messages (+ a MAC per receiver); sealed with ``counter`` (never used before in
     this epoch: it makes the AEAD's nonce) when the node encrypts."""
@@ -673,6 +751,33 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
             elif mtype == MsgType.BULK_END:
                 _need(mlen, _BULK_END.size, "BULK_END")
                 out.append(BulkEnd(*_BULK_END.unpack_from(data, off)[3:]))
+            elif mtype == MsgType.DIGEST_ASK:
+                _need(mlen, _DIGEST_ASK.size, "DIGEST_ASK")
+                node, request, bitmap = _DIGEST_ASK.unpack_from(data, off)[3:]
+                out.append(DigestAsk(node, request, frozenset(b for b in range(256) if bitmap[b >> 3] >> (b & 7) & 1)))
+            elif mtype == MsgType.DIGEST:
+                _need(mlen, _DIGEST.size, "DIGEST")
+                node, request, first, n = _DIGEST.unpack_from(data, off)[3:]
+                if first + n > 256 or _DIGEST.size + n * _BUCKET_SUM.size > mlen:
+                    raise WireError("malformed", f"DIGEST of buckets {first}..{first + n - 1} in {mlen} bytes")
+                at = off + _DIGEST.size
+                out.append(Digest(node, request, first, tuple(_BUCKET_SUM.unpack_from(data, at + i * _BUCKET_SUM.size)
+                                                              for i in range(n))))
+            elif mtype == MsgType.DIGEST_KEYS:
+                _need(mlen, _DIGEST_KEYS.size, "DIGEST_KEYS")
+                node, request, n, _z = _DIGEST_KEYS.unpack_from(data, off)[3:]
+                at = off + _DIGEST_KEYS.size
+                keys = []
+                for _ in range(n):
+                    if at + _KEY_HEAD.size > nxt:
+                        raise WireError("malformed", "DIGEST_KEYS shorter than its keys")
+                    h, klen, _z2 = _KEY_HEAD.unpack_from(data, at)
+                    start = at + _KEY_HEAD.size
+                    if klen < 4 or start + klen > nxt:
+                        raise WireError("malformed", f"DIGEST_KEYS key of {klen} bytes")
+                    keys.append((h, bytes(data[start:start + klen])))
+                    at += (_KEY_HEAD.size + klen + 3) & ~3
+                out.append(DigestKeys(node, request, bool(aux & 1), tuple(keys), bool(aux & 2)))
             else:
                 raise WireError("malformed", f"unknown message type {mtype}")
             off = nxt

@@ -202,3 +202,25 @@ def test_watchdog_keepalives_stop_while_the_loop_is_stuck_and_come_back(tmp_path
             raise held["error"]
         before, after = held["stuck"]
         assert before >= 5 and after == before, f"{after - before} keep-alives while the loop was held"
+
+
+def test_diff_says_equal_or_names_the_flows_that_differ() -> None:
+    with cluster(2) as c:
+        a, b = c.nodes
+        replicated(a, b)
+        same = b.ctbridge("diff", "-c", str(b.config), check=False)
+        assert same.returncode == 0 and same.stdout.strip().endswith(f"equal ({len(FLOWS)} flows)"), same
+        cli(b, "flush", "external")  # B's copy is empty now: every flow of A's missing here
+        gone = b.ctbridge("diff", "-c", str(b.config), check=False)
+        assert gone.returncode == 1, gone
+        assert f"{len(FLOWS)} missing here, 0 extra here, 0 in another state" in gone.stdout
+        listed = [line.split(None, 1)[1] for line in gone.stdout.splitlines() if line.startswith("  missing")]
+        assert sorted(line.split("src=")[1].split()[0] for line in listed) == sorted(
+            v["src"] for v in witness.listing(a.ns))  # named as the conntrack CLI knows them
+        as_json = json.loads(b.ctbridge("diff", "-c", str(b.config), "--json", check=False).stdout)
+        assert as_json["equal"] is False and len(as_json["peers"][0]["missing"]) == len(FLOWS)
+        cli(b, "resync")
+        wait_for("B's copy back", lambda: len(b.external()) == len(FLOWS))
+        assert b.ctbridge("diff", "-c", str(b.config), check=False).returncode == 0
+        bad = b.ctbridge("diff", "-c", str(b.config), "--peer", "00000bad", check=False)
+        assert bad.returncode == 1 and "no live peer '00000bad'" in bad.stderr and bad.stderr.count("\n") == 1, bad

@@ -60,6 +60,12 @@ def messages() -> dict[str, tuple[bytes, wire.Message]]:
         "CHALLENGE": (wire.challenge_msg(0, 0x0123456789ABCDEF), wire.Challenge(0, 0x0123456789ABCDEF)),
         "ECHO": (wire.echo_msg(0x01020304, 0xFEDCBA9876543210), wire.Echo(0x01020304, 0xFEDCBA9876543210)),
         "EXPECT": (wire.expect_msg(9, x), wire.Flow(9, x.key, wire.expect_msg(9, x))),
+        "DIGEST_ASK": (wire.digest_ask_msg(0x01020304, 7, {0, 9, 255}),
+                       wire.DigestAsk(0x01020304, 7, frozenset({0, 9, 255}))),
+        "DIGEST": (wire.digest_msgs(0x01020304, 7, [(3, 0x1122334455667788), (0, 0)])[0],
+                   wire.Digest(0x01020304, 7, 0, ((3, 0x1122334455667788), (0, 0)))),
+        "DIGEST_KEYS": (wire.digest_keys_msgs(0x01020304, 7, [(0xAABBCCDD, e.key)])[0],
+                        wire.DigestKeys(0x01020304, 7, True, ((0xAABBCCDD, e.key),))),
     }
 
 

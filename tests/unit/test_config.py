@@ -150,7 +150,7 @@ def test_one_table_of_control_commands() -> None:
     for name in control.COMMANDS:  # a handler for each, named after it
         assert callable(getattr(Daemon, "on_" + name.replace("-", "_")))
     assert control.unknown("sleep") == ("unknown command 'sleep'; commands are status, stats, commit, flush, "
-                                        "resync, bulk-send, rebuild, dump, notify")
+                                        "resync, bulk-send, rebuild, diff, dump, notify")
 
 
 def test_a_refused_value_does_not_bring_false_problems_with_it() -> None:

@@ -24,8 +24,8 @@ from tests.support import FIXTURES, ROOT, builders
 from tests.support.enginelab import KEY, Lab, flow
 
 # the sync package and the three modules of ctbridge.conntrack it builds on
-PURE = ("sync/engine", "sync/wire", "sync/sequence", "sync/filter", "sync/intake", "sync/links", "conntrack/codec",
-        "conntrack/abi", "conntrack/expectation")
+PURE = ("sync/engine", "sync/wire", "sync/sequence", "sync/filter", "sync/intake", "sync/links", "sync/digest",
+        "conntrack/codec", "conntrack/abi", "conntrack/expectation")
 PURE_MODULES = {"ctbridge." + p.replace("/", ".") for p in PURE} | {"ctbridge.sync", "ctbridge.conntrack"}
 FORBIDDEN = {"socket", "asyncio", "pyroute2", "select", "selectors", "threading", "time", "os", "subprocess", "random",
              "secrets", "ctypes"}
