@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctbridge.daemon.conntrackd import cache_sizes
+
 # Bounds on every wait. The sync and commit bounds are generous: conntrackd runs at a real-time priority and is
 # normally done in seconds, so hitting these means "broken", not "slow".
 READY_TIMEOUT = 30.0  # daemon start-up, including its initial kernel dump
@@ -186,12 +188,6 @@ General {{
 \t}}
 }}
 """
-
-
-def cache_sizes(out: str) -> dict[str, int]:
-    """{"internal": n, "external": n} from what `conntrackd -s` printed (missing sections left out)."""
-    return {section: int(count) for section, count in
-            re.findall(r"cache (internal|external):\s*\ncurrent active connections:\s*(\d+)", out)}
 
 
 def _stats(node: _Node, timeout: float = CMD_TIMEOUT) -> tuple[int, int]:

@@ -1,5 +1,7 @@
-"""The HA lab twice, side by side: ctbridge, then conntrackd (FTFW over UDP) driven by the same
-keepalived with primary-backup semantics, through the same four failovers and the same traffic.
+"""The HA lab three times, side by side: ctbridge, then conntrackd (FTFW over UDP) driven by the
+same keepalived with primary-backup semantics, then conntrackd driven by ctbridge (apply.backend =
+"conntrackd": keepalived's FIFO, ordered and checked steps, the interlock and the gate), through
+the same four failovers and the same traffic.
 
     python bench/lab.py [--tcp 200] [--udp 20] [--mode commit|inject] [--json FILE]
 
@@ -29,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.conntrackd_harness import cache_sizes
+from ctbridge.daemon.conntrackd import cache_sizes
 from ctbridge.lab import Firewall, Lab, Options, lab, wait_for
 from ctbridge.lab.network import SYNC_PORT, Process
 from ctbridge.lab.scenario import FAILOVERS, Switch, switch
@@ -174,16 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     ours = run(CtbridgeReplicator(options), options)
     print("conntrackd (FTFW/UDP, primary-backup semantics):", flush=True)
     theirs = run(ConntrackdReplicator(), Options(tcp=args.tcp, udp=args.udp, notify="hook"))
+    print("conntrackd driven by ctbridge (apply.backend = \"conntrackd\", notify FIFO):", flush=True)
+    driven_options = Options(tcp=args.tcp, udp=args.udp, backend="conntrackd")
+    driven = run(CtbridgeReplicator(driven_options), driven_options)
     print()
-    head = (f"{'failover':<20} | {'TCP moving after':>16} | {'UDP re-NATed':>12} | {'MASTER->committed ms':>20} | "
-            f"{'all flows move s':>16} | {'packets dropped':>15}")
-    print(f"{'':<20} | {'ctbridge / conntrackd':^16}")
+    head = (f"{'failover':<20} | {'TCP moving after':>18} | {'UDP re-NATed':>12} | {'MASTER->committed ms':>20} | "
+            f"{'all flows move s':>18} | {'packets dropped':>15}")
+    print(f"{'':<20} | {'ctbridge / conntrackd / conntrackd driven by ctbridge':^18}")
     print(head)
     print("-" * len(head))
-    for a, b in zip(ours, theirs, strict=True):
-        print(f"{a.how:<20} | {f'{a.tcp_moving} / {b.tcp_moving}':>16} | {f'{a.udp_renat} / {b.udp_renat}':>12} | "
-              f"{f'{_ms(a.to_committed)} / {_ms(b.to_committed)}':>20} | "
-              f"{f'{_fmt(a.recovered)} / {_fmt(b.recovered)}':>16} | {f'{a.dropped} / {b.dropped}':>15}")
+    for a, b, c in zip(ours, theirs, driven, strict=True):
+        print(f"{a.how:<20} | {f'{a.tcp_moving} / {b.tcp_moving} / {c.tcp_moving}':>18} | "
+              f"{f'{a.udp_renat} / {b.udp_renat} / {c.udp_renat}':>12} | "
+              f"{f'{_ms(a.to_committed)} / {_ms(b.to_committed)} / {_ms(c.to_committed)}':>20} | "
+              f"{f'{_fmt(a.recovered)} / {_fmt(b.recovered)} / {_fmt(c.recovered)}':>18} | "
+              f"{f'{a.dropped} / {b.dropped} / {c.dropped}':>15}")
     hooks = [(a.to_committed, b.to_committed) for a, b in zip(ours, theirs, strict=True)
              if a.to_committed and b.to_committed]
     if hooks:
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         def rows(switches: list[Switch]) -> list[dict[str, Any]]:
             return [{k: v for k, v in vars(s).items() if k != "status"} for s in switches]
-        args.json.write_text(json.dumps({"ctbridge": rows(ours), "conntrackd": rows(theirs)}, indent=1))
+        args.json.write_text(json.dumps({"ctbridge": rows(ours), "conntrackd": rows(theirs),
+                                         "conntrackd driven by ctbridge": rows(driven)}, indent=1))
     return 0
 
 

@@ -70,6 +70,14 @@ def format_status(st: dict[str, Any], now: float) -> str:
     inter = st.get("interlock", {})
     lines = [f"node      {st.get('node', '?')} ({st.get('node_id', '?')})   role {st.get('role', '?')}   "
              f"apply {st.get('apply_mode', '?')}   gate {st.get('gate') or 'not used'}"]
+    backend = st.get("backend", {})
+    if backend.get("name") == "conntrackd":
+        steps = backend.get("steps") or []
+        last = steps[-1] if steps else None
+        lines.append("backend   conntrackd, " + ("answers" if backend.get("alive") else "DOES NOT ANSWER")
+                     + f"; {backend.get('failures', 0)} steps failed"
+                     + (f"; last step {last['flag']} {'ok' if last['ok'] else 'FAILED: ' + str(last.get('error'))}"
+                        if last else ""))
     lines.append(f"internal  {internal.get('entries', 0)} entries (this node's flows"
                  + (f", {exp.get('internal', 0)} of them expectations" if exp.get("enabled") else "") + ")")
     lines.append(f"external  {external.get('entries', 0)} entries (the peers'), "

@@ -28,6 +28,7 @@ DEFAULT_PATHS = {
 NOTIFY_MODES = ("hook", "fifo")
 TRANSPORTS = ("unicast", "multicast")
 APPLY_MODES = ("commit", "inject")
+BACKENDS = ("ctbridge", "conntrackd")  # who replicates (ctbridge.daemon.conntrackd)
 
 
 class ClusterError(ValueError):
@@ -79,6 +80,7 @@ class Cluster:
     instances: tuple[Instance, ...]
     paths: dict[str, str]
     path: str = "<cluster>"
+    backend: str = "ctbridge"  # "conntrackd": an existing conntrackd replicates, driven by ctbridge
 
     def demotion(self) -> int:
         """How far the interlock lowers an incomplete node's priority: below every complete node
@@ -122,7 +124,7 @@ CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
     "transport": (str, "unicast"), "sync_group": (str, ""), "sync_link_groups": (list, []), "sync_port": (int, 3780),
     "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
-    "group": (str, "G1"),
+    "group": (str, "G1"), "backend": (str, "ctbridge"),
 }
 _KIND = {str: "a string", int: "an integer", bool: "true or false", float: "a number", dict: "a table",
          list: "a list"}
@@ -299,7 +301,7 @@ def verify(c: Cluster) -> list[str]:
         p.append(f"cluster {c.name!r}: node priorities span {c.demotion() - 1}; the interlock needs them within 252 "
                  "of each other (an incomplete node is lowered below the lowest, and -254 would be FAULT)")
     for value, allowed, key in ((c.apply_mode, APPLY_MODES, "apply_mode"), (c.transport, TRANSPORTS, "transport"),
-                                (c.notify, NOTIFY_MODES, "notify")):
+                                (c.notify, NOTIFY_MODES, "notify"), (c.backend, BACKENDS, "backend")):
         if value not in allowed:
             p.append(f"cluster {c.name!r}: {key} = {value!r}; use " + " or ".join(repr(a) for a in allowed))
     if c.vrrp_version not in (2, 3):
@@ -308,6 +310,16 @@ def verify(c: Cluster) -> list[str]:
         p.append(f"cluster {c.name!r}: sync_port = {c.sync_port} is not a UDP port (1-65535)")
     if len(c.nodes) < 2:
         p.append(f"cluster {c.name!r}: has {len(c.nodes)} node(s); a cluster needs at least two [[node]] tables")
+    if c.backend == "conntrackd":
+        if c.apply_mode != "commit":
+            p.append(f"cluster {c.name!r}: backend = \"conntrackd\" commits on MASTER (conntrackd -c); set "
+                     "apply_mode = \"commit\"")
+        if c.transport == "unicast" and len(c.nodes) > 2:
+            p.append(f"cluster {c.name!r}: conntrackd's UDP sync has one destination; with {len(c.nodes)} nodes use "
+                     "transport = \"multicast\"")
+        if any(n.sync_links for n in c.nodes):
+            p.append(f"cluster {c.name!r}: backend = \"conntrackd\" renders the first sync link only; remove the "
+                     "redundant ones (sync_links) or use backend = \"ctbridge\"")
     names = [n.name for n in c.nodes]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"node {name!r}: the name is used twice; node names must be unique (they become node ids)")

@@ -65,7 +65,8 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
             mine = [a for a in addresses() if not a.startswith(("127.", "::1", "fe80:"))]
             out.append(f"{path}: {key} {local} is not an address of this host ({problem}); use the address "
                        "of this node's sync interface" + (f" (this host has {', '.join(mine[:8])})" if mine else ""))
-        elif not daemon_running and not cfg.multicast:
+        elif not daemon_running and not cfg.multicast and cfg.apply.backend == "ctbridge":
+            # (with the conntrackd backend, conntrackd holds the port: ctbridge opens no sync socket)
             taken = _bind_problem(local, cfg.sync.port)
             if taken is not None:
                 out.append(f"{path}: UDP port {cfg.sync.port} on {local} cannot be bound ({taken}); "

@@ -51,6 +51,7 @@ def environment(directory: Path | None = None) -> jinja2.Environment:
 
 
 KEY_FILE = "sync.key"  # the node's pairwise keys, beside the rendered files (mode 0600)
+CONNTRACKD_FILE = "conntrackd.conf"  # backend = "conntrackd": its configuration, beside ctbridge.toml
 
 
 def render(cluster: Cluster, node: Node, directory: Path | None = None, secret: bytes | None = None
@@ -60,6 +61,8 @@ def render(cluster: Cluster, node: Node, directory: Path | None = None, secret: 
     env = environment(directory)
     context = {"cluster": cluster, "node": node, "peers": cluster.peers(node), "paths": cluster.paths_for(node)}
     files = {out: env.get_template(tpl).render(context) for tpl, out in FILES.items()}
+    if cluster.backend == "conntrackd":
+        files[CONNTRACKD_FILE] = env.get_template("conntrackd.conf.j2").render(context)
     if secret is not None:
         files[KEY_FILE] = keyfile.pairwise_text(secret, cluster.name, node.name, [n.name for n in cluster.peers(node)])
     return files

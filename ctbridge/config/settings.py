@@ -111,6 +111,14 @@ class ApplySettings:
     event_buffer: int = _key(128 << 20, "bytes of receive buffer for kernel events (about 1 KiB each: a "
                              "burst of 100,000 new flows needs about 100 MiB); it doubles after an overrun, up to "
                              "256 MiB")
+    backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "
+                        "conntrackd, which ctbridge drives through the primary-backup steps in order, each checked "
+                        "(ctbridge keeps the FIFO, interlock, gate and metrics)", ("ctbridge", "conntrackd"))
+    conntrackd: str = _key("conntrackd", "backend conntrackd: the conntrackd program")
+    conntrackd_config: str = _key("/etc/conntrackd/conntrackd.conf", "backend conntrackd: its configuration "
+                                  "(`ctbridge render` writes it from the cluster description)")
+    step_timeout: float = _key(30.0, "backend conntrackd: seconds one conntrackd step may take before the "
+                               "transition fails")
 
 
 @dataclass(frozen=True)
@@ -484,6 +492,11 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
     for name, seconds in (("refresh_interval", sync.refresh_interval), ("expiry_margin", sync.expiry_margin)):
         if seconds < 0:
             fail("sync", name, f"sync.{name} = {seconds} is negative")
+    if cfg.apply.backend == "conntrackd" and cfg.apply.mode != "commit":
+        fail("apply", "mode", "apply.backend = \"conntrackd\" commits on MASTER (conntrackd -c): apply.mode must "
+             "be \"commit\"")
+    if cfg.apply.step_timeout <= 0:
+        fail("apply", "step_timeout", "apply.step_timeout must be positive")
     for vip in cfg.keepalived.vips:
         try:
             ipaddress.ip_interface(vip)

@@ -32,7 +32,7 @@ from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing, format_line
 from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
 from ctbridge.conntrack.view import entry_view
-from ctbridge.daemon import control, failover, gate, journal, keepalived, metrics
+from ctbridge.daemon import conntrackd, control, failover, gate, journal, keepalived, metrics
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync import wire
 from ctbridge.sync.engine import (
@@ -190,8 +190,8 @@ def _describe(key: bytes, msg: bytes | None) -> str:
 
 
 # What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
-STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "internal", "external", "expectations", "interlock",
-               "peers", "queues", "commit", "gate")
+STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "backend", "internal", "external", "expectations",
+               "interlock", "peers", "queues", "commit", "gate")
 
 
 def refresh_interval(cfg: Config, shortest: float) -> float:
@@ -231,7 +231,7 @@ class Daemon:
             # our own writes' echo is read too (few): read_expectations keeps their ends
             self.expect_events = EventSocket(rcvbuf=1 << 20, groups=EventSocket.EXPECT_GROUPS,
                                              decode=expectation.decode_events)
-        self.links = SyncLinks(cfg)
+        self.links = SyncLinks(cfg, bind=cfg.apply.backend == "ctbridge")
         self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.flush_scheduled = False
@@ -261,6 +261,12 @@ class Daemon:
             "metrics_endpoint": {"refused": 0, "timed_out": 0, "bad_requests": 0},
         }
         self.gated = cfg.apply.gate and cfg.apply.mode == "commit"
+        # apply.backend = "conntrackd": it replicates, this daemon drives it (daemon/conntrackd.py)
+        self.backend: conntrackd.Conntrackd | None = None
+        self.backend_alive = False  # conntrackd answered its last `-s` (the interlock's word)
+        if cfg.apply.backend == "conntrackd":
+            self.backend = conntrackd.Conntrackd(cfg.apply.conntrackd, cfg.apply.conntrackd_config,
+                                                 cfg.apply.step_timeout)
         self.commit_histogram = metrics.Histogram()
         self.gate_retry: asyncio.Future[None] | None = None
 
@@ -588,6 +594,14 @@ class Daemon:
 
     async def step(self, action: failover.Action, start: float) -> dict[str, Any] | None:
         name = action.name
+        if self.backend is not None:
+            if name in conntrackd.IDLE:
+                return None
+            flag = conntrackd.FLAGS.get(name)
+            if flag is not None:  # the replicator's step: conntrackd's, to its end (StepError fails it)
+                await self.backend.run(flag)
+                log.info("%s: conntrackd %s done", name, flag)
+                return {name.replace("-", "_"): f"conntrackd {flag}"}
         if name == failover.GATE:
             await self.set_gate(closed=action.closed)
         elif name == failover.CANCEL_PURGE and self.purge_task is not None:
@@ -627,6 +641,35 @@ class Daemon:
             self.engine.bulk_send(self.loop.time())
             self.after_input()
         return None
+
+    async def run_with_conntrackd(self, servers: list[asyncio.AbstractServer], tasks: list[asyncio.Task[Any]]) -> int:
+        """run() for apply.backend = "conntrackd": keepalived's FIFO, the interlock, the gate, the
+        control socket and the metrics, and no sync link or kernel events of our own (conntrackd
+        has them). The caller's finally closes what is opened here."""
+        assert self.backend is not None
+        servers.append(await control.serve(self.cfg.control.socket, self.handle))
+        if self.cfg.metrics.listen:
+            servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats,
+                                               self.stats_extra["metrics_endpoint"]))
+        if self.cfg.keepalived.notify_fifo:
+            tasks.append(asyncio.ensure_future(self.read_fifo(self.cfg.keepalived.notify_fifo)))
+        if self.cfg.keepalived.track_file:
+            tasks.append(asyncio.ensure_future(self.track_loop(self.cfg.keepalived.track_file)))
+        tasks.append(asyncio.ensure_future(self.systemd()))
+        caches = await self.backend.caches()
+        log.info("ctbridge %s running with the conntrackd backend: node %s, conntrackd -C %s %s",
+                 self.cfg.apply.mode, self.cfg.node.name, self.backend.config,
+                 f"answers ({caches})" if caches is not None else "does not answer (yet)")
+        stopper = asyncio.ensure_future(self.stop.wait())
+        tasks.append(stopper)
+        waiting: set[asyncio.Future[Any]] = set(tasks)
+        while not self.stop.is_set():
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        log.info("stopping")
+        return 0
 
     async def announce_as_master(self) -> None:
         async with self.transition_lock:
@@ -748,13 +791,19 @@ class Daemon:
 
     # --- interlock, stats, control ----------------------------------------------------------------
 
+    async def may_take_over(self) -> bool:
+        if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least
+            self.backend_alive = await self.backend.caches() is not None
+            return self.engine.role is Role.MASTER or self.backend_alive
+        return failover.may_take_over(self.engine.complete(), self.engine.role,
+                                      heard_a_peer=any(p.proven and p.alive for p in self.engine.peers.values()))
+
     async def track_loop(self, path: str) -> None:
         """Priority interlock: the track file follows failover.track_value, checked every
         TRACK_INTERVAL."""
         failing = False
         while True:
-            may = failover.may_take_over(self.engine.complete(), self.engine.role,
-                                         heard_a_peer=any(p.proven and p.alive for p in self.engine.peers.values()))
+            may = await self.may_take_over()
             value = failover.track_value(may, self.cfg.keepalived.incomplete_value)
             if value != self.track_value:
                 try:
@@ -817,6 +866,9 @@ class Daemon:
             "link_mismatches": self.links.mismatches,
             **self.stats_extra,
             "commit_histogram": self.commit_histogram.snapshot(),
+            "backend": {"name": self.cfg.apply.backend, **({
+                "alive": self.backend_alive, "failures": self.backend.failures, "steps": list(self.backend.steps)}
+                if self.backend is not None else {})},
             "expectations": {**self.stats_extra["expectations"], "enabled": self.expect_events is not None,
                              **dict(zip(("internal", "external"), e.expectation_counts(), strict=True))},
         }
@@ -844,6 +896,9 @@ class Daemon:
 
     async def on_commit(self, req: dict[str, Any]) -> dict[str, Any]:
         async with self.transition_lock:
+            if self.backend is not None:
+                await self.backend.run(conntrackd.FLAGS[failover.COMMIT])
+                return {"ok": True, "committed": "conntrackd -c"}
             return {"ok": True, **await self.commit()}
 
     async def on_flush(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -959,6 +1014,8 @@ class Daemon:
             self.loop.add_signal_handler(signum, self.on_signal, signum)
         try:
             await self.restore_role()  # before any transition can come (the hook, the FIFO)
+            if self.backend is not None:
+                return await self.run_with_conntrackd(servers, tasks)
             servers.append(await control.serve(self.cfg.control.socket, self.handle))
             if self.cfg.metrics.listen:
                 servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats,

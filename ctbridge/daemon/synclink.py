@@ -82,14 +82,15 @@ def _ip(text: str) -> str:
 
 
 class SyncLinks:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, bind: bool = True) -> None:
+        """``bind``: open the sockets (with apply.backend = "conntrackd" the port is conntrackd's)."""
         self.links = cfg.sync_links()
         self.port = cfg.sync.port
         self.multicast = cfg.multicast
         self.selector = LinkSelector(len(self.links), cfg.sync.link_timeout)
         self.socks: list[socket.socket] = []
         try:
-            for link in self.links:
+            for link in self.links if bind else ():
                 self.socks.append(sync_socket(link, self.port))
         except control.ControlError:
             self.close()
@@ -197,6 +198,8 @@ class SyncLinks:
     def send(self, data: bytes, dest: int | None) -> None:
         """One datagram of the engine: to node ``dest``, or (None) to every peer, each over its
         active link. A peer not heard yet gets it over every link (it drops the copies)."""
+        if not self.socks:
+            return  # not bound (the conntrackd backend): nothing of ours goes over the sync link
         if self.multicast:
             # one group per link: every link some peer is on now (the groups' members drop copies)
             links = {p.active for p in self.selector.peers.values()} if self.redundant else set()
@@ -237,5 +240,6 @@ class SyncLinks:
                 peers[f"{node:08x}"] = {"up": self.selector.usable(node, k, now), "active": p.active == k,
                                         "last_heard": round(now - at, 3) if at is not None else None}
             out.append({"local": link.local, "peers": list(link.peers) if not link.group else [link.group],
-                        "socket": udpstat.socket_stats(self.socks[k]), "nodes": peers})
+                        "socket": udpstat.socket_stats(self.socks[k]) if k < len(self.socks) else {},
+                        "nodes": peers})
         return out

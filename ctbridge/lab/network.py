@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from ctbridge.config import cluster as cluster_mod
 from ctbridge.config import keyfile, render, resources
 from ctbridge.daemon import control
+from ctbridge.daemon.conntrackd import cache_sizes
 from ctbridge.lab import netns
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -161,6 +162,7 @@ class Options:
     ftp: bool = False  # an FTP server behind the pair, the FTP helper on the firewalls (FTP_RULES)
     firewalls: int = 2  # how many firewalls (three: the three-node example's cluster)
     multicast: bool = False  # sync and VRRP adverts over multicast (SYNC_GROUP), the sync link a bridge
+    backend: str = "ctbridge"  # "conntrackd": each firewall's ctbridge drives a conntrackd (apply.backend)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
@@ -232,6 +234,7 @@ class Firewall:
         self.sync = f"198.51.100.{index}"
         self.keepalived: Process | None = None
         self.daemon: Process | None = None
+        self.conntrackd: Process | None = None  # Options.backend = "conntrackd"
 
     # --- processes --------------------------------------------------------------------------------
 
@@ -341,6 +344,11 @@ class CtbridgeReplicator:
         lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:
+        if self.options.backend == "conntrackd":  # the replicator first: ctbridge asks it at start
+            conf = str(fw.dir / "conntrackd.conf")
+            fw.conntrackd = Process(f"{fw.name} conntrackd", fw.ns, ["conntrackd", "-C", conf],
+                                    fw.dir / "conntrackd.console")
+            wait_for(f"{fw.name}'s conntrackd to answer", lambda: self.conntrackd_caches(fw) is not None, timeout=30)
         command = list(self.options.ctbridge) or [sys.executable, "-m", "ctbridge"]
         env = {"PYTHONPATH": str(ROOT)} if not self.options.ctbridge else {
             "PYTHONPATH": "", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # nothing of this tree or venv
@@ -352,10 +360,20 @@ class CtbridgeReplicator:
         if fw.daemon is not None:
             fw.daemon.stop(sig)
             fw.daemon = None
+        if fw.conntrackd is not None:
+            fw.conntrackd.stop(sig)
+            fw.conntrackd = None
+
+    def conntrackd_caches(self, fw: Firewall) -> dict[str, int] | None:
+        out = fw.run("conntrackd", "-C", str(fw.dir / "conntrackd.conf"), "-s", check=False)
+        return cache_sizes(out.stdout) if out.returncode == 0 else None
 
     def replicated(self, fw: Firewall) -> int | None:
         if fw.daemon is None:
             return None
+        if self.options.backend == "conntrackd":
+            caches = self.conntrackd_caches(fw)
+            return caches.get("external") if caches else None
         return int(fw.request("status")["external"]["entries"])
 
     def master_seconds(self, fw: Firewall, since: float) -> float | None:
@@ -541,6 +559,7 @@ transport = "{'multicast' if o.multicast else 'unicast'}"
 {f'sync_group = "{SYNC_GROUP}"' if o.multicast else ''}
 notify = "{o.notify}"
 interlock = {"true" if self.replicator.interlock else "false"}
+backend = "{o.backend}"
 gate = {"true" if o.gate else "false"}
 vrrp_version = {3 if o.advert_int != int(o.advert_int) or o.ipv6 else 2}
 group = "FW"

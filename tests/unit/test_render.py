@@ -239,3 +239,32 @@ def test_render_places_each_nodes_own_pairwise_keys_and_refuses_without_the_secr
     before = key.read_bytes()
     again = render_node("fw1")
     assert f"{key}: unchanged" in again.stdout and key.read_bytes() == before
+
+
+def test_the_conntrackd_backend_renders_conntrackd_conf_and_points_ctbridge_at_it(tmp_path: Path) -> None:
+    """backend = "conntrackd" (issue 15, deliver 3): conntrackd.conf beside the other files, FTFW
+    to the one peer, the firewalls' own addresses left out; ctbridge.toml names it. What conntrackd
+    cannot do (inject mode, redundant sync links) is said before anything is rendered."""
+    one_link = "".join(line for line in TWO.splitlines(keepends=True) if "sync_links" not in line)
+    text = one_link.replace("[cluster]\n", '[cluster]\nbackend = "conntrackd"\n', 1)
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    c = cluster.checked(cluster.load(str(path)))
+    files = render.render(c, c.node("fw1"))
+    conf = files["conntrackd.conf"]
+    fw1, fw2 = c.node("fw1"), c.node("fw2")
+    assert fw1.sync is not None and fw2.sync is not None
+    assert f"IPv4_address {fw1.sync.address.ip}" in conf and f"IPv4_Destination_Address {fw2.sync.address.ip}" in conf
+    assert "Mode FTFW" in conf and f"Port {c.sync_port}" in conf
+    for n in (fw1, fw2):
+        for iface in (n.sync, *n.interfaces.values()):
+            assert iface is not None and f"_address {iface.address.ip}\n" in conf  # their own flows stay out
+    (tmp_path / "ctbridge.toml").write_text(files["ctbridge.toml"])
+    cfg = settings.load(str(tmp_path / "ctbridge.toml"))
+    assert cfg.apply.backend == "conntrackd" and cfg.apply.conntrackd_config.endswith("/conntrackd.conf")
+    plain = cluster.checked(cluster.parse(one_link, "c.toml"))  # backend "ctbridge": no conntrackd.conf
+    assert "conntrackd.conf" not in render.render(plain, plain.node("fw1"))
+    assert any('set apply_mode = "commit"' in p for p in problems(text.replace('apply_mode = "commit"',
+                                                                              'apply_mode = "inject"')))
+    linked = TWO.replace("[cluster]\n", '[cluster]\nbackend = "conntrackd"\n')
+    assert any("sync link only" in p for p in problems(linked))

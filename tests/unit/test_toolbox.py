@@ -79,3 +79,11 @@ def test_per_peer_metrics_and_the_commit_histogram_render_as_prometheus_reads_th
                  "ctbridge_commit_duration_seconds_sum 3.55", "ctbridge_commit_duration_seconds_count 3",
                  "# TYPE ctbridge_commit_duration_seconds histogram"):
         assert line in text.splitlines(), line
+
+
+def test_the_status_table_says_how_conntrackd_is_doing() -> None:
+    st = {**STATUS, "backend": {"name": "conntrackd", "alive": False, "failures": 1,
+                                "steps": [{"flag": "-c", "ok": False, "error": "conntrackd -c exited with 1: x"}]}}
+    assert ("backend   conntrackd, DOES NOT ANSWER; 1 steps failed; last step -c FAILED: conntrackd -c exited "
+            "with 1: x") in format_status(st, now=0.0)
+    assert "backend" not in format_status({**STATUS, "backend": {"name": "ctbridge"}}, now=0.0)

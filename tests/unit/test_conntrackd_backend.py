@@ -1,0 +1,50 @@
+"""The conntrackd backend's pure parts (issue 15, deliver 3): the policy's steps as conntrackd's
+commands, in the primary-backup order, and conntrackd's own figures read back."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from ctbridge.daemon import conntrackd, failover
+from ctbridge.daemon.keepalived import parse_args
+from ctbridge.sync.engine import Role
+
+
+def flags(state: str, was: Role) -> list[str]:
+    d = failover.decide(parse_args(["GROUP", "G", state, "100"]), failover.Facts(role=was))
+    steps = [a.name for a in d.actions]
+    if state == "MASTER":
+        steps += [a.name for a in failover.followup(Role.MASTER)]
+    return [conntrackd.FLAGS[s] for s in steps if s in conntrackd.FLAGS]
+
+
+def test_each_transition_runs_conntrackds_steps_in_the_primary_backup_order() -> None:
+    assert flags("MASTER", Role.BACKUP) == ["-c", "-f", "-R", "-B"]
+    assert flags("BACKUP", Role.MASTER) == ["-n", "-t"]
+    assert flags("BACKUP", Role.FAULT) == ["-n"]  # nothing of its own to purge
+    assert flags("FAULT", Role.MASTER) == ["-t"] and flags("STOP", Role.MASTER) == ["-t"]
+    assert flags("FAULT", Role.BACKUP) == []
+
+
+def test_conntrackds_caches_are_read_from_its_statistics() -> None:
+    text = ("cache internal:\ncurrent active connections:          120\nconnections created:  200\n\n"
+            "cache external:\ncurrent active connections:           98\n")
+    assert conntrackd.cache_sizes(text) == {"internal": 120, "external": 98}
+    assert conntrackd.cache_sizes("not conntrackd") == {}
+
+
+def test_a_step_that_fails_or_hangs_says_which_and_why() -> None:
+    async def run() -> None:
+        fails = conntrackd.Conntrackd(sys.executable, "/nonexistent.conf", timeout=5)
+        # python -C is no option of Python's: it exits non-zero, as conntrackd does on an error
+        with pytest.raises(conntrackd.StepError, match="exited with 2"):
+            await fails.run("-c")
+        assert fails.failures == 1 and fails.steps[-1]["ok"] is False
+        missing = conntrackd.Conntrackd("/nonexistent/conntrackd", "/x.conf")
+        with pytest.raises(conntrackd.StepError, match="cannot run"):
+            await missing.run("-f")
+        assert await missing.caches() is None and missing.failures == 1  # the interlock's polls count nothing
+    asyncio.run(run())
