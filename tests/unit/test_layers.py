@@ -15,7 +15,7 @@ ALLOWED = {
     "sync": {"sync", "conntrack"},
     "config": {"config", "sync", "conntrack", "atomicfile"},
     "daemon": {"daemon", "config", "sync", "conntrack", "atomicfile"},
-    "lab": {"lab", "daemon.control", "config", "conntrack"},
+    "lab": {"lab", "daemon.control", "daemon.conntrackd", "config", "conntrack"},
     "cli": {"cli", "daemon", "config", "conntrack", "__version__"},
 }
 
