@@ -13,13 +13,18 @@ primary-backup script (conntrackd(8)):
     FAULT    -t                                                  (RELEASE, a former master)
 
 Unlike the script, whose steps keepalived forks unordered, one step starts only when the one
-before ended, and a step that fails (an exit status, a timeout) fails the transition.
+before ended. A step that fails (an exit status, a timeout) fails the transition, as the script's
+steps do not, but the steps after it still run, as the script's do: a new master whose commit
+failed still flushes, resyncs from its kernel and sends its bulk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +43,8 @@ FLAGS = {
 # Steps of ctbridge's own replication, with nothing to do when conntrackd replicates
 IDLE = frozenset({failover.PAUSE_EVENTS, failover.RESUME_EVENTS, failover.CANCEL_PURGE, failover.WAIT_INJECT})
 KEPT = 16  # steps remembered for the stats
+POLL_INTERVAL = 5.0  # seconds between the interlock's `conntrackd -s` (a process each)
+POLL_TIMEOUT = 2.0  # ... and how long one may take before conntrackd counts as not answering
 
 
 class StepError(Exception):
@@ -51,27 +58,32 @@ class Conntrackd:
     timeout: float = 30.0
     steps: list[dict[str, Any]] = field(default_factory=list)  # the last KEPT, oldest first
     failures: int = 0
+    polled: tuple[float, bool] = (float("-inf"), False)  # (when, whether it answered): the interlock's
 
     def argv(self, flag: str) -> list[str]:
         return [self.binary, "-C", self.config, flag]
 
-    async def run(self, flag: str, keep: bool = True) -> str:
+    async def run(self, flag: str, keep: bool = True, timeout: float | None = None) -> str:
         """Run ``conntrackd -C CONFIG FLAG`` to its end; its output. StepError if it failed.
         ``keep``: remember it among the steps (the interlock's polls are not)."""
         start = time.monotonic()
+        limit = self.timeout if timeout is None else timeout
         record: dict[str, Any] = {"flag": flag, "at": time.time()}
         try:
+            # a session of its own: on a timeout the whole group goes (a wrapper script and its
+            # conntrackd), or the pipe a child still holds would keep this waiting
             proc = await asyncio.create_subprocess_exec(*self.argv(flag), stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT)
+                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             raise self._failed(record, start, f"cannot run {self.binary}: {exc.strerror}", keep) from None
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout)
+            out, _ = await asyncio.wait_for(proc.communicate(), limit)
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-            raise self._failed(record, start, f"conntrackd {flag} did not end within {self.timeout:.0f} s",
+            raise self._failed(record, start, f"conntrackd {flag} did not end within {limit:.0f} s",
                                keep) from None
         text = out.decode(errors="replace").strip()
         if proc.returncode != 0:
@@ -93,12 +105,22 @@ class Conntrackd:
         del self.steps[:-KEPT]
 
     async def caches(self) -> dict[str, int] | None:
-        """The internal and external cache sizes `conntrackd -s` reports; None if it does not answer."""
+        """The internal and external cache sizes `conntrackd -s` reports; None if it does not
+        answer within POLL_TIMEOUT."""
         try:
-            text = await self.run("-s", keep=False)
+            text = await self.run("-s", keep=False, timeout=POLL_TIMEOUT)
         except StepError:
             return None
         return cache_sizes(text)
+
+    async def answers(self, now: float) -> bool:
+        """Whether conntrackd answers, asked at most every POLL_INTERVAL (the interlock's word)."""
+        when, alive = self.polled
+        if now < when + POLL_INTERVAL:
+            return alive
+        alive = await self.caches() is not None
+        self.polled = (now, alive)
+        return alive
 
 
 def cache_sizes(text: str) -> dict[str, int]:

@@ -264,6 +264,7 @@ class Daemon:
         # apply.backend = "conntrackd": it replicates, this daemon drives it (daemon/conntrackd.py)
         self.backend: conntrackd.Conntrackd | None = None
         self.backend_alive = False  # conntrackd answered its last `-s` (the interlock's word)
+        self.backend_errors: list[str] = []  # the steps of the transition under way that failed
         if cfg.apply.backend == "conntrackd":
             self.backend = conntrackd.Conntrackd(cfg.apply.conntrackd, cfg.apply.conntrackd_config,
                                                  cfg.apply.step_timeout)
@@ -531,6 +532,7 @@ class Daemon:
             record: dict[str, Any] = {"state": t.state, "name": t.name, "at": time.time()}
             if decision.noop:
                 record["noop"] = True
+            self.backend_errors = []
             try:
                 out = await self.execute(decision.actions, start)
             finally:
@@ -541,6 +543,8 @@ class Daemon:
             record["seconds"] = round(time.monotonic() - start, 6)
             self.stats_extra["transitions"] = [*self.stats_extra["transitions"][-9:], record]
             self.after_input()
+            if self.backend_errors:  # every step ran; the transition still failed, and says why
+                raise conntrackd.StepError("; ".join(self.backend_errors))
             return {"ok": True, "role": self.engine.role.value, **record}
 
     def role_path(self) -> str:
@@ -598,8 +602,15 @@ class Daemon:
             if name in conntrackd.IDLE:
                 return None
             flag = conntrackd.FLAGS.get(name)
-            if flag is not None:  # the replicator's step: conntrackd's, to its end (StepError fails it)
-                await self.backend.run(flag)
+            if flag is not None:  # the replicator's step: conntrackd's, to its end
+                try:
+                    await self.backend.run(flag)
+                except conntrackd.StepError as exc:
+                    # said, and the transition fails at its end; the steps after it still run, as
+                    # the primary-backup script's do (a master whose commit failed still resyncs)
+                    log.error("%s: %s", name, exc)
+                    self.backend_errors.append(str(exc))
+                    return {name.replace("-", "_"): f"FAILED: {exc}"}
                 log.info("%s: conntrackd %s done", name, flag)
                 return {name.replace("-", "_"): f"conntrackd {flag}"}
         if name == failover.GATE:
@@ -786,14 +797,18 @@ class Daemon:
     async def read_fifo(self, path: str) -> None:
         """keepalived's notify_fifo: the one channel where transitions arrive in order."""
         async for t in keepalived.fifo_transitions(path):
-            answer = await self.transition(t)
+            try:
+                answer = await self.transition(t)
+            except Exception as exc:  # said, and the next line is read: a failed step ends no daemon
+                log.error("notify_fifo %s %s %s failed: %s", t.kind, t.name, t.state, exc)
+                continue
             log.info("notify_fifo %s %s %s: %s", t.kind, t.name, t.state, answer.get("role"))
 
     # --- interlock, stats, control ----------------------------------------------------------------
 
     async def may_take_over(self) -> bool:
         if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least
-            self.backend_alive = await self.backend.caches() is not None
+            self.backend_alive = await self.backend.answers(self.loop.time())
             return self.engine.role is Role.MASTER or self.backend_alive
         return failover.may_take_over(self.engine.complete(), self.engine.role,
                                       heard_a_peer=any(p.proven and p.alive for p in self.engine.peers.values()))

@@ -142,7 +142,8 @@ class _Bulk:
 class _Diff:
     """A comparison of a peer's table with our copy of it under way (`ctbridge diff`)."""
 
-    __slots__ = ("asked", "counts", "differ", "keys", "node", "result", "started", "sums")
+    __slots__ = ("asked", "counts", "differ", "keys", "last", "node", "parts", "result", "started", "sums",
+                 "truncated")
 
     def __init__(self, node: int, now: float) -> None:
         self.node = node
@@ -152,10 +153,14 @@ class _Diff:
         self.keys: dict[bytes, int] = {}  # the peer's keys of those buckets, with their state hash
         self.counts: dict[str, int] = {}  # flows on each side ("theirs", "ours")
         self.differ = 0  # buckets that differ
+        self.parts: set[int] = set()  # the indices of the DIGEST_KEYS messages received
+        self.last = -1  # the index of the answer's last message, once it came
+        self.truncated = False
         self.result: dict[str, Any] | None = None
 
 
 DIFF_KEPT = 16  # comparisons remembered (the oldest is forgotten)
+DIFF_LIFETIME = 30.0  # seconds a comparison takes answers (`ctbridge diff` waits 10)
 DIFF_BUCKETS_ASKED = 32  # buckets whose keys one comparison asks for at most
 DIGEST_INTERVAL = 1.0  # seconds: a peer's questions (each costs a pass over our table) answered at most this often
 
@@ -321,7 +326,7 @@ def _new_stats() -> dict[str, int]:
         "bulk_count_mismatches", "flows_expired", "refresh_sweeps", "flows_refreshed",
         "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
         "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
-        "path_changes")}
+        "path_changes", "digests_refused")}
 
 
 class Engine:
@@ -354,10 +359,9 @@ class Engine:
         # ... and when each runs out (the engine's clock): they go out with what is left of their
         # timeout, so a peer that first hears of one in a bulk does not count it from the start
         self._expect_until: dict[bytes, float] = {}
-        self._vouched_none: set[int] = set()  # peers given an empty bulk under FAULT (set_role)
         self._diffs: OrderedDict[int, _Diff] = OrderedDict()  # request -> comparison (diff_start)
         self._diff_request = 0
-        self._digest_at: dict[int, float] = {}  # peer -> when we last answered its question
+        self._digest_at: dict[tuple[int, bool], float] = {}  # (peer, for keys) -> when we last answered
         # Best-effort mode resends nothing: one lost refresh would cost the flow on every peer
         # until its next. So peers are taken to hold half the timeout, and each flow is sent
         # again twice per timeout: one loss is survived.
@@ -674,14 +678,9 @@ class Engine:
 
     def set_role(self, role: Role) -> None:
         """MASTER and BACKUP behave alike here; FAULT stops advertising this node's flows (they stay
-        queued, coalesced, and go out when the role changes) but keeps receiving and acknowledging.
-        A bulk a peer asks for under FAULT is empty: the node vouches for none of its flows, and a
-        standby that restarted meanwhile is complete without waiting for it to recover. Leaving
-        FAULT, the node sends a whole bulk to the peers it gave an empty one."""
-        if self.role is Role.FAULT and role is not Role.FAULT and self._vouched_none:
-            targets, self._vouched_none = self._vouched_none, set()
-            for target in targets if len(targets) == 1 else (0,):
-                self.bulk_send(0.0, target)
+        queued, coalesced, and go out when the role changes; a bulk a peer asks for waits too) but
+        keeps receiving and acknowledging. A peer's copy of this node's flows is never emptied by
+        a FAULT: a faulty former master's flows are exactly what its successor commits."""
         self.role = role
 
     def request_resync(self, now: float, node: int = 0) -> None:
@@ -822,7 +821,7 @@ class Engine:
                 del peer.external[key]
                 peer.refused[key] = (cur.version, cur.seq)
                 self.stats["flows_refused_policy"] += 1
-                if inject:
+                if inject and not self._held_by_another(peer, key):
                     self._kernel_ops.append(KernelOp("delete", None, key))
 
     def queue_sizes(self) -> dict[str, int]:
@@ -1192,7 +1191,7 @@ class Engine:
                     peer.refused[key] = (version, seq)
                     peer.refused_total += 1
                     stats["flows_refused_policy"] += 1
-                    if inject:
+                    if inject and not self._held_by_another(peer, key):
                         self._kernel_ops.append(KernelOp("delete", None, key))
                     continue
                 cur.message = fmsg
@@ -1276,7 +1275,7 @@ class Engine:
                     self._answer_digest(peer, msg, now)
             elif type(msg) is wire.Digest or type(msg) is wire.DigestKeys:
                 if msg.node == me:
-                    self._digest_received(peer, msg)
+                    self._digest_received(peer, msg, now)
             elif type(msg) is wire.BulkBegin:
                 data_seen = True
                 if msg.node in (0, me):
@@ -1318,7 +1317,8 @@ class Engine:
         """Inject mode: whether a peer other than ``peer`` still tells us of this flow. This
         kernel holds one entry per flow, whoever told us of it: one peer's word that it is gone
         (a faulty node's empty bulk, a former master's expiry) does not take it from another's."""
-        return len(self.peers) > 1 and any(key in p.external for p in self.peers.values() if p is not peer)
+        return len(self.peers) > 1 and any(key in p.external for p in self.peers.values()
+                                           if p is not peer and p.alive)  # a dead peer's copy is stale
 
     def _allowed(self, peer: Peer, key: bytes, fmsg: bytes) -> bool:
         """What our own filter and the accept list for that peer say of a flow (or expectation)."""
@@ -1413,6 +1413,8 @@ class Engine:
             return
         if d.asked:
             d.keys.clear()
+            d.parts.clear()
+            d.last = -1
             self._control.append(wire.digest_ask_msg(d.node, request, d.asked))
         else:
             d.sums.clear()
@@ -1426,25 +1428,35 @@ class Engine:
         return d.result if d is not None else None
 
     def _answer_digest(self, peer: Peer, msg: wire.DigestAsk, now: float) -> None:
-        if now < self._digest_at.get(peer.node, float("-inf")) + DIGEST_INTERVAL and not msg.buckets:
+        kind = (peer.node, bool(msg.buckets))  # a question for the sums, and one for keys, each a second
+        if now < self._digest_at.get(kind, float("-inf")) + DIGEST_INTERVAL:
+            self.stats["digests_refused"] += 1
             return  # asked again too soon: each answer is a pass over the whole table
-        self._digest_at[peer.node] = now
-        # under FAULT this node vouches for none of its flows (as its bulks say)
-        items = list(self.internal.items()) if self.role is not Role.FAULT else []
+        self._digest_at[kind] = now
+        items = self.internal.items()
         if not msg.buckets:
             self._control.extend(wire.digest_msgs(peer.node, msg.request, digest.summary(items)))
             return
+        # whole buckets only, in order, as many as DIGEST_KEYS_MAX keys allow: the asker compares
+        # the buckets it got, and knows the others were left out
         listed = digest.listing(items, set(msg.buckets))
-        keys = [pair for b in sorted(listed) for pair in listed[b]]
-        cut = len(keys) > wire.DIGEST_KEYS_MAX
-        self._control.extend(wire.digest_keys_msgs(peer.node, msg.request, keys[:wire.DIGEST_KEYS_MAX], cut))
+        keys: list[tuple[int, bytes]] = []
+        cut = False
+        for b in sorted(listed):
+            if keys and len(keys) + len(listed[b]) > wire.DIGEST_KEYS_MAX:
+                cut = True
+                break
+            keys.extend(listed[b][:wire.DIGEST_KEYS_MAX])
+        self._control.extend(wire.digest_keys_msgs(peer.node, msg.request, keys, cut))
 
-    def _digest_received(self, peer: Peer, msg: wire.Digest | wire.DigestKeys) -> None:
+    def _digest_received(self, peer: Peer, msg: wire.Digest | wire.DigestKeys, now: float) -> None:
         d = self._diffs.get(msg.request)
-        if d is None or d.node != peer.node or d.result is not None:
+        if d is None or d.node != peer.node or d.result is not None or now > d.started + DIFF_LIFETIME:
             return
         ours = ((k, cur.message) for k, cur in peer.external.items())  # our copy, read once when needed
         if type(msg) is wire.Digest:
+            if d.asked:
+                return  # the sums are in: a later DIGEST changes nothing
             for i, (flows, xor) in enumerate(msg.sums):
                 d.sums[msg.first + i] = digest.Bucket(flows, xor)
             if len(d.sums) < digest.BUCKETS:
@@ -1462,17 +1474,28 @@ class Engine:
             self._control.append(wire.digest_ask_msg(peer.node, msg.request, d.asked))
             return
         assert type(msg) is wire.DigestKeys
-        if not d.asked:
+        if not d.asked or msg.part in d.parts:
             return
-        d.keys.update((key, h) for h, key in msg.keys)
-        if not msg.last:
-            return
-        asked = set(d.asked)
-        mine_keys = {k: h for h, k in (pair for b, pairs in digest.listing(ours, asked).items() for pair in pairs)}
-        diff = digest.compare(d.keys, mine_keys)
+        d.parts.add(msg.part)
+        asked = d.asked
+        for h, key in msg.keys:  # only keys of the buckets asked, as many as an answer may hold
+            if len(d.keys) < wire.DIGEST_KEYS_MAX and digest.bucket_of(key) in asked:
+                d.keys[key] = h
+        if msg.last:
+            d.last = msg.part
+            d.truncated = msg.truncated
+        if d.last < 0 or len(d.parts) < d.last + 1:
+            return  # every part of the answer, whatever their order, or none of it counts
+        # the buckets the answer covers: those it listed keys of (whole buckets), and those the
+        # peer holds nothing in; a bucket left out of a cut-short answer is not compared
+        seen = {digest.bucket_of(k) for k in d.keys}
+        covered = {b for b in asked if b in seen or d.sums[b].flows == 0}
+        mine_keys = {k: h for h, k in (pair for pairs in digest.listing(ours, covered).values() for pair in pairs)}
+        theirs_keys = {k: h for k, h in d.keys.items() if digest.bucket_of(k) in covered}
+        diff = digest.compare(theirs_keys, mine_keys)
         refused = [k for k in diff.missing if k in peer.refused]
         d.result = {"equal": False, **d.counts, "missing": diff.missing, "extra": diff.extra, "stale": diff.stale,
-                    "refused": refused, "truncated": msg.truncated or len(d.asked) < d.differ}
+                    "refused": refused, "truncated": d.truncated or len(covered) < d.differ}
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -1800,7 +1823,7 @@ class Engine:
                     size += len(m)
                 stats["flows_sent"] += flows
                 stats["deletes_sent"] += len(keys) - flows
-            if open_:
+            if self.role is not Role.FAULT and open_:
                 size = self._fill_bulk(msgs, keys, size, room, now)
             if not msgs:
                 break
@@ -1818,20 +1841,13 @@ class Engine:
                 msgs.append(m)
                 size += len(m)
                 bulk.begun = True
-                if self.role is Role.FAULT:
-                    self._vouched_none.add(bulk.target)
-                else:
-                    bulk.keys = list(self.internal)
+                bulk.keys = list(self.internal)
                 self.stats["bulks_sent"] += 1
             internal = self.internal
             bkeys = bulk.keys
             pos = bulk.pos
             n = len(bkeys)
             sent = 0
-            if self.role is Role.FAULT:  # faulty since the bulk began: the rest is not vouched for
-                if pos < n:
-                    self._vouched_none.add(bulk.target)
-                pos = n
             while pos < n:
                 key = bkeys[pos]
                 fm = internal.get(key)

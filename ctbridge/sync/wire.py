@@ -90,7 +90,8 @@ class MsgType(IntEnum):
     # node (u32: the asker), request (u32), first bucket (u16), n (u16), n x (flows u32, XOR u64)
     DIGEST = 16
     # aux 1: the last of the answer, 3: the last, cut short (DIGEST_KEYS_MAX); node (u32: the
-    # asker), request (u32), n (u16), 0 (u16), n x (hash u64, key length u16, 0 u16, key, padded)
+    # asker), request (u32), n (u16), index (u16: its place in the answer, from 0), n x (hash u64,
+    # key length u16, 0 u16, key, padded); an answer lists whole buckets only
     DIGEST_KEYS = 17
 
 
@@ -215,6 +216,7 @@ class DigestKeys(NamedTuple):
     last: bool
     keys: tuple[tuple[int, bytes], ...]  # (state hash, key)
     truncated: bool = False
+    part: int = 0  # its place in the answer: the asker knows when it has every part
 
 
 class BulkBegin(NamedTuple):
@@ -593,7 +595,7 @@ def digest_keys_msgs(node: int, request: int, keys: Sequence[tuple[int, bytes]],
         aux = (1 | (2 if truncated else 0)) if i == len(chunks) - 1 else 0
         body = b"".join(items)
         out.append(_DIGEST_KEYS.pack(MsgType.DIGEST_KEYS, aux, _DIGEST_KEYS.size + len(body), node, request,
-                                     len(items), 0) + body)
+                                     len(items), i & 0xFFFF) + body)
     return out
 
 
@@ -765,7 +767,7 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                                                               for i in range(n))))
             elif mtype == MsgType.DIGEST_KEYS:
                 _need(mlen, _DIGEST_KEYS.size, "DIGEST_KEYS")
-                node, request, n, _z = _DIGEST_KEYS.unpack_from(data, off)[3:]
+                node, request, n, part = _DIGEST_KEYS.unpack_from(data, off)[3:]
                 at = off + _DIGEST_KEYS.size
                 keys = []
                 for _ in range(n):
@@ -777,7 +779,7 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                         raise WireError("malformed", f"DIGEST_KEYS key of {klen} bytes")
                     keys.append((h, bytes(data[start:start + klen])))
                     at += (_KEY_HEAD.size + klen + 3) & ~3
-                out.append(DigestKeys(node, request, bool(aux & 1), tuple(keys), bool(aux & 2)))
+                out.append(DigestKeys(node, request, bool(aux & 1), tuple(keys), bool(aux & 2), part))
             else:
                 raise WireError("malformed", f"unknown message type {mtype}")
             off = nxt

@@ -5,6 +5,7 @@ commit gate, and drives conntrackd through the primary-backup steps in order, ea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -71,4 +72,15 @@ def test_a_failing_conntrackd_step_fails_the_transition_and_is_said(conntrackd_l
         fw2.request("notify", args=["GROUP", "FW", "MASTER", "100"])
     assert "conntrackd -c exited with 1" in str(err.value), err.value
     stats = fw2.request("stats")
-    assert stats["backend"]["failures"] == 1 and stats["gate"] == "open" and stats["role"] == "MASTER"
+    # every step ran (the script's would), each failed, and said so; the gate opened, the role followed
+    flags = [s["flag"] for s in stats["backend"]["steps"]]
+    assert "-c" in flags and "-f" in flags[flags.index("-c"):], flags  # then -R and -B, in the follow-up
+    assert stats["backend"]["failures"] >= 2 and stats["gate"] == "open" and stats["role"] == "MASTER"
+    # the same through keepalived's FIFO: the transition fails, the daemon reads on
+    fifo = fw2.run_dir / "keepalived.fifo"
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, b'GROUP "FW" BACKUP 100\n')
+    os.close(fd)
+    wait_for("the BACKUP from the FIFO", lambda: fw2.request("status")["role"] == "BACKUP", timeout=20)
+    assert fw2.daemon is not None and fw2.daemon.alive() and "-n" in [
+        s["flag"] for s in fw2.request("stats")["backend"]["steps"]]

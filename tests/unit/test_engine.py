@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import ipaddress
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -267,34 +268,33 @@ def test_fault_stops_advertising_and_keeps_receiving() -> None:
     assert lab.converged()
 
 
-def test_a_faulty_node_does_not_keep_a_restarted_standby_incomplete() -> None:
-    """Found in the three-node multicast lab: a node whose keepalived was stopped (FAULT) sent no
-    bulk, so a standby restarted meanwhile never became complete, and its interlock held it back.
-    Under FAULT the bulk is empty (the node vouches for none of its flows); leaving FAULT it sends
-    a whole one."""
+def test_a_faulty_node_never_empties_a_peers_copy_of_its_flows() -> None:
+    """A faulty former master's flows are what its successor commits. A bulk asked of it under
+    FAULT waits, and one under way when it faulted pauses: the peer keeps its copy (found by
+    review: an empty or cut-short bulk under FAULT left the successor's commit with nothing)."""
     from ctbridge.sync.engine import Role
-    lab = Lab(3)
-    for i in range(10):
+    lab = Lab(2)
+    one, two = lab.engines[1], lab.engines[2]
+    for i in range(3000):
         lab.event(1, EventKind.NEW, flow(i))
-        lab.event(2, EventKind.NEW, flow(100 + i))
     lab.quiet()
-    lab.engines[1].set_role(Role.FAULT)
-    lab.start(3)  # restarted: empty caches, asks both peers for a bulk
+    one.bulk_send(lab.now)
+    for _ in range(3):  # the bulk begins, a part of it goes out ...
+        lab.step(0.001)
+    one.set_role(Role.FAULT)  # ... and the node faults under way
+    two.request_resync(lab.now, 1)  # and the peer asks for another
     lab.run(3)
-    three = lab.engines[3]
-    assert three.complete(), {n: (p.synced, p.proven) for n, p in three.peers.items()}
-    assert len(three.peers[2].external) == 10 and three.peers[1].external == {}
-    lab.engines[1].set_role(Role.BACKUP)
-    lab.quiet()  # node 1's flows reach node 3 again
-    assert len(three.peers[1].external) == 10
+    assert len(two.peers[1].external) == 3000
+    one.set_role(Role.BACKUP)
+    lab.quiet()
+    assert len(two.peers[1].external) == 3000 and two.peers[1].synced
 
 
 def test_inject_mode_keeps_a_flow_in_the_kernel_while_another_peer_still_tells_of_it() -> None:
-    """This kernel holds one entry per flow whoever told of it: one peer's deletion, or its
-    empty bulk under FAULT, must not take the entry another peer (the new master) still has.
-    Found in the three-node lab: the faulty node's empty bulk deleted the master's flows from
-    a standby's kernel, and at the next failover every connection broke."""
-    from ctbridge.sync.engine import Role
+    """This kernel holds one entry per flow whoever told of it: one peer's deletion (or a reload
+    that refuses that peer's copy) must not take the entry another live peer (the new master)
+    still has. Found in the three-node lab, where a faulty node's bulk deleted the master's
+    flows from a standby's kernel."""
     lab = Lab(3, apply_mode="inject")
     lab.event(1, EventKind.NEW, flow(1))
     lab.event(2, EventKind.NEW, flow(1))
@@ -304,11 +304,18 @@ def test_inject_mode_keeps_a_flow_in_the_kernel_while_another_peer_still_tells_o
     lab.event(1, EventKind.DESTROY, flow(1))
     lab.quiet()
     assert [op for op in three.kernel_ops() if op.kind == "delete"] == []  # node 2 still has it
-    lab.engines[2].set_role(Role.FAULT)
-    three.request_resync(lab.now, 2)  # node 2's bulk is empty now
-    lab.run(2)
+    lab.event(2, EventKind.DESTROY, flow(1))
+    lab.quiet()
     assert flow(1).key not in three.peers[2].external
     assert [op.key for op in three.kernel_ops() if op.kind == "delete"] == [flow(1).key]  # nobody has it now
+    # a reload that refuses node 1's copies takes from this kernel only what node 2 does not hold
+    lab.event(1, EventKind.NEW, flow(2))
+    lab.event(2, EventKind.NEW, flow(2))
+    lab.event(1, EventKind.NEW, flow(3))
+    lab.quiet()
+    three.kernel_ops()
+    three.reconfigure(peer_filters={1: FlowFilter(accept=(ipaddress.ip_network("10.0.0.0/8"),))})
+    assert [op.key for op in three.kernel_ops() if op.kind == "delete"] == [flow(3).key]
 
 
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
