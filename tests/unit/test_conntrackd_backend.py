@@ -48,3 +48,23 @@ def test_a_step_that_fails_or_hangs_says_which_and_why() -> None:
             await missing.run("-f")
         assert await missing.caches() is None and missing.failures == 1  # the interlock's polls count nothing
     asyncio.run(run())
+
+
+def test_the_interlock_asks_conntrackd_every_few_seconds_and_a_hung_one_does_not_answer(tmp_path: object) -> None:
+    async def run() -> None:
+        from pathlib import Path
+        script = Path(str(tmp_path)) / "conntrackd"
+        # a wrapper whose child holds the pipe: a timeout must end the whole group
+        script.write_text("#!/bin/sh\nsleep 60 &\nwait\n")
+        script.chmod(0o755)
+        hung = conntrackd.Conntrackd(str(script), "/x.conf", timeout=1)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await hung.answers(100.0) is False  # -s within POLL_TIMEOUT, or not answering
+        assert loop.time() - start < conntrackd.POLL_TIMEOUT + 2
+        with pytest.raises(conntrackd.StepError, match="did not end within 1 s"):
+            await hung.run("-c")
+        assert loop.time() - start < conntrackd.POLL_TIMEOUT + 5
+        hung.polled = (100.0, True)
+        assert await hung.answers(100.0 + conntrackd.POLL_INTERVAL / 2) is True  # not asked again yet
+    asyncio.run(run())

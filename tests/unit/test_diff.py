@@ -108,3 +108,31 @@ def test_buckets_and_hashes_do_not_depend_on_order() -> None:
     assert digest.summary(items) == digest.summary(list(reversed(items)))
     assert sum(b.flows for b in digest.summary(items)) == 300
     assert digest.differing(digest.summary(items), digest.summary(items[1:])) == [digest.bucket_of(items[0][0])]
+
+
+def test_an_asker_takes_only_what_it_asked_for() -> None:
+    """A peer's later DIGESTs change nothing once the sums are in, and keys of buckets not asked
+    for are dropped (found by review: both made the asker redo its work, or report them missing)."""
+    lab = Lab(2)
+    for i in range(100):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.quiet()
+    two = lab.engines[2]
+    del two.peers[1].external[flow(5).key]
+    request = two.diff_start(1, lab.now)
+    lab.run(0.02)  # the sums came; the keys are asked for
+    one = lab.engines[1]
+    fakes = b""
+    for i in range(3):  # keys of buckets never asked (most of them), none the answer's last part
+        fake = bytearray(wire.digest_keys_msgs(2, request, [(1, flow(9999 + i).key)])[0])
+        fake[1] = 0
+        fakes += bytes(fake)
+    fakes += wire.digest_msgs(2, request, [(7, 7)] * 64)[0]  # and a DIGEST after the sums were in
+    forged = wire.datagram(wire.Header(1, one.epoch, one.sent_upto + 40, int(lab.now * 1000)), fakes, lab.auth)
+    assert two.receive_datagram(forged, lab.now) == 1  # authentic (the lab's group key): applied
+    for _ in range(20):
+        lab.run(0.1)
+        if two.diff_result(request) is not None:
+            break
+    result = two.diff_result(request)
+    assert result is not None and result["missing"] == [flow(5).key] and result["extra"] == []
