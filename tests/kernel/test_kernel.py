@@ -482,3 +482,38 @@ def test_expectations_are_written_after_their_master_with_what_is_left_of_their_
         assert table.delete_expectations([exp.key]).done == 1
         assert table.delete_expectations([exp.key]).missing == 1
         assert netns.run(ns, "conntrack", "-L", "expect").stdout.strip() == ""
+
+
+def test_a_sip_expectation_with_its_class_and_nat_function_goes_from_one_kernel_to_another(ns: str, ns2: str) -> None:
+    """The SIP helper's expectations (issue 15, deliver 1: SIP where the kernel has the helper):
+    UDP media from any source port, a class (audio) and the SIP NAT function; read from one
+    kernel, written into another after the master, witnessed by `conntrack -L expect`."""
+    from ctbridge.conntrack import expectation
+    a, b = bytes((192, 0, 2, 40)), bytes((198, 51, 100, 40))
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, a, b, 5060, 5060)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b, a, 5060, 5060)
+    master = _with_helper(builders.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY,
+                                               timeout=180), "sip")
+    full = b"\xff" * 4
+    attrs = (codec.attr(ct.CTA_EXPECT_TUPLE, builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b, a, 0, 40000),
+                        nested=True)
+             + codec.attr(ct.CTA_EXPECT_MASK, builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, full, full, 0, 0xFFFF),
+                          nested=True)
+             + codec.attr(ct.CTA_EXPECT_MASTER, orig, nested=True)
+             + codec.attr(ct.CTA_EXPECT_TIMEOUT, (180).to_bytes(4, "big"))
+             + codec.attr(ct.CTA_EXPECT_CLASS, (1).to_bytes(4, "big"))  # SIP_EXPECT_AUDIO
+             + codec.attr(ct.CTA_EXPECT_HELP_NAME, b"sip\0") + codec.attr(ct.CTA_EXPECT_FN, b"sip\0"))
+    exp = expectation.entry_from_attrs(ct.AF_INET, attrs, 0, len(attrs))
+    with _table(ns) as one:
+        assert not one.commit([master]).failed
+        assert one.commit_expectations([exp]).done == 1
+        (dumped,) = one.dump_expectations()
+    have = codec.attr_map(dumped.attrs)
+    assert have[ct.CTA_EXPECT_CLASS] == (1).to_bytes(4, "big") and have[ct.CTA_EXPECT_HELP_NAME] == b"sip\0"
+    with _table(ns2) as two:  # what a peer would write: the master first, then the expectation as dumped
+        assert not two.commit([master]).failed
+        result = two.commit_expectations([dumped], lambda e: 90)
+        assert result.done == 1 and not result.failed and not result.missing, result
+    listed = netns.run(ns2, "conntrack", "-L", "expect").stdout
+    assert "proto=17" in listed and "dport=40000" in listed and "helper=sip" in listed and "class=1" in listed, listed
+    assert int(listed.split()[0]) <= 90
