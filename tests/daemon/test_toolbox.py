@@ -224,3 +224,22 @@ def test_diff_says_equal_or_names_the_flows_that_differ() -> None:
         assert b.ctbridge("diff", "-c", str(b.config), check=False).returncode == 0
         bad = b.ctbridge("diff", "-c", str(b.config), "--peer", "00000bad", check=False)
         assert bad.returncode == 1 and "no live peer '00000bad'" in bad.stderr and bad.stderr.count("\n") == 1, bad
+
+
+def test_a_restarted_standby_closes_its_gate_again_and_a_master_keeps_it_open() -> None:
+    """A daemon's clean stop opens the gate (it fails open); one started on a standby (none of
+    keepalived.vips held) closes it again. Found by the package test in CI: after both daemons
+    were restarted, a failover NATed every UDP flow anew on the open gate."""
+    with cluster(2, apply={"gate": True}, keepalived={"vips": ["192.0.2.254"]}) as c:
+        a, b = c.nodes
+
+        def gate(node: Node) -> bool:
+            return node.run("nft", "list", "table", "inet", "ctbridge_gate", check=False).returncode == 0
+        b.start()
+        assert gate(b) and b.request("stats")["gate"] == "closed"  # a standby from the start
+        assert b.stop() == 0 and not gate(b)  # fails open on the way out
+        b.start()
+        assert gate(b)
+        a.run("ip", "addr", "add", "192.0.2.254/32", "dev", "sync0")  # A holds the VIP: a master
+        a.start()
+        assert not gate(a) and a.request("stats")["gate"] is None
