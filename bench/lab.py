@@ -31,7 +31,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge.daemon.conntrackd import cache_sizes
 from ctbridge.lab import Firewall, Lab, Options, lab, wait_for
 from ctbridge.lab.network import SYNC_PORT, Process
 from ctbridge.lab.scenario import FAILOVERS, Switch, switch
@@ -114,22 +113,18 @@ class ConntrackdReplicator:
     def start(self, fw: Firewall) -> None:
         fw.daemon = Process(f"{fw.name} conntrackd", fw.ns, ["conntrackd", "-C", str(fw.dir / "conntrackd.conf")],
                             fw.dir / "conntrackd.console")
-        wait_for(f"{fw.name}'s conntrackd to answer", lambda: self._stats(fw) is not None, timeout=30)
+        wait_for(f"{fw.name}'s conntrackd to answer", lambda: fw.conntrackd_caches() is not None, timeout=30)
 
     def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None:
         if fw.daemon is not None:
             fw.daemon.stop(sig)
             fw.daemon = None
 
-    def _stats(self, fw: Firewall) -> dict[str, int] | None:
-        out = fw.run("conntrackd", "-C", str(fw.dir / "conntrackd.conf"), "-s", check=False)
-        return cache_sizes(out.stdout) if out.returncode == 0 else None
-
     def master_seconds(self, fw: Firewall, since: float) -> float | None:
         return None  # the hook's duration: keepalived starts it, it returns after `conntrackd -c`
 
     def replicated(self, fw: Firewall) -> int | None:
-        stats = self._stats(fw) if fw.daemon is not None else None
+        stats = fw.conntrackd_caches() if fw.daemon is not None else None
         return stats.get("external") if stats else None
 
 

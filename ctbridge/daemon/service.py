@@ -677,6 +677,10 @@ class Daemon:
         log.info("ctbridge %s running with the conntrackd backend: node %s, conntrackd -C %s %s",
                  self.cfg.apply.mode, self.cfg.node.name, self.backend.config,
                  f"answers ({caches})" if caches is not None else "does not answer (yet)")
+        return await self.serve_until_stopped(tasks)
+
+    async def serve_until_stopped(self, tasks: list[asyncio.Task[Any]]) -> int:
+        """Until a signal; a task that fails ends the daemon (run()'s finally cancels the rest)."""
         stopper = asyncio.ensure_future(self.stop.wait())
         tasks.append(stopper)
         waiting: set[asyncio.Future[Any]] = set(tasks)
@@ -1063,16 +1067,7 @@ class Daemon:
                      " + ".join(link.local for link in self.links.links), self.cfg.sync.port,
                      f"multicast {self.cfg.sync.group}" if self.cfg.multicast
                      else "peers " + ", ".join(self.cfg.sync.peers))
-            stopper = asyncio.ensure_future(self.stop.wait())
-            tasks.append(stopper)
-            waiting: set[asyncio.Future[Any]] = set(tasks)
-            while not self.stop.is_set():  # until a signal; a task that fails ends the daemon
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    if t is not stopper and t.exception() is not None:
-                        raise t.exception()  # type: ignore[misc]
-            log.info("stopping")
-            return 0
+            return await self.serve_until_stopped(tasks)
         finally:
             for t in tasks:
                 t.cancel()

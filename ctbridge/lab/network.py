@@ -290,6 +290,11 @@ class Firewall:
         out = self.run("nft", "-j", "list", "counter", "inet", "lab_ftp", "refused").stdout
         return sum(int(item["counter"]["packets"]) for item in json.loads(out)["nftables"] if "counter" in item)
 
+    def conntrackd_caches(self) -> dict[str, int] | None:
+        """The cache sizes this firewall's conntrackd reports (`conntrackd -s`); None if it does not answer."""
+        out = self.run("conntrackd", "-C", str(self.dir / "conntrackd.conf"), "-s", check=False)
+        return cache_sizes(out.stdout) if out.returncode == 0 else None
+
     def maintenance(self, on: bool) -> None:
         """The rendered keepalived.conf's maintenance track file: 1 drains this firewall."""
         path = self.run_dir / "maintenance"
@@ -348,7 +353,7 @@ class CtbridgeReplicator:
             conf = str(fw.dir / "conntrackd.conf")
             fw.conntrackd = Process(f"{fw.name} conntrackd", fw.ns, ["conntrackd", "-C", conf],
                                     fw.dir / "conntrackd.console")
-            wait_for(f"{fw.name}'s conntrackd to answer", lambda: self.conntrackd_caches(fw) is not None, timeout=30)
+            wait_for(f"{fw.name}'s conntrackd to answer", lambda: fw.conntrackd_caches() is not None, timeout=30)
         command = list(self.options.ctbridge) or [sys.executable, "-m", "ctbridge"]
         env = {"PYTHONPATH": str(ROOT)} if not self.options.ctbridge else {
             "PYTHONPATH": "", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # nothing of this tree or venv
@@ -364,15 +369,11 @@ class CtbridgeReplicator:
             fw.conntrackd.stop(sig)
             fw.conntrackd = None
 
-    def conntrackd_caches(self, fw: Firewall) -> dict[str, int] | None:
-        out = fw.run("conntrackd", "-C", str(fw.dir / "conntrackd.conf"), "-s", check=False)
-        return cache_sizes(out.stdout) if out.returncode == 0 else None
-
     def replicated(self, fw: Firewall) -> int | None:
         if fw.daemon is None:
             return None
         if self.options.backend == "conntrackd":
-            caches = self.conntrackd_caches(fw)
+            caches = fw.conntrackd_caches()
             return caches.get("external") if caches else None
         return int(fw.request("status")["external"]["entries"])
 
