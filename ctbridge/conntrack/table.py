@@ -18,13 +18,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import NamedTuple
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec, expectation
+from ctbridge.conntrack import codec, expectation, request
 from ctbridge.conntrack import recvmmsg as mmsg
-from ctbridge.conntrack.codec import Entry, Event, Record
+from ctbridge.conntrack.codec import Entry, Record
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ DUMP_BATCH = 32
 RECV_SIZE = 1 << 20  # larger than any datagram the kernel sends (dumps use up to 32 KiB)
 BATCH_BYTES = 200_000  # bytes of requests per send(); the send buffer must exceed it
 DEFAULT_RCVBUF = 8 << 20
-DEFAULT_EVENT_RCVBUF = 128 << 20  # about 130,000 events: each costs ~1 KiB of buffer (skb truesize)
-MAX_EVENT_RCVBUF = 256 << 20
 REPLY_TIMEOUT = 30.0  # seconds to wait for the kernel to answer a batch
 
 
@@ -81,16 +79,7 @@ class ExpectResult(NamedTuple):
     failed: list[Failure]
 
 
-class EventBatch(NamedTuple):
-    """Events read in one go. ``overrun`` means the kernel dropped events before these (ENOBUFS):
-    the reader's view of the table is incomplete and must be rebuilt from a dump."""
-
-    events: list[Event]
-    overrun: bool
-    buffers: tuple[bytes, ...] | list[bytes] = ()  # with EventSocket.raw: the receive buffers, undecoded
-
-
-def _open(rcvbuf: int, sndbuf: int | None = None) -> socket.socket:
+def open_socket(rcvbuf: int, sndbuf: int | None = None) -> socket.socket:
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ct.NETLINK_NETFILTER)
     except OSError as exc:
@@ -134,7 +123,7 @@ class KernelTable:
 
     def __init__(self, rcvbuf: int = DEFAULT_RCVBUF, batch_bytes: int = BATCH_BYTES) -> None:
         self.batch_bytes = batch_bytes
-        self.sock = _open(rcvbuf, sndbuf=max(4 * batch_bytes, 1 << 20))
+        self.sock = open_socket(rcvbuf, sndbuf=max(4 * batch_bytes, 1 << 20))
         self.sock.settimeout(REPLY_TIMEOUT)
         granted = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         if granted < rcvbuf:
@@ -365,7 +354,7 @@ class KernelTable:
         def requests() -> Iterator[tuple[int, bytes]]:
             for i, entry in enumerate(entries):
                 try:
-                    yield base + i, codec.new_request(entry, base + i, liberal=liberal, update=update,
+                    yield base + i, request.new_request(entry, base + i, liberal=liberal, update=update,
                                                       keep_status=keep_status)
                 except codec.CodecError as exc:
                     log.warning("cannot write a flow to the kernel: %s", exc)
@@ -453,11 +442,11 @@ class KernelTable:
 
     def release(self, keys: Iterable[bytes], seconds: int | None = None) -> KeyResult:
         """Entries a node kept from when it was master: TCP ones marked BE_LIBERAL, and with
-        ``seconds`` every one's timeout set to it (codec.release_request). Keys of other
+        ``seconds`` every one's timeout set to it (request.release_request). Keys of other
         protocols are left alone when no timeout is asked for."""
         if seconds is None:
             keys = [k for k in keys if _is_tcp(k)]
-        return self._by_key(keys, lambda key, seq: codec.release_request(key, seq, seconds))
+        return self._by_key(keys, lambda key, seq: request.release_request(key, seq, seconds))
 
     def _by_key(self, keys: Iterable[bytes], encode: Callable[[bytes, int], bytes]) -> KeyResult:
         todo = list(keys)
@@ -523,7 +512,7 @@ _SWITCH_INTERVAL = 0.0005
 
 def _is_tcp(key: bytes) -> bool:
     try:
-        return codec.key_protocol(key) == ct.IPPROTO_TCP
+        return request.key_protocol(key) == ct.IPPROTO_TCP
     except codec.CodecError:
         return True  # its request fails with EINVAL, counted with the others
 
@@ -549,116 +538,3 @@ def _with_ack(requests: list[bytes]) -> bytes:
     flags = int.from_bytes(data[last + 6:last + 8], "little") | ct.NLM_F_ACK
     data[last + 6:last + 8] = flags.to_bytes(2, "little")
     return bytes(data)
-
-
-class EventSocket:
-    """Subscription to the conntrack event groups of this network namespace.
-
-    Read either with ``read()`` (non-blocking, for callers with their own loop) or with
-    ``async for batch in sock.stream()``. A receive-buffer overrun (ENOBUFS) is reported as an
-    EventBatch with ``overrun=True``; the subscription continues.
-    """
-
-    GROUPS = (ct.NFNLGRP_CONNTRACK_NEW, ct.NFNLGRP_CONNTRACK_UPDATE, ct.NFNLGRP_CONNTRACK_DESTROY)
-    # expectations, read with expectation.decode_events (nothing changes an expectation in place
-    # that a peer needs: EXP_UPDATE is not joined)
-    EXPECT_GROUPS = (ct.NFNLGRP_CONNTRACK_EXP_NEW, ct.NFNLGRP_CONNTRACK_EXP_DESTROY)
-
-    def __init__(self, rcvbuf: int = DEFAULT_EVENT_RCVBUF, groups: Iterable[int] = GROUPS,
-                 max_rcvbuf: int = MAX_EVENT_RCVBUF,
-                 decode: Callable[[bytes, int], list[Event]] = codec.decode_events) -> None:
-        self.max_rcvbuf = max(max_rcvbuf, rcvbuf)
-        self.sock = _open(rcvbuf)
-        self.groups = tuple(groups)
-        for group in self.groups:
-            self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
-        self.sock.setblocking(False)
-        self.receiver = mmsg.Receiver(self.sock)
-        self.overruns = 0
-        # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
-        self.skip_portid = -1
-        self.raw = False  # read() hands out the receive buffers undecoded (ctbridge.sync.intake reads them)
-        self.decode = decode
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> EventSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def pause(self) -> None:
-        """Leave the event groups: a caller about to write many flows, and to dump the table
-        afterwards, does not need the echo of its writes (100,000 events after a failover,
-        read while the commit runs). Events queued before are still read."""
-        for group in self.groups:
-            self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_DROP_MEMBERSHIP, group)
-
-    def resume(self) -> None:
-        """Join the event groups again; what changed meanwhile must come from a dump."""
-        for group in self.groups:
-            self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
-
-    def read(self, limit: int = 256) -> EventBatch:
-        """What is queued now, up to ``limit`` receive buffers; never blocks.
-
-        After an overrun the queue is read to the end whatever the limit: the kernel reports a
-        netlink overrun (ENOBUFS) only once per congestion, and the congestion ends only when the
-        queue has been emptied (net/netlink/af_netlink.c, netlink_overrun/netlink_rcv_wake). A
-        reader that left events queued would not hear of the next loss. The buffer also doubles,
-        up to ``max_rcvbuf``, as conntrackd's does.
-        """
-        events: list[Event] = []
-        buffers: list[bytes] = []
-        overrun = False
-        n = 0
-        while n < limit or overrun:
-            try:
-                datagrams = self.receiver.receive()
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    overrun = True
-                    self.overruns += 1
-                    self._grow()
-                    continue
-                raise explain(exc.errno or 0, "reading conntrack events") from exc
-            if not datagrams:
-                break
-            n += len(datagrams)
-            if self.raw:
-                buffers += datagrams
-                continue
-            skip = self.skip_portid
-            decode = self.decode
-            for data in datagrams:
-                events.extend(decode(data, skip))
-        return EventBatch(events, overrun, buffers)
-
-    def _grow(self) -> None:
-        size = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
-        if size < self.max_rcvbuf:
-            new = min(self.max_rcvbuf, 2 * size)
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, new)
-            log.info("netlink event buffer grown to %d bytes after an overrun", new)
-
-    async def stream(self) -> AsyncIterator[EventBatch]:
-        """Batches of events as they arrive, forever (until the socket is closed)."""
-        import asyncio  # here: the CLI's listings start faster without it
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        loop.add_reader(self.sock.fileno(), ready.set)
-        try:
-            while True:
-                await ready.wait()
-                ready.clear()
-                batch = self.read()
-                if batch.events or batch.buffers or batch.overrun:
-                    yield batch
-        finally:
-            loop.remove_reader(self.sock.fileno())

@@ -28,9 +28,10 @@ from ctbridge.config.settings import Config
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.abi import CTA_TUPLE_ORIG
 from ctbridge.conntrack.codec import CodecError, Entry, EventKind, attr
+from ctbridge.conntrack.eventsocket import EventSocket
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.listing import Listing, format_line
-from ctbridge.conntrack.table import EventSocket, KernelError, KernelTable
+from ctbridge.conntrack.table import KernelError, KernelTable
 from ctbridge.conntrack.view import entry_view
 from ctbridge.daemon import conntrackd, control, failover, gate, journal, keepalived, metrics
 from ctbridge.daemon.synclink import SyncLinks

@@ -3,7 +3,7 @@
 The general path (codec.decode_events -> Entry -> FlowFilter.accepts -> codec.strip_local ->
 wire.flow_msg) costs about 10 us per event in CPython: a burst of 100,000 new flows kept the
 active node's daemon busy for a second after the kernel had them all. Events of one burst share
-their layout (the same attributes at the same offsets), so, as codec.new_request and the
+their layout (the same attributes at the same offsets), so, as request.new_request and the
 listings do, a plan is learnt once per layout: where the key, the filter's facts and the
 attributes worth replicating lie. An event is then one struct read that checks every attribute
 header the plan relies on, and a few slices.
@@ -107,7 +107,7 @@ def _learn(buf: bytes) -> _Plan | None:
     for t, s, e in top:
         head(s)
         nxt = s - 4 + codec.align(e - s + 4)
-        if t in codec._NOT_SETTABLE:
+        if t in codec.NOT_SETTABLE:
             continue
         if t == ct.CTA_SYNPROXY and nxt - (s - 4) == len(codec._ZERO_SYNPROXY):
             synproxy = s - 4

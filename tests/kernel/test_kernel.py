@@ -13,7 +13,8 @@ import pytest
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import EventKind
-from ctbridge.conntrack.table import EventSocket, KernelTable
+from ctbridge.conntrack.eventsocket import EventSocket
+from ctbridge.conntrack.table import KernelTable
 from ctbridge.conntrack.view import entry_view
 from ctbridge.lab import netns
 from tests.support import builders, witness

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import codec, request
 from ctbridge.conntrack.codec import CodecError, Entry
 from ctbridge.conntrack.view import entry_view
 from tests.support import FIXTURES, builders
@@ -46,7 +46,7 @@ def test_view_shows_the_fields(item: tuple[Entry, dict]) -> None:
 @given(entries(), st.booleans(), st.booleans())
 def test_new_request_keeps_what_the_kernel_takes(item: tuple[Entry, dict], liberal: bool, update: bool) -> None:
     entry, f = item
-    req = codec.new_request(entry, 42, liberal=liberal, update=update)
+    req = request.new_request(entry, 42, liberal=liberal, update=update)
     length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", req)
     assert (length, mtype, seq) == (len(req), ct.MSG_CT_NEW, 42)
     # create: only if missing (EXCL); update: only if present (no CREATE, so a vanished entry
@@ -86,21 +86,21 @@ def test_new_request_keeps_what_the_kernel_takes(item: tuple[Entry, dict], liber
 @given(entries(), st.booleans(), st.booleans())
 def test_fast_and_general_encoding_agree(item: tuple[Entry, dict], liberal: bool, update: bool) -> None:
     entry, _ = item
-    general = codec._general_request(entry, 5, liberal, update, True)
-    fast = codec.new_request(entry, 5, liberal=liberal, update=update)
+    general = request._general_request(entry, 5, liberal, update, True)
+    fast = request.new_request(entry, 5, liberal=liberal, update=update)
     assert fast == general
 
 
 def test_fast_path_rejects_a_changed_layout() -> None:
     a, b = builders.tcp_flows(2)
-    codec.new_request(a, 1)  # learns the layout
+    request.new_request(a, 1)  # learns the layout
     # same length and start, but the MARK attribute retyped as an unknown one: must not be misread
     attrs = bytearray(b.attrs)
     mark_at = len(attrs) - 8
     attrs[mark_at + 2:mark_at + 4] = (200).to_bytes(2, "little")
     odd = Entry(b.key, b.family, bytes(attrs))
-    assert codec.attr_map(codec.new_request(odd, 1), 20) == codec.attr_map(
-        codec._general_request(odd, 1, True, False, True), 20)
+    assert codec.attr_map(request.new_request(odd, 1), 20) == codec.attr_map(
+        request._general_request(odd, 1, True, False, True), 20)
 
 
 def test_key_round_trip() -> None:
@@ -152,7 +152,7 @@ def test_decoders_raise_only_codec_errors_on_damaged_kernel_messages() -> None:
         try:
             for entry in codec.decode_dump(data).entries + [e.entry for e in codec.decode_events(data)]:
                 entry_view(entry)
-                codec.new_request(entry, 1)
+                request.new_request(entry, 1)
                 viewed += 1
         except CodecError:
             pass
@@ -172,7 +172,7 @@ def test_a_late_reply_to_another_request_neither_ends_nor_joins_a_dump() -> None
 
 
 def _tcp_info(entry: Entry) -> dict[int, bytes]:
-    body = codec.attr_map(codec.new_request(entry, 1), 20)
+    body = codec.attr_map(request.new_request(entry, 1), 20)
     return codec.attr_map(codec.attr_map(body[ct.CTA_PROTOINFO])[ct.CTA_PROTOINFO_TCP])
 
 
@@ -209,8 +209,8 @@ def test_views_and_requests_of_odd_entries_raise_only_codec_errors(items: list[t
     try:
         entry = codec.entry_from_attrs(family, attrs)
         entry_view(entry)
-        codec.new_request(entry, 1)
-        codec.new_request(entry, 1, update=True)
+        request.new_request(entry, 1)
+        request.new_request(entry, 1, update=True)
     except CodecError:
         pass
 
@@ -235,12 +235,12 @@ def test_strip_local_removes_only_instance_attributes(item: tuple[Entry, dict], 
         stripped = codec.strip_local(stripped)
     before, after = codec.attr_map(full.attrs), codec.attr_map(stripped.attrs)
     # instance attributes and an all-zero SYNPROXY go, everything else stays as it was
-    assert set(before) - set(after) == {t for t in before if t in codec._NOT_SETTABLE} | {ct.CTA_SYNPROXY}
+    assert set(before) - set(after) == {t for t in before if t in codec.NOT_SETTABLE} | {ct.CTA_SYNPROXY}
     assert all(after[t] == before[t] for t in after)
     assert stripped.key == full.key
-    synproxy = codec.attr_map(codec.new_request(full, 1), 20).pop(ct.CTA_SYNPROXY)
+    synproxy = codec.attr_map(request.new_request(full, 1), 20).pop(ct.CTA_SYNPROXY)
     assert synproxy == codec._ZERO_SYNPROXY[4:]
-    assert codec.new_request(stripped, 1) == codec.new_request(
+    assert request.new_request(stripped, 1) == request.new_request(
         Entry(full.key, full.family, entry.attrs + extra.replace(codec._ZERO_SYNPROXY, b"")), 1)
 
 
@@ -259,7 +259,7 @@ def test_a_flow_whose_key_and_cta_zone_disagree_is_not_written() -> None:
         for update in (False, True):
             for _ in range(2):  # the second time through the layout learnt the first time
                 with pytest.raises(codec.CodecError, match="zone"):
-                    codec.new_request(forged, 1, update=update)
+                    request.new_request(forged, 1, update=update)
             with pytest.raises(codec.CodecError, match="zone"):
-                codec.new_request(forged, 1, update=update, keep_status=False)  # the general path
-        assert codec.new_request(e, 1)  # the entry as the kernel had it is fine
+                request.new_request(forged, 1, update=update, keep_status=False)  # the general path
+        assert request.new_request(e, 1)  # the entry as the kernel had it is fine

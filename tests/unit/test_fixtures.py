@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import codec, request
 from ctbridge.conntrack.codec import EventKind
 from ctbridge.conntrack.view import entry_view
 from tests.support import FIXTURES, witness
@@ -53,7 +53,7 @@ def test_nat_entry_request_carries_nat_ranges() -> None:
            if "DST_NAT" in entry_view(e)["status"]]
     assert nat, "the fixtures should hold a source- and destination-NATed flow"
     entry = nat[0]
-    req = codec.new_request(entry, 7)
+    req = request.new_request(entry, 7)
     body = codec.attr_map(req, 20)
     assert ct.CTA_NAT_SRC in body and ct.CTA_NAT_DST in body
     reply = codec.Entry(b"\x02\x00\x00", 2, codec.attr(ct.CTA_TUPLE_ORIG, body[ct.CTA_TUPLE_REPLY], nested=True))
@@ -63,5 +63,5 @@ def test_nat_entry_request_carries_nat_ranges() -> None:
     assert (plain["src"], plain["dst"], plain["sport"], plain["dport"]) == (
         view["dst"], view["src"], view["dport"], view["sport"])
     # updates never carry NAT (the kernel refuses NAT changes on existing entries)
-    upd = codec.attr_map(codec.new_request(entry, 8, update=True), 20)
+    upd = codec.attr_map(request.new_request(entry, 8, update=True), 20)
     assert ct.CTA_NAT_SRC not in upd and ct.CTA_NAT_DST not in upd

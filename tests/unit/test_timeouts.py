@@ -6,7 +6,7 @@ stops coming (expiry_margin), and a commit gives each flow what is left of it.""
 from __future__ import annotations
 
 from ctbridge.conntrack import abi as ct
-from ctbridge.conntrack import codec
+from ctbridge.conntrack import codec, request
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig
@@ -104,9 +104,9 @@ def test_a_commit_gives_each_flow_what_is_left_of_it() -> None:
     assert codec.timeout_of(records[flow(2).key].attrs) == 1  # past it: 1 s (the next expiry pass drops it)
     # the request the codec writes from the record (its fast path) says the same
     for r, seconds in ((records[flow(1).key], 100), (records[flow(2).key], 1)):
-        request = codec.new_request(r, 1)
-        assert codec.timeout_of(request, 20) == seconds
-        assert request == codec.new_request(codec.Entry(r.key, r.family, r.attrs), 1)
+        written = request.new_request(r, 1)
+        assert codec.timeout_of(written, 20) == seconds
+        assert written == request.new_request(codec.Entry(r.key, r.family, r.attrs), 1)
     raw = {e.key: e for e in b.external_entries()}  # as they came
     assert codec.timeout_of(raw[flow(1).key].attrs) == 120
 
@@ -191,7 +191,7 @@ def test_a_timeout_near_the_top_of_its_u32_does_not_stop_a_commit() -> None:
     entry = flow(1, timeout=0xFFFFFFF0)
     msg = wire.flow_msg(1, entry)
     record = codec.Record(entry.key, entry.family, msg, wire.FLOW_HEADER, 3600.0)
-    assert codec.timeout_of(codec.new_request(record, 1), 20) == 0xFFFFFFFF
+    assert codec.timeout_of(request.new_request(record, 1), 20) == 0xFFFFFFFF
     assert codec.timeout_of(record.attrs) == 0xFFFFFFFF
 
 
