@@ -32,8 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctbridge.lab import Firewall, Lab, Options, lab, wait_for
-from ctbridge.lab.network import SYNC_PORT, Process
+from ctbridge.lab.process import Process
 from ctbridge.lab.scenario import FAILOVERS, Switch, switch
+from ctbridge.lab.topology import SYNC_PORT
 
 CONNTRACKD_CONF = """# conntrackd.conf for {name} in the lab (bench/lab.py); see conntrackd.conf(5)
 Sync {{
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench/lab.py needs {tool} (make deps installs it)", file=sys.stderr)
             return 1
-    from ctbridge.lab.network import CtbridgeReplicator
+    from ctbridge.lab.firewall import CtbridgeReplicator
     options = Options(apply_mode=args.mode, tcp=args.tcp, udp=args.udp)
     print(f"ctbridge ({args.mode} mode):", flush=True)
     ours = run(CtbridgeReplicator(options), options)

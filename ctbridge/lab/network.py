@@ -12,6 +12,8 @@ another port. Their keepalived.conf and ctbridge.toml are rendered from one clus
 `ctbridge render`'s code.
 
 Everything (processes, namespaces, files) is removed on the way out, after an error or Ctrl-C too.
+The plan (addresses, rulesets, Options) is ctbridge.lab.topology's; a firewall and its replicator
+are ctbridge.lab.firewall's; processes and bounded waits ctbridge.lab.process's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,361 +32,32 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ctbridge.config import cluster as cluster_mod
-from ctbridge.config import keyfile, render, resources
-from ctbridge.daemon import control
-from ctbridge.daemon.conntrackd import cache_sizes
+from ctbridge.config import keyfile, render
 from ctbridge.lab import netns
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-HOOK = resources.hook_path()
-
-LAN = "192.0.2"
-WAN = "203.0.113"
-CLIENT = f"{LAN}.100"
-SERVER = f"{WAN}.100"
-LAN_VIP = f"{LAN}.1"
-WAN_VIP = f"{WAN}.1"
-# IPv6 (Options.ipv6): the same plan in 2001:db8::/32, NAT66 to the WAN VIP
-LAN6 = "2001:db8:1::"
-WAN6 = "2001:db8:2::"
-CLIENT6 = f"{LAN6}100"
-SERVER6 = f"{WAN6}100"
-LAN_VIP6 = f"{LAN6}1"
-WAN_VIP6 = f"{WAN6}1"
-SYNC_PORT = 3780
-SYNC_GROUP = "239.255.37.80"  # Options.multicast: as examples/three-nodes-multicast.toml
-
-# The firewall's own ruleset: what an operator of a stateful NAT firewall would run.
-FIREWALL_RULES = f"""
-table inet lab
-delete table inet lab
-table inet lab {{
-    counter dropped {{ }}
-    counter dropped_input {{ }}
-    counter dropped_input6 {{ }}
-
-    chain forward {{
-        type filter hook forward priority filter; policy drop;
-        ct state established,related accept
-        iifname "lan0" oifname "wan0" tcp flags & (fin | syn | rst | ack) == syn ct state new accept
-        iifname "lan0" oifname "wan0" meta l4proto udp ct state new accept
-        counter name "dropped" drop
-    }}
-
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        ct state established,related accept
-        iifname "wan0" ip protocol != vrrp counter name "dropped_input" drop
-        iifname "wan0" meta nfproto ipv6 meta l4proto != {{ icmpv6, vrrp }} counter name "dropped_input6" drop
-    }}
-
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "wan0" ip saddr {LAN}.0/24 snat ip to {WAN_VIP} fully-random
-        oifname "wan0" ip6 saddr {LAN6}/64 snat ip6 to {WAN_VIP6} fully-random
-    }}
-}}
-"""
-# Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
-# passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
-# through a strict firewall. A table of its own, before the lab's forward chain.
-FTP_PORTS = (30000, 30099)
-FTP_RULES = f"""
-table inet lab_ftp
-delete table inet lab_ftp
-table inet lab_ftp {{{{
-    ct helper ftp-standard {{{{ type "ftp" protocol tcp; }}}}
-    counter refused {{{{ }}}}
-
-    chain prerouting {{{{
-        type filter hook prerouting priority filter; policy accept;
-        iifname "lan0" tcp dport 21 ct helper set "ftp-standard"
-    }}}}
-
-    chain forward {{{{
-        type filter hook forward priority filter - 1; policy accept;
-        iifname "lan0" tcp dport {FTP_PORTS[0]}-{FTP_PORTS[1]} ct state new counter name "refused" drop
-    }}}}
-}}}}
-"""
-FTP_FILE = 256 << 10  # bytes of the file the FTP tests retrieve
-
-# 'numgen random' drops: this kernel has no netem. A table of its own, added and removed by lossy().
-LOSS_RULES = """
-table inet lab_loss {{
-    chain input {{
-        type filter hook input priority raw; policy accept;
-        iifname "sync0" udp dport {port} numgen random mod 100 < {percent} counter drop
-    }}
-}}
-"""
-
-
-class Replicator(Protocol):
-    """What runs on each firewall to keep the standby's conntrack table: ctbridge or conntrackd."""
-
-    name: str
-    interlock: bool
-
-    def prepare(self, fw: Firewall, lab: Lab) -> None: ...
-
-    def start(self, fw: Firewall) -> None: ...
-
-    def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None: ...
-
-    def replicated(self, fw: Firewall) -> int | None:
-        """How many peer flows ``fw`` holds, ready for a takeover."""
-
-    def master_seconds(self, fw: Firewall, since: float) -> float | None:
-        """From keepalived's MASTER notification (after wall time ``since``) to the flows committed,
-        where the replicator itself knows it (notify_fifo); None: the notify hook's duration says."""
-
-
-@dataclass
-class Options:
-    apply_mode: str = "commit"
-    notify: str = "fifo"  # keepalived -> ctbridge through notify_fifo (ordered), or "hook"
-    tcp: int = 200
-    udp: int = 20
-    event_buffer: int = 0  # bytes for the firewalls' kernel event socket (0: ctbridge's default)
-    advert_int: float = 1.0
-    verbose: bool = False
-    gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
-    sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
-    apply: tuple[str, ...] = ()  # ... and to its [apply] section
-    ipv6: bool = False  # IPv6 too: VIPs of their own (VRRP 3), NAT66, every other flow over IPv6
-    ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
-    # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
-    ftp: bool = False  # an FTP server behind the pair, the FTP helper on the firewalls (FTP_RULES)
-    firewalls: int = 2  # how many firewalls (three: the three-node example's cluster)
-    multicast: bool = False  # sync and VRRP adverts over multicast (SYNC_GROUP), the sync link a bridge
-    backend: str = "ctbridge"  # "conntrackd": each firewall's ctbridge drives a conntrackd (apply.backend)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, step: float = 0.1) -> Any:
-    """Poll check() until it returns something true (bounded in time); that value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(control.ControlError, OSError):
-            last = check()
-            if last:
-                return last
-        time.sleep(step)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-class Process:
-    """A command in a namespace, in its own session (so Ctrl-C in a terminal reaches only us), whose
-    output goes to a log file; stop() ends its whole process group."""
-
-    def __init__(self, name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 stdout_pipe: bool = False) -> None:
-        self.name = name
-        self.log = log
-        self.logf = open(log, "ab")
-        try:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE if stdout_pipe else self.logf, stderr=self.logf,
-                                         start_new_session=True, env={**os.environ, **(env or {})}, cwd=ROOT)
-        except BaseException:
-            self.logf.close()
-            raise
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
-        # children left in the group (keepalived's VRRP process, a hook) go too
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self.logf.close()
-        return self.proc.returncode
-
-
-class Firewall:
-    def __init__(self, lab: Lab, index: int) -> None:
-        self.lab = lab
-        self.index = index
-        self.name = f"fw{index}"
-        self.ns = ""
-        self.dir = lab.dir / self.name
-        self.run_dir = self.dir / "run"
-        self.lan = f"{LAN}.{1 + index}"
-        self.wan = f"{WAN}.{1 + index}"
-        self.lan6 = f"{LAN6}{1 + index}"
-        self.wan6 = f"{WAN6}{1 + index}"
-        self.sync = f"198.51.100.{index}"
-        self.keepalived: Process | None = None
-        self.daemon: Process | None = None
-        self.conntrackd: Process | None = None  # Options.backend = "conntrackd"
-
-    # --- processes --------------------------------------------------------------------------------
-
-    def start_keepalived(self) -> None:
-        self.keepalived = Process(f"{self.name} keepalived", self.ns, [
-            "keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp", "--no-syslog",
-            "-f", str(self.dir / "keepalived.conf"), "-p", str(self.run_dir / "keepalived.pid"),
-            "-r", str(self.run_dir / "vrrp.pid")], self.dir / "keepalived.log")
-
-    def stop_keepalived(self, sig: int = signal.SIGTERM) -> None:
-        if self.keepalived is not None:
-            self.keepalived.stop(sig)
-            self.keepalived = None
-
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return netns.run(self.ns, *argv, check=check)
-
-    def link(self, name: str, up: bool) -> None:
-        self.run("ip", "link", "set", name, "up" if up else "down")
-
-    # --- state --------------------------------------------------------------------------------------
-
-    def has_vips(self) -> bool:
-        out = self.run("ip", "-o", "addr", "show", check=False).stdout
-        held = f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out
-        if self.lab.options.ipv6:
-            return held and f" {LAN_VIP6}/" in out and f" {WAN_VIP6}/" in out
-        return held
-
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
-
-    def dropped(self) -> int:
-        """Forwarded packets this firewall dropped: its ruleset's counter plus ctbridge's commit gate."""
-        return sum(self.drops().values())
-
-    def drops(self) -> dict[str, int]:
-        """Forwarded packets dropped, by whom: the strict ruleset ("policy": a packet of a flow it
-        does not know) and ctbridge's commit gate ("gate": a new flow before the commit)."""
-        out = {"policy": 0, "gate": 0}
-        for item in json.loads(self.run("nft", "-j", "list", "ruleset").stdout)["nftables"]:
-            if "counter" in item and item["counter"].get("name", "").startswith("dropped"):
-                out["policy"] += int(item["counter"]["packets"])
-                out[item["counter"]["name"]] = int(item["counter"]["packets"])
-            rule = item.get("rule")
-            if rule and rule["table"] == "ctbridge_gate":
-                out["gate"] += sum(int(e["counter"]["packets"]) for e in rule["expr"] if "counter" in e)
-        return out
-
-    def ftp_refused(self) -> int:
-        """New connections to the FTP data ports this firewall dropped (FTP_RULES): the ones no
-        expectation made RELATED."""
-        out = self.run("nft", "-j", "list", "counter", "inet", "lab_ftp", "refused").stdout
-        return sum(int(item["counter"]["packets"]) for item in json.loads(out)["nftables"] if "counter" in item)
-
-    def conntrackd_caches(self) -> dict[str, int] | None:
-        """The cache sizes this firewall's conntrackd reports (`conntrackd -s`); None if it does not answer."""
-        out = self.run("conntrackd", "-C", str(self.dir / "conntrackd.conf"), "-s", check=False)
-        return cache_sizes(out.stdout) if out.returncode == 0 else None
-
-    def maintenance(self, on: bool) -> None:
-        """The rendered keepalived.conf's maintenance track file: 1 drains this firewall."""
-        path = self.run_dir / "maintenance"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("1\n" if on else "0\n")
-        tmp.replace(path)
-
-    def lab_flows(self) -> dict[str, int]:
-        """The client's flows in this kernel (conntrack CLI as the witness): TCP ones established."""
-        out = {}
-        servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if self.lab.options.ipv6 else [])
-        for proto, port in (("tcp", "5001"), ("udp", "5002")):
-            lines = []
-            for family, server in servers:
-                res = self.run("conntrack", "-L", "-f", family, "-p", proto, "--orig-dst", server, "--dport", port,
-                               check=False)
-                lines += [line for line in res.stdout.splitlines() if line.strip()]
-            if proto == "tcp":
-                lines = [line for line in lines if " ESTABLISHED " in line]
-            out[proto] = len(lines)
-        return out
-
-    def hook_times(self) -> list[dict[str, Any]]:
-        """What the notify wrapper logged: state, start and end of each hook run."""
-        path = self.dir / "notify.times"
-        records = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 4:
-                    records.append({"state": parts[0], "start": float(parts[1]), "end": float(parts[2]),
-                                    "rc": int(parts[3])})
-        return records
-
-
-class CtbridgeReplicator:
-    name = "ctbridge"
-    interlock = True
-
-    def __init__(self, options: Options) -> None:
-        self.options = options
-
-    def prepare(self, fw: Firewall, lab: Lab) -> None:
-        cfg = fw.dir / "ctbridge.toml"
-        if self.options.event_buffer:
-            text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
-            cfg.write_text(text)
-        for section, lines in (("sync", self.options.sync), ("apply", self.options.apply)):
-            if lines:
-                head = f"[{section}]\n"
-                cfg.write_text(cfg.read_text().replace(head, head + "".join(f"{line}\n" for line in lines), 1))
-        lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
-
-    def start(self, fw: Firewall) -> None:
-        if self.options.backend == "conntrackd":  # the replicator first: ctbridge asks it at start
-            conf = str(fw.dir / "conntrackd.conf")
-            fw.conntrackd = Process(f"{fw.name} conntrackd", fw.ns, ["conntrackd", "-C", conf],
-                                    fw.dir / "conntrackd.console")
-            wait_for(f"{fw.name}'s conntrackd to answer", lambda: fw.conntrackd_caches() is not None, timeout=30)
-        command = list(self.options.ctbridge) or [sys.executable, "-m", "ctbridge"]
-        env = {"PYTHONPATH": str(ROOT)} if not self.options.ctbridge else {
-            "PYTHONPATH": "", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # nothing of this tree or venv
-        fw.daemon = Process(f"{fw.name} ctbridge", fw.ns, [*command, "run", "-c", str(fw.dir / "ctbridge.toml")],
-                            fw.dir / "ctbridge.log", env=env)
-        wait_for(f"{fw.name}'s ctbridge to answer", lambda: fw.request("status"), timeout=30)
-
-    def stop(self, fw: Firewall, sig: int = signal.SIGTERM) -> None:
-        if fw.daemon is not None:
-            fw.daemon.stop(sig)
-            fw.daemon = None
-        if fw.conntrackd is not None:
-            fw.conntrackd.stop(sig)
-            fw.conntrackd = None
-
-    def replicated(self, fw: Firewall) -> int | None:
-        if fw.daemon is None:
-            return None
-        if self.options.backend == "conntrackd":
-            caches = fw.conntrackd_caches()
-            return caches.get("external") if caches else None
-        return int(fw.request("status")["external"]["entries"])
-
-    def master_seconds(self, fw: Firewall, since: float) -> float | None:
-        if self.options.notify != "fifo" or fw.daemon is None:
-            return None
-        # the daemon reads keepalived's FIFO line as it is written: its transition record runs from
-        # that line to the end of the commit
-        for record in reversed(fw.request("stats")["transitions"]):
-            if record["state"] == "MASTER" and record["at"] >= since and not record.get("noop"):
-                return float(record.get("committed_after", record["seconds"]))
-        return None
+from ctbridge.lab.firewall import CtbridgeReplicator, Firewall, Replicator
+from ctbridge.lab.process import Process, wait_for
+from ctbridge.lab.topology import (
+    CLIENT,
+    CLIENT6,
+    FIREWALL_RULES,
+    FTP_FILE,
+    FTP_PORTS,
+    FTP_RULES,
+    LAN_VIP,
+    LAN_VIP6,
+    LOSS_RULES,
+    ROOT,
+    SERVER,
+    SERVER6,
+    SYNC_GROUP,
+    SYNC_PORT,
+    WAN_VIP,
+    WAN_VIP6,
+    Options,
+)
 
 
 @dataclass

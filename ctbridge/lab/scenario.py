@@ -8,7 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctbridge.lab.network import LAN_VIP, LAN_VIP6, WAN_VIP, WAN_VIP6, Firewall, Lab
+from ctbridge.lab.firewall import Firewall
+from ctbridge.lab.network import Lab
+from ctbridge.lab.topology import LAN_VIP, LAN_VIP6, WAN_VIP, WAN_VIP6
 
 
 @dataclass

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctbridge.lab import netns
-from ctbridge.lab.network import SERVER, SERVER6, Firewall, Lab, wait_for
+from ctbridge.lab.firewall import Firewall
+from ctbridge.lab.network import Lab
+from ctbridge.lab.process import wait_for
 from ctbridge.lab.scenario import Switch, switch
+from ctbridge.lab.topology import SERVER, SERVER6
 
 # (event, on firewall index, who is master after it): ten in a row, every kind, each failover
 # followed by the way back; a daemon killed or restarted must move nothing

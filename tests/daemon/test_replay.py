@@ -25,7 +25,7 @@ from ctbridge.config import settings as config_mod
 from ctbridge.conntrack.table import KernelTable
 from ctbridge.conntrack.view import entry_view
 from ctbridge.lab import netns
-from ctbridge.lab.network import wait_for
+from ctbridge.lab.process import wait_for
 from ctbridge.sync import wire
 from tests.support import builders, witness
 from tests.support.daemonlab import Node, cluster

@@ -12,7 +12,7 @@ import pytest
 
 from ctbridge.daemon.control import ControlError
 from ctbridge.lab import Lab, Options, lab, wait_for
-from ctbridge.lab.network import Firewall
+from ctbridge.lab.firewall import Firewall
 from ctbridge.lab.scenario import switch
 from tests.conftest import require
 

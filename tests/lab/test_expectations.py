@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from ctbridge.lab import Lab, Options, lab, wait_for
-from ctbridge.lab.network import FTP_FILE, Firewall
+from ctbridge.lab.firewall import Firewall
 from ctbridge.lab.scenario import switch
+from ctbridge.lab.topology import FTP_FILE
 from tests.conftest import require
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]

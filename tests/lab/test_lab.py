@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ctbridge.lab import Lab, Options, lab, wait_for
-from ctbridge.lab.network import Firewall
+from ctbridge.lab.firewall import Firewall
 from ctbridge.lab.scenario import Switch, switch
 from tests.conftest import require
 from tests.support import ROOT

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from ctbridge.lab import Options, lab, wait_for
-from ctbridge.lab.network import Firewall
+from ctbridge.lab.firewall import Firewall
 from ctbridge.lab.scenario import Switch, switch
 from tests.conftest import require
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ctbridge.daemon import control
 from ctbridge.lab import netns
-from ctbridge.lab.network import wait_for
+from ctbridge.lab.process import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,117 @@
+"""The lab's plan: its addresses (documentation ranges only), ports, the firewalls' nftables
+rulesets, and Options, what a test or bench asks of a lab (ctbridge.lab.network builds it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctbridge.config import resources
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+HOOK = resources.hook_path()
+LAN = "192.0.2"
+WAN = "203.0.113"
+CLIENT = f"{LAN}.100"
+SERVER = f"{WAN}.100"
+LAN_VIP = f"{LAN}.1"
+WAN_VIP = f"{WAN}.1"
+
+# IPv6 (Options.ipv6): the same plan in 2001:db8::/32, NAT66 to the WAN VIP
+LAN6 = "2001:db8:1::"
+WAN6 = "2001:db8:2::"
+CLIENT6 = f"{LAN6}100"
+SERVER6 = f"{WAN6}100"
+LAN_VIP6 = f"{LAN6}1"
+WAN_VIP6 = f"{WAN6}1"
+SYNC_PORT = 3780
+SYNC_GROUP = "239.255.37.80"  # Options.multicast: as examples/three-nodes-multicast.toml
+
+# The firewall's own ruleset: what an operator of a stateful NAT firewall would run.
+FIREWALL_RULES = f"""
+table inet lab
+delete table inet lab
+table inet lab {{
+    counter dropped {{ }}
+    counter dropped_input {{ }}
+    counter dropped_input6 {{ }}
+
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" tcp flags & (fin | syn | rst | ack) == syn ct state new accept
+        iifname "lan0" oifname "wan0" meta l4proto udp ct state new accept
+        counter name "dropped" drop
+    }}
+
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ct state established,related accept
+        iifname "wan0" ip protocol != vrrp counter name "dropped_input" drop
+        iifname "wan0" meta nfproto ipv6 meta l4proto != {{ icmpv6, vrrp }} counter name "dropped_input6" drop
+    }}
+
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" ip saddr {LAN}.0/24 snat ip to {WAN_VIP} fully-random
+        oifname "wan0" ip6 saddr {LAN6}/64 snat ip6 to {WAN_VIP6} fully-random
+    }}
+}}
+"""
+
+# Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
+# passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
+# through a strict firewall. A table of its own, before the lab's forward chain.
+FTP_PORTS = (30000, 30099)
+
+FTP_RULES = f"""
+table inet lab_ftp
+delete table inet lab_ftp
+table inet lab_ftp {{{{
+    ct helper ftp-standard {{{{ type "ftp" protocol tcp; }}}}
+    counter refused {{{{ }}}}
+
+    chain prerouting {{{{
+        type filter hook prerouting priority filter; policy accept;
+        iifname "lan0" tcp dport 21 ct helper set "ftp-standard"
+    }}}}
+
+    chain forward {{{{
+        type filter hook forward priority filter - 1; policy accept;
+        iifname "lan0" tcp dport {FTP_PORTS[0]}-{FTP_PORTS[1]} ct state new counter name "refused" drop
+    }}}}
+}}}}
+"""
+FTP_FILE = 256 << 10  # bytes of the file the FTP tests retrieve
+
+# 'numgen random' drops: this kernel has no netem. A table of its own, added and removed by lossy().
+LOSS_RULES = """
+table inet lab_loss {{
+    chain input {{
+        type filter hook input priority raw; policy accept;
+        iifname "sync0" udp dport {port} numgen random mod 100 < {percent} counter drop
+    }}
+}}
+"""
+
+
+@dataclass
+class Options:
+    apply_mode: str = "commit"
+    notify: str = "fifo"  # keepalived -> ctbridge through notify_fifo (ordered), or "hook"
+    tcp: int = 200
+    udp: int = 20
+    event_buffer: int = 0  # bytes for the firewalls' kernel event socket (0: ctbridge's default)
+    advert_int: float = 1.0
+    verbose: bool = False
+    gate: bool = True  # commit mode: ctbridge's commit gate (the control experiment turns it off)
+    sync: tuple[str, ...] = ()  # lines added to each ctbridge.toml's [sync] section ("key = value")
+    apply: tuple[str, ...] = ()  # ... and to its [apply] section
+    ipv6: bool = False  # IPv6 too: VIPs of their own (VRRP 3), NAT66, every other flow over IPv6
+    ctbridge: tuple[str, ...] = ()  # the command that runs ctbridge (default: this tree's, with this Python);
+    # ("/usr/bin/ctbridge",): the installed package's, with Debian's Python and its libraries
+    ftp: bool = False  # an FTP server behind the pair, the FTP helper on the firewalls (FTP_RULES)
+    firewalls: int = 2  # how many firewalls (three: the three-node example's cluster)
+    multicast: bool = False  # sync and VRRP adverts over multicast (SYNC_GROUP), the sync link a bridge
+    backend: str = "ctbridge"  # "conntrackd": each firewall's ctbridge drives a conntrackd (apply.backend)
