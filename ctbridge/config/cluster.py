@@ -293,6 +293,11 @@ def load(path: str) -> Cluster:
 
 def verify(c: Cluster) -> list[str]:
     """Every reason the cluster cannot work, each naming the object and the fix; [] when it can."""
+    return _verify_cluster(c) + _verify_sync(c) + _verify_links(c) + _verify_instances(c)
+
+
+def _verify_cluster(c: Cluster) -> list[str]:
+    """The [cluster] table's own keys: priorities for the interlock, modes, ports, the backend."""
     p: list[str] = []
     if c.interlock and c.nodes and min(n.priority for n in c.nodes) < 2:
         p.append(f"cluster {c.name!r}: with the interlock, every priority must be at least 2 (a demoted node "
@@ -320,6 +325,12 @@ def verify(c: Cluster) -> list[str]:
         if any(n.sync_links for n in c.nodes):
             p.append(f"cluster {c.name!r}: backend = \"conntrackd\" renders the first sync link only; remove the "
                      "redundant ones (sync_links) or use backend = \"ctbridge\"")
+    return p
+
+
+def _verify_sync(c: Cluster) -> list[str]:
+    """Node names, and the sync link: an address on it for every node, one family, unicast xor multicast."""
+    p: list[str] = []
     names = [n.name for n in c.nodes]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"node {name!r}: the name is used twice; node names must be unique (they become node ids)")
@@ -355,8 +366,12 @@ def verify(c: Cluster) -> list[str]:
                 p.append(f"node {n.name!r}: sync address {link.address.ip} is also "
                          + ("on another of its sync links" if other == n.name else f"node {other!r}'s"))
             seen_sync[link.address.ip] = n.name
-    p += _verify_links(c)
-    # VRRP instances
+    return p
+
+
+def _verify_instances(c: Cluster) -> list[str]:
+    """The VRRP instances: names, VIPs of one family inside each node's subnet, ids unique per link."""
+    p: list[str] = []
     vrids: dict[tuple[str, str, int, int], str] = {}
     inames = [i.name for i in c.instances]
     for name in sorted({n for n in inames if inames.count(n) > 1}):

@@ -432,6 +432,13 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
         def fail(section: str, name: str | None, message: str) -> None:
             if not any(key in message for key in invalid):
                 given(section, name, message)
+    _check_addresses(cfg, fail)
+    _check_links(cfg, fail)
+    _check_values(cfg, fail, invalid)
+
+
+def _check_addresses(cfg: Config, fail: typing.Callable[[str, str | None, str], None]) -> None:
+    """The node's name and its addresses on the sync link: local, unicast peers or a multicast group."""
     sync = cfg.sync
     if not cfg.node.name:
         fail("node", "name", "node.name is missing; give every node a unique name, e.g. name = \"fw1\"")
@@ -465,7 +472,11 @@ def _check(cfg: Config, fail: typing.Callable[[str, str | None, str], None], inv
             fail("sync", "group", f"sync.group = {sync.group!r} is not an IP address")
         if not sync.interface:
             fail("sync", "interface", "multicast needs sync.interface, the sync link's interface name")
-    _check_links(cfg, fail)
+
+
+def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], None], invalid: set[str]) -> None:
+    """Ports, sizes, intervals, filters, the backend, the VIPs, the metrics endpoint."""
+    sync = cfg.sync
     if not 1 <= sync.port <= 65535:
         fail("sync", "port", f"sync.port = {sync.port} is not a UDP port (1-65535)")
     if sync.mtu < 576:
