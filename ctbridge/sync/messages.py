@@ -74,8 +74,8 @@ class Codec:
     # True for the types decode_body reads inline (FLOW, EXPECT, DELETE); their ``decode`` reads
     # one message through decode_body, so the rules of those types are written once
     INLINE: ClassVar[bool] = False
-    # the encoder: its arguments are the fields of the decoded message, in order (a message too
-    # large for one, DIGEST and DIGEST_KEYS, comes as a list of them)
+    # the encoder, with the arguments its type needs (tests/support/wirevectors.py calls each);
+    # DIGEST and DIGEST_KEYS return a list of messages, an answer too large for one
     encode: ClassVar[Callable[..., bytes | list[bytes]]]
 
     @staticmethod
@@ -93,11 +93,11 @@ _C = TypeVar("_C", bound=type[Codec])
 
 def register(cls: _C) -> _C:
     """Class decorator: ``cls`` is the one place of message type ``cls.TYPE``."""
+    if "encode" not in vars(cls) or "decode" not in vars(cls):
+        raise TypeError(f"{cls.__name__} needs both an encode and a decode")
     kind = int(cls.TYPE)
     if kind in CODECS:
         raise ValueError(f"message type {cls.TYPE.name} is registered twice")
-    if "encode" not in vars(cls) or "decode" not in vars(cls):
-        raise TypeError(f"{cls.__name__} needs both an encode and a decode")
     CODECS[kind] = cls
     if not cls.INLINE:
         _DECODERS[kind] = cls.decode
@@ -265,6 +265,7 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
     head = _FLOW.unpack_from
     nla = _NLA.unpack_from
     decoders = _DECODERS
+    t_flow, t_expect, t_delete = _FLOW_T, _EXPECT_T, _DELETE_T  # locals: the loop's cheapest loads
     try:
         while off < end:
             if end - off >= FLOW_HEADER:
@@ -275,11 +276,11 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
             if mlen < 4 or mlen & 3 or off + mlen > end:
                 raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
             nxt = off + mlen
-            if mtype == _FLOW_T or mtype == _EXPECT_T:  # FLOW, the one that comes by the thousand: no objects
+            if mtype == t_flow or mtype == t_expect:  # FLOW, the one that comes by the thousand: no objects
                 alen, atype = nla(data, off + FLOW_HEADER) if mlen >= FLOW_HEADER + 4 else (0, 0)
                 # a FLOW starts with CTA_TUPLE_ORIG (1), an EXPECT with CTA_EXPECT_TUPLE (2); only an
                 # EXPECT has the expectation bit in its family: the two kinds of key never mix
-                expect = mtype == _EXPECT_T
+                expect = mtype == t_expect
                 if (alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1 + expect
                         or (aux >= 0x80) != expect):
                     raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
@@ -288,7 +289,7 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 # the flow key: family, zone, and the tuple's payload (after its attribute header)
                 add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14]
                           + data[off + FLOW_HEADER + 4:off + FLOW_HEADER + olen], data[off:nxt]))
-            elif mtype == _DELETE_T:
+            elif mtype == t_delete:
                 if mlen < FLOW_HEADER:
                     raise WireError("malformed", "DELETE message too short")
                 if version > VERSION_MAX:
