@@ -11,10 +11,12 @@ tests/unit/test_wire.py holds a golden vector of every message type.
              over header and messages, with the key this node shares with that receiver (pairwise
              keys), or once with receiver 0 and the cluster's group key
 
-The parts live in ctbridge.sync.header (the header, WireError), ctbridge.sync.messages (each
-message type: its encoder and decoder, and decode_body) and ctbridge.sync.auth (keys, MACs,
-sealing); this module frames and checks whole datagrams and re-exports the parts' names, so the
-engine, the daemon and the tests use ``wire.X`` only. It imports those three modules.
+The parts: ctbridge.sync.header (the header, WireError); ctbridge.sync.msgtypes (MsgType and the
+registry: one class per message type holds its encoder and decoder); ctbridge.sync.flows (FLOW,
+EXPECT, DELETE, and decode_body, which reads a run of messages); ctbridge.sync.messages (every
+other message type); ctbridge.sync.auth (keys, MACs, sealing). This module frames and checks
+whole datagrams and re-exports the parts' names: the engine, the daemon, the tests and the
+benches use ``wire.X`` only. It imports those five modules.
 
 Decoding never raises anything but WireError, whose ``reason`` is the counter it belongs to.
 """
@@ -41,6 +43,22 @@ from ctbridge.sync.auth import (
     cluster_salt,
     key_id,
 )
+from ctbridge.sync.flows import (
+    FLOW_HEADER,
+    VERSION_MAX,
+    Delete,
+    Flow,
+    FlowTuple,
+    Message,
+    decode_body,
+    decode_messages,
+    delete_msg,
+    expect_msg,
+    flow_entry,
+    flow_msg,
+    flow_raw,
+    flow_version,
+)
 from ctbridge.sync.header import (
     FLAG_AES_GCM,
     FLAG_CHACHA,
@@ -54,32 +72,23 @@ from ctbridge.sync.header import (
     WireError,
 )
 from ctbridge.sync.messages import (
-    CODECS,
     DIGEST_KEY_BYTES,
     DIGEST_KEYS_MAX,
     DIGEST_SUMS,
-    FLOW_HEADER,
     HEARTBEAT_SEQ,
     MAX_LINKS,
-    VERSION_MAX,
     Ack,
     Alive,
     BulkBegin,
     BulkEnd,
     Challenge,
-    Codec,
-    Delete,
     Digest,
     DigestAsk,
     DigestKeys,
     Echo,
-    Flow,
-    FlowTuple,
     Gap,
     Heartbeat,
     Hello,
-    Message,
-    MsgType,
     Nack,
     Resync,
     ack_msg,
@@ -87,24 +96,21 @@ from ctbridge.sync.messages import (
     bulk_begin_msg,
     bulk_end_msg,
     challenge_msg,
-    decode_body,
-    decode_messages,
-    delete_msg,
     digest_ask_msg,
     digest_keys_msgs,
     digest_msgs,
     echo_msg,
-    expect_msg,
-    flow_entry,
-    flow_msg,
-    flow_raw,
-    flow_version,
     gap_msg,
     heartbeat_msg,
     hello_msg,
     nack_msg,
-    register,
     resync_msg,
+)
+from ctbridge.sync.msgtypes import (
+    CODECS,
+    Codec,
+    MsgType,
+    register,
 )
 
 __all__ = [
