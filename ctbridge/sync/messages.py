@@ -18,10 +18,11 @@ from typing import NamedTuple
 from ctbridge.sync.header import WireError
 from ctbridge.sync.msgtypes import MSG_HEAD, Codec, MsgType, need, pad, register
 
-_U32 = struct.Struct("!I")
+
 # --- delivery: ACK, NACK, GAP, ALIVE, HELLO, RESYNC, BULK_BEGIN, BULK_END -------------------------
 
 _ACK = struct.Struct("!BBHIQI")
+_U32 = struct.Struct("!I")  # an ACK's optional highest
 _RANGE = struct.Struct("!BBHIQII")
 _NODE = struct.Struct("!BBHI")
 _BULK_BEGIN = struct.Struct("!BBHII")
@@ -42,8 +43,8 @@ class AckCodec(Codec):
     @staticmethod
     def encode(node: int, epoch: int, upto: int, highest: int = 0) -> bytes:
         """ACK; with ``highest``, also "I have every datagram up to highest but those my NACKs in
-        this datagram name" (selective acknowledgement; a version 1 decoder reads the ACK and
-        ignores it)."""
+        this datagram name" (selective acknowledgement; a decoder that does not know it reads the
+        first three fields)."""
         if highest > upto:
             return _ACK.pack(MsgType.ACK, 0, _ACK.size + 4, node, epoch, upto) + _U32.pack(highest)
         return _ACK.pack(MsgType.ACK, 0, _ACK.size, node, epoch, upto)
