@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
@@ -41,32 +42,49 @@ def sample_expectation() -> codec.Entry:
                                       40000, 21, timeout=300)
 
 
-def messages() -> dict[str, tuple[bytes, wire.Message]]:
+def samples() -> dict[wire.MsgType, tuple[tuple[Any, ...], wire.Message]]:
+    """Each message type's golden sample: the arguments its encoder (wire.CODECS[type].encode) is
+    called with, and the message decoding the result gives back."""
     e = sample_entry()
     x = sample_expectation()
+    t = wire.MsgType
     return {
-        "FLOW": (wire.flow_msg(7, e), wire.Flow(7, e.key, wire.flow_msg(7, e))),
-        "DELETE": (wire.delete_msg(8, e.key), wire.Delete(8, e.key)),
-        "ACK": (wire.ack_msg(0x01020304, 5, 41), wire.Ack(0x01020304, 5, 41)),
-        "NACK": (wire.nack_msg(0x01020304, 5, 10, 12), wire.Nack(0x01020304, 5, 10, 12)),
-        "ALIVE": (wire.alive_msg(), wire.Alive()),
-        "HELLO": (wire.hello_msg(), wire.Hello()),
-        "RESYNC": (wire.resync_msg(0), wire.Resync(0)),
-        "BULK_BEGIN": (wire.bulk_begin_msg(0x01020304, 3), wire.BulkBegin(0x01020304, 3)),
-        "BULK_END": (wire.bulk_end_msg(0x01020304, 3, 1000), wire.BulkEnd(0x01020304, 3, 1000)),
-        "GAP": (wire.gap_msg(0x01020304, HEADER.epoch, 10, 12), wire.Gap(0x01020304, HEADER.epoch, 10, 12)),
-        "HEARTBEAT": (wire.heartbeat_msg(1, 77, [(0x01020304, 0b11)], size=32),
-                      wire.Heartbeat(1, 77, ((0x01020304, 3),))),
-        "CHALLENGE": (wire.challenge_msg(0, 0x0123456789ABCDEF), wire.Challenge(0, 0x0123456789ABCDEF)),
-        "ECHO": (wire.echo_msg(0x01020304, 0xFEDCBA9876543210), wire.Echo(0x01020304, 0xFEDCBA9876543210)),
-        "EXPECT": (wire.expect_msg(9, x), wire.Flow(9, x.key, wire.expect_msg(9, x))),
-        "DIGEST_ASK": (wire.digest_ask_msg(0x01020304, 7, {0, 9, 255}),
-                       wire.DigestAsk(0x01020304, 7, frozenset({0, 9, 255}))),
-        "DIGEST": (wire.digest_msgs(0x01020304, 7, [(3, 0x1122334455667788), (0, 0)])[0],
+        t.FLOW: ((7, e), wire.Flow(7, e.key, wire.flow_msg(7, e))),
+        t.DELETE: ((8, e.key), wire.Delete(8, e.key)),
+        t.ACK: ((0x01020304, 5, 41), wire.Ack(0x01020304, 5, 41)),
+        t.NACK: ((0x01020304, 5, 10, 12), wire.Nack(0x01020304, 5, 10, 12)),
+        t.ALIVE: ((), wire.Alive()),
+        t.HELLO: ((), wire.Hello()),
+        t.RESYNC: ((0,), wire.Resync(0)),
+        t.BULK_BEGIN: ((0x01020304, 3), wire.BulkBegin(0x01020304, 3)),
+        t.BULK_END: ((0x01020304, 3, 1000), wire.BulkEnd(0x01020304, 3, 1000)),
+        t.GAP: ((0x01020304, HEADER.epoch, 10, 12), wire.Gap(0x01020304, HEADER.epoch, 10, 12)),
+        t.HEARTBEAT: ((1, 77, [(0x01020304, 0b11)], 32), wire.Heartbeat(1, 77, ((0x01020304, 3),))),
+        t.CHALLENGE: ((0, 0x0123456789ABCDEF), wire.Challenge(0, 0x0123456789ABCDEF)),
+        t.ECHO: ((0x01020304, 0xFEDCBA9876543210), wire.Echo(0x01020304, 0xFEDCBA9876543210)),
+        t.EXPECT: ((9, x), wire.Flow(9, x.key, wire.expect_msg(9, x))),
+        t.DIGEST_ASK: ((0x01020304, 7, {0, 9, 255}), wire.DigestAsk(0x01020304, 7, frozenset({0, 9, 255}))),
+        t.DIGEST: ((0x01020304, 7, [(3, 0x1122334455667788), (0, 0)]),
                    wire.Digest(0x01020304, 7, 0, ((3, 0x1122334455667788), (0, 0)))),
-        "DIGEST_KEYS": (wire.digest_keys_msgs(0x01020304, 7, [(0xAABBCCDD, e.key)])[0],
+        t.DIGEST_KEYS: ((0x01020304, 7, [(0xAABBCCDD, e.key)]),
                         wire.DigestKeys(0x01020304, 7, True, ((0xAABBCCDD, e.key),))),
     }
+
+
+def encode(kind: wire.MsgType, args: tuple[Any, ...]) -> list[bytes]:
+    """The messages the registered encoder of ``kind`` makes of ``args`` (DIGEST and DIGEST_KEYS
+    encoders return a list, the others one message)."""
+    out = wire.CODECS[kind].encode(*args)
+    return out if isinstance(out, list) else [out]
+
+
+def messages() -> dict[str, tuple[bytes, wire.Message]]:
+    """Name -> (the sample's one message, what it decodes to)."""
+    out = {}
+    for kind, (args, expected) in samples().items():
+        (msg,) = encode(kind, args)
+        out[kind.name] = (msg, expected)
+    return out
 
 
 def vectors() -> dict[str, str]:

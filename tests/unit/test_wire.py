@@ -29,6 +29,54 @@ def test_every_message_type_has_a_vector() -> None:
     assert {t.name for t in wire.MsgType} == set(GOLDEN)
 
 
+def test_every_message_type_has_one_codec_and_it_round_trips() -> None:
+    """Each MsgType has exactly one registered class holding its encoder and its decoder, and a
+    golden sample; the encoder's bytes decode to the sample's message, through the class's decoder
+    and through decode_body. A message type cannot be half-added."""
+    samples = wirevectors.samples()
+    assert set(wire.CODECS) == set(wire.MsgType) == set(samples)
+    for kind, cls in wire.CODECS.items():
+        assert cls.TYPE == kind
+        args, expected = samples[cls.TYPE]
+        (data,) = wirevectors.encode(cls.TYPE, args)
+        assert data[0] == kind and int.from_bytes(data[2:4], "big") == len(data) and len(data) % 4 == 0
+        assert cls.decode(data, 0, len(data), data[1]) == expected, cls.TYPE.name
+        assert wire.decode_messages(data, 0, len(data)) == [expected], cls.TYPE.name
+
+
+def test_a_type_registers_once_and_with_both_halves() -> None:
+    class Again(wire.Codec):
+        TYPE = wire.MsgType.ALIVE
+        encode = staticmethod(wire.alive_msg)
+
+        @staticmethod
+        def decode(data: bytes, off: int, mlen: int, aux: int) -> wire.Message:
+            return wire.Alive()
+
+    with pytest.raises(ValueError, match="registered twice"):
+        wire.register(Again)
+
+    class NoDecoder(wire.Codec):
+        TYPE = wire.MsgType.ALIVE
+        encode = staticmethod(wire.alive_msg)
+
+    with pytest.raises(TypeError, match="both an encode and a decode"):
+        wire.register(NoDecoder)
+    assert wire.CODECS[wire.MsgType.ALIVE].__name__ == "AliveCodec"
+
+
+def test_unknown_and_short_messages_are_malformed() -> None:
+    """The registry answers for every type byte: one it does not hold, or a message shorter than
+    its type needs, is a WireError("malformed") naming it."""
+    for data, detail in ((bytes((0, 0, 0, 4)), "unknown message type 0"),
+                         (bytes((18, 0, 0, 4)), "unknown message type 18"),
+                         (bytes((3, 0, 0, 4)), "ACK message of 4 bytes, needs 20"),
+                         (bytes((2, 2, 0, 4)), "DELETE message too short")):
+        with pytest.raises(wire.WireError, match=detail) as err:
+            wire.decode_body(data, 0, len(data))
+        assert err.value.reason == "malformed"
+
+
 def test_protocol_document_shows_the_golden_vectors() -> None:
     shown = dict(re.findall(r"^([A-Z_]+): ([0-9a-f]+)$", DOC, re.MULTILINE))
     assert shown == GOLDEN, "docs/protocol.md and tests/fixtures/wire_vectors.json disagree"

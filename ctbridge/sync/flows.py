@@ -1,0 +1,241 @@
+"""FLOW, EXPECT and DELETE, the bulk of the sync traffic, and ``decode_body``, which reads a run
+of messages: these three types inline (no call, no object per flow: the measured hot loop of
+every received datagram), every other type through the registry of ctbridge.sync.msgtypes.
+
+A flow's key travels in the message's head (family, zone, the length of the tuple its attributes
+start with), so a receiver indexes a flow with three slices and never parses its attributes;
+docs/protocol.md ("Messages") has the layouts.
+
+Imports ctbridge.conntrack (flow and expectation layouts), ctbridge.sync.header,
+ctbridge.sync.msgtypes and ctbridge.sync.messages (whose classes must be registered before
+decode_body runs).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from ctbridge.conntrack import abi as ct
+from ctbridge.conntrack import codec, expectation
+from ctbridge.sync.header import WireError
+from ctbridge.sync.messages import (
+    Ack,
+    Alive,
+    BulkBegin,
+    BulkEnd,
+    Challenge,
+    Digest,
+    DigestAsk,
+    DigestKeys,
+    Echo,
+    Gap,
+    Heartbeat,
+    Hello,
+    Nack,
+    Resync,
+)
+from ctbridge.sync.msgtypes import DECODERS, MSG_HEAD, Codec, MsgType, pad, register
+
+_NLA = struct.Struct("=HH")  # a netlink attribute's header (host order, as the kernel writes it)
+VERSION_MAX = (1 << 48) - 1  # a flow version beyond this is forged: 2^48 changes in one boot cannot happen
+_FLOW = struct.Struct("!BBHQHH")  # type, family, length, version, zone, original tuple length
+_DELETE = _FLOW  # the same head; the last field is 0
+FLOW_HEADER = _FLOW.size  # 16: the head of a FLOW or DELETE message, before the attributes or tuple
+_ORIG_NESTED = ct.CTA_TUPLE_ORIG | ct.NLA_F_NESTED
+_VERSION = struct.Struct("!Q")
+_ORIG_HEADS: dict[int, bytes] = {}  # CTA_TUPLE_ORIG's header by its length, made once
+FlowTuple = tuple[int, bytes, bytes]  # (version, key, the FLOW or EXPECT message)
+
+
+class Flow(NamedTuple):
+    """A FLOW (or EXPECT) message, kept encoded: receivers store ``msg`` as it came and build an
+    Entry from it only when the flow is written to a kernel or shown (see ``flow_entry``)."""
+
+    version: int
+    key: bytes
+    msg: bytes
+
+    @property
+    def entry(self) -> codec.Entry:
+        return flow_entry(self.key, self.msg)
+
+
+def flow_version(msg: bytes) -> int:
+    """The version a FLOW (or DELETE) message carries, read from its head."""
+    version: int = _VERSION.unpack_from(msg, 4)[0]
+    return version
+
+
+def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
+    """The Entry a FLOW (or EXPECT) message carries."""
+    return codec.Entry(key, msg[1] & ~expectation.EXPECTATION, msg[FLOW_HEADER:])
+
+
+@register
+class FlowCodec(Codec):
+    """FLOW: a flow's state. The flow key travels in the head (zone, and the length of the
+    CTA_TUPLE_ORIG attribute that the attributes start with), so receivers index a flow without
+    parsing its attributes."""
+
+    TYPE = MsgType.FLOW
+    INLINE = True
+
+    @staticmethod
+    def encode(version: int, entry: codec.Entry) -> bytes:
+        """FLOW for an entry."""
+        key = entry.key
+        attrs = entry.attrs
+        olen = len(key) + 1  # CTA_TUPLE_ORIG attribute: 4-byte header + the tuple
+        head = _ORIG_HEADS.get(olen)
+        if head is None:
+            head = _ORIG_HEADS[olen] = _NLA.pack(olen, _ORIG_NESTED)
+        if attrs[:4] != head:
+            # not in the kernel's order (or without the nested flag): put the original tuple first
+            rest = b"".join(attrs[s - 4:s - 4 + codec.align(e - s + 4)] for t, s, e in codec.iter_attrs(attrs)
+                            if t != ct.CTA_TUPLE_ORIG)
+            attrs = head + key[3:] + rest
+        if len(attrs) & 3:
+            attrs = pad(attrs)
+        return _FLOW.pack(MsgType.FLOW, entry.family, FLOW_HEADER + len(attrs), version, (key[1] << 8) | key[2],
+                          olen) + attrs
+
+    @staticmethod
+    def raw(version: int, family: int, zone: int, orig_len: int, attrs: bytes) -> bytes:
+        """FLOW from its parts, for attributes already in replication form (ctbridge.sync.intake):
+        they start with CTA_TUPLE_ORIG, ``orig_len`` bytes with its header, and are 4-byte aligned."""
+        return _FLOW.pack(MsgType.FLOW, family, FLOW_HEADER + len(attrs), version, zone, orig_len) + attrs
+
+    @staticmethod
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Flow:
+        """One FLOW, read by decode_body's loop (the rules are there)."""
+        return Flow(*decode_body(data, off, off + mlen)[0][0])
+
+
+flow_msg = FlowCodec.encode
+flow_raw = FlowCodec.raw
+
+
+@register
+class ExpectCodec(Codec):
+    """EXPECT: an expectation in replication form (expectation.entry_from_attrs: its attributes
+    start with CTA_EXPECT_TUPLE, the key's tuple). It decodes as a Flow."""
+
+    TYPE = MsgType.EXPECT
+    INLINE = True
+
+    @staticmethod
+    def encode(version: int, entry: codec.Entry) -> bytes:
+        key = entry.key
+        attrs = entry.attrs
+        tlen = len(key) + 1  # CTA_EXPECT_TUPLE: 4-byte header + the tuple
+        if attrs[:4] != _NLA.pack(tlen, ct.CTA_EXPECT_TUPLE | ct.NLA_F_NESTED) or not expectation.is_expectation(key):
+            raise ValueError("an expectation's attributes start with its tuple")
+        if len(attrs) & 3:
+            attrs = pad(attrs)
+        return _FLOW.pack(MsgType.EXPECT, key[0], FLOW_HEADER + len(attrs), version, (key[1] << 8) | key[2],
+                          tlen) + attrs
+
+    @staticmethod
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Flow:
+        """One EXPECT, read by decode_body's loop (the rules are there)."""
+        return Flow(*decode_body(data, off, off + mlen)[0][0])
+
+
+expect_msg = ExpectCodec.encode
+
+
+class Delete(NamedTuple):
+    version: int
+    key: bytes
+
+
+@register
+class DeleteCodec(Codec):
+    """DELETE: a flow (or an expectation) is gone; FLOW's head, then the original tuple."""
+
+    TYPE = MsgType.DELETE
+    INLINE = True
+
+    @staticmethod
+    def encode(version: int, key: bytes) -> bytes:
+        family, zone, orig = codec.split_key(key)
+        orig = pad(orig)
+        return _DELETE.pack(MsgType.DELETE, family, FLOW_HEADER + len(orig), version, zone, 0) + orig
+
+    @staticmethod
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Message:
+        """One DELETE, read by decode_body's loop (the rules are there)."""
+        return decode_body(data, off, off + mlen)[1][0]
+
+
+delete_msg = DeleteCodec.encode
+_FLOW_T = int(MsgType.FLOW)
+_EXPECT_T = int(MsgType.EXPECT)
+_DELETE_T = int(MsgType.DELETE)
+
+
+def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], list[Message]]:
+    """The messages in data[start:end]: FLOWs as (version, key, message) tuples, the rest as
+    Message objects. Raises WireError("malformed") on any inconsistency, before anything is used.
+
+    The measured hot loop of every received datagram (bench/engine.py, side B): FLOW, EXPECT and
+    DELETE are read inline here (no call, no object per flow), every other type through its
+    registered decoder."""
+    flows: list[FlowTuple] = []
+    add_flow = flows.append
+    out: list[Message] = []
+    off = start
+    head = _FLOW.unpack_from
+    nla = _NLA.unpack_from
+    decoders = DECODERS
+    t_flow, t_expect, t_delete = _FLOW_T, _EXPECT_T, _DELETE_T  # locals: the loop's cheapest loads
+    try:
+        while off < end:
+            if end - off >= FLOW_HEADER:
+                mtype, aux, mlen, version, _zone, olen = head(data, off)
+            else:
+                mtype, aux, mlen = MSG_HEAD.unpack_from(data, off)
+                version = olen = 0
+            if mlen < 4 or mlen & 3 or off + mlen > end:
+                raise WireError("malformed", f"message at offset {off} has bad length {mlen}")
+            nxt = off + mlen
+            if mtype == t_flow or mtype == t_expect:  # FLOW, the one that comes by the thousand: no objects
+                alen, atype = nla(data, off + FLOW_HEADER) if mlen >= FLOW_HEADER + 4 else (0, 0)
+                # a FLOW starts with CTA_TUPLE_ORIG (1), an EXPECT with CTA_EXPECT_TUPLE (2); only an
+                # EXPECT has the expectation bit in its family: the two kinds of key never mix
+                expect = mtype == t_expect
+                if (alen != olen or olen < 4 or off + FLOW_HEADER + olen > nxt or atype & 0x3FFF != 1 + expect
+                        or (aux >= 0x80) != expect):
+                    raise WireError("malformed", "FLOW message whose attributes do not start with its tuple")
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"FLOW of version {version}, beyond any a node can reach")
+                # the flow key: family, zone, and the tuple's payload (after its attribute header)
+                add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14]
+                          + data[off + FLOW_HEADER + 4:off + FLOW_HEADER + olen], data[off:nxt]))
+            elif mtype == t_delete:
+                if mlen < FLOW_HEADER:
+                    raise WireError("malformed", "DELETE message too short")
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"DELETE of version {version}, beyond any a node can reach")
+                out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14]
+                                  + data[off + FLOW_HEADER:nxt]))
+            else:
+                decoder = decoders.get(mtype)
+                if decoder is None:
+                    raise WireError("malformed", f"unknown message type {mtype}")
+                out.append(decoder(data, off, mlen, aux))
+            off = nxt
+    except struct.error as exc:
+        raise WireError("malformed", f"message at offset {off}: {exc}") from exc
+    return flows, out
+
+
+def decode_messages(data: bytes, start: int, end: int) -> list[Message]:
+    """Every message in data[start:end] as a Message object (FLOWs first)."""
+    flows, others = decode_body(data, start, end)
+    return [Flow(*f) for f in flows] + others
+
+
+Message = (Flow | Delete | Ack | Nack | Gap | Alive | Hello | Resync | BulkBegin | BulkEnd | Heartbeat | Challenge
+           | Echo | DigestAsk | Digest | DigestKeys)
