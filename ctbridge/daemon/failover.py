@@ -151,9 +151,6 @@ def may_take_over(complete: bool, role: Role, heard_a_peer: bool) -> bool:
     live peer's flows, and must have heard a peer at all: a node that hears nobody (just started,
     or its sync link down) cannot know what a master elsewhere holds. Losing does not keep it from
     serving: the interlock demotes and never faults, so a node left alone becomes master anyway.
-    (Before the interlock demoted, a node that had heard nobody for peer_timeout counted as
-    complete, so that it could become master alone; with its sync link down and its caches empty
-    it then preempted a complete master.)
     """
     if role is Role.MASTER:
         return True

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ctbridge.conntrack import codec, expectation
@@ -60,7 +60,7 @@ class Kernel:
         finally:
             self.watching.remove(touched)
 
-    def touched(self, keys: Any) -> None:
+    def touched(self, keys: Iterable[bytes]) -> None:
         """Events read ``keys``: newer than what any dump under way read."""
         for touched in self.watching:
             touched.update(keys)
@@ -126,7 +126,7 @@ class KernelReader:
             events = [e for e in batch.events if e.portid != own or e.kind is EventKind.DESTROY]
             self.engine.kernel_expectations(events, self.kernel.loop.time())
             # a dump under way read them before: these are newer
-            self.kernel.touched(e.entry.key for e in events)
+            self.kernel.touched([e.entry.key for e in events])
             self.after_input()
 
     async def resync(self, announce: bool = True) -> int:

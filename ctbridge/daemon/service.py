@@ -149,7 +149,7 @@ class Daemon:
         self.interlock = Interlock(self.engine, self.backend, cfg.keepalived.track_file,
                                    cfg.keepalived.incomplete_value, self.kept)
         self.stats = stats_mod.Stats(cfg, self.engine, self.links, self.reader, self.writer, self.interlock,
-                                     self.backend, self.kept)
+                                     self.backend, self.kept, self.loop.time)
         self.handlers = Handlers(self.engine, self.reader, self.transitions, self.stats, self.datapath.after_input)
 
     async def run(self) -> int:

@@ -10,8 +10,7 @@ kernelio, interlock and conntrackd; service wires it.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ctbridge.config.settings import Config
@@ -55,8 +54,10 @@ class Stats:
     """The whole answer of `ctbridge stats`, made when asked (``stats()``)."""
 
     def __init__(self, cfg: Config, engine: Engine, links: SyncLinks, reader: KernelReader, writer: KernelWriter,
-                 interlock: Interlock, backend: conntrackd.Conntrackd | None, kept: dict[str, Any]) -> None:
+                 interlock: Interlock, backend: conntrackd.Conntrackd | None, kept: dict[str, Any],
+                 clock: Callable[[], float]) -> None:
         self.cfg = cfg
+        self.clock = clock  # the event loop's
         self.engine = engine
         self.links = links
         self.reader = reader
@@ -78,7 +79,7 @@ class Stats:
     def __call__(self) -> dict[str, Any]:
         e = self.engine
         s = e.stats
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         links = self.links.stats(now)
         track_value = self.interlock.value
         backend = self.backend

@@ -89,6 +89,9 @@ def test_the_followup_dumps_always_and_announces_only_as_master() -> None:
 
 
 def test_the_interlock_keeps_an_incomplete_standby_from_winning() -> None:
+    """When the interlock faulted instead of demoting, a node that had heard nobody for
+    peer_timeout counted as complete, so that it could become master alone; with its sync link
+    down and its caches empty it then preempted a complete master."""
     may = failover.may_take_over
     # a standby whose external cache is whole may take over
     assert may(True, Role.BACKUP, heard_a_peer=True)
