@@ -1,10 +1,10 @@
 """The sync path: datagrams from the sync links into the engine, the engine's output back out.
 
-``Datapath`` is the thin adapter around the pure engine (STYLE 1): a datagram read goes to
+``Datapath`` is the thin adapter around the pure engine: a datagram read goes to
 Engine.receive_datagram; after each batch read (``after_input``) the engine's datagrams go out
 on the links, its events are said (a table from event type to handler), its kernel writes go
-to the injector, and its one timer is re-armed. Redundant links also get a heartbeat on every
-link and the link choice made again (``start_heartbeats``).
+to ``inject`` (KernelWriter.inject, inject mode), and its one timer is re-armed. Redundant
+links also get a heartbeat on every link and the link choice made again (``start_heartbeats``).
 
 Imports ctbridge.config.host (the epoch file), ctbridge.sync (the engine and its events) and
 daemon.synclink; service wires it.

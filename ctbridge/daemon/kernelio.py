@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ctbridge.conntrack import codec, expectation
@@ -60,8 +60,9 @@ class Kernel:
         finally:
             self.watching.remove(touched)
 
-    def touched(self, keys: Iterable[bytes]) -> None:
-        """Events read ``keys``: newer than what any dump under way read."""
+    def touched(self, keys: Collection[bytes]) -> None:
+        """Events read ``keys``: newer than what any dump under way read (a collection: each
+        dump under way reads it)."""
         for touched in self.watching:
             touched.update(keys)
 
