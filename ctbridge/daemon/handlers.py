@@ -1,8 +1,8 @@
 """The daemon's answers to control requests: one handler per command of
 ctbridge.daemon.control.COMMANDS, dispatched through a table (``Handlers.table``).
 
-Every request is answered (control.serve writes the answer, or the error a handler raises as
-ValueError); `dump` answers with a stream, written in chunks so the sync link and kernel events
+Every request is answered (control.serve writes the answer; a ValueError a handler raises
+becomes "bad request: ...", any other error its message); `dump` answers with a stream, written in chunks so the sync link and kernel events
 are served while a large cache is listed. Imports ctbridge.conntrack (listing lines), ctbridge.sync
 (the engine, the FLOW message's layout) and the daemon's control, keepalived, kernelio, stats
 (STATUS_KEYS) and transitions; service wires it.
