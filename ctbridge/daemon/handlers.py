@@ -2,10 +2,12 @@
 ctbridge.daemon.control.COMMANDS, dispatched through a table (``Handlers.table``).
 
 Every request is answered (control.serve writes the answer; a ValueError a handler raises
-becomes "bad request: ...", any other error its message); `dump` answers with a stream, written in chunks so the sync link and kernel events
-are served while a large cache is listed. Imports ctbridge.conntrack (listing lines), ctbridge.sync
-(the engine, the FLOW message's layout) and the daemon's control, keepalived, kernelio, stats
-(STATUS_KEYS) and transitions; service wires it.
+becomes "bad request: ...", any other error its message); `dump` answers with a stream, written
+in chunks so the sync link and kernel events are served while a large cache is listed.
+
+Imports ctbridge.conntrack (listing lines), ctbridge.sync (the engine, the FLOW message's
+layout) and the daemon's control, keepalived, kernelio, stats (STATUS_KEYS) and transitions;
+service wires it.
 """
 
 from __future__ import annotations

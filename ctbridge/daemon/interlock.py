@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ctbridge.daemon import conntrackd, failover, keepalived
@@ -25,19 +26,16 @@ log = logging.getLogger("ctbridge")
 TRACK_INTERVAL = 0.5  # seconds between checks of the priority interlock
 
 
+@dataclass
 class Interlock:
-    """The track file (keepalived.track_file) of one node.
+    """The track file (keepalived.track_file) of one node."""
 
-    ``stats``: the daemon's stats sections, whose "track_errors" this counts."""
-
-    def __init__(self, engine: Engine, backend: conntrackd.Conntrackd | None, path: str, incomplete_value: int,
-                 stats: dict[str, Any]) -> None:
-        self.engine = engine
-        self.backend = backend
-        self.path = path
-        self.incomplete_value = incomplete_value
-        self.stats = stats
-        self.value: int | None = None  # what the track file holds, once written
+    engine: Engine
+    backend: conntrackd.Conntrackd | None
+    path: str
+    incomplete_value: int
+    stats: dict[str, Any]  # the daemon's stats sections: this counts "track_errors"
+    value: int | None = None  # what the track file holds, once written
 
     async def may_take_over(self, now: float) -> bool:
         if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least

@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ctbridge.config import host, replication
@@ -57,22 +58,21 @@ class Replication(Protocol):
     async def running(self) -> None: ...
 
 
+@dataclass
 class OwnReplication:
     """apply.backend = "ctbridge": this daemon replicates. The table first (events meanwhile
     wait in the event socket), then the sync link: a peer that asks for a bulk transfer at once
     must get the whole table."""
 
-    def __init__(self, cfg: Config, epoch: int, engine: Engine, kernel: Kernel, reader: KernelReader,
-                 datapath: Datapath, links: SyncLinks, refresh_stats: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.epoch = epoch
-        self.engine = engine
-        self.kernel = kernel
-        self.reader = reader
-        self.datapath = datapath
-        self.links = links
-        self.refresh_stats = refresh_stats
-        self.flows = 0  # in the kernel at start
+    cfg: Config
+    epoch: int
+    engine: Engine
+    kernel: Kernel
+    reader: KernelReader
+    datapath: Datapath
+    links: SyncLinks
+    refresh_stats: dict[str, Any]  # the "refresh" section of the stats
+    flows: int = 0  # in the kernel at start
 
     async def start(self, tasks: Tasks) -> None:
         self.flows = await self.reader.resync(announce=False)
@@ -95,13 +95,13 @@ class OwnReplication:
                  f"multicast {cfg.sync.group}" if cfg.multicast else "peers " + ", ".join(cfg.sync.peers))
 
 
+@dataclass
 class ConntrackdReplication:
     """apply.backend = "conntrackd": conntrackd has the sync link and the kernel events; this
     daemon keeps keepalived's FIFO, the interlock, the gate, the control socket and the metrics."""
 
-    def __init__(self, cfg: Config, backend: conntrackd.Conntrackd) -> None:
-        self.cfg = cfg
-        self.backend = backend
+    cfg: Config
+    backend: conntrackd.Conntrackd
 
     async def start(self, tasks: Tasks) -> None:
         return None

@@ -11,6 +11,7 @@ kernelio, interlock and conntrackd; service wires it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ctbridge.config.settings import Config
@@ -50,21 +51,19 @@ def totals(rows: Iterable[dict[str, int]]) -> dict[str, int]:
     return total
 
 
+@dataclass
 class Stats:
     """The whole answer of `ctbridge stats`, made when asked (``stats()``)."""
 
-    def __init__(self, cfg: Config, engine: Engine, links: SyncLinks, reader: KernelReader, writer: KernelWriter,
-                 interlock: Interlock, backend: conntrackd.Conntrackd | None, kept: dict[str, Any],
-                 clock: Callable[[], float]) -> None:
-        self.cfg = cfg
-        self.clock = clock  # the event loop's
-        self.engine = engine
-        self.links = links
-        self.reader = reader
-        self.writer = writer
-        self.interlock = interlock
-        self.backend = backend
-        self.kept = kept  # sections()
+    cfg: Config
+    engine: Engine
+    links: SyncLinks
+    reader: KernelReader
+    writer: KernelWriter
+    interlock: Interlock
+    backend: conntrackd.Conntrackd | None
+    kept: dict[str, Any]  # sections()
+    clock: Callable[[], float]  # the event loop's
 
     def peers(self, now: float) -> list[dict[str, Any]]:
         return [{"node": f"{p.node:08x}", "address": self.links.address(p.node),
