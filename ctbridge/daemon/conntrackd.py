@@ -113,6 +113,11 @@ class Conntrackd:
             return None
         return cache_sizes(text)
 
+    @property
+    def alive(self) -> bool:
+        """Whether conntrackd answered its last `-s` (the interlock's word; False before any)."""
+        return self.polled[1]
+
     async def answers(self, now: float) -> bool:
         """Whether conntrackd answers, asked at most every POLL_INTERVAL (the interlock's word)."""
         when, alive = self.polled

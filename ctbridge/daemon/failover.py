@@ -1,8 +1,8 @@
 """What a node does when keepalived changes its state: a pure policy.
 
 ``decide(transition, facts)`` returns the ordered actions for one keepalived transition; the
-daemon executes them one after the other under its transition lock (daemon/service.py,
-``Daemon.execute``). Nothing here touches the kernel, a socket or the clock, so every rule is
+daemon executes them one after the other under its transition lock (daemon/transitions.py,
+``Transitions.execute``). Nothing here touches the kernel, a socket or the clock, so every rule is
 tested without root (tests/unit/test_failover.py). The rules:
 
 - MASTER: stop a pending purge; wait for flows still being injected; in commit mode, keep kernel
@@ -43,7 +43,7 @@ class Action:
     ensure: bool = False
 
 
-# The steps, by name (Daemon.execute has one method per name):
+# The steps, by name (Transitions.steps maps each to its handler):
 GATE = "gate"  # close (closed=True) or open the commit gate
 CANCEL_PURGE = "cancel-purge"  # stop the purge of a former master's flows
 WAIT_INJECT = "wait-inject"  # let the flows being injected into the kernel land
@@ -151,9 +151,6 @@ def may_take_over(complete: bool, role: Role, heard_a_peer: bool) -> bool:
     live peer's flows, and must have heard a peer at all: a node that hears nobody (just started,
     or its sync link down) cannot know what a master elsewhere holds. Losing does not keep it from
     serving: the interlock demotes and never faults, so a node left alone becomes master anyway.
-    (Before the interlock demoted, a node that had heard nobody for peer_timeout counted as
-    complete, so that it could become master alone; with its sync link down and its caches empty
-    it then preempted a complete master.)
     """
     if role is Role.MASTER:
         return True

@@ -18,14 +18,22 @@ The gate is an nftables table of its own, made and removed with nft(8): one comm
 transition, so it composes with any ruleset. Removing the table opens the gate; so does a clean
 stop of the daemon, so a stopped ctbridge never keeps a firewall closed (fail open: only the
 flows that were not replicated are lost then).
+
+This module holds the nft scripts and ``GateKeeper``, which opens and closes the gate for the
+daemon's transitions and keeps its state in the stats. It imports nothing of ctbridge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger("ctbridge")
 
 TABLE = "ctbridge_gate"
 NFT_TIMEOUT = 10.0  # seconds; nft holds the transition lock while it runs
@@ -44,7 +52,6 @@ def closed_script(vips: Iterable[str] = ()) -> str:
     return (f"table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n"
             "    chain forward {\n        type filter hook forward priority filter - 20; policy accept;\n"
             f"        ct state new counter drop comment \"{COMMENT}\"\n    }}\n{inbound}}}\n")
-
 
 
 class GateError(RuntimeError):
@@ -76,3 +83,63 @@ async def open_() -> None:
     rc, err = await _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
     if rc != 0:
         raise GateError(f"cannot open the commit gate: nft said {err or rc}")
+
+
+OPEN_ATTEMPTS = 60  # a gate that cannot be opened is tried again every second for a minute; then
+# the operator has the error in the log
+
+
+class GateKeeper:
+    """The gate of one daemon: closed while not MASTER, opened once the flows are committed.
+
+    ``gated``: the gate is used (apply.gate in commit mode); ``stats``: the daemon's stats
+    sections, whose "gate" this keeps (None until set, "open", "closed", "failed to ...")."""
+
+    def __init__(self, gated: bool, vips: Iterable[str], stats: dict[str, Any]) -> None:
+        self.gated = gated
+        self.vips = tuple(vips)
+        self.stats = stats
+        self.retry: asyncio.Future[None] | None = None
+
+    async def set(self, closed: bool) -> None:
+        """Close or open the gate (nothing if it is so already). At start the daemon closes it
+        only on a node holding none of keepalived.vips (a standby, RoleKeeper.restore); a
+        master's is left as it is, and keepalived's next word sets it. A gate that cannot be
+        opened is retried in the background: a master must never keep new flows out."""
+        want = "closed" if closed else "open"
+        if not self.gated or self.stats["gate"] == want:
+            return
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        try:
+            await (close(self.vips) if closed else open_())
+        except (GateError, OSError) as exc:
+            log.error("%s", exc)
+            self.stats["gate"] = f"failed to {'close' if closed else 'open'}"
+            if not closed:
+                self.retry = asyncio.ensure_future(self._open_until_done())
+            return
+        self.stats["gate"] = want
+        log.info("commit gate %s", want)
+
+    async def _open_until_done(self) -> None:
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            await asyncio.sleep(1)
+            try:
+                await open_()
+            except (GateError, OSError) as exc:
+                log.error("attempt %d: %s", attempt, exc)
+                continue
+            self.stats["gate"] = "open"
+            log.info("commit gate open (attempt %d)", attempt)
+            break
+        self.retry = None
+
+    async def stop(self) -> None:
+        """At the daemon's stop: fail open, a stopped daemon blocks nothing."""
+        if self.retry is not None:
+            self.retry.cancel()
+        if self.stats["gate"] not in (None, "open"):
+            with contextlib.suppress(Exception):
+                await open_()

@@ -18,7 +18,6 @@ from typing import NamedTuple
 from ctbridge.sync.header import WireError
 from ctbridge.sync.msgtypes import MSG_HEAD, Codec, MsgType, need, pad, register
 
-
 # --- delivery: ACK, NACK, GAP, ALIVE, HELLO, RESYNC, BULK_BEGIN, BULK_END -------------------------
 
 _ACK = struct.Struct("!BBHIQI")

@@ -44,7 +44,8 @@ def test_an_expectation_a_peer_used_leaves_this_nodes_own_cache_too() -> None:
     daemon says so, A's deletes its own from A's kernel, and must forget it as its own as well.
     It did not (the kernel's report of our own deletion was skipped with our other echoes): A
     announced it again later, and written into B's kernel it evicted B's live one (the FTP
-    helper keeps one expectation per master)."""
+    helper keeps one expectation per master): the FTP lab test lost its data connection at a
+    failback to exactly that."""
     with cluster(2, apply={"mode": "inject"}, sync={"expectations": True}) as c:
         a, b = c.nodes
         a.start()

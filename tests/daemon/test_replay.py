@@ -34,7 +34,7 @@ pytestmark = pytest.mark.root
 
 PORT = 3780  # sync.port's default, which the lab's configs keep
 PEER_TIMEOUT = 2.0  # sync.peer_timeout of both nodes: B's start-up grace of the interlock is this long
-TRACK_INTERVAL = 0.5  # ctbridge.daemon.service.TRACK_INTERVAL: how often the track file is brought up to date
+TRACK_INTERVAL = 0.5  # ctbridge.daemon.interlock.TRACK_INTERVAL: how often the track file is brought up to date
 INCOMPLETE = "-254"  # keepalived.incomplete_value's default
 BATCH = 150  # flows written with one netlink commit after B's start: the second bulk spans many datagrams
 CLI_FLOWS = [  # made before B starts: they reach B in the bulk B asks for at its start

@@ -89,6 +89,9 @@ def test_the_followup_dumps_always_and_announces_only_as_master() -> None:
 
 
 def test_the_interlock_keeps_an_incomplete_standby_from_winning() -> None:
+    """When the interlock faulted instead of demoting, a node that had heard nobody for
+    peer_timeout counted as complete, so that it could become master alone; with its sync link
+    down and its caches empty it then preempted a complete master."""
     may = failover.may_take_over
     # a standby whose external cache is whole may take over
     assert may(True, Role.BACKUP, heard_a_peer=True)
@@ -106,7 +109,7 @@ def test_the_daemon_runs_the_ensured_steps_after_a_failure_or_a_cancellation() -
     """Found by review: a cancelled MASTER commit left kernel events paused and the gate closed."""
     import asyncio
 
-    from ctbridge.daemon.service import Daemon
+    from ctbridge.daemon.transitions import Transitions
 
     class Steps:
         def __init__(self, fail_with: BaseException) -> None:
@@ -123,7 +126,7 @@ def test_the_daemon_runs_the_ensured_steps_after_a_failure_or_a_cancellation() -
     for failure in (OSError("ENOBUFS"), asyncio.CancelledError()):
         steps = Steps(failure)
         with pytest.raises(type(failure)):
-            asyncio.run(Daemon.execute(steps, actions, 0.0))  # type: ignore[arg-type]
+            asyncio.run(Transitions.execute(steps, actions, 0.0))  # type: ignore[arg-type]
         assert steps.ran == ["pause-events", "commit", "resume-events", "gate", "role"]
 
 
@@ -134,3 +137,20 @@ def test_a_failed_commit_still_makes_the_node_master() -> None:
     d = decide(t("MASTER"), Facts(role=Role.BACKUP, mode="commit", gated=True))
     role_steps = [a for a in d.actions if a.name == failover.ROLE]
     assert role_steps == [failover.Action(failover.ROLE, role=Role.MASTER, ensure=True)]
+
+
+def test_every_step_of_the_policy_has_a_handler() -> None:
+    """The daemon runs each step through one table (Transitions.steps); a step the policy names
+    and the table lacks would silently do nothing."""
+    from ctbridge.daemon.transitions import Transitions
+
+    expected = {failover.GATE, failover.CANCEL_PURGE, failover.WAIT_INJECT, failover.PAUSE_EVENTS, failover.COMMIT,
+             failover.RESUME_EVENTS, failover.COMMITTED, failover.FLUSH_EXTERNAL, failover.ROLE, failover.ANNOUNCE,
+             failover.REQUEST_RESYNC, failover.START_PURGE, failover.RELEASE, failover.DUMP, failover.BULK_SEND}
+    steps = Transitions(*[None] * 8, {}).steps  # type: ignore[arg-type]
+    assert set(steps) == expected
+    produced = {a.name for state in ("MASTER", "BACKUP", "FAULT", "STOP")
+                for role in (Role.MASTER, Role.BACKUP, Role.FAULT)
+                for facts in (Facts(role=role), Facts(role=role, purging=True, injecting=True))
+                for a in decide(t(state), facts).actions} | {a.name for a in followup(Role.MASTER)}
+    assert produced == expected

@@ -137,10 +137,12 @@ def test_sweeps_refresh_in_time_whatever_they_take() -> None:
     this one's (times 20), so a slow sweep (a big table) let a live flow's copy run out before
     the next sweep refreshed it (inject mode: in the peer's kernel, which has no margin). A fake
     clock drives Engine.kernel_refresh with the daemon's sweep_timing and sweeps of random
-    duration, 50 ms to 3 s: the peer's copy of a flow traffic keeps alive never runs out."""
+    duration, 50 ms to 3 s: the peer's copy of a flow traffic keeps alive never runs out. Also
+    found by review: 3 s sweeps waited 60 s (twenty times their duration), and 30 s UDP flows ran
+    out on every peer; the wait is now capped by the shortest timeout."""
     import random
 
-    from ctbridge.daemon.service import sweep_timing
+    from ctbridge.daemon.refresh import sweep_timing
     rng = random.Random(7)
     a, b = pair(expiry_margin=30.0)
     t = 0.0

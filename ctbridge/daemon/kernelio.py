@@ -1,0 +1,292 @@
+"""This node's conntrack table as the daemon reads and writes it.
+
+- ``Kernel``: the KernelTable behind one lock (it is not thread-safe), its requests run in a
+  worker thread so the sync link is served meanwhile; and the dumps under way (``watching``).
+- ``KernelReader``: the event sockets (flows; the helpers' expectations with
+  sync.expectations) and the dumps that rebuild the internal cache (``resync``).
+- ``KernelWriter``: peers' flows into this kernel: the MASTER commit, inject mode's batches,
+  expectations after their masters, and the release of this node's former flows.
+
+Rules: the engine reads the event buffers itself (ctbridge.sync.intake), and the echo of our
+own flow writes is skipped unread; events that arrive while a dump runs are newer than the dump
+(``watching``), and a dump makes every older one under way stale (EVERYTHING). Imports
+ctbridge.conntrack, ctbridge.sync (the engine and its kernel ops) and daemon.metrics; service
+wires these parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+from ctbridge.conntrack import codec, expectation
+from ctbridge.conntrack.codec import Entry, EventKind
+from ctbridge.conntrack.eventsocket import EventSocket
+from ctbridge.conntrack.expectation import is_expectation
+from ctbridge.conntrack.table import KernelError, KernelTable
+from ctbridge.daemon import metrics
+from ctbridge.sync.engine import EVERYTHING, Engine, KernelOp
+
+log = logging.getLogger("ctbridge")
+
+EXPECT_RCVBUF = 1 << 20  # the helpers' expectations are few
+
+
+class Kernel:
+    """This node's table, one request at a time, in a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.table = KernelTable()
+        self.lock = asyncio.Lock()  # one kernel request at a time (KernelTable is not thread-safe)
+        self.watching: list[set[bytes]] = []  # while dumps run: for each, the flows events changed meanwhile
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, under the lock."""
+        async with self.lock:
+            return await self.loop.run_in_executor(None, fn, *args)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[set[bytes]]:
+        """For a dump under way: the keys of the flows events change meanwhile (newer than the dump)."""
+        touched = set[bytes]()
+        self.watching.append(touched)
+        try:
+            yield touched
+        finally:
+            self.watching.remove(touched)
+
+    def touched(self, keys: Collection[bytes]) -> None:
+        """Events read ``keys``: newer than what any dump under way read (a collection: each
+        dump under way reads it)."""
+        for touched in self.watching:
+            touched.update(keys)
+
+    def close(self) -> None:
+        self.table.close()
+
+
+class KernelReader:
+    """The kernel's events, and dumps of its table, into the engine's internal cache.
+
+    ``stats`` is the "kernel" section of the daemon's stats (overruns, events, resyncs, superseded)."""
+
+    def __init__(self, kernel: Kernel, engine: Engine, event_buffer: int, expectations: bool,
+                 stats: dict[str, int], after_input: Callable[[], None]) -> None:
+        self.kernel = kernel
+        self.engine = engine
+        self.stats = stats
+        self.after_input = after_input
+        self.events = EventSocket(rcvbuf=event_buffer)
+        # the echo of our own commits (100,000 events after a failover) is not even decoded
+        self.events.skip_portid = kernel.table.portid
+        self.events.raw = True  # the engine reads the buffers itself (ctbridge.sync.intake)
+        # the helpers' expectations (sync.expectations): few, read as they come on a socket of their own
+        self.expect_events: EventSocket | None = None
+        if expectations:
+            # our own writes' echo is read too (few): read_expectations keeps their ends
+            self.expect_events = EventSocket(rcvbuf=EXPECT_RCVBUF, groups=EventSocket.EXPECT_GROUPS,
+                                             decode=expectation.decode_events)
+
+    async def read_events(self) -> None:
+        async for batch in self.events.stream():
+            kernel_stats = self.stats
+            if batch.overrun:
+                kernel_stats["overruns"] += 1
+                log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
+                await self.resync()
+                # Every event of this batch was read before the dump began: the dump is newer, and
+                # applying them after it would put back states the lost events had moved on from.
+                kernel_stats["superseded"] += len(batch.events) + len(batch.buffers)
+                continue
+            # the echo of our own writes is skipped unread (skip_portid)
+            keys = self.engine.kernel_messages(batch.buffers, self.kernel.loop.time(), self.events.skip_portid)
+            kernel_stats["events"] += len(keys)
+            if keys:
+                self.kernel.touched(keys)
+                self.after_input()
+
+    async def read_expectations(self) -> None:
+        sock = self.expect_events
+        assert sock is not None
+        async for batch in sock.stream():
+            if batch.overrun:
+                self.stats["overruns"] += 1
+                log.warning("expectation events were lost (netlink overrun); reading them again from a dump")
+                await self.resync()
+                continue
+            # Our own writes (peers' expectations) are not this node's to announce, but their end
+            # is: an expectation this node had, deleted here because a peer said it was used, must
+            # leave the internal cache too, or it is announced again later, and written into a
+            # peer's kernel it evicts the live one (FTP's helper keeps one per master).
+            own = self.kernel.table.portid
+            events = [e for e in batch.events if e.portid != own or e.kind is EventKind.DESTROY]
+            self.engine.kernel_expectations(events, self.kernel.loop.time())
+            # a dump under way read them before: these are newer
+            self.kernel.touched([e.entry.key for e in events])
+            self.after_input()
+
+    async def resync(self, announce: bool = True) -> int:
+        """The internal cache from a dump of the table (and of the expectations); the flows read."""
+        kernel = self.kernel
+        loop = kernel.loop
+        async with kernel.lock:
+            # flows whose events arrive while the dump runs: their events are newer than the dump
+            with kernel.watch() as touched:
+                entries = await loop.run_in_executor(None, kernel.table.dump)
+                # after the flows: an expectation whose master the dump missed is refused by no one
+                expected = (await loop.run_in_executor(None, kernel.table.dump_expectations)
+                            if self.expect_events is not None else None)
+        self.engine.kernel_resync(entries, loop.time(), announce=announce, newer=touched)
+        if expected is not None:
+            self.engine.kernel_expect_resync(expected, loop.time(), announce=announce, newer=touched)
+        for other in kernel.watching:  # a sweep under way read the table before this: it is older
+            other.add(EVERYTHING)
+        self.stats["resyncs"] += 1
+        self.after_input()
+        return len(entries)
+
+    def close(self) -> None:
+        self.events.close()
+        if self.expect_events is not None:
+            self.expect_events.close()
+
+
+class KernelWriter:
+    """Peers' flows (and expectations) into this kernel, and this node's former flows released.
+
+    ``stats``: the daemon's stats sections; this writes "commit" and "expectations"."""
+
+    def __init__(self, kernel: Kernel, engine: Engine, liberal_tcp: bool, stats: dict[str, Any]) -> None:
+        self.kernel = kernel
+        self.engine = engine
+        self.liberal_tcp = liberal_tcp
+        self.stats = stats
+        self.histogram = metrics.Histogram()  # the commits' durations
+        self.ops: list[KernelOp] = []  # inject mode: the engine's writes not yet made
+        self.task: asyncio.Task[None] | None = None
+        # inject mode: peers' expectations whose master this kernel lacked -> until when to try again
+        self.expect_retry: dict[bytes, float] = {}
+
+    @property
+    def injecting(self) -> bool:
+        """Flows are being written into the kernel (inject mode)."""
+        return self.task is not None and not self.task.done()
+
+    def inject(self, ops: list[KernelOp]) -> None:
+        """Inject mode: the engine's writes, made in the background in batches."""
+        self.ops.extend(ops)
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self.apply_injected())
+
+    async def apply_injected(self) -> None:
+        """Inject mode: peers' flows go into this kernel as they arrive, in batches."""
+        table = self.kernel.table
+        while self.ops:
+            ops, self.ops = self.ops, []
+            latest: dict[bytes, KernelOp] = {}
+            for op in ops:  # only the last word on each flow counts
+                latest[op.key] = op
+            commits = [op.entry for op in latest.values() if op.kind == "commit" and op.entry is not None]
+            deletes = [op.key for op in latest.values() if op.kind == "delete"]
+            # expectations after the flows (their masters may be among them), with their timeouts
+            expected = [e for e in commits if is_expectation(e.key)]
+            gone = [k for k in deletes if is_expectation(k)]
+            if expected or gone:
+                commits = [e for e in commits if not is_expectation(e.key)]
+                deletes = [k for k in deletes if not is_expectation(k)]
+            for key in gone:
+                self.expect_retry.pop(key, None)
+            try:
+                if commits:
+                    result = await self.kernel.run(table.commit, commits, self.liberal_tcp)
+                    if result.failed:
+                        log.warning("inject: %d of %d flows refused by the kernel (first: %s)", len(result.failed),
+                                    len(commits), os.strerror(result.failed[0].errno))
+                if deletes:
+                    await self.kernel.run(table.delete, deletes)
+                cap = expectation.TIMEOUT_MAX
+                todo = {e.key: (e, max(1, min(cap, expectation.timeout_of(e.attrs)))) for e in expected}
+                if commits:  # a master that came now may be one an earlier expectation waited for
+                    todo.update((e.key, (e, s)) for e, s in self.retried_expectations() if e.key not in todo)
+                if todo:
+                    await self.write_expectations(list(todo.values()), retry=True)
+                if gone:
+                    await self.kernel.run(table.delete_expectations, gone)
+            except (OSError, KernelError, codec.CodecError) as exc:
+                # said here, once: the flows come again with the next bulk or commit, and a later
+                # MASTER must not fail for a batch that could not be written before it
+                log.error("inject: %d flows not written into the kernel: %s", len(commits) + len(deletes), exc)
+
+    async def commit(self) -> dict[str, Any]:
+        """The peers' flows into this kernel (a new master), then their expectations; the answer's figures."""
+        loop = self.kernel.loop
+        # each with what is left of its timeout
+        entries = self.engine.commit_records(loop.time())
+        # flows this kernel already holds (a node taking back the master role): updated at once
+        existing = frozenset(self.engine.internal)
+        result = await self.kernel.run(self.kernel.table.commit, entries, self.liberal_tcp, existing)
+        info = {"entries": result.created + result.updated, "failed": len(result.failed),
+                "seconds": round(result.seconds, 6), "at": time.time()}
+        self.stats["commit"] = info
+        self.histogram.observe(result.seconds)
+        log.info("committed %d flows into the kernel in %.3f s (%d created, %d updated, %d failed)",
+                 info["entries"], result.seconds, result.created, result.updated, len(result.failed))
+        for failure in result.failed[:5]:
+            log.warning("commit: the kernel refused a flow: %s", os.strerror(failure.errno))
+        answer = {"committed": info["entries"], "commit_failed": info["failed"], "commit_seconds": info["seconds"]}
+        expected = self.engine.external_expectations(loop.time())
+        if expected:  # after their masters, which the kernel looks up (and which carry the helper)
+            answer["expectations"] = await self.write_expectations(expected)
+        return answer
+
+    async def write_expectations(self, expected: list[tuple[Entry, int]], retry: bool = False) -> int:
+        """Peers' expectations into this kernel, each with what is left of its timeout; the
+        number written. A master the kernel lacks (its flow was refused, ended, or, in inject
+        mode, has not arrived yet: ``retry``, tried again with the next injected flows) fails
+        that one."""
+        left = {entry.key: seconds for entry, seconds in expected}
+        result = await self.kernel.run(self.kernel.table.commit_expectations, [e for e, _ in expected],
+                                       lambda entry: left[entry.key])
+        info = self.stats["expectations"]
+        info["written"] += result.done
+        for key in left:
+            self.expect_retry.pop(key, None)
+        if retry:
+            self.expect_retry.update((key, self.kernel.loop.time() + left[key]) for key in result.missing)
+        else:
+            info["failed"] += len(result.missing)
+        info["failed"] += len(result.failed)
+        if result.failed or (result.missing and not retry):
+            first = os.strerror(result.failed[0].errno) if result.failed else "no master flow"
+            log.warning("%d of %d expectations not written into the kernel (first: %s)",
+                        len(result.missing) + len(result.failed), len(expected), first)
+        return int(result.done)
+
+    def retried_expectations(self) -> list[tuple[Entry, int]]:
+        """Inject mode: peers' expectations written before their master was in this kernel, as
+        the cache holds them now (gone or run out: forgotten)."""
+        if not self.expect_retry:
+            return []
+        now = self.kernel.loop.time()
+        current = {e.key: (e, s) for e, s in self.engine.external_expectations(now) if e.key in self.expect_retry}
+        for key in [k for k, until in self.expect_retry.items() if k not in current or until <= now]:
+            del self.expect_retry[key]
+            self.stats["expectations"]["failed"] += 1
+        return list(current.values())
+
+    def former_flows(self) -> list[bytes]:
+        """This kernel's flows that no peer told us about: the ones this node had as master."""
+        external = self.engine.external_keys()
+        return [k for k in self.engine.internal if k not in external and not is_expectation(k)]
+
+    async def release(self, seconds: int | None = None) -> int:
+        """This node's former flows marked liberal (TCP), with ``seconds`` as their timeout if
+        given; how many."""
+        result = await self.kernel.run(self.kernel.table.release, self.former_flows(), seconds)
+        return int(result.done)
