@@ -476,7 +476,7 @@ class Bounds:
         n = len(lab.engines)
         for r, eng in lab.engines.items():
             cfg = eng.config
-            sizes = eng.queue_sizes()
+            sizes = eng.sender.queue_sizes()
             control = control_len(eng)
             control_bound = self.control_limit + self.per_arrival * lab.arrived.get(r, 0)
             self.resend = max(self.resend, sizes["resend"])
