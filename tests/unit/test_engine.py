@@ -319,6 +319,29 @@ def test_inject_mode_keeps_a_flow_in_the_kernel_while_another_peer_still_tells_o
     assert [op.key for op in three.kernel_ops() if op.kind == "delete"] == [flow(3).key]
 
 
+def test_a_reload_counts_the_flows_it_refuses_for_the_peer_as_arrival_does() -> None:
+    """A flow a peer holds that a reload's filters refuse is refused as if it came now: counted in
+    flows_refused_policy and in that peer's refused_total (its metric), as a refusal on arrival
+    is. The reload's copy of "drop it from the peer's copy" used to leave refused_total out."""
+    import ipaddress
+    narrow = {1: FlowFilter(accept=(ipaddress.ip_network("198.51.100.1/32"),), ignore=())}
+    flows = [flow(0), flow(60000)]  # sources 198.51.100.1 and .2
+    counts = []
+    for reload in (False, True):
+        lab = Lab(2)
+        if not reload:
+            lab.engines[2].reconfigure(peer_filters=narrow)
+        for f in flows:
+            lab.event(1, EventKind.NEW, f)
+        lab.run(1)
+        b = lab.engines[2]
+        if reload:
+            b.reconfigure(peer_filters=narrow)
+        assert set(b.peers[1].external) == {flows[0].key} and set(b.peers[1].refused) == {flows[1].key}
+        counts.append((b.peers[1].refused_total, b.stats["flows_refused_policy"]))
+    assert counts == [(1, 1), (1, 1)]
+
+
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
     from ctbridge.sync.engine import Engine, EngineConfig
     tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
