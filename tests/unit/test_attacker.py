@@ -456,7 +456,8 @@ def test_the_same_forgeries_by_node_1_itself_are_bounded_where_they_would_harm()
     a.kernel_events([Event(EventKind.NEW, flow(160 + i), 0) for i in range(120)], lab.now)
     real = [d for d, _ in a.datagrams_to_send(lab.now)]
     assert len(real) > 4
-    assert [b.receive_datagram(d, lab.now) for d in real] == [1, 1, None, None] + [1] * (len(real) - 4)
+    assert [b.receive_datagram(d, lab.now) for d in real] == [Heard(1, None)] * 2 + [None, None] + [Heard(1, None)] * (
+        len(real) - 4)
     assert _view(b, 3) == of_3
     # a NACK flood of node 1's own, while node 2 has datagrams in flight: each is resent once
     # (once per RTO however often it is named), and a probe may be due
