@@ -126,8 +126,8 @@ class Receiver:
                 peer.ack_due = now
 
     def queue_ack(self, peer: Peer, rx: ReceiveWindow) -> None:
-        """An acknowledgement to go out, replacing one of the same peer still queued (80 late
-        datagrams filling holes in one step queued 80 ACKs; the newest says all of them)."""
+        """An acknowledgement to go out, replacing one of the same peer still queued (late
+        datagrams filling many holes in one step would queue one ACK each; the newest says all)."""
         self._unqueue(peer.ack_queued)
         peer.ack_queued = self.ack(peer, rx)
         self.control.append(peer.ack_queued)
@@ -172,7 +172,7 @@ class Receiver:
 
     def _nack(self, peer: Peer, gap: tuple[int, int], now: float) -> None:
         """Ask for every gap at once (up to NACK_RANGES, lowest first): with loss spread over a
-        window, asking for the first gap only took one round trip per gap."""
+        window, asking for the first gap only would take one round trip per gap."""
         rx = peer.rx
         assert rx is not None
         highest, gaps = self._sack(rx)

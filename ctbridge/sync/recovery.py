@@ -155,8 +155,8 @@ class Recovery:
         """Datagrams sent that a peer keeping up has not received as far as we know (what the
         window limits): those after the newest it reported having, and the holes it reported
         below (its NACKs name every gap, so what lies between them arrived: RFC 6675's pipe).
-        Counting from the cumulative acknowledgement instead let one lost datagram whose resend
-        was lost too hold the whole window: 100,000 flows under 20% loss took 16 s.
+        Counting from the cumulative acknowledgement instead would let one lost datagram whose
+        resend was lost too hold the whole window.
         A peer whose acknowledgements stopped while others' went on (it cannot hear us, or it is
         gone and not yet timed out) does not hold the others back: it catches up through NACK,
         GAP and a bulk transfer, as it would after an outage. Best effort: nothing is
@@ -171,8 +171,8 @@ class Recovery:
             return last - self.acked_by_all()
         if len(keeping_up) > 1:
             # Nor does one that acknowledges, but half a window behind another: a member that
-            # trickled acknowledgements (one datagram per 50 ms) held every peer's stream to its
-            # pace, the window always full of what it had not acknowledged. Progress counts what a
+            # trickles acknowledgements would hold every peer's stream to its pace, the window
+            # always full of what it has not acknowledged. Progress counts what a
             # peer reported having beyond a gap too, so a lossy but honest peer is not left out.
             best = max(max(p.acked, p.sack_high) for p in keeping_up)
             slack = max(int(self.window), self.config.initial_window) // 2
@@ -286,8 +286,8 @@ class Recovery:
         (a NACK that names thousands of datagrams resent a moment ago costs nothing)."""
         last = min(last, first + 4095, self.stream.seq - 1)
         # What the peer acknowledged it has: a NACK for it is stale (it was queued before the hole
-        # filled, and left with the acknowledgement that says so). Without this, each such NACK
-        # was answered with a GAP and a bulk transfer of the whole table.
+        # filled, and left with the acknowledgement that says so), not to be answered with a GAP
+        # and a bulk transfer of the whole table.
         first = max(first, peer.ack_heard + 1)
         oldest = self.kept.oldest()
         if oldest is None or oldest > last:
@@ -296,8 +296,8 @@ class Recovery:
         if first <= lost_end and (lost_end > peer.gap_upto or now >= peer.gap_at + self.rto()):
             # Gone from the resend queue: tell the peer to stop waiting for all of it at once,
             # and rebuild its cache with one bulk transfer (bulk_send merges repeated requests).
-            # Once per RTO for what a GAP already covered: 50 datagrams of 40 NACKs each queued
-            # 2,000 identical GAPs.
+            # Once per RTO for what a GAP already covered: every datagram of a NACK round names
+            # the same range, and each would queue the same GAP.
             self.control.append(wire.gap_msg(peer.node, self.stream.epoch, first, lost_end))
             self.stats["gaps_sent"] += 1
             peer.gap_upto = max(peer.gap_upto, lost_end)
