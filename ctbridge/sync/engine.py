@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ctbridge.conntrack import codec
-from ctbridge.conntrack.codec import Entry, Event
 from ctbridge.sync import wire
 from ctbridge.sync.diff import Diffs
 from ctbridge.sync.events import (
@@ -74,7 +72,7 @@ from ctbridge.sync.session import NONCE_LIFETIME, Sessions
 from ctbridge.sync.stats import new_stats
 from ctbridge.sync.stream import Clock, Stream
 
-# the names callers imported from here before the parts had modules of their own
+# also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
            "EngineEvent", "EpochChanged", "ExternalFlow", "Heard", "KernelOp", "LimitReached", "LinkReport", "Peer",
            "PeerRestarted", "PeerSilent", "Role", "seconds_of"]
@@ -88,6 +86,10 @@ Handler = Callable[[Peer, Any, int, float], bool]  # (peer, message, datagram's 
 
 
 class Engine:
+    """One node's replication: its parts (attributes ``internal_cache``, ``external_caches``,
+    ``sessions``, ``receiver``, ``recovery``, ``sender``, ``heartbeat``, ``diffs``, ``stream``)
+    and the inputs and outputs the module's docstring lists."""
+
     def __init__(self, config: EngineConfig, auth: wire.Auth, epoch: int, now: float,
                  clock_offset: float = 0.0, first_seq: int = 1, nonce: int | None = None) -> None:
         """``first_seq``: this epoch's first sequence number (1; a test of the wrap starts near
@@ -117,24 +119,57 @@ class Engine:
         self.diffs = Diffs(self.node_id, self.stats, control, self.internal_cache)
         self._parts: tuple[Any, ...] = (self.internal_cache, self.external_caches, self.recovery, self.sessions,
                                         self.receiver, self.sender, self.heartbeat)
-        external, sessions, recovery = self.external_caches, self.sessions, self.recovery
-        # what a datagram's messages do, by type (its flows: ExternalCaches.take_flows); a type
-        # not here (ALIVE, HELLO, ECHO outside a candidate datagram) changes nothing
-        self._handlers: dict[type, Handler] = {
+        self._handlers = self._dispatch_table()
+        self._complete = self.complete()
+        self._heard: Heard | None = None  # what the last receive_datagram() returned (last_sender)
+        self._offer_entry_points()
+
+    def _dispatch_table(self) -> dict[type, Handler]:
+        """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows); a type
+        not here (ALIVE, HELLO, ECHO outside a candidate datagram) changes nothing."""
+        external, sessions, recovery, diffs = self.external_caches, self.sessions, self.recovery, self.diffs
+        return {
             wire.Delete: external.on_delete,
             wire.Ack: recovery.on_ack,
             wire.Nack: recovery.on_nack,
             wire.Gap: self.receiver.on_gap,
             wire.Resync: sessions.on_resync,
             wire.Challenge: sessions.on_challenge,
-            wire.DigestAsk: self.diffs.on_ask,
-            wire.Digest: self.diffs.on_answer,
-            wire.DigestKeys: self.diffs.on_answer,
+            wire.DigestAsk: diffs.on_ask,
+            wire.Digest: diffs.on_answer,
+            wire.DigestKeys: diffs.on_answer,
             wire.BulkBegin: external.on_bulk_begin,
             wire.BulkEnd: external.on_bulk_end,
         }
-        self._complete = self.complete()
-        self._heard: Heard | None = None  # what the last receive_datagram() returned (last_sender)
+
+    def _offer_entry_points(self) -> None:
+        """The parts' entry points, offered on the front as they are (no call in between:
+        kernel_messages and datagrams_to_send are hot loops). The daemon calls them by these
+        names; tests and benches may call the parts directly."""
+        cache, external, sessions = self.internal_cache, self.external_caches, self.sessions
+        recovery, diffs = self.recovery, self.diffs
+        self.kernel_events = cache.kernel_events
+        self.kernel_messages = cache.kernel_messages
+        self.kernel_expectations = cache.kernel_expectations
+        self.kernel_resync = cache.kernel_resync
+        self.kernel_expect_resync = cache.kernel_expect_resync
+        self.kernel_refresh = cache.kernel_refresh
+        self.flush_internal = cache.flush
+        self.internal_messages = cache.messages
+        self.flush_external = external.flush
+        self.external_messages = external.messages
+        self.external_expectations = external.expectations
+        self.external_keys = external.keys
+        self.commit_records = external.commit_records
+        self.request_resync = sessions.request_resync
+        self.datagrams_to_send = self.sender.datagrams_to_send
+        self.queue_sizes = self.sender.queue_sizes
+        self.heartbeats = self.heartbeat.send
+        self.in_flight = recovery.in_flight
+        self.rto = recovery.rto
+        self.diff_start = diffs.start
+        self.diff_retry = diffs.retry
+        self.diff_result = diffs.result
 
     # --- reading the parts' state -----------------------------------------------------------------
 
@@ -348,68 +383,6 @@ class Engine:
         self.sender.on_timer(now)
         self.external_caches.on_timer(now)
 
-    # --- delegations: the daemon calls these; each is one part's ---------------------------------
-
-    def kernel_events(self, events: list[Event], now: float) -> None:
-        self.internal_cache.kernel_events(events, now)
-
-    def kernel_messages(self, buffers: Sequence[bytes], now: float, skip_portid: int = -1) -> list[bytes]:
-        return self.internal_cache.kernel_messages(buffers, now, skip_portid)
-
-    def kernel_expectations(self, events: list[Event], now: float) -> None:
-        self.internal_cache.kernel_expectations(events, now)
-
-    def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True,
-                      newer: set[bytes] | frozenset[bytes] = frozenset()) -> None:
-        self.internal_cache.kernel_resync(entries, now, announce, newer)
-
-    def kernel_expect_resync(self, entries: list[Entry], now: float, announce: bool = True,
-                             newer: Container[bytes] = frozenset()) -> None:
-        self.internal_cache.kernel_expect_resync(entries, now, announce, newer)
-
-    def kernel_refresh(self, messages: Sequence[bytes], now: float, within: float,
-                       newer: Container[bytes] = frozenset()) -> int:
-        return self.internal_cache.kernel_refresh(messages, now, within, newer)
-
-    def flush_internal(self) -> None:
-        self.internal_cache.flush()
-
-    def internal_messages(self) -> list[tuple[bytes, bytes]]:
-        return self.internal_cache.messages()
-
-    def flush_external(self) -> None:
-        self.external_caches.flush()
-
-    def external_messages(self) -> list[tuple[bytes, bytes]]:
-        return self.external_caches.messages()
-
-    def external_expectations(self, now: float) -> list[tuple[Entry, int]]:
-        return self.external_caches.expectations(now)
-
-    def external_keys(self) -> set[bytes]:
-        return self.external_caches.keys()
-
-    def commit_records(self, now: float) -> list[codec.Record]:
-        return self.external_caches.commit_records(now)
-
-    def request_resync(self, now: float, node: int = 0) -> None:
-        self.sessions.request_resync(now, node)
-
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
-        return self.sender.datagrams_to_send(now)
-
-    def heartbeats(self, now: float, hearing: dict[int, int], links: int) -> list[bytes]:
-        return self.heartbeat.send(now, hearing, links)
-
-    def diff_start(self, node: int, now: float) -> int:
-        return self.diffs.start(node, now)
-
-    def diff_retry(self, request: int) -> None:
-        self.diffs.retry(request)
-
-    def diff_result(self, request: int) -> dict[str, Any] | None:
-        return self.diffs.result(request)
-
     # (read by the daemon's status; the parts hold them: recovery, sender, the two caches)
 
     @property
@@ -419,15 +392,6 @@ class Engine:
     @property
     def srtt(self) -> float | None:
         return self.recovery.srtt
-
-    def rto(self) -> float:
-        return self.recovery.rto()
-
-    def in_flight(self) -> int:
-        return self.recovery.in_flight()
-
-    def queue_sizes(self) -> dict[str, int]:
-        return self.sender.queue_sizes()
 
     def expectation_counts(self) -> tuple[int, int]:
         """(this node's expectations, those learnt from peers): the rest of each cache is flows."""

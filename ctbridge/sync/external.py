@@ -31,7 +31,7 @@ from ctbridge.sync.events import BulkCompleted, EngineEvent, KernelOp, LimitReac
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import EXPECT, MARK, ExternalFlow, Peer
 
-log = logging.getLogger("ctbridge.sync.engine")
+log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
 EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 

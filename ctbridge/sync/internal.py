@@ -28,7 +28,7 @@ from ctbridge.sync.intake import Fast, Intake
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import MARK
 
-log = logging.getLogger("ctbridge.sync.engine")
+log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
 # in kernel_refresh's ``newer``: the whole table was read again while the dump ran (a resync after
 # an overrun), so every flow is newer than the dump (no key is empty)
