@@ -296,13 +296,13 @@ class ExternalCaches:
 
     def expectations(self, now: float) -> list[tuple[Entry, int]]:
         """Every expectation learnt from peers, with what is left of its timeout (whole
-        seconds, at least 1), for a commit after the flows: merged as external_entries."""
+        seconds, at least 1), for a commit after the flows: merged as entries()."""
         cap = expectation.TIMEOUT_MAX
         return [(wire.flow_entry(key, cur.message), max(1, min(cap, int(cur.runs_out() - now + 0.5))))
                 for key, cur in self.merged().items() if key[0] & MARK]
 
     def commit_records(self, now: float) -> list[codec.Record]:
-        """external_entries() for a commit, each flow with what is left of its timeout: until
+        """entries() for a commit, each flow with what is left of its timeout: until
         the peer's timeout, as it last came, runs out plus the expiry margin (at least 1 s: a
         flow past it is gone from the cache at the next expiry pass). Records point into the
         cached messages: nothing is copied until the codec writes the request."""
@@ -318,7 +318,7 @@ class ExternalCaches:
                 if key[0] < MARK]
 
     def messages(self) -> list[tuple[bytes, bytes]]:
-        """(key, FLOW message) of every flow learnt from peers, merged as external_entries does."""
+        """(key, FLOW message) of every flow learnt from peers, merged as entries() does."""
         return [(key, cur.message) for key, cur in self.merged().items() if key[0] < MARK]
 
     def merged(self) -> Mapping[bytes, ExternalFlow]:

@@ -68,7 +68,7 @@ class Sessions:
         self.node_id = config.node_id
         self.bulk_send = bulk_send  # stream our table to a node (0: every peer)
         self.nonce = nonce & 0xFFFFFFFFFFFFFFFF  # this life's challenge start
-        self._nonces = 0  # nonces drawn from it since, one per session a peer started (Peer.nonce)
+        self._nonces = 0  # nonces drawn from it since (_draw_nonce)
         self._resync_all_at = float("-inf")  # when we last asked every peer for a bulk
         self._broadcast = (-1, float("-inf"))  # (nonce, when) of our last challenge to every peer
         self._reclaimed: OrderedDict[int, tuple[int, int]] = OrderedDict()  # node -> (epoch, highest seq)

@@ -501,7 +501,7 @@ def test_a_deletion_resent_under_an_old_number_does_not_make_a_whole_bulk_look_s
     sequence number goes from 10 to 7, before BULK_BEGIN: the flow no longer counts as mentioned
     since the bulk began, 10 of 11 arrived, and B drops a whole, correct bulk, stays incomplete
     and asks for another (under steady churn and loss, each may end the same way). In
-    Engine._apply, a tombstone should keep the highest sequence number that mentioned the flow."""
+    ExternalCaches.on_delete, a tombstone should keep the highest sequence number that mentioned the flow."""
     lab = Lab(2, pairwise=True)
     a, b = lab.engines[1], lab.engines[2]
     for i in range(10):
