@@ -55,6 +55,7 @@ from ctbridge.sync.events import (
     KernelOp,
     LimitReached,
     LinkReport,
+    PeerReport,
     PeerRestarted,
     PeerSilent,
     Role,
@@ -75,7 +76,7 @@ from ctbridge.sync.stream import Clock, Stream
 # also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
            "EngineEvent", "EpochChanged", "ExternalFlow", "Heard", "KernelOp", "LimitReached", "LinkReport", "Peer",
-           "PeerRestarted", "PeerSilent", "Role", "seconds_of"]
+           "PeerReport", "PeerRestarted", "PeerSilent", "Role", "seconds_of"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,13 @@ class Engine:
     def live_peers(self) -> list[int]:
         """The node ids of peers whose session is proven and that are heard (not silent)."""
         return [p.node for p in self.peers.values() if p.proven and p.alive]
+
+    def peer_reports(self, now: float) -> list[PeerReport]:
+        """Every peer, as the daemon's status shows it."""
+        return [PeerReport(p.node, p.epoch, p.alive, p.synced, p.proven, len(p.refused), sorted(p.limits),
+                           len(p.external), now - p.last_heard, p.restarts, p.bulks, p.refused_total,
+                           dict(p.rejected), p.rx.missing() if p.rx is not None else None)
+                for p in self.peers.values()]
 
     def peer_flow(self, node: int, key: bytes) -> bytes | None:
         """The FLOW message ``node``'s copy holds for ``key``; None if none."""

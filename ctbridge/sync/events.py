@@ -37,6 +37,25 @@ class Heard(NamedTuple):
     link: int | None
 
 
+class PeerReport(NamedTuple):
+    """One peer as the daemon's status shows it (Engine.peer_reports)."""
+
+    node: int
+    epoch: int  # of its session (-1: none yet)
+    alive: bool  # heard within peer_timeout
+    synced: bool  # a bulk completed and nothing was lost since
+    proven: bool  # its session answered our challenge
+    refused: int  # flows of it our filters refuse now (by key)
+    limits: list[str]  # caps hit since its last bulk that make its copy incomplete
+    entries: int  # flows in its copy
+    last_heard: float  # seconds since it was last heard
+    restarts: int
+    bulks: int
+    refused_total: int  # flows of it our filters refused, ever
+    rejected: dict[str, int]  # its authentic datagrams refused, by reason
+    gap: tuple[int, int] | None  # the first gap open in its stream
+
+
 class EpochChanged(NamedTuple):
     """This node's sequence numbers ran out and a new epoch began: the adapter must keep it (the
     next start must begin above it)."""

@@ -343,6 +343,24 @@ def test_a_reload_counts_the_flows_it_refuses_for_the_peer_as_arrival_does() -> 
     assert counts == [(1, 1), (1, 1)]
 
 
+def test_the_daemon_reads_peers_through_live_peers_peer_flow_and_peer_reports() -> None:
+    lab = Lab(3)
+    lab.event(1, EventKind.NEW, flow(1))
+    lab.run(1)
+    c = lab.engines[3]
+    assert sorted(c.live_peers()) == [1, 2]
+    held = c.peers[1].external[flow(1).key].message
+    assert c.peer_flow(1, flow(1).key) == held == lab.engines[1].internal[flow(1).key]
+    assert c.peer_flow(2, flow(1).key) is None and c.peer_flow(9, flow(1).key) is None
+    report = {r.node: r for r in c.peer_reports(lab.now + 2)}[1]
+    assert (report.epoch, report.alive, report.proven, report.synced, report.entries, report.gap) == (
+        lab.epochs[1], True, True, True, 1, None)
+    assert report.last_heard >= 2 and report.rejected == c.peers[1].rejected and report.bulks == 1
+    lab.drop = lambda src, dst, data: src == 1  # node 1 goes silent: no longer live
+    lab.run(c.config.peer_timeout + 1)
+    assert sorted(c.live_peers()) == [2]
+
+
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
     from ctbridge.sync.engine import Engine, EngineConfig
     tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
