@@ -7,7 +7,7 @@ buckets, at most wire.DIGEST_KEYS_MAX keys, in parts), and the asker lists what 
 extra, stale or refused. A peer answers each kind of question at most once per DIGEST_INTERVAL
 (each answer is a pass over its table).
 
-Imports: ctbridge.sync (wire, digest, sequence, internal, peer).
+Imports: ctbridge.sync (wire, digest, sequence, shared, internal, peer).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ctbridge.sync import digest, wire
 from ctbridge.sync.internal import InternalCache
 from ctbridge.sync.peer import Peer
 from ctbridge.sync.sequence import SEQ_MAX
+from ctbridge.sync.shared import Part, Shared
 
 DIFF_KEPT = 16  # comparisons remembered (the oldest is forgotten)
 DIFF_LIFETIME = 30.0  # seconds a comparison takes answers (`ctbridge diff` waits 10)
@@ -46,13 +47,11 @@ class _Diff:
         self.result: dict[str, Any] | None = None
 
 
-class Diffs:
+class Diffs(Part):
     """Comparisons this node asked for, and its answers to peers' questions."""
 
-    def __init__(self, node_id: int, stats: dict[str, int], control: list[bytes], cache: InternalCache) -> None:
-        self.node_id = node_id
-        self.stats = stats
-        self.control = control
+    def __init__(self, shared: Shared, cache: InternalCache) -> None:
+        super().__init__(shared)
         self.cache = cache  # what we answer with: this node's table
         self._diffs: OrderedDict[int, _Diff] = OrderedDict()  # request -> comparison (start)
         self._diff_request = 0

@@ -31,8 +31,9 @@ receiver learns from a peer is kept per peer (the external caches); a bulk trans
 The parts, one module each: internal (this node's table, intake, refresh sweeps), external (the
 peers' copies), session (proving a peer's epoch), receiver (ACK, NACK, GAP taken), recovery (RTT,
 window, loss, probes), sender (packing, bulks, resends), stream (numbers, epochs, sealing),
-heartbeat (redundant links), diff (`ctbridge diff`). They share the peers, the counters and the
-control queue; a part calls another only through a callback given here, never this module.
+heartbeat (redundant links), diff (`ctbridge diff`). They share what ctbridge.sync.shared holds (the
+peers, the counters, the control queue, ...); a part calls another only through a callback given
+here, or one it was given (the sender: the caches, recovery, the receiver), never this module.
 
 Imports: every module of ctbridge.sync; ctbridge.conntrack's codec (types).
 """
@@ -70,8 +71,8 @@ from ctbridge.sync.receiver import Receiver
 from ctbridge.sync.recovery import Recovery
 from ctbridge.sync.sender import Sender
 from ctbridge.sync.session import NONCE_LIFETIME, Sessions
-from ctbridge.sync.stats import new_stats
-from ctbridge.sync.stream import Clock, Stream
+from ctbridge.sync.shared import Part, Shared
+from ctbridge.sync.stream import Stream
 
 # also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
@@ -99,27 +100,21 @@ class Engine:
         self.config = config
         self.node_id = config.node_id
         self._own_id = self.node_id.to_bytes(4, "big")  # as the header carries it
-        self.peers: dict[int, Peer] = {}
-        self.stats = new_stats()
-        self._events: list[EngineEvent] = []
-        self._kernel_ops: list[KernelOp] = []
-        self.clock = Clock(now)
         self.stream = Stream(self.node_id, epoch, auth, clock_offset, first_seq, self._new_epoch)
-        self.internal_cache = InternalCache(config, self.stats)
+        shared = Shared(config, self.stream, now)
+        self.peers, self.stats, self.clock = shared.peers, shared.stats, shared.clock
+        self._events, self._kernel_ops, self._control = shared.events, shared.kernel_ops, shared.control
+        self.internal_cache = InternalCache(shared)
         self.intake = self.internal_cache.intake
-        self.external_caches = ExternalCaches(config, self.stats, self.peers, self._kernel_ops, self._events, now)
-        control = [wire.alive_msg()]  # the control queue, shared: datagram 1 goes out at once, with HELLO
-        self._control = control
-        self.recovery = Recovery(config, self.stats, self.peers, control, self.stream, self.clock, self.bulk_send)
-        self.sessions = Sessions(config, self.stats, self.peers, control, self._events, self.stream, self.clock,
-                                 epoch if nonce is None else nonce, self.bulk_send)
-        self.receiver = Receiver(config, self.stats, control, self.sessions.ask_for_bulk)
-        self.sender = Sender(config, self.stats, self.peers, control, self.stream, self.clock, self.internal_cache,
-                             self.recovery, self.receiver)
-        self.heartbeat = Heartbeats(config, self.stats, self.peers, self._events, self.stream)
-        self.diffs = Diffs(self.node_id, self.stats, control, self.internal_cache)
-        self._parts: tuple[Any, ...] = (self.internal_cache, self.external_caches, self.recovery, self.sessions,
-                                        self.receiver, self.sender, self.heartbeat)
+        self.external_caches = ExternalCaches(shared, now)
+        self.recovery = Recovery(shared, self.bulk_send)
+        self.sessions = Sessions(shared, epoch if nonce is None else nonce, self.bulk_send)
+        self.receiver = Receiver(shared, self.sessions.ask_for_bulk)
+        self.sender = Sender(shared, self.internal_cache, self.recovery, self.receiver)
+        self.heartbeat = Heartbeats(shared)
+        self.diffs = Diffs(shared, self.internal_cache)
+        self._parts: tuple[Part, ...] = (self.internal_cache, self.external_caches, self.recovery, self.sessions,
+                                         self.receiver, self.sender, self.heartbeat, self.diffs)
         self._handlers = self._dispatch_table()
         self._complete = self.complete()
         self._heard: Heard | None = None  # what the last receive_datagram() returned (last_sender)

@@ -16,7 +16,7 @@ rules for taking it.
 take_flows() is a measured hot loop (bench/engine.py: B's side): inline, one dict operation per
 flow and no call per flow except to admit a flow new to the copy.
 
-Imports: ctbridge.conntrack (codec, expectation), ctbridge.sync (wire, events, options, peer).
+Imports: ctbridge.conntrack (codec, expectation), ctbridge.sync (wire, events, peer, shared).
 """
 
 from __future__ import annotations
@@ -27,28 +27,22 @@ from collections.abc import Mapping
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry
 from ctbridge.sync import wire
-from ctbridge.sync.events import BulkCompleted, EngineEvent, KernelOp, LimitReached
-from ctbridge.sync.options import EngineConfig
+from ctbridge.sync.events import BulkCompleted, KernelOp, LimitReached
 from ctbridge.sync.peer import EXPECT, MARK, ExternalFlow, Peer
+from ctbridge.sync.shared import Part, Shared
 
 log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
 EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 
 
-class ExternalCaches:
+class ExternalCaches(Part):
     """Every peer's copy (``Peer.external``, with its tombstones and refused keys), and the
     expiry and tombstone sweeps over them."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], peers: dict[int, Peer],
-                 kernel_ops: list[KernelOp], events: list[EngineEvent], now: float) -> None:
-        self.config = config
-        self.stats = stats
-        self.peers = peers
-        self.kernel_ops = kernel_ops
-        self.events = events
-        self.node_id = config.node_id
-        self._next_sweep = now + config.tombstone_ttl
+    def __init__(self, shared: Shared, now: float) -> None:
+        super().__init__(shared)
+        self._next_sweep = now + self.config.tombstone_ttl
         self._expiry_at = now + self._expiry_pass()
         self._expiry_work: list[tuple[Peer, list[bytes]]] = []  # an expiry pass under way
 

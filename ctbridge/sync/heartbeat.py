@@ -2,28 +2,21 @@
 (sequence number wire.HEARTBEAT_SEQ, so one that overtakes data on a slower link opens no gap),
 saying on which links this node hears each peer. ctbridge.sync.links chooses the link from them.
 
-Imports: ctbridge.sync (wire, events, options, peer, stream).
+Imports: ctbridge.sync (wire, events, shared).
 """
 
 from __future__ import annotations
 
 from ctbridge.sync import wire
-from ctbridge.sync.events import EngineEvent, Heard, LinkReport
-from ctbridge.sync.options import EngineConfig
-from ctbridge.sync.peer import Peer
-from ctbridge.sync.stream import Stream
+from ctbridge.sync.events import Heard, LinkReport
+from ctbridge.sync.shared import Part, Shared
 
 
-class Heartbeats:
+class Heartbeats(Part):
     """Heartbeat rounds sent, and the peers' heartbeats taken."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], peers: dict[int, Peer], events: list[EngineEvent],
-                 stream: Stream) -> None:
-        self.config = config
-        self.stats = stats
-        self.peers = peers
-        self.events = events
-        self.stream = stream
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
         self._round = 0  # number of the last heartbeat round sent
 
     def send(self, now: float, hearing: dict[int, int], links: int) -> list[bytes]:

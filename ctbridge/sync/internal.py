@@ -11,7 +11,7 @@ copy otherwise (ctbridge.sync.external).
 kernel_messages() and kernel_refresh() are measured hot loops (bench/engine.py, bench/sync.py):
 one dict operation per flow, no call per flow beyond the intake's decoder.
 
-Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, options, peer).
+Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, peer, shared).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.intake import Fast, Intake
-from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import MARK
+from ctbridge.sync.shared import Part, Shared
 
 log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
@@ -36,13 +36,13 @@ EVERYTHING = b""
 REFRESH_SLACK = 1.0  # seconds: timeouts are whole seconds, so a deadline moved less is no refresh
 
 
-class InternalCache:
+class InternalCache(Part):
     """This node's flows and expectations (``table``: key -> message), when peers' copies run
     out (``told``), and what waits to go out (``pending``)."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int]) -> None:
-        self.config = config
-        self.stats = stats
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
+        config = self.config
         # key -> the flow's FLOW message (version + attributes), encoded once per change so that
         # sending, resending and bulk transfers only join bytes
         self.table: dict[bytes, bytes] = {}

@@ -5,7 +5,7 @@ everything), what it gives up on (a peer's GAP, or too much held beyond a gap), 
 A NACK round is one control entry (its NACKs and the ACK that says how far they cover travel in
 one datagram); a newer one replaces a round, or an ACK, still queued.
 
-Imports: ctbridge.sync (wire, sequence, options, peer).
+Imports: ctbridge.sync (wire, sequence, peer, shared).
 """
 
 from __future__ import annotations
@@ -13,22 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ctbridge.sync import wire
-from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import Peer
 from ctbridge.sync.sequence import ReceiveWindow
+from ctbridge.sync.shared import Part, Shared
 
 NACK_RANGES = 32  # gaps one NACK round asks for (8 bytes each on the wire)
 
 
-class Receiver:
+class Receiver(Part):
     """Acknowledgements and NACK rounds for every peer's stream (``Peer.rx``)."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], control: list[bytes],
-                 ask_for_bulk: Callable[[Peer, float], None]) -> None:
-        self.config = config
-        self.stats = stats
-        self.control = control
-        self.node_id = config.node_id
+    def __init__(self, shared: Shared, ask_for_bulk: Callable[[Peer, float], None]) -> None:
+        super().__init__(shared)
         self.ask_for_bulk = ask_for_bulk  # RESYNC to a peer whose stream we gave up on
 
     def replayed(self, peer: Peer, rx: ReceiveWindow, seq: int, now: float) -> None:

@@ -21,7 +21,7 @@ Rules:
 5. Probe (RFC 9002 6.2): data unacknowledged and nothing acknowledged for a probe timeout
    (2 RTO, doubled per unanswered probe, at most alive_interval): resend the newest datagram.
 
-Imports: ctbridge.sync (wire, sequence, options, peer, stream).
+Imports: ctbridge.sync (wire, sequence, peer, shared).
 """
 
 from __future__ import annotations
@@ -30,23 +30,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ctbridge.sync import wire
-from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import Peer
 from ctbridge.sync.sequence import ResendQueue
-from ctbridge.sync.stream import Clock, Stream
+from ctbridge.sync.shared import Part, Shared
 
 
-class Recovery:
+class Recovery(Part):
     """RTT estimate, congestion window, what is kept for resending and what is due again."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], peers: dict[int, Peer], control: list[bytes],
-                 stream: Stream, clock: Clock, bulk_send: Callable[[float, int], None]) -> None:
-        self.config = config
-        self.stats = stats
-        self.peers = peers
-        self.control = control
-        self.stream = stream
-        self.clock = clock
+    def __init__(self, shared: Shared, bulk_send: Callable[[float, int], None]) -> None:
+        super().__init__(shared)
+        config = self.config
         self.bulk_send = bulk_send  # a bulk to a peer that lost what is no longer kept
         self.kept = ResendQueue(config.resend_limit)  # seq -> (flow keys, controls) for resending
         self.resends: OrderedDict[tuple[int, int | None], None] = OrderedDict()  # (seq, destination) to resend
@@ -59,7 +53,7 @@ class Recovery:
         # seq -> when first sent (data datagrams still kept), in sequence order: released from the front
         self.sent_at: OrderedDict[int, float] = OrderedDict()
         self.resent_at: dict[tuple[int, int], float] = {}  # (seq, peer node; 0: all) -> when last resent
-        self._probe_from = clock.latest  # when acknowledgements last moved the window (or the last probe)
+        self._probe_from = self.clock.latest  # when acknowledgements last moved the window (or the last probe)
         self._probes = 0  # probes since then: each waits twice as long as the one before
         # what one datagram's ACKs and NACKs said (on_ack, on_nack), taken at its end (end_of_datagram)
         self._nacked: list[tuple[int, int]] | None = None

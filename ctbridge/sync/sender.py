@@ -10,7 +10,7 @@ datagrams_to_send() and _fill_bulk() are measured hot loops (bench/engine.py: A'
 flows are joined inline, one dict operation per flow and no call per flow except for an
 expectation (its timeout is rewritten) or a deletion (its DELETE is encoded).
 
-Imports: ctbridge.sync (wire, events, options, peer, stream, internal, recovery, receiver).
+Imports: ctbridge.sync (wire, events, peer, sequence, shared, internal, recovery, receiver).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from collections import deque
 from ctbridge.sync import wire
 from ctbridge.sync.events import Role
 from ctbridge.sync.internal import InternalCache
-from ctbridge.sync.options import EngineConfig
-from ctbridge.sync.peer import MARK, Peer
+from ctbridge.sync.peer import MARK
 from ctbridge.sync.receiver import Receiver
 from ctbridge.sync.recovery import Recovery
 from ctbridge.sync.sequence import SEQ_MAX
-from ctbridge.sync.stream import Clock, Stream
+from ctbridge.sync.shared import Part, Shared
 
 # Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
 # or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
@@ -44,27 +43,21 @@ class _Bulk:
         self.begun = False
 
 
-class Sender:
+class Sender(Part):
     """The control queue, bulk transfers and the packing of datagrams."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], peers: dict[int, Peer], control: list[bytes],
-                 stream: Stream, clock: Clock, cache: InternalCache, recovery: Recovery, receiver: Receiver) -> None:
-        self.config = config
-        self.stats = stats
-        self.peers = peers
-        self.stream = stream
-        self.clock = clock
+    def __init__(self, shared: Shared, cache: InternalCache, recovery: Recovery, receiver: Receiver) -> None:
+        super().__init__(shared)
         self.cache = cache
         self.recovery = recovery
         self.receiver = receiver
         self.role = Role.BACKUP
-        self.control = control  # control messages waiting, in order (every part adds to it)
         self._bulks: deque[_Bulk] = deque()
         self._bulk_id = 0
         self._overflow_seen = 0
         self._overflow_bulk = False
-        self._overflow_bulk_at = clock.latest
-        self.last_send = clock.latest - config.alive_interval  # so the HELLO goes out at once
+        self._overflow_bulk_at = self.clock.latest
+        self.last_send = self.clock.latest - self.config.alive_interval  # so the HELLO goes out at once
 
     def output_waiting(self) -> bool:
         """Something can go out now: control messages, resends, or flows the window has room for."""

@@ -27,7 +27,7 @@ Rules (each enforced below; tests/unit/test_sessions.py and test_attacker.py try
    holding no flow is given back, with its replay floor (epoch, highest number) remembered for
    RECLAIMED_KEPT nodes: a replay of it is still refused.
 
-Imports: ctbridge.sync (wire, sequence, events, options, peer, stream).
+Imports: ctbridge.sync (wire, sequence, events, peer, shared).
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ctbridge.sync import wire
-from ctbridge.sync.events import EngineEvent, PeerRestarted
-from ctbridge.sync.options import EngineConfig
+from ctbridge.sync.events import PeerRestarted
 from ctbridge.sync.peer import Peer
 from ctbridge.sync.sequence import ReceiveWindow
-from ctbridge.sync.stream import Clock, Stream
+from ctbridge.sync.shared import Part, Shared
 
 RECLAIMED_KEPT = 1024  # node ids whose slots were given back, remembered with their replay floor
 NONCE_LIFETIME = 1.0  # seconds an answer to a challenge is taken after the challenge went out: an
@@ -52,20 +51,11 @@ CHALLENGE_RETRY = 0.1  # seconds: challenge a peer again whose answer (ECHO) has
 # cost 0.1 s instead of a bulk retry of 3 s
 
 
-class Sessions:
+class Sessions(Part):
     """Challenges, answers and epochs of every peer; bulk requests (RESYNC) sent and taken."""
 
-    def __init__(self, config: EngineConfig, stats: dict[str, int], peers: dict[int, Peer], control: list[bytes],
-                 events: list[EngineEvent], stream: Stream, clock: Clock, nonce: int,
-                 bulk_send: Callable[[float, int], None]) -> None:
-        self.config = config
-        self.stats = stats
-        self.peers = peers
-        self.control = control
-        self.events = events
-        self.stream = stream
-        self.clock = clock
-        self.node_id = config.node_id
+    def __init__(self, shared: Shared, nonce: int, bulk_send: Callable[[float, int], None]) -> None:
+        super().__init__(shared)
         self.bulk_send = bulk_send  # stream our table to a node (0: every peer)
         self.nonce = nonce & 0xFFFFFFFFFFFFFFFF  # this life's challenge start
         self._nonces = 0  # nonces drawn from it since (_draw_nonce)

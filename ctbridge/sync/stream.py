@@ -61,13 +61,3 @@ class Stream:
         well before the counter runs out."""
         self.sealed += 1
         return wire.datagram(header, payload, self.auth, self.sealed)
-
-
-class Clock:
-    """The newest ``now`` the engine was given (its inputs may come with a ``now`` older than an
-    earlier one: every part reads the newest)."""
-
-    __slots__ = ("latest",)
-
-    def __init__(self, now: float) -> None:
-        self.latest = now

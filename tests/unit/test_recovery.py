@@ -10,8 +10,8 @@ from ctbridge.sync import wire
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import Peer
 from ctbridge.sync.recovery import Recovery
-from ctbridge.sync.stats import new_stats
-from ctbridge.sync.stream import Clock, Stream
+from ctbridge.sync.shared import Clock, Shared
+from ctbridge.sync.stream import Stream
 
 CONFIG = EngineConfig(node_id=1, initial_window=10, min_window=2, max_window=100, initial_rtt=0.02,
                       min_resend_interval=0.01, max_resend_interval=0.5, alive_interval=1.0)
@@ -19,16 +19,16 @@ CONFIG = EngineConfig(node_id=1, initial_window=10, min_window=2, max_window=100
 
 def recovery(sent: int, now: float = 0.0) -> tuple[Recovery, Peer, Clock, list[tuple[float, int]]]:
     """A Recovery whose node sent datagrams 1..``sent`` at ``now`` to one live peer (node 2)."""
-    clock = Clock(now)
     stream = Stream(1, 1, wire.Auth([bytes(32)]), 0.0, 1, lambda: None)
-    peers: dict[int, Peer] = {}
+    shared = Shared(CONFIG, stream, now)
+    shared.control.clear()
     bulks: list[tuple[float, int]] = []
-    rec = Recovery(CONFIG, new_stats(), peers, [], stream, clock, lambda t, node: bulks.append((t, node)))
-    peer = peers[2] = Peer(2, now)
+    rec = Recovery(shared, lambda t, node: bulks.append((t, node)))
+    peer = shared.peers[2] = Peer(2, now)
     peer.epoch, peer.alive = 7, True
     for _ in range(sent):
         rec.on_sent(stream.next_seq(), (b"key",), b"", now)
-    return rec, peer, clock, bulks
+    return rec, peer, shared.clock, bulks
 
 
 def test_slow_start_then_one_halving_per_round_of_losses_then_one_more_per_round_trip() -> None:
