@@ -2,7 +2,8 @@
 
 - engine: the front (Engine): owns the parts below, dispatches a datagram's messages through a
   table, combines their deadlines. events: what it hands out (Role, KernelOp, Heard, events).
-  options: EngineConfig. stats: the counters. peer: Peer, ExternalFlow.
+  options: EngineConfig. stats: the counters. peer: Peer, ExternalFlow. shared: what the parts
+  share (Shared) and their base (Part).
 - internal: this node's table (kernel events, dumps, refresh sweeps, what waits to go out).
 - external: the peers' copies (admission, filters, caps, tombstones, bulk completion, commit
   records, expiry).
