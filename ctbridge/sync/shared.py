@@ -27,6 +27,9 @@ class Clock:
 
 
 class Shared:
+    """One engine's shared state: every part holds the same objects (one counter dict, one peers
+    dict, one control queue), so what one part adds the others and the front see."""
+
     __slots__ = ("clock", "config", "control", "events", "kernel_ops", "peers", "stats", "stream")
 
     def __init__(self, config: EngineConfig, stream: Stream, now: float) -> None:
