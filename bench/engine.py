@@ -57,7 +57,7 @@ def run_once(flows: list[Entry], algorithm: str, encrypt: str = "off") -> dict[s
     start = time.perf_counter()
     a.kernel_events([Event(EventKind.NEW, e, 0) for e in flows], 0.0)
     ingest = time.perf_counter() - start
-    a.drop_pending()  # measure the bulk path below, not the event path twice
+    a.internal_cache.drop_pending()  # measure the bulk path below, not the event path twice
     a.bulk_send(0.0, 0)
     gc.disable()
     try:

@@ -139,7 +139,7 @@ def sweeps(table: KernelTable, entries: list[Any], repeat: int) -> tuple[float, 
         start = time.perf_counter()
         messages = table.dump_messages()
         engine.kernel_refresh(messages, now, within=15.0)
-        engine.drop_pending()
+        engine.internal_cache.drop_pending()
         return time.perf_counter() - start
     quiet = best(repeat, lambda: sweep(0.0))
     due = []

@@ -1,9 +1,23 @@
-"""The sync protocol, pure: the engine (caches, peers, retransmission, flow control), sequence
-windows, the wire format and its authentication, the flow filter, the event fast path (intake),
-the sums by bucket that compare two copies of a table (digest) and the choice among redundant
-sync links (links).
+"""The sync protocol, pure. Modules, by what they hold:
+
+- engine: the front (Engine): owns the parts below, dispatches a datagram's messages through a
+  table, combines their deadlines. events: what it hands out (Role, KernelOp, Heard, events).
+  options: EngineConfig. stats: the counters. peer: Peer, ExternalFlow. shared: what the parts
+  share (Shared) and their base (Part).
+- internal: this node's table (kernel events, dumps, refresh sweeps, what waits to go out).
+- external: the peers' copies (admission, filters, caps, tombstones, bulk completion, commit
+  records, expiry).
+- session: proving a peer's epoch (challenges, answers, slots); opens with its rules.
+- receiver: ACKs, NACK rounds and GAPs for the peers' streams.
+- recovery: loss recovery and flow control (RTT, window, resends, probes); opens with its rules.
+- sender: packing datagrams, bulk transfers, resends. stream: numbers, epochs, sealing, header.
+- heartbeat: redundant sync links' heartbeats; links: the choice among them.
+- diff: `ctbridge diff` (digest: the sums by bucket).
+- wire: the format and its authentication; sequence: receive windows, the resend queue;
+  filter: the flow filter; intake: the kernel event fast path.
 
 No I/O, no clock, no asyncio: every input carries its ``now`` (a test fails on an import of
 socket, asyncio, pyroute2, os, subprocess, random, threading or time here). It imports only
-ctbridge.conntrack's codecs (flows, expectations) and constants; the daemon, the tests and the benches import it.
+ctbridge.conntrack's codecs (flows, expectations) and constants; the daemon, the tests and the
+benches import it.
 """

@@ -137,29 +137,10 @@ def _learn(buf: bytes) -> _Plan | None:
     reply = tuple_fields(ct.CTA_TUPLE_REPLY) if ct.CTA_TUPLE_REPLY in attrs else None
     if orig is None or (ct.CTA_TUPLE_REPLY in attrs and reply is None):
         return None
-    state_at = -1
-    if buf[orig[0]] == ct.IPPROTO_TCP and ct.CTA_PROTOINFO in attrs:
-        info = children(attrs[ct.CTA_PROTOINFO])
-        if info is None:
-            return None
-        if ct.CTA_PROTOINFO_TCP in info:
-            tcp = children(info[ct.CTA_PROTOINFO_TCP])
-            if tcp is None:
-                return None
-            if ct.CTA_PROTOINFO_TCP_STATE in tcp:
-                ss, se = tcp[ct.CTA_PROTOINFO_TCP_STATE]
-                if se > ss:
-                    state_at = ss
-    zone_at = -1
-    if ct.CTA_ZONE in attrs:
-        # the key's zone is read where the kernel puts it, third (codec.key_from_attrs): a zone
-        # elsewhere is left to the general path, which reads it the same way
-        if len(top) < 3 or top[2][0] != ct.CTA_ZONE or top[1][0] != ct.CTA_TUPLE_REPLY:
-            return None
-        zs, ze = attrs[ct.CTA_ZONE]
-        if ze - zs != 2:
-            return None
-        zone_at = zs
+    state_at = _tcp_state_at(attrs, children) if buf[orig[0]] == ct.IPPROTO_TCP else -1
+    zone_at = _zone_at(attrs, top)
+    if state_at is None or zone_at is None:
+        return None
     os_, oe = attrs[ct.CTA_TUPLE_ORIG]
     key = operator.itemgetter(slice(zone_at, zone_at + 2) if zone_at >= 0 else slice(0, 0), slice(os_, oe))
     fmt = ["="]
@@ -173,6 +154,40 @@ def _learn(buf: bytes) -> _Plan | None:
                  codec.ranges_getter(ranges), synproxy, keep_no,
                  oe - os_ + 4, codec.timeout_offset(buf, _ATTRS))
     return plan if _agrees(plan, buf) else None
+
+
+def _tcp_state_at(attrs: dict[int, tuple[int, int]],
+                  children: Callable[[tuple[int, int]], dict[int, tuple[int, int]] | None]) -> int | None:
+    """Where a TCP flow's state byte is (-1: it has none); None when the layout has no plan."""
+    if ct.CTA_PROTOINFO not in attrs:
+        return -1
+    info = children(attrs[ct.CTA_PROTOINFO])
+    if info is None:
+        return None
+    if ct.CTA_PROTOINFO_TCP not in info:
+        return -1
+    tcp = children(info[ct.CTA_PROTOINFO_TCP])
+    if tcp is None:
+        return None
+    if ct.CTA_PROTOINFO_TCP_STATE in tcp:
+        ss, se = tcp[ct.CTA_PROTOINFO_TCP_STATE]
+        if se > ss:
+            return ss
+    return -1
+
+
+def _zone_at(attrs: dict[int, tuple[int, int]], top: list[tuple[int, int, int]]) -> int | None:
+    """Where the key's zone is (-1: no zone); None when the layout has no plan. It is read where
+    the kernel puts it, third (codec.key_from_attrs): a zone elsewhere is left to the general
+    path, which reads it the same way."""
+    if ct.CTA_ZONE not in attrs:
+        return -1
+    if len(top) < 3 or top[2][0] != ct.CTA_ZONE or top[1][0] != ct.CTA_TUPLE_REPLY:
+        return None
+    zs, ze = attrs[ct.CTA_ZONE]
+    if ze - zs != 2:
+        return None
+    return zs
 
 
 def _agrees(plan: _Plan, buf: bytes) -> bool:

@@ -67,15 +67,8 @@ class Phase:
 
 
 def control_len(engine: Engine) -> int:
-    """Messages waiting in the engine's control queue (``Engine._control``).
-
-    No public accessor reports it (``queue_sizes()`` has pending, resend and bulk only), and
-    tests/unit/test_engine.py::test_nothing_outside_the_sync_package_reaches_into_the_engine keeps
-    tests from naming the engine's private attributes. The brief of these tests asks for this
-    queue to be bounded, so it is read here, once, read-only, by name; replace this with
-    ``queue_sizes()["control"]`` once the engine reports it."""
-    queue: list[bytes] = getattr(engine, "_control")  # noqa: B009 - see the docstring
-    return len(queue)
+    """Messages waiting in the engine's control queue (Sender.control)."""
+    return len(engine.sender.control)
 
 
 def drain(engine: Engine, now: float, horizon: float) -> tuple[int, int]:
@@ -476,7 +469,7 @@ class Bounds:
         n = len(lab.engines)
         for r, eng in lab.engines.items():
             cfg = eng.config
-            sizes = eng.queue_sizes()
+            sizes = eng.sender.queue_sizes()
             control = control_len(eng)
             control_bound = self.control_limit + self.per_arrival * lab.arrived.get(r, 0)
             self.resend = max(self.resend, sizes["resend"])

@@ -153,7 +153,7 @@ class Lab:
     def differences(self) -> list[str]:
         out = []
         for s, sender in self.engines.items():
-            want = {e.key: e.attrs for e in sender.internal_entries() + sender.internal_expectations()}
+            want = {e.key: e.attrs for e in sender.internal_cache.entries() + sender.internal_cache.expectations()}
             for r, receiver in self.engines.items():
                 if r == s:
                     continue

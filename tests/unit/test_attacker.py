@@ -14,6 +14,7 @@ import pytest
 from ctbridge.conntrack.codec import Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig, KernelOp
+from ctbridge.sync.events import Heard
 from tests.support.attacker import AttackLab, Bounds, Provenance, control_len, peek
 from tests.support.enginelab import Lab, flow, pair_key
 
@@ -369,7 +370,7 @@ def _forgeries(lab: Lab, a: Engine, b: Engine, challenged: dict[int, int]) -> li
     rx = b.peers[1].rx
     assert rx is not None
     t = int(lab.now * 1000)
-    seq = a.sent_upto + 1
+    seq = a.stream.sent_upto + 1
     planted = flow(101, mark=99)  # one of node 1's flows, in a state node 1 never had
     msgs = [
         wire.gap_msg(2, a.epoch, rx.expected, 2**32 - 1),
@@ -410,8 +411,8 @@ def test_a_member_forging_another_members_datagrams_is_refused_every_time() -> N
                     + [Event(EventKind.NEW, flow(150 + i), 0) for i in range(300)], lab.now)
     real = [d for d, _ in a.datagrams_to_send(lab.now)]
     assert len(real) > 10 and peek(real[0]).seq == peek(forged[0]).seq
-    assert [b.receive_datagram(d, lab.now) for d in real] == [1] * len(real)
-    assert [c.receive_datagram(d, lab.now) for d in real] == [1] * len(real)
+    assert [b.receive_datagram(d, lab.now) for d in real] == [Heard(1, None)] * len(real)
+    assert [c.receive_datagram(d, lab.now) for d in real] == [Heard(1, None)] * len(real)
     lab.run(1)
     assert lab.converged() and b.complete(), lab.differences()
     for key in ("bulks_sent", "gaps_sent", "rejected_bounds", "rejected_unproven", "bulks_received",
@@ -434,20 +435,20 @@ def test_the_same_forgeries_by_node_1_itself_are_bounded_where_they_would_harm()
     before = _view(b, 1)
     stats = dict(b.stats)
     for k, version in enumerate((2**63, 2**48)):
-        data = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 1 + k, t),
+        data = wire.datagram(wire.Header(1, a.epoch, a.stream.sent_upto + 1 + k, t),
                              wire.flow_msg(version, flow(101, mark=99)), auth)
         assert b.receive_datagram(data, lab.now) is None
     assert b.stats["rejected_bounds"] == stats["rejected_bounds"] + 2 and _view(b, 1) == before
     rx = b.peers[1].rx
     assert rx is not None
-    gap = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 3, t), wire.gap_msg(2, a.epoch, rx.expected, 2**32 - 1),
-                        auth)
+    gap = wire.datagram(wire.Header(1, a.epoch, a.stream.sent_upto + 3, t),
+                        wire.gap_msg(2, a.epoch, rx.expected, 2**32 - 1), auth)
     b.receive_datagram(gap, lab.now)
     assert b.stats["rejected_bounds"] == stats["rejected_bounds"] + 3 and rx.expected < 2**31
     future = wire.datagram(wire.Header(1, 2**64 - 1, 1, t), wire.hello_msg() + wire.challenge_msg(2, 1), auth)
     assert b.receive_datagram(future, lab.now) is None
     assert b.stats["rejected_unproven"] == stats["rejected_unproven"] + 1 and b.peers[1].epoch == a.epoch
-    empty = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 4, t),
+    empty = wire.datagram(wire.Header(1, a.epoch, a.stream.sent_upto + 4, t),
                           wire.bulk_begin_msg(0, 9) + wire.bulk_end_msg(0, 9, 0), auth)
     b.receive_datagram(empty, lab.now)
     # node 1's next datagrams are taken, but for the two whose numbers its GAP and its empty bulk
@@ -455,13 +456,14 @@ def test_the_same_forgeries_by_node_1_itself_are_bounded_where_they_would_harm()
     a.kernel_events([Event(EventKind.NEW, flow(160 + i), 0) for i in range(120)], lab.now)
     real = [d for d, _ in a.datagrams_to_send(lab.now)]
     assert len(real) > 4
-    assert [b.receive_datagram(d, lab.now) for d in real] == [1, 1, None, None] + [1] * (len(real) - 4)
+    assert [b.receive_datagram(d, lab.now) for d in real] == [Heard(1, None)] * 2 + [None, None] + [Heard(1, None)] * (
+        len(real) - 4)
     assert _view(b, 3) == of_3
     # a NACK flood of node 1's own, while node 2 has datagrams in flight: each is resent once
     # (once per RTO however often it is named), and a probe may be due
     b.kernel_events([Event(EventKind.NEW, flow(200 + i), 0) for i in range(1000)], lab.now)
     lab.step(0.0001)
-    kept, resent, probes = b.queue_sizes()["resend"], b.stats["resent_datagrams"], b.stats["probes"]
+    kept, resent, probes = b.sender.queue_sizes()["resend"], b.stats["resent_datagrams"], b.stats["probes"]
     assert kept >= 100
     for k in range(50):
         b.receive_datagram(_nack_flood(lab, a, b, 1_000_000 + k), lab.now)
@@ -499,7 +501,7 @@ def test_a_deletion_resent_under_an_old_number_does_not_make_a_whole_bulk_look_s
     sequence number goes from 10 to 7, before BULK_BEGIN: the flow no longer counts as mentioned
     since the bulk began, 10 of 11 arrived, and B drops a whole, correct bulk, stays incomplete
     and asks for another (under steady churn and loss, each may end the same way). In
-    Engine._apply, a tombstone should keep the highest sequence number that mentioned the flow."""
+    ExternalCaches.on_delete, a tombstone should keep the highest sequence number that mentioned the flow."""
     lab = Lab(2, pairwise=True)
     a, b = lab.engines[1], lab.engines[2]
     for i in range(10):

@@ -20,12 +20,14 @@ from ctbridge.sync.engine import (
     PeerRestarted,
     PeerSilent,
 )
+from ctbridge.sync.events import Heard
 from ctbridge.sync.filter import FlowFilter
 from tests.support import FIXTURES, ROOT, builders
 from tests.support.enginelab import KEY, Lab, flow
 
-# the sync package and the three modules of ctbridge.conntrack it builds on
-PURE = ("sync/engine", "sync/wire", "sync/sequence", "sync/filter", "sync/intake", "sync/links", "sync/digest",
+# every module of the sync package (found, not listed: a new one is checked too) and the three
+# modules of ctbridge.conntrack it builds on
+PURE = (*sorted(f"sync/{p.stem}" for p in (ROOT / "ctbridge" / "sync").glob("*.py") if p.stem != "__init__"),
         "conntrack/codec", "conntrack/abi", "conntrack/expectation")
 PURE_MODULES = {"ctbridge." + p.replace("/", ".") for p in PURE} | {"ctbridge.sync", "ctbridge.conntrack"}
 FORBIDDEN = {"socket", "asyncio", "pyroute2", "select", "selectors", "threading", "time", "os", "subprocess", "random",
@@ -318,6 +320,47 @@ def test_inject_mode_keeps_a_flow_in_the_kernel_while_another_peer_still_tells_o
     assert [op.key for op in three.kernel_ops() if op.kind == "delete"] == [flow(3).key]
 
 
+def test_a_reload_counts_the_flows_it_refuses_for_the_peer_as_arrival_does() -> None:
+    """A flow a peer holds that a reload's filters refuse is refused as if it came now: counted in
+    flows_refused_policy and in that peer's refused_total (its metric), as a refusal on arrival
+    is. The reload's copy of "drop it from the peer's copy" used to leave refused_total out."""
+    import ipaddress
+    narrow = {1: FlowFilter(accept=(ipaddress.ip_network("198.51.100.1/32"),), ignore=())}
+    flows = [flow(0), flow(60000)]  # sources 198.51.100.1 and .2
+    counts = []
+    for reload in (False, True):
+        lab = Lab(2)
+        if not reload:
+            lab.engines[2].reconfigure(peer_filters=narrow)
+        for f in flows:
+            lab.event(1, EventKind.NEW, f)
+        lab.run(1)
+        b = lab.engines[2]
+        if reload:
+            b.reconfigure(peer_filters=narrow)
+        assert set(b.peers[1].external) == {flows[0].key} and set(b.peers[1].refused) == {flows[1].key}
+        counts.append((b.peers[1].refused_total, b.stats["flows_refused_policy"]))
+    assert counts == [(1, 1), (1, 1)]
+
+
+def test_the_daemon_reads_peers_through_live_peers_peer_flow_and_peer_reports() -> None:
+    lab = Lab(3)
+    lab.event(1, EventKind.NEW, flow(1))
+    lab.run(1)
+    c = lab.engines[3]
+    assert sorted(c.live_peers()) == [1, 2]
+    held = c.peers[1].external[flow(1).key].message
+    assert c.peer_flow(1, flow(1).key) == held == lab.engines[1].internal[flow(1).key]
+    assert c.peer_flow(2, flow(1).key) is None and c.peer_flow(9, flow(1).key) is None
+    report = {r.node: r for r in c.peer_reports(lab.now + 2)}[1]
+    assert (report.epoch, report.alive, report.proven, report.synced, report.entries, report.gap) == (
+        lab.epochs[1], True, True, True, 1, None)
+    assert report.last_heard >= 2 and report.rejected == c.peers[1].rejected and report.bulks == 1
+    lab.drop = lambda src, dst, data: src == 1  # node 1 goes silent: no longer live
+    lab.run(c.config.peer_timeout + 1)
+    assert sorted(c.live_peers()) == [2]
+
+
 def test_giving_up_on_gaps_asks_for_one_bulk_not_one_per_datagram() -> None:
     from ctbridge.sync.engine import Engine, EngineConfig
     tx = Engine(EngineConfig(node_id=1), wire.Auth([KEY]), epoch=1, now=0.0)
@@ -443,9 +486,9 @@ def test_silent_peer_stops_holding_the_resend_queue() -> None:
     for i in range(100):
         lab.event(1, EventKind.NEW, flow(i))
     lab.run(1)
-    assert lab.engines[1].queue_sizes()["resend"] > 0
+    assert lab.engines[1].sender.queue_sizes()["resend"] > 0
     lab.run(6)  # past peer_timeout
-    assert not lab.engines[1].peers[2].alive and lab.engines[1].queue_sizes()["resend"] <= 2  # an ALIVE or two
+    assert not lab.engines[1].peers[2].alive and lab.engines[1].sender.queue_sizes()["resend"] <= 2  # an ALIVE or two
     lab.quiet()
 
 
@@ -478,7 +521,7 @@ def test_sequence_wrap_starts_a_new_epoch_and_keeps_working() -> None:
     # B waited for a gap that could never be filled
     lab.run(5)
     assert lab.engines[2].complete() and lab.engines[2].peers[1].rx.missing() is None  # type: ignore[union-attr]
-    assert lab.engines[1].queue_sizes()["resend"] < 50  # acknowledgements still release it
+    assert lab.engines[1].sender.queue_sizes()["resend"] < 50  # acknowledgements still release it
 
 
 def test_key_rollover_survives_a_key_id_collision() -> None:
@@ -501,9 +544,9 @@ def test_blake2b_keys_longer_than_64_bytes_are_refused() -> None:
 def test_resync_does_not_resend_flows_whose_timeout_only_counted_down() -> None:
     a, _ = _pair()
     a.kernel_resync([flow(i, timeout=3600) for i in range(50)], 0.0)
-    a.drop_pending()
+    a.internal_cache.drop_pending()
     a.kernel_resync([flow(i, timeout=3000 if i else 3600) for i in range(49)] + [flow(49, mark=5)], 1.0)
-    assert a.pending_keys() == [flow(49).key]
+    assert a.internal_cache.pending_keys() == [flow(49).key]
 
 
 def test_resync_keeps_what_events_said_while_the_dump_ran() -> None:
@@ -514,12 +557,12 @@ def test_resync_keeps_what_events_said_while_the_dump_ran() -> None:
     a.kernel_resync([flow(1), flow(2)], 0.0)
     a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=7), 0),
                      Event(EventKind.DESTROY, flow(2), 0)], 1.0)
-    a.drop_pending()
+    a.internal_cache.drop_pending()
     kept = a.internal[flow(1).key]
     a.kernel_resync([flow(1), flow(2)], 2.0, newer={flow(1).key, flow(2).key})
     assert flow(2).key not in a.internal
     assert a.internal[flow(1).key] == kept
-    assert not a.pending_keys()
+    assert not a.internal_cache.pending_keys()
 
 
 def test_the_engine_says_what_happened_to_its_peers() -> None:
@@ -555,13 +598,14 @@ def test_the_engine_says_what_happened_to_its_peers() -> None:
 
 
 def test_nothing_outside_the_sync_package_reaches_into_the_engine() -> None:
-    """The daemon, the tests and the benches use the engine's documented methods and attributes,
-    never one of its underscore ones."""
+    """The daemon, the tests and the benches use the engine's (and its parts') documented methods
+    and attributes, never one of their underscore ones."""
     root = ROOT
-    engine_src = (root / "ctbridge" / "sync" / "engine.py").read_text()
-    private = {n.attr for n in ast.walk(ast.parse(engine_src))
-               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")}
-    assert {"_pending", "_resend", "_bulks"} <= private
+    sources = [path.read_text() for path in (root / "ctbridge" / "sync").glob("*.py")]
+    private = {n.attr for src in sources for n in ast.walk(ast.parse(src))  # the sync objects' own (self._x)
+               if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+               and n.attr.startswith("_") and not n.attr.startswith("__")}
+    assert {"_control", "_bulks", "_told", "_probes"} <= private
     files = [p for d in ("ctbridge", "tests", "bench") for p in (root / d).rglob("*.py")
              if "sync" not in p.relative_to(root).parts]
     touched = []
@@ -605,7 +649,7 @@ def test_a_key_holder_forging_a_gap_to_the_end_or_an_epoch_far_ahead_is_refused(
     wall = 1_700_000_000.0
     stamp = int(wall * 1000)
     gap = wire.gap_msg(2, a.epoch, b.peers[1].rx.expected, 2**32 - 1)  # type: ignore[union-attr]
-    forged = wire.datagram(wire.Header(1, a.epoch, a.sent_upto + 1, stamp), gap, lab.auth)
+    forged = wire.datagram(wire.Header(1, a.epoch, a.stream.sent_upto + 1, stamp), gap, lab.auth)
     b.receive_datagram(forged, lab.now, wall)
     assert b.stats["rejected_bounds"] == 1
     future = wire.datagram(wire.Header(1, 2**64 - 1, 1, stamp), wire.hello_msg(), lab.auth)
@@ -616,7 +660,7 @@ def test_a_key_holder_forging_a_gap_to_the_end_or_an_epoch_far_ahead_is_refused(
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(50)], lab.now)
     real = [d for d, _ in a.datagrams_to_send(lab.now)]
     assert len(real) >= 2
-    assert [b.receive_datagram(d, lab.now) for d in real[1:]] == [1] * (len(real) - 1)
+    assert [b.receive_datagram(d, lab.now) for d in real[1:]] == [Heard(1, None)] * (len(real) - 1)
     assert b.peers[1].rx is not None and b.peers[1].rx.expected < 2**31
 
 
@@ -896,7 +940,7 @@ def test_a_reload_that_narrows_the_filters_takes_what_they_now_refuse_out_of_the
     b.reconfigure(peer_filters={1: FlowFilter(accept=(ipaddress.ip_network("198.51.100.1/32"),), ignore=())})
     assert set(b.peers[1].external) == {flows[0].key}
     assert [op.key for op in b.kernel_ops() if op.kind == "delete"] == [flows[1].key]
-    assert all(e.key != flows[1].key for e in b.external_entries())
+    assert all(e.key != flows[1].key for e in b.external_caches.entries())
     lab.engines[1].bulk_send(lab.now)
     lab.run(1)
     assert b.stats["bulk_count_mismatches"] == 0 and b.complete() and set(b.peers[1].external) == {flows[0].key}
@@ -965,7 +1009,7 @@ def test_a_local_give_up_inside_a_bulk_makes_that_bulk_prove_nothing() -> None:
         run(b, a, 0.0)
     n = 2000
     a.kernel_events([Event(EventKind.NEW, flow(i, timeout=432000), 0) for i in range(n)], 0.0)
-    a.drop_pending()
+    a.internal_cache.drop_pending()
     b.request_resync(1.0)
     run(b, a, 1.0)
     out = a.datagrams_to_send(1.0)
@@ -1001,7 +1045,7 @@ def test_a_stale_gap_does_not_void_a_bulk() -> None:
     a, b = _pair()
     _handshake(a, b, 0.0)
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(50)], 1.0)
-    a.drop_pending()
+    a.internal_cache.drop_pending()
     a.bulk_send(1.0)
     out = a.datagrams_to_send(1.0)
     first = wire.decode(out[0][0], wire.Auth([KEY]))[0].seq

@@ -122,9 +122,9 @@ def test_an_expectation_and_its_end_reach_every_peer_through_loss() -> None:
     for node in (2, 3):
         external = lab.engines[node].peers[1].external
         assert exp().key in external and master().key in external
-        assert lab.engines[node].external_entries() == [master()]  # flows only
+        assert lab.engines[node].external_caches.entries() == [master()]  # flows only
         assert [e for e, _s in lab.engines[node].external_expectations(lab.now)] == [exp()]
-    assert a.internal_entries() == [master()] and a.internal_expectations() == [exp()]
+    assert a.internal_cache.entries() == [master()] and a.internal_cache.expectations() == [exp()]
     assert a.expectation_counts() == (1, 0) and lab.engines[2].expectation_counts() == (0, 1)
     # the data connection came: the kernel ends the expectation, and so do the peers
     lab.loss = 0.3
@@ -155,9 +155,9 @@ def test_a_dump_of_flows_keeps_expectations_and_a_dump_of_expectations_replaces_
     a, b = pair(expectations=True)
     expect_event(a, EventKind.NEW, exp(30002), 0.0)
     a.kernel_resync([master()], 1.0)  # a table re-read after lost events: it has no expectations
-    assert a.internal_expectations() == [exp(30002)]
+    assert a.internal_cache.expectations() == [exp(30002)]
     a.kernel_expect_resync([exp(30002, timeout=290), exp(30004, 40002)], 2.0)
-    assert sorted(e.key for e in a.internal_expectations()) == sorted((exp(30002).key, exp(30004, 40002).key))
+    assert sorted(e.key for e in a.internal_cache.expectations()) == sorted((exp(30002).key, exp(30004, 40002).key))
     deliver(a, b, 2.0)
     # only the countdown of 30002 moved: it was not sent again (its version is the first one's)
     assert b.peers[1].external[exp(30002).key].version == 1
@@ -165,7 +165,7 @@ def test_a_dump_of_flows_keeps_expectations_and_a_dump_of_expectations_replaces_
     deliver(a, b, 3.0)
     assert b.expectation_counts() == (0, 0) and master().key in b.peers[1].external
     a.flush_internal()
-    assert a.internal_expectations() == [] and a.internal_entries() == []
+    assert a.internal_cache.expectations() == [] and a.internal_cache.entries() == []
 
 
 def test_an_expectation_expires_with_its_timeout_plus_the_margin() -> None:
@@ -194,7 +194,7 @@ def test_a_peer_may_not_open_a_pinhole_its_accept_list_refuses() -> None:
     # the sender's own filter: an ignored client's expectations are not replicated at all
     a.reconfigure(flow_filter=FlowFilter(ignore=(ipaddress.ip_network("192.0.2.10/32"),)))
     expect_event(a, EventKind.NEW, exp(30009), 0.0)
-    assert a.internal_expectations() == [exp()]  # 30002, taken before the reload
+    assert a.internal_cache.expectations() == [exp()]  # 30002, taken before the reload
 
 
 # --- found by the adversarial review (each failed before its fix) ---------------------------------
@@ -284,18 +284,18 @@ def test_an_expectation_that_ends_while_its_dump_runs_is_not_brought_back() -> N
     dumped = [exp()]
     expect_event(a, EventKind.DESTROY, exp(), 0.5)
     a.kernel_expect_resync(dumped, 1.0, newer={exp().key})
-    assert a.internal_expectations() == []
+    assert a.internal_cache.expectations() == []
     # and one made while the dump ran is kept, though the dump did not have it
     expect_event(a, EventKind.NEW, exp(30005, 40003), 1.5)
     a.kernel_expect_resync([], 2.0, newer={exp(30005, 40003).key})
-    assert [e.key for e in a.internal_expectations()] == [exp(30005, 40003).key]
+    assert [e.key for e in a.internal_cache.expectations()] == [exp(30005, 40003).key]
 
 
 def test_a_peer_that_hears_of_an_expectation_late_gets_what_is_left_of_it() -> None:
     """A standby that restarted 250 s into a 300 s expectation was given 297 s by the bulk."""
     a, b = pair(expectations=True)
     expect_event(a, EventKind.NEW, exp(timeout=300), 0.0)
-    a.drop_pending()  # b never heard of it
+    a.internal_cache.drop_pending()  # b never heard of it
     a.bulk_send(250.0)
     for _ in range(3):
         deliver(a, b, 250.0)

@@ -28,9 +28,9 @@ def burst(n: int, loss: float = 0.0, seconds: float = 60.0) -> tuple[Lab, float,
     def watched(now: float) -> list[tuple[bytes, int | None]]:
         # new datagrams (new sequence numbers) beyond the room the window had when asked
         nonlocal over
-        room, first = max(0, int(a.window) - a.in_flight()), a.in_flight()
+        room, first = max(0, int(a.recovery.window) - a.recovery.in_flight()), a.recovery.in_flight()
         out = send(now)
-        over = max(over, a.in_flight() - first - room)
+        over = max(over, a.recovery.in_flight() - first - room)
         return out
     a.datagrams_to_send = watched  # type: ignore[method-assign]
     for _ in range(int(seconds / 0.01)):
@@ -77,7 +77,7 @@ def test_a_nack_is_answered_at_most_once_per_rto() -> None:
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(7000)], lab.now)
     for _ in range(50):
         lab.step(0.001)
-    sent = a.in_flight()
+    sent = a.recovery.in_flight()
     assert sent >= 64
     nack = wire.nack_msg(1, a.epoch, 2, 1001)
     forged = wire.datagram(wire.Header(2, b.epoch, 10_000, 0), nack * 2, lab.auth)
@@ -149,7 +149,7 @@ def test_best_effort_mode_is_not_held_back_by_a_window() -> None:
     for i in range(5000):
         lab.event(1, EventKind.NEW, flow(i))
     lab.run(2)
-    assert len(lab.engines[2].peers[1].external) == 5000 and lab.engines[1].in_flight() == 0
+    assert len(lab.engines[2].peers[1].external) == 5000 and lab.engines[1].recovery.in_flight() == 0
 
 
 def test_a_peer_that_cannot_hear_us_does_not_stop_the_others() -> None:
@@ -197,7 +197,7 @@ def test_either_node_restarting_in_the_middle_of_a_burst_under_loss() -> None:
     lab.run(0.02)
     lab.start(1).kernel_resync([flow(i) for i in range(n + 20_000)], lab.now)
     assert _wait(lab, n + 20_000, 30) < 10
-    assert lab.engines[1].window >= lab.engines[1].config.min_window
+    assert lab.engines[1].recovery.window >= lab.engines[1].config.min_window
 
 
 def test_an_attacker_on_the_link_during_a_burst() -> None:
@@ -287,9 +287,9 @@ def test_the_window_never_counts_less_in_flight_than_the_receiver_lacks() -> Non
         a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(5000)], lab.now)
         for _ in range(2000):
             lab.step(0.0005)
-            last = a.sent_upto
+            last = a.stream.sent_upto
             lacking = last - (rx.expected - 1) - sum(1 for s in rx.above if s <= last)
-            assert a.in_flight() >= lacking, (seed, lab.now)
+            assert a.recovery.in_flight() >= lacking, (seed, lab.now)
             if len(b.peers[1].external) == 5000 and lab.converged():
                 break
         assert loss > 0.3 or len(b.peers[1].external) == 5000
@@ -305,7 +305,7 @@ def test_a_forged_nack_of_every_number_costs_nothing_lasting() -> None:
                            wire.nack_msg(1, a.epoch, a.peers[2].acked + 1, 2**32 - 1)
                            + wire.ack_msg(1, a.epoch, a.peers[2].acked, 2**32 - 1), lab.auth)
     a.receive_datagram(forged, lab.now)
-    assert a.in_flight() <= a.stats["tx_datagrams"]  # bounded by what was sent, not by the claim
+    assert a.recovery.in_flight() <= a.stats["tx_datagrams"]  # bounded by what was sent, not by the claim
     begin = lab.now
     for _ in range(400):
         lab.run(0.005)

@@ -42,7 +42,7 @@ def same(buffers: list[bytes], flow_filter: FlowFilter | None = None, skip: int 
     events = [e for b in buffers for e in codec.decode_events(b, skip)]
     general.kernel_events(events, 1.0)
     assert fast.internal == general.internal
-    assert list(fast.pending_keys()) == list(general.pending_keys())
+    assert list(fast.internal_cache.pending_keys()) == list(general.internal_cache.pending_keys())
     assert keys == [e.entry.key for e in events]
     return fast
 

@@ -54,3 +54,23 @@ def test_each_package_imports_only_the_layers_below() -> None:
 def test_every_package_is_in_a_layer() -> None:
     layers = {_layer(p) for p in PKG.rglob("*.py")} - {"__init__", "__main__"}
     assert layers == set(ALLOWED)
+
+
+def test_the_sync_engines_parts_import_neither_its_front_nor_each_other_in_a_cycle() -> None:
+    """ctbridge.sync.engine owns the parts (internal, external, session, recovery, sender, ...):
+    a part reaches the front only through a callback it was given, never by importing it, and
+    the modules of sync/ import one another without a cycle."""
+    sync = PKG / "sync"
+    graph = {p.stem: {m.split(".")[1] for m in _imports(p) if m.startswith("sync.")} for p in sync.glob("*.py")}
+    assert [name for name, deps in graph.items() if "engine" in deps] == []
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        if name not in done:
+            for dep in graph.get(name, set()):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

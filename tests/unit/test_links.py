@@ -8,7 +8,8 @@ import pytest
 from ctbridge.config import settings
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
-from ctbridge.sync.engine import Engine, EngineConfig, LinkReport
+from ctbridge.sync.engine import Engine, EngineConfig
+from ctbridge.sync.events import Heard, LinkReport
 from ctbridge.sync.links import LinkSelector, Switch
 from tests.support.enginelab import KEY, flow
 
@@ -151,11 +152,11 @@ def test_heartbeats_are_fresh_once_per_link_and_reports_reach_the_link_choice() 
     beats = a.heartbeats(0.1, {B: 0b11}, 2)
     assert [len(d) for d in beats] == [EngineConfig(node_id=0).max_datagram] * 2  # padded
     for k, data in enumerate(beats):
-        assert b.receive_datagram(data, 0.1) == 0xA and (b.last_sender, b.last_link) == (0xA, k)
+        assert b.receive_datagram(data, 0.1) == Heard(0xA, k)
     assert b.events().count(LinkReport(0xA, 0b11)) == 2
     replays = b.stats["rejected_replay"]
     for data in beats:  # a replay, however recent, says nothing about a link
-        assert b.receive_datagram(data, 0.2) is None and b.last_sender is None
+        assert b.receive_datagram(data, 0.2) is None
     assert b.stats["rejected_replay"] == replays + 2
     # heartbeats are outside the data stream: nothing to acknowledge, no gap, no sequence number
     assert b.peers[0xA].rx is not None and b.peers[0xA].rx.missing() is None
@@ -186,17 +187,17 @@ def test_path_change_probes_acknowledges_and_asks_for_gaps_at_once() -> None:
     exchange(a, b, 0.0)
     a.kernel_events([new_event(flow(i)) for i in range(200)], 1.0)
     lost = a.datagrams_to_send(1.0)  # all lost on the link that just failed
-    assert lost and a.in_flight() > 0
+    assert lost and a.recovery.in_flight() > 0
     a.path_changed(1.01, B)
     assert a.get_timer() is not None and a.get_timer() <= 1.01  # type: ignore[operator]
     a.handle_timer(1.01)
     probe = a.datagrams_to_send(1.01)
-    assert a.stats["probes"] == 1 and a.stats["path_changes"] == 1 and a.srtt is None
+    assert a.stats["probes"] == 1 and a.stats["path_changes"] == 1 and a.recovery.srtt is None
     for data, _ in probe:
         b.receive_datagram(data, 1.02)
     assert b.stats["nacks_sent"] > 0  # the probe showed b the gap at once
     exchange(a, b, 1.03)
-    assert len(b.external_entries()) == 200
+    assert len(b.external_caches.entries()) == 200
 
 
 def test_config_takes_redundant_links_and_refuses_what_cannot_work() -> None:

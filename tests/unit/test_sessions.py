@@ -105,7 +105,7 @@ def test_a_member_trickling_acknowledgements_does_not_hold_back_the_others() -> 
     add(lab, b, range(10))
     lab.run(5)
     gone = lab.engines.pop(m)
-    seq = gone.sent_upto + 1
+    seq = gone.stream.sent_upto + 1
     sender = lab.engines[b]
     acked = sender.peers[m].acked
     add(lab, b, range(10, 20010))

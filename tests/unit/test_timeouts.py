@@ -107,7 +107,7 @@ def test_a_commit_gives_each_flow_what_is_left_of_it() -> None:
         written = request.new_request(r, 1)
         assert codec.timeout_of(written, 20) == seconds
         assert written == request.new_request(codec.Entry(r.key, r.family, r.attrs), 1)
-    raw = {e.key: e for e in b.external_entries()}  # as they came
+    raw = {e.key: e for e in b.external_caches.entries()}  # as they came
     assert codec.timeout_of(raw[flow(1).key].attrs) == 120
 
 

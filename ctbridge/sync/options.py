@@ -1,0 +1,55 @@
+"""The engine's settings (EngineConfig): one frozen value, replaced whole by Engine.reconfigure.
+ctbridge.config turns a cluster's configuration into it; tests build it directly.
+
+Imports: ctbridge.sync.filter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ctbridge.sync.filter import FlowFilter
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    node_id: int
+    reliable: bool = True  # False: best-effort, no acknowledgements or resends
+    apply_mode: str = "commit"  # "inject": write peers' flows into this kernel as they arrive
+    max_datagram: int = 1452  # bytes: IPv6 minimum path MTU 1500 - 40 (IPv6) - 8 (UDP)
+    ack_every: int = 32  # acknowledge after this many data datagrams ...
+    ack_delay: float = 0.01  # ... or this long after the first unacknowledged one
+    nack_retry: float = 0.03  # ask again for a gap still open after this long (the sender resends a
+    # datagram at most once per RTO, so asking often costs a few bytes, never a flood)
+    alive_interval: float = 1.0  # send something at least this often
+    peer_timeout: float = 5.0  # a peer silent this long stops holding back the resend queue
+    resend_limit: int = 16384  # datagrams kept for resending
+    rx_limit: int = 8192  # datagrams held beyond a gap before the gap is given up on
+    tombstone_ttl: float = 60.0  # how long a deletion outranks late updates of the same flow
+    resync_retry: float = 3.0  # ask again for a bulk transfer that has not completed
+    max_age: float = 0.0  # reject datagrams whose sender time is older than this (0: off)
+    burst: int = 256  # datagrams per datagrams_to_send() call
+    # Flow control (docs/protocol.md, "Loss recovery and flow control"; after RFC 9002 and RFC 6298):
+    initial_window: int = 128  # data datagrams in flight before the first acknowledgement
+    min_window: int = 128  # never below (random loss on a LAN is no congestion to back off from; a
+    # receiver socket buffer of 4 MiB holds 2,800 datagrams)
+    max_window: int = 8192  # datagrams; at most half the resend queue
+    initial_rtt: float = 0.02  # seconds, until the first sample: a dedicated sync link is a LAN (RFC 9002
+    # 6.2.2 suggests 333 ms for the Internet)
+    min_resend_interval: float = 0.01  # a datagram is resent at most once per RTO, kept within these
+    max_resend_interval: float = 0.5
+    max_peers: int = 16  # datagrams from further node ids are dropped (each peer costs state and ACK room)
+    filter: FlowFilter = field(default_factory=FlowFilter)
+    # Receive-side policy and caps (docs/protocol.md, "Threat model"): flows a peer sends that this
+    # node's own filter, or the accept list for that peer, refuses are counted and never stored
+    peer_filters: Mapping[int, FlowFilter] = field(default_factory=dict)  # node id -> what it may send
+    max_entries: int = 0  # flows kept per peer (the daemon: nf_conntrack_max); 0: no cap
+    max_tombstones: int = 65536  # deletions remembered per peer; beyond, the oldest is forgotten (counted)
+    # Expiry (docs/protocol.md, "Timeouts"): a peer's flow is dropped this long after the timeout
+    # it last came with ran out; the peer refreshes what its traffic keeps alive (kernel_refresh).
+    # 0: never (a dead peer's flows stay until a bulk or a flush)
+    expiry_margin: float = 30.0
+    # the helpers' expectations (sync.expectations): sent and taken only when on; a peer's are
+    # refused (refused.policy) when off, so a node that does not use them writes none
+    expectations: bool = False

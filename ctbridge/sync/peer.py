@@ -1,0 +1,116 @@
+"""What this node knows about each other node (Peer) and one flow a peer told it of
+(ExternalFlow): plain records, read and written by the engine's parts (session, receiver,
+recovery, external caches). No behaviour beyond reading a flow's message.
+
+Imports: ctbridge.conntrack (codec, expectation), ctbridge.sync.wire and .sequence.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from ctbridge.conntrack import codec, expectation
+from ctbridge.sync import wire
+from ctbridge.sync.sequence import ReceiveWindow
+
+SERVED_EPOCHS = 8  # epochs of a peer not proven yet whose bulk request we served (once each)
+EXPECT = int(wire.MsgType.EXPECT)  # an EXPECT message's first byte (a FLOW's is FLOW)
+MARK = expectation.EXPECTATION  # a key whose first byte has it is an expectation's
+
+
+class ExternalFlow:
+    """One flow a peer told us about: its FLOW message, the sequence number of the peer's last
+    datagram that mentioned it (bulks drop flows not mentioned since BULK_BEGIN; 0: from a
+    previous life of the peer), and when that version came (its CTA_TIMEOUT counts from then:
+    expiry). ``seq`` and ``heard`` are the datagram's, one object shared by every flow it
+    carried; the version is read from the message, so a cached flow costs its message, its key
+    and this object (bench/failover.py: memory per cached flow)."""
+
+    __slots__ = ("heard", "message", "seq")
+
+    def __init__(self, message: bytes, seq: int, heard: float = 0.0) -> None:
+        self.message = message
+        self.seq = seq
+        self.heard = heard
+
+    @property
+    def version(self) -> int:
+        """The peer's counter for this state; -1 for a flow of the peer's previous life, which
+        anything of its new life outranks."""
+        return wire.flow_version(self.message) if self.seq else -1
+
+    def runs_out(self) -> float:
+        """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
+        return self.heard + seconds_of(self.message)
+
+
+def seconds_of(msg: bytes) -> int:
+    """The timeout a FLOW or EXPECT message came with (their attributes number it differently)."""
+    if msg[0] == EXPECT:
+        return expectation.timeout_of(msg, wire.FLOW_HEADER)
+    return codec.timeout_of(msg, wire.FLOW_HEADER)
+
+
+class Peer:
+    """What this node knows about one other node."""
+
+    def __init__(self, node: int, now: float) -> None:
+        self.node = node
+        self.epoch = -1
+        self.rx: ReceiveWindow | None = None
+        self.external: dict[bytes, ExternalFlow] = {}
+        # key -> (version, until when it outranks late updates, sequence number of the DELETE)
+        self.tombstones: dict[bytes, tuple[int, float, int]] = {}
+        # flows it sent that our policy refused: key -> (version, sequence number), so a bulk counts
+        # them as mentioned; bounded with the external cache by max_entries
+        self.refused: dict[bytes, tuple[int, int]] = {}
+        self.refused_total = 0
+        self.capped = 0  # flows refused by the cap since its last bulk began
+        self.limits: set[str] = set()  # caps hit since its last bulk began that make its copy incomplete
+        self.warned: set[str] = set()  # caps said (LimitReached) since then
+        # Freshness: its current epoch is accepted only once it answered our challenge (ECHO of
+        # our nonce in that epoch); until then nothing it sends is applied
+        self.proven = False
+        self.challenge_at: float | None = None
+        # The challenges whose answers we take: nonce -> when it went out. Each is drawn anew,
+        # taken within NONCE_LIFETIME, and forgotten when a session starts: a captured answer,
+        # or one an attacker held back while the peer restarted, proves nothing later.
+        self.nonces: OrderedDict[int, float] = OrderedDict()
+        self.candidate_at = float("-inf")  # when a datagram of an unproven epoch was last refused
+        self.served: deque[int] = deque(maxlen=SERVED_EPOCHS)  # unproven epochs whose bulk request we served
+        self.ack_queued: bytes | None = None  # our last ACK to it put in the control queue alone
+        self.gap_upto = 0  # the highest of our numbers a GAP to it named (this epoch of ours) ...
+        self.gap_at = float("-inf")  # ... and when
+        self.rejected_at = float("-inf")  # when an authentic datagram of it was last refused
+        # its authentic datagrams (or messages) refused, by the counter's reason (per-peer metrics)
+        self.rejected: dict[str, int] = {"replay": 0, "unproven": 0, "bounds": 0}
+        self.acked = 0  # highest of our sequence numbers this peer acknowledged (our epoch)
+        self.ack_heard = 0  # ... as its own acknowledgements said (``acked`` also starts at what a new
+        # peer cannot have seen): a NACK below it is stale
+        # What its latest NACKs say beyond the acknowledgement (selective acknowledgement, as
+        # RFC 6675 counts the pipe): it has datagrams up to sack_high, but for these ranges
+        self.sack_high = 0
+        self.missing: list[tuple[int, int]] = []
+        self.missing_count = 0
+        # as a receiver: the last NACK round queued, how far it named the gaps, and whether all
+        self.nack_round: bytes | None = None
+        self.round_high = 0
+        self.round_full = True
+        self.acked_at = now  # when that last moved
+        self.ack_sent = 0  # highest of its sequence numbers we acknowledged
+        self.unacked = 0  # data datagrams received since our last acknowledgement
+        self.ack_due: float | None = None
+        self.nack_at = -1.0
+        self.nacked: tuple[int, int] | None = None
+        self.last_heard = now
+        self.alive = False  # True from its first accepted datagram until peer_timeout of silence
+        self.bulk_begin: tuple[int, int] | None = None  # (bulk id, sequence number of BULK_BEGIN)
+        # (bulk id, end seq, begin seq, flows it says it sent) awaiting contiguity
+        self.bulk_end: tuple[int, int, int, int] | None = None
+        self.synced = False  # a bulk transfer completed and no data was lost since
+        self.bulk_dirty = False  # best-effort: datagrams of the current bulk were lost
+        self.given_up = 0  # the highest of its sequence numbers it said (GAP) it cannot resend
+        self.resync_at: float | None = None  # when we last asked it for a bulk transfer
+        self.restarts = 0
+        self.bulks = 0
+        self.heartbeats: dict[int, int] = {}  # link -> number of the last heartbeat taken over it
