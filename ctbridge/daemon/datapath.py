@@ -58,10 +58,9 @@ class Datapath:
         }
 
     def on_datagram(self, data: bytes, addr: tuple[Any, int], link: int) -> None:
-        self.engine.receive_datagram(data, self.loop.time(), time.time())
-        sender = self.engine.last_sender
-        if sender is not None:  # authentic and new: that link carries its traffic
-            self.links.heard(sender, addr, link, self.loop.time(), self.engine.last_link)
+        heard = self.engine.receive_datagram(data, self.loop.time(), time.time())
+        if heard is not None:  # authentic and new: that link carries its traffic
+            self.links.heard(heard.node, addr, link, self.loop.time(), heard.link)
         # the engine's answers go out once the batch read with this datagram is done (after_input)
 
     def start_heartbeats(self) -> None:

@@ -141,13 +141,13 @@ class Handlers:
         (Engine.diff_start: sums by bucket over the sync link, then the keys of the buckets that
         differ): the flows missing here, extra here, or in another state, each as a listing line."""
         want = req.get("peer")
-        live = [p for p in self.engine.peers.values() if p.proven and p.alive]
-        peers = [p for p in live if want is None or f"{p.node:08x}" == str(want).lower()]
+        live = self.engine.live_peers()
+        peers = [node for node in live if want is None or f"{node:08x}" == str(want).lower()]
         if not peers:
-            known = ", ".join(f"{p.node:08x}" for p in live) or "none"
+            known = ", ".join(f"{node:08x}" for node in live) or "none"
             raise ValueError(f"no live peer {want!r} to compare with (live peers: {known})" if want is not None
                              else "no live peer to compare with")
-        started = {p.node: self.engine.diff_start(p.node, self.now()) for p in peers}
+        started = {node: self.engine.diff_start(node, self.now()) for node in peers}
         self.after_input()
         results = await self._diff_results(started)
         out = []
@@ -156,8 +156,8 @@ class Handlers:
             if result is None:
                 out.append({"peer": f"{node:08x}", "answered": False, "equal": False})
                 continue
-            external = self.engine.peers[node].external
-            lines = {what: [describe(k, external[k].message if k in external else None) for k in result[what]]
+            held = self.engine.peer_flow
+            lines = {what: [describe(k, held(node, k)) for k in result[what]]
                      for what in ("missing", "extra", "stale")}
             out.append({"peer": f"{node:08x}", "answered": True, "equal": result["equal"],
                         "theirs": result["theirs"], "ours": result["ours"], **lines,

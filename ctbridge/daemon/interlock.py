@@ -42,7 +42,7 @@ class Interlock:
             alive = await self.backend.answers(now)  # asked on a master too: the stats show it
             return self.engine.role is Role.MASTER or alive
         return failover.may_take_over(self.engine.complete(), self.engine.role,
-                                      heard_a_peer=any(p.proven and p.alive for p in self.engine.peers.values()))
+                                      heard_a_peer=bool(self.engine.live_peers()))
 
     async def run(self) -> None:
         """The track file follows failover.track_value, checked every TRACK_INTERVAL."""

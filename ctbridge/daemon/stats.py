@@ -19,7 +19,7 @@ from ctbridge.daemon import conntrackd, metrics
 from ctbridge.daemon.interlock import Interlock
 from ctbridge.daemon.kernelio import KernelReader, KernelWriter
 from ctbridge.daemon.synclink import SyncLinks
-from ctbridge.sync.engine import Engine
+from ctbridge.sync.engine import Engine, PeerReport
 
 # What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
 STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "backend", "internal", "external", "expectations",
@@ -65,20 +65,21 @@ class Stats:
     kept: dict[str, Any]  # sections()
     clock: Callable[[], float]  # the event loop's
 
-    def peers(self, now: float) -> list[dict[str, Any]]:
-        return [{"node": f"{p.node:08x}", "address": self.links.address(p.node),
-                 "epoch": p.epoch, "alive": p.alive, "synced": p.synced, "proven": p.proven,
-                 "refused": len(p.refused), "limits": sorted(p.limits),
-                 "entries": len(p.external), "last_heard": round(now - p.last_heard, 3),
-                 "restarts": p.restarts, "bulks": p.bulks, "refused_total": p.refused_total,
-                 "rejected": dict(p.rejected),
-                 "gap": p.rx.missing() if p.rx is not None else None}
-                for p in self.engine.peers.values()]
+    def peers(self, reports: list[PeerReport]) -> list[dict[str, Any]]:
+        """Each peer's section of the status, in Engine.peer_reports' order of fields."""
+        out = []
+        for r in reports:
+            fields = r._asdict()
+            del fields["node"]
+            fields["last_heard"] = round(r.last_heard, 3)
+            out.append({"node": f"{r.node:08x}", "address": self.links.address(r.node), **fields})
+        return out
 
     def __call__(self) -> dict[str, Any]:
         e = self.engine
         s = e.stats
         now = self.clock()
+        reports = e.peer_reports(now)
         links = self.links.stats(now)
         track_value = self.interlock.value
         backend = self.backend
@@ -86,7 +87,7 @@ class Stats:
             "node": self.cfg.node.name, "node_id": f"{e.node_id:08x}", "epoch": e.epoch, "role": e.role.value,
             "apply_mode": self.cfg.apply.mode,
             "internal": {"entries": len(e.internal)},
-            "external": {"entries": sum(len(p.external) for p in e.peers.values()), "complete": e.complete()},
+            "external": {"entries": sum(r.entries for r in reports), "complete": e.complete()},
             # the interlock's verdict (external.complete is the engine's: true with no peer heard)
             "interlock": {"value": track_value, "may_take_over": track_value == 0
                           if track_value is not None else None},
@@ -97,7 +98,7 @@ class Stats:
             "refused": {"policy": s["flows_refused_policy"], "cap": s["flows_refused_cap"],
                         "tombstones_dropped": s["tombstones_dropped"],
                         "bulk_count_mismatches": s["bulk_count_mismatches"]},
-            "peers": self.peers(now),
+            "peers": self.peers(reports),
             "queues": {**e.queue_sizes(), "inject": len(self.writer.ops)},
             "flow": {"window": round(e.window, 1), "in_flight": e.in_flight(),
                      "rtt_seconds": round(e.srtt, 6) if e.srtt is not None else None,

@@ -117,7 +117,6 @@ class Engine:
                                          self.receiver, self.sender, self.heartbeat, self.diffs)
         self._handlers = self._dispatch_table()
         self._complete = self.complete()
-        self._heard: Heard | None = None  # what the last receive_datagram() returned (last_sender)
         self._offer_entry_points()
 
     def _dispatch_table(self) -> dict[type, Handler]:
@@ -185,16 +184,6 @@ class Engine:
     @property
     def role(self) -> Role:
         return self.sender.role
-
-    @property
-    def last_sender(self) -> int | None:
-        """Deprecated: receive_datagram() returns it (Heard.node)."""
-        return self._heard.node if self._heard is not None else None
-
-    @property
-    def last_link(self) -> int | None:
-        """Deprecated: receive_datagram() returns it (Heard.link)."""
-        return self._heard.link if self._heard is not None else None
 
     def live_peers(self) -> list[int]:
         """The node ids of peers whose session is proven and that are heard (not silent)."""
@@ -289,7 +278,6 @@ class Engine:
         heartbeat numbered higher than any before over its link), else None."""
         stats = self.stats
         stats["rx_datagrams"] += 1
-        self._heard = None
         self.clock.latest = max(self.clock.latest, now)
         stats["rx_bytes"] += len(data)
         if len(data) > RECEIVE_LIMIT:
@@ -321,8 +309,7 @@ class Engine:
             stats["rejected_bounds"] += 1
             return None
         if header.seq == wire.HEARTBEAT_SEQ:
-            self._heard = self.heartbeat.received(header, flows, messages)
-            return self._heard
+            return self.heartbeat.received(header, flows, messages)
         peer = self.peers.get(header.node)
         if peer is None:
             peer = self.sessions.admit(header, now)
@@ -337,7 +324,7 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
-        heard = self._heard = Heard(peer.node, None)
+        heard = Heard(peer.node, None)
         # the datagram's flows, then its messages through the table (one call per message)
         seq = header.seq
         data_seen = bool(flows)
