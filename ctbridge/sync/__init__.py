@@ -13,8 +13,12 @@
 - sender: packing datagrams, bulk transfers, resends. stream: numbers, epochs, sealing, header.
 - heartbeat: redundant sync links' heartbeats; links: the choice among them.
 - diff: `ctbridge diff` (digest: the sums by bucket).
-- wire: the format and its authentication; sequence: receive windows, the resend queue;
-  filter: the flow filter; intake: the kernel event fast path.
+- wire: datagrams framed and checked (the header, the MAC or seal, then the body), and every
+  wire name in one namespace; header: the datagram header, WireError; msgtypes: the message
+  types and their registry; flows: FLOW, EXPECT, DELETE and decode_body; messages: every other
+  message, its encoder and decoder side by side; auth: keys, MACs, sealing.
+- sequence: receive windows, the resend queue; filter: the flow filter; intake: the kernel
+  event fast path.
 
 No I/O, no clock, no asyncio: every input carries its ``now`` (a test fails on an import of
 socket, asyncio, pyroute2, os, subprocess, random, threading or time here). It imports only

@@ -85,3 +85,34 @@ def test_the_sync_engines_parts_import_neither_its_front_nor_each_other_in_a_cyc
 
     for name in graph:
         visit(name, ())
+
+
+# Sizes a newcomer can read in one sitting (docs/architecture.md): a module, a class's methods,
+# a function. A longer function is allowed only as a measured hot loop that says so.
+MODULE_LINES = 600
+CLASS_METHODS = 30
+FUNCTION_LINES = 80
+HOT_LOOP = "# hot loop"
+
+
+def test_modules_classes_and_functions_stay_readable() -> None:
+    """No module of ctbridge over MODULE_LINES lines, no class over CLASS_METHODS methods, no
+    function over FUNCTION_LINES lines unless a comment in it says it is a measured hot loop."""
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        name = path.relative_to(PKG)
+        if len(lines) > MODULE_LINES:
+            wrong.append(f"{name}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                methods = [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+                if len(methods) > CLASS_METHODS:
+                    wrong.append(f"{name}: class {node.name} has {len(methods)} methods")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno is not None
+                body = lines[node.lineno - 1:node.end_lineno]
+                if len(body) > FUNCTION_LINES and not any(HOT_LOOP in line for line in body):
+                    wrong.append(f"{name}: {node.name}() has {len(body)} lines")
+    assert wrong == []
