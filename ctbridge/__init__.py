@@ -1,3 +1,3 @@
 """ctbridge: conntrack state replication for high-availability Linux firewalls."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
