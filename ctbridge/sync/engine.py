@@ -97,11 +97,11 @@ class Engine:
         """``first_seq``: this epoch's first sequence number (1; a test of the wrap starts near
         the end of the space). ``nonce``: this life's challenge (the daemon draws 64 random bits;
         it need not be secret, only never used by an earlier life: by default the epoch)."""
-        self.config = config
+        self._config = config
         self.node_id = config.node_id
         self._own_id = self.node_id.to_bytes(4, "big")  # as the header carries it
         self.stream = Stream(self.node_id, epoch, auth, clock_offset, first_seq, self._new_epoch)
-        shared = Shared(config, self.stream, now)
+        shared = self._shared = Shared(config, self.stream, now)
         self.peers, self.stats, self.clock = shared.peers, shared.stats, shared.clock
         self._events, self._kernel_ops, self._control = shared.events, shared.kernel_ops, shared.control
         self.internal_cache = InternalCache(shared)
@@ -167,6 +167,18 @@ class Engine:
         self.diff_result = diffs.result
 
     # --- reading the parts' state -----------------------------------------------------------------
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: EngineConfig) -> None:
+        """New settings reach every part at once (each reads its own ``config`` in its hot loops):
+        the engine never runs with some parts on the old settings."""
+        self._config = self._shared.config = config
+        for part in self._parts:
+            part.config = config
 
     @property
     def internal(self) -> dict[bytes, bytes]:
@@ -251,8 +263,6 @@ class Engine:
         self.config = dataclasses.replace(self.config, filter=flow_filter or self.config.filter,
                                           peer_filters=self.config.peer_filters if peer_filters is None
                                           else peer_filters)
-        for part in self._parts:
-            part.config = self.config
         self.external_caches.refilter()
 
     def path_changed(self, now: float, node: int) -> None:

@@ -45,7 +45,7 @@ class Shared:
 
 class Part:
     """A part of the engine. ``config`` is a plain attribute (read in hot loops): the engine sets
-    it on every part when it is replaced (Engine.reconfigure)."""
+    it on every part when it is replaced (the setter of Engine.config)."""
 
     def __init__(self, shared: Shared) -> None:
         self.config = shared.config

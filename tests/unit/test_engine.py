@@ -23,7 +23,7 @@ from ctbridge.sync.engine import (
 from ctbridge.sync.events import Heard
 from ctbridge.sync.filter import FlowFilter
 from tests.support import FIXTURES, ROOT, builders
-from tests.support.enginelab import KEY, Lab, flow
+from tests.support.enginelab import KEY, Lab, flow, with_config
 
 # every module of the sync package (found, not listed: a new one is checked too) and the three
 # modules of ctbridge.conntrack it builds on
@@ -839,6 +839,21 @@ def test_a_peer_beyond_its_cap_makes_its_copy_incomplete_and_is_said_once() -> N
     assert b.complete() and len(b.peers[1].external) == 70
     assert len(b.peers[1].tombstones) <= 10 and b.stats["tombstones_dropped"] >= 20
     assert [e for e in b.events() if isinstance(e, LimitReached)] == [LimitReached(1, "tombstones", 10)]
+
+
+def test_settings_given_to_a_running_engine_reach_every_part_at_once() -> None:
+    """Engine.config replaced on a running engine (a test's with_config; Engine.reconfigure) is
+    what every part reads from then on. The parts each hold the settings they read in their hot
+    loops; once, a new config reached only the front, and B went on admitting flows past the
+    new cap without writing them into its kernel (0 kernel writes, 10 flows, 0 refused)."""
+    lab = Lab(2, pairwise=True)
+    with_config(lab, apply_mode="inject", max_entries=3)
+    for i in range(10):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(1)
+    b = lab.engines[2]
+    assert len(b.peers[1].external) == 3 and b.stats["flows_refused_cap"] == 7
+    assert len([op for op in b.kernel_ops() if op.kind == "commit"]) == 3
 
 
 def test_the_receive_filter_on_a_peers_message_agrees_with_the_filter_on_the_entry() -> None:
