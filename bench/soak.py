@@ -1,4 +1,4 @@
-"""The soak at full size, ctbridge and then conntrackd in the same lab (issue 14, deliver 7).
+"""The soak at full size, ctbridge and then conntrackd in the same lab.
 
     python bench/soak.py [--tcp 1000] [--udp 100] [--background 100000] [--no-conntrackd]
 

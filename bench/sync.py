@@ -13,7 +13,7 @@ in each direction (nftables numgen on B).
 
 Each row also shows the bytes both sync interfaces sent during the run (Ethernet frames, as the
 kernel counts them) against what the flows need (ctbridge's encoding of each flow once, in full
-datagrams), and the CPU seconds both daemons used. --suite runs what issue 12 asks for, each case
+datagrams), and the CPU seconds both daemons used. --suite runs the burst and loss cases, each case
 `--trials` times, ctbridge and conntrackd alternating: bursts of 100,000 and 250,000 flows, and
 5,000 and 100,000 flows under 5 % and 20 % loss. The host's nf_conntrack_max is raised for the
 run (a namespace cannot go above it) and restored.
@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--burst", action="store_true",
                     help="load with ctbridge's batched commit (bench/burst_load.py) instead of conntrack -R")
     ap.add_argument("--loss", type=int, default=0, help="percent of sync datagrams dropped in each direction")
-    ap.add_argument("--suite", action="store_true", help="the burst and loss cases of issue 12, --trials each")
+    ap.add_argument("--suite", action="store_true", help="the burst and loss cases, --trials each")
     ap.add_argument("--trials", type=int, default=3)
     args = ap.parse_args()
     if args.suite:

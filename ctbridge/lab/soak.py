@@ -1,5 +1,5 @@
-"""A soak: events of every kind in a row under traffic, each checked the same way (issue 14,
-deliver 7). Used by bench/soak.py (1,000 TCP and 100 UDP flows, 100,000 background entries) and,
+"""A soak: events of every kind in a row under traffic, each checked the same way.
+Used by bench/soak.py (1,000 TCP and 100 UDP flows, 100,000 background entries) and,
 smaller, by tests/lab/test_soak.py.
 
 After every event: every flow moved data again, none failed or was NATed anew, neither
