@@ -26,12 +26,13 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge.lab import Firewall, Lab, Options, lab, wait_for
+from ctbridge.lab import Firewall, Options, lab, wait_for
 from ctbridge.lab.process import Process
 from ctbridge.lab.scenario import FAILOVERS, Switch, switch
 from ctbridge.lab.topology import SYNC_PORT
@@ -101,15 +102,15 @@ class ConntrackdReplicator:
     name = "conntrackd"
     interlock = False
 
-    def prepare(self, fw: Firewall, the_lab: Lab) -> None:
-        peer = next(other for other in the_lab.fws if other is not fw)
+    def prepare(self, fw: Firewall, fws: Sequence[Firewall]) -> None:
+        peer = next(other for other in fws if other is not fw)
         conf = fw.dir / "conntrackd.conf"
         conf.write_text(CONNTRACKD_CONF.format(name=fw.name, local=fw.sync, peer=peer.sync, port=SYNC_PORT,
                                                dir=fw.dir))
         hook = fw.dir / "conntrackd-hook"
         hook.write_text(HOOK.format(conf=conf))
         hook.chmod(0o755)
-        the_lab.write_notify_wrapper(fw, shlex.quote(str(hook)))
+        fw.write_notify_wrapper(shlex.quote(str(hook)))
 
     def start(self, fw: Firewall) -> None:
         fw.daemon = Process(f"{fw.name} conntrackd", fw.ns, ["conntrackd", "-C", str(fw.dir / "conntrackd.conf")],

@@ -11,7 +11,9 @@ import shlex
 import signal
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 from ctbridge.daemon import control
 from ctbridge.daemon.conntrackd import cache_sizes
@@ -33,8 +35,6 @@ from ctbridge.lab.topology import (
     Options,
 )
 
-if TYPE_CHECKING:
-    from ctbridge.lab.network import Lab
 
 class Replicator(Protocol):
     """What runs on each firewall to keep the standby's conntrack table: ctbridge or conntrackd."""
@@ -42,7 +42,9 @@ class Replicator(Protocol):
     name: str
     interlock: bool
 
-    def prepare(self, fw: Firewall, lab: Lab) -> None: ...
+    def prepare(self, fw: Firewall, fws: Sequence[Firewall]) -> None:
+        """Write what runs on ``fw`` (its configuration, keepalived's notify script); ``fws``:
+        every firewall of the lab, ``fw`` among them."""
 
     def start(self, fw: Firewall) -> None: ...
 
@@ -57,12 +59,12 @@ class Replicator(Protocol):
 
 
 class Firewall:
-    def __init__(self, lab: Lab, index: int) -> None:
-        self.lab = lab
+    def __init__(self, lab_dir: Path, options: Options, index: int) -> None:
+        self.options = options
         self.index = index
         self.name = f"fw{index}"
         self.ns = ""
-        self.dir = lab.dir / self.name
+        self.dir = lab_dir / self.name
         self.run_dir = self.dir / "run"
         self.lan = f"{LAN}.{1 + index}"
         self.wan = f"{WAN}.{1 + index}"
@@ -97,7 +99,7 @@ class Firewall:
     def has_vips(self) -> bool:
         out = self.run("ip", "-o", "addr", "show", check=False).stdout
         held = f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out
-        if self.lab.options.ipv6:
+        if self.options.ipv6:
             return held and f" {LAN_VIP6}/" in out and f" {WAN_VIP6}/" in out
         return held
 
@@ -142,7 +144,7 @@ class Firewall:
     def lab_flows(self) -> dict[str, int]:
         """The client's flows in this kernel (conntrack CLI as the witness): TCP ones established."""
         out = {}
-        servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if self.lab.options.ipv6 else [])
+        servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if self.options.ipv6 else [])
         for proto, port in (("tcp", "5001"), ("udp", "5002")):
             lines = []
             for family, server in servers:
@@ -153,6 +155,20 @@ class Firewall:
                 lines = [line for line in lines if " ESTABLISHED " in line]
             out[proto] = len(lines)
         return out
+
+    def write_notify_wrapper(self, command: str) -> None:
+        """keepalived's notify script for this firewall: runs ``command`` with keepalived's arguments and
+        logs when it started and ended, the lab's measure of "MASTER to committed"."""
+        script = self.dir / "notify"
+        times = self.dir / "notify.times"
+        script.write_text(f"""#!/bin/sh
+start=$(date +%s.%N)
+{command} "$@" >>{shlex.quote(str(self.dir / "notify.log"))} 2>&1
+rc=$?
+echo "$3 $start $(date +%s.%N) $rc" >>{shlex.quote(str(times))}
+exit $rc
+""")
+        script.chmod(0o755)
 
     def hook_times(self) -> list[dict[str, Any]]:
         """What the notify wrapper logged: state, start and end of each hook run."""
@@ -174,7 +190,7 @@ class CtbridgeReplicator:
     def __init__(self, options: Options) -> None:
         self.options = options
 
-    def prepare(self, fw: Firewall, lab: Lab) -> None:
+    def prepare(self, fw: Firewall, fws: Sequence[Firewall]) -> None:
         cfg = fw.dir / "ctbridge.toml"
         if self.options.event_buffer:
             text = cfg.read_text().replace("[apply]\n", f"[apply]\nevent_buffer = {self.options.event_buffer}\n")
@@ -183,7 +199,7 @@ class CtbridgeReplicator:
             if lines:
                 head = f"[{section}]\n"
                 cfg.write_text(cfg.read_text().replace(head, head + "".join(f"{line}\n" for line in lines), 1))
-        lab.write_notify_wrapper(fw, f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
+        fw.write_notify_wrapper(f"CTBRIDGE_CONFIG={shlex.quote(str(cfg))} {shlex.quote(str(HOOK))}")
 
     def start(self, fw: Firewall) -> None:
         if self.options.backend == "conntrackd":  # the replicator first: ctbridge asks it at start

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -116,7 +115,7 @@ class Lab:
         self.dir = directory
         self.options = options
         self.replicator = replicator or CtbridgeReplicator(options)
-        self.fws = [Firewall(self, i) for i in range(1, options.firewalls + 1)]
+        self.fws = [Firewall(directory, options, i) for i in range(1, options.firewalls + 1)]
         self.client_ns = self.server_ns = self.switch_ns = ""
         self.server: Process | None = None
         self.ftp_server: Process | None = None
@@ -252,21 +251,7 @@ hook = "{self.dir}/{{node}}/notify"
         for fw in self.fws:
             render.write(render.render(c, c.node(fw.name), secret=secret), fw.dir)
             netns.run(fw.ns, "nft", "-f", str(fw.dir / "ctbridge-sync.nft"))
-            self.replicator.prepare(fw, self)
-
-    def write_notify_wrapper(self, fw: Firewall, command: str) -> None:
-        """keepalived's notify script for ``fw``: runs ``command`` with keepalived's arguments and
-        logs when it started and ended, the lab's measure of "MASTER to committed"."""
-        script = fw.dir / "notify"
-        times = fw.dir / "notify.times"
-        script.write_text(f"""#!/bin/sh
-start=$(date +%s.%N)
-{command} "$@" >>{shlex.quote(str(fw.dir / "notify.log"))} 2>&1
-rc=$?
-echo "$3 $start $(date +%s.%N) $rc" >>{shlex.quote(str(times))}
-exit $rc
-""")
-        script.chmod(0o755)
+            self.replicator.prepare(fw, self.fws)
 
     # --- running ----------------------------------------------------------------------------------
 

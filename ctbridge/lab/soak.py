@@ -61,7 +61,7 @@ def bindings(fw: Firewall) -> set[tuple[str, str, str, str]]:
     """The lab's flows in ``fw``'s kernel as (family, protocol, client port, NAT port): what a
     failover must carry over unchanged (the conntrack CLI as the witness)."""
     out = set()
-    servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if fw.lab.options.ipv6 else [])
+    servers = [("ipv4", SERVER)] + ([("ipv6", SERVER6)] if fw.options.ipv6 else [])
     for family, server in servers:
         for proto, port in (("tcp", "5001"), ("udp", "5002")):
             res = fw.run("conntrack", "-L", "-f", family, "-p", proto, "--orig-dst", server, "--dport", port,

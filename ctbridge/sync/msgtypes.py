@@ -16,12 +16,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ctbridge.sync.header import WireError
-
-if TYPE_CHECKING:
-    from ctbridge.sync.flows import Message
 
 MSG_HEAD = struct.Struct("!BBH")  # type, aux, length: the head of every message
 
@@ -58,7 +55,9 @@ class MsgType(IntEnum):
 
 # --- the registry ----------------------------------------------------------------------------------
 
-Decoder = Callable[[bytes, int, int, int], "Message"]
+# (data, offset, length, aux) -> the message: one of ctbridge.sync.flows.Message, the union of
+# every type's class, which is named there (it needs them all; this module needs none)
+Decoder = Callable[[bytes, int, int, int], Any]
 
 
 class Codec:
@@ -73,7 +72,7 @@ class Codec:
     encode: ClassVar[Callable[..., bytes | list[bytes]]]
 
     @staticmethod
-    def decode(data: bytes, off: int, mlen: int, aux: int) -> Message:
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Any:
         """The message at data[off:off + mlen], its length already checked (at least 4, a
         multiple of 4, within the payload). WireError (or struct.error, which decode_body turns
         into one) if it is malformed."""

@@ -25,13 +25,11 @@ def _layer(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imports(path: Path, runtime: bool = False) -> set[str]:
-    """The ctbridge modules a file imports, as 'package' or 'package.module' below ctbridge;
-    ``runtime``: without those under ``if TYPE_CHECKING:`` (annotations only: no import at run time)."""
+def _imports(path: Path) -> set[str]:
+    """The ctbridge modules a file imports, as 'package' or 'package.module' below ctbridge."""
     found = set()
     tree = ast.parse(path.read_text())
-    if runtime:
-        for node in ast.walk(tree):
+    for node in ast.walk(tree):
             for name in ("body", "orelse"):
                 block = getattr(node, name, None)
                 if isinstance(block, list):
@@ -68,11 +66,9 @@ def test_every_package_is_in_a_layer() -> None:
 def test_the_sync_engines_parts_import_neither_its_front_nor_each_other_in_a_cycle() -> None:
     """ctbridge.sync.engine owns the parts (internal, external, session, recovery, sender, ...):
     a part reaches the front only through a callback it was given, never by importing it, and
-    the modules of sync/ import one another without a cycle (at run time: an annotation may name a
-    type of a module that imports this one, as the message registry's decoders do)."""
+    the modules of sync/ import one another without a cycle (annotations' imports included)."""
     sync = PKG / "sync"
-    graph = {p.stem: {m.split(".")[1] for m in _imports(p, runtime=True) if m.startswith("sync.")}
-             for p in sync.glob("*.py")}
+    graph = {p.stem: {m.split(".")[1] for m in _imports(p) if m.startswith("sync.")} for p in sync.glob("*.py")}
     assert [name for name, deps in graph.items() if "engine" in deps] == []
     done: set[str] = set()
 
