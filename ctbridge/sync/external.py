@@ -22,6 +22,7 @@ Imports: ctbridge.conntrack (codec, expectation), ctbridge.sync (wire, events, p
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from ctbridge.conntrack import codec, expectation
@@ -104,7 +105,7 @@ class ExternalCaches(Part):
         if len(tombstones) >= cfg.max_tombstones and key not in tombstones:
             # the oldest deletion is forgotten: a late update of that flow, older than the
             # deletion, could bring it back until the next bulk (counted, logged once)
-            del tombstones[next(iter(tombstones))]
+            tombstones.popitem(last=False)
             stats["tombstones_dropped"] += 1
             self._limit(peer, "tombstones", cfg.max_tombstones, whole=True)
         old = tombstones.get(key)
@@ -172,7 +173,7 @@ class ExternalCaches(Part):
             self._next_sweep = now + self.config.tombstone_ttl / 2
             for peer in self.peers.values():
                 if peer.tombstones:
-                    peer.tombstones = {k: v for k, v in peer.tombstones.items() if v[1] > now}
+                    peer.tombstones = OrderedDict((k, v) for k, v in peer.tombstones.items() if v[1] > now)
 
     # --- admission, caps, bulk completion -----------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""Where the daemons' CPU goes: two ctbridge daemons replicate a burst of N flows written into A's
+kernel and then their deletion (a flush of A's table), once as they run and once each under
+cProfile; each node's CPU per flow change (2N of them) is printed, split by module and by
+function in the shares the profile found.
+
+    python bench/profile.py [--entries 100000] [--top 25] [--save DIR]
+
+The CPU (user + system, /proc/PID/stat) comes from the run without the profiler; cProfile slows
+small Python calls several times, so its run gives only the shares, scaled to that CPU. The
+shares are of the time the profile saw the daemon busy: waiting in epoll is left out, and what
+the kernel spends in system calls is inside the calls that made them. docs/performance.md keeps
+the breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ctbridge.lab.process import wait_for
+from tests.support.daemonlab import ROOT, Node, cluster
+
+TIMEOUT = 120.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its threads (proc(5), /proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(node: Node, out: Path | None) -> subprocess.Popen[bytes]:
+    """The node's daemon, under cProfile when ``out`` is given (the profile is written when
+    SIGTERM ends it)."""
+    log = open(node.log, "ab")
+    profiler = ["-m", "cProfile", "-o", str(out)] if out is not None else []
+    proc = subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, *profiler,
+                             "-m", "ctbridge", "run", "-c", str(node.config)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    log.close()
+    wait_for(f"{node.name} to answer", lambda: node.request("status"), timeout=30)
+    return proc
+
+
+def group(path: str) -> str:
+    """A profile entry's file as the stage it belongs to: ctbridge's module, or the library."""
+    if "/ctbridge/" in path:
+        return "ctbridge/" + path.split("/ctbridge/", 1)[1]
+    if path.startswith("~") or path == "<built-in>":
+        return "built-in (C: hashing, struct, socket calls, dict and bytes operations)"
+    if "/asyncio/" in path:
+        return "asyncio (the event loop)"
+    return "other Python: " + Path(path).name
+
+
+IDLE = {"<method 'poll' of 'select.epoll' objects>", "<method 'select' of 'select.epoll' objects>"}
+
+
+def breakdown(profile: Path, cpu: float, flows: int, top: int) -> list[str]:
+    """The profile's own times, without waiting in epoll, as shares of ``cpu`` per flow change."""
+    stats = pstats.Stats(str(profile))
+    by_group: dict[str, float] = defaultdict(float)
+    total = 0.0
+    rows = []
+    for (path, line, name), (_cc, calls, tottime, _cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if name in IDLE:
+            continue
+        by_group[group(path)] += tottime
+        total += tottime
+        rows.append((tottime, calls, f"{group(path)}:{line}({name})"))
+    scale = cpu / total / flows * 1e6  # profiled seconds -> µs of real CPU per flow change
+    out = [f"  by module (µs of CPU per flow change, share of the busy time; profiled busy {total:.2f} s):"]
+    for name, seconds in sorted(by_group.items(), key=lambda kv: -kv[1])[:14]:
+        out.append(f"  {seconds * scale:8.2f} µs  {100 * seconds / total:5.1f}%  {name}")
+    out.append(f"  top {top} functions by own time:")
+    for tottime, calls, where in sorted(rows, reverse=True)[:top]:
+        out.append(f"  {tottime * scale:8.2f} µs  {calls / flows:6.2f} calls per flow change  {where}")
+    return out
+
+
+def run(n: int, profiles: dict[str, Path] | None) -> tuple[dict[str, float], float, float]:
+    """One run in a fresh pair: (CPU seconds of each node, seconds until B held every flow, until
+    B held none)."""
+    with cluster(2) as c:
+        a, b = c.nodes
+        for node in c.nodes:
+            node.write_config(log={"level": "info"})
+        procs = {node.name: start(node, profiles[node.name] if profiles else None) for node in c.nodes}
+        before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+        begin = time.monotonic()
+        load = a.run(sys.executable, str(ROOT / "bench" / "burst_load.py"), str(n))
+        assert load.stdout.split()[0] == str(n), load.stdout + load.stderr
+        wait_for(f"B to hold {n} flows", lambda: b.request("status")["external"]["entries"] >= n, timeout=TIMEOUT)
+        created = time.monotonic() - begin
+        a.run("conntrack", "-F")
+        wait_for("B to hold none", lambda: b.request("status")["external"]["entries"] == 0, timeout=TIMEOUT)
+        both = time.monotonic() - begin
+        cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}
+        for proc in procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        return cpu, created, both
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--entries", type=int, default=100_000)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--save", type=Path, help="keep the two profiles (A.prof, B.prof) in this folder")
+    args = ap.parse_args()
+    n = args.entries
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with tempfile.TemporaryDirectory(prefix="ctb-prof-") as tmp:
+        folder = args.save or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        profiles = {"fw1": folder / "A.prof", "fw2": folder / "B.prof"}
+        cpu, created, both = run(n, None)
+        run(n, profiles)
+        print(f"\nprofile: {n:,} flows written into A's kernel in a burst, in B's copy after {created:.2f} s; then "
+              f"A's table flushed, all gone from B after {both:.2f} s: 2 x {n:,} flow changes")
+        for name, role in (("fw1", "A, the sender (kernel events -> datagrams)"),
+                           ("fw2", "B, the receiver (datagrams -> its copy)")):
+            print(f"\n{role}: CPU {cpu[name]:.2f} s = {cpu[name] / (2 * n) * 1e6:.1f} µs per flow change")
+            print("\n".join(breakdown(profiles[name], cpu[name], 2 * n, args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
