@@ -99,6 +99,11 @@ def format_status(st: dict[str, Any], now: float) -> str:
         lines.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
     else:
         lines.append("peers     none heard yet")
+    loop = st.get("loop")
+    if loop:
+        lines.append(f"loop      longest stall {loop.get('recent_longest_stall_seconds', 0):.3f} s in the last "
+                     f"{loop.get('recent_seconds', 60):.0f} s ({loop.get('longest_stall_seconds', 0):.3f} s "
+                     "since the start)")
     q = st.get("queues", {})
     if q:
         lines.append("queues    " + ", ".join(f"{k} {v}" for k, v in q.items()))

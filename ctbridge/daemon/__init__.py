@@ -18,6 +18,7 @@
 - control: the control socket's protocol, server and client, and its command table.
 - stats: the figures `ctbridge stats` answers and the metrics render.
 - metrics: the Prometheus endpoint, its text format and the commit histogram.
+- looplag: the event loop's lag (a probe every 0.1 s), its histogram and longest stall.
 - journal: log priorities journald reads from stderr.
 
 The top of the runtime: it imports every layer below; only the CLI and the lab import it (the

@@ -33,6 +33,8 @@ def process_stats() -> dict[str, float]:
 
 # (metric, help, path into the stats JSON, type)
 METRICS = (
+    ("ctbridge_loop_longest_stall_seconds", "The event loop's longest stall of the last minute",
+     ("loop", "recent_longest_stall_seconds"), "gauge"),
     ("ctbridge_internal_entries", "Flows in this node's internal cache", ("internal", "entries"), "gauge"),
     ("ctbridge_external_entries", "Flows learnt from peers", ("external", "entries"), "gauge"),
     ("ctbridge_external_complete", "1 if every live peer's external cache is complete", ("external", "complete"),
@@ -191,6 +193,9 @@ def render(stats: dict[str, Any]) -> str:
     out.extend(_peer_lines(stats))
     out.extend(_histogram_lines("ctbridge_commit_duration_seconds", "Durations of MASTER commits (and of "
                                 "`ctbridge commit`)", stats.get("commit_histogram", {})))
+    out.extend(_histogram_lines("ctbridge_loop_lag_seconds", "How late the event loop ran a probe due every 0.1 s "
+                                "(a stall: no datagram read, no transition taken meanwhile)",
+                                stats.get("loop", {}).get("lag_histogram", {})))
     return "\n".join(out) + "\n"
 
 

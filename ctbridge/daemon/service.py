@@ -39,6 +39,8 @@ from ctbridge.daemon.gate import GateKeeper
 from ctbridge.daemon.handlers import Handlers
 from ctbridge.daemon.interlock import Interlock
 from ctbridge.daemon.kernelio import Kernel, KernelReader, KernelWriter
+from ctbridge.daemon.looplag import LoopLag
+from ctbridge.daemon.looplag import watch as watch_lag
 from ctbridge.daemon.refresh import refresh_loop
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.daemon.transitions import RoleKeeper, Transitions, read_fifo
@@ -148,8 +150,9 @@ class Daemon:
                                        self.backend, self.datapath.after_input, self.kept)
         self.interlock = Interlock(self.engine, self.backend, cfg.keepalived.track_file,
                                    cfg.keepalived.incomplete_value, self.kept)
+        self.lag = LoopLag()
         self.stats = stats_mod.Stats(cfg, self.engine, self.links, self.reader, self.writer, self.interlock,
-                                     self.backend, self.kept, self.loop.time)
+                                     self.backend, self.kept, self.loop.time, self.lag)
         self.handlers = Handlers(self.engine, self.reader, self.transitions, self.stats, self.datapath.after_input)
 
     async def run(self) -> int:
@@ -159,6 +162,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, self.on_signal, signum)
         try:
+            tasks.append(asyncio.ensure_future(watch_lag(self.lag)))
             await self.roles.restore()  # before any transition can come (the hook, the FIFO)
             servers.append(await control.serve(self.cfg.control.socket, self.handlers.handle))
             if self.cfg.metrics.listen:

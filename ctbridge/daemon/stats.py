@@ -18,12 +18,13 @@ from ctbridge.config.settings import Config
 from ctbridge.daemon import conntrackd, metrics
 from ctbridge.daemon.interlock import Interlock
 from ctbridge.daemon.kernelio import KernelReader, KernelWriter
+from ctbridge.daemon.looplag import LoopLag
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync.engine import Engine, PeerReport
 
 # What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
 STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "backend", "internal", "external", "expectations",
-               "interlock", "peers", "queues", "commit", "gate")
+               "interlock", "peers", "queues", "commit", "gate", "loop")
 
 
 def sections() -> dict[str, Any]:
@@ -64,6 +65,7 @@ class Stats:
     backend: conntrackd.Conntrackd | None
     kept: dict[str, Any]  # sections()
     clock: Callable[[], float]  # the event loop's
+    lag: LoopLag  # the event loop's own lag
 
     def peers(self, reports: list[PeerReport]) -> list[dict[str, Any]]:
         """Each peer's section of the status, in Engine.peer_reports' order of fields."""
@@ -112,6 +114,7 @@ class Stats:
             "link_mismatches": self.links.mismatches,
             **self.kept,
             "commit_histogram": self.writer.histogram.snapshot(),
+            "loop": self.lag.snapshot(now),
             "backend": {"name": self.cfg.apply.backend, **({
                 "alive": backend.alive, "failures": backend.failures, "steps": list(backend.steps)}
                 if backend is not None else {})},

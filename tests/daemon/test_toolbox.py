@@ -97,7 +97,8 @@ def test_status_is_a_table_for_people_and_json_for_machines() -> None:
         assert "commit    none since the start" in table
         as_json = json.loads(cli(b, "status", "--json"))
         assert as_json["peers"][0]["entries"] == len(FLOWS) and as_json["role"] == "BACKUP"
-        assert set(as_json) >= {"node", "role", "internal", "external", "peers", "queues", "commit", "gate"}
+        assert set(as_json) >= {"node", "role", "internal", "external", "peers", "queues", "commit", "gate", "loop"}
+        assert "loop      longest stall " in table
 
 
 def journal_log(node: Node) -> None:
@@ -172,6 +173,7 @@ def test_watchdog_keepalives_stop_while_the_loop_is_stuck_and_come_back(tmp_path
                     after = len(got)
                     wait_for("keep-alives again", lambda: any(m == b"WATCHDOG=1" for _, m in got[after:]), timeout=5)
                     held["stuck"] = stuck
+                    held["stall"] = daemon.lag.longest  # a float read from this thread: no race
                     loop.call_soon_threadsafe(daemon.stop.set)
                 except BaseException as exc:  # reported by the test, after the daemon is stopped
                     held["error"] = exc
@@ -202,6 +204,9 @@ def test_watchdog_keepalives_stop_while_the_loop_is_stuck_and_come_back(tmp_path
             raise held["error"]
         before, after = held["stuck"]
         assert before >= 5 and after == before, f"{after - before} keep-alives while the loop was held"
+        # the loop's own lag probe saw the stall: held 1.5 s, a probe due every 0.1 s ran at least
+        # 1.4 s late (the probe's figure can only be larger than what the test held, never smaller)
+        assert held["stall"] >= 1.4
 
 
 def test_diff_says_equal_or_names_the_flows_that_differ() -> None:
