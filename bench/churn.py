@@ -68,12 +68,12 @@ def _churn(ns: str, rate: int, seconds: float, standing: int) -> dict[str, Any]:
                         "--life", str(LIFE), timeout=seconds + 120)
 
 
-def _ctbridge_diff(a: Node, b: Node) -> tuple[int, int]:
+def _ctbridge_diff(a: Node, b: Node) -> tuple[int, int, int]:
     kernel = json.loads(a.run(sys.executable, "-m", "ctbridge", "kernel", "dump", "--json").stdout)
     return gen.difference(map(gen.view_id, kernel), map(gen.view_id, b.external()))
 
 
-def _conntrackd_diff(kernel: str, external: str) -> tuple[int, int]:
+def _conntrackd_diff(kernel: str, external: str) -> tuple[int, int, int]:
     ids = [gen.line_id(line) for line in kernel.splitlines()]
     theirs = [gen.line_id(line) for line in external.splitlines()]
     return gen.difference((i for i in ids if i), (i for i in theirs if i))
@@ -104,11 +104,11 @@ def _measure_ctbridge(rate: int, seconds: float, standing: int) -> dict[str, Any
         time.sleep(max(0.0, churned["end"] + SETTLE - time.monotonic()))
         res: dict[str, Any] = {"cpu_a": _cpu(a) - cpu0[0], "cpu_b": _cpu(b) - cpu0[1], "generator": churned}
         res["overruns"] = a.request("stats")["kernel"]["overruns"] - overruns0
-        res["missing"], res["stale"] = _ctbridge_diff(a, b)
+        res["missing"], res["stale"], res["flows"] = _ctbridge_diff(a, b)
         if res["missing"] or res["stale"]:
             for _ in range(CATCH_UP):
                 time.sleep(1.0)
-                if _ctbridge_diff(a, b) == (0, 0):
+                if _ctbridge_diff(a, b)[:2] == (0, 0):
                     res["exact_after"] = time.monotonic() - churned["end"]
                     break
         return res
@@ -132,7 +132,8 @@ def _row(name: str, r: dict[str, Any]) -> str:
     cpu = r["cpu_a"] + r["cpu_b"]
     exact = "exact" if r["missing"] == 0 and r["stale"] == 0 else (
         f"exact +{r['exact_after']:.0f}s" if "exact_after" in r else "no")
-    return (f"  {name:<14}{g['created']:>9,}{g['deleted']:>9,}{r['missing']:>9,}{r['stale']:>9,}  {exact:<11}"
+    return (f"  {name:<14}{g['created']:>9,}{g['deleted']:>9,}{r['flows']:>9,}{r['missing']:>9,}{r['stale']:>9,}"
+            f"  {exact:<11}"
             f"{cpu:>7.2f} ({r['cpu_a']:.2f} A + {r['cpu_b']:.2f} B){cpu * 1e6 / max(churned, 1):>9.0f}"
             f"{r['overruns']:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}")
 
@@ -140,8 +141,8 @@ def _row(name: str, r: dict[str, Any]) -> str:
 def report(rate: int, seconds: float, standing: int, ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> None:
     print(f"\n{rate:,} flows/s for {seconds:g} s over {standing:,} standing flows, each deleted {LIFE:g} s after "
           f"it was made; compared {SETTLE:g} s after the churn")
-    print(f"  {'':<14}{'created':>9}{'deleted':>9}{'missing':>9}{'stale':>9}  {'copy':<11}{'CPU s (A + B)':<27}"
-          f"{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}")
+    print(f"  {'':<14}{'created':>9}{'deleted':>9}{'A holds':>9}{'missing':>9}{'stale':>9}  {'copy':<11}"
+          f"{'CPU s (A + B)':<27}{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}")
     for i, r in enumerate(ours):
         print(_row(f"ctbridge #{i + 1}", r))
     for i, r in enumerate(theirs):

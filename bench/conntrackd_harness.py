@@ -711,7 +711,7 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
 
 def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
                    log: Callable[..., object], *, load: Callable[[str], dict[str, Any]],
-                   churn: Callable[[str], dict[str, Any]], compare: Callable[[str, str], tuple[int, int]],
+                   churn: Callable[[str], dict[str, Any]], compare: Callable[[str, str], tuple[int, int, int]],
                    settle: float) -> None:
     _setup_pair(n, a, b, created)
     _start_pair(n, a, b)
@@ -740,18 +740,19 @@ def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[
     result["generator"] = gen
     kernel = _run(_in_ns(a.netns, "conntrack", "-L"), timeout=COMMIT_TIMEOUT)
     external = _run(_in_ns(b.netns, "conntrackd", "-C", str(b.conf), "-e"), timeout=COMMIT_TIMEOUT)
-    result["missing"], result["stale"] = compare(kernel, external)
+    result["missing"], result["stale"], result["flows"] = compare(kernel, external)
     result["ok"] = True
 
 
 def measure_conntrackd_churn(capacity: int, load: Callable[[str], dict[str, Any]],
-                             churn: Callable[[str], dict[str, Any]], compare: Callable[[str, str], tuple[int, int]],
+                             churn: Callable[[str], dict[str, Any]],
+                             compare: Callable[[str, str], tuple[int, int, int]],
                              settle: float = 5.0, log: Callable[..., object] = print) -> dict[str, Any]:
     """Sustained churn through conntrackd (bench/churn.py): in a fresh pair, ``load(A's namespace)``
     writes the standing flows; once B's external cache holds them, ``churn(A's namespace)`` runs the
     churn (both return what the generator printed, with the CLOCK_MONOTONIC ``end`` of its writes),
     and ``settle`` seconds after that end ``compare(A's `conntrack -L`, B's `conntrackd -e`)`` gives
-    (missing, stale). ``capacity``: the most flows A's table holds at once (sizes the caches).
+    (missing, stale, flows in A's table). ``capacity``: the most flows A's table holds at once (sizes the caches).
 
     cpu_a/cpu_b are each daemon's CPU seconds from just before the churn to the comparison;
     overruns and kernel_resyncs A's netlink overruns and resyncs meanwhile (`conntrackd -s

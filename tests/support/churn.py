@@ -142,11 +142,11 @@ def line_id(line: str) -> FlowId | None:
             int(fields.get("zone", 0)))
 
 
-def difference(table: Iterable[FlowId], copy: Iterable[FlowId]) -> tuple[int, int]:
-    """(missing, stale): flows of ``table`` the copy lacks, and flows the copy holds that the
-    table does not."""
+def difference(table: Iterable[FlowId], copy: Iterable[FlowId]) -> tuple[int, int, int]:
+    """(missing, stale, flows): flows of ``table`` the copy lacks, flows the copy holds that the
+    table does not, and how many flows the table holds."""
     want, have = set(table), set(copy)
-    return len(want - have), len(have - want)
+    return len(want - have), len(have - want), len(want)
 
 
 def _fail(msg: str) -> int:
