@@ -16,10 +16,11 @@ Each prints one JSON object: what it did (``created``, ``deleted``), the CLOCK_M
 (the same in every network namespace) at which its first kernel write began and its last ended
 (``start``, ``end``), how far behind the schedule the generator fell at worst (``max_lag``,
 seconds: the wait of the oldest flow not yet created) and its own CPU seconds (``cpu``: user and
-system). A generator that cannot keep up creates fewer flows than R times D and says so. A write
-or deletion the kernel refuses, or a deletion of a flow no longer there, ends the run with a
-message on stderr and exit status 1: the numbers of a run that did not do what it says are
-worthless. Bounded: at most ``MAX_SECONDS`` of churn and ``MAX_RATE`` flows per second.
+system). A generator that falls behind makes up in larger batches, and its last batch, at D
+seconds, brings the count created to R times D. A write or deletion the kernel refuses, or a
+deletion of a flow no longer there, ends the run with a message on stderr and exit status 1: the
+numbers of a run that did not do what it says are worthless. Bounded: at most ``MAX_SECONDS`` of
+churn and ``MAX_RATE`` flows per second.
 
 The flows are those of tests.support.builders.tcp_flows (198.51.100.x:port -> 203.0.113.y:443),
 built here from a template per address pair, because building each one field by field costs
@@ -41,7 +42,7 @@ from typing import Any
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack.codec import Entry, make_key
-from ctbridge.conntrack.table import KernelTable
+from ctbridge.conntrack.table import CommitResult, KernelTable
 from tests.support import ROOT, builders
 
 TICK = 0.010  # seconds between batches
@@ -154,6 +155,13 @@ def _fail(msg: str) -> int:
     return 1
 
 
+def _refused(res: CommitResult, n: int, what: str) -> str:
+    if res.failed:
+        err = res.failed[0].errno
+        return f"the kernel refused {len(res.failed)} of {n} {what}: {os.strerror(err)} (errno {err}) on the first"
+    return f"{n - res.created} of {n} {what} were in the table already (left over from an earlier run?)"
+
+
 def _cpu() -> dict[str, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return {"user": round(r.ru_utime, 3), "sys": round(r.ru_stime, 3)}
@@ -166,15 +174,14 @@ def load(n: int) -> int:
         res = table.commit(flows)
         end = time.monotonic()
     if res.failed or res.created != n:
-        return _fail(f"the kernel refused {len(res.failed)} of {n} standing flows "
-                     f"(first errno {res.failed[0].errno if res.failed else '-'}; created {res.created})")
+        return _fail(_refused(res, n, "standing flows"))
     print(json.dumps({"created": n, "deleted": 0, "start": start, "end": end, "cpu": _cpu()}))
     return 0
 
 
 def churn(rate: int, seconds: float, first: int, life: float) -> int:
     """The churn loop: at each tick, create what the schedule asks for, delete what has lived
-    ``life`` seconds. Runs at most ``seconds`` plus one batch's write."""
+    ``life`` seconds. Runs ``seconds`` plus one batch's write (which completes the count)."""
     flows = Flows()
     alive: collections.deque[tuple[float, list[bytes]]] = collections.deque()
     created = deleted = batches = 0
@@ -184,18 +191,16 @@ def churn(rate: int, seconds: float, first: int, life: float) -> int:
         start = time.monotonic()
         stop = start + seconds
         tick = start
+        total = int(rate * seconds)
         while True:
             now = time.monotonic()
-            if now >= stop:
-                break
             max_lag = max(max_lag, now - start - created / rate)  # how late the oldest flow not yet made is
-            due = min(int(rate * (now - start)) + 1, int(rate * seconds))
+            due = min(int(rate * (now - start)) + 1, total)
             if due > created:
                 batch = flows.entries(nxt, due - created)
                 res = table.commit(batch)
                 if res.failed or res.created != len(batch):
-                    return _fail(f"the kernel refused {len(res.failed)} of {len(batch)} new flows (first errno "
-                                 f"{res.failed[0].errno if res.failed else '-'}; created {res.created})")
+                    return _fail(_refused(res, len(batch), "new flows"))
                 alive.append((now, [e.key for e in batch]))
                 nxt += len(batch)
                 created += len(batch)
@@ -209,6 +214,8 @@ def churn(rate: int, seconds: float, first: int, life: float) -> int:
                     return _fail(f"deleting {len(old)} flows: {kr.missing} were gone already, {len(kr.failed)} "
                                  f"refused (first errno {kr.failed[0].errno if kr.failed else '-'})")
                 deleted += kr.done
+            if now >= stop:  # this last batch brought the count to the rate times the seconds
+                break
             tick += TICK
             pause = tick - time.monotonic()
             if pause > 0:
