@@ -130,11 +130,12 @@ def _row(name: str, r: dict[str, Any]) -> str:
     g = r["generator"]
     churned = g["created"] + g["deleted"]
     cpu = r["cpu_a"] + r["cpu_b"]
+    both = f"{cpu:>7.2f} ({r['cpu_a']:.2f} A + {r['cpu_b']:.2f} B)"
     exact = "exact" if r["missing"] == 0 and r["stale"] == 0 else (
         f"exact +{r['exact_after']:.0f}s" if "exact_after" in r else "no")
     return (f"  {name:<14}{g['created']:>9,}{g['deleted']:>9,}{r['flows']:>9,}{r['missing']:>9,}{r['stale']:>9,}"
             f"  {exact:<11}"
-            f"{cpu:>7.2f} ({r['cpu_a']:.2f} A + {r['cpu_b']:.2f} B){cpu * 1e6 / max(churned, 1):>9.0f}"
+            f"{both:<29}{cpu * 1e6 / max(churned, 1):>7.0f}"
             f"{r['overruns']:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}")
 
 
@@ -142,7 +143,7 @@ def report(rate: int, seconds: float, standing: int, ours: list[dict[str, Any]],
     print(f"\n{rate:,} flows/s for {seconds:g} s over {standing:,} standing flows, each deleted {LIFE:g} s after "
           f"it was made; compared {SETTLE:g} s after the churn")
     print(f"  {'':<14}{'created':>9}{'deleted':>9}{'A holds':>9}{'missing':>9}{'stale':>9}  {'copy':<11}"
-          f"{'CPU s (A + B)':<27}{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}")
+          f"{'  CPU s (A + B)':<29}{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}")
     for i, r in enumerate(ours):
         print(_row(f"ctbridge #{i + 1}", r))
     for i, r in enumerate(theirs):
