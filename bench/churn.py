@@ -130,13 +130,14 @@ def _row(name: str, r: dict[str, Any]) -> str:
     g = r["generator"]
     churned = g["created"] + g["deleted"]
     cpu = r["cpu_a"] + r["cpu_b"]
+    overruns = "?" if r["overruns"] is None else r["overruns"]
     both = f"{cpu:>7.2f} ({r['cpu_a']:.2f} A + {r['cpu_b']:.2f} B)"
     exact = "exact" if r["missing"] == 0 and r["stale"] == 0 else (
         f"exact +{r['exact_after']:.0f}s" if "exact_after" in r else "no")
     return (f"  {name:<14}{g['created']:>9,}{g['deleted']:>9,}{r['flows']:>9,}{r['missing']:>9,}{r['stale']:>9,}"
             f"  {exact:<11}"
             f"{both:<29}{cpu * 1e6 / max(churned, 1):>7.0f}"
-            f"{r['overruns']:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}")
+            f"{overruns:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}")
 
 
 def report(rate: int, seconds: float, standing: int, ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> None:

@@ -734,8 +734,9 @@ def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[
     result["cpu_a"] = round(_cpu(a) - cpu0[0], 3)
     result["cpu_b"] = round(_cpu(b) - cpu0[1], 3)
     after = _overrun_hint(a, b)
-    result["overruns"] = after.get("netlink_overruns", 0) - before.get("netlink_overruns", 0)
-    result["kernel_resyncs"] = after.get("kernel_resyncs", 0) - before.get("kernel_resyncs", 0)
+    for key, name in (("netlink_overruns", "overruns"), ("kernel_resyncs", "kernel_resyncs")):
+        # None when `conntrackd -s runtime` did not say (never a silent 0)
+        result[name] = after[key] - before[key] if key in after and key in before else None
     result["overruns_hint"] = after
     result["generator"] = gen
     kernel = _run(_in_ns(a.netns, "conntrack", "-L"), timeout=COMMIT_TIMEOUT)
