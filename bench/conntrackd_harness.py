@@ -709,6 +709,63 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
     return _run_pair(n, result, _measure_events, log)
 
 
+def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
+                   log: Callable[..., object], *, load: Callable[[str], dict[str, Any]],
+                   churn: Callable[[str], dict[str, Any]], compare: Callable[[str, str], tuple[int, int, int]],
+                   settle: float) -> None:
+    _setup_pair(n, a, b, created)
+    _start_pair(n, a, b)
+    standing = load(a.netns)["created"]
+    start = time.perf_counter()
+
+    def external_b() -> int:
+        _check_alive(a)
+        _check_alive(b)
+        return _stats(b)[1]
+
+    held, seen = _poll(external_b, standing, start, SYNC_TIMEOUT)
+    if seen is None:
+        raise HarnessError(f"B's external cache holds {held} of the {standing} standing flows after "
+                           f"{SYNC_TIMEOUT:.0f} s")
+    before = _overrun_hint(a, b)
+    cpu0 = (_cpu(a), _cpu(b))
+    gen = churn(a.netns)
+    time.sleep(max(0.0, gen["end"] + settle - time.monotonic()))
+    result["cpu_a"] = round(_cpu(a) - cpu0[0], 3)
+    result["cpu_b"] = round(_cpu(b) - cpu0[1], 3)
+    after = _overrun_hint(a, b)
+    for key, name in (("netlink_overruns", "overruns"), ("kernel_resyncs", "kernel_resyncs")):
+        # None when `conntrackd -s runtime` did not say (never a silent 0)
+        result[name] = after[key] - before[key] if key in after and key in before else None
+    result["overruns_hint"] = after
+    result["generator"] = gen
+    kernel = _run(_in_ns(a.netns, "conntrack", "-L"), timeout=COMMIT_TIMEOUT)
+    external = _run(_in_ns(b.netns, "conntrackd", "-C", str(b.conf), "-e"), timeout=COMMIT_TIMEOUT)
+    result["missing"], result["stale"], result["flows"] = compare(kernel, external)
+    result["ok"] = True
+
+
+def measure_conntrackd_churn(capacity: int, load: Callable[[str], dict[str, Any]],
+                             churn: Callable[[str], dict[str, Any]],
+                             compare: Callable[[str, str], tuple[int, int, int]],
+                             settle: float = 5.0, log: Callable[..., object] = print) -> dict[str, Any]:
+    """Sustained churn through conntrackd (bench/churn.py): in a fresh pair, ``load(A's namespace)``
+    writes the standing flows; once B's external cache holds them, ``churn(A's namespace)`` runs the
+    churn (both return what the generator printed, with the CLOCK_MONOTONIC ``end`` of its writes),
+    and ``settle`` seconds after that end ``compare(A's `conntrack -L`, B's `conntrackd -e`)`` gives
+    (missing, stale, flows in A's table). ``capacity``: the most flows A's table holds at once (sizes the caches).
+
+    cpu_a/cpu_b are each daemon's CPU seconds from just before the churn to the comparison;
+    overruns and kernel_resyncs A's netlink overruns and resyncs meanwhile (`conntrackd -s
+    runtime`). Never raises for a failed measurement (ok=False, one-line error)."""
+    result: dict[str, Any] = {"ok": False, "error": None, "missing": None, "stale": None, "cpu_a": None,
+                              "cpu_b": None, "overruns": None, "version": None}
+
+    def body(n: int, a: _Node, b: _Node, created: list[str], res: dict[str, Any], lg: Callable[..., object]) -> None:
+        _measure_churn(n, a, b, created, res, lg, load=load, churn=churn, compare=compare, settle=settle)
+    return _run_pair(capacity, result, body, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=100_000, help="number of TCP flows (default 100000)")

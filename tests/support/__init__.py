@@ -1,6 +1,7 @@
 """What the tests share: the lab of engines in memory (enginelab), of daemons in namespaces
 (daemonlab), the conntrack CLI as a witness (witness), entries built from fields (builders,
-strategies), the golden wire vectors (wirevectors), and where things are."""
+strategies), a table churning at a steady rate (churn), the golden wire vectors (wirevectors),
+and where things are."""
 
 from __future__ import annotations
 
