@@ -4,6 +4,10 @@ cProfile; each node's CPU per flow change (2N of them) is printed, split by modu
 function in the shares the profile found.
 
     python bench/profile.py [--entries 100000] [--top 25] [--save DIR]
+    python bench/profile.py --churn RATE [--seconds 20] [--standing 50000]
+
+With --churn, the load is tests/support/churn.py's sustained churn over standing flows (as
+bench/churn.py runs it), and the CPU is counted from the churn's start to 5 s after its end.
 
 The CPU (user + system, /proc/PID/stat) comes from the run without the profiler; cProfile slows
 small Python calls several times, so its run gives only the shares, scaled to that CPU. The
@@ -23,11 +27,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctbridge.lab.process import wait_for
+from tests.support.churn import generate
 from tests.support.daemonlab import ROOT, Node, cluster
 
 TIMEOUT = 120.0
@@ -88,28 +94,56 @@ def breakdown(profile: Path, cpu: float, flows: int, top: int) -> list[str]:
     return out
 
 
-def run(n: int, profiles: dict[str, Path] | None) -> tuple[dict[str, float], float, float]:
-    """One run in a fresh pair: (CPU seconds of each node, seconds until B held every flow, until
-    B held none)."""
+def burst(a: Node, b: Node, mark: Callable[[], None], n: int) -> tuple[int, str]:
+    """N flows written in a burst, then A's table flushed: (flow changes, what happened)."""
+    begin = time.monotonic()
+    load = a.run(sys.executable, str(ROOT / "bench" / "burst_load.py"), str(n))
+    assert load.stdout.split()[0] == str(n), load.stdout + load.stderr
+    wait_for(f"B to hold {n} flows", lambda: b.request("status")["external"]["entries"] >= n, timeout=TIMEOUT)
+    created = time.monotonic() - begin
+    a.run("conntrack", "-F")
+    wait_for("B to hold none", lambda: b.request("status")["external"]["entries"] == 0, timeout=TIMEOUT)
+    return 2 * n, (f"{n:,} flows written into A's kernel in a burst, in B's copy after {created:.2f} s; then "
+                   f"A's table flushed, all gone from B after {time.monotonic() - begin:.2f} s")
+
+
+def churn(a: Node, b: Node, mark: Callable[[], None], rate: int, seconds: float, standing: int) -> tuple[int, str]:
+    """Sustained churn over standing flows (tests/support/churn.py), then 5 s for B to catch up;
+    the CPU is counted from the churn's start (the standing flows' load is not the churn's)."""
+    generate(a.ns, "load", str(standing), timeout=TIMEOUT)
+    wait_for(f"B to hold {standing} flows", lambda: b.request("status")["external"]["entries"] >= standing,
+             timeout=TIMEOUT)
+    mark()
+    done = generate(a.ns, "churn", "--rate", str(rate), "--seconds", str(seconds), "--first", str(standing),
+                    timeout=seconds + TIMEOUT)
+    time.sleep(5.0)
+    return int(done["created"]) + int(done["deleted"]), (
+        f"churn of {rate:,} flows/s for {seconds:.0f} s over {standing:,} standing flows (each deleted 2 s after "
+        f"it was created): {done['created']:,} created, {done['deleted']:,} deleted; CPU counted from the "
+        "churn's start to 5 s after it")
+
+
+Scenario = Callable[[Node, Node, Callable[[], None]], tuple[int, str]]
+
+
+def run(scenario: Scenario, profiles: dict[str, Path] | None) -> tuple[dict[str, float], int, str]:
+    """One run in a fresh pair: (CPU seconds of each node, flow changes, what happened)."""
     with cluster(2) as c:
         a, b = c.nodes
         for node in c.nodes:
             node.write_config(log={"level": "info"})
         procs = {node.name: start(node, profiles[node.name] if profiles else None) for node in c.nodes}
-        before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
-        begin = time.monotonic()
-        load = a.run(sys.executable, str(ROOT / "bench" / "burst_load.py"), str(n))
-        assert load.stdout.split()[0] == str(n), load.stdout + load.stderr
-        wait_for(f"B to hold {n} flows", lambda: b.request("status")["external"]["entries"] >= n, timeout=TIMEOUT)
-        created = time.monotonic() - begin
-        a.run("conntrack", "-F")
-        wait_for("B to hold none", lambda: b.request("status")["external"]["entries"] == 0, timeout=TIMEOUT)
-        both = time.monotonic() - begin
+        before: dict[str, float] = {}
+
+        def mark() -> None:  # CPU is counted from here
+            before.update((name, cpu_seconds(p.pid)) for name, p in procs.items())
+        mark()
+        changes, said = scenario(a, b, mark)
         cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}
         for proc in procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-        return cpu, created, both
+        return cpu, changes, said
 
 
 def main() -> int:
@@ -117,21 +151,30 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--save", type=Path, help="keep the two profiles (A.prof, B.prof) in this folder")
+    ap.add_argument("--churn", type=int, default=0, metavar="RATE",
+                    help="instead of a burst: churn of RATE flows/s over --standing flows (tests/support/churn.py)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="how long the churn runs")
+    ap.add_argument("--standing", type=int, default=50_000, help="flows in the table before the churn")
     args = ap.parse_args()
-    n = args.entries
+    scenario: Scenario
+    if args.churn:
+        def scenario(a: Node, b: Node, mark: Callable[[], None]) -> tuple[int, str]:
+            return churn(a, b, mark, args.churn, args.seconds, args.standing)
+    else:
+        def scenario(a: Node, b: Node, mark: Callable[[], None]) -> tuple[int, str]:
+            return burst(a, b, mark, args.entries)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with tempfile.TemporaryDirectory(prefix="ctb-prof-") as tmp:
         folder = args.save or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         profiles = {"fw1": folder / "A.prof", "fw2": folder / "B.prof"}
-        cpu, created, both = run(n, None)
-        run(n, profiles)
-        print(f"\nprofile: {n:,} flows written into A's kernel in a burst, in B's copy after {created:.2f} s; then "
-              f"A's table flushed, all gone from B after {both:.2f} s: 2 x {n:,} flow changes")
+        cpu, changes, said = run(scenario, None)
+        run(scenario, profiles)
+        print(f"\nprofile: {said}: {changes:,} flow changes")
         for name, role in (("fw1", "A, the sender (kernel events -> datagrams)"),
                            ("fw2", "B, the receiver (datagrams -> its copy)")):
-            print(f"\n{role}: CPU {cpu[name]:.2f} s = {cpu[name] / (2 * n) * 1e6:.1f} µs per flow change")
-            print("\n".join(breakdown(profiles[name], cpu[name], 2 * n, args.top)))
+            print(f"\n{role}: CPU {cpu[name]:.2f} s = {cpu[name] / changes * 1e6:.1f} µs per flow change")
+            print("\n".join(breakdown(profiles[name], cpu[name], changes, args.top)))
     return 0
 
 

@@ -104,7 +104,16 @@ class Firewall:
         return held
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
+        try:
+            return control.request(str(self.run_dir / "ctbridge.sock"), cmd, timeout=60, **args)
+        except control.ControlError as exc:
+            daemon = self.daemon
+            if daemon is None or daemon.alive():
+                raise
+            # the daemon is gone: say how it ended, and its last words (the lab's files go with it)
+            tail = " | ".join(daemon.log.read_text(errors="replace").splitlines()[-12:])
+            raise control.ControlError(f"{exc} ({self.name}'s ctbridge exited with status "
+                                       f"{daemon.proc.returncode}; its log ends: {tail})") from exc
 
     def dropped(self) -> int:
         """Forwarded packets this firewall dropped: its ruleset's counter plus ctbridge's commit gate."""
