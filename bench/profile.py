@@ -22,7 +22,6 @@ import argparse
 import os
 import pstats
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,19 +42,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its threads (proc(5), /proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start(node: Node, out: Path | None) -> subprocess.Popen[bytes]:
-    """The node's daemon, under cProfile when ``out`` is given (the profile is written when
-    SIGTERM ends it)."""
-    log = open(node.log, "ab")
-    profiler = ["-m", "cProfile", "-o", str(out)] if out is not None else []
-    proc = subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, *profiler,
-                             "-m", "ctbridge", "run", "-c", str(node.config)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    log.close()
-    wait_for(f"{node.name} to answer", lambda: node.request("status"), timeout=30)
-    return proc
 
 
 def group(path: str) -> str:
@@ -132,7 +118,9 @@ def run(scenario: Scenario, profiles: dict[str, Path] | None) -> tuple[dict[str,
         a, b = c.nodes
         for node in c.nodes:
             node.write_config(log={"level": "info"})
-        procs = {node.name: start(node, profiles[node.name] if profiles else None) for node in c.nodes}
+        for node in c.nodes:  # under cProfile, its profile written when SIGTERM ends it
+            node.start(("-m", "cProfile", "-o", str(profiles[node.name])) if profiles else ())
+        procs = {node.name: node.proc for node in c.nodes if node.proc is not None}
         before: dict[str, float] = {}
 
         def mark() -> None:  # CPU is counted from here
@@ -140,9 +128,8 @@ def run(scenario: Scenario, profiles: dict[str, Path] | None) -> tuple[dict[str,
         mark()
         changes, said = scenario(a, b, mark)
         cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}
-        for proc in procs.values():
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        for node in c.nodes:
+            node.stop()
         return cpu, changes, said
 
 

@@ -56,10 +56,13 @@ class Node:
         """This node's address on sync link ``link`` (0: [sync]'s own, 192.0.2.0/24)."""
         return self.address if link == 0 else f"198.51.{100 + link}.{10 + self.index}"
 
-    def start(self) -> None:
+    def start(self, python_args: tuple[str, ...] = ()) -> None:
+        """The daemon in its namespace; ``python_args`` go to the interpreter before ``-m ctbridge``
+        (bench/profile.py: ``-m cProfile -o FILE``). ``ip netns exec`` execs it: the Popen's pid
+        is the daemon's."""
         self.log_file = open(self.log, "ab")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "ctbridge", "run", "-c",
-                                      str(self.config)], stdout=self.log_file, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, *python_args, "-m", "ctbridge",
+                                      "run", "-c", str(self.config)], stdout=self.log_file, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
         wait_for(f"{self.name} to answer", lambda: self.request("status"), timeout=20)
 
