@@ -104,6 +104,9 @@ def _measure_ctbridge(rate: int, seconds: float, standing: int) -> dict[str, Any
         time.sleep(max(0.0, churned["end"] + SETTLE - time.monotonic()))
         res: dict[str, Any] = {"cpu_a": _cpu(a) - cpu0[0], "cpu_b": _cpu(b) - cpu0[1], "generator": churned}
         res["overruns"] = a.request("stats")["kernel"]["overruns"] - overruns0
+        # each daemon's longest event-loop stall of the last minute (daemon/looplag.py): the churn
+        # and the settling time, read before the comparison's dumps add stalls of their own
+        res["stall"] = tuple(n.request("stats")["loop"]["recent_longest_stall_seconds"] for n in (a, b))
         res["missing"], res["stale"], res["flows"] = _ctbridge_diff(a, b)
         if res["missing"] or res["stale"]:
             for _ in range(CATCH_UP):
@@ -137,14 +140,15 @@ def _row(name: str, r: dict[str, Any]) -> str:
     return (f"  {name:<14}{g['created']:>9,}{g['deleted']:>9,}{r['flows']:>9,}{r['missing']:>9,}{r['stale']:>9,}"
             f"  {exact:<11}"
             f"{both:<29}{cpu * 1e6 / max(churned, 1):>7.0f}"
-            f"{overruns:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}")
+            f"{overruns:>6}{g['max_lag']:>8.3f}{g['cpu']['user'] + g['cpu']['sys']:>7.2f}"
+            + (f"  {r['stall'][0]:.3f} / {r['stall'][1]:.3f}" if "stall" in r else "  -"))
 
 
 def report(rate: int, seconds: float, standing: int, ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> None:
     print(f"\n{rate:,} flows/s for {seconds:g} s over {standing:,} standing flows, each deleted {LIFE:g} s after "
           f"it was made; compared {SETTLE:g} s after the churn")
     print(f"  {'':<14}{'created':>9}{'deleted':>9}{'A holds':>9}{'missing':>9}{'stale':>9}  {'copy':<11}"
-          f"{'  CPU s (A + B)':<29}{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}")
+          f"{'  CPU s (A + B)':<29}{'µs/flow':>7}{'overr.':>7}{'gen lag':>8}{'gen s':>7}  loop stall s A / B")
     for i, r in enumerate(ours):
         print(_row(f"ctbridge #{i + 1}", r))
     for i, r in enumerate(theirs):
@@ -181,7 +185,8 @@ def main() -> int:
                  f"{gen.MAX_SECONDS:.0f})")
     print(f"bench/churn.py: {args.trials} trial(s) per rate, ctbridge and conntrackd alternating, each in fresh "
           f"namespaces\n{PER_FLOW}\n'gen lag': the generator's worst delay behind its schedule, s; 'gen s': its "
-          "own CPU seconds (not counted)")
+          "own CPU seconds (not counted); 'loop stall': each ctbridge daemon's longest event-loop stall over the "
+          "churn and the settling time (conntrackd has no such figure)")
     with conntrack_max(args.standing + int(max(rates) * (LIFE + 0.5))):
         for rate in rates:
             ours: list[dict[str, Any]] = []
