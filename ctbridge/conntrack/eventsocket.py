@@ -125,6 +125,19 @@ class EventSocket:
                 events.extend(decode(data, skip))
         return EventBatch(events, overrun, buffers)
 
+    def receive(self) -> list[bytes] | None:
+        """One recvmmsg of what is queued now, undecoded ([] if nothing; never blocks), for a
+        reader of its own (ctbridge.conntrack.eventdrain). None: the kernel dropped events
+        before what comes next (ENOBUFS), counted in ``overruns``, the buffer grown."""
+        try:
+            return self.receiver.receive()
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.overruns += 1
+                self._grow()
+                return None
+            raise explain(exc.errno or 0, "reading conntrack events") from exc
+
     def _grow(self) -> None:
         size = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
         if size < self.max_rcvbuf:

@@ -113,6 +113,7 @@ class Stats:
             "send_errors": self.links.send_errors,
             "link_mismatches": self.links.mismatches,
             **self.kept,
+            "kernel": {**self.kept["kernel"], "event_queue": self.reader.queue_stats()},
             "commit_histogram": self.writer.histogram.snapshot(),
             "loop": self.lag.snapshot(now),
             "backend": {"name": self.cfg.apply.backend, **({
