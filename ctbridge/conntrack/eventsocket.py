@@ -59,7 +59,9 @@ class EventSocket:
         for group in self.groups:
             self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
         self.sock.setblocking(False)
-        self.receiver = mmsg.Receiver(self.sock)
+        # non-blocking reads, by the loop or by the thread that drains the socket: neither needs
+        # to let the interpreter lock go for them (recvmmsg._RECVMMSG_HOLDING says why)
+        self.receiver = mmsg.Receiver(self.sock, hold_lock=True)
         self.overruns = 0
         # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
         self.skip_portid = -1

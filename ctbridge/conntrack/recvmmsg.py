@@ -37,9 +37,9 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
 
 
-def _libc_recvmmsg() -> object | None:
+def _libc_recvmmsg(dll: type[ctypes.CDLL] = ctypes.CDLL) -> object | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = dll(ctypes.util.find_library("c") or None, use_errno=True)
         fn = libc.recvmmsg
     except (OSError, AttributeError):
         return None
@@ -49,13 +49,21 @@ def _libc_recvmmsg() -> object | None:
 
 
 _RECVMMSG = _libc_recvmmsg()
+# The same call without releasing the interpreter lock (ctypes.PyDLL), for reads that never block
+# (MSG_DONTWAIT) in a process with other busy threads: a thread that lets the lock go for a system
+# call of microseconds waits up to the switch interval (sys.getswitchinterval(), 5 ms) to take it
+# back while another thread runs Python, so a reader releasing it per call reads at most a batch
+# per switch interval while the event loop is busy (ctbridge.conntrack.eventdrain).
+_RECVMMSG_HOLDING = _libc_recvmmsg(ctypes.PyDLL)
 
 
 class Receiver:
-    """Reads up to ``count`` datagrams of at most ``size`` bytes with one call, without blocking."""
+    """Reads up to ``count`` datagrams of at most ``size`` bytes with one call, without blocking;
+    with ``hold_lock`` the call keeps the interpreter lock (_RECVMMSG_HOLDING)."""
 
-    def __init__(self, sock: socket.socket, count: int = 128, size: int = 16384) -> None:
+    def __init__(self, sock: socket.socket, count: int = 128, size: int = 16384, hold_lock: bool = False) -> None:
         self.sock = sock
+        self.call = _RECVMMSG_HOLDING if hold_lock else _RECVMMSG
         self.count = count
         self.size = size
         self.buffers = [ctypes.create_string_buffer(size) for _ in range(count)]
@@ -69,12 +77,12 @@ class Receiver:
 
     def receive(self) -> list[bytes]:
         """The datagrams waiting now ([] if none); OSError(ENOBUFS) and others as recv() raises them."""
-        if _RECVMMSG is None:
+        if self.call is None:
             try:
                 return [self.sock.recv(self.size)]
             except BlockingIOError:
                 return []
-        n = _RECVMMSG(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)  # type: ignore[operator]
+        n = self.call(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)  # type: ignore[operator]
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):
