@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ctbridge.conntrack import eventdrain
 from ctbridge.conntrack.eventdrain import BUFFER_OVERHEAD, Drained, EventDrain
 
 Step = list[bytes] | None | BaseException | threading.Event
@@ -222,3 +223,25 @@ def test_close_stops_a_thread_that_waits_and_leaves_none_behind(fake: FakeSocket
     assert not thread.is_alive()
     assert not [t for t in threading.enumerate() if t.name == "ctbridge-events"]
     drain.close()  # twice: nothing left to close, nothing closed that is not its own
+
+
+def test_while_the_loop_works_the_thread_reads_again_only_once_it_took_everything(
+        fake: FakeSocket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule 7: each read while the loop runs takes the interpreter lock from it, so the thread
+    reads again only when the loop found the queue empty (or READ_INTERVAL later: made an hour
+    here, so only the loop's emptiness can let it read)."""
+    monkeypatch.setattr(eventdrain, "READ_INTERVAL", 3600.0)
+    drain, woken = drain_of(fake)
+    try:
+        fake.feed([b"first"])
+        until("the first batch", lambda: woken.count == 1)
+        fake.feed([b"second"])
+        time.sleep(0.1)  # room for a thread that would read at once (it must not)
+        assert fake.left() == 1
+        assert drain.take(10) == Drained([b"first"], False)
+        assert fake.left() == 1  # taken, but the loop has not come back for more: still not read
+        assert drain.take(10) is None  # now it has: the thread reads
+        until("the second batch", lambda: drain.queued_bytes > 0)
+        assert drain.take(10) == Drained([b"second"], False) and woken.count == 2
+    finally:
+        drain.close()
