@@ -4,9 +4,9 @@ kernel's receive buffer while the daemon's event loop is busy with other work.
 Theory of operation. The kernel queues each event on the socket and drops it when the socket's
 receive buffer is full (ENOBUFS: an overrun, answered by a dump of the whole table). A reader on
 the event loop reads only when the loop is free, so engine work, a refresh sweep's chunk or a
-commit's bookkeeping let the kernel's buffer fill. Here a thread blocks in poll(2) and recvmmsg(2)
-(system calls release the interpreter lock), and hands the receive buffers, undecoded, to the
-loop through a queue. The rules:
+commit's bookkeeping let the kernel's buffer fill. Here a thread sleeps in poll(2), which lets the
+interpreter lock go, reads what the socket holds with recvmmsg(2), and hands the receive buffers,
+undecoded, to the loop through a queue. The rules:
 
 1. The thread only moves bytes. It never parses an event: parsing in Python would hold the lock
    the loop needs, and the engine reads the buffers itself (ctbridge.sync.intake).
