@@ -195,11 +195,16 @@ class EventDrain:
         poller.register(self.source.fileno(), select.POLLIN)
         poller.register(self._pipe_r, select.POLLIN)
         try:
-            while self._wait_for_turn():
-                if not self._read_all():  # nothing queued: sleep in the kernel (ENOBUFS wakes it too)
-                    for _, flags in poller.poll():
-                        if flags & select.POLLNVAL:  # closed under the thread: never spin on it
-                            raise OSError(errno.EBADF, "the event socket was closed while being read")
+            while True:
+                # Sleep in the kernel until the socket holds something (ENOBUFS wakes it too),
+                # and only then wait for the turn: a thread that waited for the loop first woke
+                # once more per handoff only to find the socket empty.
+                for _, flags in poller.poll():
+                    if flags & select.POLLNVAL:  # closed under the thread: never spin on it
+                        raise OSError(errno.EBADF, "the event socket was closed while being read")
+                if not self._wait_for_turn():
+                    break
+                self._read_all()
         except BaseException as exc:  # the consumer raises it: the daemon stops, as when the loop read
             with self._lock:
                 self._error = exc
@@ -208,9 +213,8 @@ class EventDrain:
             if wake:
                 self._wake()
 
-    def _read_all(self) -> bool:
-        """What the socket holds, into the queue (until it is full); whether anything was read."""
-        read = False
+    def _read_all(self) -> None:
+        """What the socket holds, into the queue (until it is full)."""
         while True:
             got = self.source.receive()
             if got is None:
@@ -221,13 +225,10 @@ class EventDrain:
             if not got:
                 if self._marker_due:  # the socket is empty after an overrun: now the loop hears of it
                     self._put_overrun()
-                    read = True
                 break
-            read = True
             if self._put(got):  # full: the rest waits in the kernel's buffer
                 break
         self._last_read = time.monotonic()
-        return read
 
     def _wait_for_turn(self) -> bool:
         """Until the thread may read again (rule 7): the queue has room, and the consumer found
