@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.sync import wire
-from ctbridge.sync.engine import Engine, EngineConfig
+from ctbridge.sync.engine import Engine, EngineConfig, Sweep
 from tests.support import builders
 
 TICK = 0.010  # seconds per batch, as tests/support/churn.py
@@ -76,7 +76,7 @@ def run_once(load: Load, batch: int) -> dict[str, float]:
     b = Engine(EngineConfig(node_id=2), auth, epoch=1, now=0.0)
     now = 0.0
     timed: dict[str, float] = defaultdict(float)
-    clock = time.perf_counter
+    clock = time.process_time  # CPU time: the machine may be shared (other processes add wall time, not CPU)
 
     def exchange(stage: bool) -> None:
         start = clock()
@@ -123,8 +123,9 @@ def run_once(load: Load, batch: int) -> dict[str, float]:
                 sweep_at += SWEEP_EVERY
                 messages = [dump[k] for k in a.internal]
                 start = clock()
+                sweep = Sweep()  # as refresh_loop: one per dump, for all its chunks
                 for at in range(0, len(messages), REFRESH_CHUNK):
-                    a.kernel_refresh(messages[at:at + REFRESH_CHUNK], now, 30.0, newer=set())
+                    a.kernel_refresh(messages[at:at + REFRESH_CHUNK], now, 30.0, newer=set(), sweep=sweep)
                 timed["A: kernel_refresh (sweeps)"] += clock() - start
                 timed["sweeps"] += 1
                 timed["swept"] += len(messages)

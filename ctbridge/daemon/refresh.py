@@ -25,7 +25,7 @@ from ctbridge.config.replication import refresh_interval
 from ctbridge.config.settings import Config
 from ctbridge.conntrack.table import KernelError, KernelTable
 from ctbridge.daemon.kernelio import Kernel
-from ctbridge.sync.engine import EVERYTHING, Engine
+from ctbridge.sync.engine import EVERYTHING, Engine, Sweep
 
 log = logging.getLogger("ctbridge")
 
@@ -95,12 +95,15 @@ async def refresh_loop(cfg: Config, engine: Engine, kernel: Kernel, info: dict[s
                     shortest = refreshed_timeouts()
                     wait, within = sweep_timing(refresh_interval(cfg, shortest), shortest,
                                                 time.monotonic() - start, max(recent))
+                    # the flows that can need a refresh, looked up once for every chunk: the others'
+                    # messages are skipped unread (``touched`` names what events changed since)
+                    sweep = Sweep()
                     for at in range(0, len(messages), REFRESH_CHUNK):
                         if EVERYTHING in touched:  # the table was read again meanwhile: this dump is older
                             info["superseded"] += 1
                             break
                         refreshed += engine.kernel_refresh(messages[at:at + REFRESH_CHUNK], loop.time(),
-                                                           within, newer=touched)
+                                                           within, newer=touched, sweep=sweep)
                         after_input()
                         await asyncio.sleep(0)
             except (OSError, KernelError) as exc:

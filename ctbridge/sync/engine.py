@@ -64,7 +64,7 @@ from ctbridge.sync.events import (
 from ctbridge.sync.external import ExternalCaches
 from ctbridge.sync.filter import FlowFilter
 from ctbridge.sync.heartbeat import Heartbeats
-from ctbridge.sync.internal import EVERYTHING, InternalCache
+from ctbridge.sync.internal import EVERYTHING, InternalCache, Sweep
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import ExternalFlow, Peer, seconds_of
 from ctbridge.sync.receiver import Receiver
@@ -77,7 +77,7 @@ from ctbridge.sync.stream import Stream
 # also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
            "EngineEvent", "EpochChanged", "ExternalFlow", "Heard", "KernelOp", "LimitReached", "LinkReport", "Peer",
-           "PeerReport", "PeerRestarted", "PeerSilent", "Role", "seconds_of"]
+           "PeerReport", "PeerRestarted", "PeerSilent", "Role", "Sweep", "seconds_of"]
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,9 @@ class Engine:
         self._offer_entry_points()
 
     def _dispatch_table(self) -> dict[type, Handler]:
-        """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows); a type
-        not here (ALIVE, HELLO, ECHO outside a candidate datagram) changes nothing."""
+        """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows; runs of
+        DELETEs: ExternalCaches.take_deletes, one call per run); a type not here (ALIVE, HELLO,
+        ECHO outside a candidate datagram) changes nothing."""
         external, sessions, recovery, diffs = self.external_caches, self.sessions, self.recovery, self.diffs
         return {
             wire.Delete: external.on_delete,
@@ -342,10 +343,21 @@ class Engine:
             self.external_caches.take_flows(peer, flows, seq, now)
         if messages:
             handlers = self._handlers
+            deletes: list[wire.Delete] = []  # a run of DELETEs: taken in one call (the bulk of a churn)
             for msg in messages:
+                if type(msg) is wire.Delete:
+                    deletes.append(msg)
+                    continue
+                if deletes:
+                    self.external_caches.take_deletes(peer, deletes, seq, now)
+                    deletes = []
+                    data_seen = True
                 handler = handlers.get(type(msg))
                 if handler is not None and handler(peer, msg, seq, now):
                     data_seen = True
+            if deletes:
+                self.external_caches.take_deletes(peer, deletes, seq, now)
+                data_seen = True
             self.recovery.end_of_datagram(peer, now)
         self.receiver.received(peer, rx, seq, data_seen, now)
         if peer.bulk_end is not None:

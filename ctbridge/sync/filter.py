@@ -87,6 +87,13 @@ class FlowFilter:
             facts = flow_facts(codec.Entry(key, family, buf[start:]))
         return self.accepts_facts(family, facts)
 
+    def ignore_only(self) -> tuple[frozenset[bytes], dict[int, tuple[bytes, ...]]] | None:
+        """(single addresses, byte-aligned prefixes by family) when that is all this filter
+        checks (the usual one: loopback, the sync addresses, an ignore list), for a hot loop that
+        checks them inline: a flow is refused when its original or reply source is one of the
+        addresses or starts with one of its family's prefixes. None: call accepts_facts()."""
+        return (self._ignore_hosts, self._ignore_prefixes) if self._only_ignore else None
+
     def accepts_expectation(self, entry: codec.Entry) -> bool:
         """An expectation lets a new connection in as RELATED: it is taken when this filter takes
         both that connection (the expectation's tuple, its source and destination) and the

@@ -26,6 +26,10 @@ from ctbridge.sync import filter as flt
 from ctbridge.sync import wire
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr, include/uapi/linux/netlink.h
+# What finds a message's plan, in one read: the nlmsghdr's length, type and flags (one word), its
+# port id, and the first two attribute headers (CTA_TUPLE_ORIG's and the first nested in it)
+HEAD = struct.Struct("=Q4xI4xQ")
+KEYED = HEAD.size  # 28: shorter messages have no plan
 _U32 = struct.Struct("=I")
 _BE32 = struct.Struct(">I")  # CTA_TIMEOUT's seconds, network order
 _NLA = struct.Struct("=HH")
@@ -51,9 +55,15 @@ class Fast(NamedTuple):
     timeout: int  # seconds left in CTA_TIMEOUT (0: none)
 
 
-class _Plan(NamedTuple):
-    heads: struct.Struct
+class Plan(NamedTuple):
+    """Where one layout keeps what the fast path reads (fields used by the internal cache's hot
+    loop, InternalCache.kernel_messages, as well as by _read)."""
+
+    heads: Callable[[bytes], tuple[int, ...]]  # reads every attribute header word the plan relies on
     expect: tuple[int, ...]
+    mlen: int  # the message's length (its buffer holds it alone)
+    keyhead: bytes  # the key's family and zone 0, when the layout has no zone (zone_at == -1)
+    orig: slice  # the original tuple's payload: the rest of the key
     family: int
     destroy: bool
     new: bool
@@ -81,7 +91,7 @@ def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | N
     return out
 
 
-def _learn(buf: bytes) -> _Plan | None:
+def _learn(buf: bytes) -> Plan | None:
     """The plan of ``buf``'s layout, or None when it has none the fast path can follow."""
     mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
     family = buf[16]
@@ -148,7 +158,8 @@ def _learn(buf: bytes) -> _Plan | None:
     for off in sorted(heads):
         fmt.append(f"{off - pos}xI" if off > pos else "I")
         pos = off + 4
-    plan = _Plan(struct.Struct("".join(fmt)), tuple(heads[o] for o in sorted(heads)), family,
+    plan = Plan(struct.Struct("".join(fmt)).unpack_from, tuple(heads[o] for o in sorted(heads)), mlen,
+                bytes((family, 0, 0)), slice(os_, oe), family,
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
                  codec.ranges_getter(ranges), synproxy, keep_no,
@@ -190,7 +201,7 @@ def _zone_at(attrs: dict[int, tuple[int, int]], top: list[tuple[int, int, int]])
     return zs
 
 
-def _agrees(plan: _Plan, buf: bytes) -> bool:
+def _agrees(plan: Plan, buf: bytes) -> bool:
     """The plan reads ``buf`` exactly as the general path does."""
     try:
         (event,) = codec.decode_events(buf)
@@ -212,10 +223,13 @@ def _agrees(plan: _Plan, buf: bytes) -> bool:
         wire.flow_msg(1, codec.strip_local(entry))
 
 
-def _read(plan: _Plan, buf: bytes) -> Fast:
-    zone, orig = plan.key(buf)
-    zone = zone or _ZERO
-    key = bytes((plan.family,)) + zone + orig
+def _read(plan: Plan, buf: bytes) -> Fast:
+    if plan.zone_at < 0:
+        zone = _ZERO
+        key = plan.keyhead + buf[plan.orig]
+    else:
+        zone, orig = plan.key(buf)
+        key = bytes((plan.family,)) + zone + orig
     at = plan.state_at
     facts = (buf[plan.proto_at], buf[plan.src], buf[plan.reply_src], buf[at] if at >= 0 else None)
     if plan.destroy:
@@ -230,35 +244,56 @@ def _read(plan: _Plan, buf: bytes) -> Fast:
                 _BE32.unpack_from(buf, t)[0] if t >= 0 else 0)
 
 
-def _fits(plan: _Plan, buf: bytes) -> bool:
+def _fits(plan: Plan, buf: bytes) -> bool:
     """``buf`` has every attribute header ``plan`` relies on, and its protocol's kind."""
-    return plan.heads.unpack_from(buf) == plan.expect and (buf[plan.proto_at] == ct.IPPROTO_TCP) == plan.tcp
+    return plan.heads(buf) == plan.expect and (buf[plan.proto_at] == ct.IPPROTO_TCP) == plan.tcp
 
 
 class Intake:
     """Plans per layout, learnt as messages come (at most _LAYOUTS_MAX, then learnt again)."""
 
     def __init__(self) -> None:
-        self.plans: dict[tuple[int, int, int, bytes], _Plan | None] = {}
+        self.plans: dict[tuple[int, int], Plan | None] = {}  # by HEAD's first and last word
         self.fast = 0  # messages read by a plan
         self.slow = 0  # messages left to the general path
 
-    def brief(self, buf: bytes) -> tuple[bytes, int, _Plan] | None:
+    def plan(self, buf: bytes) -> Plan | None:
+        """The plan of ``buf``'s layout (one message of a type decode() takes, at least KEYED
+        bytes long), learnt now if it is new."""
+        head, _pid, first = HEAD.unpack_from(buf)
+        pkey = (head, first)
+        plans = self.plans
+        if pkey in plans:
+            return plans[pkey]
+        if len(plans) >= _LAYOUTS_MAX:
+            plans.clear()
+        try:
+            plan = plans[pkey] = _learn(buf)
+        except codec.CodecError:
+            plan = plans[pkey] = None
+        return plan
+
+    def brief(self, buf: bytes) -> tuple[bytes, int, Plan] | None:
         """A dump message's key and seconds left, read by its layout's plan (None: the message
         needs decode()): a refresh sweep reads the rest, with read(), only for the flows it sends."""
         n = len(buf)
         if n < _ATTRS + 4:
             return None
-        mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
-        pkey = (mlen, mtype, mflags, buf[20:28])
-        plan = self.plans.get(pkey)
-        if plan is None or mlen != n or plan.destroy or plan.timeout_at < 0 or not _fits(plan, buf):
+        if n < KEYED:
             return None
-        zone, orig = plan.key(buf)
-        return bytes((plan.family,)) + (zone or _ZERO) + orig, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
+        head, _pid, first = HEAD.unpack_from(buf)
+        plan = self.plans.get((head, first))
+        if plan is None or plan.mlen != n or plan.destroy or plan.timeout_at < 0 or not _fits(plan, buf):
+            return None
+        if plan.zone_at < 0:
+            key = plan.keyhead + buf[plan.orig]
+        else:
+            zone, orig = plan.key(buf)
+            key = bytes((plan.family,)) + zone + orig
+        return key, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
 
     @staticmethod
-    def read(plan: _Plan, buf: bytes) -> Fast:
+    def read(plan: Plan, buf: bytes) -> Fast:
         """The whole of a message brief() took."""
         return _read(plan, buf)
 
@@ -268,23 +303,13 @@ class Intake:
         if n < _ATTRS + 4:
             self.slow += 1
             return SLOW
-        mlen, mtype, mflags, _seq, mpid = _NLMSG.unpack_from(buf)
+        mlen, mtype, _flags, _seq, mpid = _NLMSG.unpack_from(buf)
         if mlen != n or (mtype != ct.MSG_CT_NEW and mtype != ct.MSG_CT_DELETE):
             self.slow += 1  # several messages in one buffer, or not an event: all of it the general way
             return SLOW
         if mpid == skip_portid:
             return None
-        pkey = (mlen, mtype, mflags, buf[20:28])
-        plans = self.plans
-        if pkey in plans:
-            plan = plans[pkey]
-        else:
-            if len(plans) >= _LAYOUTS_MAX:
-                plans.clear()
-            try:
-                plan = plans[pkey] = _learn(buf)
-            except codec.CodecError:
-                plan = plans[pkey] = None
+        plan = self.plan(buf) if n >= KEYED else None
         if plan is None or not _fits(plan, buf):
             self.slow += 1
             return SLOW
