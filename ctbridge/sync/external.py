@@ -53,30 +53,27 @@ class ExternalCaches(Part):
 
     def take_flows(self, peer: Peer, flows: list[wire.FlowTuple], seq: int, now: float) -> None:
         """The flows of datagram ``seq`` of ``peer`` (a measured hot loop: see the module's
-        docstring). A flow new to the copy is admitted by our own filter directly (one call)
-        when no cap and no accept list for that peer apply, else by _admit."""
+        docstring). When no cap and no accept list for that peer apply, our own filter looks at
+        the flows new to the copy in one call (FlowFilter.refused_among), else _admit does, flow
+        by flow."""
         external = peer.external
         tombstones = peer.tombstones
         refused = peer.refused
         cfg = self.config
         inject = cfg.apply_mode == "inject"
         kernel_ops = self.kernel_ops
-        accepts = cfg.filter.accepts_message if not cfg.max_entries and peer.node not in cfg.peer_filters else None
-        header = wire.FLOW_HEADER
+        direct = not cfg.max_entries and peer.node not in cfg.peer_filters
+        refusing = cfg.filter.refused_among(flows, wire.FLOW_HEADER, external) if direct else set()
         version_of = _VERSION.unpack_from
         stale = 0
-        for version, key, fmsg in flows:
+        for i, (version, key, fmsg) in enumerate(flows):
             cur = external.get(key)
             if cur is None:
                 if tombstones and key in tombstones and tombstones[key][0] >= version:
                     stale += 1
                     continue
-                if accepts is not None and fmsg[0] != EXPECT:
-                    try:
-                        allowed = accepts(key, fmsg[1], fmsg, header)
-                    except codec.CodecError:
-                        allowed = False  # as _allowed: attributes our filter cannot read are refused
-                    if not allowed:
+                if direct and fmsg[0] != EXPECT:
+                    if refusing and i in refusing:
                         self._refused(peer, key, version, seq)
                         continue
                     if refused:

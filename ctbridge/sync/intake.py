@@ -56,11 +56,12 @@ class Fast(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Where one layout keeps what the fast path reads (fields used by the internal cache's hot
-    loop, InternalCache.kernel_messages, as well as by _read)."""
+    """Where one layout keeps what the fast path reads: by _read, and by the internal cache's
+    hot loop (InternalCache.kernel_messages), which unpacks it by position: the order of the
+    fields is part of the interface."""
 
-    heads: Callable[[bytes], tuple[int, ...]]  # reads every attribute header word the plan relies on
-    expect: tuple[int, ...]
+    heads: Callable[[bytes], tuple[int | bytes, ...]]  # reads every attribute header word the plan relies on
+    expect: tuple[int | bytes, ...]
     mlen: int  # the message's length (its buffer holds it alone)
     keyhead: bytes  # the key's family and zone 0, when the layout has no zone (zone_at == -1)
     orig: slice  # the original tuple's payload: the rest of the key
@@ -76,7 +77,7 @@ class Plan(NamedTuple):
     tcp: bool  # the plan was learnt from a TCP flow (its state is read only for one)
     keep: Callable[[bytes], Any]  # -> the replicated attributes, as a tuple of slices
     synproxy: int  # offset of a CTA_SYNPROXY attribute (-1 if none) ...
-    keep_no_synproxy: Callable[[bytes], Any] | None  # ... and what to keep when it is all zero
+    keep_no_synproxy: Callable[[bytes], Any]  # ... and what to keep when it is all zero (else: keep)
     orig_len: int
     timeout_at: int  # offset of CTA_TIMEOUT's seconds (-1: none)
 
@@ -124,7 +125,8 @@ def _learn(buf: bytes) -> Plan | None:
         codec.extend_ranges(ranges, s - 4, nxt)
     if not ranges or ranges[-1].stop > mlen:
         return None
-    keep_no = codec.without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else None
+    keep = codec.ranges_getter(ranges)
+    keep_no = codec.without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else keep
 
     def tuple_fields(t: int) -> tuple[int, slice] | None:
         """(offset of the protocol number, slice of the source address) of a tuple attribute."""
@@ -153,18 +155,41 @@ def _learn(buf: bytes) -> Plan | None:
         return None
     os_, oe = attrs[ct.CTA_TUPLE_ORIG]
     key = operator.itemgetter(slice(zone_at, zone_at + 2) if zone_at >= 0 else slice(0, 0), slice(os_, oe))
-    fmt = ["="]
-    pos = 0
-    for off in sorted(heads):
-        fmt.append(f"{off - pos}xI" if off > pos else "I")
-        pos = off + 4
-    plan = Plan(struct.Struct("".join(fmt)).unpack_from, tuple(heads[o] for o in sorted(heads)), mlen,
+    reads, expect = _header_reads(buf, sorted(heads))
+    plan = Plan(struct.Struct(reads).unpack_from, expect, mlen,
                 bytes((family, 0, 0)), slice(os_, oe), family,
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
-                 codec.ranges_getter(ranges), synproxy, keep_no,
+                 keep, synproxy, keep_no,
                  oe - os_ + 4, codec.timeout_offset(buf, _ATTRS))
     return plan if _agrees(plan, buf) else None
+
+
+def _header_reads(buf: bytes, offsets: list[int]) -> tuple[str, tuple[int | bytes, ...]]:
+    """One struct format that reads the header words at ``offsets`` of a message of this layout,
+    and what it reads from ``buf``. Adjacent words (a nested attribute's header right after its
+    parent's) are read as one run of bytes: a TCP event's 29 words are 20 reads, and the check
+    of every event costs a third less."""
+    runs: list[list[int]] = []
+    for off in offsets:
+        if runs and runs[-1][1] == off:
+            runs[-1][1] = off + 4
+        else:
+            runs.append([off, off + 4])
+    fmt = ["="]
+    expect: list[int | bytes] = []
+    pos = 0
+    for start, stop in runs:
+        if start > pos:
+            fmt.append(f"{start - pos}x")
+        if stop - start == 4:
+            fmt.append("I")
+            expect.append(_U32.unpack_from(buf, start)[0])
+        else:
+            fmt.append(f"{stop - start}s")
+            expect.append(buf[start:stop])
+        pos = stop
+    return "".join(fmt), tuple(expect)
 
 
 def _tcp_state_at(attrs: dict[int, tuple[int, int]],
@@ -235,7 +260,7 @@ def _read(plan: Plan, buf: bytes) -> Fast:
     if plan.destroy:
         return Fast(key, True, False, facts, b"", 0, plan.orig_len, 0)
     so = plan.synproxy
-    if so >= 0 and plan.keep_no_synproxy is not None and buf[so:so + 28] == codec._ZERO_SYNPROXY:
+    if so >= 0 and buf[so:so + 28] == codec._ZERO_SYNPROXY:
         attrs = b"".join(plan.keep_no_synproxy(buf))
     else:
         attrs = b"".join(plan.keep(buf))

@@ -204,19 +204,26 @@ class InternalCache(Part):
         ignore = flow_filter.ignore_only()
         hosts, prefixes_of = ignore if ignore is not None else (frozenset[bytes](), {})
         flow_raw = wire.flow_raw
-        timeout_at = _BE32.unpack_from
+        seconds = _BE32.unpack_from
         keys: list[bytes] = []
         append = keys.append
         version = self._version
         fast = 0
+        last = None
         for buf in buffers:
             n = len(buf)
             plan = None
             if n >= KEYED:
                 head, pid, first = head_of(buf)
                 plan = plans_get((head, first))
-            if (plan is None or plan.mlen != n or plan.heads(buf) != plan.expect
-                    or (buf[plan.proto_at] == ct.IPPROTO_TCP) != plan.tcp):
+                if plan is not None and plan is not last:
+                    # events of a batch mostly share a few layouts: the plan's fields are read
+                    # into locals once per change of layout, not one attribute at a time per event
+                    last = plan
+                    (heads, expect, mlen, keyhead, orig, family, destroy, _new, _key, zone_at, proto_at, src_at,
+                     reply_at, state_at, tcp, keep, synproxy, keep_no_synproxy, orig_len, timeout_at) = plan
+            if (plan is None or mlen != n or heads(buf) != expect
+                    or (buf[proto_at] == ct.IPPROTO_TCP) != tcp):
                 # a layout not learnt yet, one the fast path does not follow, or not one message
                 self._version = version
                 self._other(buf, now, skip_portid, keys)
@@ -225,36 +232,31 @@ class InternalCache(Part):
             if pid == skip_portid:
                 continue
             fast += 1
-            if plan.zone_at < 0:
+            if zone_at < 0:
                 zone = 0
-                key = plan.keyhead + buf[plan.orig]
+                key = keyhead + buf[orig]
             else:
-                at = plan.zone_at
-                zone = (buf[at] << 8) | buf[at + 1]
-                key = plan.keyhead[:1] + buf[at:at + 2] + buf[plan.orig]
+                zone = (buf[zone_at] << 8) | buf[zone_at + 1]
+                key = keyhead[:1] + buf[zone_at:zone_at + 2] + buf[orig]
             append(key)
-            if not plan.destroy:
-                family = plan.family
+            if not destroy:
                 if ignore is not None:
-                    src = buf[plan.src]
-                    reply = buf[plan.reply_src]
+                    src = buf[src_at]
+                    reply = buf[reply_at]
                     prefixes = prefixes_of.get(family)
                     accepted = not (src in hosts or reply in hosts
                                     or (prefixes and (src.startswith(prefixes) or reply.startswith(prefixes))))
                 else:
-                    at = plan.state_at
-                    accepted = accepts(family, (buf[plan.proto_at], buf[plan.src], buf[plan.reply_src],
-                                                buf[at] if at >= 0 else None))
+                    accepted = accepts(family, (buf[proto_at], buf[src_at], buf[reply_at],
+                                                buf[state_at] if state_at >= 0 else None))
                 if accepted:
-                    at = plan.synproxy
-                    if at >= 0 and buf[at:at + _SYNPROXY_LEN] == _ZERO_SYNPROXY:
-                        attrs = b"".join(plan.keep_no_synproxy(buf))  # type: ignore[misc]
+                    if synproxy >= 0 and buf[synproxy:synproxy + _SYNPROXY_LEN] == _ZERO_SYNPROXY:
+                        attrs = b"".join(keep_no_synproxy(buf))
                     else:
-                        attrs = b"".join(plan.keep(buf))
-                    at = plan.timeout_at
+                        attrs = b"".join(keep(buf))
                     version += 1
-                    internal[key] = flow_raw(version, family, zone, plan.orig_len, attrs)
-                    told[key] = now + (timeout_at(buf, at)[0] if at >= 0 else 0) * share
+                    internal[key] = flow_raw(version, family, zone, orig_len, attrs)
+                    told[key] = now + (seconds(buf, timeout_at)[0] if timeout_at >= 0 else 0) * share
                     pending[key] = None
                     continue
             if internal.pop(key, None) is not None:

@@ -225,7 +225,7 @@ def test_a_sweep_object_skips_unread_only_what_kernel_refresh_would_skip() -> No
     odd = Entry(odd.key, odd.family, odd.attrs + codec.attr(ct.CTA_MARK, bytes(4)))  # a mark twice: no plan
     engines = [pair()[0] for _ in range(2)]
     for e in engines:
-        e.kernel_events([Event(EventKind.NEW, f, 0) for f in flows[:55] + [odd]], 0.0)
+        e.kernel_events([Event(EventKind.NEW, f, 0) for f in [*flows[:55], odd]], 0.0)
         e.datagrams_to_send(0.0)
     sweep = Sweep()
     newer = {flows[3].key}
