@@ -53,16 +53,19 @@ class ExternalCaches(Part):
 
     def take_flows(self, peer: Peer, flows: list[wire.FlowTuple], seq: int, now: float) -> None:
         """The flows of datagram ``seq`` of ``peer`` (a measured hot loop: see the module's
-        docstring). When no cap and no accept list for that peer apply, our own filter looks at
-        the flows new to the copy in one call (FlowFilter.refused_among), else _admit does, flow
-        by flow."""
+        docstring). When no accept list for that peer applies and the cap is out of reach, our
+        own filter looks at the flows new to the copy in one call (FlowFilter.refused_among),
+        else _admit does, flow by flow."""
         external = peer.external
         tombstones = peer.tombstones
         refused = peer.refused
         cfg = self.config
         inject = cfg.apply_mode == "inject"
         kernel_ops = self.kernel_ops
-        direct = not cfg.max_entries and peer.node not in cfg.peer_filters
+        # the cap cannot be reached within this datagram: each flow adds at most one to the copy
+        # or to the refused keys (the daemon's cap is the kernel's table size, rarely near)
+        direct = peer.node not in cfg.peer_filters and (
+            not cfg.max_entries or len(external) + len(refused) + len(flows) < cfg.max_entries)
         refusing = cfg.filter.refused_among(flows, wire.FLOW_HEADER, external) if direct else set()
         version_of = _VERSION.unpack_from
         stale = 0
