@@ -14,7 +14,8 @@ Outputs:
     kernel_ops()             writes the kernel should do (apply mode "inject")
     events()                 what happened (ctbridge.sync.events)
     get_timer()              when handle_timer() wants to run next (None: no deadline)
-Queries: complete(), live_peers(), peer_flow(), commit_records(), internal/external listings,
+Queries: complete(), live_peers(), peer_flow(), commit_records(), refresh_due() (whether a sweep can
+refresh anything), internal/external listings,
 diff_result(), stats (one flat dict of counters, ctbridge.sync.stats).
 
 The shape follows aioquic's QuicConnection: the adapter moves bytes and re-arms one timer. Tests
@@ -150,6 +151,7 @@ class Engine:
         self.kernel_resync = cache.kernel_resync
         self.kernel_expect_resync = cache.kernel_expect_resync
         self.kernel_refresh = cache.kernel_refresh
+        self.refresh_due = cache.refresh_due
         self.flush_internal = cache.flush
         self.internal_messages = cache.messages
         self.flush_external = external.flush

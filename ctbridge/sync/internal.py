@@ -390,6 +390,11 @@ class InternalCache(Part):
         self.stats["flows_refreshed"] += refreshed
         return refreshed
 
+    def refresh_due(self, until: float) -> bool:
+        """Whether the peers' copy of some flow runs out before ``until`` (a refresh sweep
+        reading the table now can refresh something): one pass over ``told``, in C."""
+        return min(self._told.values(), default=until) < until
+
     def _brief(self, buf: bytes) -> tuple[bytes, int, Any, Fast | None, Entry | None] | None:
         """A dump message's key and seconds left (with its plan, or what reading it gave: a Fast or
         an Entry); None for a message that holds no flow to refresh."""

@@ -243,3 +243,44 @@ def test_a_sweep_object_skips_unread_only_what_kernel_refresh_would_skip() -> No
     assert sweep.until >= 97.0
     plain = engines[0].kernel_refresh(dump(flow(200, timeout=30)), 77.0, 20.0)
     assert plain == engines[1].kernel_refresh(dump(flow(200, timeout=30)), 77.0, 20.0, sweep=sweep) == 1
+
+
+def test_a_sweep_that_could_refresh_nothing_is_left_out_and_no_copy_runs_out() -> None:
+    """refresh_loop leaves out a sweep's dump when no flow's peers' copy runs out before the
+    horizon a dump now would have (daemon.refresh.needless). A fake clock drives sweeps of random
+    duration as test_sweeps_refresh_in_time_whatever_they_take does, over a flow of 2 minutes and
+    one of an hour, both kept alive by traffic: most sweeps are left out, the others dump, and
+    neither peer's copy ever runs out (it would in B's kernel, which has no margin)."""
+    import random
+
+    from ctbridge.daemon.refresh import needless, sweep_timing
+    rng = random.Random(11)
+    a, b = pair(expiry_margin=30.0)
+    t = 0.0
+    timeouts = {1: 120, 2: 3600}
+    a.kernel_events([Event(EventKind.NEW, flow(i, timeout=s), 0) for i, s in timeouts.items()], t)
+    deliver(a, b, t)
+    wait, recent, lapses, skipped, swept = 2.5, [0.0], 0, 0, 0
+    dumped, dumped_flows = 0.0, 0
+    for _ in range(1500):
+        t += wait
+        lapses += sum(b.peers[1].external[flow(i).key].runs_out() < t for i in timeouts)
+        if dumped_flows:
+            skip = needless(a.refresh_due, len(a.internal), t, 2.5, 30.0, dumped, dumped_flows, max(recent[-8:]))
+            if skip is not None:
+                wait = skip
+                skipped += 1
+                continue
+        dumped = rng.choice([0.05, 0.05, 0.5, 1.5, 3.0])  # the dump, then as long again for the engine
+        dumped_flows = len(timeouts)
+        start, t = t, t + dumped
+        wait, within = sweep_timing(2.5, 30.0, dumped, max(recent[-8:]))
+        a.kernel_refresh(dump(*(flow(i, timeout=s) for i, s in timeouts.items())), t, within)
+        deliver(a, b, t)
+        deliver(b, a, t)  # the acknowledgements
+        t += dumped
+        recent.append(t - start)
+        swept += 1
+        b.handle_timer(t)
+    assert lapses == 0 and b.stats["flows_expired"] == 0
+    assert skipped > 1000 and swept > 100 and a.stats["flows_refreshed"] > 100
