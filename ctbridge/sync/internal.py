@@ -6,10 +6,12 @@ out once, with its state at sending time).
 Refresh sweeps: the kernel reports no event when a packet restarts a flow's countdown, so the
 daemon dumps the table now and then and kernel_refresh() queues again the flows whose timeout
 traffic pushed past what peers were told (``told``: when that runs out); peers expire their
-copy otherwise (ctbridge.sync.external).
+copy otherwise (ctbridge.sync.external). A Sweep lets it skip unread the messages of flows that
+cannot need a refresh; refresh_due() tells the daemon when a dump would find none.
 
-kernel_messages() and kernel_refresh() are measured hot loops (bench/engine.py, bench/sync.py):
-one dict operation per flow, no call per flow beyond the intake's decoder.
+kernel_messages() and kernel_refresh() are measured hot loops (bench/engine_churn.py,
+bench/engine.py, bench/sync.py): one dict operation per flow, no call per event of a known
+layout but the FLOW's encoding.
 
 Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, peer, shared).
 """
@@ -189,8 +191,8 @@ class InternalCache(Part):
         with one struct read to find its plan and one to check it, slices for the key, the
         filter's addresses and the attributes, and one dict operation per table; no object
         and no call per event but the FLOW's encoding (and the filter's, unless it only
-        ignores addresses). Inline, it took 2.4 µs less per new flow than through
-        Intake.decode, a Fast and accepts_facts (4.1 µs in all before)."""
+        ignores addresses). Through Intake.decode, a Fast and accepts_facts per event it took
+        4.3-4.8 µs an event under churn, inline 2.5 (2026-12-07, docs/performance.md)."""
         # hot loop: one function, no call per event (measured, see the docstring)
         intake = self.intake
         plans_get = intake.plans.get
