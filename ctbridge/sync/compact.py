@@ -254,22 +254,25 @@ _EXPAND: dict[tuple[int, int], dict[bytes, _Expand | None]] = {}  # (type, famil
 
 
 def _expansion(mtype: int, family: int, data: bytes, off: int, mlen: int) -> _Expand:
-    """The plan of the compact message at ``off``, or WireError."""
+    """The plan of the compact message at ``off`` (``mlen`` bytes), learnt if new; or WireError."""
+    if mlen < HEAD:
+        raise WireError("malformed", f"compact message of {mlen} bytes")
+    n = data[off + 15]
+    if HEAD + n > mlen:
+        raise WireError("malformed", f"compact message of {mlen} bytes with a descriptor of {n}")
     plans = _EXPAND.get((mtype, family))
     if plans is None:
         if family not in _ADDRESSES:
             raise WireError("malformed", f"compact message of address family {family}")
         plans = _EXPAND[(mtype, family)] = {}
-    n = data[off + 15]
-    if HEAD + n > mlen:
-        raise WireError("malformed", f"compact message of {mlen} bytes with a descriptor of {n}")
     desc = data[off + 14:off + HEAD + n]
-    plan = plans.get(desc, False)
-    if plan is False:
+    if desc in plans:
+        plan = plans[desc]
+    else:
         if len(plans) >= PLANS_MAX:
             plans.clear()
         plan = plans[desc] = _expand_plan(mtype, family, desc[0], desc[2:])
-    if plan is None or not isinstance(plan, _Expand):
+    if plan is None:
         raise WireError("malformed", f"compact message with descriptor {desc.hex()} (protocol, n, codes)")
     if mlen < plan.fixed or (mtype == _DELETE_COMPACT_T and mlen != plan.fixed):
         raise WireError("malformed", f"compact message of {mlen} bytes; its descriptor needs {plan.fixed}")
@@ -277,9 +280,13 @@ def _expansion(mtype: int, family: int, data: bytes, off: int, mlen: int) -> _Ex
 
 
 def expand_flow(data: bytes, off: int, mlen: int, family: int) -> tuple[bytes, bytes]:
-    """(key, the version-2 FLOW) of the FLOW_COMPACT at ``off`` (``mlen`` bytes); WireError if
-    malformed. Runs once per compact flow received (ctbridge.sync.flows.decode_body)."""
-    plan = _expansion(_FLOW_COMPACT_T, family, data, off, mlen)
+    """(key, the version-2 FLOW) of the FLOW_COMPACT at ``off`` (``mlen`` bytes, a multiple of 4
+    within ``data``); WireError if malformed. Runs once per compact flow received
+    (ctbridge.sync.flows.decode_body): two dict lookups, one unpack, one pack."""
+    plans = _EXPAND.get((_FLOW_COMPACT_T, family))
+    plan = plans.get(data[off + 14:off + HEAD + data[off + 15]]) if plans is not None and mlen >= HEAD else None
+    if plan is None or mlen < plan.fixed:
+        plan = _expansion(_FLOW_COMPACT_T, family, data, off, mlen)
     build = plan.build
     msg: bytes = build.pack(*build.args(plan.unpack(data, off) + build.consts))
     if mlen > plan.fixed:  # a tail: what the descriptor does not cover, as it came
