@@ -111,7 +111,7 @@ def _measure_ctbridge(rate: int, seconds: float, standing: int) -> dict[str, Any
         time.sleep(max(0.0, churned["end"] + SETTLE - time.monotonic()))
         res: dict[str, Any] = {"cpu_a": _cpu(a) - cpu0[0], "cpu_b": _cpu(b) - cpu0[1], "generator": churned}
         res["overruns"] = a.request("stats")["kernel"]["overruns"] - overruns0
-        res["link"] = tuple(n - n0 for n, n0 in zip(_link(a), link0))
+        res["link"] = tuple(n - n0 for n, n0 in zip(_link(a), link0, strict=True))
         # each daemon's longest event-loop stall of the last minute (daemon/looplag.py): the churn
         # and the settling time, read before the comparison's dumps add stalls of their own
         res["stall"] = tuple(n.request("stats")["loop"]["recent_longest_stall_seconds"] for n in (a, b))

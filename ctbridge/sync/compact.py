@@ -105,12 +105,12 @@ def _tuple_payload(family: int, proto: int, p: str) -> list[Seg]:
     elif proto in _ICMP:
         id_t, type_t, code_t = _ICMP[proto]
         l4 += _scalar(id_t, p + "a", 2) + _scalar(type_t, p + "b", 1) + _scalar(code_t, p + "c", 1)
-    return ip + [_head(4 + _size(l4), ct.CTA_TUPLE_PROTO | _NESTED)] + l4
+    return [*ip, _head(4 + _size(l4), ct.CTA_TUPLE_PROTO | _NESTED), *l4]
 
 
 def _tuple(atype: int, family: int, proto: int, p: str) -> list[Seg]:
     payload = _tuple_payload(family, proto, p)
-    return [_head(4 + _size(payload), atype | _NESTED)] + payload
+    return [_head(4 + _size(payload), atype | _NESTED), *payload]
 
 
 def _protoinfo_tcp() -> list[Seg]:
@@ -119,8 +119,8 @@ def _protoinfo_tcp() -> list[Seg]:
              + _scalar(ct.CTA_PROTOINFO_TCP_WSCALE_REPLY, "wsr", 1)
              + _scalar(ct.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, "flo", 2)
              + _scalar(ct.CTA_PROTOINFO_TCP_FLAGS_REPLY, "flr", 2))
-    tcp = [_head(4 + _size(inner), ct.CTA_PROTOINFO_TCP | _NESTED)] + inner
-    return [_head(4 + _size(tcp), ct.CTA_PROTOINFO | _NESTED)] + tcp
+    tcp = [_head(4 + _size(inner), ct.CTA_PROTOINFO_TCP | _NESTED), *inner]
+    return [_head(4 + _size(tcp), ct.CTA_PROTOINFO | _NESTED), *tcp]
 
 
 def _attribute(code: int, family: int, proto: int) -> list[Seg] | None:

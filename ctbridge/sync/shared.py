@@ -36,7 +36,8 @@ class Shared:
         self.config = config
         self.stats = new_stats()  # one flat dict of counters (Engine.stats)
         self.peers: dict[int, Peer] = {}  # node id -> what this node knows of it
-        self.control = [wire.alive_msg(config.announce)]  # control messages waiting, in order: datagram 1 goes out at once
+        # control messages waiting, in order: datagram 1 goes out at once
+        self.control = [wire.alive_msg(config.announce)]
         self.events: list[EngineEvent] = []  # handed out by Engine.events()
         self.kernel_ops: list[KernelOp] = []  # handed out by Engine.kernel_ops()
         self.stream = stream

@@ -54,12 +54,12 @@ from ctbridge.sync.flows import (
     decode_body,
     decode_messages,
     delete_msg,
-    squeeze,
     expect_msg,
     flow_entry,
     flow_msg,
     flow_raw,
     flow_version,
+    squeeze,
 )
 from ctbridge.sync.header import (
     BASE_VERSION,
@@ -117,7 +117,8 @@ from ctbridge.sync.msgtypes import (
 )
 
 __all__ = [
-    "BASE_VERSION", "ALGORITHMS", "BLAKE2B_KEY_MAX", "CIPHERS", "CODECS", "DIGEST_KEYS_MAX", "DIGEST_KEY_BYTES", "DIGEST_SUMS",
+    "ALGORITHMS", "BASE_VERSION", "BLAKE2B_KEY_MAX", "CIPHERS", "CODECS", "DIGEST_KEYS_MAX", "DIGEST_KEY_BYTES",
+    "DIGEST_SUMS",
     "FLAG_AES_GCM", "FLAG_CHACHA", "FLAG_MAC", "FLOW_HEADER", "GROUP", "HEADER", "HEADER_LEN", "HEARTBEAT_SEQ",
     "KEY_MIN_BYTES", "LABEL", "MAC_ENTRY", "MAC_ENTRY_LEN", "MAC_LEN", "MAGIC", "MAX_LINKS", "MAX_MACS",
     "SEALED", "SEAL_COUNTER_MAX", "SEAL_OVERHEAD", "VERSION", "VERSION_MAX",

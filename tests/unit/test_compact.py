@@ -124,7 +124,8 @@ def test_a_flow_without_a_compact_original_tuple_goes_as_it_is() -> None:
     """A tuple the layouts do not know (here with CTA_TUPLE_ZONE, a zone of one direction) has
     no compact form: the version-2 FLOW goes in the version-3 datagram, as version 3 allows."""
     a, b = bytes((192, 0, 2, 1)), bytes((198, 51, 100, 1))
-    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, a, b, 1000, 53) + codec.attr(ct.CTA_TUPLE_ZONE, b"\x00\x07")
+    orig = (builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, a, b, 1000, 53)
+            + codec.attr(ct.CTA_TUPLE_ZONE, b"\x00\x07"))
     reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b, a, 53, 1000)
     attrs = (codec.attr(ct.CTA_TUPLE_ORIG, orig, nested=True) + codec.attr(ct.CTA_TUPLE_REPLY, reply, nested=True)
              + codec.attr(ct.CTA_STATUS, b"\x00\x00\x00\x08") + codec.attr(ct.CTA_TIMEOUT, b"\x00\x00\x00\x1e"))
