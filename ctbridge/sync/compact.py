@@ -70,7 +70,7 @@ _ADDRESSES = {ct.AF_INET: (4, ct.CTA_IP_V4_SRC, ct.CTA_IP_V4_DST),
 _INVERSE = {"r.src": "o.dst", "r.dst": "o.src", "r.a": "o.b", "r.b": "o.a"}  # a plain inverse's fields
 _FLOW_T, _DELETE_T = int(MsgType.FLOW), int(MsgType.DELETE)
 _FLOW_COMPACT_T, _DELETE_COMPACT_T = int(MsgType.FLOW_COMPACT), int(MsgType.DELETE_COMPACT)
-_CANDIDATES = 4  # sender's layouts kept per (type, family, length): events and dumps order differently
+_CANDIDATES = 4  # sender's layouts kept per message length: events and dumps order differently
 _RETRY = 256  # a message layout no plan fits is learnt again only every this many messages (after 8)
 
 Field = tuple[str, int]  # a value field: name, size
@@ -250,7 +250,10 @@ def _expand_plan(mtype: int, family: int, proto: int, codes: bytes) -> _Expand |
     return _Expand(fixed, unpack, _assembly(v2, names), bytes((v2type, family)), orig_end)
 
 
-_EXPAND: dict[tuple[int, int], dict[bytes, _Expand | None]] = {}  # (type, family) -> descriptor -> plan
+# (type, family) -> descriptor (protocol, n, codes) -> plan; FLOW_COMPACT's by family alone too,
+# the same dicts (expand_flow's lookup makes no tuple)
+_EXPAND: dict[tuple[int, int], dict[bytes, _Expand | None]] = {}
+_EXPAND_FLOW: dict[int, dict[bytes, _Expand | None]] = {}
 
 
 def _expansion(mtype: int, family: int, data: bytes, off: int, mlen: int) -> _Expand:
@@ -265,6 +268,8 @@ def _expansion(mtype: int, family: int, data: bytes, off: int, mlen: int) -> _Ex
         if family not in _ADDRESSES:
             raise WireError("malformed", f"compact message of address family {family}")
         plans = _EXPAND[(mtype, family)] = {}
+        if mtype == _FLOW_COMPACT_T:
+            _EXPAND_FLOW[family] = plans
     desc = data[off + 14:off + HEAD + n]
     if desc in plans:
         plan = plans[desc]
@@ -279,11 +284,12 @@ def _expansion(mtype: int, family: int, data: bytes, off: int, mlen: int) -> _Ex
     return plan
 
 
-def expand_flow(data: bytes, off: int, mlen: int, family: int) -> tuple[bytes, bytes]:
-    """(key, the version-2 FLOW) of the FLOW_COMPACT at ``off`` (``mlen`` bytes, a multiple of 4
-    within ``data``); WireError if malformed. Runs once per compact flow received
-    (ctbridge.sync.flows.decode_body): two dict lookups, one unpack, one pack."""
-    plans = _EXPAND.get((_FLOW_COMPACT_T, family))
+def expand_flow(data: bytes, off: int, mlen: int, family: int, version: int) -> tuple[int, bytes, bytes]:
+    """(version, key, the version-2 FLOW) of the FLOW_COMPACT at ``off`` (``mlen`` bytes, a
+    multiple of 4 within ``data``; ``version`` read from its head); WireError if malformed. Runs
+    once per compact flow received (ctbridge.sync.flows.decode_body): two dict lookups, one
+    unpack, one pack. # hot loop"""
+    plans = _EXPAND_FLOW.get(family)
     plan = plans.get(data[off + 14:off + HEAD + data[off + 15]]) if plans is not None and mlen >= HEAD else None
     if plan is None or mlen < plan.fixed:
         plan = _expansion(_FLOW_COMPACT_T, family, data, off, mlen)
@@ -292,7 +298,7 @@ def expand_flow(data: bytes, off: int, mlen: int, family: int) -> tuple[bytes, b
     if mlen > plan.fixed:  # a tail: what the descriptor does not cover, as it came
         tail = data[off + plan.fixed:off + mlen]
         msg = plan.v2_head + _U16.pack(len(msg) + len(tail)) + msg[4:] + tail
-    return msg[1:2] + msg[12:14] + msg[HEAD + 4:plan.orig_end], msg
+    return version, msg[1:2] + msg[12:14] + msg[HEAD + 4:plan.orig_end], msg
 
 
 def expand_delete(data: bytes, off: int, mlen: int, family: int) -> bytes:
@@ -308,13 +314,16 @@ def expand_delete(data: bytes, off: int, mlen: int, family: int) -> bytes:
 
 class _Squeeze(NamedTuple):
     end: int  # bytes of the version-2 message the plan covers (the tail follows)
+    checked: int  # bytes the mask covers: those, and the header of the tail's first attribute (a
+    # message whose next attribute is another, perhaps one with a code, learns a plan of its own)
     mask: int  # over those bytes, as a big-endian integer: 1 where a constant lies ...
     want: int  # ... and the constants
     unpack: Callable[[bytes], tuple[Any, ...]]  # the version-2 message -> its values (explicit reply)
     explicit: _Assembly  # the values -> the compact message, before the tail
     inverse: _Assembly | None  # the same with the reply left out ...
-    reply: Callable[[tuple[Any, ...]], Any] | None  # ... when these values (the reply's) ...
-    mirror: Callable[[tuple[Any, ...]], Any] | None  # ... equal these (the original's, swapped)
+    reply: Callable[[tuple[Any, ...]], Any]  # ... when these values (the reply's) ...
+    mirror: Callable[[tuple[Any, ...]], Any]  # ... equal these (the original's, swapped)
+    stop: Stop | None  # the form the tail's first attribute did not have (_codes_of)
 
 
 def _mask(segs: Sequence[Seg]) -> tuple[int, int]:
@@ -345,7 +354,7 @@ def _squeeze_plan(msg: bytes) -> _Squeeze | None:
             return None
         v2 = [*_flow_head(mtype, family, length, b"\0\0"), *attrs]
         return _squeeze_of(v2, _DELETE_COMPACT_T, family, bytes((proto, 0)), length, None)
-    codes = _codes_of(msg, family, proto)
+    codes, stop = _codes_of(msg, family, proto)
     if not codes:
         return None
     attrs = _segments(family, proto, codes) or []
@@ -353,11 +362,13 @@ def _squeeze_plan(msg: bytes) -> _Squeeze | None:
     v2 = [*_flow_head(mtype, family, length, olen), *attrs]
     inverse = codes.replace(bytes((REPLY,)), bytes((REPLY_INVERSE,))) \
         if REPLY in codes and proto not in _ICMP else None
-    return _squeeze_of(v2, _FLOW_COMPACT_T, family, bytes((proto, len(codes))) + codes, length, inverse)
+    end = _size(v2)
+    return _squeeze_of(v2, _FLOW_COMPACT_T, family, bytes((proto, len(codes))) + codes, length, inverse,
+                       msg[end:end + 4], stop)
 
 
 def _squeeze_of(v2: list[Seg], ctype: int, family: int, desc: bytes, length: int,
-                inverse: bytes | None) -> _Squeeze:
+                inverse: bytes | None, next_head: bytes = b"", stop: Stop | None = None) -> _Squeeze:
     end = _size(v2)
     fields = _fields(v2)
     names = [name for name, _ in fields]
@@ -369,16 +380,20 @@ def _squeeze_of(v2: list[Seg], ctype: int, family: int, desc: bytes, length: int
         return _assembly(segs, names)
 
     unpack = struct.Struct("!" + "".join(f"{len(s)}x" if isinstance(s, bytes) else f"{s[1]}s" for s in v2)).unpack_from
-    mask, want = _mask(v2)
+    mask, want = _mask([*v2, next_head])
+    checked = end + len(next_head)
     values = fields[1:]  # after version and zone, which the head carries
     explicit = compact(desc, values)
     if inverse is None:
-        return _Squeeze(end, mask, want, unpack, explicit, None, None, None)
+        return _Squeeze(end, checked, mask, want, unpack, explicit, None, _NO_REPLY, _NO_REPLY, stop)
     reply = [f for f in values if f[0] in _INVERSE]
     own = [f for f in values if f[0] not in _INVERSE]
-    return _Squeeze(end, mask, want, unpack, explicit, compact(desc[:2] + inverse, own),
+    return _Squeeze(end, checked, mask, want, unpack, explicit, compact(desc[:2] + inverse, own),
                     operator.itemgetter(*(names.index(n) for n, _ in reply)),
-                    operator.itemgetter(*(names.index(_INVERSE[n]) for n, _ in reply)))
+                    operator.itemgetter(*(names.index(_INVERSE[n]) for n, _ in reply)), stop)
+
+
+_NO_REPLY = operator.itemgetter(slice(0, 0))  # (a plan without an inverse never calls it)
 
 
 def _proto_of(msg: bytes, family: int, mtype: int) -> int | None:
@@ -387,9 +402,14 @@ def _proto_of(msg: bytes, family: int, mtype: int) -> int | None:
     return msg[at] if at < len(msg) else None
 
 
-def _codes_of(msg: bytes, family: int, proto: int) -> bytes:
+Stop = tuple[int, int, int, int]  # (start, end, mask, want): the form an attribute did not have
+
+
+def _codes_of(msg: bytes, family: int, proto: int) -> tuple[bytes, Stop | None]:
     """The descriptor of a FLOW: its attributes from the first, as long as each is exactly in the
-    form of a code (and no code repeats); empty if the original tuple is not."""
+    form of a code (and no code repeats); empty if the original tuple is not. And, when the first
+    attribute left out has the header of a code's form but other bytes, that form: a message of
+    this layout in which that attribute has it deserves a plan of its own (squeeze checks)."""
     codes = bytearray()
     at = HEAD
     n = len(msg)
@@ -397,7 +417,7 @@ def _codes_of(msg: bytes, family: int, proto: int) -> bytes:
     while at + 4 <= n:
         alen, atype = _NLA.unpack_from(msg, at)
         size = (alen + 3) & ~3
-        code = atype & 0x7FFF & ~_NESTED
+        code = atype & 0x7FFF
         if code not in candidates or code in codes or (not codes and code != ORIG) or at + size > n:
             break
         segs = _attribute(code, family, proto)
@@ -405,50 +425,58 @@ def _codes_of(msg: bytes, family: int, proto: int) -> bytes:
             break
         mask, want = _mask(segs)
         if int.from_bytes(msg[at:at + size], "big") & mask != want:
-            break
+            return bytes(codes), (at, at + size, mask, want)
         codes.append(code)
         at += size
-    return bytes(codes)
+    return bytes(codes), None
 
 
-_SQUEEZE: dict[bytes, list[Any]] = {}  # a message's first 4 bytes -> [its layouts' plans, misses]
+_SQUEEZE: dict[int, list[_Squeeze]] = {}  # a message's length -> its layouts' plans, the latest learnt first
+_MISSES: dict[tuple[int, bytes], int] = {}  # (length, head and protocol) of a layout that has no plan -> tries
 
 
 def squeeze(msg: bytes) -> bytes:
     """The compact form of a FLOW or DELETE message, or ``msg`` itself when it has none (another
     type, or a layout that does not fit). The sender's hot path: one dict lookup, an integer mask
-    check, one unpack and one pack per flow (a plan learnt per layout)."""
-    entry = _SQUEEZE.get(msg[:4])
-    if entry is None:
-        if msg[0] != _FLOW_T and msg[0] != _DELETE_T:
-            return msg
-        if len(_SQUEEZE) >= PLANS_MAX:
-            _SQUEEZE.clear()
-        entry = _SQUEEZE[msg[:4]] = [[], 0]
-    plans: list[_Squeeze] = entry[0]
-    for plan in plans:
-        end = plan.end
-        if int.from_bytes(msg[:end], "big") & plan.mask == plan.want:
-            break
-    else:
-        misses = entry[1]
-        entry[1] = misses + 1
-        if misses >= 8 and misses % _RETRY:
-            return msg
-        learnt = _squeeze_plan(msg)
-        if learnt is None:
-            return msg
-        entry[1] = 0
-        plans.insert(0, learnt)
-        del plans[_CANDIDATES:]
-        plan = learnt
-        end = plan.end
-    values = plan.unpack(msg)
-    if plan.inverse is not None and plan.reply is not None and plan.mirror is not None \
-            and plan.reply(values) == plan.mirror(values):
-        build = plan.inverse
-    else:
-        build = plan.explicit
-    out: bytes = build.pack(*build.args(values + build.consts))
-    return out + msg[end:] if end < len(msg) else out
+    check (type, family and every constant byte of the layout), one unpack and one pack per flow,
+    with a plan learnt per layout. # hot loop"""
+    plans = _SQUEEZE.get(len(msg))
+    if plans is not None:
+        for plan in plans:
+            checked = plan.checked
+            if int.from_bytes(msg if checked == len(msg) else msg[:checked], "big") & plan.mask == plan.want:
+                stop = plan.stop
+                if stop is not None and int.from_bytes(msg[stop[0]:stop[1]], "big") & stop[2] == stop[3]:
+                    continue  # that attribute has its code's form here: this message's layout is another
+                values = plan.unpack(msg)
+                inverse = plan.inverse
+                build = inverse if inverse is not None and plan.reply(values) == plan.mirror(values) else plan.explicit
+                out: bytes = build.pack(*build.args(values + build.consts))
+                end = plan.end
+                return out if end == len(msg) else out + msg[end:]
+    return _squeeze_new(msg)
 
+
+def _squeeze_new(msg: bytes) -> bytes:
+    """squeeze() for a message no known plan fits: learn its layout's plan. A layout that has none
+    (told apart by its head and its protocol byte) is tried again only every _RETRY messages after
+    8 tries, so a table of such flows costs little more than sending them as they are."""
+    if msg[0] != _FLOW_T and msg[0] != _DELETE_T or len(msg) < HEAD + 8 or msg[1] not in _ADDRESSES:
+        return msg
+    miss = (len(msg), msg[:4] + msg[14:16] + bytes((_proto_of(msg, msg[1], msg[0]) or 0,)))
+    tries = _MISSES.get(miss, 0)
+    if tries >= 8 and tries % _RETRY:
+        _MISSES[miss] = tries + 1
+        return msg
+    learnt = _squeeze_plan(msg)
+    if learnt is None:
+        if len(_MISSES) >= PLANS_MAX:
+            _MISSES.clear()
+        _MISSES[miss] = tries + 1
+        return msg
+    if len(_SQUEEZE) >= PLANS_MAX:
+        _SQUEEZE.clear()
+    plans = _SQUEEZE.setdefault(len(msg), [])
+    plans.insert(0, learnt)
+    del plans[_CANDIDATES:]
+    return squeeze(msg)

@@ -270,7 +270,7 @@ def decode_body(data: bytes, start: int, end: int, protocol: int = VERSION) -> t
             elif mtype == t_compact:
                 if version > VERSION_MAX:
                     raise WireError("bounds", f"FLOW of version {version}, beyond any a node can reach")
-                add_flow((version, *expand(data, off, mlen, aux)))
+                add_flow(expand(data, off, mlen, aux, version))
             elif mtype == t_delete:
                 if mlen < FLOW_HEADER:
                     raise WireError("malformed", "DELETE message too short")
