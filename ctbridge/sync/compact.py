@@ -461,7 +461,7 @@ def _squeeze_new(msg: bytes) -> bytes:
     """squeeze() for a message no known plan fits: learn its layout's plan. A layout that has none
     (told apart by its head and its protocol byte) is tried again only every _RETRY messages after
     8 tries, so a table of such flows costs little more than sending them as they are."""
-    if msg[0] != _FLOW_T and msg[0] != _DELETE_T or len(msg) < HEAD + 8 or msg[1] not in _ADDRESSES:
+    if (msg[0] != _FLOW_T and msg[0] != _DELETE_T) or len(msg) < HEAD + 8 or msg[1] not in _ADDRESSES:
         return msg
     miss = (len(msg), msg[:4] + msg[14:16] + bytes((_proto_of(msg, msg[1], msg[0]) or 0,)))
     tries = _MISSES.get(miss, 0)
