@@ -219,9 +219,14 @@ def _pad(n: int) -> bytes:
 
 
 class _Expand(NamedTuple):
+    """Read in expand_flow by unpacking the tuple whole (one step, where an attribute each is
+    a lookup each): the order of the fields is part of that code."""
+
     fixed: int  # bytes of the compact message before its tail
     unpack: Callable[[bytes, int], tuple[Any, ...]]  # (data, offset of the message) -> its values
-    build: _Assembly  # the values -> the version-2 message (without its tail)
+    pack: Callable[..., bytes]  # ... -> the version-2 message (without its tail), from
+    args: Callable[[tuple[Any, ...]], Any]  # the values and these constants:
+    consts: tuple[bytes, ...]
     v2_head: bytes  # its type and family
     orig_end: int  # where the original tuple's payload ends in it (it starts at HEAD + 4)
 
@@ -247,7 +252,7 @@ def _expand_plan(mtype: int, family: int, proto: int, codes: bytes) -> _Expand |
     names = ["vz", *(name for name, _ in fields)]
     unpack = struct.Struct(f"!4x10s{2 + len(codes)}x" + "".join(f"{size}s" for _, size in fields)).unpack_from
     orig_end = HEAD + _size(_tuple(ct.CTA_TUPLE_ORIG, family, proto, "o.")) if v2type == _FLOW_T else HEAD
-    return _Expand(fixed, unpack, _assembly(v2, names), bytes((v2type, family)), orig_end)
+    return _Expand(fixed, unpack, *_assembly(v2, names), bytes((v2type, family)), orig_end)
 
 
 # (type, family) -> descriptor (protocol, n, codes) -> plan; FLOW_COMPACT's by family alone too,
@@ -291,21 +296,20 @@ def expand_flow(data: bytes, off: int, mlen: int, family: int, version: int) -> 
     unpack, one pack. # hot loop"""
     plans = _EXPAND_FLOW.get(family)
     plan = plans.get(data[off + 14:off + HEAD + data[off + 15]]) if plans is not None and mlen >= HEAD else None
-    if plan is None or mlen < plan.fixed:
+    if plan is None or mlen < plan[0]:
         plan = _expansion(_FLOW_COMPACT_T, family, data, off, mlen)
-    build = plan.build
-    msg: bytes = build.pack(*build.args(plan.unpack(data, off) + build.consts))
-    if mlen > plan.fixed:  # a tail: what the descriptor does not cover, as it came
-        tail = data[off + plan.fixed:off + mlen]
-        msg = plan.v2_head + _U16.pack(len(msg) + len(tail)) + msg[4:] + tail
-    return version, msg[1:2] + msg[12:14] + msg[HEAD + 4:plan.orig_end], msg
+    fixed, unpack, pack, args, consts, v2_head, orig_end = plan
+    msg: bytes = pack(*args(unpack(data, off) + consts))
+    if mlen > fixed:  # a tail: what the descriptor does not cover, as it came
+        tail = data[off + fixed:off + mlen]
+        msg = v2_head + _U16.pack(len(msg) + len(tail)) + msg[4:] + tail
+    return version, msg[1:2] + msg[12:14] + msg[HEAD + 4:orig_end], msg
 
 
 def expand_delete(data: bytes, off: int, mlen: int, family: int) -> bytes:
     """The key of the DELETE_COMPACT at ``off``; WireError if malformed."""
     plan = _expansion(_DELETE_COMPACT_T, family, data, off, mlen)
-    build = plan.build
-    msg: bytes = build.pack(*build.args(plan.unpack(data, off) + build.consts))
+    msg: bytes = plan.pack(*plan.args(plan.unpack(data, off) + plan.consts))
     return msg[1:2] + msg[12:14] + msg[HEAD:]
 
 
@@ -313,6 +317,8 @@ def expand_delete(data: bytes, off: int, mlen: int, family: int) -> bytes:
 
 
 class _Squeeze(NamedTuple):
+    """Read in squeeze by unpacking the tuple whole: the order of the fields is part of that code."""
+
     end: int  # bytes of the version-2 message the plan covers (the tail follows)
     checked: int  # bytes the mask covers: those, and the header of the tail's first attribute (a
     # message whose next attribute is another, perhaps one with a code, learns a plan of its own)
@@ -350,9 +356,10 @@ def _squeeze_plan(msg: bytes) -> _Squeeze | None:
         return None
     if mtype == _DELETE_T:
         attrs = _tuple_payload(family, proto, "o.")
-        if HEAD + _size(attrs) != length:
-            return None
         v2 = [*_flow_head(mtype, family, length, b"\0\0"), *attrs]
+        mask, want = _mask(v2)
+        if HEAD + _size(attrs) != length or int.from_bytes(msg, "big") & mask != want:
+            return None  # not the original tuple of a standard form (a padding byte set, ...)
         return _squeeze_of(v2, _DELETE_COMPACT_T, family, bytes((proto, 0)), length, None)
     codes, stop = _codes_of(msg, family, proto)
     if not codes:
@@ -443,18 +450,23 @@ def squeeze(msg: bytes) -> bytes:
     plans = _SQUEEZE.get(len(msg))
     if plans is not None:
         for plan in plans:
-            checked = plan.checked
-            if int.from_bytes(msg if checked == len(msg) else msg[:checked], "big") & plan.mask == plan.want:
-                stop = plan.stop
-                if stop is not None and int.from_bytes(msg[stop[0]:stop[1]], "big") & stop[2] == stop[3]:
-                    continue  # that attribute has its code's form here: this message's layout is another
-                values = plan.unpack(msg)
-                inverse = plan.inverse
-                build = inverse if inverse is not None and plan.reply(values) == plan.mirror(values) else plan.explicit
-                out: bytes = build.pack(*build.args(values + build.consts))
-                end = plan.end
-                return out if end == len(msg) else out + msg[end:]
+            out = _apply(plan, msg)
+            if out is not None:
+                return out
     return _squeeze_new(msg)
+
+
+def _apply(plan: _Squeeze, msg: bytes) -> bytes | None:
+    """``msg`` squeezed by ``plan``; None if the plan does not fit it."""
+    end, checked, mask, want, unpack, explicit, inverse, reply, mirror, stop = plan  # one step
+    if int.from_bytes(msg if checked == len(msg) else msg[:checked], "big") & mask != want:
+        return None
+    if stop is not None and int.from_bytes(msg[stop[0]:stop[1]], "big") & stop[2] == stop[3]:
+        return None  # that attribute has its code's form here: this message's layout is another
+    values = unpack(msg)
+    pack, args, consts = inverse if inverse is not None and reply(values) == mirror(values) else explicit
+    out: bytes = pack(*args(values + consts))
+    return out if end == len(msg) else out + msg[end:]
 
 
 def _squeeze_new(msg: bytes) -> bytes:
@@ -469,7 +481,8 @@ def _squeeze_new(msg: bytes) -> bytes:
         _MISSES[miss] = tries + 1
         return msg
     learnt = _squeeze_plan(msg)
-    if learnt is None:
+    out = _apply(learnt, msg) if learnt is not None else None
+    if learnt is None or out is None:  # (a plan always fits the message it was learnt from)
         if len(_MISSES) >= PLANS_MAX:
             _MISSES.clear()
         _MISSES[miss] = tries + 1
@@ -479,4 +492,4 @@ def _squeeze_new(msg: bytes) -> bytes:
     plans = _SQUEEZE.setdefault(len(msg), [])
     plans.insert(0, learnt)
     del plans[_CANDIDATES:]
-    return squeeze(msg)
+    return out

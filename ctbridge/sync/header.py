@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 MAGIC = b"CB"
 VERSION = 3  # the highest version this node speaks (and announces)
-BASE_VERSION = 2  # the version of the release of 2026-12-01, which speaks no other: what a peer is
-# taken to speak until it says otherwise, and what its announcement's 0 (the aux byte of its
+# the version of 0.3.0 and the release of 2026-12-01, which speak no other: what a peer is taken
+# to speak until it says otherwise, and what its announcement's 0 (the aux byte of its
 # HELLO, ALIVE, ACK, CHALLENGE and ECHO) means
+BASE_VERSION = 2
 HEADER = struct.Struct("!2sBBBBHIQIQ")
 HEADER_LEN = HEADER.size  # 32
 FLAG_MAC = 0x01  # MACs follow the messages
