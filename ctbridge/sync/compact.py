@@ -4,8 +4,9 @@ sender's internal cache holds, byte for byte, so everything downstream (caches, 
 inject) is unchanged.
 
 A version-2 FLOW carries the kernel's attributes as they came: a TCP flow of IPv4 is 192 bytes,
-of which 58 are values (addresses, ports, status, timeout, TCP state, mark) and the rest netlink
-headers, padding, and a reply tuple that is most often the plain inverse of the original. The
+a 16-byte head and 176 of attributes, of which 44 are values (addresses, ports, protocol,
+status, timeout, TCP state, mark) and the rest netlink headers and padding; 12 of the values are
+a reply tuple that is most often the plain inverse of the original. The
 compact form keeps the values and says in a *descriptor* which attributes they stand for, one
 code per attribute, in the order they came:
 

@@ -55,8 +55,8 @@ def test_every_flow_shape_the_kernel_made_comes_back_byte_for_byte(shape: dict[s
 
 def test_what_a_flow_carries_and_what_its_compact_form_does() -> None:
     """The measurement behind the layout (docs/protocol.md, "Versions"): the churn's flow (an
-    established TCP flow of IPv4, reply the plain inverse) 192 bytes, of which 58 are values,
-    compact 56; the same flow source-NATed keeps its reply tuple: 68; its DELETE 64 -> 28."""
+    established TCP flow of IPv4, reply the plain inverse) 192 bytes, of which 44 are attribute
+    values, compact 56; the same flow source-NATed keeps its reply tuple: 68; its DELETE 64 -> 28."""
     churn = next(bytes.fromhex(s["flow"]) for s in SHAPES if s["what"] == "event NEW tcp 198.51.100.1")
     snat = next(bytes.fromhex(s["flow"]) for s in SHAPES if s["what"] == "event NEW tcp 192.0.2.10")
     assert (len(churn), len(wire.squeeze(churn))) == (192, 56)
