@@ -12,11 +12,13 @@ test session; gone when the interpreter exits.
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -47,7 +49,11 @@ def release(commit: str = RELEASE_2026_12_01) -> Path:
     tree.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True,
                              timeout=120, check=True)
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=120)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.12 (and 3.11.4): no path leaves the tree
+            tar.extractall(tree, filter="data")
+        else:
+            tar.extractall(tree)  # (this repository's own commit)
     venv = top / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120,
                    capture_output=True)
