@@ -26,6 +26,10 @@ Rules (each enforced below; tests/unit/test_sessions.py and test_attacker.py try
 6. Slots: at most max_peers node ids are kept. A slot of a node silent for 4 peer timeouts and
    holding no flow is given back, with its replay floor (epoch, highest number) remembered for
    RECLAIMED_KEPT nodes: a replay of it is still refused.
+7. The protocol version a peer speaks (Peer.speaks, docs/protocol.md "Versions") belongs to its
+   session: a candidate sets it back to 2 at once (another life may be an older release, and must
+   read our challenge), and a session starts at 2; only its session's datagrams raise it (the
+   engine reads their announcements and header).
 
 Imports: ctbridge.sync (wire, sequence, events, peer, shared).
 """
