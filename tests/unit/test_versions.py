@@ -183,3 +183,26 @@ def test_in_a_mixed_cluster_the_stream_goes_in_the_lowest_version_and_a_resend_i
     lab.run(1)
     assert lost["done"] and (3, 2) in resent and all(v == 3 for v, dest in resent if dest == 2)
     assert exact(lab)
+
+
+def test_a_malformed_compact_flow_is_counted_and_drops_its_datagram() -> None:
+    """A compact FLOW that does not read (here a descriptor that starts with the reply) in an
+    authentic datagram of version 3: counted as malformed, nothing of the datagram applied, the
+    session goes on."""
+    lab = Lab(2)
+    lab.run(1)
+    a, b = lab.engines[1], lab.engines[2]
+    good = wire.squeeze(wire.flow_msg(1, flow(7)))
+    bad = bytearray(good)
+    bad[16] = 0x02  # the descriptor's first code: CTA_TUPLE_REPLY
+    before = dict(b.stats)
+    seq = a.stream.sent_upto + 1
+    short = good[:2] + (40).to_bytes(2, "big") + good[4:40]  # and one shorter than its descriptor needs
+    for msg in (bytes(bad), short):
+        data = wire.datagram(wire.Header(1, a.epoch, seq, 0, version=3), msg + good, lab.auth)
+        assert b.receive_datagram(data, lab.now) is None
+    assert b.stats["rejected_malformed"] == before["rejected_malformed"] + 2
+    assert flow(7).key not in b.peers[1].external and b.stats["flows_received"] == before["flows_received"]
+    churn(lab, 1, 0, 50)
+    lab.run(1)
+    assert exact(lab)
