@@ -122,16 +122,19 @@ class Engine:
 
     def _dispatch_table(self) -> dict[type, Handler]:
         """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows; runs of
-        DELETEs: ExternalCaches.take_deletes, one call per run); a type not here (ALIVE, HELLO,
-        ECHO outside a candidate datagram) changes nothing."""
+        DELETEs: ExternalCaches.take_deletes, one call per run). HELLO, ALIVE, ACK, CHALLENGE and
+        ECHO also say which protocol version the peer speaks; a type not here changes nothing."""
         external, sessions, recovery, diffs = self.external_caches, self.sessions, self.recovery, self.diffs
         return {
             wire.Delete: external.on_delete,
-            wire.Ack: recovery.on_ack,
+            wire.Ack: self._on_ack,
             wire.Nack: recovery.on_nack,
             wire.Gap: self.receiver.on_gap,
             wire.Resync: sessions.on_resync,
-            wire.Challenge: sessions.on_challenge,
+            wire.Challenge: self._on_challenge,
+            wire.Hello: self._announced,
+            wire.Alive: self._announced,
+            wire.Echo: self._announced,
             wire.DigestAsk: diffs.on_ask,
             wire.Digest: diffs.on_answer,
             wire.DigestKeys: diffs.on_answer,
@@ -206,9 +209,10 @@ class Engine:
 
     def peer_reports(self, now: float) -> list[PeerReport]:
         """Every peer, as the daemon's status shows it."""
+        top = self.config.max_version
         return [PeerReport(p.node, p.epoch, p.alive, p.synced, p.proven, len(p.refused), sorted(p.limits),
                            len(p.external), now - p.last_heard, p.restarts, p.bulks, p.refused_total,
-                           dict(p.rejected), p.rx.missing() if p.rx is not None else None)
+                           dict(p.rejected), p.rx.missing() if p.rx is not None else None, min(top, p.speaks))
                 for p in self.peers.values()]
 
     def peer_flow(self, node: int, key: bytes) -> bytes | None:
@@ -278,6 +282,23 @@ class Engine:
         if peer is not None:
             self.receiver.path_changed(peer, now)
 
+    @staticmethod
+    def _announced(peer: Peer, msg: wire.Hello | wire.Alive | wire.Echo | wire.Ack | wire.Challenge, seq: int,
+                   now: float) -> bool:
+        """The highest version the peer speaks, said in a message of its session (docs/protocol.md,
+        "Versions"); nothing else (ECHO outside a candidate datagram changes nothing)."""
+        if msg.speaks > peer.speaks:
+            peer.speaks = msg.speaks
+        return False
+
+    def _on_ack(self, peer: Peer, msg: wire.Ack, seq: int, now: float) -> bool:
+        self._announced(peer, msg, seq, now)
+        return self.recovery.on_ack(peer, msg, seq, now)
+
+    def _on_challenge(self, peer: Peer, msg: wire.Challenge, seq: int, now: float) -> bool:
+        self._announced(peer, msg, seq, now)
+        return self.sessions.on_challenge(peer, msg, seq, now)
+
     def _new_epoch(self) -> None:
         """The stream's numbers ran out and a new epoch began (Stream.next_seq)."""
         self._events.append(EpochChanged(self.stream.epoch))
@@ -304,7 +325,7 @@ class Engine:
             stats["own_datagrams"] += 1
             return None
         try:
-            header, flows, messages = wire.decode_split(data, self.stream.auth, self.node_id)
+            header, flows, messages = wire.decode_split(data, self.stream.auth, self.node_id, self.config.max_version)
         except wire.WireError as exc:
             stats["rejected_" + exc.reason] += 1
             log.debug("dropped a datagram: %s", exc)
@@ -337,6 +358,10 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
+        if header.version > peer.speaks:  # a datagram of version 3 says its sender speaks it
+            peer.speaks = header.version
+        if header.version >= 3:
+            stats["rx_v3_datagrams"] += 1
         heard = Heard(peer.node, None)
         # the datagram's flows, then its messages through the table (one call per message)
         seq = header.seq
