@@ -369,27 +369,34 @@ class Engine:
         if flows:
             self.external_caches.take_flows(peer, flows, seq, now)
         if messages:
-            handlers = self._handlers
-            deletes: list[wire.Delete] = []  # a run of DELETEs: taken in one call (the bulk of a churn)
-            for msg in messages:
-                if type(msg) is wire.Delete:
-                    deletes.append(msg)
-                    continue
-                if deletes:
-                    self.external_caches.take_deletes(peer, deletes, seq, now)
-                    deletes = []
-                    data_seen = True
-                handler = handlers.get(type(msg))
-                if handler is not None and handler(peer, msg, seq, now):
-                    data_seen = True
-            if deletes:
-                self.external_caches.take_deletes(peer, deletes, seq, now)
-                data_seen = True
+            data_seen = self._take_messages(peer, messages, seq, now) or data_seen
             self.recovery.end_of_datagram(peer, now)
         self.receiver.received(peer, rx, seq, data_seen, now)
         if peer.bulk_end is not None:
             self.external_caches.finish_bulk(peer, self.clock.latest)
         return heard
+
+    def _take_messages(self, peer: Peer, messages: list[wire.Message], seq: int, now: float) -> bool:
+        """A datagram's messages other than FLOWs through the dispatch table; True if any of
+        them was data (a change of a peer's copy, a bulk's mark)."""
+        handlers = self._handlers
+        data_seen = False
+        deletes: list[wire.Delete] = []  # a run of DELETEs: taken in one call (the bulk of a churn)
+        for msg in messages:
+            if type(msg) is wire.Delete:
+                deletes.append(msg)
+                continue
+            if deletes:
+                self.external_caches.take_deletes(peer, deletes, seq, now)
+                deletes = []
+                data_seen = True
+            handler = handlers.get(type(msg))
+            if handler is not None and handler(peer, msg, seq, now):
+                data_seen = True
+        if deletes:
+            self.external_caches.take_deletes(peer, deletes, seq, now)
+            data_seen = True
+        return data_seen
 
     # --- time ---------------------------------------------------------------------------------------
 
