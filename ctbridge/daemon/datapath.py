@@ -86,9 +86,11 @@ class Datapath:
         """Send what the engine has to send, take its kernel writes, re-arm its timer."""
         now = self.loop.time()
         out = self.engine.datagrams_to_send(now)
-        send = self.links.send
-        for data, dest in out:
-            send(data, dest)
+        if out:
+            send = self.links.send
+            for data, dest in out:
+                send(data, dest)
+            self.links.flush()  # the turn's datagrams in one sendmmsg per link
         for event in self.engine.events():
             self.on_engine_event(event)
         ops = self.engine.kernel_ops()
