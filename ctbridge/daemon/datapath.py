@@ -6,6 +6,10 @@ on the links, its events are said (a table from event type to handler), its kern
 to ``inject`` (KernelWriter.inject, inject mode), and its one timer is re-armed. Redundant
 links also get a heartbeat on every link and the link choice made again (``start_heartbeats``).
 
+The readers (the sync sockets, the event socket) say ``input_done`` after a batch: the output
+is made once for everything read in the same turn of the loop (and within OUTPUT_DELAY), not
+once per socket that woke it; whoever else feeds the engine calls ``after_input`` directly.
+
 Imports ctbridge.config.host (the epoch file), ctbridge.sync (the engine and its events) and
 daemon.synclink; service wires it.
 """
@@ -35,6 +39,11 @@ from ctbridge.sync.engine import (
 
 log = logging.getLogger("ctbridge")
 
+# How long the engine's output waits after a batch was read, for more input to join it: kernel
+# events arriving while it waits leave in the same (fuller) datagrams, and a wake-up of the event
+# socket and one of a sync socket make one output. 0: the next turn of the loop.
+OUTPUT_DELAY = 0.0
+
 
 class Datapath:
     """Bytes between the sync sockets and the engine, and the engine's timer.
@@ -50,6 +59,7 @@ class Datapath:
         self.inject = inject
         self.heartbeat: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.output: asyncio.Handle | None = None  # the output input_done scheduled
         self.flush_scheduled = False
         self.on_event: dict[type[Any], Callable[[Any], None]] = {
             PeerRestarted: self._peer_restarted, PeerSilent: self._peer_silent, BulkCompleted: self._bulk_completed,
@@ -58,9 +68,10 @@ class Datapath:
         }
 
     def on_datagram(self, data: bytes, addr: tuple[Any, int], link: int) -> None:
-        heard = self.engine.receive_datagram(data, self.loop.time(), time.time())
+        now = self.loop.time()
+        heard = self.engine.receive_datagram(data, now, time.time())
         if heard is not None:  # authentic and new: that link carries its traffic
-            self.links.heard(heard.node, addr, link, self.loop.time(), heard.link)
+            self.links.heard(heard.node, addr, link, now, heard.link)
         # the engine's answers go out once the batch read with this datagram is done (after_input)
 
     def start_heartbeats(self) -> None:
@@ -82,8 +93,17 @@ class Datapath:
         self.heartbeat = self.loop.call_later(selector.heartbeat_interval, self._heartbeat)
         self.after_input()
 
+    def input_done(self) -> None:
+        """A reader handed the engine a batch: the output follows, once for all that come before it."""
+        if self.output is None:
+            self.output = (self.loop.call_later(OUTPUT_DELAY, self.after_input) if OUTPUT_DELAY
+                           else self.loop.call_soon(self.after_input))
+
     def after_input(self) -> None:
         """Send what the engine has to send, take its kernel writes, re-arm its timer."""
+        if self.output is not None:  # this is the output input_done scheduled, or makes it needless
+            self.output.cancel()
+            self.output = None
         now = self.loop.time()
         out = self.engine.datagrams_to_send(now)
         if out:

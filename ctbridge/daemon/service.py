@@ -84,7 +84,7 @@ class OwnReplication:
         if self.reader.expect_events is not None:
             tasks.append(asyncio.ensure_future(self.reader.read_expectations()))
         loop = asyncio.get_running_loop()
-        self.links.open(loop, self.datapath.on_datagram, self.datapath.after_input)
+        self.links.open(loop, self.datapath.on_datagram, self.datapath.input_done)
         self.datapath.start_heartbeats()
         self.engine.request_resync(loop.time())
 
@@ -133,7 +133,7 @@ class Daemon:
         self.links = SyncLinks(cfg, bind=cfg.apply.backend == "ctbridge")
         self.datapath = Datapath(self.engine, self.links, self.loop, cfg.node.state_dir, inject=self.writer.inject)
         self.reader = KernelReader(self.kernel, self.engine, cfg.apply.event_buffer, cfg.sync.expectations,
-                                   self.kept["kernel"], self.datapath.after_input)
+                                   self.kept["kernel"], self.datapath.input_done)
         # apply.backend = "conntrackd": it replicates, this daemon drives it (daemon/conntrackd.py)
         self.backend: conntrackd.Conntrackd | None = None
         self.replication: Replication
