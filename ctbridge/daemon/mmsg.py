@@ -27,24 +27,28 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from ctbridge.conntrack.recvmmsg import MSG_DONTWAIT, MSG_TRUNC, IoVec, MMsgHdr, libc_function
+from ctbridge.conntrack.recvmmsg import MSG_DONTWAIT, MSG_TRUNC, IoVec, MMsgHdr, MsgHdr, libc_function
 
 Address = tuple[Any, ...]  # as socket.recvfrom gives it: (host, port) or (host, port, flowinfo, scope_id)
 
-_MMSG_ARGS = (ctypes.c_int, ctypes.POINTER(MMsgHdr), ctypes.c_uint, ctypes.c_int)
+# the vector passed as a prepared c_void_p: converting an array to POINTER(MMsgHdr) on every call
+# cost more than the system call itself
+_MMSG_ARGS = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
 # int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags)
 _SENDMMSG = libc_function("sendmmsg", _MMSG_ARGS)
 # int recvmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags, struct timespec *timeout)
 _RECVMMSG = libc_function("recvmmsg", (*_MMSG_ARGS, ctypes.c_void_p))
 MMSG = _SENDMMSG is not None and _RECVMMSG is not None
 
-# struct mmsghdr as bytes (the native layout of MMsgHdr, 64 bytes on LP64): msg_name, msg_namelen,
-# msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len. Written and read whole
-# with struct, for a batch at a time: setting ctypes fields one by one costs more than the call.
-_MMSGHDR = "PI4xPNPNi4xI4x"
-_RESULT = "48xi4xI4x"  # msg_flags, msg_len
-assert struct.calcsize("@" + _MMSGHDR) == struct.calcsize("@" + _RESULT) == ctypes.sizeof(MMsgHdr)
-_IOVEC = "PN"
+# struct mmsghdr as bytes (MMsgHdr's native layout, 64 bytes on LP64): the sources' names written
+# and the results (msg_flags, msg_len) read with struct, a batch at a time: setting or reading
+# ctypes fields one by one costs more than the system call.
+_MMSGHDR_SIZE = ctypes.sizeof(MMsgHdr)
+_NAME = struct.Struct("@PI")  # msg_name, msg_namelen: the first fields
+_FLAGS_AT = MMsgHdr.msg_hdr.offset + MsgHdr.msg_flags.offset
+_LEN_AT = MMsgHdr.msg_len.offset
+_RESULT = f"{_FLAGS_AT}xi{_LEN_AT - _FLAGS_AT - 4}xI{_MMSGHDR_SIZE - _LEN_AT - 4}x"  # msg_flags, msg_len
+_IOVEC = "PN"  # iov_base, iov_len
 # From include/uapi/linux/in.h and in6.h: sizeof(struct sockaddr_in), sizeof(struct sockaddr_in6)
 SOCKADDR_IN = 16
 SOCKADDR_IN6 = 28
@@ -90,12 +94,14 @@ class Outbox:
         self.mmsg = self.sendmmsg is not None
         self.msgs = (MMsgHdr * count)()
         self.iovecs = (IoVec * count)()
+        for i in range(count):  # message i sends iovec i, always
+            self.msgs[i].msg_hdr.msg_iov = ctypes.pointer(self.iovecs[i])
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+        self._msgs = ctypes.c_void_p(ctypes.addressof(self.msgs))
         self._msgs_view = memoryview(self.msgs).cast("B")
         self._iov_view = memoryview(self.iovecs).cast("B")
-        base = ctypes.addressof(self.iovecs)
-        self._iov_at = [base + i * ctypes.sizeof(IoVec) for i in range(count)]
+        self._slots: list[Address | None] = [None] * count  # the address each message's name holds
         self._names: dict[Address | None, tuple[ctypes.Array[ctypes.c_char] | None, int, int]] = {}
-        self._msg_structs: dict[int, struct.Struct] = {}
         self._iov_structs: dict[int, struct.Struct] = {}
 
     def _name(self, address: Address | None) -> tuple[ctypes.Array[ctypes.c_char] | None, int, int]:
@@ -118,20 +124,7 @@ class Outbox:
         one's error if it took none (OSError; BlockingIOError when the send buffer is full)."""
         sendmmsg = self.sendmmsg
         if sendmmsg is None:
-            sendto = self.sock.sendto
-            sent = 0
-            for data, address in datagrams[:self.count]:
-                try:
-                    if address is None:
-                        self.sock.send(data)
-                    else:
-                        sendto(data, address)
-                except OSError:
-                    if sent:
-                        return sent  # the caller sends the rest again, and sees this error then
-                    raise
-                sent += 1
-            return sent
+            return self._send_plain(datagrams)
         batch = datagrams[:self.count]
         n = len(batch)
         if not n:
@@ -140,25 +133,40 @@ class Outbox:
         joined = b"".join([d for d, _ in batch])
         at = ctypes.cast(ctypes.c_char_p(joined), ctypes.c_void_p).value or 0  # no copy: joined's own bytes
         iov: list[int] = []
-        hdrs: list[int] = []
-        names = self._names
-        iov_at = self._iov_at
+        slots = self._slots
         for i, (data, address) in enumerate(batch):
-            name = names.get(address) or self._name(address)
             size = len(data)
             iov += (at, size)
-            hdrs += (name[1], name[2], iov_at[i], 1, 0, 0, 0, 0)
             at += size
+            if slots[i] != address:  # most batches go to the address the slot already names
+                name = self._name(address)
+                _NAME.pack_into(self._msgs_view, i * _MMSGHDR_SIZE, name[1], name[2])
+                slots[i] = address
         _structs(_IOVEC, self._iov_structs, n).pack_into(self._iov_view, 0, *iov)
-        _structs(_MMSGHDR, self._msg_structs, n).pack_into(self._msgs_view, 0, *hdrs)
-        sent = sendmmsg(self.sock.fileno(), self.msgs, n, MSG_DONTWAIT)
+        sent = sendmmsg(self.sock.fileno(), self._msgs, n, MSG_DONTWAIT)
         del joined  # kept alive until the kernel copied it
         if sent < 0:
             err = ctypes.get_errno()
             if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):
                 raise BlockingIOError(err, os.strerror(err))
             raise OSError(err, os.strerror(err))
-        return int(sent)
+        return sent
+
+    def _send_plain(self, datagrams: Sequence[tuple[bytes, Address | None]]) -> int:
+        sendto = self.sock.sendto
+        sent = 0
+        for data, address in datagrams[:self.count]:
+            try:
+                if address is None:
+                    self.sock.send(data)
+                else:
+                    sendto(data, address)
+            except OSError:
+                if sent:
+                    return sent  # the caller sends the rest again, and sees this error then
+                raise
+            sent += 1
+        return sent
 
 
 class Inbox:
@@ -188,6 +196,7 @@ class Inbox:
             # the kernel writes back the length of the source it wrote, for UDP always the
             # family's (udp_recvmsg, udpv6_recvmsg: *addr_len = sizeof(*sin)): never reset
             hdr.msg_namelen = self.namelen
+        self._msgs = ctypes.c_void_p(ctypes.addressof(self.msgs))
         self._data_view = memoryview(self.buffer)
         self._names_view = memoryview(self.names)
         self._msgs_view = memoryview(self.msgs).cast("B")
@@ -199,7 +208,7 @@ class Inbox:
         recvmmsg = self.recvmmsg
         if recvmmsg is None:
             return self._receive_plain()
-        n = recvmmsg(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)
+        n = recvmmsg(self.sock.fileno(), self._msgs, self.count, MSG_DONTWAIT, None)
         if n <= 0:
             err = ctypes.get_errno()
             if n == 0 or err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):
