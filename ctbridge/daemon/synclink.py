@@ -110,8 +110,9 @@ class SyncLinks:
         except control.ControlError:
             self.close()
             raise
-        self.outboxes = [mmsg.Outbox(sock, SEND_BATCH) for sock in self.socks]
-        self.inboxes = [mmsg.Inbox(sock, RECV_BATCH, RECV_SIZE) for sock in self.socks]
+        batched = mmsg.MMSG  # False: this libc lacks sendmmsg or recvmmsg, the plain calls do
+        self.outboxes = [mmsg.Outbox(sock, SEND_BATCH, batched) for sock in self.socks]
+        self.inboxes = [mmsg.Inbox(sock, RECV_BATCH, RECV_SIZE, batched) for sock in self.socks]
         self.queues: list[list[tuple[bytes, mmsg.Address]]] = [[] for _ in self.socks]
         self.blocked: set[int] = set()  # links whose datagrams wait for the socket to be writable
         self.loop: asyncio.AbstractEventLoop | None = None
