@@ -6,9 +6,10 @@ on the links, its events are said (a table from event type to handler), its kern
 to ``inject`` (KernelWriter.inject, inject mode), and its one timer is re-armed. Redundant
 links also get a heartbeat on every link and the link choice made again (``start_heartbeats``).
 
-The readers (the sync sockets, the event socket) say ``input_done`` after a batch: the output
-is made once for everything read in the same turn of the loop, not once per socket that woke
-it; whoever else feeds the engine calls ``after_input`` directly.
+The event socket's reader says ``input_done`` after a batch: its output is made in the next
+turn of the loop, and a sync socket read in the same turn makes it for both (its reader calls
+``after_input``, which takes the pending output along). Whoever else feeds the engine calls
+``after_input`` directly.
 
 Imports ctbridge.config.host (the epoch file), ctbridge.sync (the engine and its events) and
 daemon.synclink; service wires it.
@@ -89,11 +90,13 @@ class Datapath:
         self.after_input()
 
     def input_done(self) -> None:
-        """A reader handed the engine a batch: the output follows, once for all that come before it."""
-        # In the next turn of the loop, after every callback of this one: the event socket and a
-        # sync socket woken together make one output. Not later: with a delay of 0.5 or 2 ms
-        # datagrams left no fuller (they are 90% full under churn, docs/performance.md) and the
-        # timer added a wake-up per batch.
+        """The event socket handed the engine a batch: the output follows in the next turn of the
+        loop, made once with whatever else this turn reads (``after_input`` takes it along).
+
+        Measured under churn (docs/performance.md, 2026-12-07): waiting longer (0.5 or 2 ms)
+        left datagrams no fuller (90% full already) and added a timer wake-up per batch; the
+        sync sockets' reader does not wait at all, as a turn more per wake-up cost a standby,
+        which reads no events, more than the outputs it saved."""
         if self.output is None:
             self.output = self.loop.call_soon(self.after_input)
 

@@ -84,7 +84,7 @@ class OwnReplication:
         if self.reader.expect_events is not None:
             tasks.append(asyncio.ensure_future(self.reader.read_expectations()))
         loop = asyncio.get_running_loop()
-        self.links.open(loop, self.datapath.on_datagram, self.datapath.input_done)
+        self.links.open(loop, self.datapath.on_datagram, self.datapath.after_input)
         self.datapath.start_heartbeats()
         self.engine.request_resync(loop.time())
 

@@ -45,9 +45,10 @@ SEND_BATCH = 64
 # Bytes read per datagram: one past the engine's limit, so that a longer datagram arrives cut to
 # RECEIVE_LIMIT + 1 bytes and the engine refuses it as oversize (it never reads a longer one)
 RECV_SIZE = RECEIVE_LIMIT + 1
-# Datagrams kept per link while its send buffer is full: far more than a window (Options.window)
-# of them, so that only a link that stays blocked drops what comes next (counted in send_errors)
-SEND_QUEUE = 4096
+# Datagrams kept per link while its send buffer is full: as many as the engine may have in flight
+# (sync.options.Options.max_window), so that only a link that stays blocked drops what comes next
+# (counted in send_errors; the reliable layer resends it)
+SEND_QUEUE = 8192
 
 
 def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:

@@ -59,18 +59,19 @@ class _Engine:
 
 
 def test_batches_read_in_the_same_turn_of_the_loop_make_one_output() -> None:
-    """The event socket and a sync socket woken together: one output for both, after them."""
+    """Batches of events said in one turn: one output, in the next; a sync socket's batch read
+    meanwhile makes the output at once, for both."""
     loop = asyncio.new_event_loop()
     try:
         engine = _Engine()
         path = Datapath(engine, None, loop, "", lambda ops: None)  # type: ignore[arg-type]
         path.input_done()  # a batch of kernel events
-        path.input_done()  # a batch of datagrams, the same turn
+        path.input_done()  # and another, the same turn
         assert engine.outputs == 0
         loop.run_until_complete(asyncio.sleep(0))  # the next turn of the loop
         assert engine.outputs == 1
         path.input_done()
-        path.after_input()  # fed by someone else meanwhile: that output took the batch's along
+        path.after_input()  # a sync socket's batch, the same turn: its output takes the events' along
         loop.run_until_complete(asyncio.sleep(0))  # the next turn of the loop
         assert engine.outputs == 2
     finally:
