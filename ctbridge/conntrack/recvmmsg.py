@@ -8,6 +8,8 @@ small piece of ctypes that provides it, with recv() as the fallback where it is 
 A dump profits too: the kernel fills the next dump buffer inside each receive, so one recvmmsg
 takes many buffers, and the thread that reads them takes the interpreter lock once per call
 instead of once per 32 KiB buffer (which let the formatting thread starve it).
+
+The C structures and ``libc_function`` serve ctbridge.daemon.mmsg too (the sync link's UDP).
 """
 
 from __future__ import annotations
@@ -17,38 +19,43 @@ import ctypes.util
 import errno as errno_mod
 import os
 import socket
+from collections.abc import Callable
 
 MSG_DONTWAIT = 0x40  # From include/linux/socket.h
 MSG_TRUNC = 0x20  # From include/linux/socket.h
 
 
-class _IoVec(ctypes.Structure):
+class IoVec(ctypes.Structure):
     _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
 
 
-class _MsgHdr(ctypes.Structure):
+class MsgHdr(ctypes.Structure):
     _fields_ = (("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_IoVec)), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_iov", ctypes.POINTER(IoVec)), ("msg_iovlen", ctypes.c_size_t),
                 ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
                 ("msg_flags", ctypes.c_int))
 
 
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
+class MMsgHdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint))
 
 
-def _libc_recvmmsg() -> object | None:
+def libc_function(name: str, argtypes: tuple[object, ...]) -> Callable[..., int] | None:
+    """libc's ``name`` returning an int, errno kept for ctypes.get_errno(); None where it lacks it."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.recvmmsg
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn
+    typed: Callable[..., int] = fn
+    return typed
 
 
-_RECVMMSG = _libc_recvmmsg()
+# int recvmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags, struct timespec *timeout)
+_RECVMMSG = libc_function("recvmmsg", (ctypes.c_int, ctypes.POINTER(MMsgHdr), ctypes.c_uint, ctypes.c_int,
+                                       ctypes.c_void_p))
 
 
 class Receiver:
@@ -59,8 +66,8 @@ class Receiver:
         self.count = count
         self.size = size
         self.buffers = [ctypes.create_string_buffer(size) for _ in range(count)]
-        self.iovecs = (_IoVec * count)()
-        self.msgs = (_MMsgHdr * count)()
+        self.iovecs = (IoVec * count)()
+        self.msgs = (MMsgHdr * count)()
         for i, buf in enumerate(self.buffers):
             self.iovecs[i].iov_base = ctypes.cast(buf, ctypes.c_void_p)
             self.iovecs[i].iov_len = size
@@ -74,7 +81,7 @@ class Receiver:
                 return [self.sock.recv(self.size)]
             except BlockingIOError:
                 return []
-        n = _RECVMMSG(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)  # type: ignore[operator]
+        n = _RECVMMSG(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):

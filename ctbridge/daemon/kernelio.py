@@ -26,7 +26,7 @@ from typing import Any
 
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, EventKind
-from ctbridge.conntrack.eventsocket import EventSocket
+from ctbridge.conntrack.eventsocket import EventBatch, EventSocket
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.table import KernelError, KernelTable
 from ctbridge.daemon import metrics
@@ -94,22 +94,44 @@ class KernelReader:
                                              decode=expectation.decode_events)
 
     async def read_events(self) -> None:
-        async for batch in self.events.stream():
-            kernel_stats = self.stats
+        """Serve the event socket: a wake-up reads a batch in the loop's own callback
+        (``_events_ready``: no task switch per batch); this task waits only for an overrun, and
+        rebuilds the internal cache while nothing is read. A failure ends it, and the daemon."""
+        loop = asyncio.get_running_loop()
+        fd = self.events.fileno()
+        while True:
+            halt: asyncio.Future[EventBatch] = loop.create_future()  # an overrun's batch, or a failure
+            loop.add_reader(fd, self._events_ready, halt)
+            try:
+                batch = await halt
+            finally:
+                loop.remove_reader(fd)
+            self.stats["overruns"] += 1
+            log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
+            await self.resync()
+            # Every event of this batch was read before the dump began: the dump is newer, and
+            # applying them after it would put back states the lost events had moved on from.
+            self.stats["superseded"] += len(batch.events) + len(batch.buffers)
+
+    def _events_ready(self, halt: asyncio.Future[EventBatch]) -> None:
+        if halt.done():
+            return  # an overrun waits for its rebuild: what is queued now is read after the dump
+        try:
+            batch = self.events.read()
             if batch.overrun:
-                kernel_stats["overruns"] += 1
-                log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
-                await self.resync()
-                # Every event of this batch was read before the dump began: the dump is newer, and
-                # applying them after it would put back states the lost events had moved on from.
-                kernel_stats["superseded"] += len(batch.events) + len(batch.buffers)
-                continue
+                halt.set_result(batch)
+                return
+            if not batch.buffers:
+                return
             # the echo of our own writes is skipped unread (skip_portid)
             keys = self.engine.kernel_messages(batch.buffers, self.kernel.loop.time(), self.events.skip_portid)
-            kernel_stats["events"] += len(keys)
-            if keys:
-                self.kernel.touched(keys)
-                self.after_input()
+        except Exception as exc:  # read_events raises it, as a read of its own would
+            halt.set_exception(exc)
+            return
+        self.stats["events"] += len(keys)
+        if keys:
+            self.kernel.touched(keys)
+            self.after_input()
 
     async def read_expectations(self) -> None:
         sock = self.expect_events

@@ -112,6 +112,7 @@ class Stats:
             "links": links,
             "link_switches": self.links.switches,
             "send_errors": self.links.send_errors,
+            "send_waits": self.links.send_waits,
             "link_mismatches": self.links.mismatches,
             **self.kept,
             "commit_histogram": self.writer.histogram.snapshot(),
