@@ -111,6 +111,10 @@ class ApplySettings:
     event_buffer: int = _key(128 << 20, "bytes of receive buffer for kernel events (about 1 KiB each: a "
                              "burst of 100,000 new flows needs about 100 MiB); it doubles after an overrun, up to "
                              "256 MiB")
+    event_queue: int = _key(64 << 20, "bytes of kernel events read from that buffer and not yet taken by the "
+                            "event loop (about 270 each): a thread drains the buffer into this queue while the "
+                            "loop is busy, so a stall of the loop does not overrun the buffer; when the queue is "
+                            "full the thread stops reading and an overrun is detected as without it")
     backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "
                         "conntrackd, which ctbridge drives through the primary-backup steps in order, each checked "
                         "(ctbridge keeps the FIFO, interlock, gate and metrics)", ("ctbridge", "conntrackd"))
@@ -530,5 +534,7 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
         fail("metrics", "listen", f"metrics.listen = {listen!r}; write ADDRESS:PORT, e.g. 127.0.0.1:9780")
     if cfg.apply.event_buffer < 4096:
         fail("apply", "event_buffer", "apply.event_buffer below 4096 bytes cannot hold one event")
+    if cfg.apply.event_queue < 65536:
+        fail("apply", "event_queue", "apply.event_queue below 65536 bytes cannot hold one read of 128 events")
     if cfg.apply.purge_timeout < 0:
         fail("apply", "purge_timeout", "apply.purge_timeout must not be negative")

@@ -59,7 +59,9 @@ class EventSocket:
         for group in self.groups:
             self.sock.setsockopt(ct.SOL_NETLINK, ct.NETLINK_ADD_MEMBERSHIP, group)
         self.sock.setblocking(False)
-        self.receiver = mmsg.Receiver(self.sock)
+        # non-blocking reads, by the loop or by the thread that drains the socket: neither needs
+        # to let the interpreter lock go for them (recvmmsg._RECVMMSG_HOLDING says why)
+        self.receiver = mmsg.Receiver(self.sock, hold_lock=True)
         self.overruns = 0
         # events caused by this port's writes (a KernelTable's portid) are dropped undecoded
         self.skip_portid = -1
@@ -124,6 +126,19 @@ class EventSocket:
             for data in datagrams:
                 events.extend(decode(data, skip))
         return EventBatch(events, overrun, buffers)
+
+    def receive(self) -> list[bytes] | None:
+        """One recvmmsg of what is queued now, undecoded ([] if nothing; never blocks), for a
+        reader of its own (ctbridge.conntrack.eventdrain). None: the kernel dropped events
+        before what comes next (ENOBUFS), counted in ``overruns``, the buffer grown."""
+        try:
+            return self.receiver.receive()
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.overruns += 1
+                self._grow()
+                return None
+            raise explain(exc.errno or 0, "reading conntrack events") from exc
 
     def _grow(self) -> None:
         size = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled

@@ -40,10 +40,12 @@ class MMsgHdr(ctypes.Structure):
     _fields_ = (("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint))
 
 
-def libc_function(name: str, argtypes: tuple[object, ...]) -> Callable[..., int] | None:
-    """libc's ``name`` returning an int, errno kept for ctypes.get_errno(); None where it lacks it."""
+def libc_function(name: str, argtypes: tuple[object, ...],
+                  dll: type[ctypes.CDLL] = ctypes.CDLL) -> Callable[..., int] | None:
+    """libc's ``name`` returning an int, errno kept for ctypes.get_errno(); None where it lacks it.
+    ``dll``: ctypes.PyDLL for a call that keeps the interpreter lock."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = dll(ctypes.util.find_library("c") or None, use_errno=True)
         fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
@@ -54,15 +56,23 @@ def libc_function(name: str, argtypes: tuple[object, ...]) -> Callable[..., int]
 
 
 # int recvmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags, struct timespec *timeout)
-_RECVMMSG = libc_function("recvmmsg", (ctypes.c_int, ctypes.POINTER(MMsgHdr), ctypes.c_uint, ctypes.c_int,
-                                       ctypes.c_void_p))
+_RECVMMSG_ARGS = (ctypes.c_int, ctypes.POINTER(MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+_RECVMMSG = libc_function("recvmmsg", _RECVMMSG_ARGS)
+# The same call without releasing the interpreter lock (ctypes.PyDLL), for reads that never block
+# (MSG_DONTWAIT) in a process with other busy threads: a thread that lets the lock go for a system
+# call of microseconds waits up to the switch interval (sys.getswitchinterval(), 5 ms) to take it
+# back while another thread runs Python, so a reader releasing it per call reads at most a batch
+# per switch interval while the event loop is busy (ctbridge.conntrack.eventdrain).
+_RECVMMSG_HOLDING = libc_function("recvmmsg", _RECVMMSG_ARGS, ctypes.PyDLL)
 
 
 class Receiver:
-    """Reads up to ``count`` datagrams of at most ``size`` bytes with one call, without blocking."""
+    """Reads up to ``count`` datagrams of at most ``size`` bytes with one call, without blocking;
+    with ``hold_lock`` the call keeps the interpreter lock (_RECVMMSG_HOLDING)."""
 
-    def __init__(self, sock: socket.socket, count: int = 128, size: int = 16384) -> None:
+    def __init__(self, sock: socket.socket, count: int = 128, size: int = 16384, hold_lock: bool = False) -> None:
         self.sock = sock
+        self.call = _RECVMMSG_HOLDING if hold_lock else _RECVMMSG
         self.count = count
         self.size = size
         self.buffers = [ctypes.create_string_buffer(size) for _ in range(count)]
@@ -76,12 +86,12 @@ class Receiver:
 
     def receive(self) -> list[bytes]:
         """The datagrams waiting now ([] if none); OSError(ENOBUFS) and others as recv() raises them."""
-        if _RECVMMSG is None:
+        if self.call is None:
             try:
                 return [self.sock.recv(self.size)]
             except BlockingIOError:
                 return []
-        n = _RECVMMSG(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)
+        n = self.call(self.sock.fileno(), self.msgs, self.count, MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):

@@ -2,14 +2,18 @@
 
 - ``Kernel``: the KernelTable behind one lock (it is not thread-safe), its requests run in a
   worker thread so the sync link is served meanwhile; and the dumps under way (``watching``).
-- ``KernelReader``: the event sockets (flows; the helpers' expectations with
-  sync.expectations) and the dumps that rebuild the internal cache (``resync``).
+- ``KernelReader``: the event sockets (flows, drained by a thread of their own:
+  ctbridge.conntrack.eventdrain; the helpers' expectations with sync.expectations, read on the
+  loop) and the dumps that rebuild the internal cache (``resync``).
 - ``KernelWriter``: peers' flows into this kernel: the MASTER commit, inject mode's batches,
   expectations after their masters, and the release of this node's former flows.
 
 Rules: the engine reads the event buffers itself (ctbridge.sync.intake), and the echo of our
 own flow writes is skipped unread; events that arrive while a dump runs are newer than the dump
-(``watching``), and a dump makes every older one under way stale (EVERYTHING). Imports
+(``watching``), and a dump makes every older one under way stale (EVERYTHING); the flows' event
+buffers the thread queued before a dump of the whole table begins are older than it and dropped
+(EventDrain.cut), and an overrun reaches the loop in order, after the buffers read before it,
+and is answered by such a dump. Imports
 ctbridge.conntrack, ctbridge.sync (the engine and its kernel ops) and daemon.metrics; service
 wires these parts.
 """
@@ -26,7 +30,8 @@ from typing import Any
 
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, EventKind
-from ctbridge.conntrack.eventsocket import EventBatch, EventSocket
+from ctbridge.conntrack.eventdrain import EventDrain
+from ctbridge.conntrack.eventsocket import EventSocket
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.table import KernelError, KernelTable
 from ctbridge.daemon import metrics
@@ -35,6 +40,10 @@ from ctbridge.sync.engine import EVERYTHING, Engine, KernelOp
 log = logging.getLogger("ctbridge")
 
 EXPECT_RCVBUF = 1 << 20  # the helpers' expectations are few
+# Event buffers the engine reads per turn of the event loop. Each is one event (about 5 us of
+# engine work), so a turn is a few ms: the sync link's datagrams and the timers are served
+# between turns, while the engine's output (after_input) is made once per turn, not per buffer.
+EVENTS_PER_TURN = 1024
 
 
 class Kernel:
@@ -77,7 +86,7 @@ class KernelReader:
     ``stats`` is the "kernel" section of the daemon's stats (overruns, events, resyncs, superseded)."""
 
     def __init__(self, kernel: Kernel, engine: Engine, event_buffer: int, expectations: bool,
-                 stats: dict[str, int], after_input: Callable[[], None]) -> None:
+                 stats: dict[str, int], after_input: Callable[[], None], event_queue: int = 64 << 20) -> None:
         self.kernel = kernel
         self.engine = engine
         self.stats = stats
@@ -86,6 +95,11 @@ class KernelReader:
         # the echo of our own commits (100,000 events after a failover) is not even decoded
         self.events.skip_portid = kernel.table.portid
         self.events.raw = True  # the engine reads the buffers itself (ctbridge.sync.intake)
+        # read by a thread into a queue of at most ``event_queue`` bytes (apply.event_queue), so
+        # the kernel's buffer empties while the loop works; read_events sets its wake-up
+        self.drain = EventDrain(self.events, event_queue, lambda: None)
+        # of self.drain.overruns and .dropped, what stats' overruns and superseded hold
+        self.counted = (0, 0)
         # the helpers' expectations (sync.expectations): few, read as they come on a socket of their own
         self.expect_events: EventSocket | None = None
         if expectations:
@@ -94,44 +108,59 @@ class KernelReader:
                                              decode=expectation.decode_events)
 
     async def read_events(self) -> None:
-        """Serve the event socket: a wake-up reads a batch in the loop's own callback
-        (``_events_ready``: no task switch per batch); this task waits only for an overrun, and
-        rebuilds the internal cache while nothing is read. A failure ends it, and the daemon."""
-        loop = asyncio.get_running_loop()
-        fd = self.events.fileno()
-        while True:
-            halt: asyncio.Future[EventBatch] = loop.create_future()  # an overrun's batch, or a failure
-            loop.add_reader(fd, self._events_ready, halt)
-            try:
-                batch = await halt
-            finally:
-                loop.remove_reader(fd)
-            self.stats["overruns"] += 1
-            log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
-            await self.resync()
-            # Every event of this batch was read before the dump began: the dump is newer, and
-            # applying them after it would put back states the lost events had moved on from.
-            self.stats["superseded"] += len(batch.events) + len(batch.buffers)
+        """The flows' events into the engine, until cancelled: the thread reads the socket
+        (conntrack/eventdrain.py) and wakes this once per handoff; each turn takes up to
+        EVENTS_PER_TURN buffers. An overrun comes in order, after the buffers read before it:
+        those, and everything the thread reads until the dump begins, are superseded by it."""
+        loop = self.kernel.loop
+        drain = self.drain
+        ready = asyncio.Event()
 
-    def _events_ready(self, halt: asyncio.Future[EventBatch]) -> None:
-        if halt.done():
-            return  # an overrun waits for its rebuild: what is queued now is read after the dump
+        def wake() -> None:  # from the thread: one wake-up of the loop per handoff
+            loop.call_soon_threadsafe(ready.set)
+        drain.wake = wake
+        drain.start()
+        kernel_stats = self.stats
         try:
-            batch = self.events.read()
-            if batch.overrun:
-                halt.set_result(batch)
-                return
-            if not batch.buffers:
-                return
-            # the echo of our own writes is skipped unread (skip_portid)
-            keys = self.engine.kernel_messages(batch.buffers, self.kernel.loop.time(), self.events.skip_portid)
-        except Exception as exc:  # read_events raises it, as a read of its own would
-            halt.set_exception(exc)
-            return
-        self.stats["events"] += len(keys)
-        if keys:
-            self.kernel.touched(keys)
-            self.after_input()
+            while True:
+                taken = drain.take(EVENTS_PER_TURN)
+                if taken is None:  # the queue is empty: the thread's next batch wakes us
+                    await ready.wait()
+                    ready.clear()
+                    continue
+                if taken.overrun:
+                    self.count()
+                    log.warning("kernel events were lost (netlink overrun); rebuilding the internal cache from a dump")
+                    # Read before the loss was reported, so before the dump begins: the dump is
+                    # newer, and applying them after it would put back states the lost events
+                    # had moved on from.
+                    kernel_stats["superseded"] += len(taken.buffers)
+                    await self.resync()
+                    continue
+                # the echo of our own writes is skipped unread (skip_portid)
+                keys = self.engine.kernel_messages(taken.buffers, loop.time(), self.events.skip_portid)
+                kernel_stats["events"] += len(keys)
+                if keys:
+                    self.kernel.touched(keys)
+                    self.after_input()
+                await asyncio.sleep(0)  # what is left waits for the next turn: datagrams and timers first
+        finally:
+            drain.close()
+
+    def count(self) -> None:
+        """Into the stats: every ENOBUFS of the flows' event socket (conntrackd counts each too),
+        and the buffers the event thread dropped as older than a dump (superseded)."""
+        overruns, dropped = self.drain.overruns, self.drain.dropped
+        self.stats["overruns"] += overruns - self.counted[0]
+        self.stats["superseded"] += dropped - self.counted[1]
+        self.counted = (overruns, dropped)
+
+    def queue_stats(self) -> dict[str, int]:
+        """The event thread's queue: bytes now, at the most, and its bound; wake-ups of the loop;
+        times it was full (the thread stopped reading); buffers dropped as older than a dump."""
+        d = self.drain
+        return {"bytes": d.queued_bytes, "peak_bytes": d.peak_bytes, "limit_bytes": d.limit,
+                "handoffs": d.handoffs, "full": d.full, "dropped": d.dropped}
 
     async def read_expectations(self) -> None:
         sock = self.expect_events
@@ -160,6 +189,9 @@ class KernelReader:
         async with kernel.lock:
             # flows whose events arrive while the dump runs: their events are newer than the dump
             with kernel.watch() as touched:
+                # what the event thread queued until now is older than this dump (the overrun's
+                # own buffers among them): dropped; what it reads from now on is newer, or as new
+                self.drain.cut()
                 entries = await loop.run_in_executor(None, kernel.table.dump)
                 # after the flows: an expectation whose master the dump missed is refused by no one
                 expected = (await loop.run_in_executor(None, kernel.table.dump_expectations)
@@ -170,10 +202,12 @@ class KernelReader:
         for other in kernel.watching:  # a sweep under way read the table before this: it is older
             other.add(EVERYTHING)
         self.stats["resyncs"] += 1
+        self.count()
         self.after_input()
         return len(entries)
 
     def close(self) -> None:
+        self.drain.close()  # before its socket: the thread must not poll a closed descriptor
         self.events.close()
         if self.expect_events is not None:
             self.expect_events.close()

@@ -67,6 +67,10 @@ METRICS = (
     ("ctbridge_bulks_received_total", "Bulk transfers completed from peers", ("sync", "bulks_received"), "counter"),
     ("ctbridge_kernel_overruns_total", "Netlink event overruns (answered by a dump)", ("kernel", "overruns"),
      "counter"),
+    ("ctbridge_kernel_event_queue_bytes", "Kernel event bytes read by the event thread, not yet taken by the loop",
+     ("kernel", "event_queue", "bytes"), "gauge"),
+    ("ctbridge_kernel_event_queue_full_total", "Times the event thread's queue was full and it stopped reading "
+     "(apply.event_queue)", ("kernel", "event_queue", "full"), "counter"),
     ("ctbridge_track_errors_total", "Failed writes of the interlock's track file (tried again)", ("track_errors",),
      "counter"),
     ("ctbridge_interlock_value", "What the interlock's track file holds: 0 while this node may win an election, "

@@ -115,6 +115,7 @@ class Stats:
             "send_waits": self.links.send_waits,
             "link_mismatches": self.links.mismatches,
             **self.kept,
+            "kernel": {**self.kept["kernel"], "event_queue": self.reader.queue_stats()},
             "commit_histogram": self.writer.histogram.snapshot(),
             "loop": self.lag.snapshot(now),
             "backend": {"name": self.cfg.apply.backend, **({
