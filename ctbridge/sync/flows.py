@@ -177,6 +177,14 @@ class DeleteCodec(Codec):
 delete_msg = DeleteCodec.encode
 
 
+def _squeezed(msg: bytes, kind: MsgType, what: str) -> bytes:
+    """``msg`` in its compact form ``kind``; ValueError if it has none."""
+    msg = compact.squeeze(msg)
+    if msg[0] != kind:
+        raise ValueError(f"this {what}'s original tuple has no compact form")
+    return msg
+
+
 @register
 class FlowCompactCodec(Codec):
     """FLOW_COMPACT (version 3): a FLOW as its values (ctbridge.sync.compact). It decodes as the
@@ -187,10 +195,7 @@ class FlowCompactCodec(Codec):
 
     @staticmethod
     def encode(version: int, entry: codec.Entry) -> bytes:
-        msg = compact.squeeze(FlowCodec.encode(version, entry))
-        if msg[0] != MsgType.FLOW_COMPACT:
-            raise ValueError("this flow's original tuple has no compact form")
-        return msg
+        return _squeezed(FlowCodec.encode(version, entry), MsgType.FLOW_COMPACT, "flow")
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Flow:
@@ -206,10 +211,7 @@ class DeleteCompactCodec(Codec):
 
     @staticmethod
     def encode(version: int, key: bytes) -> bytes:
-        msg = compact.squeeze(DeleteCodec.encode(version, key))
-        if msg[0] != MsgType.DELETE_COMPACT:
-            raise ValueError("this key's original tuple has no compact form")
-        return msg
+        return _squeezed(DeleteCodec.encode(version, key), MsgType.DELETE_COMPACT, "key")
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Message:
