@@ -68,7 +68,11 @@ class Kernel:
         try:
             yield touched
         finally:
-            self.watching.remove(touched)
+            # by identity: list.remove compares sets by value, and two dumps under way with the
+            # same keys touched (none, often) took each other's place: a resync ending during a
+            # sweep removed the sweep's set, marked its own stale instead, and the sweep's end
+            # found nothing to remove (ValueError: the daemon stopped, in the lab's soak)
+            self.watching = [t for t in self.watching if t is not touched]
 
     def touched(self, keys: Collection[bytes]) -> None:
         """Events read ``keys``: newer than what any dump under way read (a collection: each
