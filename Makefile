@@ -15,7 +15,9 @@ TEST_PACKAGES = conntrack conntrackd keepalived nftables iproute2 iputils-ping p
 DEB_BUILD_PACKAGES = build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
 # What the package depends on: Debian's own python3-pyroute2 (0.7.2 in Debian 12), jinja2 and psutil
 DEB_RUNTIME_PACKAGES = python3-pyroute2 python3-jinja2 python3-psutil adduser
-APT_PACKAGES = $(TEST_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES)
+# bench/profile.py counts the daemons' system calls with perf's tracepoints
+BENCH_PACKAGES = linux-perf
+APT_PACKAGES = $(TEST_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_RUNTIME_PACKAGES) $(BENCH_PACKAGES)
 # mypy --strict on the whole package (pyproject.toml's [tool.mypy])
 MYPY_MODULES := ctbridge
 

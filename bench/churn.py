@@ -68,6 +68,12 @@ def _churn(ns: str, rate: int, seconds: float, standing: int) -> dict[str, Any]:
                         "--life", str(LIFE), timeout=seconds + 120)
 
 
+def _link(node: Node) -> tuple[int, int]:
+    """(datagrams, bytes) the node has sent on the sync link (its engine's counters)."""
+    s = node.request("stats")["sync"]
+    return s["tx_datagrams"], s["tx_bytes"]
+
+
 def _ctbridge_diff(a: Node, b: Node) -> tuple[int, int, int]:
     kernel = json.loads(a.run(sys.executable, "-m", "ctbridge", "kernel", "dump", "--json").stdout)
     return gen.difference(map(gen.view_id, kernel), map(gen.view_id, b.external()))
@@ -99,11 +105,13 @@ def _measure_ctbridge(rate: int, seconds: float, standing: int) -> dict[str, Any
                                  f"after {SYNC_TIMEOUT:.0f} s"}
             time.sleep(0.05)
         overruns0 = a.request("stats")["kernel"]["overruns"]
+        link0 = _link(a)
         cpu0 = (_cpu(a), _cpu(b))
         churned = _churn(a.ns, rate, seconds, standing)
         time.sleep(max(0.0, churned["end"] + SETTLE - time.monotonic()))
         res: dict[str, Any] = {"cpu_a": _cpu(a) - cpu0[0], "cpu_b": _cpu(b) - cpu0[1], "generator": churned}
         res["overruns"] = a.request("stats")["kernel"]["overruns"] - overruns0
+        res["link"] = tuple(n - n0 for n, n0 in zip(_link(a), link0, strict=True))
         # each daemon's longest event-loop stall of the last minute (daemon/looplag.py): the churn
         # and the settling time, read before the comparison's dumps add stalls of their own
         res["stall"] = tuple(n.request("stats")["loop"]["recent_longest_stall_seconds"] for n in (a, b))
@@ -153,6 +161,13 @@ def report(rate: int, seconds: float, standing: int, ours: list[dict[str, Any]],
         print(_row(f"ctbridge #{i + 1}", r))
     for i, r in enumerate(theirs):
         print(_row(f"conntrackd #{i + 1}", r))
+    for i, r in enumerate(ours):
+        if not r.get("error") and "link" in r:
+            g = r["generator"]
+            churned = max(g["created"] + g["deleted"], 1)
+            datagrams, nbytes = r["link"]
+            print(f"  ctbridge #{i + 1}: A sent {datagrams:,} datagrams, {nbytes:,} bytes over the churn "
+                  f"({churned / max(datagrams, 1):.1f} flow changes and {nbytes / churned:.0f} bytes per churned flow)")
 
     def cpu(rs: list[dict[str, Any]]) -> float | None:
         ok = [r["cpu_a"] + r["cpu_b"] for r in rs if not r.get("error")]

@@ -86,14 +86,15 @@ def format_status(st: dict[str, Any], now: float) -> str:
                     if inter.get("value") is not None else ""))
     peers = st.get("peers", [])
     if peers:
-        rows = [("PEER", "ADDRESS", "ALIVE", "SYNCED", "PROVEN", "LAST HEARD", "FLOWS", "REFUSED", "REJECTED", "GAP")]
+        rows = [("PEER", "ADDRESS", "ALIVE", "SYNCED", "PROVEN", "LAST HEARD", "FLOWS", "REFUSED", "REJECTED", "GAP",
+                 "PROTOCOL")]
         for p in peers:
             rejected = sum(p.get("rejected", {}).values())
             gap = p.get("gap")
             rows.append((str(p.get("node")), str(p.get("address") or "-"), _yes(p.get("alive")), _yes(p.get("synced")),
                          _yes(p.get("proven")), _ago(p.get("last_heard")), str(p.get("entries", 0)),
                          str(p.get("refused_total", p.get("refused", 0))), str(rejected),
-                         f"{gap[0]}-{gap[1]}" if gap else "-"))
+                         f"{gap[0]}-{gap[1]}" if gap else "-", str(p.get("protocol", "-"))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append("peers")
         lines.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -4,6 +4,7 @@
   and stops them; ``main`` for `ctbridge run`.
 - datapath: datagrams between the sync links and the engine, its events, timer and heartbeats.
 - synclink: one UDP socket per sync link, and which link carries which peer's datagrams.
+- mmsg: sendmmsg and recvmmsg on those sockets, many datagrams per system call.
 - udpstat: the sync sockets' kernel figures (drops, queue sizes) from /proc/net/udp.
 - kernelio: this kernel's table read (events, dumps) and written (commit, inject, expectations).
 - refresh: the sweeps for flows whose timeouts traffic restarted, and when they run.

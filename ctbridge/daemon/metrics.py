@@ -57,6 +57,10 @@ METRICS = (
      "counter"),
     ("ctbridge_datagrams_sent_total", "Sync datagrams sent", ("sync", "tx_datagrams"), "counter"),
     ("ctbridge_datagrams_received_total", "Sync datagrams received", ("sync", "rx_datagrams"), "counter"),
+    ("ctbridge_compact_messages_sent_total", "FLOW and DELETE messages sent in their compact forms (protocol "
+     "version 3)", ("sync", "tx_compact"), "counter"),
+    ("ctbridge_v3_datagrams_received_total", "Sync datagrams of protocol version 3 received and authentic",
+     ("sync", "rx_v3_datagrams"), "counter"),
     ("ctbridge_resent_datagrams_total", "Datagrams sent again after a NACK", ("sync", "resent_datagrams"), "counter"),
     ("ctbridge_resend_overflows_total", "Resend queue overflows (answered by bulk transfers)",
      ("sync", "resend_overflows"), "counter"),
@@ -151,6 +155,8 @@ PEER_METRICS = (
     ("ctbridge_peer_flows", "Flows (and expectations) this node holds for the peer", "entries", "gauge"),
     ("ctbridge_peer_refused_total", "Flows of the peer refused by this node's filters", "refused_total", "counter"),
     ("ctbridge_peer_restarts_total", "Restarts of the peer seen (new epochs it proved)", "restarts", "counter"),
+    ("ctbridge_peer_protocol_version", "The sync protocol version spoken with the peer (the lower of both nodes' "
+     "highest; 2 until the peer says more)", "protocol", "gauge"),
 )
 
 

@@ -133,7 +133,7 @@ class Daemon:
         self.links = SyncLinks(cfg, bind=cfg.apply.backend == "ctbridge")
         self.datapath = Datapath(self.engine, self.links, self.loop, cfg.node.state_dir, inject=self.writer.inject)
         self.reader = KernelReader(self.kernel, self.engine, cfg.apply.event_buffer, cfg.sync.expectations,
-                                   self.kept["kernel"], self.datapath.after_input, cfg.apply.event_queue)
+                                   self.kept["kernel"], self.datapath.input_done, cfg.apply.event_queue)
         # apply.backend = "conntrackd": it replicates, this daemon drives it (daemon/conntrackd.py)
         self.backend: conntrackd.Conntrackd | None = None
         self.replication: Replication

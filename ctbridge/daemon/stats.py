@@ -33,7 +33,8 @@ def sections() -> dict[str, Any]:
         "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},  # KernelWriter.commit
         "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},  # KernelReader
         # sweeps for timeouts traffic restarted: the last one's table size and duration (refresh)
-        "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0, "superseded": 0},
+        "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0, "superseded": 0,
+                    "skipped": 0},
         "transitions": [],  # Transitions.transition
         "gate": None,  # GateKeeper
         "track_errors": 0,  # Interlock
@@ -111,6 +112,7 @@ class Stats:
             "links": links,
             "link_switches": self.links.switches,
             "send_errors": self.links.send_errors,
+            "send_waits": self.links.send_waits,
             "link_mismatches": self.links.mismatches,
             **self.kept,
             "kernel": {**self.kept["kernel"], "event_queue": self.reader.queue_stats()},

@@ -5,6 +5,11 @@ heartbeats it needs. With one link nothing of that runs: every datagram goes out
 
 Datagrams go only to configured addresses: the i-th peer of each link is one node (docs/config.md),
 learnt from the address its authentic datagrams come from.
+
+Datagrams move in batches (daemon.mmsg): ``send`` queues one for its link, ``flush`` hands each
+link's queue to the kernel with one sendmmsg, and a link whose send buffer is full keeps the rest
+queued until its socket is writable again; a wake-up of a socket reads up to RECV_BATCH datagrams
+with one recvmmsg, then the engine's output is made once.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 from ctbridge.config import host
 from ctbridge.config.settings import Config, SyncLink
-from ctbridge.daemon import control, udpstat
+from ctbridge.daemon import control, mmsg, udpstat
+from ctbridge.sync.engine import RECEIVE_LIMIT
 from ctbridge.sync.links import LinkSelector, Switch
 
 log = logging.getLogger("ctbridge")
@@ -30,9 +36,19 @@ UDP_SNDBUF = 4 << 20  # a window of datagrams leaves in one burst
 # which the daemon has); without the capability the plain options give what the sysctl allows
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-# Datagrams read per wake-up of a socket before the engine's output is made: one loop iteration
-# per datagram (asyncio's datagram transport) cost more than the datagram itself during a burst
+# Datagrams read per wake-up of a socket (one recvmmsg) before the engine's output is made: one
+# loop iteration per datagram (asyncio's datagram transport) cost more than the datagram itself
+# during a burst
 RECV_BATCH = 64
+# Datagrams per sendmmsg: a turn's output (Options.burst) in one call or a few
+SEND_BATCH = 64
+# Bytes read per datagram: one past the engine's limit, so that a longer datagram arrives cut to
+# RECEIVE_LIMIT + 1 bytes and the engine refuses it as oversize (it never reads a longer one)
+RECV_SIZE = RECEIVE_LIMIT + 1
+# Datagrams kept per link while its send buffer is full: as many as the engine may have in flight
+# (sync.options.Options.max_window), so that only a link that stays blocked drops what comes next
+# (counted in send_errors; the reliable layer resends it)
+SEND_QUEUE = 8192
 
 
 def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
@@ -95,8 +111,14 @@ class SyncLinks:
         except control.ControlError:
             self.close()
             raise
+        batched = mmsg.MMSG  # False: this libc lacks sendmmsg or recvmmsg, the plain calls do
+        self.outboxes = [mmsg.Outbox(sock, SEND_BATCH, batched) for sock in self.socks]
+        self.inboxes = [mmsg.Inbox(sock, RECV_BATCH, RECV_SIZE, batched) for sock in self.socks]
+        self.queues: list[list[tuple[bytes, mmsg.Address]]] = [[] for _ in self.socks]
+        self.blocked: set[int] = set()  # links whose datagrams wait for the socket to be writable
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.send_errors = 0  # datagrams the kernel refused (a full send buffer, a link down)
+        self.send_errors = 0  # datagrams the kernel refused (a link down) or left when the queue was full
+        self.send_waits = 0  # times a link's send buffer was full and its datagrams waited
         # (link, peer address) -> the peer's index in sync.peers; index -> node id and back
         self.index = {(k, _ip(a)): i for k, link in enumerate(self.links) for i, a in enumerate(link.peers)}
         self.node_of: dict[int, int] = {}
@@ -117,28 +139,30 @@ class SyncLinks:
         once per batch of up to RECV_BATCH, when the engine's answers go out."""
         self.loop = loop
         for k, sock in enumerate(self.socks):
-            loop.add_reader(sock.fileno(), self._readable, sock, k, receive, after)
+            loop.add_reader(sock.fileno(), self._readable, self.inboxes[k], k, receive, after)
 
     @staticmethod
-    def _readable(sock: socket.socket, link: int, receive: Callable[[bytes, tuple[Any, int], int], None],
+    def _readable(inbox: mmsg.Inbox, link: int, receive: Callable[[bytes, tuple[Any, int], int], None],
                   after: Callable[[], None]) -> None:
-        recvfrom = sock.recvfrom
-        for _ in range(RECV_BATCH):
-            try:
-                data, addr = recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # an ICMP error reported on the socket: nothing to read
-                log.debug("sync socket of link %d: %s", link, exc)
-                break
+        try:
+            datagrams = inbox.receive()
+        except (BlockingIOError, InterruptedError):
+            datagrams = []
+        except OSError as exc:  # an ICMP error reported on the socket: nothing to read
+            log.debug("sync socket of link %d: %s", link, exc)
+            datagrams = []
+        for data, addr in datagrams:
             receive(data, addr, link)
         after()
 
     def close(self) -> None:
-        for s in self.socks:
+        for k, s in enumerate(self.socks):
             if self.loop is not None:
                 self.loop.remove_reader(s.fileno())
+                if k in self.blocked:
+                    self.loop.remove_writer(s.fileno())
             s.close()
+        self.blocked.clear()
         self.loop = None
 
     def _mismatch(self, key: tuple[Any, ...], message: str, *args: Any) -> None:
@@ -189,15 +213,48 @@ class SyncLinks:
         return self.address_of.get((node, k), self.links[k].peers[i])
 
     def _send(self, link: int, data: bytes, address: str) -> None:
-        try:
-            self.socks[link].sendto(data, (address, self.port))
-        except OSError as exc:  # lost like a datagram on the wire: the reliable layer resends it
+        queue = self.queues[link]
+        if len(queue) >= SEND_QUEUE:  # blocked for long: lost like a datagram on the wire, resent
             self.send_errors += 1
-            log.debug("sync link %d: sending to %s: %s", link, address, exc)
+            return
+        queue.append((data, (address, self.port)))
+
+    def flush(self) -> None:
+        """Hand every link's queued datagrams to the kernel (one sendmmsg per link and batch)."""
+        for k, queue in enumerate(self.queues):
+            if queue and k not in self.blocked:
+                self._drain(k)
+
+    def _drain(self, link: int) -> None:
+        queue = self.queues[link]
+        send = self.outboxes[link].send
+        while queue:
+            try:
+                n = send(queue)
+            except BlockingIOError:  # the send buffer is full: the rest waits for room
+                if link not in self.blocked and self.loop is not None:
+                    self.blocked.add(link)
+                    self.send_waits += 1
+                    self.loop.add_writer(self.socks[link].fileno(), self._writable, link)
+                    return
+                n = 1  # no loop to wait in: lost like a datagram on the wire
+                self.send_errors += 1
+            except OSError as exc:  # lost like a datagram on the wire: the reliable layer resends it
+                self.send_errors += 1
+                log.debug("sync link %d: sending to %s: %s", link, queue[0][1][0], exc)
+                n = 1
+            del queue[:n]
+
+    def _writable(self, link: int) -> None:
+        assert self.loop is not None
+        self.blocked.discard(link)
+        self.loop.remove_writer(self.socks[link].fileno())
+        self._drain(link)
 
     def send(self, data: bytes, dest: int | None) -> None:
-        """One datagram of the engine: to node ``dest``, or (None) to every peer, each over its
-        active link. A peer not heard yet gets it over every link (it drops the copies)."""
+        """One datagram of the engine queued (``flush`` sends it): to node ``dest``, or (None) to
+        every peer, each over its active link. A peer not heard yet gets it over every link (it
+        drops the copies)."""
         if not self.socks:
             return  # not bound (the conntrackd backend): nothing of ours goes over the sync link
         if self.multicast:
@@ -219,9 +276,12 @@ class SyncLinks:
 
     def send_heartbeats(self, datagrams: list[bytes]) -> None:
         """Heartbeat k over link k, to every peer (its group)."""
+        if not self.socks:
+            return
         for k, (link, data) in enumerate(zip(self.links, datagrams, strict=True)):
             for address in ([link.group] if self.multicast else link.peers):
                 self._send(k, data, address)
+        self.flush()
 
     def update(self, now: float) -> list[Switch]:
         switches = self.selector.update(now)

@@ -15,7 +15,8 @@
 - diff: `ctbridge diff` (digest: the sums by bucket).
 - wire: datagrams framed and checked (the header, the MAC or seal, then the body), and every
   wire name in one namespace; header: the datagram header, WireError; msgtypes: the message
-  types and their registry; flows: FLOW, EXPECT, DELETE and decode_body; messages: every other
+  types and their registry; flows: FLOW, EXPECT, DELETE, their compact forms (version 3) and
+  decode_body; compact: the compact layouts (squeeze, expand); messages: every other
   message, its encoder and decoder side by side; auth: keys, MACs, sealing.
 - sequence: receive windows, the resend queue; filter: the flow filter; intake: the kernel
   event fast path.

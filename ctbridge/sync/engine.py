@@ -14,7 +14,8 @@ Outputs:
     kernel_ops()             writes the kernel should do (apply mode "inject")
     events()                 what happened (ctbridge.sync.events)
     get_timer()              when handle_timer() wants to run next (None: no deadline)
-Queries: complete(), live_peers(), peer_flow(), commit_records(), internal/external listings,
+Queries: complete(), live_peers(), peer_flow(), commit_records(), refresh_due() (whether a sweep can
+refresh anything), internal/external listings,
 diff_result(), stats (one flat dict of counters, ctbridge.sync.stats).
 
 The shape follows aioquic's QuicConnection: the adapter moves bytes and re-arms one timer. Tests
@@ -64,7 +65,7 @@ from ctbridge.sync.events import (
 from ctbridge.sync.external import ExternalCaches
 from ctbridge.sync.filter import FlowFilter
 from ctbridge.sync.heartbeat import Heartbeats
-from ctbridge.sync.internal import EVERYTHING, InternalCache
+from ctbridge.sync.internal import EVERYTHING, InternalCache, Sweep
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import ExternalFlow, Peer, seconds_of
 from ctbridge.sync.receiver import Receiver
@@ -77,7 +78,7 @@ from ctbridge.sync.stream import Stream
 # also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
            "EngineEvent", "EpochChanged", "ExternalFlow", "Heard", "KernelOp", "LimitReached", "LinkReport", "Peer",
-           "PeerReport", "PeerRestarted", "PeerSilent", "Role", "seconds_of"]
+           "PeerReport", "PeerRestarted", "PeerSilent", "Role", "Sweep", "seconds_of"]
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +121,20 @@ class Engine:
         self._offer_entry_points()
 
     def _dispatch_table(self) -> dict[type, Handler]:
-        """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows); a type
-        not here (ALIVE, HELLO, ECHO outside a candidate datagram) changes nothing."""
+        """What a datagram's messages do, by type (its flows: ExternalCaches.take_flows; runs of
+        DELETEs: ExternalCaches.take_deletes, one call per run). HELLO, ALIVE, ACK, CHALLENGE and
+        ECHO also say which protocol version the peer speaks; a type not here changes nothing."""
         external, sessions, recovery, diffs = self.external_caches, self.sessions, self.recovery, self.diffs
         return {
             wire.Delete: external.on_delete,
-            wire.Ack: recovery.on_ack,
+            wire.Ack: self._on_ack,
             wire.Nack: recovery.on_nack,
             wire.Gap: self.receiver.on_gap,
             wire.Resync: sessions.on_resync,
-            wire.Challenge: sessions.on_challenge,
+            wire.Challenge: self._on_challenge,
+            wire.Hello: self._announced,
+            wire.Alive: self._announced,
+            wire.Echo: self._announced,
             wire.DigestAsk: diffs.on_ask,
             wire.Digest: diffs.on_answer,
             wire.DigestKeys: diffs.on_answer,
@@ -149,6 +154,7 @@ class Engine:
         self.kernel_resync = cache.kernel_resync
         self.kernel_expect_resync = cache.kernel_expect_resync
         self.kernel_refresh = cache.kernel_refresh
+        self.refresh_due = cache.refresh_due
         self.flush_internal = cache.flush
         self.internal_messages = cache.messages
         self.flush_external = external.flush
@@ -203,9 +209,10 @@ class Engine:
 
     def peer_reports(self, now: float) -> list[PeerReport]:
         """Every peer, as the daemon's status shows it."""
+        top = self.config.max_version
         return [PeerReport(p.node, p.epoch, p.alive, p.synced, p.proven, len(p.refused), sorted(p.limits),
                            len(p.external), now - p.last_heard, p.restarts, p.bulks, p.refused_total,
-                           dict(p.rejected), p.rx.missing() if p.rx is not None else None)
+                           dict(p.rejected), p.rx.missing() if p.rx is not None else None, min(top, p.speaks))
                 for p in self.peers.values()]
 
     def peer_flow(self, node: int, key: bytes) -> bytes | None:
@@ -275,6 +282,23 @@ class Engine:
         if peer is not None:
             self.receiver.path_changed(peer, now)
 
+    @staticmethod
+    def _announced(peer: Peer, msg: wire.Hello | wire.Alive | wire.Echo | wire.Ack | wire.Challenge, seq: int,
+                   now: float) -> bool:
+        """The highest version the peer speaks, said in a message of its session (docs/protocol.md,
+        "Versions"); nothing else (ECHO outside a candidate datagram changes nothing)."""
+        if msg.speaks > peer.speaks:
+            peer.speaks = msg.speaks
+        return False
+
+    def _on_ack(self, peer: Peer, msg: wire.Ack, seq: int, now: float) -> bool:
+        self._announced(peer, msg, seq, now)
+        return self.recovery.on_ack(peer, msg, seq, now)
+
+    def _on_challenge(self, peer: Peer, msg: wire.Challenge, seq: int, now: float) -> bool:
+        self._announced(peer, msg, seq, now)
+        return self.sessions.on_challenge(peer, msg, seq, now)
+
     def _new_epoch(self) -> None:
         """The stream's numbers ran out and a new epoch began (Stream.next_seq)."""
         self._events.append(EpochChanged(self.stream.epoch))
@@ -301,7 +325,7 @@ class Engine:
             stats["own_datagrams"] += 1
             return None
         try:
-            header, flows, messages = wire.decode_split(data, self.stream.auth, self.node_id)
+            header, flows, messages = wire.decode_split(data, self.stream.auth, self.node_id, self.config.max_version)
         except wire.WireError as exc:
             stats["rejected_" + exc.reason] += 1
             log.debug("dropped a datagram: %s", exc)
@@ -334,6 +358,10 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
+        if header.version > peer.speaks:  # a datagram of version 3 says its sender speaks it
+            peer.speaks = header.version
+        if header.version >= 3:
+            stats["rx_v3_datagrams"] += 1
         heard = Heard(peer.node, None)
         # the datagram's flows, then its messages through the table (one call per message)
         seq = header.seq
@@ -341,16 +369,34 @@ class Engine:
         if flows:
             self.external_caches.take_flows(peer, flows, seq, now)
         if messages:
-            handlers = self._handlers
-            for msg in messages:
-                handler = handlers.get(type(msg))
-                if handler is not None and handler(peer, msg, seq, now):
-                    data_seen = True
+            data_seen = self._take_messages(peer, messages, seq, now) or data_seen
             self.recovery.end_of_datagram(peer, now)
         self.receiver.received(peer, rx, seq, data_seen, now)
         if peer.bulk_end is not None:
             self.external_caches.finish_bulk(peer, self.clock.latest)
         return heard
+
+    def _take_messages(self, peer: Peer, messages: list[wire.Message], seq: int, now: float) -> bool:
+        """A datagram's messages other than FLOWs through the dispatch table; True if any of
+        them was data (a change of a peer's copy, a bulk's mark)."""
+        handlers = self._handlers
+        data_seen = False
+        deletes: list[wire.Delete] = []  # a run of DELETEs: taken in one call (the bulk of a churn)
+        for msg in messages:
+            if type(msg) is wire.Delete:
+                deletes.append(msg)
+                continue
+            if deletes:
+                self.external_caches.take_deletes(peer, deletes, seq, now)
+                deletes = []
+                data_seen = True
+            handler = handlers.get(type(msg))
+            if handler is not None and handler(peer, msg, seq, now):
+                data_seen = True
+        if deletes:
+            self.external_caches.take_deletes(peer, deletes, seq, now)
+            data_seen = True
+        return data_seen
 
     # --- time ---------------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class PeerReport(NamedTuple):
     refused_total: int  # flows of it our filters refused, ever
     rejected: dict[str, int]  # its authentic datagrams refused, by reason
     gap: tuple[int, int] | None  # the first gap open in its stream
+    protocol: int = 2  # the version this node speaks with it: the lower of both nodes' highest
 
 
 class EpochChanged(NamedTuple):

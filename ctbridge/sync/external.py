@@ -22,6 +22,7 @@ Imports: ctbridge.conntrack (codec, expectation), ctbridge.sync (wire, events, p
 from __future__ import annotations
 
 import logging
+import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -34,6 +35,7 @@ from ctbridge.sync.shared import Part, Shared
 
 log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
+_VERSION = struct.Struct("!Q")  # a FLOW's version, at offset 4 (ctbridge.sync.flows: ExternalFlow.version)
 EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 
 
@@ -51,22 +53,38 @@ class ExternalCaches(Part):
 
     def take_flows(self, peer: Peer, flows: list[wire.FlowTuple], seq: int, now: float) -> None:
         """The flows of datagram ``seq`` of ``peer`` (a measured hot loop: see the module's
-        docstring)."""
+        docstring). When no accept list for that peer applies and the cap is out of reach, our
+        own filter looks at the flows new to the copy in one call (FlowFilter.refused_among),
+        else _admit does, flow by flow."""
         external = peer.external
         tombstones = peer.tombstones
-        inject = self.config.apply_mode == "inject"
+        refused = peer.refused
+        cfg = self.config
+        inject = cfg.apply_mode == "inject"
         kernel_ops = self.kernel_ops
+        # the cap cannot be reached within this datagram: each flow adds at most one to the copy
+        # or to the refused keys (the daemon's cap is the kernel's table size, rarely near)
+        direct = peer.node not in cfg.peer_filters and (
+            not cfg.max_entries or len(external) + len(refused) + len(flows) < cfg.max_entries)
+        refusing = cfg.filter.refused_among(flows, wire.FLOW_HEADER, external) if direct else set()
+        version_of = _VERSION.unpack_from
         stale = 0
-        for version, key, fmsg in flows:
+        for i, (version, key, fmsg) in enumerate(flows):
             cur = external.get(key)
             if cur is None:
                 if tombstones and key in tombstones and tombstones[key][0] >= version:
                     stale += 1
                     continue
-                if not self._admit(peer, version, key, fmsg, seq):
+                if direct and fmsg[0] != EXPECT:
+                    if refusing and i in refusing:
+                        self._refused(peer, key, version, seq)
+                        continue
+                    if refused:
+                        refused.pop(key, None)
+                elif not self._admit(peer, version, key, fmsg, seq):
                     continue
                 external[key] = ExternalFlow(fmsg, seq, now)
-            elif version > cur.version:
+            elif version > (version_of(cur.message, 4)[0] if cur.seq else -1):  # ExternalFlow.version
                 if fmsg[0] == EXPECT and not self._allowed(peer, key, fmsg):
                     # an expectation's master and mask are not in its key: every version is
                     # checked, or an accepted one could be turned into a pinhole the filter refuses
@@ -90,31 +108,42 @@ class ExternalCaches(Part):
 
     def on_delete(self, peer: Peer, msg: wire.Delete, seq: int, now: float) -> bool:
         """A DELETE: the flow leaves the copy, and a tombstone outranks late updates of it."""
+        self.take_deletes(peer, [msg], seq, now)
+        return True
+
+    def take_deletes(self, peer: Peer, deletes: list[wire.Delete], seq: int, now: float) -> None:
+        """The DELETEs of datagram ``seq`` of ``peer`` (one run of them, in order): each flow
+        leaves the copy, and a tombstone outranks late updates of it. A hot loop: one call per
+        run of DELETEs, not per message (bench/engine_churn.py)."""
         stats = self.stats
-        stats["deletes_received"] += 1
-        key = msg.key
         external = peer.external
-        cur = external.get(key)
-        if cur is not None and cur.version >= msg.version:
-            stats["stale_ignored"] += 1
-            return True
-        if peer.refused:
-            peer.refused.pop(key, None)  # never taken; its tombstone below counts it for a bulk
         tombstones = peer.tombstones
         cfg = self.config
-        if len(tombstones) >= cfg.max_tombstones and key not in tombstones:
-            # the oldest deletion is forgotten: a late update of that flow, older than the
-            # deletion, could bring it back until the next bulk (counted, logged once)
-            tombstones.popitem(last=False)
-            stats["tombstones_dropped"] += 1
-            self._limit(peer, "tombstones", cfg.max_tombstones, whole=True)
-        old = tombstones.get(key)
-        # the highest number that mentioned it: a deletion resent under an older number
-        # must not make a bulk that carried the flow look short
-        tombstones[key] = (msg.version, now + cfg.tombstone_ttl, seq if old is None else max(seq, old[2]))
-        if cur is not None:
-            self._forget(peer, key)
-        return True
+        cap = cfg.max_tombstones
+        ttl = now + cfg.tombstone_ttl
+        version_of = _VERSION.unpack_from
+        stale = 0
+        for version, key in deletes:
+            cur = external.get(key)
+            if cur is not None and (version_of(cur.message, 4)[0] if cur.seq else -1) >= version:
+                stale += 1
+                continue
+            if peer.refused:
+                peer.refused.pop(key, None)  # never taken; its tombstone below counts it for a bulk
+            old = tombstones.get(key)
+            if old is None and len(tombstones) >= cap:
+                # the oldest deletion is forgotten: a late update of that flow, older than the
+                # deletion, could bring it back until the next bulk (counted, logged once)
+                tombstones.popitem(last=False)
+                stats["tombstones_dropped"] += 1
+                self._limit(peer, "tombstones", cap, whole=True)
+            # the highest number that mentioned it: a deletion resent under an older number
+            # must not make a bulk that carried the flow look short
+            tombstones[key] = (version, ttl, seq if old is None else max(seq, old[2]))
+            if cur is not None:
+                self._forget(peer, key)
+        stats["deletes_received"] += len(deletes)
+        stats["stale_ignored"] += stale
 
     def on_bulk_begin(self, peer: Peer, msg: wire.BulkBegin, seq: int, now: float) -> bool:
         if msg.node in (0, self.node_id):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from ctbridge.conntrack import abi as ct
@@ -86,6 +87,45 @@ class FlowFilter:
         if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
             facts = flow_facts(codec.Entry(key, family, buf[start:]))
         return self.accepts_facts(family, facts)
+
+    def ignore_only(self) -> tuple[frozenset[bytes], dict[int, tuple[bytes, ...]]] | None:
+        """(single addresses, byte-aligned prefixes by family) when that is all this filter
+        checks (the usual one: loopback, the sync addresses, an ignore list), for a hot loop that
+        checks them inline: a flow is refused when its original or reply source is one of the
+        addresses or starts with one of its family's prefixes. None: call accepts_facts()."""
+        return (self._ignore_hosts, self._ignore_prefixes) if self._only_ignore else None
+
+    def refused_among(self, flows: list[tuple[int, bytes, bytes]], start: int, known: Container[bytes]) -> set[int]:
+        """The positions in ``flows`` (a datagram's FLOWs as (version, key, message), attributes
+        from ``start``) of those this filter refuses (accepts_message, or attributes that do not
+        parse), among the flows whose key is not in ``known`` (a peer's copy: only a flow new to
+        it is admitted) and are no expectation's. One call per datagram: the usual filter (only
+        addresses to ignore) is checked here inline, as accepts_message does."""
+        out: set[int] = set()
+        hosts = self._ignore_hosts
+        prefixes_of = self._ignore_prefixes
+        plain = self._only_ignore
+        for i, (_version, key, buf) in enumerate(flows):
+            if key in known or key[0] & EXPECTATION:
+                continue
+            family = buf[1]
+            if plain:
+                head = key[3:11]
+                alen = 4 if head == _V4_IP else 16 if head == _V6_IP else 0
+                r = start + len(key) + 1
+                if alen and buf[r + 4:r + 12] == head:
+                    src, reply_src = key[11:11 + alen], buf[r + 12:r + 12 + alen]
+                    prefixes = prefixes_of.get(family, ())
+                    if (src in hosts or reply_src in hosts
+                            or (prefixes and (src.startswith(prefixes) or reply_src.startswith(prefixes)))):
+                        out.add(i)
+                    continue
+            try:
+                if not self.accepts_message(key, family, buf, start):
+                    out.add(i)
+            except codec.CodecError:
+                out.add(i)
+        return out
 
     def accepts_expectation(self, entry: codec.Entry) -> bool:
         """An expectation lets a new connection in as RELATED: it is taken when this filter takes

@@ -6,9 +6,13 @@ A flow's key travels in the message's head (family, zone, the length of the tupl
 start with), so a receiver indexes a flow with three slices and never parses its attributes;
 docs/protocol.md ("Messages") has the layouts.
 
+Version 3 adds FLOW_COMPACT and DELETE_COMPACT (ctbridge.sync.compact has their layouts):
+decode_body turns them back into the FLOW and DELETE they stand for, so nothing after it knows
+which form came.
+
 Imports ctbridge.conntrack (flow and expectation layouts), ctbridge.sync.header,
-ctbridge.sync.msgtypes and ctbridge.sync.messages (whose classes must be registered before
-decode_body runs).
+ctbridge.sync.msgtypes, ctbridge.sync.compact and ctbridge.sync.messages (whose classes must be
+registered before decode_body runs).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import NamedTuple
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec, expectation
-from ctbridge.sync.header import WireError
+from ctbridge.sync import compact
+from ctbridge.sync.header import VERSION, WireError
 from ctbridge.sync.messages import (
     Ack,
     Alive,
@@ -170,18 +175,65 @@ class DeleteCodec(Codec):
 
 
 delete_msg = DeleteCodec.encode
+
+
+def _squeezed(msg: bytes, kind: MsgType, what: str) -> bytes:
+    """``msg`` in its compact form ``kind``; ValueError if it has none."""
+    msg = compact.squeeze(msg)
+    if msg[0] != kind:
+        raise ValueError(f"this {what}'s original tuple has no compact form")
+    return msg
+
+
+@register
+class FlowCompactCodec(Codec):
+    """FLOW_COMPACT (version 3): a FLOW as its values (ctbridge.sync.compact). It decodes as the
+    FLOW it stands for, byte for byte."""
+
+    TYPE = MsgType.FLOW_COMPACT
+    INLINE = True
+
+    @staticmethod
+    def encode(version: int, entry: codec.Entry) -> bytes:
+        return _squeezed(FlowCodec.encode(version, entry), MsgType.FLOW_COMPACT, "flow")
+
+    @staticmethod
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Flow:
+        return Flow(*decode_body(data, off, off + mlen)[0][0])
+
+
+@register
+class DeleteCompactCodec(Codec):
+    """DELETE_COMPACT (version 3): a DELETE as its original tuple's values."""
+
+    TYPE = MsgType.DELETE_COMPACT
+    INLINE = True
+
+    @staticmethod
+    def encode(version: int, key: bytes) -> bytes:
+        return _squeezed(DeleteCodec.encode(version, key), MsgType.DELETE_COMPACT, "key")
+
+    @staticmethod
+    def decode(data: bytes, off: int, mlen: int, aux: int) -> Message:
+        return decode_body(data, off, off + mlen)[1][0]
+
+
+squeeze = compact.squeeze  # a FLOW or DELETE in its compact form (itself when it has none)
 _FLOW_T = int(MsgType.FLOW)
 _EXPECT_T = int(MsgType.EXPECT)
 _DELETE_T = int(MsgType.DELETE)
+_COMPACT_T = int(MsgType.FLOW_COMPACT)
+_DELETE_COMPACT_T = int(MsgType.DELETE_COMPACT)
 
 
-def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], list[Message]]:
-    """The messages in data[start:end]: FLOWs as (version, key, message) tuples, the rest as
-    Message objects. Raises WireError("malformed") on any inconsistency, before anything is used.
+def decode_body(data: bytes, start: int, end: int, protocol: int = VERSION) -> tuple[list[FlowTuple], list[Message]]:
+    """The messages in data[start:end] of a datagram of version ``protocol``: FLOWs as (version,
+    key, message) tuples, the rest as Message objects. Raises WireError("malformed") on any
+    inconsistency, before anything is used; a version-3 message in a version-2 datagram is one.
 
     The measured hot loop of every received datagram (bench/engine.py, side B): FLOW, EXPECT and
-    DELETE are read inline here (no call, no object per flow), every other type through its
-    registered decoder."""
+    DELETE are read inline here (no call, no object per flow), their compact forms with one call
+    each, every other type through its registered decoder."""
     flows: list[FlowTuple] = []
     add_flow = flows.append
     out: list[Message] = []
@@ -190,6 +242,10 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
     nla = _NLA.unpack_from
     decoders = DECODERS
     t_flow, t_expect, t_delete = _FLOW_T, _EXPECT_T, _DELETE_T  # locals: the loop's cheapest loads
+    # version 3's messages in a datagram of version 2 read as unknown types (-1 is no type byte)
+    t_compact = _COMPACT_T if protocol >= 3 else -1
+    t_delete_compact = _DELETE_COMPACT_T if protocol >= 3 else -1
+    expand = compact.expand_flow
     try:
         while off < end:
             if end - off >= FLOW_HEADER:
@@ -213,6 +269,10 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                 # the flow key: family, zone, and the tuple's payload (after its attribute header)
                 add_flow((version, data[off + 1:off + 2] + data[off + 12:off + 14]
                           + data[off + FLOW_HEADER + 4:off + FLOW_HEADER + olen], data[off:nxt]))
+            elif mtype == t_compact:
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"FLOW of version {version}, beyond any a node can reach")
+                add_flow(expand(data, off, mlen, aux, version))
             elif mtype == t_delete:
                 if mlen < FLOW_HEADER:
                     raise WireError("malformed", "DELETE message too short")
@@ -220,6 +280,10 @@ def decode_body(data: bytes, start: int, end: int) -> tuple[list[FlowTuple], lis
                     raise WireError("bounds", f"DELETE of version {version}, beyond any a node can reach")
                 out.append(Delete(version, data[off + 1:off + 2] + data[off + 12:off + 14]
                                   + data[off + FLOW_HEADER:nxt]))
+            elif mtype == t_delete_compact:
+                if version > VERSION_MAX:
+                    raise WireError("bounds", f"DELETE of version {version}, beyond any a node can reach")
+                out.append(Delete(version, compact.expand_delete(data, off, mlen, aux)))
             else:
                 decoder = decoders.get(mtype)
                 if decoder is None:

@@ -1,11 +1,13 @@
-"""The sync datagram's header (version 2) and the one error its decoders raise.
+"""The sync datagram's header (versions 2 and 3) and the one error its decoders raise.
 
-    magic "CB" | version 2 | flags | key id | MAC count | payload length
+    magic "CB" | version | flags | key id | MAC count | payload length
     | node id (u32) | boot epoch (u64) | sequence (u32) | sender time, ms (u64)
 
 32 bytes, big endian; docs/protocol.md ("Datagram") has the byte diagram. The flags say what
 follows the header: MACs (ctbridge.sync.auth makes and checks them) and whether the messages are
-sealed. Imports nothing of ctbridge: ctbridge.sync.messages, ctbridge.sync.auth and
+sealed. The version is the one the datagram's messages are read by: 3 allows the compact FLOW
+and DELETE, and a node sends each datagram in the lowest version of the peers it goes to
+(docs/protocol.md, "Versions"). Imports nothing of ctbridge: ctbridge.sync.messages, ctbridge.sync.auth and
 ctbridge.sync.wire build on it.
 """
 
@@ -15,7 +17,11 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"CB"
-VERSION = 2
+VERSION = 3  # the highest version this node speaks (and announces)
+# the version of 0.3.0 and the release of 2026-12-01, which speak no other: what a peer is taken
+# to speak until it says otherwise, and what its announcement's 0 (the aux byte of its
+# HELLO, ALIVE, ACK, CHALLENGE and ECHO) means
+BASE_VERSION = 2
 HEADER = struct.Struct("!2sBBBBHIQIQ")
 HEADER_LEN = HEADER.size  # 32
 FLAG_MAC = 0x01  # MACs follow the messages
@@ -42,3 +48,4 @@ class Header(NamedTuple):
     time_ms: int
     flags: int = 0
     key_id: int = 0
+    version: int = BASE_VERSION

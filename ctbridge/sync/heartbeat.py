@@ -26,7 +26,7 @@ class Heartbeats(Part):
         self._round += 1
         reports = sorted(hearing.items())[:64]
         stream = self.stream
-        header = stream.header(wire.HEARTBEAT_SEQ, now)
+        header = stream.header(wire.HEARTBEAT_SEQ, now, self.datagram_version())
         size = self.config.max_datagram - wire.HEADER_LEN - stream.auth.overhead
         out = [stream.seal(header, wire.heartbeat_msg(k, self._round, reports, size)) for k in range(links)]
         stats = self.stats

@@ -26,6 +26,10 @@ from ctbridge.sync import filter as flt
 from ctbridge.sync import wire
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr, include/uapi/linux/netlink.h
+# What finds a message's plan, in one read: the nlmsghdr's length, type and flags (one word), its
+# port id, and the first two attribute headers (CTA_TUPLE_ORIG's and the first nested in it)
+HEAD = struct.Struct("=Q4xI4xQ")
+KEYED = HEAD.size  # 28: shorter messages have no plan
 _U32 = struct.Struct("=I")
 _BE32 = struct.Struct(">I")  # CTA_TIMEOUT's seconds, network order
 _NLA = struct.Struct("=HH")
@@ -51,9 +55,16 @@ class Fast(NamedTuple):
     timeout: int  # seconds left in CTA_TIMEOUT (0: none)
 
 
-class _Plan(NamedTuple):
-    heads: struct.Struct
-    expect: tuple[int, ...]
+class Plan(NamedTuple):
+    """Where one layout keeps what the fast path reads: by _read, and by the internal cache's
+    hot loop (InternalCache.kernel_messages), which unpacks it by position: the order of the
+    fields is part of the interface."""
+
+    heads: Callable[[bytes], tuple[int | bytes, ...]]  # reads every attribute header word the plan relies on
+    expect: tuple[int | bytes, ...]
+    mlen: int  # the message's length (its buffer holds it alone)
+    keyhead: bytes  # the key's family and zone 0, when the layout has no zone (zone_at == -1)
+    orig: slice  # the original tuple's payload: the rest of the key
     family: int
     destroy: bool
     new: bool
@@ -66,7 +77,7 @@ class _Plan(NamedTuple):
     tcp: bool  # the plan was learnt from a TCP flow (its state is read only for one)
     keep: Callable[[bytes], Any]  # -> the replicated attributes, as a tuple of slices
     synproxy: int  # offset of a CTA_SYNPROXY attribute (-1 if none) ...
-    keep_no_synproxy: Callable[[bytes], Any] | None  # ... and what to keep when it is all zero
+    keep_no_synproxy: Callable[[bytes], Any]  # ... and what to keep when it is all zero (else: keep)
     orig_len: int
     timeout_at: int  # offset of CTA_TIMEOUT's seconds (-1: none)
 
@@ -81,7 +92,7 @@ def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | N
     return out
 
 
-def _learn(buf: bytes) -> _Plan | None:
+def _learn(buf: bytes) -> Plan | None:
     """The plan of ``buf``'s layout, or None when it has none the fast path can follow."""
     mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
     family = buf[16]
@@ -114,7 +125,8 @@ def _learn(buf: bytes) -> _Plan | None:
         codec.extend_ranges(ranges, s - 4, nxt)
     if not ranges or ranges[-1].stop > mlen:
         return None
-    keep_no = codec.without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else None
+    keep = codec.ranges_getter(ranges)
+    keep_no = codec.without_zero_synproxy(ranges, synproxy) if synproxy >= 0 else keep
 
     def tuple_fields(t: int) -> tuple[int, slice] | None:
         """(offset of the protocol number, slice of the source address) of a tuple attribute."""
@@ -143,17 +155,41 @@ def _learn(buf: bytes) -> _Plan | None:
         return None
     os_, oe = attrs[ct.CTA_TUPLE_ORIG]
     key = operator.itemgetter(slice(zone_at, zone_at + 2) if zone_at >= 0 else slice(0, 0), slice(os_, oe))
-    fmt = ["="]
-    pos = 0
-    for off in sorted(heads):
-        fmt.append(f"{off - pos}xI" if off > pos else "I")
-        pos = off + 4
-    plan = _Plan(struct.Struct("".join(fmt)), tuple(heads[o] for o in sorted(heads)), family,
+    reads, expect = _header_reads(buf, sorted(heads))
+    plan = Plan(struct.Struct(reads).unpack_from, expect, mlen,
+                bytes((family, 0, 0)), slice(os_, oe), family,
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
-                 codec.ranges_getter(ranges), synproxy, keep_no,
+                 keep, synproxy, keep_no,
                  oe - os_ + 4, codec.timeout_offset(buf, _ATTRS))
     return plan if _agrees(plan, buf) else None
+
+
+def _header_reads(buf: bytes, offsets: list[int]) -> tuple[str, tuple[int | bytes, ...]]:
+    """One struct format that reads the header words at ``offsets`` of a message of this layout,
+    and what it reads from ``buf``. Adjacent words (a nested attribute's header right after its
+    parent's) are read as one run of bytes: a TCP event's 29 words are 20 reads, and the check
+    of every event costs a third less."""
+    runs: list[list[int]] = []
+    for off in offsets:
+        if runs and runs[-1][1] == off:
+            runs[-1][1] = off + 4
+        else:
+            runs.append([off, off + 4])
+    fmt = ["="]
+    expect: list[int | bytes] = []
+    pos = 0
+    for start, stop in runs:
+        if start > pos:
+            fmt.append(f"{start - pos}x")
+        if stop - start == 4:
+            fmt.append("I")
+            expect.append(_U32.unpack_from(buf, start)[0])
+        else:
+            fmt.append(f"{stop - start}s")
+            expect.append(buf[start:stop])
+        pos = stop
+    return "".join(fmt), tuple(expect)
 
 
 def _tcp_state_at(attrs: dict[int, tuple[int, int]],
@@ -190,7 +226,7 @@ def _zone_at(attrs: dict[int, tuple[int, int]], top: list[tuple[int, int, int]])
     return zs
 
 
-def _agrees(plan: _Plan, buf: bytes) -> bool:
+def _agrees(plan: Plan, buf: bytes) -> bool:
     """The plan reads ``buf`` exactly as the general path does."""
     try:
         (event,) = codec.decode_events(buf)
@@ -212,16 +248,19 @@ def _agrees(plan: _Plan, buf: bytes) -> bool:
         wire.flow_msg(1, codec.strip_local(entry))
 
 
-def _read(plan: _Plan, buf: bytes) -> Fast:
-    zone, orig = plan.key(buf)
-    zone = zone or _ZERO
-    key = bytes((plan.family,)) + zone + orig
+def _read(plan: Plan, buf: bytes) -> Fast:
+    if plan.zone_at < 0:
+        zone = _ZERO
+        key = plan.keyhead + buf[plan.orig]
+    else:
+        zone, orig = plan.key(buf)
+        key = bytes((plan.family,)) + zone + orig
     at = plan.state_at
     facts = (buf[plan.proto_at], buf[plan.src], buf[plan.reply_src], buf[at] if at >= 0 else None)
     if plan.destroy:
         return Fast(key, True, False, facts, b"", 0, plan.orig_len, 0)
     so = plan.synproxy
-    if so >= 0 and plan.keep_no_synproxy is not None and buf[so:so + 28] == codec._ZERO_SYNPROXY:
+    if so >= 0 and buf[so:so + 28] == codec._ZERO_SYNPROXY:
         attrs = b"".join(plan.keep_no_synproxy(buf))
     else:
         attrs = b"".join(plan.keep(buf))
@@ -230,35 +269,56 @@ def _read(plan: _Plan, buf: bytes) -> Fast:
                 _BE32.unpack_from(buf, t)[0] if t >= 0 else 0)
 
 
-def _fits(plan: _Plan, buf: bytes) -> bool:
+def _fits(plan: Plan, buf: bytes) -> bool:
     """``buf`` has every attribute header ``plan`` relies on, and its protocol's kind."""
-    return plan.heads.unpack_from(buf) == plan.expect and (buf[plan.proto_at] == ct.IPPROTO_TCP) == plan.tcp
+    return plan.heads(buf) == plan.expect and (buf[plan.proto_at] == ct.IPPROTO_TCP) == plan.tcp
 
 
 class Intake:
     """Plans per layout, learnt as messages come (at most _LAYOUTS_MAX, then learnt again)."""
 
     def __init__(self) -> None:
-        self.plans: dict[tuple[int, int, int, bytes], _Plan | None] = {}
+        self.plans: dict[tuple[int, int], Plan | None] = {}  # by HEAD's first and last word
         self.fast = 0  # messages read by a plan
         self.slow = 0  # messages left to the general path
 
-    def brief(self, buf: bytes) -> tuple[bytes, int, _Plan] | None:
+    def plan(self, buf: bytes) -> Plan | None:
+        """The plan of ``buf``'s layout (one message of a type decode() takes, at least KEYED
+        bytes long), learnt now if it is new."""
+        head, _pid, first = HEAD.unpack_from(buf)
+        pkey = (head, first)
+        plans = self.plans
+        if pkey in plans:
+            return plans[pkey]
+        if len(plans) >= _LAYOUTS_MAX:
+            plans.clear()
+        try:
+            plan = plans[pkey] = _learn(buf)
+        except codec.CodecError:
+            plan = plans[pkey] = None
+        return plan
+
+    def brief(self, buf: bytes) -> tuple[bytes, int, Plan] | None:
         """A dump message's key and seconds left, read by its layout's plan (None: the message
         needs decode()): a refresh sweep reads the rest, with read(), only for the flows it sends."""
         n = len(buf)
         if n < _ATTRS + 4:
             return None
-        mlen, mtype, mflags, _seq, _pid = _NLMSG.unpack_from(buf)
-        pkey = (mlen, mtype, mflags, buf[20:28])
-        plan = self.plans.get(pkey)
-        if plan is None or mlen != n or plan.destroy or plan.timeout_at < 0 or not _fits(plan, buf):
+        if n < KEYED:
             return None
-        zone, orig = plan.key(buf)
-        return bytes((plan.family,)) + (zone or _ZERO) + orig, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
+        head, _pid, first = HEAD.unpack_from(buf)
+        plan = self.plans.get((head, first))
+        if plan is None or plan.mlen != n or plan.destroy or plan.timeout_at < 0 or not _fits(plan, buf):
+            return None
+        if plan.zone_at < 0:
+            key = plan.keyhead + buf[plan.orig]
+        else:
+            zone, orig = plan.key(buf)
+            key = bytes((plan.family,)) + zone + orig
+        return key, _BE32.unpack_from(buf, plan.timeout_at)[0], plan
 
     @staticmethod
-    def read(plan: _Plan, buf: bytes) -> Fast:
+    def read(plan: Plan, buf: bytes) -> Fast:
         """The whole of a message brief() took."""
         return _read(plan, buf)
 
@@ -268,23 +328,13 @@ class Intake:
         if n < _ATTRS + 4:
             self.slow += 1
             return SLOW
-        mlen, mtype, mflags, _seq, mpid = _NLMSG.unpack_from(buf)
+        mlen, mtype, _flags, _seq, mpid = _NLMSG.unpack_from(buf)
         if mlen != n or (mtype != ct.MSG_CT_NEW and mtype != ct.MSG_CT_DELETE):
             self.slow += 1  # several messages in one buffer, or not an event: all of it the general way
             return SLOW
         if mpid == skip_portid:
             return None
-        pkey = (mlen, mtype, mflags, buf[20:28])
-        plans = self.plans
-        if pkey in plans:
-            plan = plans[pkey]
-        else:
-            if len(plans) >= _LAYOUTS_MAX:
-                plans.clear()
-            try:
-                plan = plans[pkey] = _learn(buf)
-            except codec.CodecError:
-                plan = plans[pkey] = None
+        plan = self.plan(buf) if n >= KEYED else None
         if plan is None or not _fits(plan, buf):
             self.slow += 1
             return SLOW

@@ -6,6 +6,10 @@ One class per type, registered with ``@register`` (ctbridge.sync.msgtypes): its 
 (``encode``, also the module-level name the engine calls, such as ``ack_msg``) and its decoder,
 next to the NamedTuple the decoder returns. docs/protocol.md ("Messages") has each body's layout.
 
+Version 3's announcement: HELLO, ALIVE, ACK, CHALLENGE and ECHO carry the highest protocol
+version their sender speaks in their aux byte (``speaks``; 0 from a node of version 2, which
+reads none of these aux bytes, so announcing costs nothing and breaks nothing there).
+
 Imports ctbridge.sync.header and ctbridge.sync.msgtypes only.
 """
 
@@ -33,6 +37,7 @@ class Ack(NamedTuple):
     epoch: int
     upto: int
     highest: int = 0  # 0: not said
+    speaks: int = 0  # the highest version its sender speaks (0: version 2)
 
 
 @register
@@ -40,20 +45,20 @@ class AckCodec(Codec):
     TYPE = MsgType.ACK
 
     @staticmethod
-    def encode(node: int, epoch: int, upto: int, highest: int = 0) -> bytes:
+    def encode(node: int, epoch: int, upto: int, highest: int = 0, speaks: int = 0) -> bytes:
         """ACK; with ``highest``, also "I have every datagram up to highest but those my NACKs in
         this datagram name" (selective acknowledgement; a decoder that does not know it reads the
         first three fields)."""
         if highest > upto:
-            return _ACK.pack(MsgType.ACK, 0, _ACK.size + 4, node, epoch, upto) + _U32.pack(highest)
-        return _ACK.pack(MsgType.ACK, 0, _ACK.size, node, epoch, upto)
+            return _ACK.pack(MsgType.ACK, speaks, _ACK.size + 4, node, epoch, upto) + _U32.pack(highest)
+        return _ACK.pack(MsgType.ACK, speaks, _ACK.size, node, epoch, upto)
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Ack:
         need(mlen, _ACK.size, "ACK")
         node, epoch, upto = _ACK.unpack_from(data, off)[3:]
         highest = _U32.unpack_from(data, off + _ACK.size)[0] if mlen >= _ACK.size + 4 else 0
-        return Ack(node, epoch, upto, highest)
+        return Ack(node, epoch, upto, highest, aux)
 
 
 ack_msg = AckCodec.encode
@@ -108,7 +113,7 @@ gap_msg = GapCodec.encode
 
 
 class Alive(NamedTuple):
-    pass
+    speaks: int = 0  # the highest version its sender speaks (0: version 2)
 
 
 @register
@@ -116,19 +121,19 @@ class AliveCodec(Codec):
     TYPE = MsgType.ALIVE
 
     @staticmethod
-    def encode() -> bytes:
-        return MSG_HEAD.pack(MsgType.ALIVE, 0, 4)
+    def encode(speaks: int = 0) -> bytes:
+        return MSG_HEAD.pack(MsgType.ALIVE, speaks, 4)
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Alive:
-        return Alive()
+        return Alive(aux)
 
 
 alive_msg = AliveCodec.encode
 
 
 class Hello(NamedTuple):
-    pass
+    speaks: int = 0  # the highest version its sender speaks (0: version 2)
 
 
 @register
@@ -136,12 +141,12 @@ class HelloCodec(Codec):
     TYPE = MsgType.HELLO
 
     @staticmethod
-    def encode() -> bytes:
-        return MSG_HEAD.pack(MsgType.HELLO, 0, 4)
+    def encode(speaks: int = 0) -> bytes:
+        return MSG_HEAD.pack(MsgType.HELLO, speaks, 4)
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Hello:
-        return Hello()
+        return Hello(aux)
 
 
 hello_msg = HelloCodec.encode
@@ -225,6 +230,7 @@ HEARTBEAT_SEQ = 0  # the sequence number of a heartbeat's datagram: never one of
 class Challenge(NamedTuple):
     node: int
     nonce: int
+    speaks: int = 0  # the highest version its sender speaks (0: version 2)
 
 
 @register
@@ -232,13 +238,14 @@ class ChallengeCodec(Codec):
     TYPE = MsgType.CHALLENGE
 
     @staticmethod
-    def encode(node: int, nonce: int) -> bytes:
-        return _NONCE.pack(MsgType.CHALLENGE, 0, _NONCE.size, node, nonce)
+    def encode(node: int, nonce: int, speaks: int = 0) -> bytes:
+        return _NONCE.pack(MsgType.CHALLENGE, speaks, _NONCE.size, node, nonce)
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Challenge:
         need(mlen, _NONCE.size, "CHALLENGE/ECHO")
-        return Challenge(*_NONCE.unpack_from(data, off)[3:])
+        _t, _a, _l, node, nonce = _NONCE.unpack_from(data, off)
+        return Challenge(node, nonce, aux)
 
 
 challenge_msg = ChallengeCodec.encode
@@ -247,6 +254,7 @@ challenge_msg = ChallengeCodec.encode
 class Echo(NamedTuple):
     node: int
     nonce: int
+    speaks: int = 0  # the highest version its sender speaks (0: version 2)
 
 
 @register
@@ -254,13 +262,14 @@ class EchoCodec(Codec):
     TYPE = MsgType.ECHO
 
     @staticmethod
-    def encode(node: int, nonce: int) -> bytes:
-        return _NONCE.pack(MsgType.ECHO, 0, _NONCE.size, node, nonce)
+    def encode(node: int, nonce: int, speaks: int = 0) -> bytes:
+        return _NONCE.pack(MsgType.ECHO, speaks, _NONCE.size, node, nonce)
 
     @staticmethod
     def decode(data: bytes, off: int, mlen: int, aux: int) -> Echo:
         need(mlen, _NONCE.size, "CHALLENGE/ECHO")
-        return Echo(*_NONCE.unpack_from(data, off)[3:])
+        _t, _a, _l, node, nonce = _NONCE.unpack_from(data, off)
+        return Echo(node, nonce, aux)
 
 
 echo_msg = EchoCodec.encode

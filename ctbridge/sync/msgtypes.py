@@ -51,6 +51,12 @@ class MsgType(IntEnum):
     # asker), request (u32), n (u16), index (u16: its place in the answer, from 0), n x (hash u64,
     # key length u16, 0 u16, key, padded); an answer lists whole buckets only
     DIGEST_KEYS = 17
+    # version 3 only (ctbridge.sync.compact has the layouts): a FLOW as its values, FLOW's head with
+    # the original tuple's length replaced by protocol (u8) and n (u8), then n codes naming the
+    # attributes the values stand for, the values, padding, and the attributes no code covers
+    FLOW_COMPACT = 18
+    # a DELETE as the original tuple's values: DELETE's head with protocol (u8) and 0 (u8) at its end
+    DELETE_COMPACT = 19
 
 
 # --- the registry ----------------------------------------------------------------------------------

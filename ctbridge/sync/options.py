@@ -1,7 +1,7 @@
 """The engine's settings (EngineConfig): one frozen value, replaced whole by Engine.reconfigure.
 ctbridge.config turns a cluster's configuration into it; tests build it directly.
 
-Imports: ctbridge.sync.filter.
+Imports: ctbridge.sync.filter and ctbridge.sync.header (the protocol's versions).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ctbridge.sync.filter import FlowFilter
+from ctbridge.sync.header import BASE_VERSION, VERSION
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,12 @@ class EngineConfig:
     # the helpers' expectations (sync.expectations): sent and taken only when on; a peer's are
     # refused (refused.policy) when off, so a node that does not use them writes none
     expectations: bool = False
+    # the highest protocol version this node speaks and announces (docs/protocol.md, "Versions"):
+    # 3; 2 makes it speak as the release of 2026-12-01 does (tests of a mixed cluster)
+    max_version: int = VERSION
+
+    @property
+    def announce(self) -> int:
+        """The aux byte of this node's HELLO, ALIVE, ACK, CHALLENGE and ECHO: the highest version
+        it speaks, or 0 for version 2 (as that release sends them)."""
+        return self.max_version if self.max_version > BASE_VERSION else 0

@@ -117,3 +117,8 @@ class Peer:
         self.restarts = 0
         self.bulks = 0
         self.heartbeats: dict[int, int] = {}  # link -> number of the last heartbeat taken over it
+        # the highest protocol version its current epoch was heard to speak (docs/protocol.md,
+        # "Versions"): 2 until it announces more in a datagram this node takes, or sends one of
+        # a higher version; back to 2 whenever another epoch of it shows up (it may have been
+        # downgraded)
+        self.speaks = wire.BASE_VERSION

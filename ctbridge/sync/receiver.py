@@ -149,7 +149,7 @@ class Receiver(Part):
             # is contiguous: up to the newest if that round named every gap, else up to where its
             # naming stopped.
             highest = rx.highest if peer.round_full else peer.round_high
-        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest)
+        return wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest, self.config.announce)
 
     @staticmethod
     def _sack(rx: ReceiveWindow) -> tuple[int, list[tuple[int, int]]]:
@@ -180,7 +180,8 @@ class Receiver(Part):
         peer.round_high = highest
         peer.round_full = highest == rx.highest
         peer.nack_round = b"".join([wire.nack_msg(peer.node, peer.epoch, first, last) for first, last in gaps]
-                                   + [wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest)])
+                                   + [wire.ack_msg(peer.node, peer.epoch, rx.expected - 1, highest,
+                                                   self.config.announce)])
         self.control.append(peer.nack_round)
         peer.nacked = gap
         peer.nack_at = now

@@ -6,7 +6,12 @@ while the window has room and the role is not FAULT), then the next part of a bu
 Its number comes from the stream (ctbridge.sync.stream); recovery keeps it for resending. A
 resend keeps its number and carries the current state of the flows it named.
 
-datagrams_to_send() and _fill_bulk() are measured hot loops (bench/engine.py: A's side): the
+Its protocol version is the lowest its receivers speak (Part.datagram_version): in a datagram of
+version 3, FLOW and DELETE go in their compact forms (ctbridge.sync.compact: about a third of
+the bytes), chosen per datagram, resends included, so a peer that went back to version 2 is sent
+nothing it cannot read.
+
+datagrams_to_send(), _fill_pending() and _fill_bulk() are measured hot loops (bench/engine.py: A's side): the
 flows are joined inline, one dict operation per flow and no call per flow except for an
 expectation (its timeout is rewritten) or a deletion (its DELETE is encoded).
 
@@ -16,6 +21,7 @@ Imports: ctbridge.sync (wire, events, peer, sequence, shared, internal, recovery
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from ctbridge.sync import wire
 from ctbridge.sync.events import Role
@@ -28,6 +34,7 @@ from ctbridge.sync.shared import Part, Shared
 
 # Control messages a resend must carry again: losing them would leave a bulk transfer unfinished
 # or a gap open for good. Acknowledgements, ALIVE and HELLO are not worth it.
+_COMPACT = int(wire.MsgType.FLOW_COMPACT)  # it and DELETE_COMPACT, the highest types: version 3's forms
 _MUST_ARRIVE = frozenset({wire.MsgType.BULK_BEGIN, wire.MsgType.BULK_END, wire.MsgType.GAP, wire.MsgType.RESYNC})
 
 
@@ -75,7 +82,7 @@ class Sender(Part):
 
     def on_timer(self, now: float) -> None:
         if now >= self.last_send + self.config.alive_interval and not self.control:
-            self.control.append(wire.alive_msg())
+            self.control.append(wire.alive_msg(self.config.announce))
 
     def new_epoch(self) -> None:
         self._overflow_seen = 0
@@ -114,8 +121,10 @@ class Sender(Part):
         while len(out) < cfg.burst and recovery.resends:
             seq, dest = next(iter(recovery.resends))
             del recovery.resends[(seq, dest)]
-            out.append((self._resend_one(seq, room, now), dest))
+            out.append((self._resend_one(seq, room, now, dest), dest))
         stats = self.stats
+        version = self.datagram_version()
+        squeeze = wire.squeeze if version >= 3 else None
         # each datagram below takes a new number: the window's room, counted down as they go
         room_left = recovery.window - recovery.in_flight()
         while len(out) < cfg.burst:
@@ -132,42 +141,57 @@ class Sender(Part):
             open_ = room_left > 0
             if not open_ and (cache.pending or self._bulks):
                 stats["window_full"] += 1
-            pending = cache.pending
-            if pending and self.role is not Role.FAULT and open_:
-                take = pending.popitem
-                internal_get = cache.table.get
-                flows = 0
-                while pending:
-                    key = take(last=False)[0]
-                    cur = internal_get(key)
-                    if cur is None:
-                        m = cache.message(key, now)  # deleted: a DELETE with a version of its own
-                    else:
-                        m = cur if key[0] < MARK else cache.fresh(key, cur, now)
-                        flows += 1
-                    if size + len(m) > room:
-                        if m[0] != wire.MsgType.DELETE:
-                            flows -= 1
-                        if not msgs:  # a single flow larger than a datagram: cannot be sent at all
-                            stats["oversized_flows"] += 1
-                            continue
-                        pending[key] = None  # back to the front: the next datagram starts with it
-                        pending.move_to_end(key, last=False)
-                        break
-                    msgs.append(m)
-                    keys.append(key)
-                    size += len(m)
-                stats["flows_sent"] += flows
-                stats["deletes_sent"] += len(keys) - flows
+            if cache.pending and self.role is not Role.FAULT and open_:
+                size = self._fill_pending(msgs, keys, size, room, now, squeeze)
             if self.role is not Role.FAULT and open_:
-                size = self._fill_bulk(msgs, keys, size, room, now)
+                size = self._fill_bulk(msgs, keys, size, room, now, squeeze)
             if not msgs:
                 break
-            out.append((self._finish(msgs, keys, now), None))
+            out.append((self._finish(msgs, keys, now, version=version), None))
             room_left -= 1
         return out
 
-    def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int, now: float) -> int:
+    def _fill_pending(self, msgs: list[bytes], keys: list[bytes], size: int, room: int, now: float,
+                      squeeze: Callable[[bytes], bytes] | None) -> int:
+        """The flows waiting to go out, as many as fit: current state, or a DELETE for a flow
+        that is gone; compact (``squeeze``) in a datagram of version 3. The measured hot loop."""
+        cache = self.cache
+        stats = self.stats
+        pending = cache.pending
+        take = pending.popitem
+        internal_get = cache.table.get
+        flows = compact = 0
+        start = len(keys)
+        while pending:
+            key = take(last=False)[0]
+            cur = internal_get(key)
+            if cur is None:
+                m = cache.message(key, now)  # deleted: a DELETE with a version of its own
+            else:
+                m = cur if key[0] < MARK else cache.fresh(key, cur, now)
+            if squeeze is not None and key[0] < MARK:
+                m = squeeze(m)
+            if size + len(m) > room:
+                if not msgs:  # a single flow larger than a datagram: cannot be sent at all
+                    stats["oversized_flows"] += 1
+                    continue
+                pending[key] = None  # back to the front: the next datagram starts with it
+                pending.move_to_end(key, last=False)
+                break
+            msgs.append(m)
+            keys.append(key)
+            size += len(m)
+            if cur is not None:
+                flows += 1
+            if m[0] >= _COMPACT:
+                compact += 1
+        stats["flows_sent"] += flows
+        stats["deletes_sent"] += len(keys) - start - flows
+        stats["tx_compact"] += compact
+        return size
+
+    def _fill_bulk(self, msgs: list[bytes], keys: list[bytes], size: int, room: int, now: float,
+                   squeeze: Callable[[bytes], bytes] | None) -> int:
         cache = self.cache
         while self._bulks:
             bulk = self._bulks[0]
@@ -184,7 +208,7 @@ class Sender(Part):
             bkeys = bulk.keys
             pos = bulk.pos
             n = len(bkeys)
-            sent = 0
+            sent = compact = 0
             while pos < n:
                 key = bkeys[pos]
                 fm = internal.get(key)
@@ -193,6 +217,8 @@ class Sender(Part):
                     continue
                 if key[0] >= MARK:
                     fm = cache.fresh(key, fm, now)
+                elif squeeze is not None:
+                    fm = squeeze(fm)
                 if len(fm) > room:  # larger than any datagram: cannot be sent (counted), go on
                     self.stats["oversized_flows"] += 1
                     pos += 1
@@ -204,9 +230,12 @@ class Sender(Part):
                 size += len(fm)
                 pos += 1
                 sent += 1
+                if fm[0] >= _COMPACT:
+                    compact += 1
             bulk.pos = pos
             bulk.sent += sent
             self.stats["flows_sent"] += sent
+            self.stats["tx_compact"] += compact
             if pos < n:
                 return size
             m = wire.bulk_end_msg(bulk.target, bulk.bulk_id, bulk.sent)
@@ -217,30 +246,37 @@ class Sender(Part):
             self._bulks.popleft()
         return size
 
-    def _resend_one(self, seq: int, room: int, now: float) -> bytes:
-        """Datagram ``seq`` again, carrying the current state of the flows it named."""
+    def _resend_one(self, seq: int, room: int, now: float, dest: int | None) -> bytes:
+        """Datagram ``seq`` again, carrying the current state of the flows it named, in the
+        version of ``dest`` (None: every peer) now."""
         kept = self.recovery.kept.get(seq)
         cache = self.cache
         keys, controls = kept if kept is not None else ((), b"")
         msgs: list[bytes] = [controls] if controls else []
         fitted: list[bytes] = []
         size = len(controls)
+        version = self.datagram_version(dest)
         for key in keys:
             m = cache.message(key, now)
+            if version >= 3 and key[0] < MARK:
+                m = wire.squeeze(m)
             if size + len(m) > room:
                 cache.pending[key] = None  # grew since: goes out in a new datagram
                 continue
             msgs.append(m)
             fitted.append(key)
             size += len(m)
+            if m[0] >= _COMPACT:
+                self.stats["tx_compact"] += 1
         if not msgs:
-            msgs.append(wire.alive_msg())
+            msgs.append(wire.alive_msg(self.config.announce))
         self.stats["resent_datagrams"] += 1
-        data = self._finish(msgs, fitted, now, seq=seq)
+        data = self._finish(msgs, fitted, now, seq=seq, version=version)
         self.stats["resent_bytes"] += len(data)
         return data
 
-    def _finish(self, msgs: list[bytes], keys: list[bytes], now: float, seq: int | None = None) -> bytes:
+    def _finish(self, msgs: list[bytes], keys: list[bytes], now: float, seq: int | None = None,
+                version: int = wire.BASE_VERSION) -> bytes:
         acks = []
         recovery = self.recovery
         if seq is None:  # acknowledgements ride along, but not on a resend meant for one peer
@@ -250,7 +286,7 @@ class Sender(Part):
                     acks.append(self.receiver.ack(peer, rx))
             seq = self.stream.next_seq()
             if seq == 1:
-                msgs.insert(0, wire.hello_msg())  # the first datagram of every epoch says so
+                msgs.insert(0, wire.hello_msg(self.config.announce))  # the first datagram of every epoch says so
             if self.config.reliable:
                 # flows are kept as keys; only datagrams with more messages than flows hold any
                 # control message worth keeping (checked by type, not on every datagram)
@@ -259,7 +295,7 @@ class Sender(Part):
                 if recovery.kept.dropped_upto > self._overflow_seen:
                     self._overflowed(now)
         stream = self.stream
-        data = stream.seal(stream.header(seq, now), b"".join(acks + msgs))
+        data = stream.seal(stream.header(seq, now, version), b"".join(acks + msgs))
         self.stats["tx_datagrams"] += 1
         self.stats["tx_bytes"] += len(data)
         self.last_send = now

@@ -26,6 +26,10 @@ Rules (each enforced below; tests/unit/test_sessions.py and test_attacker.py try
 6. Slots: at most max_peers node ids are kept. A slot of a node silent for 4 peer timeouts and
    holding no flow is given back, with its replay floor (epoch, highest number) remembered for
    RECLAIMED_KEPT nodes: a replay of it is still refused.
+7. The protocol version a peer speaks (Peer.speaks, docs/protocol.md "Versions") belongs to its
+   session: a candidate sets it back to 2 at once (another life may be an older release, and must
+   read our challenge), and a session starts at 2; only its session's datagrams raise it (the
+   engine reads their announcements and header).
 
 Imports: ctbridge.sync (wire, sequence, events, peer, shared).
 """
@@ -107,7 +111,7 @@ class Sessions(Part):
             if node == 0:
                 self._resync_all_at = now
                 self._broadcast = (nonce, now)
-        self.send_resync(node, wire.challenge_msg(node, nonce))
+        self.send_resync(node, wire.challenge_msg(node, nonce, self.config.announce))
         self.stats["challenges_sent"] += 1
         for peer in self.peers.values():
             if node in (0, peer.node):
@@ -169,6 +173,9 @@ class Sessions(Part):
         datagram brings our challenge and a bulk request (the answer then comes in the datagram
         its bulk begins in); the challenge alone is repeated while more come."""
         self._take_requests(peer, header, messages, now)
+        # another life of it may speak another version (a downgrade): until one proves itself
+        # and says, speak the version every life of it reads
+        peer.speaks = wire.BASE_VERSION
         self.stats["rejected_unproven"] += 1
         peer.rejected["unproven"] += 1
         peer.rejected_at = now
@@ -249,14 +256,14 @@ class Sessions(Part):
         return nonce
 
     def _challenge(self, peer: Peer, now: float) -> None:
-        self.control.append(wire.challenge_msg(peer.node, self._issue_nonce(peer, now)))
+        self.control.append(wire.challenge_msg(peer.node, self._issue_nonce(peer, now), self.config.announce))
         self.stats["challenges_sent"] += 1
         peer.challenge_at = now
 
     def _echo(self, peer: Peer, nonce: int) -> None:
         """Answer a challenge, once per datagram however often it was asked (a challenge that
         was already answered is asked again only when the answer was lost)."""
-        m = wire.echo_msg(peer.node, nonce)
+        m = wire.echo_msg(peer.node, nonce, self.config.announce)
         if m not in self.control:
             self.control.append(m)
             self.stats["echoes_sent"] += 1
@@ -277,6 +284,7 @@ class Sessions(Part):
         peer.ack_heard = peer.sack_high = peer.missing_count = 0
         peer.missing = []
         peer.heartbeats = {}  # its heartbeat numbers start again too
+        peer.speaks = wire.BASE_VERSION  # what this life speaks, it says in this datagram or later
         peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.

@@ -36,7 +36,8 @@ class Shared:
         self.config = config
         self.stats = new_stats()  # one flat dict of counters (Engine.stats)
         self.peers: dict[int, Peer] = {}  # node id -> what this node knows of it
-        self.control = [wire.alive_msg()]  # control messages waiting, in order: datagram 1 goes out at once
+        # control messages waiting, in order: datagram 1 goes out at once
+        self.control = [wire.alive_msg(config.announce)]
         self.events: list[EngineEvent] = []  # handed out by Engine.events()
         self.kernel_ops: list[KernelOp] = []  # handed out by Engine.kernel_ops()
         self.stream = stream
@@ -57,3 +58,15 @@ class Part:
         self.stream = shared.stream
         self.clock = shared.clock
         self.node_id = shared.config.node_id
+
+    def datagram_version(self, dest: int | None = None) -> int:
+        """The protocol version of a datagram to ``dest`` (None: every peer): the lowest that its
+        receivers speak, as far as this node knows (a peer not heard to speak more, version 2),
+        and never above this node's own. With no peer known, version 2: the first datagrams of a
+        node that starts among older ones are read by all of them."""
+        top = self.config.max_version
+        if dest is not None:
+            peer = self.peers.get(dest)
+            return min(top, peer.speaks) if peer is not None else wire.BASE_VERSION
+        lowest = min((p.speaks for p in self.peers.values()), default=wire.BASE_VERSION)
+        return min(top, lowest)

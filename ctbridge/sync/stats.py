@@ -16,7 +16,10 @@ COUNTERS = (
     "bulk_count_mismatches", "flows_expired", "refresh_sweeps", "flows_refreshed",
     "oversized_flows", "losses", "window_reductions", "resends_skipped", "window_full", "probes",
     "resent_bytes", "kernel_malformed", "heartbeats_sent", "heartbeats_received", "heartbeats_ignored",
-    "path_changes", "digests_refused")
+    "path_changes", "digests_refused",
+    # protocol version 3: FLOW and DELETE messages sent in their compact forms, datagrams of
+    # version 3 taken (docs/protocol.md, "Versions")
+    "tx_compact", "rx_v3_datagrams")
 
 
 def new_stats() -> dict[str, int]:

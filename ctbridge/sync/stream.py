@@ -51,9 +51,10 @@ class Stream:
         self.seq = seq + 1
         return seq
 
-    def header(self, seq: int, now: float) -> wire.Header:
-        """The header of datagram ``seq`` sent at ``now``, with the wall clock (a receiver's max_age)."""
-        return wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000))
+    def header(self, seq: int, now: float, version: int = wire.BASE_VERSION) -> wire.Header:
+        """The header of datagram ``seq`` of protocol ``version`` sent at ``now``, with the wall
+        clock (a receiver's max_age)."""
+        return wire.Header(self.node_id, self.epoch, seq, int((now + self.clock_offset) * 1000), version=version)
 
     def seal(self, header: wire.Header, payload: bytes) -> bytes:
         """The datagram, authenticated, with the next sealing counter of this epoch (the AEAD's

@@ -1,10 +1,10 @@
-"""Sync protocol version 2: datagrams, put together and taken apart. Pure functions.
+"""Sync protocol versions 2 and 3: datagrams, put together and taken apart. Pure functions.
 
 A datagram is a 32-byte header, a run of messages, and (when authenticated) one MAC per receiver
 over both. All integers are big endian. docs/protocol.md has the byte diagrams;
 tests/unit/test_wire.py holds a golden vector of every message type.
 
-    header   magic "CB" | version 2 | flags | key id | MAC count | payload length
+    header   magic "CB" | version (2, 3) | flags | key id | MAC count | payload length
              | node id (u32) | boot epoch (u64) | sequence (u32) | sender time, ms (u64)
     message  type (u8) | aux (u8) | length (u16, whole message, multiple of 4) | body
     trailer  MAC count x (receiver node id (u32), MAC (16 bytes)): keyed BLAKE2b or HMAC-SHA256
@@ -13,7 +13,8 @@ tests/unit/test_wire.py holds a golden vector of every message type.
 
 The parts: ctbridge.sync.header (the header, WireError); ctbridge.sync.msgtypes (MsgType and the
 registry: one class per message type holds its encoder and decoder); ctbridge.sync.flows (FLOW,
-EXPECT, DELETE, and decode_body, which reads a run of messages); ctbridge.sync.messages (every
+EXPECT, DELETE, their compact forms, and decode_body, which reads a run of messages;
+ctbridge.sync.compact has the compact layouts); ctbridge.sync.messages (every
 other message type); ctbridge.sync.auth (keys, MACs, sealing). This module frames and checks
 whole datagrams and re-exports the parts' names: the engine, the daemon, the tests and the
 benches use ``wire.X`` only. It imports those five modules.
@@ -58,8 +59,10 @@ from ctbridge.sync.flows import (
     flow_msg,
     flow_raw,
     flow_version,
+    squeeze,
 )
 from ctbridge.sync.header import (
+    BASE_VERSION,
     FLAG_AES_GCM,
     FLAG_CHACHA,
     FLAG_MAC,
@@ -114,7 +117,8 @@ from ctbridge.sync.msgtypes import (
 )
 
 __all__ = [
-    "ALGORITHMS", "BLAKE2B_KEY_MAX", "CIPHERS", "CODECS", "DIGEST_KEYS_MAX", "DIGEST_KEY_BYTES", "DIGEST_SUMS",
+    "ALGORITHMS", "BASE_VERSION", "BLAKE2B_KEY_MAX", "CIPHERS", "CODECS", "DIGEST_KEYS_MAX", "DIGEST_KEY_BYTES",
+    "DIGEST_SUMS",
     "FLAG_AES_GCM", "FLAG_CHACHA", "FLAG_MAC", "FLOW_HEADER", "GROUP", "HEADER", "HEADER_LEN", "HEARTBEAT_SEQ",
     "KEY_MIN_BYTES", "LABEL", "MAC_ENTRY", "MAC_ENTRY_LEN", "MAC_LEN", "MAGIC", "MAX_LINKS", "MAX_MACS",
     "SEALED", "SEAL_COUNTER_MAX", "SEAL_OVERHEAD", "VERSION", "VERSION_MAX",
@@ -125,7 +129,7 @@ __all__ = [
     "decode", "decode_body", "decode_header", "decode_messages", "decode_split", "delete_msg", "digest_ask_msg",
     "digest_keys_msgs", "digest_msgs", "echo_msg", "expect_msg", "flow_entry", "flow_msg", "flow_raw",
     "flow_version", "gap_msg", "heartbeat_msg", "hello_msg", "key_id", "nack_msg", "payload", "register",
-    "resync_msg",
+    "resync_msg", "squeeze",
 ]
 
 
@@ -136,7 +140,7 @@ def datagram(header: Header, messages: bytes, auth: Auth, counter: int = 0) -> b
     length = len(messages) + (SEAL_OVERHEAD if auth.seal_flag else 0)
     if length > 0xFFFF:
         raise ValueError("messages exceed the 64 KiB a datagram can carry")
-    head = HEADER.pack(MAGIC, VERSION, flags, auth.sign_id, auth.trailer_len // MAC_ENTRY_LEN, length,
+    head = HEADER.pack(MAGIC, header.version, flags, auth.sign_id, auth.trailer_len // MAC_ENTRY_LEN, length,
                        header.node, header.epoch, header.seq, header.time_ms)
     data = head + (auth.seal(head, header.epoch, counter, messages) if auth.seal_flag else messages)
     if auth.enabled:
@@ -147,16 +151,18 @@ def datagram(header: Header, messages: bytes, auth: Auth, counter: int = 0) -> b
 # --- decoding --------------------------------------------------------------------------------------
 
 
-def decode_header(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, int]:
+def decode_header(data: bytes, auth: Auth, me: int = GROUP, speaks: int = VERSION) -> tuple[Header, int]:
     """Check framing and the MAC made for ``me`` (this node's id); (header, end of the messages).
-    Raises WireError. A sealed datagram's payload is opened by ``payload``."""
-    header, end, _ks = _verify(data, auth, me)
+    Raises WireError. A sealed datagram's payload is opened by ``payload``. ``speaks``: the
+    highest version taken (a node set to speak version 2 only refuses version 3, as one of the
+    release of 2026-12-01 does)."""
+    header, end, _ks = _verify(data, auth, me, speaks)
     return header, end
 
 
-def payload(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, bytes]:
+def payload(data: bytes, auth: Auth, me: int = GROUP, speaks: int = VERSION) -> tuple[Header, bytes]:
     """(header, the messages) of an authentic datagram, opened if sealed; or WireError."""
-    header, end, ks = _verify(data, auth, me)
+    header, end, ks = _verify(data, auth, me, speaks)
     return header, _opened(data, auth, header, end, ks)
 
 
@@ -169,17 +175,18 @@ def _opened(data: bytes, auth: Auth, header: Header, end: int, ks: KeySet | None
     return data[HEADER_LEN:end]
 
 
-def _verify(data: bytes, auth: Auth, me: int) -> tuple[Header, int, KeySet | None]:
+def _verify(data: bytes, auth: Auth, me: int, speaks: int) -> tuple[Header, int, KeySet | None]:
     if len(data) < HEADER_LEN:
         raise WireError("malformed", f"datagram of {len(data)} bytes is shorter than a header")
     magic, version, flags, kid, count, length, node, epoch, seq, time_ms = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise WireError("malformed", "not a ctbridge datagram (bad magic)")
-    if version != VERSION:
-        raise WireError("malformed", f"protocol version {version} is not supported (this node speaks {VERSION})")
+    if not BASE_VERSION <= version <= speaks:
+        raise WireError("malformed", f"protocol version {version} is not supported (this node speaks "
+                                     f"{BASE_VERSION} to {speaks})")
     if (flags & ~(FLAG_MAC | SEALED) or bool(flags & FLAG_MAC) != (count > 0) or count > MAX_MACS
             or flags & SEALED == SEALED):
-        raise WireError("malformed", f"flags {flags:#x} with {count} MACs: not what version 2 defines")
+        raise WireError("malformed", f"flags {flags:#x} with {count} MACs: not what version {version} defines")
     end = HEADER_LEN + length
     if len(data) != end + count * MAC_ENTRY_LEN:
         raise WireError("malformed", f"datagram length {len(data)} does not match its header ({end} + "
@@ -200,25 +207,29 @@ def _verify(data: bytes, auth: Auth, me: int) -> tuple[Header, int, KeySet | Non
                 to, mac = MAC_ENTRY.unpack_from(data, end + i * MAC_ENTRY_LEN)
                 if to == receiver:
                     if hmac.compare_digest(auth.mac(ks.algorithm, key, signed), mac):
-                        return Header(node, epoch, seq, time_ms, flags, kid), end, ks
+                        return Header(node, epoch, seq, time_ms, flags, kid, version), end, ks
                     break
         raise WireError("auth", f"no MAC for this node that matches (from node {node:08x}, key id {kid})")
-    return Header(node, epoch, seq, time_ms, flags, kid), end, None
+    return Header(node, epoch, seq, time_ms, flags, kid, version), end, None
 
 
-def decode(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[Message]]:
+def decode(data: bytes, auth: Auth, me: int = GROUP, speaks: int = VERSION) -> tuple[Header, list[Message]]:
     """A whole datagram: header checked, MAC verified, opened if sealed, every message decoded —
     or WireError."""
-    header, body = payload(data, auth, me)
-    return header, decode_messages(body, 0, len(body))
+    header, body = payload(data, auth, me, speaks)
+    flows, others = decode_body(body, 0, len(body), header.version)
+    return header, [Flow(*f) for f in flows] + others
 
 
-def decode_split(data: bytes, auth: Auth, me: int = GROUP) -> tuple[Header, list[FlowTuple], list[Message]]:
-    """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart."""
-    header, end, ks = _verify(data, auth, me)
+def decode_split(data: bytes, auth: Auth, me: int = GROUP,
+                 speaks: int = VERSION) -> tuple[Header, list[FlowTuple], list[Message]]:
+    """decode() for the engine: FLOWs as plain (version, key, message) tuples, the rest apart.
+    The messages are read by the datagram's version (a compact FLOW in one of version 2 is
+    malformed)."""
+    header, end, ks = _verify(data, auth, me, speaks)
     if header.flags & SEALED:  # opened with the key set that verified it (the MAC is checked once)
         body = _opened(data, auth, header, end, ks)
-        flows, others = decode_body(body, 0, len(body))
+        flows, others = decode_body(body, 0, len(body), header.version)
     else:
-        flows, others = decode_body(data, HEADER_LEN, end)
+        flows, others = decode_body(data, HEADER_LEN, end, header.version)
     return header, flows, others

@@ -18,12 +18,7 @@ CLIENT, SERVER = bytes((192, 0, 2, 30)), bytes((198, 51, 100, 30))
 
 
 def master() -> codec.Entry:
-    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, CLIENT, SERVER, 40000, 21)
-    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, SERVER, CLIENT, 21, 40000)
-    e = builders.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED,
-                             timeout=600, tcp_state=3)
-    return codec.Entry(e.key, e.family, e.attrs + codec.attr(ct.CTA_HELP, codec.attr(ct.CTA_HELP_NAME, b"ftp\0"),
-                                                             nested=True))
+    return builders.ftp_control_flow(CLIENT, SERVER)
 
 
 EXP = builders.build_expectation(ct.AF_INET, CLIENT, SERVER, 30002, 40000)

@@ -95,3 +95,11 @@ def tcp_flows(n: int, timeout: int = 3600, tcp_state: int = 3) -> list[Entry]:
     return out
 
 
+def ftp_control_flow(client: bytes, server: bytes) -> Entry:
+    """An established FTP control connection (client:40000 -> server:21) with the ftp helper
+    attached, as the kernel keeps it (CTA_HELP)."""
+    orig = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, client, server, 40000, 21)
+    reply = encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, server, client, 21, 40000)
+    e = build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED,
+                    timeout=600, tcp_state=3)
+    return Entry(e.key, e.family, e.attrs + attr(ct.CTA_HELP, attr(ct.CTA_HELP_NAME, b"ftp\0"), nested=True))

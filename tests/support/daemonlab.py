@@ -56,14 +56,21 @@ class Node:
         """This node's address on sync link ``link`` (0: [sync]'s own, 192.0.2.0/24)."""
         return self.address if link == 0 else f"198.51.{100 + link}.{10 + self.index}"
 
-    def start(self, python_args: tuple[str, ...] = ()) -> None:
+    def start(self, python_args: tuple[str, ...] = (), python: Path | None = None) -> None:
         """The daemon in its namespace; ``python_args`` go to the interpreter before ``-m ctbridge``
-        (bench/profile.py: ``-m cProfile -o FILE``). ``ip netns exec`` execs it: the Popen's pid
-        is the daemon's."""
+        (bench/profile.py: ``-m cProfile -o FILE``). ``python``: another interpreter, whose own
+        ctbridge runs (tests.support.oldrelease: a past release), from a neutral directory and
+        without PYTHONPATH, which would put this tree first. ``ip netns exec`` execs it: the
+        Popen's pid is the daemon's."""
         self.log_file = open(self.log, "ab")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, *python_args, "-m", "ctbridge",
-                                      "run", "-c", str(self.config)], stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+        env = None
+        if python is not None:
+            from tests.support.oldrelease import environment
+            env = environment()
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, str(python or sys.executable), *python_args, "-m",
+                                      "ctbridge", "run", "-c", str(self.config)], stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, cwd=self.cluster.dir if python is not None else ROOT,
+                                     env=env, start_new_session=True)
         wait_for(f"{self.name} to answer", lambda: self.request("status"), timeout=20)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:

@@ -73,13 +73,14 @@ class Lab:
         for node in range(1, n + 1):
             self.start(node)
 
-    def start(self, node: int, epoch: int | None = None) -> Engine:
+    def start(self, node: int, epoch: int | None = None, **config: object) -> Engine:
         """(Re)start a node: a new engine with a higher epoch (or ``epoch``: a clock behind and
-        the state lost), empty caches."""
+        the state lost), empty caches; ``config``: settings of this node's own (``max_version=2``:
+        a node of the release of 2026-12-01, as far as the protocol goes)."""
         old = self.engines.get(node)  # a wrapped sequence began an epoch of its own: start above it
         self.epochs[node] = epoch if epoch is not None else max(
             self.epochs.get(node, 0), old.epoch if old is not None else 0) + 1
-        cfg = EngineConfig(node_id=node, **self.config)  # type: ignore[arg-type]
+        cfg = EngineConfig(node_id=node, **{**self.config, **config})  # type: ignore[arg-type]
         self.engines[node] = Engine(cfg, self.auths.get(node, self.auth), epoch=self.epochs[node], now=self.now,
                                     nonce=self.rng.getrandbits(64))
         return self.engines[node]

@@ -24,6 +24,8 @@ KEY_ID = 0x5A
 AUTH = wire.Auth([wire.KeySet("blake2b", KEY_ID, pairs={RECEIVER: KEY})], cluster=CLUSTER)
 RX_AUTH = wire.Auth([wire.KeySet("blake2b", KEY_ID, pairs={SENDER: KEY})], cluster=CLUSTER)
 HEADER = wire.Header(node=SENDER, epoch=0x0000018BCFE56800, seq=42, time_ms=1700000000123)
+HEADER_V3 = HEADER._replace(version=3)  # the header of a datagram of version 3: its messages only there
+V3_ONLY = frozenset({wire.MsgType.FLOW_COMPACT, wire.MsgType.DELETE_COMPACT})
 FILE = Path(__file__).resolve().parents[1] / "fixtures" / "wire_vectors.json"
 
 
@@ -68,6 +70,18 @@ def samples() -> dict[wire.MsgType, tuple[tuple[Any, ...], wire.Message]]:
                    wire.Digest(0x01020304, 7, 0, ((3, 0x1122334455667788), (0, 0)))),
         t.DIGEST_KEYS: ((0x01020304, 7, [(0xAABBCCDD, e.key)]),
                         wire.DigestKeys(0x01020304, 7, True, ((0xAABBCCDD, e.key),))),
+        # version 3: the same FLOW and DELETE as above, compact; they decode to exactly those
+        t.FLOW_COMPACT: ((7, e), wire.Flow(7, e.key, wire.flow_msg(7, e))),
+        t.DELETE_COMPACT: ((8, e.key), wire.Delete(8, e.key)),
+    }
+
+
+def announcements() -> dict[str, tuple[bytes, wire.Message]]:
+    """How a node of version 3 says so (the aux byte of HELLO, ALIVE, ACK, CHALLENGE and ECHO):
+    name -> (the message, what it decodes to); in a datagram of version 2, as its first one goes."""
+    return {
+        "HELLO_SPEAKS_3": (wire.hello_msg(3), wire.Hello(3)),
+        "ACK_SPEAKS_3": (wire.ack_msg(0x01020304, 5, 41, speaks=3), wire.Ack(0x01020304, 5, 41, 0, 3)),
     }
 
 
@@ -87,8 +101,14 @@ def messages() -> dict[str, tuple[bytes, wire.Message]]:
     return out
 
 
+def header_of(name: str) -> wire.Header:
+    """The header a vector's datagram has: of version 3 for version 3's messages."""
+    return HEADER_V3 if name in {t.name for t in V3_ONLY} else HEADER
+
+
 def vectors() -> dict[str, str]:
-    return {name: wire.datagram(HEADER, msg, AUTH).hex() for name, (msg, _) in messages().items()}
+    return {name: wire.datagram(header_of(name), msg, AUTH).hex()
+            for name, (msg, _) in {**messages(), **announcements()}.items()}
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

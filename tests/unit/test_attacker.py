@@ -461,7 +461,7 @@ def test_the_same_forgeries_by_node_1_itself_are_bounded_where_they_would_harm()
     assert _view(b, 3) == of_3
     # a NACK flood of node 1's own, while node 2 has datagrams in flight: each is resent once
     # (once per RTO however often it is named), and a probe may be due
-    b.kernel_events([Event(EventKind.NEW, flow(200 + i), 0) for i in range(1000)], lab.now)
+    b.kernel_events([Event(EventKind.NEW, flow(200 + i), 0) for i in range(3000)], lab.now)  # compact: 120 datagrams
     lab.step(0.0001)
     kept, resent, probes = b.sender.queue_sizes()["resend"], b.stats["resent_datagrams"], b.stats["probes"]
     assert kept >= 100

@@ -263,3 +263,25 @@ def test_a_flow_whose_key_and_cta_zone_disagree_is_not_written() -> None:
             with pytest.raises(codec.CodecError, match="zone"):
                 request.new_request(forged, 1, update=update, keep_status=False)  # the general path
         assert request.new_request(e, 1)  # the entry as the kernel had it is fine
+
+
+def test_same_but_timeout_tells_a_countdown_from_a_change() -> None:
+    """What a dump read whole (kernel_resync) compares each flow with: equal but for the seconds
+    of CTA_TIMEOUT (CTA_EXPECT_TIMEOUT for an expectation) is the same state; any other byte,
+    before or after the timeout, header or value, is a change."""
+    from tests.support import builders
+    a = builders.tcp_flows(1, timeout=300)[0].attrs
+    b = builders.tcp_flows(1, timeout=299)[0].attrs
+    assert codec.same_but_timeout(a, a) and codec.same_but_timeout(a, b)
+    at = codec.timeout_offset(a)
+    for i in range(len(a)):
+        if at <= i < at + 4:
+            continue
+        changed = bytearray(b)
+        changed[i] ^= 0x40
+        assert not codec.same_but_timeout(a, bytes(changed)), i
+    assert not codec.same_but_timeout(a, b + bytes(4)) and not codec.same_but_timeout(a[:-8], b[:-8] + bytes(8))
+    exp = builders.expectation_attrs(ct.AF_INET, bytes(4), bytes(4), 2000, 3000, timeout=300)
+    later = builders.expectation_attrs(ct.AF_INET, bytes(4), bytes(4), 2000, 3000, timeout=12)
+    assert codec.same_but_timeout(exp, later, ct.CTA_EXPECT_TIMEOUT)
+    assert not codec.same_but_timeout(exp, later)  # as flows: CTA_TIMEOUT (7) is no expectation's

@@ -1,8 +1,9 @@
-"""The daemon's parts, pure pieces: the tables that dispatch the engine's events, and the
-configuration as the engine takes it (ctbridge.config.replication)."""
+"""The daemon's parts, pure pieces: the tables that dispatch the engine's events, the output
+made once per batch, and the configuration as the engine takes it (ctbridge.config.replication)."""
 
 from __future__ import annotations
 
+import asyncio
 import typing
 
 from ctbridge.config import replication, settings
@@ -35,3 +36,43 @@ def test_the_engine_never_replicates_loopback_or_the_sync_link() -> None:
     assert {"127.0.0.0/8", "::1/128"} <= ignored
     assert all(f"{a}/{32 if ':' not in a else 128}" in ignored
                for link in cfg.sync_links() for a in (link.local, *link.peers))
+
+
+class _Engine:
+    """The engine's outputs, empty; counts how often the output was made."""
+
+    def __init__(self) -> None:
+        self.outputs = 0
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
+        self.outputs += 1
+        return []
+
+    def events(self) -> list[EngineEvent]:
+        return []
+
+    def kernel_ops(self) -> list[object]:
+        return []
+
+    def get_timer(self) -> float | None:
+        return None
+
+
+def test_batches_read_in_the_same_turn_of_the_loop_make_one_output() -> None:
+    """Batches of events said in one turn: one output, in the next; a sync socket's batch read
+    meanwhile makes the output at once, for both."""
+    loop = asyncio.new_event_loop()
+    try:
+        engine = _Engine()
+        path = Datapath(engine, None, loop, "", lambda ops: None)  # type: ignore[arg-type]
+        path.input_done()  # a batch of kernel events
+        path.input_done()  # and another, the same turn
+        assert engine.outputs == 0
+        loop.run_until_complete(asyncio.sleep(0))  # the next turn of the loop
+        assert engine.outputs == 1
+        path.input_done()
+        path.after_input()  # a sync socket's batch, the same turn: its output takes the events' along
+        loop.run_until_complete(asyncio.sleep(0))  # the next turn of the loop
+        assert engine.outputs == 2
+    finally:
+        loop.close()

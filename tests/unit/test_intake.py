@@ -160,3 +160,31 @@ def test_crafted_look_alikes_found_by_review_take_the_general_path() -> None:
     flows = builders.tcp_flows(2)
     kernel = same([event(flows[0], pid=77) + event(flows[1])], skip=77)
     assert list(kernel.internal) == [flows[1].key]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(strategies.entries(), min_size=1, max_size=10),
+       st.sampled_from([FlowFilter(), FlowFilter(ignore=(ipaddress.ip_network("192.0.2.0/24"),
+                                                         ipaddress.ip_network("198.51.100.7/32"))),
+                        FlowFilter(ignore=(ipaddress.ip_network("198.51.100.0/25"),)),
+                        FlowFilter(ignore=(ipaddress.ip_network("203.0.113.1/32"),)),  # builders' reply source
+                        FlowFilter(ignore=(ipaddress.ip_network("203.0.113.0/24"),)),
+                        FlowFilter(tcp_states=frozenset({3, 5})), FlowFilter(protocols=frozenset({6, 17}))]))
+def test_a_receivers_filter_per_datagram_agrees_with_accepts_message(items: list[tuple[Entry, dict]],
+                                                                     flow_filter: FlowFilter) -> None:
+    """FlowFilter.refused_among (one call per datagram, ExternalCaches.take_flows) refuses among
+    the flows new to a copy exactly those accepts_message refuses, flow by flow."""
+    entries = [entry for entry, _fields in items] + builders.tcp_flows(2)
+    body = b"".join(wire.flow_msg(i + 1, codec.strip_local(entry)) for i, entry in enumerate(entries))
+    flows, _others = wire.decode_body(body, 0, len(body))
+    known = {flows[0][1]}  # already in the copy: not looked at
+    want = set()
+    for i, (_version, key, msg) in enumerate(flows):
+        if key in known:
+            continue
+        try:
+            if not flow_filter.accepts_message(key, msg[1], msg, wire.FLOW_HEADER):
+                want.add(i)
+        except codec.CodecError:
+            want.add(i)
+    assert flow_filter.refused_among(flows, wire.FLOW_HEADER, known) == want

@@ -18,7 +18,7 @@ PROVIDERS = {
     "dpkg-buildpackage": "dpkg-dev", "dh": "debhelper", "lintian": "lintian", "python3": "python3",
     "/usr/bin/python3": "python3", "apt-get": "apt", "dpkg-query": "dpkg", "dpkg": "dpkg",
     "setpriv": "util-linux", "timeout": "coreutils", "id": "coreutils", "getent": "libc-bin",
-    "make": "make", "git": "git",
+    "make": "make", "git": "git", "perf": "linux-perf",
 }
 # Priority: required/important packages of a Debian 12 root (mmdebstrap --variant=important),
 # plus the three that .ci/fresh-root adds as a fresh server install has them

@@ -210,3 +210,77 @@ def test_a_sweep_whose_table_was_read_again_meanwhile_changes_nothing() -> None:
     now = a.internal[flow(1).key]
     assert a.kernel_refresh(older, 25.0, within=20.0, newer={EVERYTHING}) == 0
     assert a.internal[flow(1).key] == now
+
+
+def test_a_sweep_object_skips_unread_only_what_kernel_refresh_would_skip() -> None:
+    """A Sweep (the daemon's refresh loop: one per dump) skips the messages of flows that cannot
+    need a refresh without reading them; every chunk must refresh exactly what kernel_refresh
+    refreshes without it: short and long timeouts, a flow the cache lacks, one changed by an
+    event meanwhile (``newer``), a message of a layout the plans do not follow, and chunks whose
+    horizon moves past what the sweep looked at first."""
+    from ctbridge.sync.engine import Sweep
+    timeouts = [30, 432000, 60, 25, 120, 3600]
+    flows = [flow(i, timeout=timeouts[i % len(timeouts)]) for i in range(60)]
+    odd = flow(99, timeout=30)
+    odd = Entry(odd.key, odd.family, odd.attrs + codec.attr(ct.CTA_MARK, bytes(4)))  # a mark twice: no plan
+    engines = [pair()[0] for _ in range(2)]
+    for e in engines:
+        e.kernel_events([Event(EventKind.NEW, f, 0) for f in [*flows[:55], odd]], 0.0)
+        e.datagrams_to_send(0.0)
+    sweep = Sweep()
+    newer = {flows[3].key}
+    for t, within in ((5.0, 8.0), (9.0, 8.0), (30.0, 8.0), (31.0, 20.0), (75.0, 20.0)):
+        chunk = dump(*(flow(i, timeout=timeouts[i % len(timeouts)]) for i in range(60)), odd)
+        plain = engines[0].kernel_refresh(chunk, t, within, newer=newer)
+        swept = engines[1].kernel_refresh(chunk, t, within, newer=newer, sweep=sweep)
+        assert plain == swept
+        assert engines[0].internal == engines[1].internal
+        assert engines[0].internal_cache.pending_keys() == engines[1].internal_cache.pending_keys()
+    assert engines[0].stats["flows_refreshed"] > 10
+    # a new table (a dump read whole) is looked at again, within the horizon looked at before
+    for e in engines:
+        e.kernel_resync([flow(200, timeout=10)], 76.0)  # told: runs out at 86
+    assert sweep.until >= 97.0
+    plain = engines[0].kernel_refresh(dump(flow(200, timeout=30)), 77.0, 20.0)
+    assert plain == engines[1].kernel_refresh(dump(flow(200, timeout=30)), 77.0, 20.0, sweep=sweep) == 1
+
+
+def test_a_sweep_that_could_refresh_nothing_is_left_out_and_no_copy_runs_out() -> None:
+    """refresh_loop leaves out a sweep's dump when no flow's peers' copy runs out before the
+    horizon a dump now would have (daemon.refresh.needless). A fake clock drives sweeps of random
+    duration as test_sweeps_refresh_in_time_whatever_they_take does, over a flow of 2 minutes and
+    one of an hour, both kept alive by traffic: most sweeps are left out, the others dump, and
+    neither peer's copy ever runs out (it would in B's kernel, which has no margin)."""
+    import random
+
+    from ctbridge.daemon.refresh import needless, sweep_timing
+    rng = random.Random(11)
+    a, b = pair(expiry_margin=30.0)
+    t = 0.0
+    timeouts = {1: 120, 2: 3600}
+    a.kernel_events([Event(EventKind.NEW, flow(i, timeout=s), 0) for i, s in timeouts.items()], t)
+    deliver(a, b, t)
+    wait, recent, lapses, skipped, swept = 2.5, [0.0], 0, 0, 0
+    dumped, dumped_flows = 0.0, 0
+    for _ in range(1500):
+        t += wait
+        lapses += sum(b.peers[1].external[flow(i).key].runs_out() < t for i in timeouts)
+        if dumped_flows:
+            skip = needless(a.refresh_due, len(a.internal), t, 2.5, 30.0, dumped, dumped_flows, max(recent[-8:]))
+            if skip is not None:
+                wait = skip
+                skipped += 1
+                continue
+        dumped = rng.choice([0.05, 0.05, 0.5, 1.5, 3.0])  # the dump, then as long again for the engine
+        dumped_flows = len(timeouts)
+        start, t = t, t + dumped
+        wait, within = sweep_timing(2.5, 30.0, dumped, max(recent[-8:]))
+        a.kernel_refresh(dump(*(flow(i, timeout=s) for i, s in timeouts.items())), t, within)
+        deliver(a, b, t)
+        deliver(b, a, t)  # the acknowledgements
+        t += dumped
+        recent.append(t - start)
+        swept += 1
+        b.handle_timer(t)
+    assert lapses == 0 and b.stats["flows_expired"] == 0
+    assert skipped > 1000 and swept > 100 and a.stats["flows_refreshed"] > 100

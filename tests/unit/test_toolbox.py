@@ -13,7 +13,7 @@ from ctbridge.daemon import journal, metrics
 PEER = {"node": "0000000b", "address": "192.0.2.11", "alive": True, "synced": False, "proven": True,
         "last_heard": 0.25, "entries": 1200, "refused_total": 3, "rejected": {"replay": 2, "unproven": 1,
                                                                               "bounds": 0},
-        "gap": [17, 20], "restarts": 1}
+        "gap": [17, 20], "restarts": 1, "protocol": 3}
 STATUS = {"node": "fw1", "node_id": "0000000a", "role": "BACKUP", "apply_mode": "commit", "gate": "closed",
           "internal": {"entries": 10}, "external": {"entries": 1200, "complete": False},
           "expectations": {"enabled": True, "internal": 2, "external": 0},
@@ -30,9 +30,9 @@ def test_the_status_table_shows_what_an_operator_looks_at_first() -> None:
     assert "1200 entries (the peers'), INCOMPLETE; interlock holds it back" in text
     header = lines.index(next(line for line in lines if "PEER" in line))
     assert lines[header].split() == ["PEER", "ADDRESS", "ALIVE", "SYNCED", "PROVEN", "LAST", "HEARD", "FLOWS",
-                                     "REFUSED", "REJECTED", "GAP"]
+                                     "REFUSED", "REJECTED", "GAP", "PROTOCOL"]
     assert lines[header + 1].split() == ["0000000b", "192.0.2.11", "yes", "no", "yes", "0.2", "s", "ago", "1200",
-                                         "3", "3", "17-20"]
+                                         "3", "3", "17-20", "3"]
     assert "queues    pending 0, resend 3, bulk 0, inject 0" in text
     assert "commit    1150 flows in 0.042 s, 1 failed, 90.0 s ago" in text
 
@@ -70,6 +70,7 @@ def test_per_peer_metrics_and_the_commit_histogram_render_as_prometheus_reads_th
     for line in ('ctbridge_peer_alive{peer="0000000b"} 1', 'ctbridge_peer_synced{peer="0000000b"} 0',
                  'ctbridge_peer_last_heard_seconds{peer="0000000b"} 0.25', 'ctbridge_peer_flows{peer="0000000b"} 1200',
                  'ctbridge_peer_refused_total{peer="0000000b"} 3',
+                 'ctbridge_peer_protocol_version{peer="0000000b"} 3',
                  'ctbridge_peer_rejected_total{peer="0000000b",reason="replay"} 2',
                  'ctbridge_peer_rejected_total{peer="0000000b",reason="unproven"} 1',
                  # cumulative buckets, then +Inf, the sum and the count

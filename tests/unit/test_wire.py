@@ -1,4 +1,4 @@
-"""Wire format version 2: golden vectors, round trips, and a decoder that only ever says WireError."""
+"""Wire format versions 2 and 3: golden vectors, round trips, and a decoder that only ever says WireError."""
 
 from __future__ import annotations
 
@@ -14,19 +14,45 @@ GOLDEN = json.loads(wirevectors.FILE.read_text())
 DOC = (ROOT / "docs" / "protocol.md").read_text()
 
 
-@pytest.mark.parametrize("name", sorted(wirevectors.messages()))
+@pytest.mark.parametrize("name", sorted({**wirevectors.messages(), **wirevectors.announcements()}))
 def test_golden_vector(name: str) -> None:
-    """Encoding a fixed message gives the recorded bytes; decoding them gives the message back."""
-    msg, expected = wirevectors.messages()[name]
-    data = wire.datagram(wirevectors.HEADER, msg, wirevectors.AUTH)
+    """Encoding a fixed message gives the recorded bytes; decoding them gives the message back.
+    Version 2's vectors are those of the release of 2026-12-01: a change there is a break."""
+    msg, expected = {**wirevectors.messages(), **wirevectors.announcements()}[name]
+    data = wire.datagram(wirevectors.header_of(name), msg, wirevectors.AUTH)
     assert data.hex() == GOLDEN[name], f"{name}: the wire format changed"
     header, decoded = wire.decode(bytes.fromhex(GOLDEN[name]), wirevectors.RX_AUTH, wirevectors.RECEIVER)
-    assert header[:4] == wirevectors.HEADER[:4]
+    assert header == wirevectors.header_of(name)._replace(flags=wire.FLAG_MAC, key_id=wirevectors.KEY_ID)
     assert decoded == [expected]
 
 
 def test_every_message_type_has_a_vector() -> None:
-    assert {t.name for t in wire.MsgType} == set(GOLDEN)
+    assert {t.name for t in wire.MsgType} | set(wirevectors.announcements()) == set(GOLDEN)
+
+
+def test_version_3_messages_are_malformed_in_a_datagram_of_version_2() -> None:
+    """A compact FLOW or DELETE only ever travels in a datagram of version 3 (its sender knows
+    every receiver reads it); in one of version 2 it is an unknown type, as version 2 says."""
+    for name in ("FLOW_COMPACT", "DELETE_COMPACT"):
+        msg, _ = wirevectors.messages()[name]
+        data = wire.datagram(wirevectors.HEADER, msg, wirevectors.AUTH)
+        with pytest.raises(wire.WireError, match="unknown message type") as err:
+            wire.decode(data, wirevectors.RX_AUTH, wirevectors.RECEIVER)
+        assert err.value.reason == "malformed"
+
+
+def test_a_node_that_speaks_version_2_refuses_version_3_as_the_release_of_2026_12_01_does() -> None:
+    data = bytes.fromhex(GOLDEN["FLOW_COMPACT"])
+    assert data[2] == 3
+    assert wire.decode(data, wirevectors.RX_AUTH, wirevectors.RECEIVER)[1]
+    with pytest.raises(wire.WireError, match="protocol version 3 is not supported") as err:
+        wire.decode(data, wirevectors.RX_AUTH, wirevectors.RECEIVER, speaks=2)
+    assert err.value.reason == "malformed"
+    for version in (1, 4, 255):
+        bad = bytearray(data)
+        bad[2] = version
+        with pytest.raises(wire.WireError, match=f"protocol version {version} is not supported"):
+            wire.decode(bytes(bad), wirevectors.RX_AUTH, wirevectors.RECEIVER)
 
 
 def test_every_message_type_has_one_codec_and_it_round_trips() -> None:
@@ -69,7 +95,7 @@ def test_unknown_and_short_messages_are_malformed() -> None:
     """The registry answers for every type byte: one it does not hold, or a message shorter than
     its type needs, is a WireError("malformed") naming it."""
     for data, detail in ((bytes((0, 0, 0, 4)), "unknown message type 0"),
-                         (bytes((18, 0, 0, 4)), "unknown message type 18"),
+                         (bytes((20, 0, 0, 4)), "unknown message type 20"),
                          (bytes((3, 0, 0, 4)), "ACK message of 4 bytes, needs 20"),
                          (bytes((2, 2, 0, 4)), "DELETE message too short")):
         with pytest.raises(wire.WireError, match=detail) as err:
@@ -78,7 +104,7 @@ def test_unknown_and_short_messages_are_malformed() -> None:
 
 
 def test_protocol_document_shows_the_golden_vectors() -> None:
-    shown = dict(re.findall(r"^([A-Z_]+): ([0-9a-f]+)$", DOC, re.MULTILINE))
+    shown = dict(re.findall(r"^([A-Z0-9_]+): ([0-9a-f]+)$", DOC, re.MULTILINE))
     assert shown == GOLDEN, "docs/protocol.md and tests/fixtures/wire_vectors.json disagree"
 
 
