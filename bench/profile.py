@@ -46,6 +46,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_parts(pid: int) -> dict[str, float]:
+    """The same CPU split: user and system time (proc(5) fields 14 and 15), and the event loop's
+    thread (the main thread) against the others (the event socket's reader, /proc/PID/task)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parts = {"user": 0.0, "system": 0.0, "loop thread": 0.0, "other threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        user, system = int(fields[11]) / tick, int(fields[12]) / tick
+        parts["user"] += user
+        parts["system"] += system
+        parts["loop thread" if task.name == str(pid) else "other threads"] += user + system
+    return parts
+
+
 def group(path: str) -> str:
     """A profile entry's file as the stage it belongs to: ctbridge's module, or the library."""
     if "/ctbridge/" in path:
@@ -170,12 +187,14 @@ def run(scenario: Scenario, profiles: dict[str, Path] | None) -> tuple[dict[str,
             node.start(("-m", "cProfile", "-o", str(profiles[node.name])) if profiles else ())
         procs = {node.name: node.proc for node in c.nodes if node.proc is not None}
         before: dict[str, float] = {}
+        split: dict[str, dict[str, float]] = {}
         woken: dict[str, int] = {}
         sent: dict[str, dict[str, int]] = {}
         perf = {name: Syscalls(p.pid) for name, p in procs.items()}
 
         def mark() -> None:  # CPU is counted from here
             before.update((name, cpu_seconds(p.pid)) for name, p in procs.items())
+            split.update((name, cpu_parts(p.pid)) for name, p in procs.items())
             woken.update((name, wakeups(p.pid)) for name, p in procs.items())
             sent.update((node.name, node.request("stats")["sync"]) for node in c.nodes)
             if not profiles:
@@ -185,6 +204,8 @@ def run(scenario: Scenario, profiles: dict[str, Path] | None) -> tuple[dict[str,
         mark()
         changes, said = scenario(a, b, mark)
         cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}
+        for name, p in procs.items():  # (a thread that ended meanwhile leaves its share out)
+            cpu.update({f"{name} {k}": v - split[name][k] for k, v in cpu_parts(p.pid).items()})
         counts = {name: {**perf[name].stop(), "wake-ups": wakeups(p.pid) - woken[name]} for name, p in procs.items()}
         for node in c.nodes:  # the engine's own figures: datagrams sent, and how full
             now = node.request("stats")["sync"]
@@ -205,6 +226,8 @@ def main() -> int:
                     help="instead of a burst: churn of RATE flows/s over --standing flows (tests/support/churn.py)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the churn runs")
     ap.add_argument("--standing", type=int, default=50_000, help="flows in the table before the churn")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="only the run without the profiler: CPU, its split, system calls")
     args = ap.parse_args()
     scenario: Scenario
     if args.churn:
@@ -219,16 +242,20 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         profiles = {"fw1": folder / "A.prof", "fw2": folder / "B.prof"}
         cpu, counts, changes, said = run(scenario, None)
-        run(scenario, profiles)
+        if not args.no_profile:
+            run(scenario, profiles)
         print(f"\nprofile: {said}: {changes:,} flow changes")
         for name, role in (("fw1", "A, the sender (kernel events -> datagrams)"),
                            ("fw2", "B, the receiver (datagrams -> its copy)")):
             print(f"\n{role}: CPU {cpu[name]:.2f} s = {cpu[name] / changes * 1e6:.1f} µs per flow change")
+            print("  of which " + ", ".join(f"{part} {cpu[f'{name} {part}'] / changes * 1e6:.1f}" for part in
+                                            ("user", "system", "loop thread", "other threads")) + " µs")
             figures = dict(counts[name])
             size = figures.pop("bytes sent") / max(1, figures["datagrams sent"])
             print("  per 1,000 flow changes, without the profiler: " + ", ".join(
                 f"{n * 1000 / changes:.1f} {what}" for what, n in figures.items()) + f"; {size:.0f} bytes per datagram")
-            print("\n".join(breakdown(profiles[name], cpu[name], changes, args.top)))
+            if not args.no_profile:
+                print("\n".join(breakdown(profiles[name], cpu[name], changes, args.top)))
     return 0
 
 

@@ -245,3 +245,23 @@ def test_while_the_loop_works_the_thread_reads_again_only_once_it_took_everythin
         assert drain.take(10) == Drained([b"second"], False) and woken.count == 2
     finally:
         drain.close()
+
+
+def test_while_the_loop_waits_the_thread_gathers_what_arrives_within_gather(
+        fake: FakeSocket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule 7: events of a burst arrive one by one; the thread reads GATHER after the first woke
+    it, not at the first, so the loop takes them in one handoff (at 20,000 flows/s it had read 8
+    events per recvmmsg). GATHER made 2 s here: the test's 50 ms pause is well inside it."""
+    monkeypatch.setattr(eventdrain, "GATHER", 2.0)
+    drain, woken = drain_of(fake)
+    try:
+        assert drain.take(10) is None  # the loop waits
+        fake.feed([b"a"])
+        time.sleep(0.05)
+        assert fake.left() == 1 and woken.count == 0  # not read at the first event
+        fake.feed([b"b"])
+        until("the gathered read", lambda: woken.count == 1)
+        until("both queued", lambda: fake.left() == 0)
+        assert drain.take(10) == Drained([b"a", b"b"], False) and woken.count == 1
+    finally:
+        drain.close()
