@@ -282,12 +282,19 @@ class Engine:
         if peer is not None:
             self.receiver.path_changed(peer, now)
 
-    @staticmethod
-    def _announced(peer: Peer, msg: wire.Hello | wire.Alive | wire.Echo | wire.Ack | wire.Challenge, seq: int,
-                   now: float) -> bool:
+    def _learns_version(self, peer: Peer, now: float) -> bool:
+        """Whether a datagram of the peer's session may raise the version it is taken to speak:
+        not while a newer life of it was heard within peer_timeout and is not proven yet. That
+        datagram may be a late one of the old life, and the new life may be an older release
+        (docs/protocol.md, "Versions"); a newer life proves itself in one round trip, or its
+        datagrams stop (a forged or stray one): then the session's announcements count again."""
+        return peer.candidate_at <= now - self.config.peer_timeout  # (NEVER, -inf: none heard)
+
+    def _announced(self, peer: Peer, msg: wire.Hello | wire.Alive | wire.Echo | wire.Ack | wire.Challenge,
+                   seq: int, now: float) -> bool:
         """The highest version the peer speaks, said in a message of its session (docs/protocol.md,
         "Versions"); nothing else (ECHO outside a candidate datagram changes nothing)."""
-        if msg.speaks > peer.speaks:
+        if msg.speaks > peer.speaks and self._learns_version(peer, now):
             peer.speaks = msg.speaks
         return False
 
@@ -358,8 +365,8 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
-        if header.version > peer.speaks:  # a datagram of version 3 says its sender speaks it
-            peer.speaks = header.version
+        if header.version > peer.speaks and self._learns_version(peer, now):
+            peer.speaks = header.version  # a datagram of version 3 says its sender speaks it
         if header.version >= 3:
             stats["rx_v3_datagrams"] += 1
         heard = Heard(peer.node, None)

@@ -18,6 +18,8 @@ EXPECT = int(wire.MsgType.EXPECT)  # an EXPECT message's first byte (a FLOW's is
 MARK = expectation.EXPECTATION  # a key whose first byte has it is an expectation's
 
 
+NEVER = float("-inf")  # Peer.candidate_at while no newer life of the peer waits to be proven
+
 class ExternalFlow:
     """One flow a peer told us about: its FLOW message, the sequence number of the peer's last
     datagram that mentioned it (bulks drop flows not mentioned since BULK_BEGIN; 0: from a
@@ -79,7 +81,7 @@ class Peer:
         # taken within NONCE_LIFETIME, and forgotten when a session starts: a captured answer,
         # or one an attacker held back while the peer restarted, proves nothing later.
         self.nonces: OrderedDict[int, float] = OrderedDict()
-        self.candidate_at = float("-inf")  # when a datagram of an unproven epoch was last refused
+        self.candidate_at = NEVER  # when a datagram of an unproven newer epoch was last refused
         self.served: deque[int] = deque(maxlen=SERVED_EPOCHS)  # unproven epochs whose bulk request we served
         self.ack_queued: bytes | None = None  # our last ACK to it put in the control queue alone
         self.gap_upto = 0  # the highest of our numbers a GAP to it named (this epoch of ours) ...

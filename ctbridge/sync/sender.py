@@ -247,15 +247,18 @@ class Sender(Part):
         return size
 
     def _resend_one(self, seq: int, room: int, now: float, dest: int | None) -> bytes:
-        """Datagram ``seq`` again, carrying the current state of the flows it named, in the
-        version of ``dest`` (None: every peer) now."""
+        """Datagram ``seq`` again, carrying the current state of the flows it named, for ``dest``
+        (None: every peer), in the stream's version: the lowest every peer speaks, even when one
+        peer asked. A multicast link, or a unicast one that does not know ``dest``'s address,
+        delivers it to every node, and one of version 2 drops a datagram of 3 as malformed
+        (found by an adversarial review: 19 of them on an old node during an upgrade)."""
         kept = self.recovery.kept.get(seq)
         cache = self.cache
         keys, controls = kept if kept is not None else ((), b"")
         msgs: list[bytes] = [controls] if controls else []
         fitted: list[bytes] = []
         size = len(controls)
-        version = self.datagram_version(dest)
+        version = self.datagram_version()
         for key in keys:
             m = cache.message(key, now)
             if version >= 3 and key[0] < MARK:

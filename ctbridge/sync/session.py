@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from ctbridge.sync import wire
 from ctbridge.sync.events import PeerRestarted
-from ctbridge.sync.peer import Peer
+from ctbridge.sync.peer import NEVER, Peer
 from ctbridge.sync.sequence import ReceiveWindow
 from ctbridge.sync.shared import Part, Shared
 
@@ -201,7 +201,7 @@ class Sessions(Part):
         peer.proven = True
         peer.challenge_at = None
         peer.nonces.clear()  # each answer proves one epoch: none of them is taken again
-        peer.candidate_at = float("-inf")
+        peer.candidate_at = NEVER
         peer.rx = ReceiveWindow(header.seq, self.config.rx_limit)
         peer.given_up = 0
         peer.ack_sent = header.seq - 1

@@ -59,14 +59,12 @@ class Part:
         self.clock = shared.clock
         self.node_id = shared.config.node_id
 
-    def datagram_version(self, dest: int | None = None) -> int:
-        """The protocol version of a datagram to ``dest`` (None: every peer): the lowest that its
-        receivers speak, as far as this node knows (a peer not heard to speak more, version 2),
-        and never above this node's own. With no peer known, version 2: the first datagrams of a
-        node that starts among older ones are read by all of them."""
+    def datagram_version(self) -> int:
+        """The protocol version of this node's datagrams: the lowest that its peers speak, as far
+        as this node knows (a peer not heard to speak more, version 2), and never above this
+        node's own. With no peer known, version 2: the first datagrams of a node that starts
+        among older ones are read by all of them. (One version for all, resends included: a
+        link may deliver a datagram meant for one peer to every node.)"""
         top = self.config.max_version
-        if dest is not None:
-            peer = self.peers.get(dest)
-            return min(top, peer.speaks) if peer is not None else wire.BASE_VERSION
         lowest = min((p.speaks for p in self.peers.values()), default=wire.BASE_VERSION)
         return min(top, lowest)
