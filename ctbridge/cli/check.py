@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctbridge.config import host
+from ctbridge.config import host, sizing
 from ctbridge.config import settings as config
 
 
@@ -25,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
             problems = exc.problems
     else:
         problems = host.check(args.config)
+        # a warning, not a problem: the daemon runs, but a large table will be slow (sizing.py)
+        warning = sizing.host_warning()
+        if warning is not None:
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
     for p in problems:
         print(p, file=sys.stderr)
     if not problems:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ctbridge.config import host, replication
+from ctbridge.config import host, replication, sizing
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
 from ctbridge.daemon import conntrackd, control, journal, metrics
@@ -95,6 +95,9 @@ class OwnReplication:
                  cfg.apply.mode, cfg.node.name, self.engine.node_id, self.epoch, self.flows,
                  " + ".join(link.local for link in self.links.links), cfg.sync.port,
                  f"multicast {cfg.sync.group}" if cfg.multicast else "peers " + ", ".join(cfg.sync.peers))
+        warning = sizing.host_warning()
+        if warning is not None:
+            log.warning("%s", warning)
 
 
 @dataclass
