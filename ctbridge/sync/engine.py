@@ -375,6 +375,7 @@ class Engine:
         data_seen = bool(flows)
         if flows:
             self.external_caches.take_flows(peer, flows, seq, now)
+            peer.flows_at = now
         if messages:
             data_seen = self._take_messages(peer, messages, seq, now) or data_seen
             self.recovery.end_of_datagram(peer, now)

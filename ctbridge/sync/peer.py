@@ -116,6 +116,7 @@ class Peer:
         self.bulk_dirty = False  # best-effort: datagrams of the current bulk were lost
         self.given_up = 0  # the highest of its sequence numbers it said (GAP) it cannot resend
         self.resync_at: float | None = None  # when we last asked it for a bulk transfer
+        self.flows_at = now  # when a datagram of it last carried flows: a bulk under way progresses
         self.restarts = 0
         self.bulks = 0
         self.heartbeats: dict[int, int] = {}  # link -> number of the last heartbeat taken over it

@@ -134,13 +134,33 @@ class Sessions(Part):
 
     def on_timer(self, peer: Peer, now: float) -> None:
         """Retries due for ``peer``: the bulk request, the challenge (rule 3)."""
-        if peer.resync_at is not None and now >= peer.resync_at + self.config.resync_retry:
-            self.ask_for_bulk(peer, now)
+        retry = self.config.resync_retry
+        if peer.resync_at is not None and now >= peer.resync_at + retry:
+            if self._bulk_arriving(peer) and now < peer.flows_at + retry:
+                # its bulk is arriving, only slower than resync_retry (a large table, a slow
+                # link): asking again would have it send the whole table once more after this
+                # one. Wait while flows keep coming; ask when they stop or the bulk is spoilt.
+                peer.resync_at = now
+            else:
+                self.ask_for_bulk(peer, now)
         if peer.challenge_at is not None and now >= peer.challenge_at + CHALLENGE_RETRY:
             if self.challenging(peer):
                 self._challenge(peer, now)
             else:
                 peer.challenge_at = None  # it went quiet: its next datagram challenges it again
+
+    @staticmethod
+    def _bulk_arriving(peer: Peer) -> bool:
+        """A bulk of the peer's has begun (or ended, its last datagrams awaited) and nothing of it
+        is lost for good yet: not spoilt (best-effort loss) nor given up (a GAP or a window
+        that overflowed, past its BULK_BEGIN)."""
+        if peer.bulk_begin is not None:
+            begin = peer.bulk_begin[1]
+        elif peer.bulk_end is not None:
+            begin = peer.bulk_end[2]
+        else:
+            return False
+        return not peer.bulk_dirty and peer.given_up < begin
 
     def deadline(self) -> float:
         out = float("inf")

@@ -3,6 +3,7 @@ of protocol version 2, each as a test that failed before its fix (fake clock, pu
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 
 from ctbridge.conntrack import abi as ct
@@ -195,3 +196,43 @@ def test_a_restart_with_the_clock_behind_is_taken_back_after_its_slot_was_reclai
     add(lab, p, range(20))
     lab.run(3)
     assert rx.peers[p].epoch == 5000 and len(rx.peers[p].external) == 20 and rx.complete()
+
+
+def test_a_bulk_slower_than_resync_retry_is_waited_for_not_asked_again() -> None:
+    """B restarts while A holds 30,000 flows on a link of 200 kB/s: A's bulk takes about 8 s,
+    beyond resync_retry (3 s). B waits while its flows keep coming: one bulk, not one per retry
+    (a 1M-flow table was sent twice; here three times before the fix). Asked again only when a
+    bulk stops progressing: see the next test."""
+    lab = Lab(2, bandwidth=200_000)
+    lab.run(1)
+    for i in range(30_000):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(30)
+    a = lab.engines[1]
+    bulks, flows = a.stats["bulks_sent"], a.stats["flows_sent"]
+    b = lab.start(2)
+    lab.run(40)
+    assert lab.converged() and b.stats["bulks_received"] == 1
+    assert a.stats["bulks_sent"] - bulks == 1 and a.stats["flows_sent"] - flows == 30_000
+    assert b.stats["resyncs_requested"] == 1
+
+
+def test_a_bulk_that_stops_progressing_is_asked_for_again() -> None:
+    """Once a bulk's flows stop coming (here every datagram of A is lost for a while, then the
+    link comes back), B asks again after resync_retry, and its copy completes."""
+    lab = Lab(2, bandwidth=200_000)
+    lab.run(1)
+    for i in range(30_000):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(30)
+    b = lab.start(2)
+    lab.run(2)  # the bulk has begun
+    assert b.peers[1].bulk_begin is not None
+    lab.drop = lambda src, dst, data: src == 1
+    lab.in_flight = [d for d in lab.in_flight if d[2] != 2]  # what was on the way to B is lost too
+    heapq.heapify(lab.in_flight)
+    lab.links.clear()
+    lab.run(2 * b.config.resync_retry)
+    lab.drop = None
+    lab.run(60)
+    assert lab.converged() and b.stats["resyncs_requested"] >= 2
