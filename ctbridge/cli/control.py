@@ -11,7 +11,9 @@ from typing import Any
 from ctbridge.config import settings as config
 from ctbridge.daemon import control
 
-NOTIFY_TIMEOUT = 60.0  # a commit of a large table takes about a second; keepalived waits for nobody
+# `commit` and `notify` wait while the daemon reports progress, and give up only when it has made
+# none for this long: a commit of 1M flows takes minutes, yet each second writes thousands
+NOTIFY_TIMEOUT = 60.0
 
 
 def _socket(args: argparse.Namespace) -> str:
@@ -48,6 +50,34 @@ class Simple:
     def run(self, args: argparse.Namespace) -> int:
         _print(control.request(_socket(args), self.cmd), getattr(args, "json", False))
         return 0
+
+
+class Waiting:
+    """A command that may run long (a commit): it waits while the daemon reports progress (shown
+    on a terminal) and fails, saying where it stood, only once that stops for ``--stall`` s."""
+
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def setargs(self, parser: argparse.ArgumentParser) -> None:
+        _common(parser)
+        _stall(parser)
+        parser.set_defaults(func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        _print(control.request(_socket(args), self.cmd, stall=args.stall, on_progress=_show_progress), False)
+        return 0
+
+
+def _stall(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stall", "--timeout", dest="stall", type=float, default=NOTIFY_TIMEOUT, metavar="SECONDS",
+                        help="fail when the daemon makes no progress for this long (default %(default)s; no bound "
+                             "while it progresses)")
+
+
+def _show_progress(report: dict[str, Any]) -> None:
+    if sys.stderr.isatty():
+        print(control.describe_progress(report), file=sys.stderr, flush=True)
 
 
 def _ago(seconds: float | None) -> str:
@@ -221,12 +251,13 @@ class Notify:
 
     def setargs(self, parser: argparse.ArgumentParser) -> None:
         _common(parser)
-        parser.add_argument("--timeout", type=float, default=NOTIFY_TIMEOUT, help="seconds to wait for the daemon")
+        _stall(parser)
         parser.add_argument("args", nargs="+", metavar="ARG", help="what keepalived passed to its notify script")
         parser.set_defaults(func=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
-        answer = control.request(_socket(args), "notify", timeout=args.timeout, args=args.args)
+        answer = control.request(_socket(args), "notify", stall=args.stall, on_progress=_show_progress,
+                                 args=args.args)
         logging.getLogger("ctbridge").debug("notify answer: %s", answer)
         _print(answer, False)
         return 0
@@ -236,7 +267,7 @@ COMMANDS: dict[str, Any] = {
     # their one-line help is in ctbridge.cli.HELP
     "status": Status(),
     "stats": Simple("stats", json_flag=True),
-    "commit": Simple("commit"),
+    "commit": Waiting("commit"),
     "flush": Flush(),
     "resync": Simple("resync"),
     "bulk-send": Simple("bulk-send"),

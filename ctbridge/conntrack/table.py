@@ -135,6 +135,12 @@ class KernelTable:
         self.portid: int = self.sock.getsockname()[0]
         self._seq = int(time.time()) & 0x7FFFFFFF
         self._dump_receiver: mmsg.Receiver | None = None  # made by the first dump
+        # Progress, read by other threads while a write runs (a daemon's answer to a client
+        # waiting for a commit of a large table): requests the kernel has answered in all, and
+        # of the commit under way (or the last) how many entries it has and where it began.
+        self.requests_done = 0
+        self.commit_entries = 0
+        self.commit_base = 0
 
     def close(self) -> None:
         self.sock.close()
@@ -298,6 +304,7 @@ class KernelTable:
             for seq, err in codec.decode_replies(self._recv()):
                 if seq == last_seq:
                     acked = True
+                    self.requests_done += last_seq - first_seq + 1
                 # a late answer to an abandoned request belongs to no entry of this batch
                 if err and first_seq <= seq <= last_seq:
                     failures[seq] = err
@@ -383,6 +390,7 @@ class KernelTable:
         """
         start = time.monotonic()
         todo = list(entries)
+        self.commit_entries, self.commit_base = len(todo), self.requests_done
         final: dict[bytes, int] = {}
         created = updated = 0
         creates = [e for e in todo if e.key not in existing] if existing else todo

@@ -167,7 +167,8 @@ class Daemon:
         try:
             tasks.append(asyncio.ensure_future(watch_lag(self.lag)))
             await self.roles.restore()  # before any transition can come (the hook, the FIFO)
-            servers.append(await control.serve(self.cfg.control.socket, self.handlers.handle))
+            servers.append(await control.serve(self.cfg.control.socket, self.handlers.handle,
+                                               self.transitions.progress))
             if self.cfg.metrics.listen:
                 servers.append(await metrics.serve(self.cfg.metrics.listen, self.stats, self.kept["metrics_endpoint"]))
             await self.replication.start(tasks)

@@ -113,6 +113,7 @@ class Transitions:
         self.purge_task: asyncio.Task[None] | None = None
         self.master_followup: asyncio.Future[None] | None = None
         self.backend_errors: list[str] = []  # the steps of the transition under way that failed
+        self.under_way = ""  # the step running now (a client waiting for it is told: progress())
         self.steps: dict[str, Step] = {
             failover.GATE: self._gate, failover.CANCEL_PURGE: self._cancel_purge,
             failover.WAIT_INJECT: self._wait_inject, failover.PAUSE_EVENTS: self._pause_events,
@@ -180,14 +181,18 @@ class Transitions:
 
     async def step(self, action: failover.Action, start: float) -> dict[str, Any] | None:
         """One step: conntrackd's command for it with that backend, else its handler."""
-        if self.backend is not None:
-            if action.name in conntrackd.IDLE:
-                return None
-            flag = conntrackd.FLAGS.get(action.name)
-            if flag is not None:
-                return await self._conntrackd(self.backend, action.name, flag)
-        handler = self.steps.get(action.name)
-        return None if handler is None else await handler(action, start)
+        self.under_way = action.name
+        try:
+            if self.backend is not None:
+                if action.name in conntrackd.IDLE:
+                    return None
+                flag = conntrackd.FLAGS.get(action.name)
+                if flag is not None:
+                    return await self._conntrackd(self.backend, action.name, flag)
+            handler = self.steps.get(action.name)
+            return None if handler is None else await handler(action, start)
+        finally:
+            self.under_way = ""
 
     async def _conntrackd(self, backend: conntrackd.Conntrackd, name: str, flag: str) -> dict[str, Any]:
         """The replicator's step: conntrackd's, to its end."""
@@ -205,10 +210,25 @@ class Transitions:
     async def commit_now(self) -> dict[str, Any]:
         """The operator's `ctbridge commit`, in turn with the transitions."""
         async with self.lock:
-            if self.backend is not None:
-                await self.backend.run(conntrackd.FLAGS[failover.COMMIT])
-                return {"ok": True, "committed": "conntrackd -c"}
-            return {"ok": True, **await self.writer.commit()}
+            self.under_way = failover.COMMIT
+            try:
+                if self.backend is not None:
+                    await self.backend.run(conntrackd.FLAGS[failover.COMMIT])
+                    return {"ok": True, "committed": "conntrackd -c"}
+                return {"ok": True, **await self.writer.commit()}
+            finally:
+                self.under_way = ""
+
+    def progress(self) -> dict[str, Any]:
+        """What a client waiting for a transition or a commit is told while it runs (control.py's
+        progress lines): the step under way and the kernel's answers so far, and in a commit the
+        entries written of how many. Any change is progress; none for long is a stall."""
+        table = self.writer.kernel.table
+        out: dict[str, Any] = {"step": self.under_way, "kernel_requests": table.requests_done}
+        if self.under_way == failover.COMMIT:
+            out["written"] = table.requests_done - table.commit_base
+            out["of"] = table.commit_entries
+        return out
 
     # --- the steps (failover's names), one handler each ---------------------------------------
 
