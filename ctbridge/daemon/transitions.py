@@ -114,6 +114,7 @@ class Transitions:
         self.master_followup: asyncio.Future[None] | None = None
         self.backend_errors: list[str] = []  # the steps of the transition under way that failed
         self.under_way = ""  # the step running now (a client waiting for it is told: progress())
+        self.since = time.monotonic()  # when it began
         self.steps: dict[str, Step] = {
             failover.GATE: self._gate, failover.CANCEL_PURGE: self._cancel_purge,
             failover.WAIT_INJECT: self._wait_inject, failover.PAUSE_EVENTS: self._pause_events,
@@ -181,7 +182,7 @@ class Transitions:
 
     async def step(self, action: failover.Action, start: float) -> dict[str, Any] | None:
         """One step: conntrackd's command for it with that backend, else its handler."""
-        self.under_way = action.name
+        self.under_way, self.since = action.name, time.monotonic()
         try:
             if self.backend is not None:
                 if action.name in conntrackd.IDLE:
@@ -210,7 +211,7 @@ class Transitions:
     async def commit_now(self) -> dict[str, Any]:
         """The operator's `ctbridge commit`, in turn with the transitions."""
         async with self.lock:
-            self.under_way = failover.COMMIT
+            self.under_way, self.since = failover.COMMIT, time.monotonic()
             try:
                 if self.backend is not None:
                     await self.backend.run(conntrackd.FLAGS[failover.COMMIT])
@@ -223,6 +224,10 @@ class Transitions:
         """What a client waiting for a transition or a commit is told while it runs (control.py's
         progress lines): the step under way and the kernel's answers so far, and in a commit the
         entries written of how many. Any change is progress; none for long is a stall."""
+        if self.backend is not None:
+            # conntrackd's commands show no progress; each is bounded by apply.step_timeout, so
+            # the seconds it has run stand for it (a client waits until that bound fails it)
+            return {"step": self.under_way, "backend": "conntrackd", "seconds": round(time.monotonic() - self.since)}
         table = self.writer.kernel.table
         out: dict[str, Any] = {"step": self.under_way, "kernel_requests": table.requests_done}
         if self.under_way == failover.COMMIT:
