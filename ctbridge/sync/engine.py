@@ -88,6 +88,15 @@ RECEIVE_LIMIT = 9216  # bytes: no datagram longer is read (a jumbo frame; a peer
 Handler = Callable[[Peer, Any, int, float], bool]  # (peer, message, datagram's seq, now) -> carried data
 
 
+def learns_version(peer: Peer, now: float, peer_timeout: float) -> bool:
+    """Whether a datagram of the peer's session may raise the version it is taken to speak:
+    not while a newer life of it was heard within ``peer_timeout`` and is not proven yet. That
+    datagram may be a late one of the old life, and the new life may be an older release
+    (docs/protocol.md, "Versions"); a newer life proves itself in one round trip, or its
+    datagrams stop (a forged or stray one): then the session's announcements count again."""
+    return peer.candidate_at <= now - peer_timeout  # (NEVER, -inf: none heard)
+
+
 class Engine:
     """One node's replication: its parts (attributes ``internal_cache``, ``external_caches``,
     ``sessions``, ``receiver``, ``recovery``, ``sender``, ``heartbeat``, ``diffs``, ``stream``)
@@ -282,19 +291,11 @@ class Engine:
         if peer is not None:
             self.receiver.path_changed(peer, now)
 
-    def _learns_version(self, peer: Peer, now: float) -> bool:
-        """Whether a datagram of the peer's session may raise the version it is taken to speak:
-        not while a newer life of it was heard within peer_timeout and is not proven yet. That
-        datagram may be a late one of the old life, and the new life may be an older release
-        (docs/protocol.md, "Versions"); a newer life proves itself in one round trip, or its
-        datagrams stop (a forged or stray one): then the session's announcements count again."""
-        return peer.candidate_at <= now - self.config.peer_timeout  # (NEVER, -inf: none heard)
-
     def _announced(self, peer: Peer, msg: wire.Hello | wire.Alive | wire.Echo | wire.Ack | wire.Challenge,
                    seq: int, now: float) -> bool:
         """The highest version the peer speaks, said in a message of its session (docs/protocol.md,
         "Versions"); nothing else (ECHO outside a candidate datagram changes nothing)."""
-        if msg.speaks > peer.speaks and self._learns_version(peer, now):
+        if msg.speaks > peer.speaks and learns_version(peer, now, self.config.peer_timeout):
             peer.speaks = msg.speaks
         return False
 
@@ -365,7 +366,7 @@ class Engine:
             return None
         peer.last_heard = now
         peer.alive = True
-        if header.version > peer.speaks and self._learns_version(peer, now):
+        if header.version > peer.speaks and learns_version(peer, now, self.config.peer_timeout):
             peer.speaks = header.version  # a datagram of version 3 says its sender speaks it
         if header.version >= 3:
             stats["rx_v3_datagrams"] += 1
