@@ -202,6 +202,8 @@ IP_CT_TCP_FLAG_WINDOW_SCALE = 0x01
 IP_CT_TCP_FLAG_SACK_PERM = 0x02
 IP_CT_TCP_FLAG_CLOSE_INIT = 0x04
 IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
+IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED = 0x10  # window state: the entry's timeout is then the "unacknowledged" one
+IP_CT_TCP_FLAG_MAXACK_SET = 0x20
 
 # From include/uapi/linux/netfilter/nf_conntrack_tcp.h: enum tcp_conntrack
 TCP_STATES = (
