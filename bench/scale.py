@@ -92,6 +92,7 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
         out["rss_per_flow"] = (_rss(b) - rss0) / max(1, out["held"])
         out["overruns"] = a.request("stats")["kernel"]["overruns"]
         stalls = [node.request("stats")["loop"]["longest_stall_seconds"] for node in (a, b)]
+        out["stalls_replicate"] = list(stalls)
         bulks = a.request("stats")["sync"]["bulks_sent"]
         b.stop(signal.SIGTERM)
         start = time.monotonic()
@@ -99,6 +100,8 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
         out["resync"], out["resynced"] = _until_held(b, n, start)
         time.sleep(2 * 3.0)  # a second bulk, if one were asked for, would begin within resync_retry (3 s)
         out["bulks"] = a.request("stats")["sync"]["bulks_sent"] - bulks
+        out["stalls_resync"] = [a.request("stats")["loop"]["longest_stall_seconds"],
+                                b.request("stats")["loop"]["longest_stall_seconds"]]  # (B's new life)
         start = time.monotonic()
         try:
             answer = control.request(b.socket, "notify", stall=60.0, args=["INSTANCE", "VI_1", "MASTER", "100"])
@@ -107,9 +110,9 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
             out["commit_error"] = str(exc)
         out["commit"] = time.monotonic() - start
         out["in_kernel"] = int(b.run("conntrack", "-C").stdout.strip())
-        stalls = [max(s, node.request("stats")["loop"]["longest_stall_seconds"]) for s, node in zip(stalls, (a, b),
-                                                                                                      strict=True)]
-        out["stall_a"], out["stall_b"] = stalls
+        out["stalls_commit"] = [node.request("stats")["loop"]["longest_stall_seconds"] for node in (a, b)]
+        out["stall_a"] = max(out["stalls_replicate"][0], out["stalls_commit"][0])
+        out["stall_b"] = max(out["stalls_replicate"][1], out["stalls_resync"][1], out["stalls_commit"][1])
         out["silent"] = _silent(a) + _silent(b)
     return out
 
@@ -150,6 +153,9 @@ def main() -> int:
           f"longest loop stall A {ours['stall_a']:.3f} s, B {ours['stall_b']:.3f} s; peers logged silent "
           f"{ours['silent']} time(s); committed {ours.get('committed', 0):,}, B's kernel holds {ours['in_kernel']:,}"
           + (f"; commit failed: {ours['commit_error']}" if "commit_error" in ours else ""))
+    print("longest loop stall so far, A / B (s): after the load {0[0]:.3f} / {0[1]:.3f}; after the restart "
+          "{1[0]:.3f} / {1[1]:.3f} (B's new life); after the commit {2[0]:.3f} / {2[1]:.3f}".format(
+              ours["stalls_replicate"], ours["stalls_resync"], ours["stalls_commit"]))
     if theirs.get("error"):
         print(f"conntrackd: {theirs['error']}")
     print("ratio: conntrackd's figure over ctbridge's, how many times better ctbridge is")

@@ -22,12 +22,10 @@ run (a namespace cannot go above it) and restored.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from bench.kernel import save_lines
 from ctbridge.sync import wire
 from tests.support import builders
 from tests.support.daemonlab import Node, cluster
+from tests.support.hostlimit import conntrack_max
 
 TIMEOUT = 120.0
 ETHERNET = 14 + 28  # bytes around each datagram on the wire: Ethernet header, IPv4 and UDP headers
@@ -51,25 +50,6 @@ def needed_bytes(n: int, mtu: int = 1500) -> int:
     per = room // msg
     datagrams = -(-n // per)
     return n * msg + datagrams * (wire.HEADER_LEN + wire.MAC_ENTRY_LEN + ETHERNET)
-
-
-@contextlib.contextmanager
-def conntrack_max(n: int) -> Iterator[None]:
-    """Raise the host's nf_conntrack_max to hold n flows (twice, with room), and restore it."""
-    path = Path("/proc/sys/net/netfilter/nf_conntrack_max")
-    try:
-        before = int(path.read_text())
-    except OSError:
-        yield
-        return
-    want = max(before, 2 * n + 16384)
-    if want != before:
-        path.write_text(str(want))
-    try:
-        yield
-    finally:
-        if want != before:
-            path.write_text(str(before))
 
 
 def _cpu(node: Node) -> float:

@@ -4,6 +4,7 @@ pyroute2) that owns the parts below and passes them each input.
 Inputs, each with an explicit ``now`` (seconds, any monotonic origin):
     kernel_events / kernel_messages / kernel_expectations (now)    this node's kernel reported changes
     kernel_resync / kernel_expect_resync (entries, now)           this node's whole table, from a dump
+    kernel_rebuild (now) -> Rebuild: feed(chunk), finish()        ... the same in chunks (a large table)
     kernel_refresh(messages, now, within)                         a refresh sweep's dump
     receive_datagram(data, now, wall) -> Heard | None             a datagram from the sync link
     set_role, request_resync, bulk_send, reconfigure, path_changed, diff_start/diff_retry   commands
@@ -161,6 +162,7 @@ class Engine:
         self.kernel_messages = cache.kernel_messages
         self.kernel_expectations = cache.kernel_expectations
         self.kernel_resync = cache.kernel_resync
+        self.kernel_rebuild = cache.rebuild
         self.kernel_expect_resync = cache.kernel_expect_resync
         self.kernel_refresh = cache.kernel_refresh
         self.refresh_due = cache.refresh_due
