@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry
@@ -325,21 +325,29 @@ class ExternalCaches(Part):
         return [(wire.flow_entry(key, cur.message), max(1, min(cap, int(cur.runs_out() - now + 0.5))))
                 for key, cur in self.merged().items() if key[0] & MARK]
 
-    def commit_records(self, now: float) -> list[codec.Record]:
+    def commit_records(self, now: float) -> Iterator[codec.Record]:
         """entries() for a commit, each flow with what is left of its timeout: until
         the peer's timeout, as it last came, runs out plus the expiry margin (at least 1 s: a
         flow past it is gone from the cache at the next expiry pass). Records point into the
-        cached messages: nothing is copied until the codec writes the request."""
+        cached messages: nothing is copied until the codec writes the request.
+
+        Made as they are consumed, by the commit's worker thread, from a snapshot of the cache
+        taken here: two lists, no object per flow (a million records made at once held the
+        event loop 0.8-1.4 s). A flow the cache changes meanwhile is committed as it was when
+        the snapshot was taken, as if the commit had begun a moment earlier."""
+        flows = self.merged()
+        keys, values = list(flows), list(flows.values())
         margin = self.config.expiry_margin
+        base = margin - now if margin > 0 else None
+        return self._records(keys, values, base)
+
+    @staticmethod
+    def _records(keys: list[bytes], values: list[ExternalFlow], base: float | None) -> Iterator[codec.Record]:
         header = wire.FLOW_HEADER
         record = codec.Record
-        flows = self.merged()
-        if margin <= 0:
-            return [record(key, cur.message[1], cur.message, header, 0.0) for key, cur in flows.items()
-                    if key[0] < MARK]
-        base = margin - now
-        return [record(key, cur.message[1], cur.message, header, cur.heard + base) for key, cur in flows.items()
-                if key[0] < MARK]
+        for key, cur in zip(keys, values, strict=True):
+            if key[0] < MARK:
+                yield record(key, cur.message[1], cur.message, header, 0.0 if base is None else cur.heard + base)
 
     def messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of every flow learnt from peers, merged as entries() does."""
