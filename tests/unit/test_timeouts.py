@@ -129,7 +129,7 @@ def test_without_a_margin_nothing_expires() -> None:
     for t in range(1, 100):
         b.handle_timer(float(t))
     assert flow(1).key in b.peers[1].external
-    assert codec.timeout_of(list(b.commit_records(now=99.0))[0].attrs) == 1  # as it came
+    assert codec.timeout_of(next(iter(b.commit_records(now=99.0))).attrs) == 1  # as it came
 
 
 def test_sweeps_refresh_in_time_whatever_they_take() -> None:
