@@ -91,6 +91,13 @@ _TCP_FLAGS_CARRIED = (
     ct.IP_CT_TCP_FLAG_WINDOW_SCALE | ct.IP_CT_TCP_FLAG_SACK_PERM | ct.IP_CT_TCP_FLAG_CLOSE_INIT
     | ct.IP_CT_TCP_FLAG_BE_LIBERAL
 )
+# Window tracking flags every write clears (in the mask, never in the value): an entry this kernel
+# already holds (a returning master's own, updated by its commit) keeps them otherwise, and with
+# "data unacknowledged" left set every packet gives the entry the short unacknowledged timeout
+# (nf_conntrack_tcp_timeout_unacknowledged, 300 s): an idle connection died five minutes into its
+# first idle period after a failback. Cleared, the kernel sets them again from the next packets.
+_TCP_FLAGS_RESET = ct.IP_CT_TCP_FLAG_DATA_UNACKNOWLEDGED | ct.IP_CT_TCP_FLAG_MAXACK_SET
+_TCP_FLAGS_MASK = _TCP_FLAGS_CARRIED | _TCP_FLAGS_RESET
 
 
 def _tcp_protoinfo(buf: bytes, s: int, e: int, liberal: bool) -> bytes:
@@ -108,7 +115,7 @@ def _tcp_protoinfo(buf: bytes, s: int, e: int, liberal: bool) -> bytes:
                 flags = buf[xs] & _TCP_FLAGS_CARRIED
                 if liberal:
                     flags |= ct.IP_CT_TCP_FLAG_BE_LIBERAL
-                inner.append(attr(it, bytes((flags, _TCP_FLAGS_CARRIED))))
+                inner.append(attr(it, bytes((flags, _TCP_FLAGS_MASK))))
             else:
                 inner.append(attr(it, buf[xs:xe]))
         out.append(attr(ct.CTA_PROTOINFO_TCP, b"".join(inner), nested=True))
@@ -292,9 +299,9 @@ def _fast_request(entry: Entry | Record, seq: int, update: bool, liberal: bool) 
     if po >= 0:
         extra = _LIBERAL if liberal else 0
         ba[po + 36] = (ba[po + 36] & _TCP_FLAGS_CARRIED) | extra
-        ba[po + 37] = _TCP_FLAGS_CARRIED
+        ba[po + 37] = _TCP_FLAGS_MASK
         ba[po + 44] = (ba[po + 44] & _TCP_FLAGS_CARRIED) | extra
-        ba[po + 45] = _TCP_FLAGS_CARRIED
+        ba[po + 45] = _TCP_FLAGS_MASK
     to = layout.timeout
     if extend and to >= 0:
         _BE32.pack_into(ba, to, moved(_BE32.unpack_from(ba, to)[0], extend))
@@ -422,7 +429,7 @@ def _protoinfo(buf: bytes, off: int, alen: int, liberal: bool) -> bytes:
         extra = ct.IP_CT_TCP_FLAG_BE_LIBERAL if liberal else 0
         fo = (buf[off + 36] & _TCP_FLAGS_CARRIED) | extra
         fr = (buf[off + 44] & _TCP_FLAGS_CARRIED) | extra
-        return (buf[off:off + 36] + bytes((fo, _TCP_FLAGS_CARRIED)) + buf[off + 38:off + 44]
-                + bytes((fr, _TCP_FLAGS_CARRIED)) + buf[off + 46:off + 48])
+        return (buf[off:off + 36] + bytes((fo, _TCP_FLAGS_MASK)) + buf[off + 38:off + 44]
+                + bytes((fr, _TCP_FLAGS_MASK)) + buf[off + 46:off + 48])
     return _tcp_protoinfo(buf, off + 4, off + alen, liberal)
 

@@ -383,13 +383,14 @@ class KernelTable:
         ``existing``: keys the caller believes the table holds (a node taking back the master
         role still has its old entries). Those are updated straight away: creating them first
         would cost one error message per entry from the kernel, the slowest part of such a commit.
-        Existing TCP entries are deleted and created anew instead: ctnetlink sets no TCP window,
-        so an updated entry would keep the window state this kernel learnt before the peer
-        carried the flow. Without ``liberal`` its packets are then judged INVALID (the lab
-        measured every connection stalling at a failback); with it they pass, but flags such as
-        "data unacknowledged" stay set, and every packet then gives the entry the short
-        unacknowledged timeout (300 s): an idle connection died about five minutes into its first
-        idle period after a failback. A new entry learns the windows from the next packets.
+        Without ``liberal``, existing TCP entries are deleted and created anew instead: ctnetlink
+        sets no TCP window, so an updated entry would keep the windows this kernel learnt before
+        the peer carried the flow, and judge its packets INVALID (the lab measured every
+        connection stalling at a failback); a new entry learns them from the next packets. With
+        ``liberal`` they are updated in place (a deleted entry would leave each flow without one
+        until it is created again, and with the commit gate off, the default, a packet meanwhile
+        makes one of its own, with a NAT binding of its own); the update clears the window flags
+        that would otherwise stay (request._TCP_FLAGS_RESET).
         """
         start = time.monotonic()
         todo = list(entries)
@@ -398,7 +399,7 @@ class KernelTable:
         created = updated = 0
         creates = [e for e in todo if e.key not in existing] if existing else todo
         known = [e for e in todo if e.key in existing] if existing else []
-        if known:
+        if known and not liberal:
             stale = [e for e in known if _is_tcp(e.key)]
             if stale:
                 self.delete(e.key for e in stale)

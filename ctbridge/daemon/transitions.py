@@ -226,8 +226,10 @@ class Transitions:
         entries written of how many. Any change is progress; none for long is a stall."""
         if self.backend is not None:
             # conntrackd's commands show no progress; each is bounded by apply.step_timeout, so
-            # the seconds it has run stand for it (a client waits until that bound fails it)
-            return {"step": self.under_way, "backend": "conntrackd", "seconds": round(time.monotonic() - self.since)}
+            # the seconds a step has run stand for it (a client waits until that bound fails it);
+            # between steps nothing moves
+            seconds = round(time.monotonic() - self.since) if self.under_way else 0
+            return {"step": self.under_way, "backend": "conntrackd", "seconds": seconds}
         table = self.writer.kernel.table
         out: dict[str, Any] = {"step": self.under_way, "kernel_requests": table.requests_done}
         if self.under_way == failover.COMMIT:

@@ -76,6 +76,9 @@ class InternalCache(Part):
         # large backlog quadratic (bench/sync.py).
         self.pending: OrderedDict[bytes, None] = OrderedDict()
         self.intake = Intake()
+        # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
+        # what the cache holds for them over what the dump said
+        self.rebuilding: set[bytes] | None = None
 
     def expectation_count(self) -> int:
         return len(self._expectations)
@@ -106,6 +109,8 @@ class InternalCache(Part):
             told[key] = now + codec.timeout_of(msg, wire.FLOW_HEADER) * self._told_share
             pending[key] = None
         self._version = version
+        if self.rebuilding is not None:
+            self.rebuilding.update(ev.entry.key for ev in events)
 
     def kernel_expectations(self, events: list[Event], now: float) -> None:
         """Expectation events of this kernel (ctbridge.conntrack.expectation): replicated as
@@ -266,6 +271,8 @@ class InternalCache(Part):
                 pending[key] = None
         self._version = version
         intake.fast += fast
+        if self.rebuilding is not None:
+            self.rebuilding.update(keys)
         return keys
 
     def _other(self, buf: bytes, now: float, skip_portid: int, keys: list[bytes]) -> None:
@@ -356,6 +363,8 @@ class InternalCache(Part):
             told[key] = now + seconds * self._told_share
             pending[key] = None
             refreshed += 1
+            if self.rebuilding is not None:
+                self.rebuilding.add(key)
         self._version = version
         self.stats["refresh_sweeps"] += 1
         self.stats["flows_refreshed"] += refreshed
@@ -448,12 +457,16 @@ class Rebuild:
     ``newer`` (given to each ``feed`` and to ``finish``, growing): flows whose events were applied
     since the dump began. What the cache holds for them (or their absence) is at least as recent
     as the dump, which may have read them before the event: they keep it, as the cache holds them
-    at ``finish``. Nothing is marked to be sent before ``finish``: the sender reads the cache as
-    it is, and would send a DELETE for a flow only the new one holds."""
+    at ``finish``. So do the flows events or a refresh sweep change while the rebuild runs
+    (``InternalCache.rebuilding``): a sweep between two chunks had its newer version overwritten
+    by the dump's older one (found by review). Nothing is marked to be sent before ``finish``:
+    the sender reads the cache as it is, and would send a DELETE for a flow only the new one
+    holds."""
 
     __slots__ = ("_announce", "_cache", "_fresh", "_new", "_now", "_told")
 
     def __init__(self, cache: InternalCache, now: float, announce: bool) -> None:
+        cache.rebuilding = set()  # (one Rebuild at a time: the daemon's KernelReader.rebuilding)
         self._cache = cache
         self._now = now
         self._announce = announce
@@ -488,7 +501,8 @@ class Rebuild:
         cache = self._cache
         old, old_told = cache.table, cache._told
         new, told, now = self._new, self._told, self._now
-        touched = set(newer)
+        touched = set(newer) | (cache.rebuilding or set())
+        cache.rebuilding = None
         for key in touched:
             if key in old:
                 new[key] = old[key]

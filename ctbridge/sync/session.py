@@ -149,8 +149,7 @@ class Sessions(Part):
             else:
                 peer.challenge_at = None  # it went quiet: its next datagram challenges it again
 
-    @staticmethod
-    def _bulk_arriving(peer: Peer) -> bool:
+    def _bulk_arriving(self, peer: Peer) -> bool:
         """A bulk of the peer's has begun (or ended, its last datagrams awaited) and nothing of it
         is lost for good yet: not spoilt (best-effort loss) nor given up (a GAP or a window
         that overflowed, past its BULK_BEGIN)."""
@@ -160,7 +159,13 @@ class Sessions(Part):
             begin = peer.bulk_end[2]
         else:
             return False
-        return not peer.bulk_dirty and peer.given_up < begin
+        if peer.bulk_dirty or peer.given_up >= begin:
+            return False
+        # best-effort: a datagram of the bulk that is missing now is never resent, so the bulk
+        # is spoilt already (a review found a lost BULK_END waited on for a minute while the
+        # peer's ordinary flows kept coming, until the hole was 64 datagrams old)
+        gap = peer.rx.missing() if peer.rx is not None and not self.config.reliable else None
+        return gap is None or gap[1] < begin
 
     def deadline(self) -> float:
         out = float("inf")

@@ -8,6 +8,8 @@ from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig
 from tests.support.enginelab import flow
+from tests.unit.test_timeouts import deliver, pair
+from tests.unit.test_timeouts import dump as nl_dump
 
 AUTH = wire.Auth([bytes(range(32))])
 
@@ -71,3 +73,22 @@ def test_nothing_goes_out_before_the_new_cache_is_in_place() -> None:
     assert not e.internal_cache.pending and not e.internal
     rebuild.finish()
     assert len(e.internal) == 100 and len(e.internal_cache.pending) == 100
+
+
+def test_a_refresh_sweep_between_chunks_is_not_undone_by_the_older_dump() -> None:
+    """Found by review: a refresh sweep (its own dump, its own lock) sent flow 1 again with a new
+    version and a later deadline between two chunks; finish() put back what the rebuild's dump had
+    read before it, an older version that the peer then ignores as stale. The cache keeps what
+    the sweep wrote."""
+    a, b = pair()
+    key = flow(1).key
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0)], 0.0)
+    deliver(a, b, 0.0)
+    rebuild = a.kernel_rebuild(15.0)
+    rebuild.feed([flow(1, timeout=20)])  # the rebuild's dump: only the countdown moved
+    assert a.kernel_refresh(nl_dump(flow(1, timeout=30)), 15.0, within=20.0) == 1
+    swept = a.internal[key]
+    deliver(a, b, 15.0)
+    rebuild.finish()
+    assert a.internal[key] is swept and a.internal_cache._told[key] == 45.0
+    assert b.peers[1].external[key].message == swept

@@ -236,3 +236,35 @@ def test_a_bulk_that_stops_progressing_is_asked_for_again() -> None:
     lab.drop = None
     lab.run(60)
     assert lab.converged() and b.stats["resyncs_requested"] >= 2
+
+
+def test_best_effort_a_bulk_whose_end_was_lost_is_asked_for_again_though_flows_keep_coming() -> None:
+    """Found by review: without acknowledgements a lost datagram of the bulk is never resent, yet
+    B waited while the peer's ordinary flows kept coming, until the hole was 64 datagrams old
+    (68 s at one flow every 2 s). A hole past BULK_BEGIN spoils the bulk at once: B asks again
+    after resync_retry, as it did before it waited for slow bulks."""
+    lab = Lab(2, reliable=False)
+    lab.run(1)
+    for i in range(300):
+        lab.event(1, EventKind.NEW, flow(i))
+    lab.run(5)
+    b = lab.start(2)
+    lost: list[float] = []
+
+    def bulk_end_once(src: int, dst: int, data: bytes) -> bool:
+        if src != 1 or lost:
+            return False
+        _header, _flows, messages = wire.decode_split(data, lab.auth, 2, 3)
+        if any(type(m) is wire.BulkEnd for m in messages):
+            lost.append(lab.now)
+            return True
+        return False
+    lab.drop = bulk_end_once
+    start = lab.now
+    for i in range(1000, 1030):  # a flow every 2 s: the peer's churn goes on
+        lab.event(1, EventKind.NEW, flow(i))
+        lab.run(2)
+        if b.peers[1].synced:
+            break
+    assert lost and b.peers[1].synced and b.stats["resyncs_requested"] >= 2
+    assert lab.now - start <= 8 * b.config.resync_retry
