@@ -81,6 +81,7 @@ class Cluster:
     paths: dict[str, str]
     path: str = "<cluster>"
     backend: str = "ctbridge"  # "conntrackd": an existing conntrackd replicates, driven by ctbridge
+    table_size: int = 0  # flows each node's conntrack table must hold (0: the kernel's own sizing)
 
     def demotion(self) -> int:
         """How far the interlock lowers an incomplete node's priority: below every complete node
@@ -124,8 +125,11 @@ CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
     "transport": (str, "unicast"), "sync_group": (str, ""), "sync_link_groups": (list, []), "sync_port": (int, 3780),
     "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
-    "group": (str, "G1"), "backend": (str, "ctbridge"),
+    "group": (str, "G1"), "backend": (str, "ctbridge"), "table_size": (int, 0),
 }
+# The largest table_size render sizes for: the kernel's hash takes any size, but 2^26 buckets of 8
+# bytes is half a GiB before a single flow; a larger table is a typo more likely than a plan
+TABLE_SIZE_MAX = 1 << 26
 _KIND = {str: "a string", int: "an integer", bool: "true or false", float: "a number", dict: "a table",
          list: "a list"}
 
@@ -315,6 +319,9 @@ def _verify_cluster(c: Cluster) -> list[str]:
         p.append(f"cluster {c.name!r}: sync_port = {c.sync_port} is not a UDP port (1-65535)")
     if len(c.nodes) < 2:
         p.append(f"cluster {c.name!r}: has {len(c.nodes)} node(s); a cluster needs at least two [[node]] tables")
+    if not 0 <= c.table_size <= TABLE_SIZE_MAX:
+        p.append(f"cluster {c.name!r}: table_size = {c.table_size}; give the flows a node's table must hold, "
+                 f"0-{TABLE_SIZE_MAX} (0: leave the kernel's sizing alone)")
     if c.backend == "conntrackd":
         if c.apply_mode != "commit":
             p.append(f"cluster {c.name!r}: backend = \"conntrackd\" commits on MASTER (conntrackd -c); set "

@@ -268,3 +268,22 @@ def test_the_conntrackd_backend_renders_conntrackd_conf_and_points_ctbridge_at_i
                                                                               'apply_mode = "inject"')))
     linked = TWO.replace("[cluster]\n", '[cluster]\nbackend = "conntrackd"\n')
     assert any("sync link only" in p for p in problems(linked))
+
+
+def test_table_size_renders_the_conntrack_limit_and_hash_and_refuses_what_cannot_be_meant(tmp_path: Path) -> None:
+    """[cluster] table_size (issue 24, deliver 5): render writes the sysctl settings (the table's
+    limit and its hash, alike, as the kernel sizes them by default) and the module option that
+    sizes the hash at load; without it, neither file. A size past TABLE_SIZE_MAX is refused."""
+    text = TWO.replace("[cluster]\n", "[cluster]\ntable_size = 2000000\n", 1)
+    c = cluster.checked(cluster.parse(text, "c.toml"))
+    files = render.render(c, c.node("fw2"))
+    lines = [line for line in files["ctbridge-sysctl.conf"].splitlines() if line and not line.startswith("#")]
+    assert lines == ["net.netfilter.nf_conntrack_max = 2000000", "net.netfilter.nf_conntrack_buckets = 2000000"]
+    options = [line for line in files["ctbridge-modprobe.conf"].splitlines() if line and not line.startswith("#")]
+    assert options == ["options nf_conntrack hashsize=2000000"]
+    assert "fw2" in files["ctbridge-sysctl.conf"]
+    plain = cluster.checked(cluster.parse(TWO, "c.toml"))
+    assert not {"ctbridge-sysctl.conf", "ctbridge-modprobe.conf"} & set(render.render(plain, plain.node("fw1")))
+    huge = TWO.replace("[cluster]\n", f"[cluster]\ntable_size = {cluster.TABLE_SIZE_MAX + 1}\n", 1)
+    assert any("table_size = 67108865; give the flows a node's table must hold" in p for p in problems(huge))
+    assert any("table_size" in p for p in problems(TWO.replace("[cluster]\n", "[cluster]\ntable_size = -1\n", 1)))
