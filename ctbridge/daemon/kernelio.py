@@ -34,7 +34,7 @@ from ctbridge.conntrack.eventdrain import EventDrain
 from ctbridge.conntrack.eventsocket import EventSocket
 from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.table import KernelError, KernelTable
-from ctbridge.daemon import metrics
+from ctbridge.daemon import heap, metrics
 from ctbridge.sync.engine import EVERYTHING, Engine, KernelOp
 
 log = logging.getLogger("ctbridge")
@@ -197,6 +197,7 @@ class KernelReader:
         kernel = self.kernel
         loop = kernel.loop
         async with self.rebuilding, contextlib.AsyncExitStack() as stack:
+            stack.enter_context(heap.collector_paused())  # an entry per flow of the dump, until the end
             async with kernel.lock:
                 # flows whose events arrive from here until the rebuild ends: their events are
                 # newer than the dump (the rebuild keeps what the cache holds for them)
@@ -302,7 +303,8 @@ class KernelWriter:
         entries = self.engine.commit_records(loop.time())
         # flows this kernel already holds (a node taking back the master role): updated at once
         existing = frozenset(self.engine.internal)
-        result = await self.kernel.run(self.kernel.table.commit, entries, self.liberal_tcp, existing)
+        with heap.collector_paused():  # a record per flow, alive until the commit ends
+            result = await self.kernel.run(self.kernel.table.commit, entries, self.liberal_tcp, existing)
         info = {"entries": result.created + result.updated, "failed": len(result.failed),
                 "seconds": round(result.seconds, 6), "at": time.time()}
         self.stats["commit"] = info
