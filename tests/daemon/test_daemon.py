@@ -127,9 +127,10 @@ def test_every_flow_arrives_through_20_percent_loss() -> None:
             assert table.commit(flows).failed == []
         wait_for("all 3000 flows on B", lambda: b.request("stats")["external"]["entries"] == 3000, timeout=60)
         listing = b.run("nft", "list", "table", "inet", "loss").stdout
-        # the loss really happened (fresh-root CI once counted exactly 100 of some 500 datagrams:
-        # the bound only has to show that there was loss to recover from)
-        assert sum(int(n) for n in re.findall(r"packets (\d+)", listing)) > 20
+        # the loss really happened. Compact batches carry 3,000 flows in a few dozen datagrams,
+        # and a fresh-root CI run once counted 19 drops: the bound only has to show that there
+        # was loss, and the NACKs that B had data to recover
+        assert sum(int(n) for n in re.findall(r"packets (\d+)", listing)) > 0
         assert b.request("stats")["sync"]["nacks_sent"] > 0
 
 
