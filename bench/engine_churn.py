@@ -140,7 +140,7 @@ def run_once(load: Load, batch: int) -> dict[str, float]:
             exchange(True)
     finally:
         gc.enable()
-    held = {k: f.message[wire.FLOW_HEADER:] for k, f in b.peers[1].external.items()}
+    held = {k: f[0][wire.FLOW_HEADER:] for k, f in b.peers[1].external.items()}
     mine = {k: m[wire.FLOW_HEADER:] for k, m in a.internal.items()}
     assert held == mine, (len(held), len(mine))
     timed["changes"] = changes

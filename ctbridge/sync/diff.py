@@ -126,7 +126,7 @@ class Diffs(Part):
         d = self._diffs.get(msg.request)
         if d is None or d.node != peer.node or d.result is not None or now > d.started + DIFF_LIFETIME:
             return
-        ours = ((k, cur.message) for k, cur in peer.external.items())  # our copy, read once when needed
+        ours = ((k, cur[0]) for k, cur in peer.external.items())  # our copy, read once when needed
         if type(msg) is wire.Digest:
             if d.asked:
                 return  # the sums are in: a later DIGEST changes nothing

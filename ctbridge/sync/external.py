@@ -30,12 +30,12 @@ from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry
 from ctbridge.sync import wire
 from ctbridge.sync.events import BulkCompleted, KernelOp, LimitReached
-from ctbridge.sync.peer import EXPECT, MARK, ExternalFlow, Peer
+from ctbridge.sync.peer import EXPECT, MARK, ExternalFlow, Peer, runs_out, version_of
 from ctbridge.sync.shared import Part, Shared
 
 log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
-_VERSION = struct.Struct("!Q")  # a FLOW's version, at offset 4 (ctbridge.sync.flows: ExternalFlow.version)
+_VERSION = struct.Struct("!Q")  # a FLOW's version, at offset 4 (ctbridge.sync.peer.version_of)
 EXPIRY_CHUNK = 8192  # flows looked at per timer call of an expiry pass (about 10 ms: the loop goes on)
 
 
@@ -67,7 +67,9 @@ class ExternalCaches(Part):
         direct = peer.node not in cfg.peer_filters and (
             not cfg.max_entries or len(external) + len(refused) + len(flows) < cfg.max_entries)
         refusing = cfg.filter.refused_among(flows, wire.FLOW_HEADER, external) if direct else set()
-        version_of = _VERSION.unpack_from
+        unpack_version = _VERSION.unpack_from
+        life = peer.life
+        stored = life + seq  # ctbridge.sync.peer.LIFE
         stale = 0
         for i, (version, key, fmsg) in enumerate(flows):
             cur = external.get(key)
@@ -83,21 +85,18 @@ class ExternalCaches(Part):
                         refused.pop(key, None)
                 elif not self._admit(peer, version, key, fmsg, seq):
                     continue
-                external[key] = ExternalFlow(fmsg, seq, now)
-            elif version > (version_of(cur.message, 4)[0] if cur.seq else -1):  # ExternalFlow.version
+                external[key] = (fmsg, stored, now)
+            elif version > (unpack_version(cur[0], 4)[0] if cur[1] >= life else -1):  # peer.version_of
                 if fmsg[0] == EXPECT and not self._allowed(peer, key, fmsg):
                     # an expectation's master and mask are not in its key: every version is
                     # checked, or an accepted one could be turned into a pinhole the filter refuses
                     self._forget(peer, key)
                     self._refused(peer, key, version, seq)
                     continue
-                cur.message = fmsg
-                cur.heard = now
-                if seq > cur.seq:
-                    cur.seq = seq
+                external[key] = (fmsg, stored if stored > cur[1] else cur[1], now)
             else:
-                if seq > cur.seq:
-                    cur.seq = seq
+                if stored > cur[1]:
+                    external[key] = (cur[0], stored, cur[2])
                 stale += 1
                 continue
             if inject:
@@ -121,11 +120,12 @@ class ExternalCaches(Part):
         cfg = self.config
         cap = cfg.max_tombstones
         ttl = now + cfg.tombstone_ttl
-        version_of = _VERSION.unpack_from
+        unpack_version = _VERSION.unpack_from
+        life = peer.life
         stale = 0
         for version, key in deletes:
             cur = external.get(key)
-            if cur is not None and (version_of(cur.message, 4)[0] if cur.seq else -1) >= version:
+            if cur is not None and (unpack_version(cur[0], 4)[0] if cur[1] >= life else -1) >= version:
                 stale += 1
                 continue
             if peer.refused:
@@ -164,11 +164,11 @@ class ExternalCaches(Part):
         refused as if it came now (in inject mode deleted from this kernel)."""
         for peer in self.peers.values():
             for key, cur in list(peer.external.items()):
-                if self._allowed(peer, key, cur.message):
+                if self._allowed(peer, key, cur[0]):
                     continue
-                version, seq = cur.version, cur.seq
                 self._forget(peer, key)
-                self._refused(peer, key, version, seq)
+                # a flow of the peer's previous life is refused as if it came before any bulk
+                self._refused(peer, key, version_of(cur, peer.life), max(0, cur[1] - peer.life))
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class ExternalCaches(Part):
         """The FLOW message ``node``'s copy holds for ``key``; None if none."""
         peer = self.peers.get(node)
         cur = peer.external.get(key) if peer is not None else None
-        return cur.message if cur is not None else None
+        return cur[0] if cur is not None else None
 
     # --- time ---------------------------------------------------------------------------------------
 
@@ -287,7 +287,8 @@ class ExternalCaches(Part):
         # Every flow the bulk carried was mentioned since BULK_BEGIN: it is in the cache, or was
         # deleted or refused since. Fewer than BULK_END says means something of it was lost or
         # is not what the peer sent: keep what we have and ask again.
-        mentioned = (sum(1 for v in peer.external.values() if v.seq >= begin_seq)
+        begin = peer.life + begin_seq  # as stored (ctbridge.sync.peer.LIFE)
+        mentioned = (sum(1 for v in peer.external.values() if v[1] >= begin)
                      + sum(1 for t in peer.tombstones.values() if t[2] >= begin_seq)
                      + sum(1 for r in peer.refused.values() if r[1] >= begin_seq) + peer.capped)
         if mentioned < flows_sent:
@@ -299,7 +300,7 @@ class ExternalCaches(Part):
             peer.synced = False
             peer.resync_at = last_input  # asked again after resync_retry, never in a loop
             return
-        stale = [k for k, v in peer.external.items() if v.seq < begin_seq]
+        stale = [k for k, v in peer.external.items() if v[1] < begin]
         for key in [k for k, v in peer.refused.items() if v[1] < begin_seq]:
             del peer.refused[key]
         for key in stale:
@@ -322,7 +323,7 @@ class ExternalCaches(Part):
         """Every expectation learnt from peers, with what is left of its timeout (whole
         seconds, at least 1), for a commit after the flows: merged as entries()."""
         cap = expectation.TIMEOUT_MAX
-        return [(wire.flow_entry(key, cur.message), max(1, min(cap, int(cur.runs_out() - now + 0.5))))
+        return [(wire.flow_entry(key, cur[0]), max(1, min(cap, int(runs_out(cur) - now + 0.5))))
                 for key, cur in self.merged().items() if key[0] & MARK]
 
     def commit_records(self, now: float) -> Iterator[codec.Record]:
@@ -347,11 +348,12 @@ class ExternalCaches(Part):
         record = codec.Record
         for key, cur in zip(keys, values, strict=True):
             if key[0] < MARK:
-                yield record(key, cur.message[1], cur.message, header, 0.0 if base is None else cur.heard + base)
+                msg = cur[0]
+                yield record(key, msg[1], msg, header, 0.0 if base is None else cur[2] + base)
 
     def messages(self) -> list[tuple[bytes, bytes]]:
         """(key, FLOW message) of every flow learnt from peers, merged as entries() does."""
-        return [(key, cur.message) for key, cur in self.merged().items() if key[0] < MARK]
+        return [(key, cur[0]) for key, cur in self.merged().items() if key[0] < MARK]
 
     def merged(self) -> Mapping[bytes, ExternalFlow]:
         """Every peer's copy in one mapping: a flow two peers know is the later peer's (peers are
@@ -398,9 +400,9 @@ class ExternalCaches(Part):
             for key in keys[len(keys) - take:]:
                 cur = external.get(key)
                 # heard within the margin: not expired whatever its timeout (most of a busy table)
-                if cur is not None and cur.heard < limit and \
-                        cur.heard + (timeout_of(cur.message, header) if cur.message[0] != EXPECT
-                                     else expect_timeout(cur.message, header)) < limit:
+                if cur is not None and cur[2] < limit and \
+                        cur[2] + (timeout_of(cur[0], header) if cur[0][0] != EXPECT
+                                  else expect_timeout(cur[0], header)) < limit:
                     del external[key]
                     expired += 1
             del keys[len(keys) - take:]

@@ -20,30 +20,35 @@ MARK = expectation.EXPECTATION  # a key whose first byte has it is an expectatio
 
 NEVER = float("-inf")  # Peer.candidate_at while no newer life of the peer waits to be proven
 
-class ExternalFlow:
-    """One flow a peer told us about: its FLOW message, the sequence number of the peer's last
-    datagram that mentioned it (bulks drop flows not mentioned since BULK_BEGIN; 0: from a
-    previous life of the peer), and when that version came (its CTA_TIMEOUT counts from then:
-    expiry). ``seq`` and ``heard`` are the datagram's, one object shared by every flow it
-    carried; the version is read from the message, so a cached flow costs its message, its key
-    and this object (bench/failover.py: memory per cached flow)."""
+# One flow a peer told us about, a plain tuple (message, seq, heard): its FLOW message, the
+# sequence number of the peer's last datagram that mentioned it as stored (bulks drop flows not
+# mentioned since BULK_BEGIN), and when that version came (its CTA_TIMEOUT counts from then:
+# expiry). The version is read from the message, so a cached flow costs its message, its key
+# and this tuple (bench/failover.py: memory per cached flow).
+#
+# A tuple, not an object: CPython's cyclic collector stops tracking a tuple of bytes and numbers
+# at the first collection it survives, while it walks every instance of a class in each full
+# collection. With a million flows cached as objects, every full collection held the loop for
+# 0.09-0.17 s (a standby taking a 1M-flow load: five such stalls; bench/scale.py); with tuples
+# a full collection takes about 1.5 ms (docs/performance.md, "A million flows").
+ExternalFlow = tuple[bytes, int, float]
 
-    __slots__ = ("heard", "message", "seq")
+# Stored sequence numbers carry the peer's life above its 32-bit numbers (wire: a datagram's
+# sequence number, sequence.SEQ_MAX): Peer.life is the current life's base, stored = life + seq.
+# A flow stored below it is of a previous life: outranked by any version the new life sends,
+# and older than any BULK_BEGIN of it. A restart raises the base, which touches no flow.
+LIFE = 1 << 32
 
-    def __init__(self, message: bytes, seq: int, heard: float = 0.0) -> None:
-        self.message = message
-        self.seq = seq
-        self.heard = heard
 
-    @property
-    def version(self) -> int:
-        """The peer's counter for this state; -1 for a flow of the peer's previous life, which
-        anything of its new life outranks."""
-        return wire.flow_version(self.message) if self.seq else -1
+def version_of(cur: ExternalFlow, life: int) -> int:
+    """The peer's counter for this state; -1 for a flow of the peer's previous life (stored
+    below ``life``), which anything of its new life outranks."""
+    return wire.flow_version(cur[0]) if cur[1] >= life else -1
 
-    def runs_out(self) -> float:
-        """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
-        return self.heard + seconds_of(self.message)
+
+def runs_out(cur: ExternalFlow) -> float:
+    """When the peer's timeout for it, as it last came, ran out (the engine's clock)."""
+    return cur[2] + seconds_of(cur[0])
 
 
 def seconds_of(msg: bytes) -> int:
@@ -61,6 +66,7 @@ class Peer:
         self.epoch = -1
         self.rx: ReceiveWindow | None = None
         self.external: dict[bytes, ExternalFlow] = {}
+        self.life = LIFE  # the base of this life's stored sequence numbers (LIFE)
         # key -> (version, until when it outranks late updates, sequence number of the DELETE),
         # oldest first. An OrderedDict: at the cap the oldest goes with each new deletion, and a
         # plain dict finds its first entry by scanning past the slots of those deleted before it

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from ctbridge.sync import wire
 from ctbridge.sync.events import PeerRestarted
-from ctbridge.sync.peer import NEVER, Peer
+from ctbridge.sync.peer import LIFE, NEVER, Peer
 from ctbridge.sync.sequence import ReceiveWindow
 from ctbridge.sync.shared import Part, Shared
 
@@ -313,8 +313,7 @@ class Sessions(Part):
         peer.acked_at = now
         # Its versions and sequence numbers start again from scratch: what we hold from its
         # previous life must not outrank (version) or outlive (bulk mark) what it sends now.
-        for cur in peer.external.values():
-            cur.seq = 0  # version -1: outranked by anything it sends now
+        peer.life += LIFE  # what we hold of it is now stored below its life: version -1 (peer.LIFE)
         peer.tombstones.clear()
         peer.refused.clear()
         # What it had before is unknown now: the bulk asked for with our challenge replaces it.

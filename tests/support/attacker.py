@@ -427,10 +427,10 @@ class Provenance:
                 self._views[(r, lab.epochs[r], s)] = view
                 current = lab.engines[s].epoch
                 for key, cur in peer.external.items():
-                    allowed = [e for e in view.allowed if cur.message in self.states.get((s, e), {}).get(key, ())]
+                    allowed = [e for e in view.allowed if cur[0] in self.states.get((s, e), {}).get(key, ())]
                     assert allowed, (f"node {r} holds a flow of node {s} that no allowed life of it had "
                                      f"(allowed {sorted(view.allowed)}, lives that had it: "
-                                     f"{self._lives(s, key, cur.message)}, S is in {current})")
+                                     f"{self._lives(s, key, cur[0])}, S is in {current})")
                     if max(allowed) < current - 1:
                         self.older += 1
                     if peer.synced:

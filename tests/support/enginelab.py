@@ -159,7 +159,7 @@ class Lab:
                 if r == s:
                     continue
                 peer = receiver.peers.get(s)
-                have = {k: v.message[wire.FLOW_HEADER:] for k, v in peer.external.items()} if peer else {}
+                have = {k: v[0][wire.FLOW_HEADER:] for k, v in peer.external.items()} if peer else {}
                 if have != want:
                     missing = len(want.keys() - have.keys())
                     extra = len(have.keys() - want.keys())

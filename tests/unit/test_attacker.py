@@ -334,7 +334,7 @@ def _view(eng: Engine, node: int) -> tuple[int, dict[bytes, bytes], int]:
     """What ``eng`` holds of ``node``: its epoch, its flows (FLOW messages), the next number expected."""
     peer = eng.peers[node]
     assert peer.rx is not None
-    return peer.epoch, {k: v.message for k, v in peer.external.items()}, peer.rx.expected
+    return peer.epoch, {k: v[0] for k, v in peer.external.items()}, peer.rx.expected
 
 
 def _three_nodes() -> tuple[Lab, Engine, Engine, Engine, dict[int, int]]:

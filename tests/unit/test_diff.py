@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ctbridge.conntrack.codec import EventKind
 from ctbridge.sync import digest, wire
-from ctbridge.sync.engine import ExternalFlow, Role
+from ctbridge.sync.engine import Role
 from ctbridge.sync.events import Heard
 from tests.support.enginelab import Lab, flow
 
@@ -39,8 +39,9 @@ def test_missing_extra_and_stale_flows_are_named_and_nothing_else() -> None:
     copy = lab.engines[2].peers[1].external
     # what a lost deletion, a lost flow and a lost update leave behind
     del copy[flow(7).key]
-    copy[flow(9999).key] = ExternalFlow(wire.flow_msg(1, flow(9999)), 1, lab.now)
-    copy[flow(11).key] = ExternalFlow(wire.flow_msg(1, flow(11, mark=5)), 1, lab.now)
+    life = lab.engines[2].peers[1].life  # stored sequence numbers of this life (ctbridge.sync.peer.LIFE)
+    copy[flow(9999).key] = (wire.flow_msg(1, flow(9999)), life + 1, lab.now)
+    copy[flow(11).key] = (wire.flow_msg(1, flow(11, mark=5)), life + 1, lab.now)
     result = diff(lab, 2, 1)
     assert not result["equal"] and result["theirs"] == 2000 and result["ours"] == 2000
     assert result["missing"] == [flow(7).key] and result["extra"] == [flow(9999).key]

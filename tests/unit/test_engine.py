@@ -16,7 +16,6 @@ from ctbridge.sync.engine import (
     CompletenessChanged,
     Engine,
     EngineConfig,
-    ExternalFlow,
     PeerRestarted,
     PeerSilent,
 )
@@ -349,7 +348,7 @@ def test_the_daemon_reads_peers_through_live_peers_peer_flow_and_peer_reports() 
     lab.run(1)
     c = lab.engines[3]
     assert sorted(c.live_peers()) == [1, 2]
-    held = c.peers[1].external[flow(1).key].message
+    held = c.peers[1].external[flow(1).key][0]
     assert c.peer_flow(1, flow(1).key) == held == lab.engines[1].internal[flow(1).key]
     assert c.peer_flow(2, flow(1).key) is None and c.peer_flow(9, flow(1).key) is None
     report = {r.node: r for r in c.peer_reports(lab.now + 2)}[1]
@@ -416,7 +415,7 @@ def test_a_lost_bulk_end_is_resent_and_the_bulk_completes() -> None:
     for t in range(3):
         _deliver(a, b, t)
         _deliver(b, a, t)
-    b.peers[1].external[flow(999).key] = ExternalFlow(wire.flow_msg(0, flow(999)), 0)  # a flow A does not have
+    b.peers[1].external[flow(999).key] = (wire.flow_msg(0, flow(999)), 0, 0.0)  # a flow A does not have (a past life's)
     a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in range(20)], 3.0)
     _deliver(a, b, 3.0)
     a.bulk_send(4.0)
@@ -464,7 +463,7 @@ def test_restarted_sender_with_lower_versions_still_updates_existing_flows() -> 
     lab.start(1).kernel_resync([flow(1, mark=99)], lab.now)  # versions start again at 1
     lab.run(2)
     (cur,) = lab.engines[2].peers[1].external.values()
-    assert wire.flow_entry(flow(1).key, cur.message).attrs == flow(1, mark=99).attrs
+    assert wire.flow_entry(flow(1).key, cur[0]).attrs == flow(1, mark=99).attrs
 
 
 def test_overflow_starts_a_bulk_without_waiting_for_a_nack() -> None:

@@ -91,4 +91,4 @@ def test_a_refresh_sweep_between_chunks_is_not_undone_by_the_older_dump() -> Non
     deliver(a, b, 15.0)
     rebuild.finish()
     assert a.internal[key] is swept
-    assert b.peers[1].external[key].message == swept
+    assert b.peers[1].external[key][0] == swept

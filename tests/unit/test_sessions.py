@@ -150,7 +150,7 @@ def test_refused_flows_ending_during_a_bulk_do_not_make_it_fail_for_ever() -> No
         begun = peer.bulk_begin if peer is not None else None
         if begun is not None and begun != seen:
             # a bulk under way at R, some way in: a refused flow it has carried ends now
-            carried = sum(1 for v in peer.external.values() if v.seq >= begun[1])  # type: ignore[union-attr]
+            carried = sum(1 for v in peer.external.values() if v[1] >= peer.life + begun[1])  # type: ignore[index]
             if 1000 < carried < 18000:
                 seen = begun
                 tx.kernel_events([Event(EventKind.DESTROY, other(refused.pop(0)), 0)], lab.now)

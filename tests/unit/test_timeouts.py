@@ -10,6 +10,7 @@ from ctbridge.conntrack import codec, request
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
 from ctbridge.sync.engine import Engine, EngineConfig
+from ctbridge.sync.peer import runs_out
 from tests.support.enginelab import KEY, flow
 
 
@@ -37,7 +38,7 @@ def dump(*entries: Entry) -> list[bytes]:
 
 
 def timeout_at_b(b: Engine, key: bytes) -> int:
-    return codec.timeout_of(b.peers[1].external[key].message, wire.FLOW_HEADER)
+    return codec.timeout_of(b.peers[1].external[key][0], wire.FLOW_HEADER)
 
 
 def test_a_flow_traffic_keeps_alive_is_sent_again_before_its_peers_copy_runs_out() -> None:
@@ -52,7 +53,7 @@ def test_a_flow_traffic_keeps_alive_is_sent_again_before_its_peers_copy_runs_out
     # t=15: B's copy would run out before the sweep after next: sent again, with 30 s from now
     assert a.kernel_refresh(dump(flow(1, timeout=30)), 15.0, within=20.0) == 1
     deliver(a, b, 15.0)
-    assert b.peers[1].external[flow(1).key].runs_out() == 45.0
+    assert runs_out(b.peers[1].external[flow(1).key]) == 45.0
     # an idle flow (its countdown only ran down) is not sent again
     assert a.kernel_refresh(dump(flow(1, timeout=20)), 25.0, within=20.0) == 0
     assert a.stats["flows_refreshed"] == 1 and a.stats["refresh_sweeps"] == 3
@@ -155,8 +156,8 @@ def test_sweeps_refresh_in_time_whatever_they_take() -> None:
         start = t + wait
         dumped = rng.choice([0.05, 0.05, 0.5, 1.5, 3.0])  # the dump, then as long again for the engine
         t = start + dumped
-        runs_out = b.peers[1].external[flow(1).key].runs_out()  # what B's kernel would hold
-        lapses += runs_out < start  # ran out before this sweep read the table
+        until = runs_out(b.peers[1].external[flow(1).key])  # what B's kernel would hold
+        lapses += until < start  # ran out before this sweep read the table
         wait, within = sweep_timing(2.5, 30.0, dumped, max(recent[-8:]))
         a.kernel_refresh(dump(flow(1, timeout=30)), t, within)
         deliver(a, b, t)
@@ -264,7 +265,7 @@ def test_a_sweep_that_could_refresh_nothing_is_left_out_and_no_copy_runs_out() -
     dumped, dumped_flows = 0.0, 0
     for _ in range(1500):
         t += wait
-        lapses += sum(b.peers[1].external[flow(i).key].runs_out() < t for i in timeouts)
+        lapses += sum(runs_out(b.peers[1].external[flow(i).key]) < t for i in timeouts)
         if dumped_flows:
             skip = needless(a.refresh_due, len(a.internal), t, 2.5, 30.0, dumped, dumped_flows, max(recent[-8:]))
             if skip is not None:

@@ -23,7 +23,7 @@ def exact(lab: Lab) -> bool:
             if r == s:
                 continue
             peer = receiver.peers.get(s)
-            have = {k: v.message for k, v in peer.external.items()} if peer else {}
+            have = {k: v[0] for k, v in peer.external.items()} if peer else {}
             if have != sender.internal:
                 return False
     return True
