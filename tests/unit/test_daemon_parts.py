@@ -43,6 +43,7 @@ class _Engine:
 
     def __init__(self) -> None:
         self.outputs = 0
+        self.peers: dict[int, object] = {}
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         self.outputs += 1

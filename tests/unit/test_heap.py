@@ -54,3 +54,16 @@ def test_a_peers_cached_flows_are_not_walked_by_full_collections() -> None:
     assert len(copy) == 300
     gc.collect()
     assert [k for k, cur in copy.items() if gc.is_tracked(cur)] == []
+
+
+def test_what_exists_at_a_freeze_is_left_out_of_later_collections() -> None:
+    cache = {i: (b"flow", i, 0.5) for i in range(100)} | {-1: [b"a list is tracked"]}
+    assert gc.is_tracked(cache)
+    try:
+        heap.freeze_long_lived()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is cache for o in gc.get_objects())  # no generation holds it
+        cache[-2] = [b"a tracked value added later is collected as before"]
+        assert any(o is cache[-2] for o in gc.get_objects(generation=0))
+    finally:
+        gc.unfreeze()
