@@ -634,8 +634,28 @@ def _measure_events(n: int, a: _Node, b: _Node, created: list[str], result: dict
         log(f"conntrackd harness: not converged within {result['timeout_seconds']:.0f}s: A's internal cache reached "
             f"{result['internal_reached']}/{n}, B's external cache {result['external_reached']}/{n}")
     result["overruns_hint"] = _overrun_hint(a, b)
+    if result.get("resync") and external_s is not None:
+        result["resync_seconds"] = _restart_and_resync(n, b, result["timeout_seconds"])
     result["ok"] = True
     result["error"] = None
+
+
+def _restart_and_resync(n: int, b: _Node, timeout: float) -> float | None:
+    """B's conntrackd stopped and started again, then asked for a resync (`conntrackd -n`, what
+    keepalived's primary-backup.sh runs on BACKUP): seconds from the restart until B's external
+    cache holds n again (None past ``timeout``). The same clock as bench/scale.py's resync of
+    ctbridge: from the start of the new daemon."""
+    _stop_daemon(b)
+    start = time.perf_counter()
+    _start_daemon(b)
+    _wait_ready(b)
+    _run(_in_ns(b.netns, "conntrackd", "-C", str(b.conf), "-n"))
+
+    def external_b() -> int:
+        _check_alive(b)
+        return _stats(b)[1]
+    _held, seen = _poll(external_b, n, start, timeout)
+    return None if seen is None else round(seen, 6)
 
 
 def _run_pair(n: int, result: dict[str, Any], body: Callable[..., None], log: Callable[..., object]) -> dict[str, Any]:
@@ -690,7 +710,7 @@ def measure_conntrackd(n: int, log: Callable[..., object] = print) -> dict[str, 
 
 
 def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst: bool = False,
-                              loss: int = 0, timeout: float = EVENTS_TIMEOUT) -> dict[str, Any]:
+                              loss: int = 0, timeout: float = EVENTS_TIMEOUT, resync: bool = False) -> dict[str, Any]:
     """Time conntrackd's event path: n TCP flows loaded by one `conntrack -R` into A's kernel while both daemons run,
     until B's external cache holds all n (at most EVENTS_TIMEOUT seconds after the load started).
 
@@ -699,8 +719,9 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
     internal_seconds count from the start of the load; load_seconds is the `conntrack -R` process alone.
     "overruns_hint" holds A's netlink statistics (`conntrackd -s runtime`) and any overrun/resync log lines. Never
     raises for a failed measurement (ok=False, one-line error); KeyboardInterrupt and SystemExit propagate, after
-    cleanup."""
+    cleanup. ``resync``: then B's daemon is restarted and resynced (resync_seconds, _restart_and_resync)."""
     result: dict[str, Any] = {
+        "resync": resync, "resync_seconds": None,
         "ok": False, "error": None, "entries": n, "load_seconds": None, "sync_seconds": None, "sync_rate": None,
         "internal_seconds": None, "converged": False, "external_reached": 0, "internal_reached": 0,
         "overruns_hint": None, "timeout_seconds": timeout, "version": None,

@@ -30,7 +30,11 @@ class EngineConfig:
     tombstone_ttl: float = 60.0  # how long a deletion outranks late updates of the same flow
     resync_retry: float = 3.0  # ask again for a bulk transfer that has not completed
     max_age: float = 0.0  # reject datagrams whose sender time is older than this (0: off)
-    burst: int = 256  # datagrams per datagrams_to_send() call
+    # datagrams per datagrams_to_send() call: the loop runs between two calls. A full datagram
+    # of a bulk is some 55 flows at 3-5 us each, so 64 hold the loop 10-20 ms (256 held a new
+    # master's loop 0.10-0.13 s while it sent its 1M-flow table: bench/scale.py, asyncio's debug
+    # mode); the sync socket's sendmmsg takes as many at once (daemon/synclink.py, SEND_BATCH)
+    burst: int = 64
     # Flow control (docs/protocol.md, "Loss recovery and flow control"; after RFC 9002 and RFC 6298):
     initial_window: int = 128  # data datagrams in flight before the first acknowledgement
     min_window: int = 128  # never below (random loss on a LAN is no congestion to back off from; a

@@ -25,3 +25,24 @@ def conntrack_max(n: int) -> Iterator[None]:
     finally:
         if want != before:
             path.write_text(str(before))
+
+
+@contextlib.contextmanager
+def conntrack_buckets(n: int) -> Iterator[None]:
+    """The host's conntrack hash resized to ``n`` buckets for the run (0: left as it is), and
+    restored. What `ctbridge check` advises for a large table (ctbridge/config/sizing.py); the
+    kernel rehashes what the table holds, and takes the value only in the host's namespace."""
+    path = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
+    try:
+        before = int(path.read_text())
+    except OSError:
+        yield
+        return
+    if n <= 0 or n == before:
+        yield
+        return
+    path.write_text(str(n))
+    try:
+        yield
+    finally:
+        path.write_text(str(before))
