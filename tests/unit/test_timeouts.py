@@ -95,6 +95,22 @@ def test_a_dead_peers_flows_expire_after_their_timeout_and_the_margin() -> None:
     assert b.stats["flows_expired"] == 1
 
 
+def test_a_commit_writes_each_flow_as_the_snapshot_had_it_while_the_cache_moves_on() -> None:
+    """The commit's worker thread makes the records from a snapshot taken when the commit began.
+    A cached flow was an object updated in place, so a flow updated meanwhile was written with
+    its new message and the time its old one came, or half of each; a tuple cannot change."""
+    a, b = pair(expiry_margin=30.0)
+    a.kernel_events([Event(EventKind.NEW, flow(1, timeout=120), 0)], 0.0)
+    deliver(a, b, 0.0)
+    records = b.commit_records(now=50.0)  # the snapshot; records are made as they are consumed
+    a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=7, timeout=60), 0)], 40.0)
+    deliver(a, b, 40.0)
+    assert wire.flow_entry(flow(1).key, b.peers[1].external[flow(1).key][0]).attrs == flow(1, mark=7, timeout=60).attrs
+    (record,) = list(records)
+    assert codec.timeout_of(record.attrs) == 100  # 120 + 30 - 50: the first message, from when it came (0 s)
+    assert flow(1, mark=7, timeout=60).attrs != record.attrs  # not the update
+
+
 def test_a_commit_gives_each_flow_what_is_left_of_it() -> None:
     a, b = pair(expiry_margin=30.0)
     a.kernel_events([Event(EventKind.NEW, flow(1, timeout=120), 0), Event(EventKind.NEW, flow(2, timeout=10), 0)],
