@@ -85,6 +85,8 @@ class ExternalCaches(Part):
                         refused.pop(key, None)
                 elif not self._admit(peer, version, key, fmsg, seq):
                     continue
+                if key[0] & MARK:
+                    peer.expectations += 1
                 external[key] = (fmsg, stored, now)
             elif version > (unpack_version(cur[0], 4)[0] if cur[1] >= life else -1):  # peer.version_of
                 if fmsg[0] == EXPECT and not self._allowed(peer, key, fmsg):
@@ -177,8 +179,9 @@ class ExternalCaches(Part):
         return {k for p in self.peers.values() for k in p.external}
 
     def expectation_count(self) -> int:
-        """Expectations learnt from peers (every copy counted)."""
-        return sum(1 for p in self.peers.values() for k in p.external if k[0] & MARK)
+        """Expectations learnt from peers (every copy counted): kept as they come and go, as a
+        pass over the copies on each `stats` or metrics scrape cost 30-40 ms of the loop at 1M."""
+        return sum(p.expectations for p in self.peers.values())
 
     def peer_flow(self, node: int, key: bytes) -> bytes | None:
         """The FLOW message ``node``'s copy holds for ``key``; None if none."""
@@ -234,6 +237,8 @@ class ExternalCaches(Part):
         """Drop a flow from ``peer``'s copy; in inject mode delete it from this kernel too, unless
         another live peer holds it (see _held_by_another)."""
         del peer.external[key]
+        if key[0] & MARK:
+            peer.expectations -= 1
         if self.config.apply_mode == "inject" and not self._held_by_another(peer, key):
             self.kernel_ops.append(KernelOp("delete", None, key))
 
@@ -371,6 +376,7 @@ class ExternalCaches(Part):
     def flush(self) -> None:
         for peer in self.peers.values():
             peer.external.clear()
+            peer.expectations = 0
             peer.tombstones.clear()
             peer.refused.clear()
 
@@ -406,6 +412,8 @@ class ExternalCaches(Part):
                         cur[2] + (timeout_of(cur[0], header) if cur[0][0] != EXPECT
                                   else expect_timeout(cur[0], header)) < limit:
                     del external[key]
+                    if key[0] & MARK:
+                        peer.expectations -= 1
                     expired += 1
             del keys[len(keys) - take:]
             if not keys:

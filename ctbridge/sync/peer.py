@@ -67,6 +67,7 @@ class Peer:
         self.rx: ReceiveWindow | None = None
         self.external: dict[bytes, ExternalFlow] = {}
         self.life = LIFE  # the base of this life's stored sequence numbers (LIFE)
+        self.expectations = 0  # of ``external``, how many are expectations (keys with MARK)
         # key -> (version, until when it outranks late updates, sequence number of the DELETE),
         # oldest first. An OrderedDict: at the cap the oldest goes with each new deletion, and a
         # plain dict finds its first entry by scanning past the slots of those deleted before it

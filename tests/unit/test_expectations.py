@@ -311,3 +311,36 @@ def test_expectations_do_not_count_as_deletions_sent() -> None:
         expect_event(a, EventKind.NEW, exp(30000 + i, 40000 + i), 0.0)
     deliver(a, b, 0.0)
     assert a.stats["deletes_sent"] == 0 and a.stats["flows_sent"] == 100
+
+
+def test_the_count_of_a_peers_expectations_follows_every_way_in_and_out() -> None:
+    """`stats` and every metrics scrape read it: it is kept as expectations come and go (a pass
+    over the copies cost 30-40 ms of the loop at 1M), so every way in and out is checked here
+    against the copy itself: arrival, deletion, expiry, a restarted peer's bulk, a flush."""
+    lab = Lab(2, expectations=True, expiry_margin=30.0)
+    a = lab.engines[1]
+
+    def counted() -> int:
+        copy = lab.engines[2].peers[1].external
+        held = sum(1 for k in copy if k[0] & expectation.EXPECTATION)
+        assert lab.engines[2].expectation_counts()[1] == held
+        return held
+    a.kernel_events([Event(EventKind.NEW, master(), 0)], lab.now)
+    for port in (30002, 30003, 30004):
+        expect_event(a, EventKind.NEW, exp(port, timeout=60 if port == 30004 else 3000), lab.now)
+    lab.quiet()
+    assert counted() == 3
+    expect_event(a, EventKind.DESTROY, exp(30003), lab.now)
+    lab.quiet()
+    assert counted() == 2
+    lab.run(120)  # 30004's 60 s and the margin ran out: expired
+    assert counted() == 1 and lab.engines[2].stats["flows_expired"] >= 1
+    restarted = lab.start(1)  # A's new life holds the master and no expectation: its bulk drops 30002
+    restarted.kernel_resync([master()], lab.now)
+    lab.run(10)
+    assert counted() == 0 and master().key in lab.engines[2].peers[1].external
+    expect_event(restarted, EventKind.NEW, exp(30005, timeout=3000), lab.now)
+    lab.quiet()
+    assert counted() == 1
+    lab.engines[2].flush_external()
+    assert counted() == 0
