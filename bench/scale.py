@@ -94,7 +94,9 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
         out["replicate"], out["held"] = _until_held(b, n, float(loaded[1]))
         out["cpu"] = _cpu(a) + _cpu(b) - cpu0
         out["rss_per_flow"] = (_rss(b) - rss0) / max(1, out["held"])
-        out["overruns"] = a.request("stats")["kernel"]["overruns"]
+        kernel = a.request("stats")["kernel"]
+        out["overruns"] = kernel["overruns"]
+        out["queue"] = kernel["event_queue"]  # the event thread's queue: its peak, and times it was full
         stalls = [node.request("stats")["loop"]["longest_stall_seconds"] for node in (a, b)]
         out["stalls_replicate"] = list(stalls)
         bulks = a.request("stats")["sync"]["bulks_sent"]
@@ -161,7 +163,9 @@ def main() -> int:
     row("resync after restarting B (s)", ours["resync"], theirs.get("resync"), ">= 1x")
     row("memory per cached flow (bytes)", ours["rss_per_flow"], theirs.get("rss_per_flow"), ">= 1x (less memory)")
     print(f"ctbridge: B held {ours['held']:,} after the load and {ours['resynced']:,} after its restart; "
-          f"{ours['bulks']} bulk(s) for the restart; A's event socket overran {ours['overruns']} time(s); "
+          f"{ours['bulks']} bulk(s) for the restart; A's event socket overran {ours['overruns']} time(s) (its queue "
+          f"peaked at {ours['queue']['peak_bytes'] / 2**20:.0f} of {ours['queue']['limit_bytes'] / 2**20:.0f} MiB, "
+          f"full {ours['queue']['full']} time(s)); "
           f"longest loop stall A {ours['stall_a']:.3f} s, B {ours['stall_b']:.3f} s; peers logged silent "
           f"{ours['silent']} time(s); committed {ours.get('committed', 0):,}, B's kernel holds {ours['in_kernel']:,}"
           + (f"; commit failed: {ours['commit_error']}" if "commit_error" in ours else "")

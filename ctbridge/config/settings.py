@@ -111,10 +111,12 @@ class ApplySettings:
     event_buffer: int = _key(128 << 20, "bytes of receive buffer for kernel events (about 1 KiB each: a "
                              "burst of 100,000 new flows needs about 100 MiB); it doubles after an overrun, up to "
                              "256 MiB")
-    event_queue: int = _key(64 << 20, "bytes of kernel events read from that buffer and not yet taken by the "
-                            "event loop (about 270 each): a thread drains the buffer into this queue while the "
-                            "loop is busy, so a stall of the loop does not overrun the buffer; when the queue is "
-                            "full the thread stops reading and an overrun is detected as without it")
+    event_queue: int = _key(256 << 20, "bytes of kernel events read from that buffer and not yet taken by the "
+                            "event loop (about 270 each: the default holds about a million, a burst the size of "
+                            "a large table; memory is taken only while the loop is behind): a thread drains the "
+                            "buffer into this queue while the loop is busy, so a stall of the loop does not "
+                            "overrun the buffer; when the queue is full the thread stops reading and an overrun "
+                            "is detected as without it")
     backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "
                         "conntrackd, which ctbridge drives through the primary-backup steps in order, each checked "
                         "(ctbridge keeps the FIFO, interlock, gate and metrics)", ("ctbridge", "conntrackd"))

@@ -93,7 +93,7 @@ class KernelReader:
     ``stats`` is the "kernel" section of the daemon's stats (overruns, events, resyncs, superseded)."""
 
     def __init__(self, kernel: Kernel, engine: Engine, event_buffer: int, expectations: bool,
-                 stats: dict[str, int], after_input: Callable[[], None], event_queue: int = 64 << 20) -> None:
+                 stats: dict[str, int], after_input: Callable[[], None], event_queue: int = 256 << 20) -> None:
         self.kernel = kernel
         self.engine = engine
         self.stats = stats
