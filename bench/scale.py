@@ -110,6 +110,7 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
                                 b.request("stats")["loop"]["longest_stall_seconds"]]  # (B's new life)
         start = time.monotonic()
         before = psutil.Process(b.proc.pid).cpu_times() if b.proc is not None else None
+        cpu_a = _cpu(a)
         try:
             answer = control.request(b.socket, "notify", stall=60.0, args=["INSTANCE", "VI_1", "MASTER", "100"])
             out["committed"] = answer.get("committed", 0)
@@ -118,7 +119,7 @@ def measure_ctbridge(n: int) -> dict[str, Any]:
         out["commit"] = time.monotonic() - start
         if before is not None and b.proc is not None:  # where B's commit spends its CPU: Python, or the kernel
             after = psutil.Process(b.proc.pid).cpu_times()
-            out["commit_cpu"] = (after.user - before.user, after.system - before.system)
+            out["commit_cpu"] = (after.user - before.user, after.system - before.system, _cpu(a) - cpu_a)
         out["in_kernel"] = int(b.run("conntrack", "-C").stdout.strip())
         out["stalls_commit"] = [node.request("stats")["loop"]["longest_stall_seconds"] for node in (a, b)]
         out["stall_a"] = max(out["stalls_replicate"][0], out["stalls_commit"][0])
@@ -169,7 +170,8 @@ def main() -> int:
           f"longest loop stall A {ours['stall_a']:.3f} s, B {ours['stall_b']:.3f} s; peers logged silent "
           f"{ours['silent']} time(s); committed {ours.get('committed', 0):,}, B's kernel holds {ours['in_kernel']:,}"
           + (f"; commit failed: {ours['commit_error']}" if "commit_error" in ours else "")
-          + ("; B's CPU in the commit: user {0[0]:.2f} s, system {0[1]:.2f} s".format(ours["commit_cpu"])
+          + ("; B's CPU in the commit: user {0[0]:.2f} s, system {0[1]:.2f} s (A's meanwhile {0[2]:.2f} s)".format(
+                ours["commit_cpu"])
              if "commit_cpu" in ours else ""))
     print("longest loop stall so far, A / B (s): after the load {0[0]:.3f} / {0[1]:.3f}; after the restart "
           "{1[0]:.3f} / {1[1]:.3f} (B's new life); after the commit {2[0]:.3f} / {2[1]:.3f}".format(
