@@ -45,8 +45,9 @@ EXPECT_RCVBUF = 1 << 20  # the helpers' expectations are few
 # between turns, while the engine's output (after_input) is made once per turn, not per buffer.
 EVENTS_PER_TURN = 1024
 # Flows of a dump the engine takes per turn of the loop when it rebuilds its internal cache: 3.6 to
-# 4.8 us each (a million at once held the loop for 3.6-4.8 s), so about 40 ms a turn.
-REBUILD_CHUNK = 10_000
+# 6 us each (a million at once held the loop for 3.6-4.8 s). 10,000 a turn measured 50-60 ms
+# during a 1M load (a probe on Rebuild.feed, docs/performance.md), so 5,000: 25-30 ms.
+REBUILD_CHUNK = 5_000
 
 
 class Kernel:
