@@ -236,9 +236,7 @@ class ExternalCaches(Part):
     def _forget(self, peer: Peer, key: bytes) -> None:
         """Drop a flow from ``peer``'s copy; in inject mode delete it from this kernel too, unless
         another live peer holds it (see _held_by_another)."""
-        del peer.external[key]
-        if key[0] & MARK:
-            peer.expectations -= 1
+        _drop(peer, key)
         if self.config.apply_mode == "inject" and not self._held_by_another(peer, key):
             self.kernel_ops.append(KernelOp("delete", None, key))
 
@@ -411,9 +409,7 @@ class ExternalCaches(Part):
                 if cur is not None and cur[2] < limit and \
                         cur[2] + (timeout_of(cur[0], header) if cur[0][0] != EXPECT
                                   else expect_timeout(cur[0], header)) < limit:
-                    del external[key]
-                    if key[0] & MARK:
-                        peer.expectations -= 1
+                    _drop(peer, key)
                     expired += 1
             del keys[len(keys) - take:]
             if not keys:
@@ -423,3 +419,9 @@ class ExternalCaches(Part):
                 log.info("flows of peers expired: the peer stopped refreshing them (sync.expiry_margin)")
             self.stats["flows_expired"] += expired
 
+
+def _drop(peer: Peer, key: bytes) -> None:
+    """A flow leaves ``peer``'s copy, and the copy's count of expectations with it."""
+    del peer.external[key]
+    if key[0] & MARK:
+        peer.expectations -= 1
