@@ -48,6 +48,9 @@ EVENTS_PER_TURN = 1024
 # 6 us each (a million at once held the loop for 3.6-4.8 s). 10,000 a turn measured 50-60 ms
 # during a 1M load (a probe on Rebuild.feed, docs/performance.md), so 5,000: 25-30 ms.
 REBUILD_CHUNK = 5_000
+# Keys of the cache a rebuild looks at per turn for flows the dump lacked: four set lookups each,
+# about 0.2 us (1M at once held the loop for 0.4 s as a set difference)
+LEFTOVER_CHUNK = 50_000
 
 
 class Kernel:
@@ -108,7 +111,7 @@ class KernelReader:
         self.drain = EventDrain(self.events, event_queue, lambda: None)
         # of self.drain.overruns and .dropped, what stats' overruns and superseded hold
         self.counted = (0, 0)
-        self.rebuilding = asyncio.Lock()  # one rebuild from a dump at a time: the newer dump swaps in last
+        self.rebuilding = asyncio.Lock()  # one rebuild from a dump at a time: the newer dump is applied last
         # the helpers' expectations (sync.expectations): few, read as they come on a socket of their own
         self.expect_events: EventSocket | None = None
         if expectations:
@@ -211,10 +214,24 @@ class KernelReader:
                 expected = (await loop.run_in_executor(None, kernel.table.dump_expectations)
                             if self.expect_events is not None else None)
             rebuild = self.engine.kernel_rebuild(loop.time(), announce)
-            for at in range(0, len(entries), REBUILD_CHUNK):
-                rebuild.feed(entries[at:at + REBUILD_CHUNK], touched)
-                await asyncio.sleep(0)
-            rebuild.finish(touched)
+            try:
+                # taken from the end, in the dump's order, so that each chunk is freed once read:
+                # freeing a million entries at once held the loop for 0.1 s
+                read = len(entries)
+                entries.reverse()
+                while entries:
+                    chunk = entries[-REBUILD_CHUNK:]
+                    del entries[-REBUILD_CHUNK:]
+                    chunk.reverse()
+                    rebuild.feed(chunk, touched)
+                    del chunk
+                    await asyncio.sleep(0)
+                keys = rebuild.leftovers()
+                for at in range(0, len(keys), LEFTOVER_CHUNK):
+                    rebuild.drop_unseen(keys[at:at + LEFTOVER_CHUNK], touched)
+                    await asyncio.sleep(0)
+            finally:
+                rebuild.close()
             if expected is not None:
                 self.engine.kernel_expect_resync(expected, loop.time(), announce=announce, newer=touched)
         for other in kernel.watching:  # a sweep under way read the table before this: it is older
@@ -222,7 +239,7 @@ class KernelReader:
         self.stats["resyncs"] += 1
         self.count()
         self.after_input()
-        return len(entries)
+        return read
 
     def close(self) -> None:
         self.drain.close()  # before its socket: the thread must not poll a closed descriptor

@@ -15,7 +15,9 @@ ctbridge.sync (the engine) and daemon.kernelio (the dumps under way); service st
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +38,9 @@ REFRESHED_TIMEOUTS = ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stre
 REFRESH_SHARE = 20  # a sweep starts at least 20 times its last duration after it: at most 5% of a core
 REFRESH_CHUNK = 8192  # dump messages the engine reads per turn of the event loop (about 20 ms)
 REFRESH_HISTORY = 8  # sweeps whose longest duration estimates the next one
+# when peers' copies run out, looked through per turn for the soonest: min() over a million at once
+# held the loop for 20-100 ms (docs/performance.md), 100,000 take 2-10
+RUNOUT_CHUNK = 100_000
 
 
 def sweep_timing(interval: float, shortest: float, dumped: float, last: float) -> tuple[float, float]:
@@ -76,6 +81,16 @@ def needless(due: Callable[[float], bool], flows: int, now: float, interval: flo
     return None if due(now + dumped * grown + within) else wait
 
 
+async def soonest(runouts: list[float]) -> float:
+    """The earliest of ``runouts`` (Engine.runouts(): when peers' copies run out), in chunks of
+    RUNOUT_CHUNK with the loop served in between; infinity for none."""
+    first = float("inf")
+    for at in range(0, len(runouts), RUNOUT_CHUNK):
+        first = min(first, min(runouts[at:at + RUNOUT_CHUNK]))
+        await asyncio.sleep(0)
+    return first
+
+
 def refreshed_timeouts() -> float:
     """The shortest of this network namespace's REFRESHED_TIMEOUTS, in seconds (30, the kernel's
     UDP default, if none can be read). Read again before each sweep: an operator may lower them
@@ -106,7 +121,9 @@ async def refresh_loop(cfg: Config, engine: Engine, kernel: Kernel, info: dict[s
             await asyncio.sleep(wait)
             if dumped_flows:
                 shortest = refreshed_timeouts()
-                skip = needless(engine.refresh_due, len(engine.internal), loop.time(), refresh_interval(cfg, shortest),
+                first = await soonest(engine.runouts())
+                skip = needless(functools.partial(operator.lt, first), len(engine.internal), loop.time(),
+                                refresh_interval(cfg, shortest),
                                 shortest, dumped, dumped_flows, max(recent))
                 if skip is not None:
                     info["skipped"] += 1

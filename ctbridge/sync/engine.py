@@ -4,7 +4,7 @@ pyroute2) that owns the parts below and passes them each input.
 Inputs, each with an explicit ``now`` (seconds, any monotonic origin):
     kernel_events / kernel_messages / kernel_expectations (now)    this node's kernel reported changes
     kernel_resync / kernel_expect_resync (entries, now)           this node's whole table, from a dump
-    kernel_rebuild (now) -> Rebuild: feed(chunk), finish()        ... the same in chunks (a large table)
+    kernel_rebuild (now) -> Rebuild: feed(chunk), drop_unseen(keys), close()  ... in chunks, in place
     kernel_refresh(messages, now, within)                         a refresh sweep's dump
     receive_datagram(data, now, wall) -> Heard | None             a datagram from the sync link
     set_role, request_resync, bulk_send, reconfigure, path_changed, diff_start/diff_retry   commands
@@ -166,6 +166,7 @@ class Engine:
         self.kernel_expect_resync = cache.kernel_expect_resync
         self.kernel_refresh = cache.kernel_refresh
         self.refresh_due = cache.refresh_due
+        self.runouts = cache.runouts
         self.flush_internal = cache.flush
         self.internal_messages = cache.messages
         self.flush_external = external.flush

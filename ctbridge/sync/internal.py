@@ -79,6 +79,8 @@ class InternalCache(Part):
         # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
         # what the cache holds for them over what the dump said
         self.rebuilding: set[bytes] | None = None
+        # counts the rebuilds that ended: ``told`` moved under a Sweep's feet (one looks again)
+        self.rebuilds = 0
 
     def expectation_count(self) -> int:
         return len(self._expectations)
@@ -343,7 +345,7 @@ class InternalCache(Part):
         version = self._version
         refreshed = 0
         if sweep is not None:
-            messages = sweep.candidates(messages, told, horizon, within)
+            messages = sweep.candidates(messages, told, horizon, within, self.rebuilds)
         for buf in messages:
             seen = self._brief(buf)
             if seen is None:
@@ -369,6 +371,11 @@ class InternalCache(Part):
         self.stats["refresh_sweeps"] += 1
         self.stats["flows_refreshed"] += refreshed
         return refreshed
+
+    def runouts(self) -> list[float]:
+        """When the peers' copy of each flow runs out (a copy: refresh_due in chunks, the daemon's
+        refresh loop: daemon.refresh.soonest)."""
+        return list(self._told.values())
 
     def refresh_due(self, until: float) -> bool:
         """Whether the peers' copy of some flow runs out before ``until`` (a refresh sweep
@@ -450,79 +457,95 @@ class InternalCache(Part):
 
 
 class Rebuild:
-    """The internal cache replaced by a dump, fed in chunks so that a table of a million flows
-    never holds the event loop (at once, 1M flows took 3.6-4.8 s of one core): events go on being
-    applied to the cache as it is meanwhile, and ``finish`` swaps in the new one.
+    """The internal cache brought up to a dump, fed in chunks so that a table of a million flows
+    never holds the event loop (at once, 1M flows took 3.6-4.8 s of one core), in place: events go
+    on being applied to the cache meanwhile, and each flow the dump shows changed is written and
+    marked to be sent as its chunk is read (the sender reads the cache as it is, so what goes out
+    is always what it holds). Then the flows the dump lacks are dropped, in chunks too
+    (``leftovers``, ``drop_unseen``), and ``close`` ends it.
 
-    ``newer`` (given to each ``feed`` and to ``finish``, growing): flows whose events were applied
-    since the dump began. What the cache holds for them (or their absence) is at least as recent
-    as the dump, which may have read them before the event: they keep it, as the cache holds them
-    at ``finish``. So do the flows events or a refresh sweep change while the rebuild runs
-    (``InternalCache.rebuilding``): a sweep between two chunks had its newer version overwritten
-    by the dump's older one (found by review). Nothing is marked to be sent before ``finish``:
-    the sender reads the cache as it is, and would send a DELETE for a flow only the new one
-    holds."""
+    In place rather than a new cache swapped in at the end: the swap had to copy back every flow
+    events changed meanwhile (a 1M load's overrun: most of them) and find the flows gone as a set
+    difference of two 1M-key dicts, 0.39-0.45 s of the loop at once (a probe on finish,
+    docs/performance.md), and building the new dicts resized them on the loop.
 
-    __slots__ = ("_announce", "_cache", "_fresh", "_new", "_now", "_told")
+    ``newer`` (given to each call, growing): flows whose events were applied since the dump
+    began. What the cache holds for them (or their absence) is at least as recent as the dump,
+    which may have read them before the event: they keep it. So do the flows events or a refresh
+    sweep change while the rebuild runs (``InternalCache.rebuilding``): a sweep between two
+    chunks had its newer version overwritten by the dump's older one (found by review)."""
+
+    __slots__ = ("_announce", "_cache", "_now", "_seen")
 
     def __init__(self, cache: InternalCache, now: float, announce: bool) -> None:
         cache.rebuilding = set()  # (one Rebuild at a time: the daemon's KernelReader.rebuilding)
         self._cache = cache
         self._now = now
         self._announce = announce
-        self._new: dict[bytes, bytes] = {}
-        self._told: dict[bytes, float] = {}
-        self._fresh: list[bytes] = []  # flows the dump shows changed: sent at finish
+        self._seen: set[bytes] = set()  # the flows the dump holds: the others are gone
 
     def feed(self, entries: Sequence[Entry], newer: Container[bytes] = frozenset()) -> None:
         cache = self._cache
         accepts = cache.config.filter.accepts
-        old, old_told = cache.table, cache._told
-        new, told, fresh, now = self._new, self._told, self._fresh, self._now
-        share = cache._told_share
+        table, told, pending = cache.table, cache._told, cache.pending
+        changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
+        seen, now, share, announce = self._seen, self._now, cache._told_share, self._announce
         for entry in entries:
-            if entry.key in newer or not accepts(entry):
+            key = entry.key
+            if key in newer or key in changed or not accepts(entry):
                 continue
+            seen.add(key)
             entry = codec.strip_local(entry)
-            prev = old.get(entry.key)
+            prev = table.get(key)
             if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
                 # only the countdown moved: no need to send the flow again (after an overrun the
                 # dump would otherwise re-announce the whole table; kernel_refresh() sends what
                 # traffic kept alive longer than peers were told)
-                new[entry.key] = prev
-                told[entry.key] = old_told.get(entry.key, now)
-            else:
-                cache._version += 1
-                new[entry.key] = wire.flow_msg(cache._version, entry)
-                told[entry.key] = now + codec.timeout_of(entry.attrs) * share
-                fresh.append(entry.key)
-
-    def finish(self, newer: Iterable[bytes] = frozenset()) -> None:
-        cache = self._cache
-        old, old_told = cache.table, cache._told
-        new, told, now = self._new, self._told, self._now
-        touched = set(newer) | (cache.rebuilding or set())
-        cache.rebuilding = None
-        for key in touched:
-            if key in old:
-                new[key] = old[key]
-                told[key] = old_told.get(key, now)
-            else:
-                new.pop(key, None)
-                told.pop(key, None)
-        # a flow dump holds no expectations (kernel_expect_resync's): kept, after every flow, so a
-        # bulk carries each master before its expectations
-        for key in cache._expectations:
-            new[key] = old[key]
-        if self._announce:
-            pending = cache.pending
-            for key in self._fresh:
-                if key not in touched:
-                    pending[key] = None
-            for key in old.keys() - new.keys():
+                if key not in told:
+                    told[key] = now
+                continue
+            cache._version += 1
+            table[key] = wire.flow_msg(cache._version, entry)
+            told[key] = now + codec.timeout_of(entry.attrs) * share
+            if announce:
                 pending[key] = None
-        cache.table = new
-        cache._told = told
+
+    def leftovers(self) -> list[bytes]:
+        """After the last chunk: the keys to look at for flows the dump lacks (drop_unseen)."""
+        return list(self._cache.table)
+
+    def drop_unseen(self, keys: Iterable[bytes], newer: Container[bytes] = frozenset()) -> None:
+        """Of ``keys``, drop the flows the dump lacked, unless events or a sweep changed them
+        meanwhile (a flow created after the dump began is not gone). A flow dump holds no
+        expectations (kernel_expect_resync's): they stay."""
+        cache = self._cache
+        table, told, pending, seen = cache.table, cache._told, cache.pending, self._seen
+        changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
+        expectations = cache._expectations
+        for key in keys:
+            if key in seen or key in newer or key in changed or key in expectations:
+                continue
+            if table.pop(key, None) is not None:
+                told.pop(key, None)
+                if self._announce:
+                    pending[key] = None
+
+    def close(self) -> None:
+        cache = self._cache
+        cache.rebuilding = None
+        cache.rebuilds += 1
+        self._seen = set()
+        # a flow dump holds no expectations (kernel_expect_resync's): moved after every flow the
+        # dump may have added, so that a bulk carries each master before its expectations
+        table = cache.table
+        for key in cache._expectations:
+            if key in table:
+                table[key] = table.pop(key)
+
+    def finish(self, newer: Container[bytes] = frozenset()) -> None:
+        """The rest at once: every flow the dump lacked dropped, and the rebuild closed."""
+        self.drop_unseen(self.leftovers(), newer)
+        self.close()
 
 
 class Sweep:
@@ -533,24 +556,27 @@ class Sweep:
     Exact, given kernel_refresh's rules: a flow it leaves out runs out at ``until`` or later,
     beyond every chunk's horizon, so kernel_refresh would skip it too, unless ``told`` moved since
     the look; it moves by events (then the flow is in ``newer``, skipped anyway), by a refresh
-    (of a candidate) or a dump read whole (a new ``told``, or EVERYTHING in ``newer``). Looked
-    again when a chunk's horizon passes ``until`` or ``told`` is another dict."""
+    (of a candidate) or a dump read whole (a Rebuild, or EVERYTHING in ``newer``). Looked
+    again when a chunk's horizon passes ``until``, ``told`` is another dict or a rebuild ended
+    (``generation``: InternalCache.rebuilds)."""
 
-    __slots__ = ("_origs", "_told", "until")
+    __slots__ = ("_generation", "_origs", "_told", "until")
 
     def __init__(self) -> None:
         self.until = float("-inf")
         self._told: dict[bytes, float] | None = None
+        self._generation = -1
         self._origs: set[bytes] = set()
 
     def candidates(self, messages: Sequence[bytes], told: dict[bytes, float], horizon: float,
-                   within: float) -> list[bytes]:
+                   within: float, generation: int = 0) -> list[bytes]:
         """The messages that may hold a flow to refresh: those whose first attribute is a
         CTA_TUPLE_ORIG naming a flow that runs out before ``until`` (a key's bytes after its
         family and zone are that attribute's payload: codec.make_key), and any other."""
-        if horizon > self.until or told is not self._told:
+        if horizon > self.until or told is not self._told or generation != self._generation:
             self.until = horizon + within  # good for the chunks of the next ``within`` seconds
             self._told = told
+            self._generation = generation
             until = self.until
             self._origs = {key[3:] for key, runs_out in told.items() if runs_out < until}
         origs = self._origs

@@ -1,6 +1,6 @@
 """The internal cache rebuilt from a dump in chunks (sync/internal.py's Rebuild): the same result
-as at once, events applied between chunks win over the dump, and nothing is sent before the new
-cache is in place. Pure engines, no kernel."""
+as at once, events applied between chunks win over the dump, and what goes out meanwhile is what
+the cache holds. Pure engines, no kernel."""
 
 from __future__ import annotations
 
@@ -64,15 +64,48 @@ def test_events_between_chunks_win_over_the_dump() -> None:
     assert len(e.internal) == 10
 
 
-def test_nothing_goes_out_before_the_new_cache_is_in_place() -> None:
-    """Flows only the dump has are marked to be sent at finish, not when their chunk is read: the
-    sender reads the cache as it is, and would have sent a DELETE for each of them."""
+def test_what_goes_out_between_chunks_is_what_the_cache_holds() -> None:
+    """The rebuild works in place: a flow the dump shows changed is written and marked to be sent
+    as its chunk is read, so a peer hears it between chunks as a FLOW, never as a DELETE of a
+    flow only a new cache held (the sender reads the cache as it is). Flows the dump lacks go
+    out as DELETEs once the leftovers are looked at."""
+    a, b = pair()
+    a.kernel_resync(dump(0, 50), 1.0)
+    deliver(a, b, 1.0)
+    assert len(b.peers[1].external) == 50
+    rebuild = a.kernel_rebuild(2.0)
+    rebuild.feed(dump(40, 30, mark=3))  # 40-49 changed, 50-69 new; 0-39 gone, not yet known
+    assert set(a.internal_cache.pending) <= set(a.internal)
+    deliver(a, b, 2.0)
+    external = b.peers[1].external
+    assert len(external) == 70
+    assert all(external[flow(i).key][0] == a.internal[flow(i).key] for i in range(40, 70))
+    keys = rebuild.leftovers()
+    rebuild.drop_unseen(keys[:10])
+    rebuild.drop_unseen(keys[10:])
+    rebuild.close()
+    deliver(a, b, 2.0)
+    assert sorted(external) == sorted(a.internal) == sorted(flow(i).key for i in range(40, 70))
+
+
+def test_a_flow_created_while_the_leftovers_are_looked_at_stays() -> None:
+    """Between two chunks of the leftovers an event creates a flow the dump never read and
+    deletes one it read: the first stays (it is newer than the dump), the second stays deleted,
+    and a flow the dump lacked, still in the snapshot of keys, is dropped."""
     e = engine()
-    rebuild = e.kernel_rebuild(1.0)
-    rebuild.feed(dump(0, 100))
-    assert not e.internal_cache.pending and not e.internal
-    rebuild.finish()
-    assert len(e.internal) == 100 and len(e.internal_cache.pending) == 100
+    e.kernel_resync(dump(0, 10), 1.0)
+    touched: set[bytes] = set()
+    rebuild = e.kernel_rebuild(2.0)
+    rebuild.feed(dump(0, 8), touched)  # 8 and 9 gone
+    keys = rebuild.leftovers()
+    rebuild.drop_unseen(keys[:5], touched)
+    for kind, entry in ((EventKind.NEW, flow(30)), (EventKind.DESTROY, flow(2)), (EventKind.NEW, flow(9))):
+        e.kernel_events([Event(kind, entry, 0)], 2.0)
+        touched.add(entry.key)
+    rebuild.drop_unseen([*keys[5:], flow(30).key], touched)
+    rebuild.close()
+    assert sorted(e.internal) == sorted(flow(i).key for i in (0, 1, 3, 4, 5, 6, 7, 9, 30))
+    assert e.internal_cache.rebuilding is None
 
 
 def test_a_refresh_sweep_between_chunks_is_not_undone_by_the_older_dump() -> None:
