@@ -81,6 +81,16 @@ class Kernel:
             # found nothing to remove (ValueError: the daemon stopped, in the lab's soak)
             self.watching = [t for t in self.watching if t is not touched]
 
+    def supersede(self, own: set[bytes]) -> None:
+        """A dump of the whole table was just read (``own``: its set): every other dump under way
+        (a refresh sweep) read the table before it, so is older, and must change nothing from
+        now on. Said before the rebuild writes anything: a sweep chunk between two of its turns
+        would otherwise write its older state over what the rebuild's dump read (found by
+        review: a flow the dump saw closing went out again as established)."""
+        for other in self.watching:
+            if other is not own:
+                other.add(EVERYTHING)
+
     def touched(self, keys: Collection[bytes]) -> None:
         """Events read ``keys``: newer than what any dump under way read (a collection: each
         dump under way reads it)."""
@@ -213,6 +223,7 @@ class KernelReader:
                 # after the flows: an expectation whose master the dump missed is refused by no one
                 expected = (await loop.run_in_executor(None, kernel.table.dump_expectations)
                             if self.expect_events is not None else None)
+            kernel.supersede(touched)
             rebuild = self.engine.kernel_rebuild(loop.time(), announce)
             try:
                 # taken from the end, in the dump's order, so that each chunk is freed once read:
@@ -234,8 +245,6 @@ class KernelReader:
                 rebuild.close()
             if expected is not None:
                 self.engine.kernel_expect_resync(expected, loop.time(), announce=announce, newer=touched)
-        for other in kernel.watching:  # a sweep under way read the table before this: it is older
-            other.add(EVERYTHING)
         self.stats["resyncs"] += 1
         self.count()
         self.after_input()

@@ -21,7 +21,7 @@ def engine() -> Engine:
 def state(e: Engine) -> tuple[dict[bytes, bytes], set[bytes]]:
     """The internal cache without each FLOW's version (the same flow numbered otherwise is the
     same state), and the flows waiting to go out."""
-    return ({k: m[:2] + m[10:] for k, m in e.internal.items()}, set(e.internal_cache.pending))
+    return ({k: m[:4] + m[12:] for k, m in e.internal.items()}, set(e.internal_cache.pending))
 
 
 def dump(first: int, n: int, timeout: int = 3600, mark: int = 0) -> list[Entry]:
