@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 # explicitly: a pristine Debian 12 root (.ci/fresh-root, which CI runs) has none of them.
 # tests/unit/test_setup.py fails when the code calls a tool that no package here provides.
 # The kernel's conntrack table is driven and witnessed through conntrack, the lab runs real
-# keepalived and nftables, sysctl (procps) turns forwarding on, ping checks the lab's links.
-TEST_PACKAGES = conntrack conntrackd keepalived nftables iproute2 iputils-ping procps \
+# keepalived and nftables, sysctl (procps) turns forwarding on, ping checks the lab's links; iptables
+# (nft's compat layer) adds the NFQUEUE rule the active-active defer needs: this kernel has no nft queue.
+TEST_PACKAGES = conntrack conntrackd keepalived nftables iptables iproute2 iputils-ping procps \
 	python3 python3-venv python3-pip
 # Building the Debian package (make deb, and the package test)
 DEB_BUILD_PACKAGES = build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian

@@ -402,12 +402,18 @@ def flush_request(seq: int, family: int = 0) -> bytes:
     return message(ct.MSG_CT_DELETE, ct.NLM_F_REQUEST | ct.NLM_F_ACK, seq, family)
 
 
-def delete_request(key: bytes, seq: int, flags: int = ct.NLM_F_REQUEST) -> bytes:
+def delete_request(key: bytes, seq: int, flags: int = ct.NLM_F_REQUEST, mtype: int = ct.MSG_CT_DELETE) -> bytes:
     family, zone, orig = split_key(key)
     body = _NLA.pack(4 + len(orig), ct.CTA_TUPLE_ORIG | _NESTED) + orig
     if zone:
         body += attr(ct.CTA_ZONE, _BE16.pack(zone))
-    return message(ct.MSG_CT_DELETE, flags, seq, family, body)
+    return message(mtype, flags, seq, family, body)
+
+
+def get_request(key: bytes, seq: int) -> bytes:
+    """CT_GET of one entry by a tuple: the kernel's lookup matches it against either direction
+    (both are in its hash), so a reply-direction packet's own tuple finds its entry; ENOENT if none."""
+    return delete_request(key, seq, mtype=ct.MSG_CT_GET)
 
 
 # Attributes the kernel will not take in a CT_NEW (they describe this kernel's instance of the

@@ -452,6 +452,12 @@ class KernelTable:
         """Remove entries by flow key; an entry already gone counts as missing, not as a failure."""
         return self._by_key(keys, codec.delete_request)
 
+    def present(self, keys: list[bytes]) -> list[bool]:
+        """Whether each key names an entry of the table now, in either direction (CT_GET)."""
+        base = self._next_seq(len(keys))
+        failed = self._batch((base + i, codec.get_request(key, base + i)) for i, key in enumerate(keys))
+        return [base + i not in failed for i in range(len(keys))]
+
     def release(self, keys: Iterable[bytes], seconds: int | None = None) -> KeyResult:
         """Entries a node kept from when it was master: TCP ones marked BE_LIBERAL, and with
         ``seconds`` every one's timeout set to it (request.release_request). Keys of other
