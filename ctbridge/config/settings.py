@@ -117,6 +117,11 @@ class ApplySettings:
                             "buffer into this queue while the loop is busy, so a stall of the loop does not "
                             "overrun the buffer; when the queue is full the thread stops reading and an overrun "
                             "is detected as without it")
+    defer_queue: int = _key(0, "active-active: the netfilter queue (NFQUEUE number, 1-65535) where the ruleset "
+                            "holds a flow's first packet on this node until the flow a peer replicated is in its "
+                            "kernel (docs/failover.md, \"Active-active\"); 0: off. Needs mode = \"inject\"")
+    defer_wait: float = _key(0.02, "active-active: seconds a held packet waits at most for its flow; then it "
+                             "passes as it would have without the defer")
     backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "
                         "conntrackd, which ctbridge drives through the primary-backup steps in order, each checked "
                         "(ctbridge keeps the FIFO, interlock, gate and metrics)", ("ctbridge", "conntrackd"))
@@ -540,3 +545,12 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
         fail("apply", "event_queue", "apply.event_queue below 65536 bytes cannot hold one read of 128 events")
     if cfg.apply.purge_timeout < 0:
         fail("apply", "purge_timeout", "apply.purge_timeout must not be negative")
+    if not 0 <= cfg.apply.defer_queue <= 65535:
+        fail("apply", "defer_queue", f"apply.defer_queue = {cfg.apply.defer_queue} is not a netfilter queue "
+             "(1-65535; 0: off)")
+    elif cfg.apply.defer_queue and cfg.apply.mode != "inject":
+        fail("apply", "defer_queue", "apply.defer_queue waits for peers' flows to be written as they arrive: "
+             "apply.mode must be \"inject\"")
+    if not 0 < cfg.apply.defer_wait <= 1:
+        fail("apply", "defer_wait", f"apply.defer_wait = {cfg.apply.defer_wait}: a held packet waits more than "
+             "0 and at most 1 second")

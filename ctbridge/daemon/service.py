@@ -35,6 +35,7 @@ from ctbridge.config.settings import Config
 from ctbridge.daemon import conntrackd, control, heap, journal, metrics
 from ctbridge.daemon import stats as stats_mod
 from ctbridge.daemon.datapath import Datapath
+from ctbridge.daemon.defer import DeferQueue
 from ctbridge.daemon.gate import GateKeeper
 from ctbridge.daemon.handlers import Handlers
 from ctbridge.daemon.interlock import Interlock
@@ -75,6 +76,7 @@ class OwnReplication:
     links: SyncLinks
     refresh_stats: dict[str, Any]  # the "refresh" section of the stats
     flows: int = 0  # in the kernel at start
+    defer: DeferQueue | None = None  # apply.defer_queue: the active-active defer
 
     async def start(self, tasks: Tasks) -> None:
         self.flows = await self.reader.resync(announce=False)
@@ -87,6 +89,11 @@ class OwnReplication:
         self.links.open(loop, self.datapath.on_datagram, self.datapath.after_input)
         self.datapath.start_heartbeats()
         self.engine.request_resync(loop.time())
+        if self.cfg.apply.defer_queue:
+            engine = self.engine
+            # bound last: a packet held now waits for peers whose sessions are opening
+            self.defer = DeferQueue(self.cfg.apply.defer_queue, self.cfg.apply.defer_wait, loop,
+                                    lambda: bool(engine.live_peers()) and engine.complete())
 
     async def running(self) -> None:
         self.datapath.after_input()
@@ -180,6 +187,8 @@ class Daemon:
                 tasks.append(asyncio.ensure_future(self.interlock.run()))
             tasks.append(asyncio.ensure_future(self.systemd()))
             await self.replication.running()
+            if isinstance(self.replication, OwnReplication) and self.replication.defer is not None:
+                self.stats.defer = self.replication.defer.stats
             return await self.serve_until_stopped(tasks)
         finally:
             await self.close(tasks, servers)
@@ -194,6 +203,8 @@ class Daemon:
         for server in servers:
             server.close()
         await self.gate.stop()
+        if isinstance(self.replication, OwnReplication) and self.replication.defer is not None:
+            self.replication.defer.close()  # what it holds goes on; the ruleset's bypass passes the rest
         self.datapath.stop_heartbeats()
         self.interlock.stop()
         self.links.close()

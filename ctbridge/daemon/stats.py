@@ -67,6 +67,8 @@ class Stats:
     kept: dict[str, Any]  # sections()
     clock: Callable[[], float]  # the event loop's
     lag: LoopLag  # the event loop's own lag
+    # the active-active defer (apply.defer_queue), once started: its counts and waits
+    defer: Callable[[], dict[str, Any]] | None = None
 
     def peers(self, reports: list[PeerReport]) -> list[dict[str, Any]]:
         """Each peer's section of the status, in Engine.peer_reports' order of fields."""
@@ -118,6 +120,7 @@ class Stats:
             "kernel": {**self.kept["kernel"], "event_queue": self.reader.queue_stats()},
             "commit_histogram": self.writer.histogram.snapshot(),
             "loop": self.lag.snapshot(now),
+            "defer": self.defer() if self.defer is not None else None,
             "backend": {"name": self.cfg.apply.backend, **({
                 "alive": backend.alive, "failures": backend.failures, "steps": list(backend.steps)}
                 if backend is not None else {})},

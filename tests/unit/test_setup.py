@@ -13,7 +13,8 @@ from tests.support import ROOT
 
 # program -> the Debian package that provides it (Debian 12)
 PROVIDERS = {
-    "ip": "iproute2", "bridge": "iproute2", "nft": "nftables", "sysctl": "procps", "pgrep": "procps",
+    "ip": "iproute2", "bridge": "iproute2", "nft": "nftables", "iptables": "iptables", "sysctl": "procps",
+    "pgrep": "procps",
     "conntrack": "conntrack", "conntrackd": "conntrackd", "keepalived": "keepalived", "ping": "iputils-ping",
     "dpkg-buildpackage": "dpkg-dev", "dh": "debhelper", "lintian": "lintian", "python3": "python3",
     "/usr/bin/python3": "python3", "apt-get": "apt", "dpkg-query": "dpkg", "dpkg": "dpkg",

@@ -1,0 +1,198 @@
+"""The active-active defer: a flow's first packet on this node waits, briefly, until the flow a
+peer replicated is in this kernel (docs/failover.md, "Active-active").
+
+With routing asymmetric (a connection's SYN leaves through one firewall, its SYN-ACK comes back
+through the other), the second firewall's kernel has no entry for the flow when the SYN-ACK
+arrives unless the first one's replication won the race; a strict ruleset drops it, or a loose
+one tracks it anew with another NAT binding. The ruleset hands such packets to a netfilter
+queue in the raw table, before conntrack looks them up (priority -300, an iptables NFQUEUE rule
+with --queue-bypass); this module answers each:
+
+- at once, when its flow is already in the kernel (a GET by the packet's own tuple, which the
+  kernel matches against either direction), when the packet names no flow it can look up, when
+  no peer is live and complete (nothing is coming), or when DeferPolicy.max_held are waiting;
+- otherwise it waits until the flow is in the kernel (looked up again every ``poll`` seconds) or
+  ``wait`` seconds have passed, and then passes anyway: the ruleset decides as it would have.
+
+Every verdict is NF_ACCEPT: the packet goes on to conntrack, which finds the entry the injection
+wrote. Nothing here drops a packet. What waited, how long and why it went on is counted
+(``DeferPolicy.stats``, the daemon's stats "defer" section).
+
+DeferPolicy is the pure part (tests/unit/test_defer.py drives it with a fake clock); DeferQueue
+is the adapter: the queue socket (conntrack/nfqueue.py) and a table of its own on the loop.
+Imports the conntrack layer; service starts it when apply.defer_queue is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ctbridge.conntrack import nfqueue
+from ctbridge.conntrack.codec import CodecError
+from ctbridge.conntrack.table import KernelError, KernelTable
+
+log = logging.getLogger("ctbridge")
+
+POLL = 0.002  # seconds between two lookups of the flows waited for (an injection takes 1-5 ms)
+MAX_HELD = nfqueue.QUEUE_MAXLEN  # packets waiting at once; past that, a packet passes at once
+SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
+
+
+class DeferPolicy:
+    """Which held packets go on, and when. ``held``: packet id -> (flow key, deadline, arrival)."""
+
+    def __init__(self, wait: float, max_held: int = MAX_HELD) -> None:
+        self.wait = wait
+        self.max_held = max_held
+        self.held: dict[int, tuple[bytes, float, float]] = {}
+        self.stats = {"packets": 0, "held": 0, "passed_present": 0, "passed_unkeyed": 0, "passed_no_peer": 0,
+                      "passed_full": 0, "released_found": 0, "released_timeout": 0, "released_stop": 0}
+        self._waits: list[float] = []  # seconds each released packet waited, the most recent SAMPLES
+
+    def arrive(self, packet_id: int, key: bytes | None, present: bool, ready: bool, now: float) -> bool:
+        """A packet came; True: it goes on now (else it is held)."""
+        stats = self.stats
+        stats["packets"] += 1
+        if key is None:
+            stats["passed_unkeyed"] += 1
+        elif present:
+            stats["passed_present"] += 1
+        elif not ready:
+            stats["passed_no_peer"] += 1
+        elif len(self.held) >= self.max_held:
+            stats["passed_full"] += 1
+        else:
+            stats["held"] += 1
+            self.held[packet_id] = (key, now + self.wait, now)
+            return False
+        return True
+
+    def waiting(self) -> list[tuple[int, bytes]]:
+        return [(pid, key) for pid, (key, _deadline, _since) in self.held.items()]
+
+    def found(self, packet_ids: list[int], now: float) -> list[int]:
+        """Their flows are in the kernel now: released (those still held)."""
+        return self._release([p for p in packet_ids if p in self.held], now, "released_found")
+
+    def expire(self, now: float) -> list[int]:
+        """The packets whose wait is over: released, to pass as they would have without a defer."""
+        return self._release([p for p, (_k, deadline, _s) in self.held.items() if deadline <= now], now,
+                             "released_timeout")
+
+    def release_all(self, now: float) -> list[int]:
+        """Every held packet (the daemon stops, or no peer is left to wait for)."""
+        return self._release(list(self.held), now, "released_stop")
+
+    def deadline(self) -> float | None:
+        return min((d for _k, d, _s in self.held.values()), default=None)
+
+    def _release(self, packet_ids: list[int], now: float, why: str) -> list[int]:
+        for pid in packet_ids:
+            _key, _deadline, since = self.held.pop(pid)
+            self._waits.append(now - since)
+        if len(self._waits) > SAMPLES:
+            del self._waits[:len(self._waits) - SAMPLES]
+        self.stats[why] += len(packet_ids)
+        return packet_ids
+
+    def latency(self) -> dict[str, float]:
+        """How long released packets waited (seconds): p50, p99 and the longest, of the recent ones."""
+        if not self._waits:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+        ordered = sorted(self._waits)
+        last = len(ordered) - 1
+        return {"p50": round(ordered[min(last, int(0.5 * len(ordered)))], 6),
+                "p99": round(ordered[min(last, int(0.99 * len(ordered)))], 6), "max": round(ordered[-1], 6)}
+
+
+class DeferQueue:
+    """The policy on a real queue: packets read as the loop sees the socket readable, verdicts
+    sent at once or when the flow is found or the wait ends. ``ready()``: whether some peer is
+    live and complete (the engine's view), so that waiting can end in the flow arriving."""
+
+    def __init__(self, queue: int, wait: float, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool]) -> None:
+        self.policy = DeferPolicy(wait)
+        self.loop = loop
+        self.ready = ready
+        self.socket = nfqueue.QueueSocket(queue)
+        self.table = KernelTable(rcvbuf=1 << 20)
+        self.errors = 0  # lookups or reads that failed (the packet passes: counted, never held)
+        self._timer: asyncio.TimerHandle | None = None
+        loop.add_reader(self.socket.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            packets = self.socket.read()
+        except (OSError, CodecError) as exc:
+            self.errors += 1
+            if self.errors == 1:
+                log.warning("defer: reading the netfilter queue failed: %s (packets pass unheld)", exc)
+            return
+        if not packets:
+            return
+        now = self.loop.time()
+        keys = [nfqueue.packet_key(p.payload) for p in packets]
+        present = self._present([k for k in keys if k is not None])
+        ready = self.ready()
+        found = iter(present)
+        for packet, key in zip(packets, keys, strict=True):
+            here = next(found) if key is not None else False
+            if self.policy.arrive(packet.packet_id, key, here, ready, now):
+                self._accept([packet.packet_id])
+        self._schedule()
+
+    def _present(self, keys: list[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            return self.table.present(keys)
+        except (OSError, KernelError) as exc:
+            self.errors += 1
+            if self.errors == 1:
+                log.warning("defer: looking flows up failed: %s (packets pass unheld)", exc)
+            return [True] * len(keys)  # as if found: passes at once
+
+    def _accept(self, packet_ids: list[int]) -> None:
+        for pid in packet_ids:
+            try:
+                self.socket.verdict(pid)
+            except OSError as exc:  # the kernel keeps it until the queue is unbound (at close)
+                self.errors += 1
+                log.warning("defer: the verdict on packet %d failed: %s", pid, exc)
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.policy.held:
+            self._timer = self.loop.call_later(POLL, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        if not self.ready():
+            self._accept(self.policy.release_all(now))
+            return
+        waiting = self.policy.waiting()
+        if waiting:
+            present = self._present([key for _pid, key in waiting])
+            self._accept(self.policy.found([pid for (pid, _k), here in zip(waiting, present, strict=True) if here],
+                                           now))
+        self._accept(self.policy.expire(now))
+        self._schedule()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.policy.stats, "waiting": len(self.policy.held), "errors": self.errors,
+                "overruns": self.socket.overruns, "wait_seconds": self.policy.latency()}
+
+    def close(self) -> None:
+        """Every held packet released, the queue unbound (the ruleset's bypass passes what follows)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loop.remove_reader(self.socket.fileno())
+        self._accept(self.policy.release_all(self.loop.time()))
+        self.socket.close()
+        self.table.close()

@@ -1,0 +1,57 @@
+"""The active-active defer's policy (daemon/defer.py, DeferPolicy) on a fake clock: which packets
+go on at once, which wait, and that every held packet goes on, found or not, within its wait."""
+
+from __future__ import annotations
+
+from ctbridge.daemon.defer import DeferPolicy
+
+KEY = b"\x02\x00\x00flow"
+
+
+def test_a_packet_goes_on_at_once_when_waiting_cannot_help() -> None:
+    p = DeferPolicy(wait=0.02, max_held=1)
+    assert p.arrive(1, None, False, True, 0.0)  # no flow to look up (another protocol)
+    assert p.arrive(2, KEY, True, True, 0.0)  # its flow is in the kernel already
+    assert p.arrive(3, KEY, False, False, 0.0)  # no live, complete peer: nothing is coming
+    assert not p.arrive(4, KEY, False, True, 0.0)  # held
+    assert p.arrive(5, KEY + b"2", False, True, 0.0)  # the bound is reached: on at once
+    assert {k: v for k, v in p.stats.items() if v} == {
+        "packets": 5, "passed_unkeyed": 1, "passed_present": 1, "passed_no_peer": 1, "held": 1, "passed_full": 1}
+
+
+def test_a_held_packet_goes_on_when_its_flow_is_found_or_its_wait_ends() -> None:
+    p = DeferPolicy(wait=0.02)
+    for pid in (1, 2, 3):
+        assert not p.arrive(pid, KEY + bytes((pid,)), False, True, 1.0 + pid / 1000)
+    assert p.deadline() == 1.021
+    assert p.found([2, 9], 1.004) == [2]  # 9 is not held (passed already): ignored
+    assert p.expire(1.0205) == []
+    assert p.expire(1.021) == [1]
+    assert p.waiting() == [(3, KEY + b"\x03")]
+    assert p.release_all(1.022) == [3]
+    assert not p.held and p.deadline() is None
+    assert (p.stats["released_found"], p.stats["released_timeout"], p.stats["released_stop"]) == (1, 1, 1)
+    lat = p.latency()
+    assert lat["max"] == 0.02 and lat["p50"] > 0.0
+
+
+def test_no_packet_is_held_past_its_wait_whatever_the_order_of_events() -> None:
+    """A fake clock in uneven steps, packets arriving and flows found at random: at every step
+    nothing held is older than the wait plus the step, and at the end nothing is held."""
+    import random
+    rng = random.Random(3)
+    p = DeferPolicy(wait=0.02, max_held=50)
+    now = 0.0
+    for pid in range(2000):
+        now += rng.choice((0.0, 0.0005, 0.003, 0.011))
+        p.arrive(pid, KEY + pid.to_bytes(4, "big"), rng.random() < 0.3, rng.random() < 0.9, now)
+        if rng.random() < 0.2:
+            waiting = p.waiting()
+            p.found([pid for pid, _k in waiting if rng.random() < 0.5], now)
+        p.expire(now)
+        assert all(now - since < 0.02 for _k, _d, since in p.held.values())
+    p.expire(now + 0.02)
+    assert not p.held
+    s = p.stats
+    assert s["held"] == s["released_found"] + s["released_timeout"]
+    assert s["packets"] == s["held"] + sum(v for k, v in s.items() if k.startswith("passed_"))
