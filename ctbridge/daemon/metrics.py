@@ -102,6 +102,17 @@ METRICS = (
      ("sync_socket", "drops"), "counter"),
     ("ctbridge_link_switches_total", "Times traffic to a peer moved to another sync link", ("link_switches",),
      "counter"),
+    # the active-active defer (apply.defer_queue; 0 while it is off)
+    ("ctbridge_defer_packets_total", "Packets the ruleset queued for the defer", ("defer", "packets"), "counter"),
+    ("ctbridge_defer_held_total", "Queued packets held until their replicated flow is in this kernel",
+     ("defer", "held"), "counter"),
+    ("ctbridge_defer_released_found_total", "Held packets let go when their flow was found",
+     ("defer", "released_found"), "counter"),
+    ("ctbridge_defer_released_timeout_total", "Held packets let go when apply.defer_wait ran out (their flow had "
+     "not come)", ("defer", "released_timeout"), "counter"),
+    ("ctbridge_defer_waiting", "Packets held now", ("defer", "waiting"), "gauge"),
+    ("ctbridge_defer_wait_p99_seconds", "99th percentile of the recent held packets' waits",
+     ("defer", "wait_seconds", "p99"), "gauge"),
     # the names every Prometheus client library gives its process collector
     ("process_resident_memory_bytes", "Resident memory size in bytes", ("process", "resident_memory_bytes"), "gauge"),
     ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds", ("process", "cpu_seconds"),

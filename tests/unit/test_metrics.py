@@ -73,3 +73,14 @@ def test_the_endpoint_caps_its_clients_and_their_time(monkeypatch: object) -> No
     counters, body = asyncio.run(scenario())
     assert counters["refused_at_first"] == 4 and counters["timed_out"] == metrics.MAX_CLIENTS
     assert b'ctbridge_role{role="MASTER"} 1' in body
+
+
+def test_the_defer_is_exposed_and_reads_zero_while_it_is_off() -> None:
+    on = metrics.render({"defer": {"packets": 12, "held": 5, "released_found": 4, "released_timeout": 1,
+                                   "waiting": 0, "wait_seconds": {"p50": 0.002, "p99": 0.0041, "max": 0.02}}})
+    for line in ("ctbridge_defer_packets_total 12", "ctbridge_defer_held_total 5",
+                 "ctbridge_defer_released_found_total 4", "ctbridge_defer_released_timeout_total 1",
+                 "ctbridge_defer_waiting 0", "ctbridge_defer_wait_p99_seconds 0.0041"):
+        assert f"\n{line}\n" in on
+    off = metrics.render({"defer": None})
+    assert "\nctbridge_defer_held_total 0\n" in off
