@@ -117,9 +117,10 @@ class ApplySettings:
                             "buffer into this queue while the loop is busy, so a stall of the loop does not "
                             "overrun the buffer; when the queue is full the thread stops reading and an overrun "
                             "is detected as without it")
-    defer_queue: int = _key(0, "active-active: the netfilter queue (NFQUEUE number, 1-65535) where the ruleset "
-                            "holds a flow's first packet on this node until the flow a peer replicated is in its "
-                            "kernel (docs/failover.md, \"Active-active\"); 0: off. Needs mode = \"inject\"")
+    defer_queue: int = _key(0, "active-active: the netfilter queue (NFQUEUE number, 1-65535) where a TCP SYN-ACK "
+                            "waits on this node until the flow a peer replicated is in its kernel; the daemon adds "
+                            "the raw-table rule itself (iptables-nft; docs/failover.md, \"Active-active\"); 0: off. "
+                            "Needs mode = \"inject\"")
     defer_wait: float = _key(0.02, "active-active: seconds a held packet waits at most for its flow; then it "
                              "passes as it would have without the defer")
     backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +38,51 @@ from ctbridge.conntrack.table import KernelError, KernelTable
 
 log = logging.getLogger("ctbridge")
 
+COMMENT = "ctbridge defer: SYN-ACKs wait for their replicated flow"
+RULE_TIMEOUT = 10.0  # seconds an iptables command may take (-w waits for the xtables lock)
 POLL = 0.002  # seconds between two lookups of the flows waited for (an injection takes 1-5 ms)
 MAX_HELD = nfqueue.QUEUE_MAXLEN  # packets waiting at once; past that, a packet passes at once
 SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
+
+
+def rule(queue: int) -> list[str]:
+    """The queue rule, as iptables arguments after the command (-A, -C, -D): every SYN-ACK, in the
+    raw table before conntrack, to ``queue``, passed on when nobody is bound to it (--queue-bypass).
+    A SYN-ACK is a TCP connection's first packet in the other direction, the one asymmetric routing
+    brings to the node that did not see the SYN."""
+    return ["PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT,
+            "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+
+
+def _iptables(tool: str, action: str, queue: int) -> int:
+    done = subprocess.run([tool, "-w", "5", "-t", "raw", action, *rule(queue)], capture_output=True, text=True,
+                          timeout=RULE_TIMEOUT, check=False)
+    if done.returncode not in (0, 1):  # 1: -C found no such rule
+        raise KernelError(f"{tool} {action} of the defer rule failed: {done.stderr.strip()}")
+    return done.returncode
+
+
+def install_rules(queue: int) -> None:
+    """The queue rule for IPv4 and IPv6, once each (a rule left by an earlier life is kept)."""
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            raise KernelError(f"apply.defer_queue needs {tool} (package iptables): the NFQUEUE target is "
+                              "reached through it, this kernel has no nftables queue statement")
+        if _iptables(tool, "-C", queue) != 0:
+            _iptables(tool, "-A", queue)
+
+
+def remove_rules(queue: int) -> None:
+    """The queue rules gone (a clean stop); a failure is logged: with --queue-bypass a rule left
+    behind passes every packet."""
+    for tool in ("iptables", "ip6tables"):
+        try:
+            for _ in range(8):  # bounded: at most a few copies were ever added
+                if _iptables(tool, "-C", queue) != 0:
+                    break
+                _iptables(tool, "-D", queue)
+        except (OSError, subprocess.SubprocessError, KernelError) as exc:
+            log.warning("defer: removing the queue rule: %s", exc)
 
 
 class DeferPolicy:
@@ -117,7 +161,9 @@ class DeferQueue:
         self.policy = DeferPolicy(wait)
         self.loop = loop
         self.ready = ready
-        self.socket = nfqueue.QueueSocket(queue)
+        self.queue = queue
+        self.socket = nfqueue.QueueSocket(queue)  # bound before the rule: no packet waits for nobody
+        install_rules(queue)
         self.table = KernelTable(rcvbuf=1 << 20)
         self.errors = 0  # lookups or reads that failed (the packet passes: counted, never held)
         self._timer: asyncio.TimerHandle | None = None
@@ -193,6 +239,7 @@ class DeferQueue:
         if self._timer is not None:
             self._timer.cancel()
         self.loop.remove_reader(self.socket.fileno())
+        remove_rules(self.queue)
         self._accept(self.policy.release_all(self.loop.time()))
         self.socket.close()
         self.table.close()
