@@ -1,0 +1,77 @@
+"""Two firewalls that both forward, with routing asymmetric on purpose (tests and bench/defer.py).
+
+A client network (203.0.113.0/24) and a server network (198.51.100.0/24) are two bridges; each
+daemonlab node (fw1, fw2) has a leg on both (lan0 .1/.2 hosts 203.0.113.1/.2, wan0 198.51.100.1/.2)
+and forwards between them under a strict ruleset. The client (203.0.113.100) sends through fw1;
+the server (198.51.100.100) answers through fw2, or through fw1 when ``symmetric``. Documentation
+addresses only; every namespace is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ctbridge.lab import netns
+from tests.support.daemonlab import Cluster, Node
+
+CLIENT, SERVER = "203.0.113.100", "198.51.100.100"
+STRICT = """
+table inet strict {
+  chain forward_filter { type filter hook forward priority 0; policy drop;
+    ct state established,related counter accept
+    ct state new tcp flags & (syn|ack) == syn counter accept
+    ct state invalid counter comment "invalid"
+    counter comment "strict-policy drops"
+  }
+}
+"""
+
+
+@dataclass
+class Networks:
+    client: str  # the client's namespace
+    server: str  # the server's namespace
+
+
+def _bridge(ns: str, name: str) -> None:
+    netns.run(ns, "ip", "link", "add", name, "type", "bridge")
+    netns.run(ns, "ip", "link", "set", name, "up")
+
+
+@contextlib.contextmanager
+def networks(c: Cluster, symmetric: bool = False) -> Iterator[Networks]:
+    with netns.namespace("cli") as client, netns.namespace("srv") as server:
+        _bridge(c.switch, "lan")
+        _bridge(c.switch, "wan")
+        for ns, dev, bridge, address in ((client, "eth0", "lan", f"{CLIENT}/24"),
+                                         (server, "eth0", "wan", f"{SERVER}/24")):
+            port = f"{bridge}-{ns[-6:]}"[:15]
+            subprocess.run(["ip", "link", "add", port, "netns", c.switch, "type", "veth", "peer", "name", dev,
+                            "netns", ns], check=True, timeout=10)
+            netns.run(c.switch, "ip", "link", "set", port, "master", bridge, "up")
+            netns.run(ns, "ip", "addr", "add", address, "dev", dev)
+            netns.run(ns, "ip", "link", "set", dev, "up")
+        for node in c.nodes:
+            for bridge, net in (("lan", "203.0.113"), ("wan", "198.51.100")):
+                port = f"{bridge}{node.index}"
+                netns.run(c.switch, "ip", "link", "add", port, "type", "veth", "peer", "name", f"{bridge}0",
+                          "netns", node.ns)
+                netns.run(c.switch, "ip", "link", "set", port, "master", bridge, "up")
+                node.run("ip", "addr", "add", f"{net}.{node.index}/24", "dev", f"{bridge}0")
+                node.run("ip", "link", "set", f"{bridge}0", "up")
+            node.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                     "net.ipv4.conf.default.rp_filter=0")
+            node.run("nft", "-f", "-", input=STRICT)
+        netns.run(client, "ip", "route", "add", "198.51.100.0/24", "via", "203.0.113.1")
+        netns.run(server, "ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1" if symmetric else
+                  "198.51.100.2")
+        yield Networks(client, server)
+
+
+def counter(node: Node, comment: str) -> int:
+    """Packets a strict-ruleset rule counted (by its comment): "invalid" or "strict-policy drops"."""
+    out = node.run("nft", "list", "chain", "inet", "strict", "forward_filter").stdout
+    return int(next(x for x in out.splitlines() if f'"{comment}"' in x).split("packets")[1].split()[0])
