@@ -40,8 +40,12 @@ log = logging.getLogger("ctbridge")
 
 COMMENT = "ctbridge defer: SYN-ACKs wait for their replicated flow"
 RULE_TIMEOUT = 10.0  # seconds an iptables command may take (-w waits for the xtables lock)
-POLL = 0.002  # seconds between two lookups of the flows waited for (an injection takes 1-5 ms)
+# seconds between two lookups of the flows waited for, besides the one after each batch of peers'
+# flows is written (KernelWriter.after_inject): a flow may come another way (written by hand, or
+# made by this kernel's own packets)
+POLL = 0.005
 MAX_HELD = nfqueue.QUEUE_MAXLEN  # packets waiting at once; past that, a packet passes at once
+LOOKUP_CHUNK = 64  # flows looked up per request batch: 64 answers fit the 1 MiB receive buffer
 SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
 
 
@@ -194,7 +198,11 @@ class DeferQueue:
         if not keys:
             return []
         try:
-            return self.table.present(keys)
+            # in chunks: each answer that finds an entry carries it (a page of receive buffer each)
+            out: list[bool] = []
+            for at in range(0, len(keys), LOOKUP_CHUNK):
+                out += self.table.present(keys[at:at + LOOKUP_CHUNK])
+            return out
         except (OSError, KernelError) as exc:
             self.errors += 1
             if self.errors == 1:
@@ -216,7 +224,14 @@ class DeferQueue:
         if self.policy.held:
             self._timer = self.loop.call_later(POLL, self._tick)
 
+    def written(self) -> None:
+        """A batch of peers' flows was written into this kernel: the held packets' flows looked up now."""
+        if self.policy.held:
+            self._tick()
+
     def _tick(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
         now = self.loop.time()
         if not self.ready():

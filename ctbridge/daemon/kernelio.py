@@ -272,6 +272,8 @@ class KernelWriter:
         self.task: asyncio.Task[None] | None = None
         # inject mode: peers' expectations whose master this kernel lacked -> until when to try again
         self.expect_retry: dict[bytes, float] = {}
+        # called after each batch of peers' flows is written (the active-active defer looks again)
+        self.after_inject: Callable[[], None] | None = None
 
     @property
     def injecting(self) -> bool:
@@ -318,6 +320,8 @@ class KernelWriter:
                     await self.write_expectations(list(todo.values()), retry=True)
                 if gone:
                     await self.kernel.run(table.delete_expectations, gone)
+                if commits and self.after_inject is not None:
+                    self.after_inject()  # the active-active defer: a packet may wait for one of these
             except (OSError, KernelError, codec.CodecError) as exc:
                 # said here, once: the flows come again with the next bulk or commit, and a later
                 # MASTER must not fail for a batch that could not be written before it

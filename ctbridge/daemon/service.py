@@ -189,6 +189,7 @@ class Daemon:
             await self.replication.running()
             if isinstance(self.replication, OwnReplication) and self.replication.defer is not None:
                 self.stats.defer = self.replication.defer.stats
+                self.writer.after_inject = self.replication.defer.written
             return await self.serve_until_stopped(tasks)
         finally:
             await self.close(tasks, servers)
