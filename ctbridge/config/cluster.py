@@ -28,7 +28,22 @@ DEFAULT_PATHS = {
 NOTIFY_MODES = ("hook", "fifo")
 TRANSPORTS = ("unicast", "multicast")
 APPLY_MODES = ("commit", "inject")
+# active-standby: one sync group, one master; active-active: each instance its own master, both
+# nodes forward, peers' flows injected as they arrive, the defer on (docs/failover.md, "Active-active")
+MODES = ("active-standby", "active-active")
+# active-active: an instance's priority on the node that is its master, and on the others
+MASTER_PRIORITY = 150
+BACKUP_PRIORITY = 100
 BACKENDS = ("ctbridge", "conntrackd")  # who replicates (ctbridge.daemon.conntrackd)
+
+
+def parse_ports(text: str) -> tuple[int, int] | None:
+    """"LOW-HIGH" as two ports (1-65535, LOW <= HIGH), or None."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
+    if m is None:
+        return None
+    low, high = int(m.group(1)), int(m.group(2))
+    return (low, high) if 1 <= low <= high <= 65535 else None
 
 
 class ClusterError(ValueError):
@@ -58,6 +73,7 @@ class Instance:
     virtual_router_id: int
     vips: tuple[IPInterface, ...]
     advert_int: float
+    master: str = ""  # active-active: the node that is this instance's master while it is up
 
 
 @dataclass(frozen=True)
@@ -82,14 +98,40 @@ class Cluster:
     path: str = "<cluster>"
     backend: str = "ctbridge"  # "conntrackd": an existing conntrackd replicates, driven by ctbridge
     table_size: int = 0  # flows each node's conntrack table must hold (0: the kernel's own sizing)
+    mode: str = "active-standby"
+    defer_queue: int = 1  # active-active: the netfilter queue of the defer (apply.defer_queue)
+    nat_ports: str = ""  # "LOW-HIGH": source NAT ports, shared out among the nodes (ctbridge-nat.nft)
 
     def demotion(self) -> int:
         """How far the interlock lowers an incomplete node's priority: below every complete node
         (the highest priority less the lowest, plus one), yet not to FAULT (keepalived.conf(5),
         track_file: a result below -253 is FAULT; the effective priority stays within [1, 254]),
         so an incomplete node never preempts a complete one and still becomes master alone."""
+        if self.mode == "active-active":
+            return MASTER_PRIORITY - BACKUP_PRIORITY + 1
         priorities = [n.priority for n in self.nodes] or [100]
         return max(priorities) - min(priorities) + 1
+
+    def priority(self, instance: Instance, node: Node) -> int:
+        """The node's priority in the instance: its own, or in active-active the instance's master's
+        or a backup's (so each instance has the master the description names)."""
+        if self.mode != "active-active":
+            return node.priority
+        return MASTER_PRIORITY if instance.master == node.name else BACKUP_PRIORITY
+
+    def nat_ports_of(self, node: Node) -> tuple[int, int] | None:
+        """The source NAT ports the node may use (None: nat_ports not set). Active-standby: all of
+        them (one node forwards at a time); active-active: its share, by its place among the nodes,
+        so that two nodes never pick the same binding for two different flows."""
+        low, high = parse_ports(self.nat_ports) or (0, -1)
+        if high < low:
+            return None
+        if self.mode != "active-active":
+            return low, high
+        index = [n.name for n in self.nodes].index(node.name)
+        share = (high - low + 1) // len(self.nodes)
+        first = low + index * share
+        return first, (high if index == len(self.nodes) - 1 else first + share - 1)
 
     def vips(self) -> list[str]:
         """Every virtual address of the cluster's instances, without its prefix length."""
@@ -126,6 +168,7 @@ CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
     "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
     "group": (str, "G1"), "backend": (str, "ctbridge"), "table_size": (int, 0),
+    "mode": (str, "active-standby"), "defer_queue": (int, 1), "nat_ports": (str, ""),
 }
 # The largest table_size render sizes for: the kernel's hash takes any size, but 2^26 buckets of 8
 # bytes is half a GiB before a single flow; a larger table is a typo more likely than a plan
@@ -253,7 +296,8 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         nodes.append(Node(name, priority, sync, interfaces, r.value(where, raw, "metrics", str, ""), tuple(links)))
     instances: list[Instance] = []
     for i, raw in enumerate(r.tables(data, "instance")):
-        named = r.entry("instance", i, raw, ("name", "side", "virtual_router_id", "vips", "advert_int"), "LAN")
+        named = r.entry("instance", i, raw, ("name", "side", "virtual_router_id", "vips", "advert_int", "master"),
+                        "LAN")
         if named is None:
             continue
         name, where = named
@@ -271,7 +315,8 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         advert = r.value(where, raw, "advert_int", float, 1.0)
         if advert <= 0:
             r.problems.append(f"{where}: advert_int {advert!r} must be a positive number of seconds")
-        instances.append(Instance(name, r.value(where, raw, "side", str, ""), vrid or 0, tuple(vips), advert))
+        instances.append(Instance(name, r.value(where, raw, "side", str, ""), vrid or 0, tuple(vips), advert,
+                                  r.value(where, raw, "master", str, "")))
     paths = dict(DEFAULT_PATHS)
     for key, value in r.table(data, "paths").items():
         if key not in DEFAULT_PATHS:
@@ -322,6 +367,7 @@ def _verify_cluster(c: Cluster) -> list[str]:
     if not 0 <= c.table_size <= TABLE_SIZE_MAX:
         p.append(f"cluster {c.name!r}: table_size = {c.table_size}; give the flows a node's table must hold, "
                  f"0-{TABLE_SIZE_MAX} (0: leave the kernel's sizing alone)")
+    p += _verify_mode(c)
     if c.backend == "conntrackd":
         if c.apply_mode != "commit":
             p.append(f"cluster {c.name!r}: backend = \"conntrackd\" commits on MASTER (conntrackd -c); set "
@@ -332,6 +378,37 @@ def _verify_cluster(c: Cluster) -> list[str]:
         if any(n.sync_links for n in c.nodes):
             p.append(f"cluster {c.name!r}: backend = \"conntrackd\" renders the first sync link only; remove the "
                      "redundant ones (sync_links) or use backend = \"ctbridge\"")
+    return p
+
+
+def _verify_mode(c: Cluster) -> list[str]:
+    """active-active: inject mode, ctbridge's own replication, each instance a master of its own."""
+    p: list[str] = []
+    if c.mode not in MODES:
+        return [f"cluster {c.name!r}: mode = {c.mode!r}; use " + " or ".join(repr(m) for m in MODES)]
+    if c.nat_ports and parse_ports(c.nat_ports) is None:
+        p.append(f"cluster {c.name!r}: nat_ports = {c.nat_ports!r}; write \"LOW-HIGH\", e.g. \"1024-65535\"")
+    if c.mode == "active-standby":
+        p += [f"instance {i.name!r}: master is for mode = \"active-active\"; remove it"
+              for i in c.instances if i.master]
+        return p
+    if c.apply_mode != "inject":
+        p.append(f"cluster {c.name!r}: mode = \"active-active\" writes peers' flows as they arrive; set "
+                 "apply_mode = \"inject\"")
+    if c.backend != "ctbridge":
+        p.append(f"cluster {c.name!r}: mode = \"active-active\" needs backend = \"ctbridge\" (the defer)")
+    if not 1 <= c.defer_queue <= 65535:
+        p.append(f"cluster {c.name!r}: defer_queue = {c.defer_queue} is not a netfilter queue (1-65535)")
+    names = {n.name for n in c.nodes}
+    for i in c.instances:
+        if i.master not in names:
+            p.append(f"instance {i.name!r}: active-active needs master = one of " + ", ".join(sorted(names)))
+    if len({i.master for i in c.instances}) < 2:
+        p.append(f"cluster {c.name!r}: active-active needs instances with different masters (one per node "
+                 "that forwards), or ECMP routers in front: see docs/cluster.md")
+    ports = parse_ports(c.nat_ports)
+    if ports is not None and ports[1] - ports[0] + 1 < len(c.nodes):
+        p.append(f"cluster {c.name!r}: nat_ports {c.nat_ports!r} has fewer ports than nodes")
     return p
 
 

@@ -52,6 +52,8 @@ def environment(directory: Path | None = None) -> jinja2.Environment:
 
 KEY_FILE = "sync.key"  # the node's pairwise keys, beside the rendered files (mode 0600)
 CONNTRACKD_FILE = "conntrackd.conf"  # backend = "conntrackd": its configuration, beside ctbridge.toml
+# nat_ports: the node's source NAT ports, a define for the operator's ruleset
+NAT_FILE = "ctbridge-nat.nft"
 # table_size: the conntrack table's limit and hash, for /etc/sysctl.d/ and /etc/modprobe.d/
 SIZING_FILES = {"ctbridge-sysctl.conf.j2": "ctbridge-sysctl.conf",
                 "ctbridge-modprobe.conf.j2": "ctbridge-modprobe.conf"}
@@ -66,6 +68,8 @@ def render(cluster: Cluster, node: Node, directory: Path | None = None, secret: 
     files = {out: env.get_template(tpl).render(context) for tpl, out in FILES.items()}
     if cluster.backend == "conntrackd":
         files[CONNTRACKD_FILE] = env.get_template("conntrackd.conf.j2").render(context)
+    if cluster.nat_ports:
+        files[NAT_FILE] = env.get_template("ctbridge-nat.nft.j2").render(context)
     if cluster.table_size:
         files.update((out, env.get_template(tpl).render(context)) for tpl, out in SIZING_FILES.items())
     if secret is not None:

@@ -45,6 +45,16 @@ def test_keepalived_and_nft_accept_what_is_rendered(example: str) -> None:
                 listed = netns.run(ns, "nft", "list", "table", "inet", "ctbridge_sync").stdout
                 peers = [i.address.ip for n in c.peers(node) for i in (n.sync, *n.sync_links) if i is not None]
                 assert all(str(p) in listed for p in peers)
+                if c.nat_ports:  # the node's NAT ports, used as the file says: in a source NAT rule
+                    ruleset = out / "nat-test.nft"
+                    ruleset.write_text(f'include "{out / render.NAT_FILE}"\ntable ip nat_test {{\n  chain post {{\n'
+                                       '    type nat hook postrouting priority srcnat;\n'
+                                       '    oifname "wan0" meta l4proto { tcp, udp } '
+                                       'snat to 203.0.113.1:$CTBRIDGE_NAT_PORTS\n  }\n}\n')
+                    netns.run(ns, "nft", "-f", str(ruleset))
+                    rule = netns.run(ns, "nft", "list", "chain", "ip", "nat_test", "post").stdout
+                    low, high = c.nat_ports_of(node) or (0, 0)
+                    assert f"snat to 203.0.113.1:{low}-{high}" in rule
 
 
 @pytest.mark.root

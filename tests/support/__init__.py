@@ -10,4 +10,5 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the source tree
 FIXTURES = ROOT / "tests" / "fixtures"  # captured kernel messages, wire vectors
 SNAPSHOTS = ROOT / "tests" / "snapshots"  # rendered files of the example clusters
-EXAMPLES = {"two-nodes-unicast": ("fw1", "fw2"), "three-nodes-multicast": ("fw1", "fw2", "fw3")}
+EXAMPLES = {"two-nodes-unicast": ("fw1", "fw2"), "three-nodes-multicast": ("fw1", "fw2", "fw3"),
+            "two-nodes-active-active": ("fw1", "fw2")}

@@ -146,7 +146,7 @@ def test_rendered_files_match_their_snapshots(example: str) -> None:
     c = cluster.checked(cluster.load(str(ROOT / "examples" / f"{example}.toml")))
     for node in EXAMPLES[example]:
         files = render.render(c, c.node(node))
-        assert sorted(files) == sorted(render.FILES.values())
+        assert sorted(files) == sorted([*render.FILES.values(), *([render.NAT_FILE] if c.nat_ports else [])])
         for name, content in files.items():
             snap = SNAPSHOTS / example / node / name
             if UPDATE:
@@ -287,3 +287,37 @@ def test_table_size_renders_the_conntrack_limit_and_hash_and_refuses_what_cannot
     huge = TWO.replace("[cluster]\n", f"[cluster]\ntable_size = {cluster.TABLE_SIZE_MAX + 1}\n", 1)
     assert any("table_size = 67108865; give the flows a node's table must hold" in p for p in problems(huge))
     assert any("table_size" in p for p in problems(TWO.replace("[cluster]\n", "[cluster]\ntable_size = -1\n", 1)))
+
+
+AA = (ROOT / "examples" / "two-nodes-active-active.toml").read_text()
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (("mode = \"active-active\"", "mode = \"active-passive\""), "mode = 'active-passive'; use 'active-standby' or"),
+    (("\napply_mode = \"inject\"", "\napply_mode = \"commit\""), "writes peers' flows as they arrive; set apply_mode"),
+    (("master = \"fw2\"", "master = \"fw1\""), "active-active needs instances with different masters"),
+    (("master = \"fw2\"", "master = \"fw9\""), "instance 'WAN': active-active needs master = one of fw1, fw2"),
+    (("nat_ports = \"1024-65535\"", "nat_ports = \"65535-1024\""), "nat_ports = '65535-1024'; write \"LOW-HIGH\""),
+    (("nat_ports = \"1024-65535\"", "nat_ports = \"2000-2000\""), "nat_ports '2000-2000' has fewer ports than nodes"),
+    (("mode = \"active-active\"", "mode = \"active-standby\""), "instance 'LAN': master is for mode"),
+])
+def test_active_active_descriptions_are_checked(edit: tuple[str, str], expected: str) -> None:
+    old, new = edit
+    assert old in AA
+    found = problems(AA.replace(old, new, 1))
+    assert any(expected in p for p in found), found
+
+
+def test_active_active_renders_opposite_masters_no_transitions_and_shares_of_the_nat_ports() -> None:
+    c = cluster.checked(cluster.parse(AA, "aa.toml"))
+    fw1, fw2 = c.node("fw1"), c.node("fw2")
+    lan, wan = c.instances
+    priorities = (c.priority(lan, fw1), c.priority(lan, fw2), c.priority(wan, fw1), c.priority(wan, fw2))
+    assert priorities == (150, 100, 100, 150)
+    assert c.demotion() == 51  # an incomplete master (150 - 51) falls below the backup (100)
+    assert (c.nat_ports_of(fw1), c.nat_ports_of(fw2)) == ((1024, 33279), (33280, 65535))
+    files = render.render(c, fw1)
+    assert "vrrp_sync_group" not in files["keepalived.conf"] and "notify" not in files["keepalived.conf"]
+    assert "notify_fifo" not in files["ctbridge.toml"] and "defer_queue = 1" in files["ctbridge.toml"]
+    cfg = settings.parse(files["ctbridge.toml"], "ctbridge.toml")
+    assert (cfg.apply.mode, cfg.apply.defer_queue) == ("inject", 1)
