@@ -7,13 +7,15 @@ on; against the same networks routed symmetrically (everything through fw1) with
 
 For each case, in fresh namespaces: N connections opened at R per second, each a connect, 5
 bytes echoed and a close. Printed per case: connections that completed; the client's connect
-time (SYN to SYN-ACK received: p50, p99, max); the SYN-ACKs fw2 held and how long (its
-`stats` defer section: p50, p99, longest), released when found or at the wait's end; the strict
-rulesets' drops and INVALID packets on each firewall; the CPU of both daemons per connection.
+time (SYN to SYN-ACK received: p50, p99, max); the packets each firewall held (fw1+fw2: the
+origin's first packets after the SYN-ACK, and the SYN-ACKs), released when found or at the
+wait's end, and how long fw2's SYN-ACKs waited (its `stats` defer section: p50, p99, longest);
+the strict rulesets' drops and INVALID packets on each firewall; the CPU of both daemons per
+connection.
 
 The symmetric case is the reference: no packet waits. In the asymmetric case the SYN-ACK's wait
-is what the defer adds. fw1's INVALID packets are the origin's half of each connection (its entry
-never sees the SYN-ACK): docs/failover.md, "Active-active", says what is left to build for them.
+is what the defer adds; fw1 holds the client's first packet after it until the SYN-ACK's state,
+replicated from fw2, is in its kernel (docs/failover.md, "Active-active").
 """
 
 from __future__ import annotations
@@ -31,53 +33,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ctbridge.lab.process import wait_for
-from tests.support.activeactive import CLIENT, SERVER, counter, networks
+from tests.support.activeactive import CLIENT_SCRIPT, SERVE, counter, networks
 from tests.support.daemonlab import Node, cluster
 
 QUEUE = 9
-PORT = 5001
-SERVE = f"""
-import socket, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('{SERVER}', {PORT})); s.listen(512)
-def echo(c):
-    try:
-        c.settimeout(5); c.sendall(c.recv(100))
-    except OSError:
-        pass
-    c.close()
-while True:
-    c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()
-"""
-CLIENT_SCRIPT = f"""
-import json, socket, sys, threading, time
-n, rate = int(sys.argv[1]), float(sys.argv[2])
-times, failed = [], [0]
-def one():
-    t = time.monotonic()
-    try:
-        s = socket.create_connection(('{SERVER}', {PORT}), timeout=3, source_address=('{CLIENT}', 0))
-        times.append(time.monotonic() - t)
-        s.settimeout(3); s.sendall(b'hello')
-        if s.recv(100) != b'hello':
-            raise OSError('no echo')
-        s.close()
-    except OSError:
-        failed[0] += 1
-threads = []
-start = time.monotonic()
-for i in range(n):
-    time.sleep(max(0.0, start + i / rate - time.monotonic()))
-    t = threading.Thread(target=one); t.start(); threads.append(t)
-for t in threads:
-    t.join(10)
-times.sort()
-pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] if times else None
-print(json.dumps({{"ok": n - failed[0], "failed": failed[0], "p50": pick(0.5), "p99": pick(0.99),
-                  "max": times[-1] if times else None}}))
-"""
-
-
 def _cpu(node: Node) -> float:
     if node.proc is None:
         return 0.0
@@ -111,6 +70,7 @@ def run_case(symmetric: bool, connections: int, rate: float) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(out)
         result["cpu_us_per_connection"] = used / connections * 1e6
         result["defer"] = fw2.request("stats")["defer"]
+        result["defer_fw1"] = fw1.request("stats")["defer"]
         result["firewalls"] = {n.name: {"invalid": counter(n, "invalid"), "drops": counter(n, "strict-policy drops")}
                                for n in (fw1, fw2)}
         return result
@@ -128,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     cases = {"symmetric, no defer": run_case(True, args.connections, args.rate),
              "asymmetric, defer": run_case(False, args.connections, args.rate)}
     print(f"\ndefer: {args.connections} TCP connections at {args.rate:g}/s through two firewalls in inject mode")
-    print(f"{'':22}{'done':>6}{'connect p50/p99/max (ms)':>28}{'held':>6}{'found':>7}{'timeout':>8}"
+    print(f"{'':22}{'done':>6}{'connect p50/p99/max (ms)':>28}{'held':>10}{'found':>11}{'timeout':>8}"
           f"{'wait p50/p99/max (ms)':>25}{'fw1 inv/drop':>14}{'fw2 inv/drop':>14}{'CPU us/conn':>13}")
     for name, r in cases.items():
         d = r["defer"] or {}
+        d1 = r["defer_fw1"] or {}
         w = d.get("wait_seconds", {})
         fw = r["firewalls"]
         print(f"{name:22}{r['ok']:>6}{_ms(r['p50']) + ' / ' + _ms(r['p99']) + ' / ' + _ms(r['max']):>28}"
-              f"{d.get('held', 0):>6}{d.get('released_found', 0):>7}{d.get('released_timeout', 0):>8}"
+              f"{str(d1.get('held', 0)) + '+' + str(d.get('held', 0)):>10}"
+              f"{str(d1.get('released_found', 0)) + '+' + str(d.get('released_found', 0)):>11}"
+              f"{d1.get('released_timeout', 0) + d.get('released_timeout', 0):>8}"
               f"{_ms(w.get('p50')) + ' / ' + _ms(w.get('p99')) + ' / ' + _ms(w.get('max')):>25}"
               f"{str(fw['fw1']['invalid']) + '/' + str(fw['fw1']['drops']):>14}"
               f"{str(fw['fw2']['invalid']) + '/' + str(fw['fw2']['drops']):>14}"

@@ -118,8 +118,9 @@ class ApplySettings:
                             "overrun the buffer; when the queue is full the thread stops reading and an overrun "
                             "is detected as without it")
     defer_queue: int = _key(0, "active-active: the netfilter queue (NFQUEUE number, 1-65535) where a TCP SYN-ACK "
-                            "waits on this node until the flow a peer replicated is in its kernel; the daemon adds "
-                            "the raw-table rule itself (iptables-nft; docs/failover.md, \"Active-active\"); 0: off. "
+                            "waits on this node until the flow a peer replicated is in its kernel, and a client's "
+                            "first packets until the reply's state is; the daemon adds its rules itself "
+                            "(iptables-nft and an nftables table; docs/failover.md, \"Active-active\"); 0: off. "
                             "Needs mode = \"inject\"")
     defer_wait: float = _key(0.02, "active-active: seconds a held packet waits at most for its flow; then it "
                              "passes as it would have without the defer")

@@ -32,8 +32,9 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import nfqueue
-from ctbridge.conntrack.codec import CodecError
+from ctbridge.conntrack.codec import CodecError, attr_map
 from ctbridge.conntrack.table import KernelError, KernelTable
 
 log = logging.getLogger("ctbridge")
@@ -49,44 +50,114 @@ LOOKUP_CHUNK = 64  # flows looked up per request batch: 64 answers fit the 1 MiB
 SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
 
 
-def rule(queue: int) -> list[str]:
-    """The queue rule, as iptables arguments after the command (-A, -C, -D): every SYN-ACK, in the
-    raw table before conntrack, to ``queue``, passed on when nobody is bound to it (--queue-bypass).
-    A SYN-ACK is a TCP connection's first packet in the other direction, the one asymmetric routing
-    brings to the node that did not see the SYN."""
-    return ["PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT,
-            "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+# The mark the daemon's nftables table sets, before conntrack, on TCP packets (no SYN, no RST) of
+# flows it has not yet seen past a reply: the origin's half of an asymmetric connection (its
+# entry never sees the SYN-ACK) waits until the reply's state has been replicated here
+MARK = 0x10000000
+SEEN_TIMEOUT = 120  # seconds a flow stays known to the table without being seen again
+NFT_TABLE = "ctbridge_defer"
 
 
-def _iptables(tool: str, action: str, queue: int) -> int:
-    done = subprocess.run([tool, "-w", "5", "-t", "raw", action, *rule(queue)], capture_output=True, text=True,
+def rules(queue: int) -> list[list[str]]:
+    """The queue rules, as iptables arguments after the command (-A, -C, -D), in the raw table
+    before conntrack, passed on when nobody is bound to the queue (--queue-bypass): every SYN-ACK
+    (a connection's first packet in the other direction, the one asymmetric routing brings to the
+    node that did not see the SYN), and every packet the nftables table marked."""
+    target = ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+    return [["PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT,
+             *target],
+            ["PREROUTING", "-p", "tcp", "-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment",
+             "--comment", "ctbridge defer: a flow not yet seen past its reply", *target]]
+
+
+def nft_script() -> str:
+    """The table that picks the packets to hold: after conntrack, the flows past a reply (both
+    directions' tuples, NAT or not) are remembered; before it, TCP packets of other flows are
+    marked (the mark is taken off again after conntrack)."""
+    keep = f"{0xFFFFFFFF & ~MARK:#x}"
+    learn, pick = [], []
+    for fam, ip, name in (("ipv4", "ip", "seen4"), ("ipv6", "ip6", "seen6")):
+        for way in ("original", "reply"):
+            learn.append(f"meta nfproto {fam} meta l4proto tcp ct status seen-reply add @{name} "
+                         f"{{ ct {way} {ip} saddr . ct {way} {ip} daddr . ct {way} proto-src . ct {way} proto-dst }}")
+        pick.append(f"meta nfproto {fam} tcp flags & (syn | rst) == 0 {ip} saddr . {ip} daddr . tcp sport . tcp dport "
+                    f"!= @{name} meta mark set meta mark | {MARK:#x}")
+    sets = "".join(f"    set seen{v} {{\n        type {kind} . {kind} . inet_service . inet_service\n"
+                   f"        flags timeout\n        timeout {SEEN_TIMEOUT}s\n        size 1048576\n    }}\n"
+                   for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")))
+    body = "".join(f"        {line}\n" for line in learn)
+    marks = "".join(f"        {line}\n" for line in pick)
+    return (f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}"
+            f"    chain learn {{\n        type filter hook prerouting priority -150; policy accept;\n"
+            f"        meta mark & {MARK:#x} == {MARK:#x} meta mark set meta mark & {keep}\n{body}    }}\n"
+            f"    chain pick {{\n        type filter hook prerouting priority -310; policy accept;\n"
+            f"{marks}    }}\n}}\n")
+
+
+def _iptables(tool: str, action: str, rule: list[str]) -> int:
+    done = subprocess.run([tool, "-w", "5", "-t", "raw", action, *rule], capture_output=True, text=True,
                           timeout=RULE_TIMEOUT, check=False)
     if done.returncode not in (0, 1):  # 1: -C found no such rule
         raise KernelError(f"{tool} {action} of the defer rule failed: {done.stderr.strip()}")
     return done.returncode
 
 
+def _nft(script: str) -> None:
+    done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=RULE_TIMEOUT,
+                          check=False)
+    if done.returncode != 0:
+        raise KernelError(f"nft: the defer's table: {done.stderr.strip()}")
+
+
 def install_rules(queue: int) -> None:
-    """The queue rule for IPv4 and IPv6, once each (a rule left by an earlier life is kept)."""
+    """The nftables table and the queue rules for IPv4 and IPv6, once each (a rule left by an
+    earlier life is kept)."""
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
             raise KernelError(f"apply.defer_queue needs {tool} (package iptables): the NFQUEUE target is "
                               "reached through it, this kernel has no nftables queue statement")
-        if _iptables(tool, "-C", queue) != 0:
-            _iptables(tool, "-A", queue)
+    _nft(nft_script())
+    for tool in ("iptables", "ip6tables"):
+        for rule in rules(queue):
+            if _iptables(tool, "-C", rule) != 0:
+                _iptables(tool, "-A", rule)
 
 
 def remove_rules(queue: int) -> None:
-    """The queue rules gone (a clean stop); a failure is logged: with --queue-bypass a rule left
-    behind passes every packet."""
-    for tool in ("iptables", "ip6tables"):
-        try:
-            for _ in range(8):  # bounded: at most a few copies were ever added
-                if _iptables(tool, "-C", queue) != 0:
-                    break
-                _iptables(tool, "-D", queue)
-        except (OSError, subprocess.SubprocessError, KernelError) as exc:
-            log.warning("defer: removing the queue rule: %s", exc)
+    """The queue rules and the table gone (a clean stop); a failure is logged: with --queue-bypass
+    a rule left behind passes every packet."""
+    try:
+        for tool in ("iptables", "ip6tables"):
+            for rule in rules(queue):
+                for _ in range(8):  # bounded: at most a few copies were ever added
+                    if _iptables(tool, "-C", rule) != 0:
+                        break
+                    _iptables(tool, "-D", rule)
+        _nft(f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+    except (OSError, subprocess.SubprocessError, KernelError) as exc:
+        log.warning("defer: removing the queue rules: %s", exc)
+
+
+def _fields(tuple_payload: bytes) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    top = attr_map(tuple_payload)
+    return attr_map(top.get(ct.CTA_TUPLE_IP, b"")), attr_map(top.get(ct.CTA_TUPLE_PROTO, b""))
+
+
+def may_pass(key: bytes, attrs: bytes | None) -> bool:
+    """Whether a packet whose own tuple is ``key`` can go on, given its entry now (``attrs``, as
+    KernelTable.lookup gives it; None: no entry). A packet of the reply direction needs the
+    entry to exist (the SYN-ACK reaching the node that did not see the SYN); one of the original
+    direction also needs the entry to have seen a reply (the origin's ACK after a SYN-ACK only
+    the other node saw: until the reply's state is replicated here, this kernel finds it
+    INVALID)."""
+    if attrs is None:
+        return False
+    top = attr_map(attrs)
+    orig = top.get(ct.CTA_TUPLE_ORIG)
+    if orig is None or _fields(orig) != _fields(key[3:]):
+        return True
+    status = top.get(ct.CTA_STATUS, b"")
+    return len(status) == 4 and bool(int.from_bytes(status, "big") & ct.IPS_SEEN_REPLY)
 
 
 class DeferPolicy:
@@ -201,7 +272,8 @@ class DeferQueue:
             # in chunks: each answer that finds an entry carries it (a page of receive buffer each)
             out: list[bool] = []
             for at in range(0, len(keys), LOOKUP_CHUNK):
-                out += self.table.present(keys[at:at + LOOKUP_CHUNK])
+                chunk = keys[at:at + LOOKUP_CHUNK]
+                out += [may_pass(k, a) for k, a in zip(chunk, self.table.lookup(chunk), strict=True)]
             return out
         except (OSError, KernelError) as exc:
             self.errors += 1

@@ -30,6 +30,49 @@ table inet strict {
 """
 
 
+PORT = 5001  # the server's
+SERVE = f"""
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('{SERVER}', {PORT})); s.listen(512)
+def echo(c):
+    try:
+        c.settimeout(5); c.sendall(c.recv(100))
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()
+"""
+CLIENT_SCRIPT = f"""
+import json, socket, sys, threading, time
+n, rate = int(sys.argv[1]), float(sys.argv[2])
+times, failed = [], [0]
+def one():
+    t = time.monotonic()
+    try:
+        s = socket.create_connection(('{SERVER}', {PORT}), timeout=3, source_address=('{CLIENT}', 0))
+        times.append(time.monotonic() - t)
+        s.settimeout(3); s.sendall(b'hello')
+        if s.recv(100) != b'hello':
+            raise OSError('no echo')
+        s.close()
+    except OSError:
+        failed[0] += 1
+threads = []
+start = time.monotonic()
+for i in range(n):
+    time.sleep(max(0.0, start + i / rate - time.monotonic()))
+    t = threading.Thread(target=one); t.start(); threads.append(t)
+for t in threads:
+    t.join(10)
+times.sort()
+pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] if times else None
+print(json.dumps({{"ok": n - failed[0], "failed": failed[0], "p50": pick(0.5), "p99": pick(0.99),
+                  "max": times[-1] if times else None}}))
+"""
+
+
 @dataclass
 class Networks:
     client: str  # the client's namespace

@@ -55,3 +55,35 @@ def test_no_packet_is_held_past_its_wait_whatever_the_order_of_events() -> None:
     s = p.stats
     assert s["held"] == s["released_found"] + s["released_timeout"]
     assert s["packets"] == s["held"] + sum(v for k, v in s.items() if k.startswith("passed_"))
+
+
+def test_a_packet_may_pass_when_its_entry_is_there_and_for_the_origin_has_seen_a_reply() -> None:
+    """The reply direction (the SYN-ACK on the node that did not see the SYN) needs the entry; the
+    original direction (the client's ACK on the node whose entry never saw the SYN-ACK) needs the
+    entry to have seen a reply, which the other node's replication brings."""
+    from ctbridge.conntrack import abi as ct
+    from ctbridge.conntrack import codec
+    from ctbridge.daemon.defer import may_pass
+    from tests.support import builders
+
+    client, server = bytes((203, 0, 113, 100)), bytes((198, 51, 100, 100))
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, client, server, 40000, 5001)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_TCP, server, client, 5001, 40000)
+
+    def entry(status: int) -> bytes:
+        return builders.build_entry(ct.AF_INET, orig, reply, status=status, tcp_state=1).attrs
+
+    origin_key, reply_key = codec.make_key(ct.AF_INET, 0, orig), codec.make_key(ct.AF_INET, 0, reply)
+    assert not may_pass(reply_key, None) and not may_pass(origin_key, None)
+    assert may_pass(reply_key, entry(ct.IPS_CONFIRMED))
+    assert not may_pass(origin_key, entry(ct.IPS_CONFIRMED))
+    assert may_pass(origin_key, entry(ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY))
+
+
+def test_the_defer_table_marks_what_it_has_not_seen_and_takes_the_mark_off_again() -> None:
+    from ctbridge.daemon.defer import MARK, nft_script, rules
+    script = nft_script()
+    assert script.count("add @seen4") == 2 and script.count("add @seen6") == 2  # both directions' tuples
+    assert f"meta mark set meta mark | {MARK:#x}" in script and "priority -310" in script  # before conntrack
+    assert f"meta mark set meta mark & {0xFFFFFFFF & ~MARK:#x}" in script and "priority -150" in script
+    assert all("--queue-bypass" in rule for rule in rules(9))
