@@ -39,6 +39,7 @@ MSG_CONFIG = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
 # enum nfqnl_attr_type
 NFQA_PACKET_HDR = 1  # struct nfqnl_msg_packet_hdr: __be32 packet_id, __be16 hw_protocol, __u8 hook
 NFQA_VERDICT_HDR = 2  # struct nfqnl_msg_verdict_hdr: __be32 verdict, __be32 id
+NFQA_MARK = 3  # __be32: the packet's mark (sent when set; in a verdict, the mark it goes on with)
 NFQA_PAYLOAD = 10
 # enum nfqnl_attr_config
 NFQA_CFG_CMD = 1  # struct nfqnl_msg_config_cmd: __u8 command, __u8 _pad, __be16 pf
@@ -54,6 +55,7 @@ NFQNL_COPY_PACKET = 2
 # include/uapi/linux/netfilter.h: verdicts
 NF_DROP = 0
 NF_ACCEPT = 1
+NF_REPEAT = 4  # the hook runs again from its start (an iptables chain from its first rule)
 
 # The network and transport headers are all a key needs: an IPv6 header (40) and the ports
 COPY_RANGE = 128
@@ -68,11 +70,13 @@ _BE32 = struct.Struct("!I")
 
 
 class Queued(NamedTuple):
-    """A packet the kernel holds for a verdict: its id in the queue, the hook, its first bytes."""
+    """A packet the kernel holds for a verdict: its id in the queue, the hook, its first bytes,
+    its mark (0 when none is set)."""
 
     packet_id: int
     hook: int
     payload: bytes
+    mark: int = 0
 
 
 def _message(mtype: int, queue: int, body: bytes, seq: int, ack: bool = False) -> bytes:
@@ -97,8 +101,11 @@ def unbind_request(queue: int, seq: int) -> bytes:
                     ack=True)
 
 
-def verdict_request(queue: int, packet_id: int, verdict: int = NF_ACCEPT) -> bytes:
-    return _message(MSG_VERDICT, queue, attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)), 0)
+def verdict_request(queue: int, packet_id: int, verdict: int = NF_ACCEPT, mark: int | None = None) -> bytes:
+    body = attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
+    if mark is not None:
+        body += attr(NFQA_MARK, _BE32.pack(mark & 0xFFFFFFFF))
+    return _message(MSG_VERDICT, queue, body, 0)
 
 
 def decode_packets(buf: bytes) -> tuple[list[Queued], list[int]]:
@@ -122,6 +129,7 @@ def decode_packets(buf: bytes) -> tuple[list[Queued], list[int]]:
 
 def _packet(buf: bytes, start: int, end: int) -> Queued:
     packet_id = hook = -1
+    mark = 0
     payload = b""
     at = start
     while at + _NLA.size <= end:
@@ -133,10 +141,12 @@ def _packet(buf: bytes, start: int, end: int) -> Queued:
             packet_id, _hw, hook = _PACKET_HDR.unpack_from(buf, at + _NLA.size)
         elif kind == NFQA_PAYLOAD:
             payload = buf[at + _NLA.size:at + alen]
+        elif kind == NFQA_MARK and alen >= _NLA.size + 4:
+            mark = _BE32.unpack_from(buf, at + _NLA.size)[0]
         at += (alen + 3) & ~3
     if packet_id < 0:
         raise CodecError("queued packet without NFQA_PACKET_HDR")
-    return Queued(packet_id, hook, payload)
+    return Queued(packet_id, hook, payload, mark)
 
 
 def packet_key(payload: bytes, zone: int = 0) -> bytes | None:
@@ -186,9 +196,9 @@ class QueueSocket:
         for request in bind_requests(queue, 1):
             self._request(request, f"binding netfilter queue {queue}")
         self.sock.setblocking(False)
-        # receive-buffer overruns: the kernel could not hand this process some packets (and,
-        # unlike a full queue, does not let them pass: nfnetlink_queue drops a packet it cannot
-        # deliver), so the buffer is large and every overrun is counted
+        # receive-buffer overruns: the kernel could not hand this process some packets; bound
+        # fail-open, it lets them pass (the review measured 181 of 200 passed with an 8 KiB buffer,
+        # none lost), so they go on unheld, counted here
         self.overruns = 0
 
     def _request(self, data: bytes, what: str) -> None:
@@ -218,8 +228,8 @@ class QueueSocket:
             packets, _acks = decode_packets(buf)
             out.extend(packets)
 
-    def verdict(self, packet_id: int, verdict: int = NF_ACCEPT) -> None:
-        self.sock.send(verdict_request(self.queue, packet_id, verdict))
+    def verdict(self, packet_id: int, verdict: int = NF_ACCEPT, mark: int | None = None) -> None:
+        self.sock.send(verdict_request(self.queue, packet_id, verdict, mark))
 
     def close(self) -> None:
         try:

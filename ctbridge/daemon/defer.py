@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -45,7 +46,10 @@ RULE_TIMEOUT = 10.0  # seconds an iptables command may take (-w waits for the xt
 # flows is written (KernelWriter.after_inject): a flow may come another way (written by hand, or
 # made by this kernel's own packets)
 POLL = 0.005
-MAX_HELD = nfqueue.QUEUE_MAXLEN  # packets waiting at once; past that, a packet passes at once
+# packets waiting at once; past that, a packet passes at once (counted). Well below the kernel's
+# queue length, so that the kernel's fail-open is not what lets a flood through uncounted
+MAX_HELD = 256
+LOOKUPS_PER_TURN = 64  # held packets looked up again per turn, the oldest first (26 us each)
 LOOKUP_CHUNK = 64  # flows looked up per request batch: 64 answers fit the 1 MiB receive buffer
 SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
 
@@ -54,27 +58,34 @@ SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
 # flows it has not yet seen past a reply: the origin's half of an asymmetric connection (its
 # entry never sees the SYN-ACK) waits until the reply's state has been replicated here
 MARK = 0x10000000
+# The mark a verdict adds: the packet goes back to the start of the raw table's chain (NF_REPEAT),
+# so the rules after the defer's (an operator's NOTRACK, CT --zone, CT --helper) still apply to it,
+# and the defer's rules skip it. An ACCEPT would have ended the chain there (found by review: an
+# operator's NOTRACK after the defer's rule stopped applying to SYN-ACKs). Both bits are taken off
+# after conntrack.
+DONE = 0x20000000
 SEEN_TIMEOUT = 120  # seconds a flow stays known to the table without being seen again
 NFT_TABLE = "ctbridge_defer"
 
 
 def rules(queue: int) -> list[list[str]]:
-    """The queue rules, as iptables arguments after the command (-A, -C, -D), in the raw table
-    before conntrack, passed on when nobody is bound to the queue (--queue-bypass): every SYN-ACK
-    (a connection's first packet in the other direction, the one asymmetric routing brings to the
-    node that did not see the SYN), and every packet the nftables table marked."""
-    target = ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
-    return [["PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT,
-             *target],
-            ["PREROUTING", "-p", "tcp", "-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment",
-             "--comment", "ctbridge defer: a flow not yet seen past its reply", *target]]
+    """The queue rules (after the chain's name), first in the raw table's PREROUTING chain, before
+    conntrack, passed on when nobody is bound to the queue (--queue-bypass): every SYN-ACK (a
+    connection's first packet in the other direction, the one asymmetric routing brings to the
+    node that did not see the SYN), and every packet the nftables table marked; never a packet a
+    verdict already sent round again (DONE)."""
+    target = ["-m", "mark", "!", "--mark", f"{DONE:#x}/{DONE:#x}", "-j", "NFQUEUE", "--queue-num", str(queue),
+              "--queue-bypass"]
+    return [["-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT, *target],
+            ["-p", "tcp", "-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
+             COMMENT + " (a flow not yet seen past its reply)", *target]]
 
 
 def nft_script() -> str:
     """The table that picks the packets to hold: after conntrack, the flows past a reply (both
     directions' tuples, NAT or not) are remembered; before it, TCP packets of other flows are
-    marked (the mark is taken off again after conntrack)."""
-    keep = f"{0xFFFFFFFF & ~MARK:#x}"
+    marked (both of the defer's bits are taken off again after conntrack)."""
+    keep = f"{0xFFFFFFFF & ~(MARK | DONE):#x}"
     learn, pick = [], []
     for fam, ip, name in (("ipv4", "ip", "seen4"), ("ipv6", "ip6", "seen6")):
         for way in ("original", "reply"):
@@ -89,17 +100,17 @@ def nft_script() -> str:
     marks = "".join(f"        {line}\n" for line in pick)
     return (f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}"
             f"    chain learn {{\n        type filter hook prerouting priority -150; policy accept;\n"
-            f"        meta mark & {MARK:#x} == {MARK:#x} meta mark set meta mark & {keep}\n{body}    }}\n"
+            f"        meta mark & {MARK | DONE:#x} != 0 meta mark set meta mark & {keep}\n{body}    }}\n"
             f"    chain pick {{\n        type filter hook prerouting priority -310; policy accept;\n"
             f"{marks}    }}\n}}\n")
 
 
-def _iptables(tool: str, action: str, rule: list[str]) -> int:
-    done = subprocess.run([tool, "-w", "5", "-t", "raw", action, *rule], capture_output=True, text=True,
+def _iptables(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([tool, "-w", "5", "-t", "raw", *args], capture_output=True, text=True,
                           timeout=RULE_TIMEOUT, check=False)
     if done.returncode not in (0, 1):  # 1: -C found no such rule
-        raise KernelError(f"{tool} {action} of the defer rule failed: {done.stderr.strip()}")
-    return done.returncode
+        raise KernelError(f"{tool} {' '.join(args[:2])} (the defer's rules) failed: {done.stderr.strip()}")
+    return done
 
 
 def _nft(script: str) -> None:
@@ -109,30 +120,36 @@ def _nft(script: str) -> None:
         raise KernelError(f"nft: the defer's table: {done.stderr.strip()}")
 
 
+def _remove_ours(tool: str) -> None:
+    """Every rule of the raw PREROUTING chain that carries the defer's comment, whatever its queue
+    (a rule an earlier life left with another queue number would pass every packet unheld)."""
+    listed = _iptables(tool, "-S", "PREROUTING").stdout.splitlines()
+    for line in listed:
+        if COMMENT in line and line.startswith("-A PREROUTING "):
+            _iptables(tool, "-D", *shlex.split(line)[1:])
+
+
 def install_rules(queue: int) -> None:
-    """The nftables table and the queue rules for IPv4 and IPv6, once each (a rule left by an
-    earlier life is kept)."""
+    """The nftables table and the queue rules for IPv4 and IPv6, first in the chain; whatever an
+    earlier life left is taken away first. Both tools are looked for before anything is added."""
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
             raise KernelError(f"apply.defer_queue needs {tool} (package iptables): the NFQUEUE target is "
                               "reached through it, this kernel has no nftables queue statement")
     _nft(nft_script())
     for tool in ("iptables", "ip6tables"):
-        for rule in rules(queue):
-            if _iptables(tool, "-C", rule) != 0:
-                _iptables(tool, "-A", rule)
+        _remove_ours(tool)
+        for rule in reversed(rules(queue)):  # each inserted first: they end up in this order
+            _iptables(tool, "-I", "PREROUTING", "1", *rule)
 
 
-def remove_rules(queue: int) -> None:
+def remove_rules() -> None:
     """The queue rules and the table gone (a clean stop); a failure is logged: with --queue-bypass
     a rule left behind passes every packet."""
     try:
         for tool in ("iptables", "ip6tables"):
-            for rule in rules(queue):
-                for _ in range(8):  # bounded: at most a few copies were ever added
-                    if _iptables(tool, "-C", rule) != 0:
-                        break
-                    _iptables(tool, "-D", rule)
+            if shutil.which(tool) is not None:
+                _remove_ours(tool)
         _nft(f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
     except (OSError, subprocess.SubprocessError, KernelError) as exc:
         log.warning("defer: removing the queue rules: %s", exc)
@@ -230,39 +247,57 @@ class DeferPolicy:
 class DeferQueue:
     """The policy on a real queue: packets read as the loop sees the socket readable, verdicts
     sent at once or when the flow is found or the wait ends. ``ready()``: whether some peer is
-    live and complete (the engine's view), so that waiting can end in the flow arriving."""
+    live and complete (the engine's view), so that waiting can end in the flow arriving.
+
+    Every verdict sends the packet round the raw table's chain again (NF_REPEAT) with DONE added
+    to its mark, so the rules after the defer's still apply to it."""
 
     def __init__(self, queue: int, wait: float, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool]) -> None:
         self.policy = DeferPolicy(wait)
         self.loop = loop
         self.ready = ready
         self.queue = queue
-        self.socket = nfqueue.QueueSocket(queue)  # bound before the rule: no packet waits for nobody
-        install_rules(queue)
+        self.socket = nfqueue.QueueSocket(queue)  # bound before the rules: no packet waits for nobody
         self.table = KernelTable(rcvbuf=1 << 20)
-        self.errors = 0  # lookups or reads that failed (the packet passes: counted, never held)
+        self.errors = 0  # lookups, reads or verdicts that failed (the packet passes: counted, never held)
+        self._marks: dict[int, int] = {}  # held packet id -> its mark, given back with DONE added
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        install_rules(queue)
         loop.add_reader(self.socket.fileno(), self._readable)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self.errors == 1:  # once: the counter tells how often
+            log.warning("defer: %s failed: %s (packets pass unheld)", what, exc)
 
     def _readable(self) -> None:
         try:
             packets = self.socket.read()
         except (OSError, CodecError) as exc:
-            self.errors += 1
-            if self.errors == 1:
-                log.warning("defer: reading the netfilter queue failed: %s (packets pass unheld)", exc)
+            self._failed("reading the netfilter queue", exc)
             return
         if not packets:
             return
-        now = self.loop.time()
-        keys = [nfqueue.packet_key(p.payload) for p in packets]
-        present = self._present([k for k in keys if k is not None])
-        ready = self.ready()
-        found = iter(present)
-        for packet, key in zip(packets, keys, strict=True):
-            here = next(found) if key is not None else False
-            if self.policy.arrive(packet.packet_id, key, here, ready, now):
-                self._accept([packet.packet_id])
+        decided: set[int] = set()
+        try:
+            now = self.loop.time()
+            keys = [nfqueue.packet_key(p.payload) for p in packets]
+            present = self._present([k for k in keys if k is not None])
+            ready = self.ready()
+            found = iter(present)
+            for packet, key in zip(packets, keys, strict=True):
+                here = next(found) if key is not None else False
+                if self.policy.arrive(packet.packet_id, key, here, ready, now):
+                    self._pass(packet.packet_id, packet.mark)
+                else:
+                    self._marks[packet.packet_id] = packet.mark
+                decided.add(packet.packet_id)
+        except Exception as exc:  # whatever went wrong, no packet read may stay in the queue
+            self._failed("deciding on queued packets", exc)
+            for packet in packets:
+                if packet.packet_id not in decided:
+                    self._pass(packet.packet_id, packet.mark)
         self._schedule()
 
     def _present(self, keys: list[bytes]) -> list[bool]:
@@ -275,26 +310,33 @@ class DeferQueue:
                 chunk = keys[at:at + LOOKUP_CHUNK]
                 out += [may_pass(k, a) for k, a in zip(chunk, self.table.lookup(chunk), strict=True)]
             return out
-        except (OSError, KernelError) as exc:
-            self.errors += 1
-            if self.errors == 1:
-                log.warning("defer: looking flows up failed: %s (packets pass unheld)", exc)
+        except (OSError, KernelError, CodecError) as exc:
+            self._failed("looking flows up", exc)
             return [True] * len(keys)  # as if found: passes at once
 
-    def _accept(self, packet_ids: list[int]) -> None:
+    def _pass(self, packet_id: int, mark: int) -> None:
+        try:
+            self.socket.verdict(packet_id, nfqueue.NF_REPEAT, mark | DONE)
+        except OSError as exc:  # the kernel keeps it until the queue is unbound (at close)
+            self._failed(f"the verdict on packet {packet_id}", exc)
+
+    def _release(self, packet_ids: list[int]) -> None:
         for pid in packet_ids:
-            try:
-                self.socket.verdict(pid)
-            except OSError as exc:  # the kernel keeps it until the queue is unbound (at close)
-                self.errors += 1
-                log.warning("defer: the verdict on packet %d failed: %s", pid, exc)
+            self._pass(pid, self._marks.pop(pid, 0))
 
     def _schedule(self) -> None:
+        """The next look: in POLL, or at the earliest deadline if sooner. A timer already set for
+        sooner is kept (re-arming it on every packet starved it: found by review, a held packet
+        waited 2 s under a stream of SYN-ACKs)."""
+        deadline = self.policy.deadline()
+        if deadline is None:
+            return
+        at = min(self.loop.time() + POLL, deadline)
+        if self._timer is not None and self._timer_at <= at:
+            return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if self.policy.held:
-            self._timer = self.loop.call_later(POLL, self._tick)
+        self._timer, self._timer_at = self.loop.call_at(at, self._tick), at
 
     def written(self) -> None:
         """A batch of peers' flows was written into this kernel: the held packets' flows looked up now."""
@@ -304,17 +346,19 @@ class DeferQueue:
     def _tick(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = None
+        self._timer, self._timer_at = None, float("inf")
         now = self.loop.time()
         if not self.ready():
-            self._accept(self.policy.release_all(now))
+            self._release(self.policy.release_all(now))
             return
-        waiting = self.policy.waiting()
+        # the oldest first, a bounded number per turn: a flood of SYN-ACKs for flows that never
+        # come must not turn into a flood of lookups on the loop (they pass at their deadline)
+        waiting = self.policy.waiting()[:LOOKUPS_PER_TURN]
         if waiting:
             present = self._present([key for _pid, key in waiting])
-            self._accept(self.policy.found([pid for (pid, _k), here in zip(waiting, present, strict=True) if here],
-                                           now))
-        self._accept(self.policy.expire(now))
+            self._release(self.policy.found([pid for (pid, _k), here in zip(waiting, present, strict=True) if here],
+                                            now))
+        self._release(self.policy.expire(now))
         self._schedule()
 
     def stats(self) -> dict[str, Any]:
@@ -322,11 +366,23 @@ class DeferQueue:
                 "overruns": self.socket.overruns, "wait_seconds": self.policy.latency()}
 
     def close(self) -> None:
-        """Every held packet released, the queue unbound (the ruleset's bypass passes what follows)."""
+        """A clean stop: the rules first (nothing new is queued), then what is queued read and
+        passed, the held packets passed, and only then the queue unbound: the kernel drops what
+        is still queued when its queue is unbound (found by review). A crash loses those."""
         if self._timer is not None:
             self._timer.cancel()
         self.loop.remove_reader(self.socket.fileno())
-        remove_rules(self.queue)
-        self._accept(self.policy.release_all(self.loop.time()))
+        remove_rules()
+        for _ in range(100):  # bounded: nothing new comes once the rules are gone
+            try:
+                packets = self.socket.read()
+            except (OSError, CodecError) as exc:
+                self._failed("reading the netfilter queue", exc)
+                break
+            if not packets:
+                break
+            for packet in packets:
+                self._pass(packet.packet_id, packet.mark)
+        self._release(self.policy.release_all(self.loop.time()))
         self.socket.close()
         self.table.close()

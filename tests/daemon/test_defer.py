@@ -18,9 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from ctbridge.daemon.defer import COMMENT
 from ctbridge.lab import netns
 from ctbridge.lab.process import wait_for
 from tests.conftest import require
+from tests.support import ROOT
 from tests.support.daemonlab import Cluster, Node, cluster
 
 pytestmark = pytest.mark.root
@@ -68,6 +70,9 @@ def pair(wait: float) -> Iterator[tuple[Cluster, str, str]]:
             netns.run(ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
         b.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         b.run("nft", "-f", "-", input=STRICT)
+        # a rule an earlier life left, for another queue: it would pass every SYN-ACK unheld
+        b.run("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m",
+              "comment", "--comment", COMMENT, "-j", "NFQUEUE", "--queue-num", "99", "--queue-bypass")
         try:
             for node in c.nodes:
                 node.start()
@@ -78,12 +83,43 @@ def pair(wait: float) -> Iterator[tuple[Cluster, str, str]]:
         wait_for("B to hold A's whole table", lambda: all(
             p["synced"] for p in c.nodes[1].request("stats")["peers"]) and c.nodes[1].request("stats")["peers"],
             timeout=30)
+        # an operator's own raw rule, after the defer's: it must still see every SYN-ACK
+        b.run("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m",
+              "comment", "--comment", "operator")
         yield c, src, dst
 
 
 def strict_drops(b: Node) -> int:
     out = b.run("nft", "list", "chain", "inet", "strict", "forward_filter").stdout
     return int(next(x for x in out.splitlines() if "strict-policy drops" in x).split("packets")[1].split()[0])
+
+
+def operator_seen(b: Node) -> int:
+    """SYN-ACKs the operator's raw rule (after the defer's) counted."""
+    out = b.run("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x").stdout
+    return int(next(x for x in out.splitlines() if "/* operator */" in x).split()[0])
+
+
+def synacks(source: str, dest: str, count: int, every: float) -> None:
+    """``count`` bare SYN-ACKs from SERVER's port to CLIENT's ports 20000.., one per ``every`` seconds
+    (a raw socket: the kernel adds the IP header; the TCP checksum is computed here)."""
+    import socket
+    import struct
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    src, dst = socket.inet_aton(source), socket.inet_aton(dest)
+    for i in range(count):
+        head = struct.pack("!HHIIBBHHH", SPORT, 20000 + i, 1000, 1, 5 << 4, 0x12, 65535, 0, 0)
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(head))
+        head = head[:16] + struct.pack("!H", checksum(pseudo + head)) + head[18:]
+        sock.sendto(head, (dest, 0))
+        time.sleep(every)
+    sock.close()
 
 
 def connect(src: str, dst: str, wait: float) -> subprocess.Popen[str]:
@@ -107,7 +143,8 @@ def finish(client: subprocess.Popen[str]) -> str:
 def test_a_synack_waits_for_its_replicated_flow_and_passes_the_strict_ruleset() -> None:
     with pair(wait=1.0) as (c, src, dst):
         a, b = c.nodes
-        assert "ctbridge defer" in b.run("iptables", "-t", "raw", "-S", "PREROUTING").stdout
+        rules = b.run("iptables", "-t", "raw", "-S", "PREROUTING").stdout
+        assert "ctbridge defer" in rules and "--queue-num 99" not in rules  # the stale rule is gone
         client = connect(src, dst, wait=5)
         wait_for("B to hold the SYN-ACK", lambda: b.request("stats")["defer"]["waiting"] == 1, timeout=5, step=0.02)
         # A's kernel makes the flow on the client's SYN, and A replicates it
@@ -118,6 +155,9 @@ def test_a_synack_waits_for_its_replicated_flow_and_passes_the_strict_ruleset() 
         assert (defer["held"], defer["released_found"], defer["released_timeout"], defer["waiting"]) == (1, 1, 0, 0)
         assert defer["wait_seconds"]["max"] < 1.0
         assert strict_drops(b) == 0
+        # the verdict sends the SYN-ACK round the raw chain again: the operator's rule saw it (an
+        # ACCEPT would have ended the chain at the defer's rule)
+        assert operator_seen(b) >= 1
         b.stop()  # a clean stop takes the rule away (--queue-bypass would pass packets anyway)
         assert "ctbridge defer" not in b.run("iptables", "-t", "raw", "-S", "PREROUTING").stdout
 
@@ -131,3 +171,21 @@ def test_without_its_flow_the_synack_goes_on_after_its_wait_and_the_strict_rules
         assert defer["released_timeout"] == defer["held"]  # the SYN-ACK and its retransmissions
         assert defer["wait_seconds"]["max"] >= 0.3
         assert strict_drops(b) >= 1
+
+
+def test_a_stream_of_synacks_never_holds_one_past_its_wait() -> None:
+    """Found by review: every packet read re-armed the look-again timer, so under a stream of
+    SYN-ACKs closer together than the poll, held packets only went on when a flow was written:
+    waits of 2 s against a 20 ms defer_wait. 200 SYN-ACKs for flows that never come, 4 ms apart:
+    each goes on at its deadline, and on through the operator's rule."""
+    with pair(wait=0.1) as (c, _src, dst):
+        b = c.nodes[1]
+        netns.run(dst, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                  "from tests.daemon.test_defer import synacks; "
+                  f"synacks({SERVER!r}, {CLIENT!r}, 200, 0.004)")
+        wait_for("B to let every SYN-ACK go", lambda: b.request("stats")["defer"]["released_timeout"] >= 200,
+                 timeout=10, step=0.05)
+        defer = b.request("stats")["defer"]
+        assert defer["waiting"] == 0 and defer["released_found"] == 0
+        assert defer["wait_seconds"]["max"] < 0.1 + 0.05, defer["wait_seconds"]
+        assert operator_seen(b) >= 200
