@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctbridge.lab.process import wait_for
-from tests.support.activeactive import CLIENT_SCRIPT, SERVE, counter, networks
+from tests.support.activeactive import CLIENT_SCRIPT, counter, networks, serving, start_synced
 from tests.support.daemonlab import Node, cluster
 
 QUEUE = 9
@@ -50,23 +48,13 @@ def run_case(symmetric: bool, connections: int, rate: float) -> dict[str, Any]:
         apply.update(defer_queue=QUEUE, defer_wait=0.05)
     with cluster(2, apply=apply) as c, networks(c, symmetric=symmetric) as nets:
         fw1, fw2 = c.nodes
-        for node in c.nodes:
-            node.start()
-        wait_for("both daemons to hold each other's table", lambda: all(
-            n.request("stats")["peers"] and all(p["synced"] for p in n.request("stats")["peers"]) for n in c.nodes),
-            timeout=30)
-        server = subprocess.Popen(["ip", "netns", "exec", nets.server, sys.executable, "-c", SERVE],
-                                  stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
+        start_synced(c)
+        with serving(nets):
             cpu = [_cpu(n) for n in c.nodes]
             out = subprocess.run(["ip", "netns", "exec", nets.client, sys.executable, "-c", CLIENT_SCRIPT,
                                   str(connections), str(rate)], capture_output=True, text=True, timeout=600,
                                  check=True).stdout
             used = sum(_cpu(n) - before for n, before in zip(c.nodes, cpu, strict=True))
-        finally:
-            server.kill()
-            server.wait(timeout=5)
         result: dict[str, Any] = json.loads(out)
         result["cpu_us_per_connection"] = used / connections * 1e6
         result["defer"] = fw2.request("stats")["defer"]

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 
-from ctbridge.lab.process import wait_for
 from tests.conftest import require
-from tests.support.activeactive import CLIENT_SCRIPT, SERVE, counter, networks
+from tests.support.activeactive import CLIENT_SCRIPT, counter, networks, serving, start_synced
 from tests.support.daemonlab import cluster
 
 pytestmark = pytest.mark.root
@@ -30,21 +28,11 @@ def run(defer: bool) -> tuple[dict[str, Any], list[dict[str, int]], list[dict[st
     require("iptables", "iptables (the NFQUEUE target)")
     apply: dict[str, Any] = {"mode": "inject", **({"defer_queue": 9, "defer_wait": 1.0} if defer else {})}
     with cluster(2, apply=apply) as c, networks(c) as nets:
-        for node in c.nodes:
-            node.start()
-        wait_for("both daemons to hold each other's table", lambda: all(
-            n.request("stats")["peers"] and all(p["synced"] for p in n.request("stats")["peers"]) for n in c.nodes),
-            timeout=30)
-        server = subprocess.Popen(["ip", "netns", "exec", nets.server, sys.executable, "-c", SERVE],
-                                  stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
+        start_synced(c)
+        with serving(nets):
             out = subprocess.run(["ip", "netns", "exec", nets.client, sys.executable, "-c", CLIENT_SCRIPT,
                                   str(CONNECTIONS), str(RATE)], capture_output=True, text=True, timeout=120,
                                  check=True).stdout
-        finally:
-            server.kill()
-            server.wait(timeout=5)
         firewalls = [{"invalid": counter(n, "invalid"), "drops": counter(n, "strict-policy drops")} for n in c.nodes]
         return json.loads(out), firewalls, [n.request("stats")["defer"] for n in c.nodes]
 

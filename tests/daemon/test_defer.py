@@ -23,21 +23,13 @@ from ctbridge.lab import netns
 from ctbridge.lab.process import wait_for
 from tests.conftest import require
 from tests.support import ROOT
+from tests.support.activeactive import STRICT, counter
 from tests.support.daemonlab import Cluster, Node, cluster
 
 pytestmark = pytest.mark.root
 
 QUEUE = 9
 CLIENT, SERVER, CPORT, SPORT = "203.0.113.2", "198.51.100.2", 40000, 5001
-STRICT = """
-table inet strict {
-  chain forward_filter { type filter hook forward priority 0; policy drop;
-    ct state established,related counter accept
-    ct state new tcp flags & (syn|ack) == syn counter accept
-    counter comment "strict-policy drops"
-  }
-}
-"""
 SERVE = (f"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
          f"s.bind(('{SERVER}', {SPORT})); s.listen(); s.settimeout(10); c, _ = s.accept(); c.sendall(c.recv(100))")
 CONNECT = (f"import socket; s = socket.create_connection(('{SERVER}', {SPORT}), timeout={{wait}}, "
@@ -90,8 +82,7 @@ def pair(wait: float) -> Iterator[tuple[Cluster, str, str]]:
 
 
 def strict_drops(b: Node) -> int:
-    out = b.run("nft", "list", "chain", "inet", "strict", "forward_filter").stdout
-    return int(next(x for x in out.splitlines() if "strict-policy drops" in x).split("packets")[1].split()[0])
+    return counter(b, "strict-policy drops")
 
 
 def operator_seen(b: Node) -> int:

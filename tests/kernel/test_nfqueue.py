@@ -21,20 +21,12 @@ from ctbridge.conntrack import nfqueue
 from ctbridge.conntrack.table import KernelTable
 from ctbridge.lab import netns
 from tests.conftest import unavailable
+from tests.support.activeactive import STRICT, counter_in
 
 pytestmark = pytest.mark.root
 
 QUEUE = 7
 CLIENT, SERVER, PORT = "192.0.2.1", "198.51.100.1", 5001
-STRICT = """
-table inet strict {
-  chain forward_filter { type filter hook forward priority 0; policy drop;
-    ct state established,related counter accept
-    ct state new tcp flags & (syn|ack) == syn counter accept
-    counter comment "strict-policy drops"
-  }
-}
-"""
 SERVE = (f"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
          f"s.bind(('{SERVER}', {PORT})); s.listen(); c, _ = s.accept(); c.sendall(c.recv(100)); c.close()")
 CONNECT = (f"import socket; s = socket.create_connection(('{SERVER}', {PORT}), timeout=3, "
@@ -69,9 +61,7 @@ def asymmetric() -> Iterator[tuple[str, str, str]]:
 
 
 def strict_drops(fw: str) -> int:
-    out = netns.run(fw, "nft", "list", "chain", "inet", "strict", "forward_filter").stdout
-    line = next(x for x in out.splitlines() if "strict-policy drops" in x)
-    return int(line.split("packets")[1].split()[0])
+    return counter_in(fw, "strict-policy drops")
 
 
 def connect(cl: str, sv: str) -> subprocess.Popen[str]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ctbridge.lab import netns
+from ctbridge.lab.process import wait_for
 from tests.support.daemonlab import Cluster, Node
 
 CLIENT, SERVER = "203.0.113.100", "198.51.100.100"
@@ -114,7 +117,34 @@ def networks(c: Cluster, symmetric: bool = False) -> Iterator[Networks]:
         yield Networks(client, server)
 
 
-def counter(node: Node, comment: str) -> int:
-    """Packets a strict-ruleset rule counted (by its comment): "invalid" or "strict-policy drops"."""
-    out = node.run("nft", "list", "chain", "inet", "strict", "forward_filter").stdout
+def counter_in(ns: str, comment: str) -> int:
+    """Packets a STRICT rule counted in namespace ``ns`` (by its comment): "invalid" or
+    "strict-policy drops"."""
+    out = netns.run(ns, "nft", "list", "chain", "inet", "strict", "forward_filter").stdout
     return int(next(x for x in out.splitlines() if f'"{comment}"' in x).split("packets")[1].split()[0])
+
+
+def counter(node: Node, comment: str) -> int:
+    return counter_in(node.ns, comment)
+
+
+def start_synced(c: Cluster) -> None:
+    """Every daemon started, and each holding the others' whole tables."""
+    for node in c.nodes:
+        node.start()
+    wait_for("every daemon to hold the others' tables", lambda: all(
+        n.request("stats")["peers"] and all(p["synced"] for p in n.request("stats")["peers"]) for n in c.nodes),
+        timeout=30)
+
+
+@contextlib.contextmanager
+def serving(nets: Networks) -> Iterator[None]:
+    """SERVE running in the server's namespace (listening when the block begins)."""
+    server = subprocess.Popen(["ip", "netns", "exec", nets.server, sys.executable, "-c", SERVE],
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        server.kill()
+        server.wait(timeout=5)
