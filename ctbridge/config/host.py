@@ -83,6 +83,13 @@ def problems(cfg: Config, daemon_running: bool = False) -> list[str]:
         why = None if shutil.which("nft") else "the commit gate needs nft(8): apt install nftables"
         if why is not None:
             out.append(f"{path}: apply.gate: {why}, or set gate = false")
+    if cfg.apply.defer_queue:
+        # the daemon would refuse to start (and be restarted in a loop): said here, where the
+        # rendered unit's ExecStartPre runs `ctbridge check` first
+        missing = [tool for tool in ("iptables", "ip6tables", "nft") if shutil.which(tool) is None]
+        if missing:
+            out.append(f"{path}: apply.defer_queue needs {', '.join(missing)} (the NFQUEUE rules and the defer's "
+                       "nftables table): apt install iptables nftables, or set defer_queue = 0")
     fifo = cfg.keepalived.notify_fifo
     if fifo and os.path.lexists(fifo) and not stat.S_ISFIFO(os.stat(fifo).st_mode if os.path.exists(fifo) else 0):
         out.append(f"{path}: keepalived.notify_fifo {fifo} exists and is not a FIFO; remove it (ctbridge makes "

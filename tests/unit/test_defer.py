@@ -3,6 +3,10 @@ go on at once, which wait, and that every held packet goes on, found or not, wit
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from ctbridge.daemon.defer import DeferPolicy
 
 KEY = b"\x02\x00\x00flow"
@@ -88,3 +92,19 @@ def test_the_defer_table_marks_what_it_has_not_seen_and_takes_the_mark_off_again
     assert f"meta mark set meta mark & {0xFFFFFFFF & ~(MARK | DONE):#x}" in script and "priority -150" in script
     for rule in rules(9):  # never a packet a verdict sent round again; passed while nobody is bound
         assert "--queue-bypass" in rule and rule[rule.index("--mark", rule.index("!")) + 1] == f"{DONE:#x}/{DONE:#x}"
+
+
+def test_check_says_what_the_defer_needs_before_the_daemon_refuses_to_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: without ip6tables the daemon added the IPv4 rule, then refused to start,
+    and systemd restarted it in a loop; `ctbridge check` (the unit's ExecStartPre) said nothing."""
+    import shutil
+
+    from ctbridge.config import host, settings
+    cfg = settings.parse(f'[node]\nname = "fw1"\n[sync]\nlocal = "127.0.0.1"\npeers = ["127.0.0.2"]\nauth = "none"\n'
+                         f'[apply]\nmode = "inject"\ndefer_queue = 9\n[control]\nsocket = "{tmp_path}/s.sock"\n')
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "ip6tables" else real(tool))
+    assert any("apply.defer_queue needs ip6tables" in p for p in host.problems(cfg))
+    monkeypatch.setattr(shutil, "which", lambda tool: "/usr/sbin/" + tool)
+    assert not any("defer_queue" in p for p in host.problems(cfg))
