@@ -454,9 +454,7 @@ class KernelTable:
 
     def present(self, keys: list[bytes]) -> list[bool]:
         """Whether each key names an entry of the table now, in either direction (CT_GET)."""
-        base = self._next_seq(len(keys))
-        failed = self._batch((base + i, codec.get_request(key, base + i)) for i, key in enumerate(keys))
-        return [base + i not in failed for i in range(len(keys))]
+        return [attrs is not None for attrs in self.lookup(keys)]
 
     def lookup(self, keys: list[bytes]) -> list[bytes | None]:
         """Each key's entry as the kernel holds it now (its attributes), found by either direction's

@@ -188,13 +188,14 @@ class DeferPolicy:
                       "passed_full": 0, "released_found": 0, "released_timeout": 0, "released_stop": 0}
         self._waits: list[float] = []  # seconds each released packet waited, the most recent SAMPLES
 
-    def arrive(self, packet_id: int, key: bytes | None, present: bool, ready: bool, now: float) -> bool:
-        """A packet came; True: it goes on now (else it is held)."""
+    def arrive(self, packet_id: int, key: bytes | None, passes: bool, ready: bool, now: float) -> bool:
+        """A packet came (``passes``: may_pass says its entry lets it on); True: it goes on now
+        (else it is held)."""
         stats = self.stats
         stats["packets"] += 1
         if key is None:
             stats["passed_unkeyed"] += 1
-        elif present:
+        elif passes:
             stats["passed_present"] += 1
         elif not ready:
             stats["passed_no_peer"] += 1
@@ -271,21 +272,24 @@ class DeferQueue:
         if self.errors == 1:  # once: the counter tells how often
             log.warning("defer: %s failed: %s (packets pass unheld)", what, exc)
 
-    def _readable(self) -> None:
+    def _read(self) -> list[nfqueue.Queued]:
+        """The packets queued now ([] also when reading failed: counted)."""
         try:
-            packets = self.socket.read()
+            return self.socket.read()
         except (OSError, CodecError) as exc:
             self._failed("reading the netfilter queue", exc)
-            return
+            return []
+
+    def _readable(self) -> None:
+        packets = self._read()
         if not packets:
             return
         decided: set[int] = set()
         try:
             now = self.loop.time()
             keys = [nfqueue.packet_key(p.payload) for p in packets]
-            present = self._present([k for k in keys if k is not None])
+            found = iter(self._may_pass([k for k in keys if k is not None]))
             ready = self.ready()
-            found = iter(present)
             for packet, key in zip(packets, keys, strict=True):
                 here = next(found) if key is not None else False
                 if self.policy.arrive(packet.packet_id, key, here, ready, now):
@@ -300,7 +304,7 @@ class DeferQueue:
                     self._pass(packet.packet_id, packet.mark)
         self._schedule()
 
-    def _present(self, keys: list[bytes]) -> list[bool]:
+    def _may_pass(self, keys: list[bytes]) -> list[bool]:
         if not keys:
             return []
         try:
@@ -355,9 +359,8 @@ class DeferQueue:
         # come must not turn into a flood of lookups on the loop (they pass at their deadline)
         waiting = self.policy.waiting()[:LOOKUPS_PER_TURN]
         if waiting:
-            present = self._present([key for _pid, key in waiting])
-            self._release(self.policy.found([pid for (pid, _k), here in zip(waiting, present, strict=True) if here],
-                                            now))
+            passes = self._may_pass([key for _pid, key in waiting])
+            self._release(self.policy.found([pid for (pid, _k), ok in zip(waiting, passes, strict=True) if ok], now))
         self._release(self.policy.expire(now))
         self._schedule()
 
@@ -374,11 +377,7 @@ class DeferQueue:
         self.loop.remove_reader(self.socket.fileno())
         remove_rules()
         for _ in range(100):  # bounded: nothing new comes once the rules are gone
-            try:
-                packets = self.socket.read()
-            except (OSError, CodecError) as exc:
-                self._failed("reading the netfilter queue", exc)
-                break
+            packets = self._read()
             if not packets:
                 break
             for packet in packets:

@@ -166,6 +166,11 @@ class Daemon:
                                      self.backend, self.kept, self.loop.time, self.lag)
         self.handlers = Handlers(self.engine, self.reader, self.transitions, self.stats, self.datapath.after_input)
 
+    @property
+    def defer(self) -> DeferQueue | None:
+        """The active-active defer, once the replication has started it (apply.defer_queue)."""
+        return self.replication.defer if isinstance(self.replication, OwnReplication) else None
+
     async def run(self) -> int:
         """Start (one path for both backends), serve until a signal, stop."""
         tasks: Tasks = []
@@ -187,9 +192,9 @@ class Daemon:
                 tasks.append(asyncio.ensure_future(self.interlock.run()))
             tasks.append(asyncio.ensure_future(self.systemd()))
             await self.replication.running()
-            if isinstance(self.replication, OwnReplication) and self.replication.defer is not None:
-                self.stats.defer = self.replication.defer.stats
-                self.writer.after_inject = self.replication.defer.written
+            if self.defer is not None:
+                self.stats.defer = self.defer.stats
+                self.writer.after_inject = self.defer.written
             return await self.serve_until_stopped(tasks)
         finally:
             await self.close(tasks, servers)
@@ -204,8 +209,8 @@ class Daemon:
         for server in servers:
             server.close()
         await self.gate.stop()
-        if isinstance(self.replication, OwnReplication) and self.replication.defer is not None:
-            self.replication.defer.close()  # what it holds goes on; the ruleset's bypass passes the rest
+        if self.defer is not None:
+            self.defer.close()  # what it holds goes on; the ruleset's bypass passes the rest
         self.datapath.stop_heartbeats()
         self.interlock.stop()
         self.links.close()
