@@ -133,6 +133,14 @@ class Cluster:
         first = low + index * share
         return first, (high if index == len(self.nodes) - 1 else first + share - 1)
 
+    def peer_nat_ports(self, node: Node) -> str:
+        """Active-active: the other nodes' shares of nat_ports, "LOW-HIGH,..." (apply.defer_udp_ports:
+        a UDP packet to one of them is a reply to a peer's flow); "" otherwise."""
+        if self.mode != "active-active":
+            return ""
+        shares = (self.nat_ports_of(peer) for peer in self.peers(node))
+        return ",".join(f"{s[0]}-{s[1]}" for s in shares if s is not None)
+
     def vips(self) -> list[str]:
         """Every virtual address of the cluster's instances, without its prefix length."""
         return [str(v.ip) for inst in self.instances for v in inst.vips]

@@ -124,6 +124,10 @@ class ApplySettings:
                             "Needs mode = \"inject\"")
     defer_wait: float = _key(0.02, "active-active: seconds a held packet waits at most for its flow; then it "
                              "passes as it would have without the defer")
+    defer_udp_ports: str = _key("", "active-active: the peers' source NAT ports (\"LOW-HIGH\", several joined by "
+                                "commas; `ctbridge render` writes them): a UDP packet addressed to this node at "
+                                "one of them, of a flow not yet seen here, waits like a SYN-ACK (the first reply "
+                                "of a peer's NATed flow); \"\": UDP is not held")
     backend: str = _key("ctbridge", "who replicates: \"ctbridge\" (its own sync), or \"conntrackd\": an existing "
                         "conntrackd, which ctbridge drives through the primary-backup steps in order, each checked "
                         "(ctbridge keeps the FIFO, interlock, gate and metrics)", ("ctbridge", "conntrackd"))
@@ -152,6 +156,10 @@ class KeepalivedSettings:
     instances: tuple[str, ...] = _key((), "VRRP instances/groups whose transitions count (empty: all)")
     track_file: str = _key("", "priority interlock: keep this track_file at 0 while the external cache is complete")
     incomplete_value: int = _key(-254, "what the track_file holds while the external cache is incomplete")
+    peer_gone_value: int = _key(0, "active-active: what the track_file holds while a peer that proved a session "
+                                "has gone silent (its daemon killed, its machine gone) and this node is complete: "
+                                "enough to lift this node above that peer where it is master, so it takes the "
+                                "peer's instances (`ctbridge render` writes it); 0: off")
     vips: tuple[str, ...] = _key((), "the virtual addresses keepalived gives this node as master: a daemon that "
                                  "restarts while this node holds one comes back as master")
 
@@ -553,6 +561,12 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
     elif cfg.apply.defer_queue and cfg.apply.mode != "inject":
         fail("apply", "defer_queue", "apply.defer_queue waits for peers' flows to be written as they arrive: "
              "apply.mode must be \"inject\"")
+    if cfg.apply.defer_udp_ports and not all(
+            (m := re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", part)) is not None
+            and 1 <= int(m.group(1)) <= int(m.group(2) or m.group(1)) <= 65535
+            for part in cfg.apply.defer_udp_ports.split(",")):
+        fail("apply", "defer_udp_ports", f"apply.defer_udp_ports = {cfg.apply.defer_udp_ports!r}; write port ranges "
+             "\"LOW-HIGH\" (1-65535) joined by commas, e.g. \"1024-33279,49152-65535\"")
     if not 0 < cfg.apply.defer_wait <= 1:
         fail("apply", "defer_wait", f"apply.defer_wait = {cfg.apply.defer_wait}: a held packet waits more than "
              "0 and at most 1 second")

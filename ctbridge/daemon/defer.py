@@ -14,9 +14,13 @@ with --queue-bypass); this module answers each:
 - otherwise it waits until the flow is in the kernel (looked up again every ``poll`` seconds) or
   ``wait`` seconds have passed, and then passes anyway: the ruleset decides as it would have.
 
-Every verdict is NF_ACCEPT: the packet goes on to conntrack, which finds the entry the injection
-wrote. Nothing here drops a packet. What waited, how long and why it went on is counted
-(``DeferPolicy.stats``, the daemon's stats "defer" section).
+Every verdict sends the packet round the raw table again (NF_REPEAT, see DONE): it goes on to
+conntrack, which finds the entry the injection wrote. Nothing here drops a packet. What waited,
+how long and why it went on is counted (``DeferPolicy.stats``, the daemon's stats "defer"
+section).
+
+The packets queued: every TCP SYN-ACK; TCP packets of flows not yet seen past a reply (the
+origin's half); with apply.defer_udp_ports, UDP packets to this node at a peer's NAT ports.
 
 DeferPolicy is the pure part (tests/unit/test_defer.py drives it with a fake clock); DeferQueue
 is the adapter: the queue socket (conntrack/nfqueue.py) and a table of its own on the loop.
@@ -77,22 +81,29 @@ def rules(queue: int) -> list[list[str]]:
     target = ["-m", "mark", "!", "--mark", f"{DONE:#x}/{DONE:#x}", "-j", "NFQUEUE", "--queue-num", str(queue),
               "--queue-bypass"]
     return [["-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-m", "comment", "--comment", COMMENT, *target],
-            ["-p", "tcp", "-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
+            ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
              COMMENT + " (a flow not yet seen past its reply)", *target]]
 
 
-def nft_script() -> str:
+def nft_script(udp_ports: str = "") -> str:
     """The table that picks the packets to hold: after conntrack, the flows past a reply (both
     directions' tuples, NAT or not) are remembered; before it, TCP packets of other flows are
-    marked (both of the defer's bits are taken off again after conntrack)."""
+    marked, and with ``udp_ports`` (apply.defer_udp_ports: the peers' source NAT ports) UDP
+    packets of other flows addressed to this node at those ports: replies to a peer's NATed
+    flows, which a first packet of a new flow cannot be told from otherwise (both of the defer's
+    bits are taken off again after conntrack)."""
     keep = f"{0xFFFFFFFF & ~(MARK | DONE):#x}"
+    mark = f"meta mark set meta mark | {MARK:#x}"
     learn, pick = [], []
     for fam, ip, name in (("ipv4", "ip", "seen4"), ("ipv6", "ip6", "seen6")):
         for way in ("original", "reply"):
-            learn.append(f"meta nfproto {fam} meta l4proto tcp ct status seen-reply add @{name} "
+            learn.append(f"meta nfproto {fam} meta l4proto {{ tcp, udp }} ct status seen-reply add @{name} "
                          f"{{ ct {way} {ip} saddr . ct {way} {ip} daddr . ct {way} proto-src . ct {way} proto-dst }}")
         pick.append(f"meta nfproto {fam} tcp flags & (syn | rst) == 0 {ip} saddr . {ip} daddr . tcp sport . tcp dport "
-                    f"!= @{name} meta mark set meta mark | {MARK:#x}")
+                    f"!= @{name} {mark}")
+        if udp_ports:
+            pick.append(f"meta nfproto {fam} udp dport {{ {udp_ports.replace(' ', '')} }} fib daddr type local "
+                        f"{ip} saddr . {ip} daddr . udp sport . udp dport != @{name} {mark}")
     sets = "".join(f"    set seen{v} {{\n        type {kind} . {kind} . inet_service . inet_service\n"
                    f"        flags timeout\n        timeout {SEEN_TIMEOUT}s\n        size 1048576\n    }}\n"
                    for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")))
@@ -129,14 +140,14 @@ def _remove_ours(tool: str) -> None:
             _iptables(tool, "-D", *shlex.split(line)[1:])
 
 
-def install_rules(queue: int) -> None:
+def install_rules(queue: int, udp_ports: str = "") -> None:
     """The nftables table and the queue rules for IPv4 and IPv6, first in the chain; whatever an
     earlier life left is taken away first. Both tools are looked for before anything is added."""
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
             raise KernelError(f"apply.defer_queue needs {tool} (package iptables): the NFQUEUE target is "
                               "reached through it, this kernel has no nftables queue statement")
-    _nft(nft_script())
+    _nft(nft_script(udp_ports))
     for tool in ("iptables", "ip6tables"):
         _remove_ours(tool)
         for rule in reversed(rules(queue)):  # each inserted first: they end up in this order
@@ -253,7 +264,8 @@ class DeferQueue:
     Every verdict sends the packet round the raw table's chain again (NF_REPEAT) with DONE added
     to its mark, so the rules after the defer's still apply to it."""
 
-    def __init__(self, queue: int, wait: float, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool]) -> None:
+    def __init__(self, queue: int, wait: float, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool],
+                 udp_ports: str = "") -> None:
         self.policy = DeferPolicy(wait)
         self.loop = loop
         self.ready = ready
@@ -264,7 +276,7 @@ class DeferQueue:
         self._marks: dict[int, int] = {}  # held packet id -> its mark, given back with DONE added
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        install_rules(queue)
+        install_rules(queue, udp_ports)
         loop.add_reader(self.socket.fileno(), self._readable)
 
     def _failed(self, what: str, exc: BaseException) -> None:

@@ -36,6 +36,7 @@ class Interlock:
     incomplete_value: int
     stats: dict[str, Any]  # the daemon's stats sections: this counts "track_errors"
     value: int | None = None  # what the track file holds, once written
+    gone_value: int = 0  # keepalived.peer_gone_value (active-active; failover.track_value)
 
     async def may_take_over(self, now: float) -> bool:
         if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least
@@ -44,6 +45,13 @@ class Interlock:
         return failover.may_take_over(self.engine.complete(), self.engine.role,
                                       heard_a_peer=bool(self.engine.live_peers()))
 
+    def peer_gone(self) -> bool:
+        """A peer proved a session in this life and is silent now, and this node holds every live
+        peer's flows (ctbridge's own replication only)."""
+        engine = self.engine
+        return (self.backend is None and engine.complete()
+                and any(p.proven and not p.alive for p in engine.peers.values()))
+
     async def run(self) -> None:
         """The track file follows failover.track_value, checked every TRACK_INTERVAL."""
         failing = False
@@ -51,7 +59,7 @@ class Interlock:
         loop = asyncio.get_running_loop()
         while True:
             may = await self.may_take_over(loop.time())
-            value = failover.track_value(may, self.incomplete_value)
+            value = failover.track_value(may, self.incomplete_value, self.peer_gone(), self.gone_value)
             if value != self.value:
                 try:
                     keepalived.write_track_file(path, value)
@@ -65,8 +73,9 @@ class Interlock:
                     if failing:
                         log.info("track file %s written again", path)
                     failing = False
-                    log.info("track file %s = %d (external cache %s)", path, value,
-                             "complete" if may else "incomplete")
+                    log.info("track file %s = %d (external cache %s%s)", path, value,
+                             "complete" if may else "incomplete",
+                             ", a peer gone" if value == self.gone_value != 0 else "")
                     self.value = value
             await asyncio.sleep(TRACK_INTERVAL)
 

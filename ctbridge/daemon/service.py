@@ -93,7 +93,8 @@ class OwnReplication:
             engine = self.engine
             # bound last: a packet held now waits for peers whose sessions are opening
             self.defer = DeferQueue(self.cfg.apply.defer_queue, self.cfg.apply.defer_wait, loop,
-                                    lambda: bool(engine.live_peers()) and engine.complete())
+                                    lambda: bool(engine.live_peers()) and engine.complete(),
+                                    self.cfg.apply.defer_udp_ports)
 
     async def running(self) -> None:
         self.datapath.after_input()
@@ -160,7 +161,8 @@ class Daemon:
         self.transitions = Transitions(cfg, self.engine, self.reader, self.writer, self.gate, self.roles,
                                        self.backend, self.datapath.after_input, self.kept)
         self.interlock = Interlock(self.engine, self.backend, cfg.keepalived.track_file,
-                                   cfg.keepalived.incomplete_value, self.kept)
+                                   cfg.keepalived.incomplete_value, self.kept,
+                                   gone_value=cfg.keepalived.peer_gone_value)
         self.lag = LoopLag()
         self.stats = stats_mod.Stats(cfg, self.engine, self.links, self.reader, self.writer, self.interlock,
                                      self.backend, self.kept, self.loop.time, self.lag)

@@ -32,16 +32,19 @@ QUEUE = 9
 CLIENT, SERVER, CPORT, SPORT = "203.0.113.2", "198.51.100.2", 40000, 5001
 SERVE = (f"import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
          f"s.bind(('{SERVER}', {SPORT})); s.listen(); s.settimeout(10); c, _ = s.accept(); c.sendall(c.recv(100))")
+UDP_PORTS = "40000-40100"  # as a peer's share of the source NAT ports
 CONNECT = (f"import socket; s = socket.create_connection(('{SERVER}', {SPORT}), timeout={{wait}}, "
            f"source_address=('{CLIENT}', {CPORT})); s.sendall(b'hello'); print(s.recv(100).decode())")
 
 
 @contextlib.contextmanager
 def pair(wait: float) -> Iterator[tuple[Cluster, str, str]]:
-    """Two daemons in inject mode with the defer on; the client's namespace reaches the server's
-    over a direct link, the server's replies go through B (out0 to in0) under the strict ruleset."""
+    """Two daemons in inject mode with the defer on (UDP to B at UDP_PORTS too); the client's
+    namespace reaches the server's over a direct link, the server's replies go through B (out0 to
+    in0) under the strict ruleset."""
     require("iptables", "iptables (the NFQUEUE target)")
-    with cluster(2, apply={"mode": "inject", "defer_queue": QUEUE, "defer_wait": wait}) as c, \
+    apply = {"mode": "inject", "defer_queue": QUEUE, "defer_wait": wait, "defer_udp_ports": UDP_PORTS}
+    with cluster(2, apply=apply) as c, \
             netns.namespace("src") as src, netns.namespace("dst") as dst:
         b = c.nodes[1]
         for ns, inner, outer, net in ((src, "s0", "in0", "203.0.113"), (dst, "d0", "out0", "198.51.100")):
@@ -180,3 +183,35 @@ def test_a_stream_of_synacks_never_holds_one_past_its_wait() -> None:
         assert defer["waiting"] == 0 and defer["released_found"] == 0
         assert defer["wait_seconds"]["max"] < 0.1 + 0.05, defer["wait_seconds"]
         assert operator_seen(b) >= 200
+
+
+RECEIVE = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{address}', {port})); "
+           "s.settimeout(5); print(s.recv(100).decode())")
+SEND = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{source}', {sport})); "
+        "s.sendto(b'reply', ('{address}', {port}))")
+
+
+def test_a_udp_reply_to_this_node_at_a_peers_nat_port_waits_for_its_flow() -> None:
+    """apply.defer_udp_ports: a UDP datagram addressed to B at one of them, of a flow B has not
+    seen, is the first reply of a peer's NATed flow: it waits until the flow is in B's kernel.
+    One at another port is not held (a new flow's first packet looks the same before conntrack)."""
+    with pair(wait=1.0) as (c, _src, dst):
+        a, b = c.nodes
+        here = "198.51.100.1"  # B's own address on the server's side
+
+        def datagram(port: int) -> subprocess.Popen[str]:
+            receiver = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, "-c",
+                                         RECEIVE.format(address=here, port=port)], text=True, stdout=subprocess.PIPE)
+            time.sleep(0.3)
+            netns.run(dst, sys.executable, "-c", SEND.format(source=SERVER, sport=5002, address=here, port=port))
+            return receiver
+        other = datagram(5555)
+        assert other.communicate(timeout=10)[0].strip() == "reply"
+        assert b.request("stats")["defer"]["packets"] == 0  # not at a peer's port: never queued
+        receiver = datagram(40050)
+        wait_for("B to hold the datagram", lambda: b.request("stats")["defer"]["waiting"] == 1, timeout=5, step=0.02)
+        a.run("conntrack", "-I", "-p", "udp", "-s", here, "-d", SERVER, "--sport", "40050", "--dport", "5002",
+              "-t", "60")
+        assert receiver.communicate(timeout=10)[0].strip() == "reply"
+        defer = b.request("stats")["defer"]
+        assert (defer["held"], defer["released_found"], defer["released_timeout"]) == (1, 1, 0)

@@ -108,3 +108,18 @@ def test_check_says_what_the_defer_needs_before_the_daemon_refuses_to_start(
     assert any("apply.defer_queue needs ip6tables" in p for p in host.problems(cfg))
     monkeypatch.setattr(shutil, "which", lambda tool: "/usr/sbin/" + tool)
     assert not any("defer_queue" in p for p in host.problems(cfg))
+
+
+def test_udp_is_held_only_at_the_peers_nat_ports_addressed_to_this_node() -> None:
+    from ctbridge.config import settings
+    from ctbridge.daemon.defer import nft_script
+    assert "udp" not in nft_script().split("chain pick")[1]  # no ports: no UDP held
+    pick = nft_script("1024-33279, 40000").split("chain pick")[1]
+    assert pick.count("udp dport { 1024-33279,40000 } fib daddr type local") == 2  # IPv4 and IPv6
+    base = '[node]\nname = "fw1"\n[sync]\nlocal = "127.0.0.1"\npeers = ["127.0.0.2"]\nauth = "none"\n'
+    for bad in ("1024", "0-10", "2000-1000", "1-70000", "a-b", "1-2,"):
+        if bad == "1024":
+            assert settings.parse(base + f'[apply]\ndefer_udp_ports = "{bad}"\n').apply.defer_udp_ports == "1024"
+            continue
+        with pytest.raises(settings.ConfigError, match="defer_udp_ports"):
+            settings.parse(base + f'[apply]\ndefer_udp_ports = "{bad}"\n')

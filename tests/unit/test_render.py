@@ -321,3 +321,6 @@ def test_active_active_renders_opposite_masters_no_transitions_and_shares_of_the
     assert "notify_fifo" not in files["ctbridge.toml"] and "defer_queue = 1" in files["ctbridge.toml"]
     cfg = settings.parse(files["ctbridge.toml"], "ctbridge.toml")
     assert (cfg.apply.mode, cfg.apply.defer_queue) == ("inject", 1)
+    # a UDP flow's first reply, addressed to fw1 at fw2's ports, waits for fw2's flow; and a peer
+    # whose daemon falls silent gives its instances to fw1 (150 + 51 over its own 150)
+    assert cfg.apply.defer_udp_ports == "33280-65535" and cfg.keepalived.peer_gone_value == 51
