@@ -122,8 +122,9 @@ class ApplySettings:
                             "first packets until the reply's state is; the daemon adds its rules itself "
                             "(iptables-nft and an nftables table; docs/failover.md, \"Active-active\"); 0: off. "
                             "Needs mode = \"inject\"")
-    defer_wait: float = _key(0.02, "active-active: seconds a held packet waits at most for its flow; then it "
-                             "passes as it would have without the defer")
+    defer_wait: float = _key(0.1, "active-active: seconds a held packet waits at most for its flow; then it "
+                             "passes as it would have without the defer. A packet whose flow comes waits only "
+                             "until it comes")
     defer_udp_ports: str = _key("", "active-active: the peers' source NAT ports (\"LOW-HIGH\", several joined by "
                                 "commas; `ctbridge render` writes them): a UDP packet addressed to this node at "
                                 "one of them, of a flow not yet seen here, waits like a SYN-ACK (the first reply "

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ctbridge.daemon import conntrackd, failover, keepalived
-from ctbridge.sync.engine import Engine, Role
+from ctbridge.sync.engine import Engine, Role, incomplete_peers
 
 log = logging.getLogger("ctbridge")
 
@@ -37,6 +38,7 @@ class Interlock:
     stats: dict[str, Any]  # the daemon's stats sections: this counts "track_errors"
     value: int | None = None  # what the track file holds, once written
     gone_value: int = 0  # keepalived.peer_gone_value (active-active; failover.track_value)
+    gone: set[int] = dataclasses.field(default_factory=set)  # peers gone silent, not yet back and synced
 
     async def may_take_over(self, now: float) -> bool:
         if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least
@@ -46,11 +48,22 @@ class Interlock:
                                       heard_a_peer=bool(self.engine.live_peers()))
 
     def peer_gone(self) -> bool:
-        """A peer proved a session in this life and is silent now, and this node holds every live
-        peer's flows (ctbridge's own replication only)."""
+        """A peer proved a session and went silent, and has not come back with its flows all here
+        since; and this node holds every other live peer's flows (ctbridge's own replication only).
+
+        A peer that comes back stays gone until its new life's bulk has arrived: this node has
+        been forwarding that peer's flows meanwhile and holds them. Found in the lab: when the
+        returning peer made this node incomplete at once, both nodes read incomplete, their
+        priorities fell back to the masters' own, and the restarted daemon's node took its VIP
+        back before either held the other's flows: 790 packets of new connections dropped."""
+        if self.backend is not None:
+            return False
         engine = self.engine
-        return (self.backend is None and engine.complete()
-                and any(p.proven and not p.alive for p in engine.peers.values()))
+        peers = engine.peers
+        incomplete = incomplete_peers(engine)
+        self.gone |= {p.node for p in peers.values() if p.proven and not p.alive}
+        self.gone -= {n for n in self.gone if n in peers and peers[n].alive and n not in incomplete}
+        return bool(self.gone) and incomplete <= self.gone
 
     async def run(self) -> None:
         """The track file follows failover.track_value, checked every TRACK_INTERVAL."""

@@ -93,7 +93,7 @@ class OwnReplication:
             engine = self.engine
             # bound last: a packet held now waits for peers whose sessions are opening
             self.defer = DeferQueue(self.cfg.apply.defer_queue, self.cfg.apply.defer_wait, loop,
-                                    lambda: bool(engine.live_peers()) and engine.complete(),
+                                    lambda: bool(engine.live_peers()),
                                     self.cfg.apply.defer_udp_ports)
 
     async def running(self) -> None:

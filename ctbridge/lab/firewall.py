@@ -96,6 +96,9 @@ class Firewall:
 
     # --- state --------------------------------------------------------------------------------------
 
+    def holds(self, vip: str) -> bool:
+        return f" {vip}/" in self.run("ip", "-o", "addr", "show", check=False).stdout
+
     def has_vips(self) -> bool:
         out = self.run("ip", "-o", "addr", "show", check=False).stdout
         held = f" {LAN_VIP}/" in out and f" {WAN_VIP}/" in out

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from ctbridge.lab import netns
 from ctbridge.lab.firewall import CtbridgeReplicator, Firewall, Replicator
 from ctbridge.lab.process import Process, wait_for
 from ctbridge.lab.topology import (
+    ACTIVE_ACTIVE_NAT,
     CLIENT,
     CLIENT6,
     FIREWALL_RULES,
@@ -48,6 +50,7 @@ from ctbridge.lab.topology import (
     LAN_VIP,
     LAN_VIP6,
     LOSS_RULES,
+    NAT_PORTS,
     ROOT,
     SERVER,
     SERVER6,
@@ -218,6 +221,7 @@ side = "{side}"
 virtual_router_id = {vrid}
 vips = ["{vip}"]
 advert_int = {o.advert_int}
+{f'master = "{self.fws[0 if side.startswith("lan") else 1].name}"' if o.active_active else ""}
 """ for name, side, vrid, vip in (("LAN", "lan", 51, f"{LAN_VIP}/24"), ("WAN", "wan", 52, f"{WAN_VIP}/24"),
                                  *((("LAN6", "lan6", 61, f"{LAN_VIP6}/64"), ("WAN6", "wan6", 62, f"{WAN_VIP6}/64"))
                                    if o.ipv6 else ())))
@@ -226,7 +230,8 @@ advert_int = {o.advert_int}
 name = "lab"
 key_file = "{self.dir}/{{node}}/sync.key"
 secret = "{self.key}"
-apply_mode = "{o.apply_mode}"
+apply_mode = "{"inject" if o.active_active else o.apply_mode}"
+{f'mode = "active-active"{chr(10)}nat_ports = "{NAT_PORTS}"' if o.active_active else ""}
 transport = "{'multicast' if o.multicast else 'unicast'}"
 {f'sync_group = "{SYNC_GROUP}"' if o.multicast else ''}
 notify = "{o.notify}"
@@ -251,6 +256,13 @@ hook = "{self.dir}/{{node}}/notify"
         for fw in self.fws:
             render.write(render.render(c, c.node(fw.name), secret=secret), fw.dir)
             netns.run(fw.ns, "nft", "-f", str(fw.dir / "ctbridge-sync.nft"))
+            if self.options.active_active:
+                netns.run(fw.ns, "nft", "-f", "-", input=ACTIVE_ACTIVE_NAT.format(
+                    nat_file=fw.dir / "ctbridge-nat.nft"))
+                if not self.options.defer:  # the control: the rendered configuration, the defer off
+                    cfg = fw.dir / "ctbridge.toml"
+                    cfg.write_text("".join(line for line in cfg.read_text().splitlines(keepends=True)
+                                           if not line.startswith(("defer_queue", "defer_udp_ports"))))
             self.replicator.prepare(fw, self.fws)
 
     # --- running ----------------------------------------------------------------------------------
@@ -258,10 +270,15 @@ hook = "{self.dir}/{{node}}/notify"
     def start(self) -> None:
         for fw in self.fws:
             self.replicator.start(fw)
-        self.fws[0].start_keepalived()
-        wait_for("fw1 to become master", self.fws[0].has_vips, timeout=60)
-        for fw in self.fws[1:]:
-            fw.start_keepalived()
+        if self.options.active_active:
+            for fw in self.fws:
+                fw.start_keepalived()
+            self.wait_layout({LAN_VIP: self.fws[0], WAN_VIP: self.fws[1]})
+        else:
+            self.fws[0].start_keepalived()
+            wait_for("fw1 to become master", self.fws[0].has_vips, timeout=60)
+            for fw in self.fws[1:]:
+                fw.start_keepalived()
         six = self.options.ipv6
         self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
                                                          "--address", SERVER, *(["--address", SERVER6] if six else [])],
@@ -279,7 +296,8 @@ hook = "{self.dir}/{{node}}/notify"
         client = Process("client", self.client_ns, [
             sys.executable, "-m", "ctbridge.lab.traffic", "client", "--server", SERVER,
             *(["--server", SERVER6] if six else []), "--tcp",
-            str(self.options.tcp), "--udp", str(self.options.udp)], self.dir / "client.log",
+            str(self.options.tcp), "--udp", str(self.options.udp), "--new", str(self.options.new)],
+            self.dir / "client.log",
             env={"PYTHONPATH": str(ROOT)}, stdout_pipe=True)
         self.traffic = Traffic(client)
         self.traffic.start()
@@ -287,6 +305,12 @@ hook = "{self.dir}/{{node}}/notify"
         wait_for("every connection to be open and moving data",
                  lambda: self.status().get("tcp_alive") == o.tcp and self.status().get("udp_flows") == o.udp,
                  timeout=60)
+
+    def forget_connect_times(self) -> None:
+        """The client's connect times (Options.new) from now on only (a bench's phase)."""
+        if self.traffic is not None:
+            self.traffic.proc.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         return dict(self.traffic.status) if self.traffic else {}
@@ -308,6 +332,18 @@ hook = "{self.dir}/{{node}}/notify"
     def wait_master(self, fw: Firewall, timeout: float = 60.0) -> float:
         """Wait until ``fw`` alone holds the VIPs; when that happened (monotonic)."""
         wait_for(f"{fw.name} to be the only master", lambda: self.master() is fw, timeout=timeout, step=0.05)
+        return time.monotonic()
+
+    def layout(self) -> dict[str, Firewall | None]:
+        """Who holds each IPv4 VIP (None: nobody, or more than one)."""
+        held = {vip: [fw for fw in self.fws if fw.holds(vip)] for vip in (LAN_VIP, WAN_VIP)}
+        return {vip: fws[0] if len(fws) == 1 else None for vip, fws in held.items()}
+
+    def wait_layout(self, want: dict[str, Firewall], timeout: float = 60.0) -> float:
+        """Wait until each VIP is held by ``want``'s firewall alone (active-active: each instance
+        has its own master); when that happened (monotonic)."""
+        names = ", ".join(f"{vip} on {fw.name}" for vip, fw in want.items())
+        wait_for(names, lambda: self.layout() == want, timeout=timeout, step=0.05)
         return time.monotonic()
 
     def wait_recovered(self, since: float, timeout: float = 60.0) -> dict[str, Any]:

@@ -60,6 +60,22 @@ table inet lab {{
 }}
 """
 
+NAT_PORTS = "1024-65535"  # Options.active_active: shared out between the firewalls
+
+# Options.active_active: the source NAT from the firewall's own share of the ports (the rendered
+# ctbridge-nat.nft's define), in place of the lab ruleset's
+ACTIVE_ACTIVE_NAT = f"""
+include "{{nat_file}}"
+flush chain inet lab postrouting
+table inet lab {{{{
+    chain postrouting {{{{
+        oifname "wan0" ip saddr {LAN}.0/24 meta l4proto {{{{ tcp, udp }}}} \\
+            snat ip to {WAN_VIP}:$CTBRIDGE_NAT_PORTS fully-random
+        oifname "wan0" ip saddr {LAN}.0/24 snat ip to {WAN_VIP}
+    }}}}
+}}}}
+"""
+
 # Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
 # passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
 # through a strict firewall. A table of its own, before the lab's forward chain.
@@ -115,3 +131,9 @@ class Options:
     firewalls: int = 2  # how many firewalls (three: the three-node example's cluster)
     multicast: bool = False  # sync and VRRP adverts over multicast (SYNC_GROUP), the sync link a bridge
     backend: str = "ctbridge"  # "conntrackd": each firewall's ctbridge drives a conntrackd (apply.backend)
+    # both firewalls forward (examples/two-nodes-active-active.toml): fw1 is the LAN instance's
+    # master, fw2 the WAN's, so the server's replies (to the WAN VIP) come back through fw2; each
+    # firewall source-NATs to the WAN VIP from its own share of NAT_PORTS (ctbridge-nat.nft)
+    active_active: bool = False
+    defer: bool = True  # active_active: the defer on (the control experiment turns it off)
+    new: float = 0.0  # new TCP connections a second the client opens besides its long-lived flows

@@ -1,13 +1,18 @@
 """Lab traffic: long-lived TCP connections and UDP flows whose every byte is checked.
 
     python -m ctbridge.lab.traffic server --address ADDR [--address ADDR6]
-    python -m ctbridge.lab.traffic client --server ADDR [--server ADDR6] --tcp 200 --udp 20
+    python -m ctbridge.lab.traffic client --server ADDR [--server ADDR6] --tcp 200 --udp 20 [--new 200]
 
 With two server addresses (IPv4 and IPv6) the flows alternate between them.
 
 The server echoes TCP byte for byte, and answers each UDP datagram with the datagram plus the
 source address and port it saw, so the client notices a NAT binding that changed (a flow the new
 firewall did not know would be NATed again, to another random port, and would still "work").
+
+With ``--new RATE`` the client also opens RATE new TCP connections a second (each echoes 16
+bytes and closes; its connect time is kept, and SIGUSR1 forgets those kept so far) and, with
+every fifth, asks one UDP question from a new socket: a flow's first packets, which a firewall
+pair has to know about at once. Each is counted when it completes or gives up.
 
 The client never reconnects: a connection that is reset, closed or echoes a wrong byte is failed
 for good. It prints one JSON status line every STATUS_INTERVAL seconds (and a last one on SIGTERM
@@ -32,6 +37,9 @@ from typing import Any
 TCP_PORT = 5001
 UDP_PORT = 5002
 STATUS_INTERVAL = 0.25
+SLOW = 0.9  # seconds: a connect slower than this waited for a retransmission (the first is at 1 s)
+NEW_TIMEOUT = 40.0  # seconds a new connection or question may take (TCP retransmits its SYN at 1, 3, 7, 15, 31 s)
+CONNECT_TIMES_KEPT = 20000
 RECENT = 2.0  # a connection that echoed within this many seconds is moving (round trips are ~0.1 s apart)
 
 
@@ -86,6 +94,12 @@ class Counters:
     udp_seen: dict[int, str] = field(default_factory=dict)  # flow -> the address:port the server saw first
     udp_rebound: set[int] = field(default_factory=set)
     udp_answers: int = 0
+    new_tcp_ok: int = 0  # --new: short connections that echoed and closed
+    new_tcp_failed: int = 0
+    new_slow: int = 0  # ... whose connect took more than SLOW: a SYN or SYN-ACK was retransmitted
+    new_udp_ok: int = 0  # --new: questions answered from a new socket within NEW_TIMEOUT
+    new_udp_lost: int = 0
+    connect_times: list[float] = field(default_factory=list)  # the last CONNECT_TIMES_KEPT
 
     def fail(self, conn: int, why: str) -> None:
         self.tcp_failed += 1
@@ -102,7 +116,18 @@ class Counters:
                 "tcp_recent": sum(1 for t in self.tcp_last.values() if now - t < RECENT),
                 "udp_flows": len(self.udp_seen), "udp_oldest": min(self.udp_last.values(), default=None),
                 "udp_newest": max(self.udp_last.values(), default=None),
-                "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers}
+                "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers,
+                "new_tcp_ok": self.new_tcp_ok, "new_tcp_failed": self.new_tcp_failed, "new_slow": self.new_slow,
+                "new_udp_ok": self.new_udp_ok, "new_udp_lost": self.new_udp_lost,
+                "new_connect": percentiles(self.connect_times)}
+
+
+def percentiles(times: list[float]) -> dict[str, float] | None:
+    if not times:
+        return None
+    ordered = sorted(times)
+    last = len(ordered) - 1
+    return {"p50": ordered[last // 2], "p99": ordered[int(0.99 * last)], "max": ordered[-1]}
 
 
 async def _tcp_conn(n: int, server: str, chunk: int, interval: float, c: Counters) -> None:
@@ -166,12 +191,80 @@ async def _udp_flow(n: int, server: str, interval: float, c: Counters) -> None:
         transport.close()
 
 
-async def client(servers: list[str], tcp: int, udp: int, chunk: int, interval: float) -> None:
+async def _new_tcp(server: str, c: Counters) -> None:
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(server, TCP_PORT), NEW_TIMEOUT)
+    except (TimeoutError, OSError) as exc:
+        c.new_tcp_failed += 1
+        if len(c.errors) < 20:
+            c.errors.append(f"new tcp: connect: {exc!r}")
+        return
+    took = time.monotonic() - started
+    c.connect_times.append(took)
+    del c.connect_times[:-CONNECT_TIMES_KEPT]
+    c.new_slow += took > SLOW
+    try:
+        writer.write(b"0123456789abcdef")
+        if await asyncio.wait_for(reader.readexactly(16), NEW_TIMEOUT) != b"0123456789abcdef":
+            raise OSError("wrong echo")
+        c.new_tcp_ok += 1
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        c.new_tcp_failed += 1
+        if len(c.errors) < 20:
+            c.errors.append(f"new tcp: {exc!r}")
+    finally:
+        writer.close()
+
+
+class _Question(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answered = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if not self.answered.done():
+            self.answered.set_result(data)
+
+
+async def _new_udp(server: str, c: Counters) -> None:
+    """One question from a new socket, asked again every second (as a resolver does) until
+    NEW_TIMEOUT: lost only when no answer ever came."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    transport, question = await loop.create_datagram_endpoint(_Question, remote_addr=(server, UDP_PORT),
+                                                              family=family)
+    try:
+        for _ in range(int(NEW_TIMEOUT)):
+            transport.sendto(b"question")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(question.answered), 1.0)
+                c.new_udp_ok += 1
+                return
+        c.new_udp_lost += 1
+    finally:
+        transport.close()
+
+
+async def _new_flows(servers: list[str], rate: float, c: Counters) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    start = loop.time()
+    for i in range(1 << 40):  # until cancelled
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        server = servers[i % len(servers)]
+        for coro in (_new_tcp(server, c), *((_new_udp(server, c),) if i % 5 == 0 else ())):
+            task = asyncio.ensure_future(coro)
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+
+async def client(servers: list[str], tcp: int, udp: int, chunk: int, interval: float, new: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     c = Counters()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, c.connect_times.clear)  # a bench's phase begins
     def stdin_readable() -> None:
         if not os.read(sys.stdin.fileno(), 4096):  # the lab closed our stdin: stop
             stop.set()
@@ -179,6 +272,8 @@ async def client(servers: list[str], tcp: int, udp: int, chunk: int, interval: f
     k = len(servers)
     tasks = [asyncio.ensure_future(_tcp_conn(i, servers[i % k], chunk, interval, c)) for i in range(tcp)]
     tasks += [asyncio.ensure_future(_udp_flow(i, servers[i % k], interval, c)) for i in range(udp)]
+    if new:
+        tasks.append(asyncio.ensure_future(_new_flows(servers, new, c)))
     while not stop.is_set():
         print(json.dumps(c.status()), flush=True)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -200,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--udp", type=int, default=20, help="UDP flows")
     c.add_argument("--chunk", type=int, default=512, help="bytes per TCP round trip")
     c.add_argument("--interval", type=float, default=0.1, help="mean seconds between round trips")
+    c.add_argument("--new", type=float, default=0.0, help="new TCP connections a second (and a UDP question "
+                   "with every fifth)")
     args = p.parse_args(argv)
     if args.role == "server":
         asyncio.run(serve(args.address))
     else:
-        asyncio.run(client(args.server, args.tcp, args.udp, args.chunk, args.interval))
+        asyncio.run(client(args.server, args.tcp, args.udp, args.chunk, args.interval, args.new))
     return 0
 
 

@@ -236,10 +236,7 @@ class Engine:
         live, and nothing was lost or refused since. A peer whose authentic datagrams are being
         refused (replays, an unanswered challenge, numbers out of bounds) counts as heard: it is
         never "silent, so complete"."""
-        recent = self.clock.latest - self.config.peer_timeout
-        return all(p.synced and p.proven and not p.limits and p.candidate_at <= recent
-                   and (p.rx is None or p.rx.missing() is None)
-                   for p in self.peers.values() if p.alive or p.rejected_at > recent)
+        return not incomplete_peers(self)
 
     def events(self) -> list[EngineEvent]:
         """What happened since the last call (peers restarting or going silent, bulks completing,
@@ -454,3 +451,11 @@ class Engine:
     def expectation_counts(self) -> tuple[int, int]:
         """(this node's expectations, those learnt from peers): the rest of each cache is flows."""
         return self.internal_cache.expectation_count(), self.external_caches.expectation_count()
+
+
+def incomplete_peers(engine: Engine) -> set[int]:
+    """The peers Engine.complete waits for (their node ids)."""
+    recent = engine.clock.latest - engine.config.peer_timeout
+    return {p.node for p in engine.peers.values() if (p.alive or p.rejected_at > recent) and not (
+        p.synced and p.proven and not p.limits and p.candidate_at <= recent
+        and (p.rx is None or p.rx.missing() is None))}

@@ -1,0 +1,115 @@
+"""Active-active in the lab (Options.active_active): each firewall failing in turn while both
+forward, measured the same way for tests/lab/test_activeactive.py and bench/activeactive.py.
+
+Before the first failure fw1 holds the LAN VIP and fw2 the WAN VIP, so every connection's
+packets leave through fw1 and its replies come back through fw2. Each step is a failure (or its
+repair) on one firewall, and the layout the VIPs must reach; a Step records how long that took,
+how long until every long-lived flow moved data again, and what the client and the firewalls
+counted meanwhile.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ctbridge.lab.firewall import Firewall
+from ctbridge.lab.network import Lab
+from ctbridge.lab.scenario import TRIGGERS
+from ctbridge.lab.topology import LAN_VIP, WAN_VIP
+
+# trigger, on which firewall (index), who then holds (the LAN VIP, the WAN VIP)
+FAILURES = (
+    ("keepalived stopped", 0, (1, 1)), ("keepalived started", 0, (0, 1)),
+    ("keepalived stopped", 1, (0, 0)), ("keepalived started", 1, (0, 1)),
+    ("ctbridge killed, down", 0, (1, 1)), ("ctbridge started", 0, (0, 1)),
+    ("ctbridge killed, down", 1, (0, 0)), ("ctbridge started", 1, (0, 1)),
+    ("LAN link down", 0, (1, 1)), ("LAN link up", 0, (0, 1)),
+    ("WAN link down", 1, (0, 0)), ("WAN link up", 1, (0, 1)),
+)
+# the client's counters a Step reports as differences
+COUNTS = ("tcp_failed", "udp_rebound", "new_tcp_ok", "new_tcp_failed", "new_slow", "new_udp_ok", "new_udp_lost")
+
+EXTRA_TRIGGERS = {
+    # no systemd to restart it: the peer has to notice the silence (keepalived.peer_gone_value)
+    "ctbridge killed, down": lambda lab, fw: lab.replicator.stop(fw, signal.SIGKILL),
+    "ctbridge started": lambda lab, fw: lab.replicator.start(fw),
+    "WAN link down": lambda lab, fw: fw.link("wan0", up=False),
+    "WAN link up": lambda lab, fw: fw.link("wan0", up=True),
+}
+
+
+@dataclass
+class Step:
+    how: str
+    on: str
+    layout: str  # who holds the LAN VIP / the WAN VIP afterwards
+    took: float  # seconds from the trigger until that layout
+    recovered: float | None  # seconds from the trigger until every long-lived flow moved data; None: never
+    counts: dict[str, int]  # the client's counters (COUNTS) during the step
+    drops: dict[str, int]  # forwarded packets each firewall's ruleset dropped during the step
+    alive: int  # long-lived TCP connections alive at the end of the step
+
+
+def counts(lab: Lab) -> dict[str, int]:
+    status = lab.status()
+    return {k: int(status.get(k) or 0) for k in COUNTS}
+
+
+def drops(lab: Lab) -> dict[str, int]:
+    return {fw.name: fw.drops()["policy"] for fw in lab.fws}
+
+
+def step(lab: Lab, how: str, on: Firewall, want: tuple[Firewall, Firewall], timeout: float = 60.0) -> Step:
+    before, dropped = counts(lab), drops(lab)
+    start = time.monotonic()
+    (TRIGGERS.get(how) or EXTRA_TRIGGERS[how])(lab, on)
+    took = lab.wait_layout({LAN_VIP: want[0], WAN_VIP: want[1]}, timeout=timeout) - start
+    recovered: float | None
+    try:
+        lab.wait_recovered(start, timeout=timeout)
+        recovered = time.monotonic() - start
+    except TimeoutError:
+        recovered = None
+    time.sleep(1.0)  # new connections opened just now finish (or are retransmitted) within the step
+    after, dropped_after = counts(lab), drops(lab)
+    return Step(how=how, on=on.name, layout=f"{want[0].name} / {want[1].name}", took=took, recovered=recovered,
+                counts={k: after[k] - before[k] for k in COUNTS},
+                drops={k: dropped_after[k] - dropped[k] for k in dropped}, alive=int(lab.status()["tcp_alive"]))
+
+
+def steady(lab: Lab, seconds: float) -> Step:
+    """No failure: ``seconds`` of traffic as it is."""
+    before, dropped = counts(lab), drops(lab)
+    time.sleep(seconds)
+    after, dropped_after = counts(lab), drops(lab)
+    layout = lab.layout()
+    return Step(how=f"{seconds:.0f} s, no failure", on="-",
+                layout=" / ".join(fw.name if fw else "?" for fw in layout.values()), took=0.0, recovered=0.0,
+                counts={k: after[k] - before[k] for k in COUNTS},
+                drops={k: dropped_after[k] - dropped[k] for k in dropped}, alive=int(lab.status()["tcp_alive"]))
+
+
+def failures(lab: Lab, which: tuple[tuple[str, int, tuple[int, int]], ...] = FAILURES) -> list[Step]:
+    fws = lab.fws
+    return [step(lab, how, fws[on], (fws[want[0]], fws[want[1]])) for how, on, want in which]
+
+
+def table(steps: list[Step]) -> list[str]:
+    head = (f"{'what happened':<24} {'on':>3} {'LAN / WAN':>9} {'took':>6} {'moving':>7} {'alive':>5} "
+            f"{'new TCP ok/failed/slow':>22} {'new UDP ok/lost':>15} {'NATed anew':>10} {'drops fw1/fw2':>13}")
+    rows = [head, "-" * len(head)]
+    for s in steps:
+        c = s.counts
+        rows.append(f"{s.how:<24} {s.on:>3} {s.layout:>9} {s.took:>5.1f}s "
+                    f"{(f'{s.recovered:.1f}s' if s.recovered is not None else 'never'):>7} {s.alive:>5} "
+                    f"{c['new_tcp_ok']:>10} / {c['new_tcp_failed']} / {c['new_slow']:<4} "
+                    f"{c['new_udp_ok']:>9} / {c['new_udp_lost']:<3} {c['udp_rebound']:>10} "
+                    f"{' / '.join(str(v) for v in s.drops.values()):>13}")
+    return rows
+
+
+def summary(steps: list[Step]) -> dict[str, Any]:
+    return {k: sum(s.counts[k] for s in steps) for k in COUNTS}
