@@ -55,7 +55,7 @@ def phase(the_lab: Lab, seconds: float) -> dict[str, Any]:
             "cpu_us": used / max(1, new) * 1e6}
 
 
-def run(name: str, options: Options, seconds: float, symmetric: bool = False,
+def measure(name: str, options: Options, seconds: float, symmetric: bool = False,
         failures: bool = False) -> tuple[dict[str, Any], list[aa.Step]]:
     with lab(options) as the_lab:
         the_lab.start()
@@ -86,10 +86,10 @@ def main() -> int:
     p.add_argument("--no-failures", action="store_true", help="skip the failures on lab 2")
     args = p.parse_args()
     base = {"active_active": True, "tcp": 100, "udp": 20, "new": args.rate}
-    reference, _ = run("one firewall forwards, no defer", Options(**base, defer=False), args.seconds,
+    reference, _ = measure("one firewall forwards, no defer", Options(**base, defer=False), args.seconds,
                        symmetric=True)
-    deferred, steps = run("both forward, defer", Options(**base), args.seconds, failures=not args.no_failures)
-    control, _ = run("both forward, no defer (control)", Options(**base, defer=False), args.seconds)
+    deferred, steps = measure("both forward, defer", Options(**base), args.seconds, failures=not args.no_failures)
+    control, _ = measure("both forward, no defer (control)", Options(**base, defer=False), args.seconds)
     print(f"\n{args.rate:.0f} new connections/s, {args.seconds:.0f} s each; CPU: both daemons, per new connection\n")
     print("| lab | new connections | connect p50/p99/max | slowed (retransmission) | UDP questions ok / lost | "
           "drops fw1 / fw2 | CPU per connection |")
