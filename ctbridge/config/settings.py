@@ -157,10 +157,11 @@ class KeepalivedSettings:
     instances: tuple[str, ...] = _key((), "VRRP instances/groups whose transitions count (empty: all)")
     track_file: str = _key("", "priority interlock: keep this track_file at 0 while the external cache is complete")
     incomplete_value: int = _key(-254, "what the track_file holds while the external cache is incomplete")
-    peer_gone_value: int = _key(0, "active-active: what the track_file holds while a peer that proved a session "
-                                "has gone silent (its daemon killed, its machine gone) and this node is complete: "
-                                "enough to lift this node above that peer where it is master, so it takes the "
-                                "peer's instances (`ctbridge render` writes it); 0: off")
+    peer_gone_complete: bool = _key(False, "active-active: a peer that was whole here and went silent or "
+                                    "restarted does not count against this node until its flows are all here "
+                                    "again: the survivor keeps its priority while hearing nobody, and takes the "
+                                    "instances of a node whose daemon died (its unit's ExecStopPost demotes it; "
+                                    "`ctbridge render` writes both)")
     vips: tuple[str, ...] = _key((), "the virtual addresses keepalived gives this node as master: a daemon that "
                                  "restarts while this node holds one comes back as master")
 
@@ -563,7 +564,7 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
         fail("apply", "defer_queue", "apply.defer_queue waits for peers' flows to be written as they arrive: "
              "apply.mode must be \"inject\"")
     if cfg.apply.defer_udp_ports and not all(
-            (m := re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", part)) is not None
+            (m := re.fullmatch(r"\s*([1-9][0-9]{0,4})\s*(?:-\s*([1-9][0-9]{0,4})\s*)?", part)) is not None
             and 1 <= int(m.group(1)) <= int(m.group(2) or m.group(1)) <= 65535
             for part in cfg.apply.defer_udp_ports.split(",")):
         fail("apply", "defer_udp_ports", f"apply.defer_udp_ports = {cfg.apply.defer_udp_ports!r}; write port ranges "

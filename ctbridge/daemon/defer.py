@@ -52,7 +52,7 @@ RULE_TIMEOUT = 10.0  # seconds an iptables command may take (-w waits for the xt
 POLL = 0.005
 # packets waiting at once; past that, a packet passes at once (counted). Well below the kernel's
 # queue length, so that the kernel's fail-open is not what lets a flood through uncounted
-MAX_HELD = 256
+MAX_HELD = 1024  # at defer_wait 0.1 s, a flood of about 10,000 packets a second of flows that never come
 LOOKUPS_PER_TURN = 64  # held packets looked up again per turn, the oldest first (26 us each)
 LOOKUP_CHUNK = 64  # flows looked up per request batch: 64 answers fit the 1 MiB receive buffer
 SAMPLES = 4096  # the waits kept for the percentiles (the most recent)
@@ -85,7 +85,7 @@ def rules(queue: int) -> list[list[str]]:
              COMMENT + " (a flow not yet seen past its reply)", *target]]
 
 
-def nft_script(udp_ports: str = "") -> str:
+def nft_script(udp_ports: str = "", sync_port: int = 0) -> str:
     """The table that picks the packets to hold: after conntrack, the flows past a reply (both
     directions' tuples, NAT or not) are remembered; before it, TCP packets of other flows are
     marked, and with ``udp_ports`` (apply.defer_udp_ports: the peers' source NAT ports) UDP
@@ -97,12 +97,15 @@ def nft_script(udp_ports: str = "") -> str:
     learn, pick = [], []
     for fam, ip, name in (("ipv4", "ip", "seen4"), ("ipv6", "ip6", "seen6")):
         for way in ("original", "reply"):
-            learn.append(f"meta nfproto {fam} meta l4proto {{ tcp, udp }} ct status seen-reply add @{name} "
-                         f"{{ ct {way} {ip} saddr . ct {way} {ip} daddr . ct {way} proto-src . ct {way} proto-dst }}")
+            tuple_ = f"{{ ct {way} {ip} saddr . ct {way} {ip} daddr . ct {way} proto-src . ct {way} proto-dst }}"
+            learn.append(f"meta nfproto {fam} meta l4proto tcp ct status seen-reply add @{name} {tuple_}")
+            # a UDP flow only needs its entry here: one-way flows (syslog, tunnels) are never held
+            learn.append(f"meta nfproto {fam} meta l4proto udp ct state established,new add @{name} {tuple_}")
         pick.append(f"meta nfproto {fam} tcp flags & (syn | rst) == 0 {ip} saddr . {ip} daddr . tcp sport . tcp dport "
                     f"!= @{name} {mark}")
         if udp_ports:
-            pick.append(f"meta nfproto {fam} udp dport {{ {udp_ports.replace(' ', '')} }} fib daddr type local "
+            skip = f"udp dport != {sync_port} " if sync_port else ""  # the sync link's own datagrams
+            pick.append(f"meta nfproto {fam} udp dport {{ {udp_ports.replace(' ', '')} }} {skip}fib daddr type local "
                         f"{ip} saddr . {ip} daddr . udp sport . udp dport != @{name} {mark}")
     sets = "".join(f"    set seen{v} {{\n        type {kind} . {kind} . inet_service . inet_service\n"
                    f"        flags timeout\n        timeout {SEEN_TIMEOUT}s\n        size 1048576\n    }}\n"
@@ -140,14 +143,14 @@ def _remove_ours(tool: str) -> None:
             _iptables(tool, "-D", *shlex.split(line)[1:])
 
 
-def install_rules(queue: int, udp_ports: str = "") -> None:
+def install_rules(queue: int, udp_ports: str = "", sync_port: int = 0) -> None:
     """The nftables table and the queue rules for IPv4 and IPv6, first in the chain; whatever an
     earlier life left is taken away first. Both tools are looked for before anything is added."""
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
             raise KernelError(f"apply.defer_queue needs {tool} (package iptables): the NFQUEUE target is "
                               "reached through it, this kernel has no nftables queue statement")
-    _nft(nft_script(udp_ports))
+    _nft(nft_script(udp_ports, sync_port))
     for tool in ("iptables", "ip6tables"):
         _remove_ours(tool)
         for rule in reversed(rules(queue)):  # each inserted first: they end up in this order
@@ -177,13 +180,16 @@ def may_pass(key: bytes, attrs: bytes | None) -> bool:
     entry to exist (the SYN-ACK reaching the node that did not see the SYN); one of the original
     direction also needs the entry to have seen a reply (the origin's ACK after a SYN-ACK only
     the other node saw: until the reply's state is replicated here, this kernel finds it
-    INVALID)."""
+    INVALID). A UDP packet of either direction needs the entry only."""
     if attrs is None:
         return False
     top = attr_map(attrs)
     orig = top.get(ct.CTA_TUPLE_ORIG)
-    if orig is None or _fields(orig) != _fields(key[3:]):
+    own = _fields(key[3:])
+    if orig is None or _fields(orig) != own:
         return True
+    if own[1].get(ct.CTA_PROTO_NUM) == bytes((ct.IPPROTO_UDP,)):  # an entry is all UDP needs: only
+        return True  # a peer's flow's first reply waits, never a one-way flow's every datagram
     status = top.get(ct.CTA_STATUS, b"")
     return len(status) == 4 and bool(int.from_bytes(status, "big") & ct.IPS_SEEN_REPLY)
 
@@ -269,7 +275,7 @@ class DeferQueue:
     to its mark, so the rules after the defer's still apply to it."""
 
     def __init__(self, queue: int, wait: float, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool],
-                 udp_ports: str = "") -> None:
+                 udp_ports: str = "", sync_port: int = 0) -> None:
         self.policy = DeferPolicy(wait)
         self.loop = loop
         self.ready = ready
@@ -280,7 +286,7 @@ class DeferQueue:
         self._marks: dict[int, int] = {}  # held packet id -> its mark, given back with DONE added
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        install_rules(queue, udp_ports)
+        install_rules(queue, udp_ports, sync_port)
         loop.add_reader(self.socket.fileno(), self._readable)
 
     def _failed(self, what: str, exc: BaseException) -> None:

@@ -157,16 +157,7 @@ def may_take_over(complete: bool, role: Role, heard_a_peer: bool) -> bool:
     return complete and heard_a_peer
 
 
-def track_value(may: bool, incomplete_value: int, peer_gone: bool = False, gone_value: int = 0) -> int:
+def track_value(may: bool, incomplete_value: int) -> int:
     """What the track file holds: 0 while the node may take over, else ``incomplete_value``
-    (keepalived adds it, times the weight, to the priority).
-
-    Active-active (``gone_value`` set, keepalived.peer_gone_value): while a peer that proved a
-    session in this life has gone silent and this node holds every live peer's flows
-    (``peer_gone``), ``gone_value``, which lifts this node above the peer's own priority as the
-    master of its instances: a node whose daemon was killed keeps its VIPs otherwise (its track
-    file says what it last said), and forwards new flows that are never replicated, whose
-    replies the other node's strict ruleset then drops."""
-    if peer_gone and gone_value:
-        return gone_value
+    (keepalived adds it, times the weight, to the priority)."""
     return 0 if may else incomplete_value

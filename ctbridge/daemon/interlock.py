@@ -37,10 +37,14 @@ class Interlock:
     incomplete_value: int
     stats: dict[str, Any]  # the daemon's stats sections: this counts "track_errors"
     value: int | None = None  # what the track file holds, once written
-    gone_value: int = 0  # keepalived.peer_gone_value (active-active; failover.track_value)
-    gone: set[int] = dataclasses.field(default_factory=set)  # peers gone silent, not yet back and synced
+    gone_complete: bool = False  # keepalived.peer_gone_complete (active-active)
+    gone: set[int] = dataclasses.field(default_factory=set)  # peers gone or restarted, not yet whole again
+    restarts: dict[int, int] = dataclasses.field(default_factory=dict)  # each peer's restarts, as last seen
+    whole: set[int] = dataclasses.field(default_factory=set)  # peers live and complete here, at the last look
 
     async def may_take_over(self, now: float) -> bool:
+        if self.gone_complete and self.peer_gone():
+            return True
         if self.backend is not None:  # conntrackd's caches cannot be judged whole: it must answer, at least
             alive = await self.backend.answers(now)  # asked on a master too: the stats show it
             return self.engine.role is Role.MASTER or alive
@@ -48,21 +52,32 @@ class Interlock:
                                       heard_a_peer=bool(self.engine.live_peers()))
 
     def peer_gone(self) -> bool:
-        """A peer proved a session and went silent, and has not come back with its flows all here
-        since; and this node holds every other live peer's flows (ctbridge's own replication only).
+        """Active-active (keepalived.peer_gone_complete): a peer that was live and whole here went
+        silent or restarted (a newer life heard or proven), and its flows have not all arrived
+        here since; and this node holds every other live peer's flows. The node then counts as
+        complete although it hears nobody (ctbridge's own replication only).
 
-        A peer that comes back stays gone until its new life's bulk has arrived: this node has
-        been forwarding that peer's flows meanwhile and holds them. Found in the lab: when the
-        returning peer made this node incomplete at once, both nodes read incomplete, their
-        priorities fell back to the masters' own, and the restarted daemon's node took its VIP
-        back before either held the other's flows: 790 packets of new connections dropped."""
+        Without it a survivor that hears nobody demoted itself, and with both nodes demoted the
+        masters' own priorities decided: the node of a killed daemon (demoted by its unit's
+        ExecStopPost) kept its VIP and forwarded flows nobody replicated; and at a peer's
+        restart both nodes read incomplete, and the restarting node kept or took back its VIP
+        before its defer could hold anything (found in the lab: 790 packets of new connections
+        dropped after one restart). It never raises a priority: a sync link that fails one way,
+        or between two other nodes, moves no VIP (found by review, when it did)."""
         if self.backend is not None:
             return False
         engine = self.engine
         peers = engine.peers
         incomplete = incomplete_peers(engine)
-        self.gone |= {p.node for p in peers.values() if p.proven and not p.alive}
-        self.gone -= {n for n in self.gone if n in peers and peers[n].alive and n not in incomplete}
+        recent = engine.clock.latest - engine.config.peer_timeout
+        for p in peers.values():
+            restarted = p.restarts > self.restarts.get(p.node, p.restarts)
+            self.restarts[p.node] = p.restarts
+            # only a peer whose flows were all here: a node that lacks them must not count as whole
+            if p.node in self.whole and (not p.alive or restarted or p.candidate_at > recent):
+                self.gone.add(p.node)
+        self.whole = {p.node for p in peers.values() if p.alive and p.proven and p.node not in incomplete}
+        self.gone -= self.whole
         return bool(self.gone) and incomplete <= self.gone
 
     async def run(self) -> None:
@@ -72,7 +87,7 @@ class Interlock:
         loop = asyncio.get_running_loop()
         while True:
             may = await self.may_take_over(loop.time())
-            value = failover.track_value(may, self.incomplete_value, self.peer_gone(), self.gone_value)
+            value = failover.track_value(may, self.incomplete_value)
             if value != self.value:
                 try:
                     keepalived.write_track_file(path, value)
@@ -87,8 +102,7 @@ class Interlock:
                         log.info("track file %s written again", path)
                     failing = False
                     log.info("track file %s = %d (external cache %s%s)", path, value,
-                             "complete" if may else "incomplete",
-                             ", a peer gone" if value == self.gone_value != 0 else "")
+                             "complete" if may else "incomplete", ", a peer gone" if self.gone else "")
                     self.value = value
             await asyncio.sleep(TRACK_INTERVAL)
 

@@ -94,7 +94,7 @@ class OwnReplication:
             # bound last: a packet held now waits for peers whose sessions are opening
             self.defer = DeferQueue(self.cfg.apply.defer_queue, self.cfg.apply.defer_wait, loop,
                                     lambda: bool(engine.live_peers()),
-                                    self.cfg.apply.defer_udp_ports)
+                                    self.cfg.apply.defer_udp_ports, self.cfg.sync.port)
 
     async def running(self) -> None:
         self.datapath.after_input()
@@ -162,7 +162,7 @@ class Daemon:
                                        self.backend, self.datapath.after_input, self.kept)
         self.interlock = Interlock(self.engine, self.backend, cfg.keepalived.track_file,
                                    cfg.keepalived.incomplete_value, self.kept,
-                                   gone_value=cfg.keepalived.peer_gone_value)
+                                   gone_complete=cfg.keepalived.peer_gone_complete)
         self.lag = LoopLag()
         self.stats = stats_mod.Stats(cfg, self.engine, self.links, self.reader, self.writer, self.interlock,
                                      self.backend, self.kept, self.loop.time, self.lag)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ctbridge.config import settings
 from ctbridge.lab.firewall import Firewall
 from ctbridge.lab.network import Lab
 from ctbridge.lab.scenario import TRIGGERS
@@ -24,17 +26,32 @@ from ctbridge.lab.topology import LAN_VIP, WAN_VIP
 FAILURES = (
     ("keepalived stopped", 0, (1, 1)), ("keepalived started", 0, (0, 1)),
     ("keepalived stopped", 1, (0, 0)), ("keepalived started", 1, (0, 1)),
+    # killed and restarted at once, as systemd does: the VIPs stay, or move to the other node
+    # until both hold each other's flows again and come back
+    ("ctbridge killed", 0, (0, 1)), ("ctbridge killed", 1, (0, 1)),
     ("ctbridge killed, down", 0, (1, 1)), ("ctbridge started", 0, (0, 1)),
     ("ctbridge killed, down", 1, (0, 0)), ("ctbridge started", 1, (0, 1)),
     ("LAN link down", 0, (1, 1)), ("LAN link up", 0, (0, 1)),
     ("WAN link down", 1, (0, 0)), ("WAN link up", 1, (0, 1)),
 )
+STABLE = 2.0  # seconds a step's layout must hold before it counts as reached (a VIP may move and come back)
 # the client's counters a Step reports as differences
 COUNTS = ("tcp_failed", "udp_rebound", "new_tcp_ok", "new_tcp_failed", "new_slow", "new_udp_ok", "new_udp_lost")
 
+def _kill(lab: Lab, fw: Firewall, restart: bool) -> None:
+    """The daemon dies (SIGKILL: no clean stop); the rendered unit's ExecStopPost writes the
+    interlock's demotion into the track file, as done here, and systemd's Restart= starts it
+    again (``restart``) or the operator does later ("ctbridge started")."""
+    lab.replicator.stop(fw, signal.SIGKILL)
+    cfg = settings.load(str(fw.dir / "ctbridge.toml"))
+    Path(cfg.keepalived.track_file).write_text(f"{cfg.keepalived.incomplete_value}\n")
+    if restart:
+        lab.replicator.start(fw)
+
+
 EXTRA_TRIGGERS = {
-    # no systemd to restart it: the peer has to notice the silence (keepalived.peer_gone_value)
-    "ctbridge killed, down": lambda lab, fw: lab.replicator.stop(fw, signal.SIGKILL),
+    "ctbridge killed": lambda lab, fw: _kill(lab, fw, restart=True),
+    "ctbridge killed, down": lambda lab, fw: _kill(lab, fw, restart=False),
     "ctbridge started": lambda lab, fw: lab.replicator.start(fw),
     "WAN link down": lambda lab, fw: fw.link("wan0", up=False),
     "WAN link up": lambda lab, fw: fw.link("wan0", up=True),
@@ -46,7 +63,7 @@ class Step:
     how: str
     on: str
     layout: str  # who holds the LAN VIP / the WAN VIP afterwards
-    took: float  # seconds from the trigger until that layout
+    took: float  # seconds from the trigger until that layout (first reached; the step ends once it held STABLE s)
     recovered: float | None  # seconds from the trigger until every long-lived flow moved data; None: never
     counts: dict[str, int]  # the client's counters (COUNTS) during the step
     drops: dict[str, int]  # forwarded packets each firewall's ruleset dropped during the step
@@ -65,14 +82,16 @@ def drops(lab: Lab) -> dict[str, int]:
 def step(lab: Lab, how: str, on: Firewall, want: tuple[Firewall, Firewall], timeout: float = 60.0) -> Step:
     before, dropped = counts(lab), drops(lab)
     start = time.monotonic()
-    (TRIGGERS.get(how) or EXTRA_TRIGGERS[how])(lab, on)
-    took = lab.wait_layout({LAN_VIP: want[0], WAN_VIP: want[1]}, timeout=timeout) - start
+    (EXTRA_TRIGGERS.get(how) or TRIGGERS[how])(lab, on)
+    layout = {LAN_VIP: want[0], WAN_VIP: want[1]}
+    took = lab.wait_layout(layout, timeout=timeout) - start
     recovered: float | None
     try:
         lab.wait_recovered(start, timeout=timeout)
         recovered = time.monotonic() - start
     except TimeoutError:
         recovered = None
+    lab.wait_layout(layout, timeout=timeout, stable=STABLE)  # settled: not moving again
     time.sleep(1.0)  # new connections opened just now finish (or are retransmitted) within the step
     after, dropped_after = counts(lab), drops(lab)
     return Step(how=how, on=on.name, layout=f"{want[0].name} / {want[1].name}", took=took, recovered=recovered,

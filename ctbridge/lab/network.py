@@ -339,12 +339,20 @@ hook = "{self.dir}/{{node}}/notify"
         held = {vip: [fw for fw in self.fws if fw.holds(vip)] for vip in (LAN_VIP, WAN_VIP)}
         return {vip: fws[0] if len(fws) == 1 else None for vip, fws in held.items()}
 
-    def wait_layout(self, want: dict[str, Firewall], timeout: float = 60.0) -> float:
+    def wait_layout(self, want: dict[str, Firewall], timeout: float = 60.0, stable: float = 0.0) -> float:
         """Wait until each VIP is held by ``want``'s firewall alone (active-active: each instance
-        has its own master); when that happened (monotonic)."""
+        has its own master), and has been for ``stable`` seconds; when it began (monotonic)."""
         names = ", ".join(f"{vip} on {fw.name}" for vip, fw in want.items())
-        wait_for(names, lambda: self.layout() == want, timeout=timeout, step=0.05)
-        return time.monotonic()
+        since: list[float] = []
+
+        def held() -> bool:
+            if self.layout() != want:
+                since.clear()
+                return False
+            since[:] = since or [time.monotonic()]
+            return time.monotonic() - since[0] >= stable
+        wait_for(names, held, timeout=timeout, step=0.05)
+        return since[0]
 
     def wait_recovered(self, since: float, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until every TCP connection and UDP flow has moved data after ``since``."""

@@ -40,6 +40,7 @@ STATUS_INTERVAL = 0.25
 SLOW = 0.9  # seconds: a connect slower than this waited for a retransmission (the first is at 1 s)
 NEW_TIMEOUT = 40.0  # seconds a new connection or question may take (TCP retransmits its SYN at 1, 3, 7, 15, 31 s)
 CONNECT_TIMES_KEPT = 20000
+NEW_ERRORS = 20
 RECENT = 2.0  # a connection that echoed within this many seconds is moving (round trips are ~0.1 s apart)
 
 
@@ -100,12 +101,18 @@ class Counters:
     new_udp_ok: int = 0  # --new: questions answered from a new socket within NEW_TIMEOUT
     new_udp_lost: int = 0
     connect_times: list[float] = field(default_factory=list)  # the last CONNECT_TIMES_KEPT
+    new_errors: list[str] = field(default_factory=list)
 
     def fail(self, conn: int, why: str) -> None:
         self.tcp_failed += 1
         self.tcp_last.pop(conn, None)
         if len(self.errors) < 20:
             self.errors.append(f"tcp {conn}: {why}")
+
+    def new_error(self, what: str) -> None:
+        """A new connection's failure: the last NEW_ERRORS are kept, with when (monotonic)."""
+        self.new_errors.append(f"{time.monotonic():.1f} {what}")
+        del self.new_errors[:-NEW_ERRORS]
 
     def status(self, final: bool = False) -> dict[str, Any]:
         now = time.monotonic()
@@ -119,7 +126,7 @@ class Counters:
                 "udp_rebound": len(self.udp_rebound), "udp_answers": self.udp_answers,
                 "new_tcp_ok": self.new_tcp_ok, "new_tcp_failed": self.new_tcp_failed, "new_slow": self.new_slow,
                 "new_udp_ok": self.new_udp_ok, "new_udp_lost": self.new_udp_lost,
-                "new_connect": percentiles(self.connect_times)}
+                "new_connect": percentiles(self.connect_times), "new_errors": self.new_errors}
 
 
 def percentiles(times: list[float]) -> dict[str, float] | None:
@@ -197,8 +204,7 @@ async def _new_tcp(server: str, c: Counters) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(server, TCP_PORT), NEW_TIMEOUT)
     except (TimeoutError, OSError) as exc:
         c.new_tcp_failed += 1
-        if len(c.errors) < 20:
-            c.errors.append(f"new tcp: connect: {exc!r}")
+        c.new_error(f"new tcp: connect: {exc!r}")
         return
     took = time.monotonic() - started
     c.connect_times.append(took)
@@ -211,8 +217,7 @@ async def _new_tcp(server: str, c: Counters) -> None:
         c.new_tcp_ok += 1
     except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         c.new_tcp_failed += 1
-        if len(c.errors) < 20:
-            c.errors.append(f"new tcp: {exc!r}")
+        c.new_error(f"new tcp: {exc!r}")
     finally:
         writer.close()
 

@@ -87,7 +87,8 @@ def test_a_packet_may_pass_when_its_entry_is_there_and_for_the_origin_has_seen_a
 def test_the_defer_table_marks_what_it_has_not_seen_and_takes_the_mark_off_again() -> None:
     from ctbridge.daemon.defer import DONE, MARK, nft_script, rules
     script = nft_script()
-    assert script.count("add @seen4") == 2 and script.count("add @seen6") == 2  # both directions' tuples
+    # both directions' tuples, for TCP (past a reply) and UDP (any entry)
+    assert script.count("add @seen4") == 4 and script.count("add @seen6") == 4
     assert f"meta mark set meta mark | {MARK:#x}" in script and "priority -310" in script  # before conntrack
     assert f"meta mark set meta mark & {0xFFFFFFFF & ~(MARK | DONE):#x}" in script and "priority -150" in script
     for rule in rules(9):  # never a packet a verdict sent round again; passed while nobody is bound
@@ -117,9 +118,25 @@ def test_udp_is_held_only_at_the_peers_nat_ports_addressed_to_this_node() -> Non
     pick = nft_script("1024-33279, 40000").split("chain pick")[1]
     assert pick.count("udp dport { 1024-33279,40000 } fib daddr type local") == 2  # IPv4 and IPv6
     base = '[node]\nname = "fw1"\n[sync]\nlocal = "127.0.0.1"\npeers = ["127.0.0.2"]\nauth = "none"\n'
-    for bad in ("1024", "0-10", "2000-1000", "1-70000", "a-b", "1-2,"):
+    assert "udp dport != 3780" in nft_script("1024-33279", sync_port=3780)  # the sync link's datagrams
+    for bad in ("1024", "0-10", "2000-1000", "1-70000", "a-b", "1-2,", "01024-02000"):
         if bad == "1024":
             assert settings.parse(base + f'[apply]\ndefer_udp_ports = "{bad}"\n').apply.defer_udp_ports == "1024"
             continue
         with pytest.raises(settings.ConfigError, match="defer_udp_ports"):
             settings.parse(base + f'[apply]\ndefer_udp_ports = "{bad}"\n')
+
+
+def test_a_udp_packet_needs_only_its_entry_in_either_direction() -> None:
+    """Found by review: one-way UDP to the firewall (syslog, a tunnel) never sees a reply, and
+    every datagram waited the whole defer_wait."""
+    from ctbridge.conntrack import abi as ct
+    from ctbridge.conntrack import codec
+    from ctbridge.daemon.defer import may_pass
+    from tests.support import builders
+    src, dst = bytes((198, 51, 100, 7)), bytes((203, 0, 113, 1))
+    orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, src, dst, 40000, 514)
+    reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, dst, src, 514, 40000)
+    unreplied = builders.build_entry(ct.AF_INET, orig, reply, status=ct.IPS_CONFIRMED).attrs  # no reply seen
+    key = codec.make_key(ct.AF_INET, 0, orig)
+    assert may_pass(key, unreplied) and not may_pass(key, None)

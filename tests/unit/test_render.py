@@ -322,5 +322,7 @@ def test_active_active_renders_opposite_masters_no_transitions_and_shares_of_the
     cfg = settings.parse(files["ctbridge.toml"], "ctbridge.toml")
     assert (cfg.apply.mode, cfg.apply.defer_queue) == ("inject", 1)
     # a UDP flow's first reply, addressed to fw1 at fw2's ports, waits for fw2's flow; and a peer
-    # whose daemon falls silent gives its instances to fw1 (150 + 51 over its own 150)
-    assert cfg.apply.defer_udp_ports == "33280-65535" and cfg.keepalived.peer_gone_value == 51
+    # that falls silent or restarts does not demote fw1
+    assert cfg.apply.defer_udp_ports == "33280-65535" and cfg.keepalived.peer_gone_complete
+    # a daemon that died demotes its own node: its peer takes its instances
+    assert "ExecStopPost=-/bin/sh -c 'echo -51 > /run/ctbridge/complete'" in files["ctbridge.service"]
