@@ -101,6 +101,7 @@ class Cluster:
     mode: str = "active-standby"
     defer_queue: int = 1  # active-active: the netfilter queue of the defer (apply.defer_queue)
     nat_ports: str = ""  # "LOW-HIGH": source NAT ports, shared out among the nodes (ctbridge-nat.nft)
+    own_flows: bool = False  # replicate the nodes' own flows (to and from their interface addresses)
 
     def demotion(self) -> int:
         """How far the interlock lowers an incomplete node's priority: below every complete node
@@ -141,6 +142,16 @@ class Cluster:
         shares = (self.nat_ports_of(peer) for peer in self.peers(node))
         return ",".join(f"{s[0]}-{s[1]}" for s in shares if s is not None)
 
+    def own_addresses(self) -> list[str]:
+        """Every node's interface addresses, as host prefixes (filter.ignore unless own_flows): a
+        flow to or from one (keepalived's unicast VRRP, ssh to a node) exists only on that node,
+        and written on another it is at best useless (with `ct original zone set` on the LAN, one
+        could not be written at all, and every failover counted a failed commit)."""
+        if self.own_flows:
+            return []
+        hosts = {str(i.address.ip): i.address.max_prefixlen for n in self.nodes for i in n.interfaces.values()}
+        return [f"{ip}/{length}" for ip, length in sorted(hosts.items())]
+
     def vips(self) -> list[str]:
         """Every virtual address of the cluster's instances, without its prefix length."""
         return [str(v.ip) for inst in self.instances for v in inst.vips]
@@ -176,7 +187,7 @@ CLUSTER_KEYS: dict[str, tuple[type, Any]] = {
     "notify": (str, "fifo"),
     "interlock": (bool, True), "maintenance": (bool, True), "gate": (bool, True), "vrrp_version": (int, 2),
     "group": (str, "G1"), "backend": (str, "ctbridge"), "table_size": (int, 0),
-    "mode": (str, "active-standby"), "defer_queue": (int, 1), "nat_ports": (str, ""),
+    "mode": (str, "active-standby"), "defer_queue": (int, 1), "nat_ports": (str, ""), "own_flows": (bool, False),
 }
 # The largest table_size render sizes for: the kernel's hash takes any size, but 2^26 buckets of 8
 # bytes is half a GiB before a single flow; a larger table is a typo more likely than a plan

@@ -73,6 +73,11 @@ class SyncSettings:
                      ("blake2b", "hmac-sha256", "none"))
     mode: str = _key("reliable", "\"reliable\" (acknowledged, resent) or \"best-effort\"", ("reliable", "best-effort"))
     mtu: int = _key(1500, "MTU of the sync link; datagrams are never larger than it")
+    dscp: int = _key(48, "DSCP of the sync datagrams (RFC 2474; 48 = CS6, network control, RFC 4594): a "
+                     "congested sync interface or switch queues and drops transit traffic first; 0: unmarked")
+    priority: int = _key(6, "SO_PRIORITY of the sync datagrams (socket(7)): the band a priority queueing "
+                         "discipline on the sync interface gives them (6, TC_PRIO_INTERACTIVE, its highest "
+                         "ordinary one); 0: the kernel's default")
     alive_interval: float = _key(1.0, "seconds between datagrams when there is nothing to say")
     peer_timeout: float = _key(5.0, "seconds of silence after which a peer stops holding back resends")
     resend_limit: int = _key(16384, "datagrams kept for resending; past it, peers get a bulk transfer")
@@ -563,6 +568,10 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
     elif cfg.apply.defer_queue and cfg.apply.mode != "inject":
         fail("apply", "defer_queue", "apply.defer_queue waits for peers' flows to be written as they arrive: "
              "apply.mode must be \"inject\"")
+    if not 0 <= cfg.sync.dscp <= 63:
+        fail("sync", "dscp", f"sync.dscp = {cfg.sync.dscp}: a DSCP is 0-63 (48: CS6)")
+    if not 0 <= cfg.sync.priority <= 15:
+        fail("sync", "priority", f"sync.priority = {cfg.sync.priority}: a socket priority is 0-15 (TC_PRIO_*)")
     if cfg.apply.defer_udp_ports and not all(
             (m := re.fullmatch(r"\s*([1-9][0-9]{0,4})\s*(?:-\s*([1-9][0-9]{0,4})\s*)?", part)) is not None
             and 1 <= int(m.group(1)) <= int(m.group(2) or m.group(1)) <= 65535

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -72,6 +73,30 @@ async def _nft(script: str) -> tuple[int, str]:
     return proc.returncode or 0, err.decode(errors="replace").strip()
 
 
+async def dropped() -> int | None:
+    """The packets the closed gate has dropped so far (its rules' counters); None when they
+    cannot be read (no table: 0). Read just before the gate opens: deleting the table takes its
+    counters with it. Packets dropped between the read and the delete, a few milliseconds, are
+    not counted (nft cannot list and delete in one batch)."""
+    proc = await asyncio.create_subprocess_exec("nft", "-j", "list", "table", "inet", TABLE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "LC_ALL": "C"})
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), NFT_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    if proc.returncode != 0:
+        return 0 if b"No such file or directory" in err else None
+    try:
+        items = json.loads(out)["nftables"]
+        return sum(int(e["counter"]["packets"]) for item in items for e in item.get("rule", {}).get("expr", ())
+                   if isinstance(e, dict) and "counter" in e)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 async def close(vips: Iterable[str] = ()) -> None:
     rc, err = await _nft(closed_script(vips))
     if rc != 0:
@@ -113,7 +138,10 @@ class GateKeeper:
             self.retry.cancel()
             self.retry = None
         try:
-            await (close(self.vips) if closed else open_())
+            if closed:
+                await close(self.vips)
+            else:
+                await self._open()
         except (GateError, OSError) as exc:
             log.error("%s", exc)
             self.stats["gate"] = f"failed to {'close' if closed else 'open'}"
@@ -127,7 +155,7 @@ class GateKeeper:
         for attempt in range(1, OPEN_ATTEMPTS + 1):
             await asyncio.sleep(1)
             try:
-                await open_()
+                await self._open()
             except (GateError, OSError) as exc:
                 log.error("attempt %d: %s", attempt, exc)
                 continue
@@ -136,10 +164,17 @@ class GateKeeper:
             break
         self.retry = None
 
+    async def _open(self) -> None:
+        """Open the gate, its drops counted first (stats "gate_packets", kept across openings;
+        counted only when the opening succeeds, so a retried one counts them once)."""
+        count = await dropped()
+        await open_()
+        self.stats["gate_packets"] += count or 0
+
     async def stop(self) -> None:
         """At the daemon's stop: fail open, a stopped daemon blocks nothing."""
         if self.retry is not None:
             self.retry.cancel()
         if self.stats["gate"] not in (None, "open"):
             with contextlib.suppress(Exception):
-                await open_()
+                await self._open()

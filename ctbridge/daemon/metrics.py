@@ -71,6 +71,8 @@ METRICS = (
      ("kernel", "event_queue", "bytes"), "gauge"),
     ("ctbridge_kernel_event_queue_full_total", "Times the event thread's queue was full and it stopped reading "
      "(apply.event_queue)", ("kernel", "event_queue", "full"), "counter"),
+    ("ctbridge_gate_packets_total", "Packets the commit gate dropped while this node was not MASTER (new flows "
+     "before the commit), counted as it opened", ("gate_packets",), "counter"),
     ("ctbridge_track_errors_total", "Failed writes of the interlock's track file (tried again)", ("track_errors",),
      "counter"),
     ("ctbridge_interlock_value", "What the interlock's track file holds: 0 while this node may win an election, "

@@ -24,7 +24,7 @@ from ctbridge.sync.engine import Engine, PeerReport
 
 # What `ctbridge status` shows (ctbridge.cli.control formats it); `ctbridge stats` has everything
 STATUS_KEYS = ("node", "node_id", "role", "apply_mode", "backend", "internal", "external", "expectations",
-               "interlock", "peers", "queues", "commit", "gate", "loop")
+               "interlock", "peers", "queues", "commit", "gate", "gate_packets", "loop")
 
 
 def sections() -> dict[str, Any]:
@@ -37,6 +37,7 @@ def sections() -> dict[str, Any]:
                     "skipped": 0},
         "transitions": [],  # Transitions.transition
         "gate": None,  # GateKeeper
+        "gate_packets": 0,  # GateKeeper: packets the gate dropped before the commits that opened it
         "track_errors": 0,  # Interlock
         # peers' expectations written into this kernel (commit, inject), and those refused (KernelWriter)
         "expectations": {"written": 0, "failed": 0},

@@ -58,14 +58,29 @@ def _buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def sync_socket(link: SyncLink, port: int) -> socket.socket:
-    """A bound, non-blocking UDP socket for one sync link (multicast: joined to its group)."""
+def mark_priority(sock: socket.socket, v6: bool, dscp: int, priority: int) -> None:
+    """The sync datagrams' DSCP (RFC 2474: the upper six bits of the IPv4 TOS byte, of the IPv6
+    traffic class; 0: the kernel's default) and then their SO_PRIORITY (socket(7)): setting
+    IP_TOS also sets the socket's priority from the TOS, so the explicit one comes after it."""
+    if dscp:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
+    if priority:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, priority)
+
+
+def sync_socket(link: SyncLink, port: int, dscp: int = 0, priority: int = 0) -> socket.socket:
+    """A bound, non-blocking UDP socket for one sync link (multicast: joined to its group), its
+    datagrams marked with ``dscp`` and ``priority`` (sync.dscp, sync.priority)."""
     local = link.local
     v6 = ":" in local
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         _buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, UDP_RCVBUF)
         _buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, UDP_SNDBUF)
+        mark_priority(sock, v6, dscp, priority)
         if link.group:
             group = link.group
             ifindex = socket.if_nametoindex(link.interface)
@@ -107,7 +122,7 @@ class SyncLinks:
         self.socks: list[socket.socket] = []
         try:
             for link in self.links if bind else ():
-                self.socks.append(sync_socket(link, self.port))
+                self.socks.append(sync_socket(link, self.port, cfg.sync.dscp, cfg.sync.priority))
         except control.ControlError:
             self.close()
             raise

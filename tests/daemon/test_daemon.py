@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -294,6 +295,30 @@ def test_the_commit_gate_follows_keepalived_and_is_left_alone_at_start() -> None
         assert _gate_table(a)
         a.stop()
         assert not _gate_table(a)
+
+
+def test_the_gates_drops_are_counted_before_its_table_goes() -> None:
+    """The gate's table, counters included, is deleted when it opens: the packets it held back
+    before a commit appeared nowhere. They are read first now (stats gate_packets, metrics
+    ctbridge_gate_packets_total). B sends datagrams to a VIP A holds while A's gate is closed."""
+    vip = "203.0.113.77"
+    with cluster(2, apply={"gate": True}, keepalived={"vips": [vip]}) as c:
+        a, b = c.nodes
+        a.start()
+        a.request("notify", args=["GROUP", "G1", "BACKUP", "0"])
+        assert _gate_table(a)
+        a.run("ip", "addr", "add", f"{vip}/32", "dev", "lo")  # as keepalived adds it, before its notify
+        b.run("ip", "route", "add", f"{vip}/32", "via", a.address)
+        b.run(sys.executable, "-c", "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"for port in range(5):\n    s.sendto(b'x', ('{vip}', 40000 + port))")
+        a.request("notify", args=["GROUP", "G1", "MASTER", "0"])
+        assert not _gate_table(a)
+        assert a.request("stats")["gate_packets"] == 5  # five new flows, each dropped once
+        a.request("notify", args=["GROUP", "G1", "BACKUP", "0"])  # closed again: counted anew, added
+        b.run(sys.executable, "-c", "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.sendto(b'x', ('{vip}', 41000))")
+        a.request("notify", args=["GROUP", "G1", "MASTER", "0"])
+        assert a.request("stats")["gate_packets"] == 6
 
 
 def test_a_master_whose_daemon_restarts_comes_back_as_master_and_a_stale_role_does_not() -> None:

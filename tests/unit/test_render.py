@@ -326,3 +326,30 @@ def test_active_active_renders_opposite_masters_no_transitions_and_shares_of_the
     assert cfg.apply.defer_udp_ports == "33280-65535" and cfg.keepalived.peer_gone_complete
     # a daemon that died demotes its own node: its peer takes its instances
     assert "ExecStopPost=-/bin/sh -c 'echo -51 > /run/ctbridge/complete'" in files["ctbridge.service"]
+
+
+def test_the_nodes_own_flows_are_left_out_unless_asked_for() -> None:
+    """Issue 26: keepalived's unicast VRRP flows were replicated and committed; with `ct original
+    zone set` on the LAN one of them could not be written on the new master. The rendered filter
+    leaves out flows to and from every node's interface addresses; a NATed flow through the pair
+    stays (the filter reads sources only: a reply to the node's address is still replicated)."""
+    from ctbridge.config.replication import flow_filter
+    from ctbridge.conntrack import abi as ct
+    from tests.support import builders
+
+    c = cluster.checked(cluster.parse(AA, "aa.toml"))
+    cfg = settings.parse(render.render(c, c.node("fw1"))["ctbridge.toml"], "ctbridge.toml")
+    assert set(cfg.filter.ignore) == {"192.0.2.2/32", "192.0.2.3/32", "203.0.113.2/32", "203.0.113.3/32"}
+    keep = flow_filter(cfg)
+
+    def entry(src: str, dst: str, reply_src: str, reply_dst: str) -> builders.Entry:
+        def b(a: str) -> bytes:
+            return bytes(int(x) for x in a.split("."))
+        orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b(src), b(dst), 40000, 53)
+        reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, b(reply_src), b(reply_dst), 53, 40000)
+        return builders.build_entry(ct.AF_INET, orig, reply)
+    assert not keep.accepts(entry("192.0.2.3", "192.0.2.2", "192.0.2.2", "192.0.2.3"))  # fw2's VRRP to fw1
+    assert keep.accepts(entry("192.0.2.100", "198.51.100.9", "198.51.100.9", "203.0.113.2"))  # NATed to fw1's own
+    text = AA.replace('mode = "active-active"', 'mode = "active-active"\nown_flows = true')
+    own = cluster.checked(cluster.parse(text, "aa.toml"))
+    assert "[filter]" not in render.render(own, own.node("fw1"))["ctbridge.toml"]
