@@ -536,3 +536,34 @@ def test_a_sip_expectation_with_its_class_and_nat_function_goes_from_one_kernel_
     listed = netns.run(ns2, "conntrack", "-L", "expect").stdout
     assert "proto=17" in listed and "dport=40000" in listed and "helper=sip" in listed and "class=1" in listed, listed
     assert int(listed.split()[0]) <= 90
+
+
+def test_offloaded_entries_are_written_as_ordinary_ones_with_their_timeout(ns: str) -> None:
+    """A flowtable (`flow add @ft`) marks its flows OFFLOAD (and HW_OFFLOAD in hardware) and keeps
+    their timeout at a day without events (docs/kernel.md, "Offloaded flows"). Those bits are
+    among the kernel's IPS_UNCHANGEABLE_MASK: a commit carrying them is neither refused nor
+    offloaded; the new master's entry is an ordinary one, with the timeout it was given, until
+    its own flowtable offloads it. Both a create and an update of an existing entry."""
+    offloaded = ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED | ct.IPS_OFFLOAD | ct.IPS_HW_OFFLOAD
+    tcp, udp = builders.tcp_flows(2)
+    udp_orig = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, bytes((192, 0, 2, 9)), bytes((198, 51, 100, 53)),
+                                     40000, 53)
+    udp_reply = builders.encode_tuple(ct.AF_INET, ct.IPPROTO_UDP, bytes((198, 51, 100, 53)), bytes((192, 0, 2, 9)),
+                                      53, 40000)
+    day = 86400
+    entries = []
+    for e in (tcp, udp):
+        attrs = codec.attr_map(e.attrs)
+        entries.append(builders.build_entry(ct.AF_INET, attrs[ct.CTA_TUPLE_ORIG], attrs[ct.CTA_TUPLE_REPLY],
+                                            status=offloaded, timeout=day, tcp_state=3))
+    entries[1] = builders.build_entry(ct.AF_INET, udp_orig, udp_reply, status=offloaded, timeout=day)
+    with _table(ns) as table:
+        created = table.commit(entries)
+        assert (created.created, created.failed) == (2, [])
+        again = table.commit(entries)  # an update of what exists: accepted as well
+        assert again.failed == []
+        views = [entry_view(e) for e in table.dump()]
+    assert len(views) == 2
+    for v in views:
+        assert "OFFLOAD" not in v["status"] and "HW_OFFLOAD" not in v["status"], v
+        assert day - 60 < v["timeout"] <= day, v

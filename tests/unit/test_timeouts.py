@@ -321,3 +321,24 @@ def test_the_soonest_runout_is_found_in_chunks_as_min_finds_it(monkeypatch: pyte
     a, _b = pair()
     a.kernel_events([Event(EventKind.NEW, flow(1, timeout=30), 0), Event(EventKind.NEW, flow(2, timeout=90), 0)], 0.0)
     assert asyncio.run(refresh.soonest(a.runouts())) == 30.0
+
+
+def test_an_offloaded_flows_day_long_timeout_reaches_its_peers_by_the_sweep() -> None:
+    """A flowtable offloads a flow: the kernel sets the OFFLOAD bit and a timeout of a day, and
+    refreshes it without events (docs/kernel.md, "Offloaded flows"). Its peers' copies came with
+    the 120 s of its last event; the next sweep finds the day and sends it before those copies
+    run out, so a peer keeps the flow as long as the master's kernel does."""
+    from tests.support import builders
+    a, b = pair()
+    short = flow(1, timeout=120)
+    a.kernel_events([Event(EventKind.NEW, short, 0)], 0.0)
+    deliver(a, b, 0.0)
+    assert runs_out(b.peers[1].external[short.key]) == 120.0
+    status = ct.IPS_CONFIRMED | ct.IPS_SEEN_REPLY | ct.IPS_ASSURED | ct.IPS_OFFLOAD
+    attrs = codec.attr_map(short.attrs)
+    offloaded = builders.build_entry(ct.AF_INET, attrs[ct.CTA_TUPLE_ORIG], attrs[ct.CTA_TUPLE_REPLY],
+                                     status=status, timeout=86400, tcp_state=3)
+    assert a.kernel_refresh(dump(offloaded), 105.0, within=20.0) == 1
+    deliver(a, b, 105.0)
+    assert runs_out(b.peers[1].external[short.key]) == 105.0 + 86400
+    assert timeout_at_b(b, short.key) == 86400
