@@ -58,6 +58,7 @@ from ctbridge.lab.topology import (
     SYNC_PORT,
     WAN_VIP,
     WAN_VIP6,
+    ZONE_RULES,
     Options,
 )
 
@@ -190,6 +191,8 @@ class Lab:
             netns.run(fw.ns, "nft", "-f", "-", input=FIREWALL_RULES)
             if self.options.ftp:
                 netns.run(fw.ns, "nft", "-f", "-", input=FTP_RULES.format())
+            if self.options.zones:
+                netns.run(fw.ns, "nft", "-f", "-", input=ZONE_RULES)
         subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(self.key)], check=True, timeout=60,
                        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.render()
@@ -232,6 +235,7 @@ key_file = "{self.dir}/{{node}}/sync.key"
 secret = "{self.key}"
 apply_mode = "{"inject" if o.active_active else o.apply_mode}"
 {f'mode = "active-active"{chr(10)}nat_ports = "{NAT_PORTS}"' if o.active_active else ""}
+{"own_flows = true" if o.own_flows else ""}
 transport = "{'multicast' if o.multicast else 'unicast'}"
 {f'sync_group = "{SYNC_GROUP}"' if o.multicast else ''}
 notify = "{o.notify}"

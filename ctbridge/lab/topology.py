@@ -76,6 +76,22 @@ table inet lab {{{{
 }}}}
 """
 
+# Options.zones: the LAN's flows in conntrack zone 1 in their original direction, as an operator
+# separating overlapping networks does; the firewalls' own flows on the LAN (keepalived's unicast
+# VRRP) are zoned too
+ZONE_RULES = """
+table inet lab_zones {
+    chain prerouting {
+        type filter hook prerouting priority raw; policy accept;
+        iifname "lan0" ct original zone set 1
+    }
+    chain output {
+        type filter hook output priority raw; policy accept;
+        oifname "lan0" ct original zone set 1
+    }
+}
+"""
+
 # Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
 # passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
 # through a strict firewall. A table of its own, before the lab's forward chain.
@@ -137,3 +153,5 @@ class Options:
     active_active: bool = False
     defer: bool = True  # active_active: the defer on (the control experiment turns it off)
     new: float = 0.0  # new TCP connections a second the client opens besides its long-lived flows
+    zones: bool = False  # the LAN's flows in conntrack zone 1 (`ct original zone set`, ZONE_RULES)
+    own_flows: bool = False  # the cluster description's own_flows: the firewalls' own flows replicated too
