@@ -59,18 +59,21 @@ class GateError(RuntimeError):
     pass
 
 
-async def _nft(script: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec("nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE,
+async def _nft(script: str | None, *args: str) -> tuple[int, bytes, str]:
+    """nft with ``args`` (``-f -`` reading ``script`` when given): its exit status (-1: it did not
+    finish within NFT_TIMEOUT), its output and its error text."""
+    argv = ["nft", *args, *(("-f", "-") if script is not None else ())]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 env={**os.environ, "LC_ALL": "C"})
     try:
-        _, err = await asyncio.wait_for(proc.communicate(script.encode()), NFT_TIMEOUT)
+        out, err = await asyncio.wait_for(proc.communicate(script.encode() if script is not None else None),
+                                          NFT_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        return -1, f"nft did not finish within {NFT_TIMEOUT:.0f} s"
-    return proc.returncode or 0, err.decode(errors="replace").strip()
+        return -1, b"", f"nft did not finish within {NFT_TIMEOUT:.0f} s"
+    return proc.returncode or 0, out, err.decode(errors="replace").strip()
 
 
 async def dropped() -> int | None:
@@ -78,17 +81,9 @@ async def dropped() -> int | None:
     cannot be read (no table: 0). Read just before the gate opens: deleting the table takes its
     counters with it. Packets dropped between the read and the delete, a few milliseconds, are
     not counted (nft cannot list and delete in one batch)."""
-    proc = await asyncio.create_subprocess_exec("nft", "-j", "list", "table", "inet", TABLE,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                env={**os.environ, "LC_ALL": "C"})
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), NFT_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return None
-    if proc.returncode != 0:
-        return 0 if b"No such file or directory" in err else None
+    rc, out, err = await _nft(None, "-j", "list", "table", "inet", TABLE)
+    if rc != 0:
+        return 0 if "No such file or directory" in err else None
     try:
         items = json.loads(out)["nftables"]
         return sum(int(e["counter"]["packets"]) for item in items for e in item.get("rule", {}).get("expr", ())
@@ -98,14 +93,14 @@ async def dropped() -> int | None:
 
 
 async def close(vips: Iterable[str] = ()) -> None:
-    rc, err = await _nft(closed_script(vips))
+    rc, _, err = await _nft(closed_script(vips))
     if rc != 0:
         raise GateError(f"cannot close the commit gate: nft said {err or rc}")
 
 
 async def open_() -> None:
     # declaring the table first makes the delete succeed whether or not it existed
-    rc, err = await _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
+    rc, _, err = await _nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
     if rc != 0:
         raise GateError(f"cannot open the commit gate: nft said {err or rc}")
 

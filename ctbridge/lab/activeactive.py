@@ -79,8 +79,17 @@ def drops(lab: Lab) -> dict[str, int]:
     return {fw.name: fw.drops()["policy"] for fw in lab.fws}
 
 
+def _measured(lab: Lab, before: tuple[dict[str, int], dict[str, int]], how: str, on: str, layout: str,
+              took: float, recovered: float | None) -> Step:
+    """A Step: the client's counters and the firewalls' drops since ``before`` (counts, drops)."""
+    after, dropped = counts(lab), drops(lab)
+    return Step(how=how, on=on, layout=layout, took=took, recovered=recovered,
+                counts={k: after[k] - before[0][k] for k in COUNTS},
+                drops={k: dropped[k] - before[1][k] for k in dropped}, alive=int(lab.status()["tcp_alive"]))
+
+
 def step(lab: Lab, how: str, on: Firewall, want: tuple[Firewall, Firewall], timeout: float = 60.0) -> Step:
-    before, dropped = counts(lab), drops(lab)
+    before = counts(lab), drops(lab)
     start = time.monotonic()
     (EXTRA_TRIGGERS.get(how) or TRIGGERS[how])(lab, on)
     layout = {LAN_VIP: want[0], WAN_VIP: want[1]}
@@ -93,22 +102,15 @@ def step(lab: Lab, how: str, on: Firewall, want: tuple[Firewall, Firewall], time
         recovered = None
     lab.wait_layout(layout, timeout=timeout, stable=STABLE)  # settled: not moving again
     time.sleep(1.0)  # new connections opened just now finish (or are retransmitted) within the step
-    after, dropped_after = counts(lab), drops(lab)
-    return Step(how=how, on=on.name, layout=f"{want[0].name} / {want[1].name}", took=took, recovered=recovered,
-                counts={k: after[k] - before[k] for k in COUNTS},
-                drops={k: dropped_after[k] - dropped[k] for k in dropped}, alive=int(lab.status()["tcp_alive"]))
+    return _measured(lab, before, how, on.name, f"{want[0].name} / {want[1].name}", took, recovered)
 
 
 def steady(lab: Lab, seconds: float) -> Step:
     """No failure: ``seconds`` of traffic as it is."""
-    before, dropped = counts(lab), drops(lab)
+    before = counts(lab), drops(lab)
     time.sleep(seconds)
-    after, dropped_after = counts(lab), drops(lab)
-    layout = lab.layout()
-    return Step(how=f"{seconds:.0f} s, no failure", on="-",
-                layout=" / ".join(fw.name if fw else "?" for fw in layout.values()), took=0.0, recovered=0.0,
-                counts={k: after[k] - before[k] for k in COUNTS},
-                drops={k: dropped_after[k] - dropped[k] for k in dropped}, alive=int(lab.status()["tcp_alive"]))
+    layout = " / ".join(fw.name if fw else "?" for fw in lab.layout().values())
+    return _measured(lab, before, f"{seconds:.0f} s, no failure", "-", layout, 0.0, 0.0)
 
 
 def failures(lab: Lab, which: tuple[tuple[str, int, tuple[int, int]], ...] = FAILURES) -> list[Step]:

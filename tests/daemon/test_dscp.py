@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemonlab import cluster, wait_for
+from tests.support.activeactive import start_synced
+from tests.support.daemonlab import cluster
 
 pytestmark = pytest.mark.root
 
@@ -31,11 +32,7 @@ def seen(sync: dict[str, Any]) -> dict[str, int]:
     """The sync datagrams node 2 received after the pair synced, by DSCP."""
     with cluster(2, sync=sync) as c:
         c.nodes[1].run("nft", "-f", "-", input=COUNTERS)
-        for node in c.nodes:
-            node.start()
-        wait_for("the pair to sync", lambda: all(
-            n.request("stats")["peers"] and all(p["synced"] for p in n.request("stats")["peers"]) for n in c.nodes),
-            timeout=30)
+        start_synced(c)
         listed = json.loads(c.nodes[1].run("nft", "-j", "list", "counters", "table", "inet", "dscp_probe").stdout)
         return {item["counter"]["name"]: int(item["counter"]["packets"]) for item in listed["nftables"]
                 if "counter" in item}
