@@ -730,6 +730,13 @@ def measure_conntrackd_events(n: int, log: Callable[..., object] = print, burst:
     return _run_pair(n, result, _measure_events, log)
 
 
+def tx_bytes(ns: str) -> int:
+    """Bytes the namespace's interfaces but loopback have sent (`ip -s link`): the sync link's,
+    where it is the only other interface."""
+    links = json.loads(_run(["ip", "-n", ns, "-j", "-s", "link", "show"], timeout=COMMIT_TIMEOUT))
+    return sum(int(link["stats64"]["tx"]["bytes"]) for link in links if link.get("ifname") != "lo")
+
+
 def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[str, Any],
                    log: Callable[..., object], *, load: Callable[[str], dict[str, Any]],
                    churn: Callable[[str], dict[str, Any]], compare: Callable[[str, str], tuple[int, int, int]],
@@ -750,10 +757,12 @@ def _measure_churn(n: int, a: _Node, b: _Node, created: list[str], result: dict[
                            f"{SYNC_TIMEOUT:.0f} s")
     before = _overrun_hint(a, b)
     cpu0 = (_cpu(a), _cpu(b))
+    tx0 = tx_bytes(a.netns)
     gen = churn(a.netns)
     time.sleep(max(0.0, gen["end"] + settle - time.monotonic()))
     result["cpu_a"] = round(_cpu(a) - cpu0[0], 3)
     result["cpu_b"] = round(_cpu(b) - cpu0[1], 3)
+    result["link_bytes"] = tx_bytes(a.netns) - tx0
     after = _overrun_hint(a, b)
     for key, name in (("netlink_overruns", "overruns"), ("kernel_resyncs", "kernel_resyncs")):
         # None when `conntrackd -s runtime` did not say (never a silent 0)

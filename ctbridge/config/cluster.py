@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from ctbridge.config import selection
+
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -102,6 +104,7 @@ class Cluster:
     defer_queue: int = 1  # active-active: the netfilter queue of the defer (apply.defer_queue)
     nat_ports: str = ""  # "LOW-HIGH": source NAT ports, shared out among the nodes (ctbridge-nat.nft)
     own_flows: bool = False  # replicate the nodes' own flows (to and from their interface addresses)
+    replication: dict[str, Any] | None = None  # [replication]: sync delay, coalescing, no-sync (config.selection)
 
     def demotion(self) -> int:
         """How far the interlock lowers an incomplete node's priority: below every complete node
@@ -281,9 +284,9 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
         raise ClusterError(f"{path}: not valid TOML: {exc}") from None
     r = _Reader(path)
     for section in data:
-        if section not in ("cluster", "node", "instance", "paths"):
+        if section not in ("cluster", "node", "instance", "paths", "replication"):
             r.problems.append(f"{path}: unknown section [{section}]; sections are [cluster], [[node]], "
-                              "[[instance]], [paths]")
+                              "[[instance]], [paths], [replication]")
     top = r.table(data, "cluster")
     for key in top:
         if key not in CLUSTER_KEYS:
@@ -345,9 +348,11 @@ def parse(text: str, path: str = "<cluster>") -> Cluster:
                               "(it goes into the systemd unit)")
         else:
             paths[key] = value
+    replication = r.table(data, "replication")
     if r.problems:
         raise ClusterError("\n".join(r.problems))
-    return Cluster(**settings, nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path)
+    return Cluster(**settings, nodes=tuple(nodes), instances=tuple(instances), paths=paths, path=path,
+                   replication=replication)
 
 
 def load(path: str) -> Cluster:
@@ -387,6 +392,8 @@ def _verify_cluster(c: Cluster) -> list[str]:
         p.append(f"cluster {c.name!r}: table_size = {c.table_size}; give the flows a node's table must hold, "
                  f"0-{TABLE_SIZE_MAX} (0: leave the kernel's sizing alone)")
     p += _verify_mode(c)
+    p += selection.replication_problems(c.replication or {}, f"cluster {c.name!r}",
+                                        c.defer_queue if c.mode == "active-active" else 0, c.backend)
     if c.backend == "conntrackd":
         if c.apply_mode != "commit":
             p.append(f"cluster {c.name!r}: backend = \"conntrackd\" commits on MASTER (conntrackd -c); set "

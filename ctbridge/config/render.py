@@ -46,7 +46,7 @@ def environment(directory: Path | None = None) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(directory or template_dir())),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
-    env.filters.update(toml=_toml, nftstr=_nftstr, advert=_advert)
+    env.filters.update(toml=_toml, tomlvalue=json.dumps, nftstr=_nftstr, advert=_advert)
     return env
 
 

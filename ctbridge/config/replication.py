@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from ctbridge.config import settings
+from ctbridge.config import selection, settings
 from ctbridge.config.settings import Config
 from ctbridge.sync.engine import EngineConfig
 from ctbridge.sync.filter import LOOPBACK, FlowFilter
@@ -27,7 +27,8 @@ def flow_filter(cfg: Config) -> FlowFilter:
     return FlowFilter(protocols=frozenset(int(p) for p in protos),
                       accept=tuple(ipaddress.ip_network(c, strict=False) for c in cfg.filter.accept),
                       ignore=ignore,
-                      tcp_states=frozenset(settings.TCP_STATE_NUMBERS[s] for s in cfg.filter.tcp_states))
+                      tcp_states=frozenset(settings.TCP_STATE_NUMBERS[s] for s in cfg.filter.tcp_states),
+                      no_sync=selection.no_sync(cfg.filter))
 
 
 def peer_filters(cfg: Config) -> dict[int, FlowFilter]:
@@ -65,4 +66,5 @@ def engine_config(cfg: Config) -> EngineConfig:
                         peer_timeout=cfg.sync.peer_timeout, resend_limit=cfg.sync.resend_limit,
                         max_age=cfg.sync.max_age, filter=flow_filter(cfg), peer_filters=peer_filters(cfg),
                         max_entries=cfg.sync.max_flows or conntrack_max(), expiry_margin=cfg.sync.expiry_margin,
-                        expectations=cfg.sync.expectations)
+                        expectations=cfg.sync.expectations, delay=cfg.sync.delay,
+                        delay_by_protocol=selection.delays(cfg.sync.delay_by_protocol), coalesce=cfg.sync.coalesce)

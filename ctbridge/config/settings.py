@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctbridge.config import selection
 from ctbridge.conntrack import abi as ct
 
 DEFAULT_PATH = "/etc/ctbridge/ctbridge.toml"
@@ -93,6 +94,14 @@ class SyncSettings:
                               "ruleset: FTP, SIP), so that a data connection a client opens after a failover is "
                               "RELATED on the new master; every node must run a ctbridge that knows them (older "
                               "ones drop the datagrams that carry one)")
+    delay: float = _key(0.0, "seconds a new flow must live before it is replicated: a flow that ends sooner "
+                        "is never sent, and a failover loses only flows younger than this (docs/failover.md, "
+                        "\"Sync delay\"); 0: at once. Not with apply.defer_queue")
+    delay_by_protocol: tuple[str, ...] = _key((), "sync.delay per protocol, written \"PROTOCOL SECONDS\", e.g. "
+                                              "[\"udp 2\", \"tcp 30\"] (a protocol not named: sync.delay)")
+    coalesce: float = _key(0.005, "seconds an update of a flow peers have waits for the next (a handshake or a "
+                           "teardown makes several within a round trip); it goes out once, as the flow is then. "
+                           "New flows and deletions never wait; 0: off; at most 1")
     links: tuple[SyncLink, ...] = _key((), "redundant sync links, written [[sync.links]] with local and peers "
                                        "(or group and interface): used in order when the ones before fail")
     link_timeout: float = _key(1.0, "seconds without a two-way exchange on a sync link before traffic moves "
@@ -154,6 +163,14 @@ class FilterSettings:
     peer_accept: tuple[str, ...] = _key((), "take from peer NODE only flows whose original or reply source is in "
                                         "CIDR, written \"NODE CIDR\" (peers not named: no limit but the filters "
                                         "above, which apply on receive too)")
+    no_sync_marks: tuple[str, ...] = _key((), "never replicate flows whose ct mark matches: \"VALUE/MASK\" "
+                                          "(mark & MASK == VALUE) or \"VALUE\", e.g. [\"0x100/0x100\"]")
+    no_sync_labels: tuple[int, ...] = _key((), "never replicate flows with one of these ct label bits (0-127)")
+    no_sync_zones: tuple[int, ...] = _key((), "never replicate flows of these conntrack zones")
+    no_sync_ports: tuple[str, ...] = _key((), "never replicate flows to these ports (the original direction's "
+                                          "destination: \"PORT\" or \"LOW-HIGH\"), e.g. [\"53\"]; the "
+                                          "no_sync keys apply on receive too, and the event socket's kernel-side "
+                                          "filter drops most of their events")
 
 
 @dataclass(frozen=True)
@@ -215,7 +232,7 @@ def _schema() -> tuple[Key, ...]:
 SCHEMA: tuple[Key, ...] = _schema()
 SECTIONS = tuple(SECTION_TYPES)
 _BY_NAME = {(k.section, k.name): k for k in SCHEMA}
-PROTOCOLS = {name: num for num, name in ct.PROTO_NAMES.items()}
+PROTOCOLS = selection.PROTOCOLS
 TCP_STATE_NUMBERS = {name: i for i, name in enumerate(ct.TCP_STATES)}
 
 
@@ -515,10 +532,6 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
     for name, seconds in (("alive_interval", sync.alive_interval), ("peer_timeout", sync.peer_timeout)):
         if seconds <= 0:
             fail("sync", name, f"sync.{name} must be positive")
-    for proto in cfg.filter.protocols:
-        if proto not in PROTOCOLS and not (isinstance(proto, int) and 0 <= proto <= 255):
-            fail("filter", "protocols", f"filter.protocols: unknown protocol {proto!r}; use "
-                 + ", ".join(sorted(PROTOCOLS)) + " or a number")
     for item in cfg.filter.peer_accept:
         parts = item.split()
         try:
@@ -578,6 +591,8 @@ def _check_values(cfg: Config, fail: typing.Callable[[str, str | None, str], Non
             for part in cfg.apply.defer_udp_ports.split(",")):
         fail("apply", "defer_udp_ports", f"apply.defer_udp_ports = {cfg.apply.defer_udp_ports!r}; write port ranges "
              "\"LOW-HIGH\" (1-65535) joined by commas, e.g. \"1024-33279,49152-65535\"")
+    for section, name, message in selection.problems(cfg.sync, cfg.filter, cfg.apply.defer_queue):
+        fail(section, name, message)
     if not 0 < cfg.apply.defer_wait <= 1:
         fail("apply", "defer_wait", f"apply.defer_wait = {cfg.apply.defer_wait}: a held packet waits more than "
              "0 and at most 1 second")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
-from ctbridge.conntrack import codec, expectation
+from ctbridge.conntrack import codec, eventfilter, expectation
 from ctbridge.conntrack.codec import Entry, EventKind
 from ctbridge.conntrack.eventdrain import EventDrain
 from ctbridge.conntrack.eventsocket import EventSocket
@@ -36,6 +36,7 @@ from ctbridge.conntrack.expectation import is_expectation
 from ctbridge.conntrack.table import KernelError, KernelTable
 from ctbridge.daemon import heap, metrics
 from ctbridge.sync.engine import EVERYTHING, Engine, KernelOp
+from ctbridge.sync.filter import NoSync
 
 log = logging.getLogger("ctbridge")
 
@@ -119,6 +120,7 @@ class KernelReader:
         # read by a thread into a queue of at most ``event_queue`` bytes (apply.event_queue), so
         # the kernel's buffer empties while the loop works; read_events sets its wake-up
         self.drain = EventDrain(self.events, event_queue, lambda: None)
+        self.select(engine.config.filter.no_sync)
         # of self.drain.overruns and .dropped, what stats' overruns and superseded hold
         self.counted = (0, 0)
         self.rebuilding = asyncio.Lock()  # one rebuild from a dump at a time: the newer dump is applied last
@@ -128,6 +130,23 @@ class KernelReader:
             # our own writes' echo is read too (few): read_expectations keeps their ends
             self.expect_events = EventSocket(rcvbuf=EXPECT_RCVBUF, groups=EventSocket.EXPECT_GROUPS,
                                              decode=expectation.decode_events)
+
+    def select(self, no_sync: NoSync | None) -> None:
+        """The no-sync selection into the event socket's kernel-side filter (or the filter off):
+        the kernel drops those flows' new and update events before they are queued. Where the
+        selection is too long for one filter, every event is read and the engine's own check
+        (NoSync) leaves them out."""
+        try:
+            insns = None if no_sync is None else eventfilter.program(no_sync.marks, no_sync.labels, no_sync.zones,
+                                                                      no_sync.ports)
+        except ValueError as exc:
+            log.warning("%s: the daemon reads their events and leaves them out itself", exc)
+            insns = None
+        try:
+            eventfilter.attach(self.events.sock, insns)
+        except OSError as exc:
+            log.warning("the event socket's kernel-side filter could not be set (%s): the daemon reads every "
+                        "event and leaves no-sync flows out itself", exc)
 
     async def read_events(self) -> None:
         """The flows' events into the engine, until cancelled: the thread reads the socket

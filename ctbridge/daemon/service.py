@@ -254,6 +254,7 @@ class Daemon:
         # Only filters and keys change on SIGHUP; addresses, ports and the node name need a restart.
         self.engine.reconfigure(auth=auth, flow_filter=replication.flow_filter(cfg),
                                 peer_filters=replication.peer_filters(cfg))
+        self.reader.select(self.engine.config.filter.no_sync)
         log.info("reloaded filters and keys from %s", cfg.path)
 
     async def systemd(self) -> None:

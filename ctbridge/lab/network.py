@@ -51,6 +51,8 @@ from ctbridge.lab.topology import (
     LAN_VIP6,
     LOSS_RULES,
     NAT_PORTS,
+    NO_SYNC_MARK,
+    NO_SYNC_RULES,
     ROOT,
     SERVER,
     SERVER6,
@@ -193,6 +195,8 @@ class Lab:
                 netns.run(fw.ns, "nft", "-f", "-", input=FTP_RULES.format())
             if self.options.zones:
                 netns.run(fw.ns, "nft", "-f", "-", input=ZONE_RULES)
+            if self.options.no_sync:
+                netns.run(fw.ns, "nft", "-f", "-", input=NO_SYNC_RULES)
         subprocess.run([sys.executable, "-m", "ctbridge", "keygen", str(self.key)], check=True, timeout=60,
                        capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.render()
@@ -250,6 +254,7 @@ config_dir = "{self.dir}/{{node}}"
 run_dir = "{self.dir}/{{node}}/run"
 state_dir = "{self.dir}/{{node}}/run"
 hook = "{self.dir}/{{node}}/notify"
+{f'{chr(10)}[replication]{chr(10)}no_sync_marks = ["{NO_SYNC_MARK}"]{chr(10)}' if o.no_sync else ""}
 {nodes}{instances}"""
 
     def render(self) -> None:

@@ -92,6 +92,19 @@ table inet lab_zones {
 }
 """
 
+# Options.no_sync: the ruleset marks the client's UDP flows not worth replicating (ct mark bit
+# 0x100), as an operator leaves out DNS lookups; the cluster description's [replication] names the
+# bit (NO_SYNC_MARK), and each firewall's event socket filters their events in the kernel
+NO_SYNC_MARK = "0x100/0x100"
+NO_SYNC_RULES = """
+table inet lab_nosync {
+    chain forward {
+        type filter hook forward priority mangle; policy accept;
+        meta l4proto udp ct mark set ct mark or 0x100
+    }
+}
+"""
+
 # Options.ftp: the FTP helper on the control connections (nf_conntrack_ftp, `ct helper`), and the
 # passive data ports open only to what the helper expects (RELATED): how an operator lets FTP
 # through a strict firewall. A table of its own, before the lab's forward chain.
@@ -155,3 +168,4 @@ class Options:
     new: float = 0.0  # new TCP connections a second the client opens besides its long-lived flows
     zones: bool = False  # the LAN's flows in conntrack zone 1 (`ct original zone set`, ZONE_RULES)
     own_flows: bool = False  # the cluster description's own_flows: the firewalls' own flows replicated too
+    no_sync: bool = False  # the client's UDP flows marked no-sync by the ruleset (NO_SYNC_RULES)

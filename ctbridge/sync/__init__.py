@@ -4,7 +4,9 @@
   table, combines their deadlines. events: what it hands out (Role, KernelOp, Heard, events).
   options: EngineConfig. stats: the counters. peer: Peer, ExternalFlow. shared: what the parts
   share (Shared) and their base (Part).
-- internal: this node's table (kernel events, dumps, refresh sweeps, what waits to go out).
+- internal: this node's table (kernel events, refresh sweeps, what waits to go out); rebuild:
+  it brought up to a dump, in chunks; sweep: a refresh sweep's shortcut; holdback: young
+  flows (sync.delay) and coalesced updates (sync.coalesce).
 - external: the peers' copies (admission, filters, caps, tombstones, bulk completion, commit
   records, expiry).
 - session: proving a peer's epoch (challenges, answers, slots); opens with its rules.
@@ -18,8 +20,8 @@
   types and their registry; flows: FLOW, EXPECT, DELETE, their compact forms (version 3) and
   decode_body; compact: the compact layouts (squeeze, expand); messages: every other
   message, its encoder and decoder side by side; auth: keys, MACs, sealing.
-- sequence: receive windows, the resend queue; filter: the flow filter; intake: the kernel
-  event fast path.
+- sequence: receive windows, the resend queue; filter: the flow filter and the no-sync
+  selection; intake: the kernel event fast path.
 
 No I/O, no clock, no asyncio: every input carries its ``now`` (a test fails on an import of
 socket, asyncio, pyroute2, os, subprocess, random, threading or time here). It imports only

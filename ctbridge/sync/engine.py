@@ -66,7 +66,7 @@ from ctbridge.sync.events import (
 from ctbridge.sync.external import ExternalCaches
 from ctbridge.sync.filter import FlowFilter
 from ctbridge.sync.heartbeat import Heartbeats
-from ctbridge.sync.internal import EVERYTHING, InternalCache, Sweep
+from ctbridge.sync.internal import EVERYTHING, InternalCache
 from ctbridge.sync.options import EngineConfig
 from ctbridge.sync.peer import ExternalFlow, Peer, seconds_of
 from ctbridge.sync.receiver import Receiver
@@ -75,6 +75,7 @@ from ctbridge.sync.sender import Sender
 from ctbridge.sync.session import NONCE_LIFETIME, Sessions
 from ctbridge.sync.shared import Part, Shared
 from ctbridge.sync.stream import Stream
+from ctbridge.sync.sweep import Sweep
 
 # also offered from here: the daemon, the tests and the benches import these names from the engine
 __all__ = ["EVERYTHING", "NONCE_LIFETIME", "BulkCompleted", "CompletenessChanged", "Engine", "EngineConfig",
@@ -414,7 +415,7 @@ class Engine:
             return float("-inf")  # output is waiting: call datagrams_to_send() now
         latest = self.clock.latest
         deadline = min(self.sender.deadline(), self.external_caches.deadline(latest), self.recovery.deadline(),
-                       self.receiver.deadline(self.peers), self.sessions.deadline())
+                       self.receiver.deadline(self.peers), self.sessions.deadline(), self.internal_cache.deadline())
         timeout = self.config.peer_timeout
         for peer in self.peers.values():
             if peer.alive:
@@ -433,6 +434,7 @@ class Engine:
                 self._events.append(PeerSilent(peer.node, now - peer.last_heard))
                 recovery.release()
         sessions.reclaim(now)
+        self.internal_cache.release(now)  # held updates and young flows that are due
         recovery.release()  # also lets go of what nobody is left to acknowledge
         recovery.on_timer(now)
         self.sender.on_timer(now)

@@ -22,12 +22,60 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
+_LONG = struct.calcsize("@L")  # CTA_LABELS is the kernel's bitmap as unsigned longs, in host order
+
+
+@dataclass(frozen=True)
+class NoSync:
+    """Flows the ruleset marks as not worth replicating (filter.no_sync_*): a ct mark
+    (``mark & mask == value``), a ct label bit, a conntrack zone, or the original direction's
+    destination port (the service) within a range. The ct mark and labels are read from the
+    replicated attributes, so one check serves the sender, a receiver (what a peer may send) and
+    dumps alike; the daemon also puts it into the event socket's kernel-side filter
+    (ctbridge.conntrack.eventfilter), so that most such events never reach the loop."""
+
+    marks: tuple[tuple[int, int], ...] = ()  # (value, mask)
+    labels: frozenset[int] = frozenset()  # bit numbers, 0-127
+    zones: frozenset[int] = frozenset()
+    ports: tuple[tuple[int, int], ...] = ()  # (low, high), inclusive
+
+    def selects(self) -> bool:
+        return bool(self.marks or self.labels or self.zones or self.ports)
+
+    def refuses(self, key: bytes, attrs: bytes, start: int = 0) -> bool:
+        """Whether the flow of ``key`` with attributes ``attrs[start:]`` is selected not to be
+        replicated. Raises CodecError on attributes that do not parse."""
+        if self.zones and (key[1] << 8) | key[2] in self.zones:
+            return True
+        if self.ports:
+            proto = codec.attr_map(codec.attr_map(key, 3).get(ct.CTA_TUPLE_PROTO, b""))
+            raw = proto.get(ct.CTA_PROTO_DST_PORT, b"")
+            if len(raw) == 2:
+                port = int.from_bytes(raw, "big")
+                if any(low <= port <= high for low, high in self.ports):
+                    return True
+        if self.marks or self.labels:
+            top = codec.attr_map(attrs, start)
+            raw = top.get(ct.CTA_MARK, b"")
+            mark = int.from_bytes(raw, "big") if len(raw) == 4 else 0  # none: mark 0
+            if any(mark & mask == value for value, mask in self.marks):
+                return True
+            raw = top.get(ct.CTA_LABELS, b"")
+            if self.labels and raw and len(raw) % _LONG == 0:
+                words = struct.unpack(f"@{len(raw) // _LONG}L", raw)
+                bits = 8 * _LONG
+                if any(b // bits < len(words) and words[b // bits] >> (b % bits) & 1 for b in self.labels):
+                    return True
+        return False
+
+
 @dataclass(frozen=True)
 class FlowFilter:
     protocols: frozenset[int] = frozenset()  # empty: every protocol
     accept: tuple[Network, ...] = ()  # non-empty: only flows whose original or reply source is inside
     ignore: tuple[Network, ...] = LOOPBACK  # flows whose original or reply source is inside are left out
     tcp_states: frozenset[int] = frozenset()  # empty: every TCP state
+    no_sync: NoSync | None = None  # flows the ruleset selects not to replicate
     _accept: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
     _ignore_hosts: frozenset[bytes] = field(init=False, repr=False, compare=False)
     _ignore_nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
@@ -51,7 +99,7 @@ class FlowFilter:
                              if aligned(n) and (n.version == 6) == (f == ct.AF_INET6))
                     for f in (ct.AF_INET, ct.AF_INET6)}
         object.__setattr__(self, "_ignore_prefixes", prefixes)
-        object.__setattr__(self, "_only_ignore", not (self.protocols or self.accept or self.tcp_states)
+        object.__setattr__(self, "_only_ignore", not (self.protocols or self.accept or self.tcp_states or self.no_sync)
                            and all(n.num_addresses == 1 or aligned(n) for n in self.ignore))
         nets = [(fam, net, mask) for (fam, net, mask), n in zip(prep(self.ignore), self.ignore, strict=True)
                 if n.num_addresses > 1 and not aligned(n)]
@@ -64,7 +112,8 @@ class FlowFilter:
         facts = _fast_facts(entry.key, entry.attrs, 0)
         if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
             facts = flow_facts(entry)
-        return self.accepts_facts(entry.family, facts)
+        return self.accepts_facts(entry.family, facts) and not (
+            self.no_sync is not None and self.no_sync.refuses(entry.key, entry.attrs))
 
     def accepts_message(self, key: bytes, family: int, buf: bytes, start: int) -> bool:
         """accepts() for a flow whose attributes are ``buf[start:]`` (a FLOW message as it came
@@ -86,7 +135,8 @@ class FlowFilter:
         facts = _fast_facts(key, buf, start)
         if facts is None or (self.tcp_states and facts[0] == ct.IPPROTO_TCP):
             facts = flow_facts(codec.Entry(key, family, buf[start:]))
-        return self.accepts_facts(family, facts)
+        return self.accepts_facts(family, facts) and not (
+            self.no_sync is not None and self.no_sync.refuses(key, buf, start))
 
     def ignore_only(self) -> tuple[frozenset[bytes], dict[int, tuple[bytes, ...]]] | None:
         """(single addresses, byte-aligned prefixes by family) when that is all this filter

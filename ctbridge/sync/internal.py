@@ -13,7 +13,8 @@ kernel_messages() and kernel_refresh() are measured hot loops (bench/engine_chur
 bench/engine.py, bench/sync.py): one dict operation per flow, no call per event of a known
 layout but the FLOW's encoding.
 
-Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, peer, shared).
+Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, peer, shared,
+holdback, rebuild, sweep).
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ from __future__ import annotations
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, Event, EventKind
 from ctbridge.sync import wire
+from ctbridge.sync.holdback import Holdback
 from ctbridge.sync.intake import HEAD, KEYED, Fast, Intake
 from ctbridge.sync.peer import MARK
+from ctbridge.sync.rebuild import Rebuild
 from ctbridge.sync.shared import Part, Shared
+from ctbridge.sync.sweep import Sweep
 
 log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whichever part speaks
 
@@ -38,9 +42,6 @@ log = logging.getLogger("ctbridge.sync.engine")  # the engine's one logger, whic
 # an overrun), so every flow is newer than the dump (no key is empty)
 EVERYTHING = b""
 _BE32 = struct.Struct(">I")  # CTA_TIMEOUT's seconds, network order
-_NLA = struct.Struct("=HH")  # struct nlattr, include/uapi/linux/netlink.h
-_TYPE_MASK = 0x3FFF  # NLA_TYPE_MASK, include/uapi/linux/netlink.h
-_FIRST_ATTR = 20  # a conntrack message's attributes follow its nlmsghdr (16) and nfgenmsg (4)
 _ZERO_SYNPROXY = codec._ZERO_SYNPROXY  # an all-zero CTA_SYNPROXY: not replicated (codec.strip_local)
 _SYNPROXY_LEN = len(_ZERO_SYNPROXY)
 REFRESH_SLACK = 1.0  # seconds: timeouts are whole seconds, so a deadline moved less is no refresh
@@ -76,6 +77,8 @@ class InternalCache(Part):
         # large backlog quadratic (bench/sync.py).
         self.pending: OrderedDict[bytes, None] = OrderedDict()
         self.intake = Intake()
+        # young flows (sync.delay) and updates held to be coalesced (sync.coalesce)
+        self.hold = Holdback()
         # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
         # what the cache holds for them over what the dump said
         self.rebuilding: set[bytes] | None = None
@@ -86,9 +89,6 @@ class InternalCache(Part):
         return len(self._expectations)
 
     def kernel_events(self, events: list[Event], now: float) -> None:
-        internal = self.table
-        told = self._told
-        pending = self.pending
         accepts = self.config.filter.accepts
         flow_msg = wire.flow_msg
         strip = codec.strip_local
@@ -98,18 +98,14 @@ class InternalCache(Part):
             key = entry.key
             try:
                 if ev.kind is EventKind.DESTROY or not accepts(entry):
-                    if internal.pop(key, None) is not None:
-                        told.pop(key, None)
-                        pending[key] = None
+                    self._drop(key)
                     continue
                 msg = flow_msg(version + 1, strip(entry))
             except codec.CodecError as exc:  # attributes that do not parse: counted, dropped
                 self._malformed(exc)
                 continue
             version += 1
-            internal[key] = msg
-            told[key] = now + codec.timeout_of(msg, wire.FLOW_HEADER) * self._told_share
-            pending[key] = None
+            self._store(key, msg, now + codec.timeout_of(msg, wire.FLOW_HEADER) * self._told_share, now)
         self._version = version
         if self.rebuilding is not None:
             self.rebuilding.update(ev.entry.key for ev in events)
@@ -189,6 +185,51 @@ class InternalCache(Part):
         if self.stats["kernel_malformed"] == 1:  # once: the counter tells how often
             log.warning("a kernel event message that cannot be read was dropped: %s", exc)
 
+    def _store(self, key: bytes, msg: bytes, told_until: float, now: float) -> None:
+        """A flow's new state (``msg``; peers' copy would run out at ``told_until``): into the
+        table and out, or held back (ctbridge.sync.holdback). kernel_messages does the same
+        inline."""
+        config = self.config
+        table = self.table
+        known = key in table
+        if not known and config.delays:
+            delay = config.delay_by_protocol.get(_protocol(key), config.delay)
+            if delay > 0:
+                self.hold.hold_young(key, msg, told_until, delay, now)
+                return
+        table[key] = msg
+        self._told[key] = told_until
+        if known and config.coalesce > 0 and key not in self.pending:
+            self.hold.hold_update(key, now, config.coalesce)
+            self.hold.events += 1
+        else:
+            self.pending[key] = None
+
+    def _drop(self, key: bytes) -> None:
+        """A flow ended (or the filter refuses it now): a DELETE goes out at once, unless peers
+        never heard of it."""
+        if self.table.pop(key, None) is not None:
+            self._told.pop(key, None)
+            self.pending[key] = None
+            self.hold.held.pop(key, None)
+        elif self.hold.young.pop(key, None) is not None:
+            self.stats["flows_ended_young"] += 1
+
+    def release(self, now: float) -> None:
+        """Held updates whose window ran out, and young flows that came of age, go out."""
+        hold = self.hold
+        if now >= hold.held_until:
+            self.stats["updates_coalesced"] += max(0, hold.events - len(hold.held))
+            hold.events = 0
+        grown = hold.release(now, self.table, self._told, self.pending)
+        self.stats["flows_came_of_age"] += len(grown)
+        if grown and self.rebuilding is not None:  # newer than what a dump under way read
+            self.rebuilding.update(grown)
+
+    def deadline(self) -> float:
+        """When something held back is due (inf: nothing is)."""
+        return self.hold.deadline()
+
     def kernel_messages(self, buffers: Sequence[bytes], now: float, skip_portid: int = -1) -> list[bytes]:
         """kernel_events() for the event socket's receive buffers as they are (one message each,
         as the kernel sends events), read by ctbridge.sync.intake's plans where it knows the
@@ -211,12 +252,22 @@ class InternalCache(Part):
         flow_filter = self.config.filter
         accepts = flow_filter.accepts_facts
         ignore = flow_filter.ignore_only()
+        no_sync = flow_filter.no_sync  # (most of its flows stopped in the kernel: conntrack.eventfilter)
         hosts, prefixes_of = ignore if ignore is not None else (frozenset[bytes](), {})
         flow_raw = wire.flow_raw
         seconds = _BE32.unpack_from
         keys: list[bytes] = []
         append = keys.append
         version = self._version
+        config = self.config
+        hold = self.hold
+        held, young = hold.held, hold.young
+        coalesce = config.coalesce
+        delays = config.delays
+        holding = coalesce > 0 or delays
+        delay_get = config.delay_by_protocol.get
+        default_delay = config.delay
+        held_events = ended_young = 0
         fast = 0
         last = None
         for buf in buffers:
@@ -263,15 +314,42 @@ class InternalCache(Part):
                         attrs = b"".join(keep_no_synproxy(buf))
                     else:
                         attrs = b"".join(keep(buf))
+                    accepted = no_sync is None or not no_sync.refuses(key, attrs)
+                if accepted:
                     version += 1
-                    internal[key] = flow_raw(version, family, zone, orig_len, attrs)
-                    told[key] = now + (seconds(buf, timeout_at)[0] if timeout_at >= 0 else 0) * share
+                    msg = flow_raw(version, family, zone, orig_len, attrs)
+                    until = now + (seconds(buf, timeout_at)[0] if timeout_at >= 0 else 0) * share
+                    if holding:  # ctbridge.sync.holdback, as _store does
+                        if key in internal:
+                            internal[key] = msg
+                            told[key] = until
+                            if coalesce and key not in pending:
+                                if not held:
+                                    hold.held_until = now + coalesce
+                                held[key] = None
+                                held_events += 1
+                            else:
+                                pending[key] = None
+                            continue
+                        if delays:
+                            delay = delay_get(buf[proto_at], default_delay)
+                            if delay > 0:
+                                hold.hold_young(key, msg, until, delay, now)
+                                continue
+                    internal[key] = msg
+                    told[key] = until
                     pending[key] = None
                     continue
             if internal.pop(key, None) is not None:
                 told.pop(key, None)
                 pending[key] = None
+                if held:
+                    held.pop(key, None)
+            elif young and young.pop(key, None) is not None:
+                ended_young += 1
         self._version = version
+        hold.events += held_events
+        self.stats["flows_ended_young"] += ended_young
         intake.fast += fast
         if self.rebuilding is not None:
             self.rebuilding.update(keys)
@@ -294,15 +372,14 @@ class InternalCache(Part):
             return
         key = fast.key
         keys.append(key)
-        if fast.destroy or not self.config.filter.accepts_facts(key[0], fast.facts):
-            if self.table.pop(key, None) is not None:
-                self._told.pop(key, None)
-                self.pending[key] = None
+        flow_filter = self.config.filter
+        if fast.destroy or not flow_filter.accepts_facts(key[0], fast.facts) or (
+                flow_filter.no_sync is not None and flow_filter.no_sync.refuses(key, fast.attrs)):
+            self._drop(key)
             return
         self._version += 1
-        self.table[key] = wire.flow_raw(self._version, key[0], fast.zone, fast.orig_len, fast.attrs)
-        self._told[key] = now + fast.timeout * self._told_share
-        self.pending[key] = None
+        self._store(key, wire.flow_raw(self._version, key[0], fast.zone, fast.orig_len, fast.attrs),
+                    now + fast.timeout * self._told_share, now)
 
     def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True,
                       newer: set[bytes] | frozenset[bytes] = frozenset()) -> None:
@@ -431,6 +508,7 @@ class InternalCache(Part):
         self._told.clear()
         self._expectations.clear()
         self._expect_until.clear()
+        self.hold.clear()
 
     def pending_keys(self) -> list[bytes]:
         """The flows waiting to go out (changed or deleted since they last went), oldest first."""
@@ -456,136 +534,7 @@ class InternalCache(Part):
         return wire.delete_msg(self._version, key)
 
 
-class Rebuild:
-    """The internal cache brought up to a dump, fed in chunks so that a table of a million flows
-    never holds the event loop (at once, 1M flows took 3.6-4.8 s of one core), in place: events go
-    on being applied to the cache meanwhile, and each flow the dump shows changed is written and
-    marked to be sent as its chunk is read (the sender reads the cache as it is, so what goes out
-    is always what it holds). Then the flows the dump lacks are dropped, in chunks too
-    (``leftovers``, ``drop_unseen``), and ``close`` ends it.
-
-    In place rather than a new cache swapped in at the end: the swap had to copy back every flow
-    events changed meanwhile (a 1M load's overrun: most of them) and find the flows gone as a set
-    difference of two 1M-key dicts, 0.39-0.45 s of the loop at once (a probe on finish,
-    docs/performance.md), and building the new dicts resized them on the loop.
-
-    ``newer`` (given to each call, growing): flows whose events were applied since the dump
-    began. What the cache holds for them (or their absence) is at least as recent as the dump,
-    which may have read them before the event: they keep it. So do the flows events or a refresh
-    sweep change while the rebuild runs (``InternalCache.rebuilding``): a sweep between two
-    chunks had its newer version overwritten by the dump's older one (found by review)."""
-
-    __slots__ = ("_announce", "_cache", "_now", "_seen")
-
-    def __init__(self, cache: InternalCache, now: float, announce: bool) -> None:
-        cache.rebuilding = set()  # (one Rebuild at a time: the daemon's KernelReader.rebuilding)
-        self._cache = cache
-        self._now = now
-        self._announce = announce
-        self._seen: set[bytes] = set()  # the flows the dump holds: the others are gone
-
-    def feed(self, entries: Sequence[Entry], newer: Container[bytes] = frozenset()) -> None:
-        cache = self._cache
-        accepts = cache.config.filter.accepts
-        table, told, pending = cache.table, cache._told, cache.pending
-        changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
-        seen, now, share, announce = self._seen, self._now, cache._told_share, self._announce
-        for entry in entries:
-            key = entry.key
-            if key in newer or key in changed or not accepts(entry):
-                continue
-            seen.add(key)
-            entry = codec.strip_local(entry)
-            prev = table.get(key)
-            if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
-                # only the countdown moved: no need to send the flow again (after an overrun the
-                # dump would otherwise re-announce the whole table; kernel_refresh() sends what
-                # traffic kept alive longer than peers were told)
-                if key not in told:
-                    told[key] = now
-                continue
-            cache._version += 1
-            table[key] = wire.flow_msg(cache._version, entry)
-            told[key] = now + codec.timeout_of(entry.attrs) * share
-            if announce:
-                pending[key] = None
-
-    def leftovers(self) -> list[bytes]:
-        """After the last chunk: the keys to look at for flows the dump lacks (drop_unseen)."""
-        return list(self._cache.table)
-
-    def drop_unseen(self, keys: Iterable[bytes], newer: Container[bytes] = frozenset()) -> None:
-        """Of ``keys``, drop the flows the dump lacked, unless events or a sweep changed them
-        meanwhile (a flow created after the dump began is not gone). A flow dump holds no
-        expectations (kernel_expect_resync's): they stay."""
-        cache = self._cache
-        table, told, pending, seen = cache.table, cache._told, cache.pending, self._seen
-        changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
-        expectations = cache._expectations
-        for key in keys:
-            if key in seen or key in newer or key in changed or key in expectations:
-                continue
-            if table.pop(key, None) is not None:
-                told.pop(key, None)
-                if self._announce:
-                    pending[key] = None
-
-    def close(self) -> None:
-        cache = self._cache
-        cache.rebuilding = None
-        cache.rebuilds += 1
-        self._seen = set()
-        # a flow dump holds no expectations (kernel_expect_resync's): moved after every flow the
-        # dump may have added, so that a bulk carries each master before its expectations
-        table = cache.table
-        for key in cache._expectations:
-            if key in table:
-                table[key] = table.pop(key)
-
-    def finish(self, newer: Container[bytes] = frozenset()) -> None:
-        """The rest at once: every flow the dump lacked dropped, and the rebuild closed."""
-        self.drop_unseen(self.leftovers(), newer)
-        self.close()
-
-
-class Sweep:
-    """One refresh sweep's shortcut (InternalCache.kernel_refresh): the original tuples of the
-    flows whose peers' copies run out before ``until``, found once per sweep (one pass over
-    ``told``, about 0.1 µs a flow) rather than by reading every message of the dump (2 µs).
-
-    Exact, given kernel_refresh's rules: a flow it leaves out runs out at ``until`` or later,
-    beyond every chunk's horizon, so kernel_refresh would skip it too, unless ``told`` moved since
-    the look; it moves by events (then the flow is in ``newer``, skipped anyway), by a refresh
-    (of a candidate) or a dump read whole (a Rebuild, or EVERYTHING in ``newer``). Looked
-    again when a chunk's horizon passes ``until``, ``told`` is another dict or a rebuild ended
-    (``generation``: InternalCache.rebuilds)."""
-
-    __slots__ = ("_generation", "_origs", "_told", "until")
-
-    def __init__(self) -> None:
-        self.until = float("-inf")
-        self._told: dict[bytes, float] | None = None
-        self._generation = -1
-        self._origs: set[bytes] = set()
-
-    def candidates(self, messages: Sequence[bytes], told: dict[bytes, float], horizon: float,
-                   within: float, generation: int = 0) -> list[bytes]:
-        """The messages that may hold a flow to refresh: those whose first attribute is a
-        CTA_TUPLE_ORIG naming a flow that runs out before ``until`` (a key's bytes after its
-        family and zone are that attribute's payload: codec.make_key), and any other."""
-        if horizon > self.until or told is not self._told or generation != self._generation:
-            self.until = horizon + within  # good for the chunks of the next ``within`` seconds
-            self._told = told
-            self._generation = generation
-            until = self.until
-            self._origs = {key[3:] for key, runs_out in told.items() if runs_out < until}
-        origs = self._origs
-        head = _NLA.unpack_from
-        out = []
-        for buf in messages:
-            if len(buf) >= _FIRST_ATTR + 4:
-                alen, atype = head(buf, _FIRST_ATTR)
-                if atype & _TYPE_MASK == ct.CTA_TUPLE_ORIG and buf[_FIRST_ATTR + 4:_FIRST_ATTR + alen] not in origs:
-                    continue
-            out.append(buf)
-        return out
+def _protocol(key: bytes) -> int:
+    """The protocol number in a flow's key (its original tuple: codec.make_key); 0 if none."""
+    proto = codec.attr_map(codec.attr_map(key, 3).get(ct.CTA_TUPLE_PROTO, b""))
+    return (proto.get(ct.CTA_PROTO_NUM) or b"\x00")[0]

@@ -61,6 +61,17 @@ class EngineConfig:
     # the highest protocol version this node speaks and announces (docs/protocol.md, "Versions"):
     # 3; 2 makes it speak as the release of 2026-12-01 does (tests of a mixed cluster)
     max_version: int = VERSION
+    # What is held back before it goes out (ctbridge.sync.holdback): a new flow until it has lived
+    # ``delay`` seconds (per protocol number: ``delay_by_protocol``; 0: at once), an update of a
+    # flow peers have for at most ``coalesce`` seconds (0: at once)
+    delay: float = 0.0
+    delay_by_protocol: Mapping[int, float] = field(default_factory=dict)
+    coalesce: float = 0.0
+
+    @property
+    def delays(self) -> bool:
+        """Whether some protocol's new flows wait before they are replicated."""
+        return self.delay > 0 or any(d > 0 for d in self.delay_by_protocol.values())
 
     @property
     def announce(self) -> int:

@@ -98,8 +98,11 @@ class Sender(Part):
         self._bulks.append(_Bulk(target, self._bulk_id))
 
     def queue_sizes(self) -> dict[str, int]:
-        """Flows waiting to go out, datagrams kept for resending, bulk transfers under way."""
-        return {"pending": len(self.cache.pending), "resend": len(self.recovery.kept), "bulk": len(self._bulks)}
+        """Flows waiting to go out, datagrams kept for resending, bulk transfers under way, young
+        flows (sync.delay) and updates held (sync.coalesce)."""
+        hold = self.cache.hold
+        return {"pending": len(self.cache.pending), "resend": len(self.recovery.kept), "bulk": len(self._bulks),
+                "young": len(hold.young), "held": len(hold.held)}
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, int | None]]:
         """Datagrams to send now (at most ``burst``): [(bytes, destination)], destination None =

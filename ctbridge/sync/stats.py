@@ -19,7 +19,10 @@ COUNTERS = (
     "path_changes", "digests_refused",
     # protocol version 3: FLOW and DELETE messages sent in their compact forms, datagrams of
     # version 3 taken (docs/protocol.md, "Versions")
-    "tx_compact", "rx_v3_datagrams")
+    "tx_compact", "rx_v3_datagrams",
+    # held back (ctbridge.sync.holdback): flows that ended before sync.delay (never sent), flows
+    # that came of age (sent then), updates that went out with a later one (sync.coalesce)
+    "flows_ended_young", "flows_came_of_age", "updates_coalesced")
 
 
 def new_stats() -> dict[str, int]:

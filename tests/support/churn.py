@@ -179,11 +179,23 @@ def load(n: int) -> int:
     return 0
 
 
-def churn(rate: int, seconds: float, first: int, life: float) -> int:
+LIVES = 10  # with --life-max: the lives between --life and it, each flow given one by its index
+
+
+def life_of(i: int, life: float, life_max: float) -> float:
+    """Flow ``i``'s life: ``life``, or with a larger ``life_max`` one of LIVES lives evenly spread
+    between the two, spread over the flows by their index (the golden ratio's fractions)."""
+    if life_max <= life:
+        return life
+    bucket = int((i * 0.6180339887) % 1 * LIVES)
+    return life + (life_max - life) * (bucket + 0.5) / LIVES
+
+
+def churn(rate: int, seconds: float, first: int, life: float, life_max: float = 0.0) -> int:
     """The churn loop: at each tick, create what the schedule asks for, delete what has lived
-    ``life`` seconds. Runs ``seconds`` plus one batch's write (which completes the count)."""
+    its life. Runs ``seconds`` plus one batch's write (which completes the count)."""
     flows = Flows()
-    alive: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+    lives: dict[float, collections.deque[tuple[float, list[bytes]]]] = {}
     created = deleted = batches = 0
     max_lag = 0.0
     nxt = first
@@ -201,13 +213,18 @@ def churn(rate: int, seconds: float, first: int, life: float) -> int:
                 res = table.commit(batch)
                 if res.failed or res.created != len(batch):
                     return _fail(_refused(res, len(batch), "new flows"))
-                alive.append((now, [e.key for e in batch]))
+                by_life: dict[float, list[bytes]] = {}
+                for i, e in enumerate(batch, nxt):
+                    by_life.setdefault(life_of(i, life, life_max), []).append(e.key)
+                for span, keys in by_life.items():
+                    lives.setdefault(span, collections.deque()).append((now, keys))
                 nxt += len(batch)
                 created += len(batch)
                 batches += 1
             old: list[bytes] = []
-            while alive and alive[0][0] + life <= now:
-                old += alive.popleft()[1]
+            for span, alive in lives.items():
+                while alive and alive[0][0] + span <= now:
+                    old += alive.popleft()[1]
             if old:
                 kr = table.delete(old)
                 if kr.failed or kr.missing:
@@ -239,6 +256,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ch.add_argument("--seconds", type=float, required=True, help="how long to create flows")
     ch.add_argument("--first", type=int, default=0, help="index of the first flow (after the standing ones)")
     ch.add_argument("--life", type=float, default=2.0, help="seconds from a flow's creation to its deletion")
+    ch.add_argument("--life-max", type=float, default=0.0,
+                    help="lives spread from --life to this (web-like traffic: 0.2 to 2); 0: every flow --life")
     return ap.parse_args(argv)
 
 
@@ -252,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"rate 1..{MAX_RATE}, seconds up to {MAX_SECONDS:.0f}, life not negative")
     if args.first < 0 or args.first + int(args.rate * args.seconds) > HOSTS * PORTS:
         return _fail("the flows would run past the distinct tuples tcp_flows has")
-    return churn(args.rate, args.seconds, args.first, args.life)
+    return churn(args.rate, args.seconds, args.first, args.life, args.life_max)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,36 @@ def test_a_vip_that_is_no_address_refuses_the_start() -> None:
         config.parse(GOOD + '[keepalived]\nvips = ["192.0.2.300/24"]\n', "c.toml")
     assert len(err.value.problems) == 1
     assert "keepalived.vips: '192.0.2.300/24' is not an address" in err.value.problems[0]
+
+
+@pytest.mark.parametrize(("sync", "other", "words"), [
+    ("delay = -1", "", "sync.delay = -1.0: seconds from 0 (off) to 3600"),
+    ('delay_by_protocol = ["tcp"]', "", "sync.delay_by_protocol: 'tcp' is not \"PROTOCOL SECONDS\""),
+    ('delay_by_protocol = ["quic 3"]', "", "sync.delay_by_protocol: 'quic 3'"),
+    ("coalesce = 2", "", "sync.coalesce = 2.0: seconds from 0 (off) to 1"),
+    ("delay = 30", '[apply]\nmode = "inject"\ndefer_queue = 7', "sync.delay with apply.defer_queue"),
+    ("", '[filter]\nno_sync_marks = ["0x101/0x100"]', "filter.no_sync_marks: '0x101/0x100' is not"),
+    ("", '[filter]\nno_sync_marks = ["0x1/0x100000000"]', "filter.no_sync_marks: '0x1/0x100000000'"),
+    ("", "[filter]\nno_sync_labels = [128]", "filter.no_sync_labels: 128 is not a ct label bit (0-127)"),
+    ("", "[filter]\nno_sync_zones = [70000]", "filter.no_sync_zones: 70000 is not a conntrack zone"),
+    ("", '[filter]\nno_sync_ports = ["100-20"]', "filter.no_sync_ports: '100-20' is not \"PORT\" or \"LOW-HIGH\""),
+])
+def test_delay_coalescing_and_no_sync_keys_are_checked_in_one_line(sync: str, other: str, words: str) -> None:
+    text = GOOD.replace("[sync]\n", f"[sync]\n{sync}\n", 1) + other + "\n"
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text, "c.toml")
+    assert len(err.value.problems) == 1 and words in err.value.problems[0], err.value.problems
+
+
+def test_delay_coalescing_and_no_sync_keys_reach_the_engine() -> None:
+    from ctbridge.config import replication
+    from ctbridge.sync.filter import NoSync
+    cfg = config.parse(GOOD.replace("[sync]\n", '[sync]\ndelay = 30\ndelay_by_protocol = ["udp 2", "17 3"]\n'
+                                    'coalesce = 0.01\n', 1)
+                       + '[filter]\nno_sync_marks = ["0x100/0x100", "7"]\nno_sync_labels = [3]\n'
+                       'no_sync_zones = [9]\nno_sync_ports = ["53", "5060-5061"]\n', "c.toml")
+    engine = replication.engine_config(cfg)
+    assert (engine.delay, dict(engine.delay_by_protocol), engine.coalesce) == (30.0, {17: 3.0}, 0.01)
+    assert engine.filter.no_sync == NoSync(marks=((0x100, 0x100), (7, 0xFFFFFFFF)), labels=frozenset({3}),
+                                           zones=frozenset({9}), ports=((53, 53), (5060, 5061)))
+    assert replication.engine_config(config.parse(GOOD, "c.toml")).filter.no_sync is None

@@ -353,3 +353,31 @@ def test_the_nodes_own_flows_are_left_out_unless_asked_for() -> None:
     text = AA.replace('mode = "active-active"', 'mode = "active-active"\nown_flows = true')
     own = cluster.checked(cluster.parse(text, "aa.toml"))
     assert "[filter]" not in render.render(own, own.node("fw1"))["ctbridge.toml"]
+
+
+def test_the_replication_table_renders_the_sync_delay_coalescing_and_no_sync_keys() -> None:
+    """Issue 26: [replication] in the cluster description reaches every node's ctbridge.toml,
+    and from it the engine (the same checks as ctbridge.toml's, in one line each)."""
+    from ctbridge.config import replication
+    text = TWO + ('\n[replication]\ndelay = 30\ndelay_by_protocol = ["udp 2"]\ncoalesce = 0.01\n'
+                  'no_sync_marks = ["0x100/0x100"]\nno_sync_zones = [9]\nno_sync_ports = ["53"]\n')
+    c = cluster.checked(cluster.parse(text, "c.toml"))
+    for node in ("fw1", "fw2"):
+        cfg = settings.parse(render.render(c, c.node(node))["ctbridge.toml"], "ctbridge.toml")
+        engine = replication.engine_config(cfg)
+        assert (engine.delay, dict(engine.delay_by_protocol), engine.coalesce) == (30.0, {17: 2.0}, 0.01)
+        no_sync = engine.filter.no_sync
+        assert no_sync is not None and no_sync.marks == ((0x100, 0x100),) and no_sync.zones == {9}
+        assert no_sync.ports == ((53, 53),) and not no_sync.labels
+    assert problems(TWO + '\n[replication]\ndelay = -3\nno_sync_labels = [200]\nsalt = 1\n') == [
+        "cluster 'edge': [replication] has no key 'salt'; keys are delay, delay_by_protocol, coalesce, no_sync_marks, "
+        "no_sync_labels, no_sync_zones, no_sync_ports"]
+    assert problems(TWO + '\n[replication]\ndelay = -3\nno_sync_labels = [200]\n') == [
+        "cluster 'edge': [replication] sync.delay = -3.0: seconds from 0 (off) to 3600",
+        "cluster 'edge': [replication] filter.no_sync_labels: 200 is not a ct label bit (0-127)"]
+    assert any(p.startswith("cluster 'edge': [replication] is ctbridge's own replication; backend = \"conntrackd\"")
+               for p in problems(TWO.replace('[cluster]', '[cluster]\nbackend = "conntrackd"', 1)
+                                 + '\n[replication]\nno_sync_ports = ["53"]\n'))
+    assert [p for p in problems(AA + '\n[replication]\ndelay = 5\n') if "[replication]" in p] == [
+        "cluster 'edge-aa': [replication] sync.delay with apply.defer_queue: active-active waits for every peer's "
+        "new flows, which a delay keeps back; set one of them to 0"]
