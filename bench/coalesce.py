@@ -73,13 +73,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=200.0, help="new connections a second")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--windows", default="0,0.005", help="sync.coalesce of each ctbridge lab, seconds")
+    ap.add_argument("--windows", default="0,0.005,0.025", help="sync.coalesce of each ctbridge lab, seconds")
+    ap.add_argument("--wan-delay", type=float, default=0.02, help="seconds the server's packets are held "
+                    "(Options.wan_delay: a WAN round trip; 0: the lab's sub-millisecond one)")
     ap.add_argument("--no-conntrackd", action="store_true")
     args = ap.parse_args()
     windows = [float(w) for w in args.windows.split(",") if w.strip()]
     if not 0 < args.rate <= 1000 or not 0 < args.seconds <= 600 or not windows or min(windows) < 0:
         ap.error("rate 1-1000, seconds up to 600, windows not negative")
-    base = {"tcp": 10, "udp": 2, "new": args.rate}
+    base = {"tcp": 10, "udp": 2, "new": args.rate, "wan_delay": args.wan_delay}
     runs: list[tuple[str, dict[str, float]]] = []
     if not args.no_conntrackd:
         runs.append(("conntrackd", measure(Options(backend="conntrackd", **base), args.seconds)))
@@ -87,7 +89,8 @@ def main() -> int:
         runs.append((f"ctbridge coalesce {w * 1000:g} ms",
                      measure(Options(sync=(f"coalesce = {w}",), **base), args.seconds)))
     ref = dict(runs).get("conntrackd")
-    print(f"bench/coalesce.py: {args.rate:g} new connections/s for {args.seconds:g} s through fw1; per new "
+    print(f"bench/coalesce.py: {args.rate:g} new connections/s for {args.seconds:g} s through fw1, the server "
+          f"{args.wan_delay * 1000:g} ms away; per new "
           "connection: kernel events fw1's daemon read, FLOW and DELETE messages it sent, bytes fw1's sync "
           "interface sent, CPU µs of both replicators; ratios against conntrackd in the same run")
     print(f"  {'':<24}{'conns':>7}{'events':>8}{'messages':>9}{'coalesced':>10}{'bytes':>8}{'CPU µs':>8}"

@@ -28,7 +28,7 @@ Problem = tuple[str, str, str]  # (section, key, the one-line message)
 # A cluster description's [replication] table (docs/cluster.md): these keys, checked as
 # ctbridge.toml's are, rendered into every node's [sync] or [filter]
 REPLICATION_KEYS: dict[str, tuple[str, type, Any]] = {
-    "delay": ("sync", float, 0.0), "delay_by_protocol": ("sync", list, []), "coalesce": ("sync", float, 0.005),
+    "delay": ("sync", float, 0.0), "delay_by_protocol": ("sync", list, []), "coalesce": ("sync", float, 0.0),
     "no_sync_marks": ("filter", list, []), "no_sync_labels": ("filter", list, []),
     "no_sync_zones": ("filter", list, []), "no_sync_ports": ("filter", list, []),
 }

@@ -99,9 +99,10 @@ class SyncSettings:
                         "\"Sync delay\"); 0: at once. Not with apply.defer_queue")
     delay_by_protocol: tuple[str, ...] = _key((), "sync.delay per protocol, written \"PROTOCOL SECONDS\", e.g. "
                                               "[\"udp 2\", \"tcp 30\"] (a protocol not named: sync.delay)")
-    coalesce: float = _key(0.005, "seconds an update of a flow peers have waits for the next (a handshake or a "
-                           "teardown makes several within a round trip); it goes out once, as the flow is then. "
-                           "New flows and deletions never wait; 0: off; at most 1")
+    coalesce: float = _key(0.0, "seconds an update of a flow peers have waits for the next, to go out once, as the "
+                           "flow is then; worth it at about the round trip of the flows' paths (docs/protocol.md, "
+                           "\"Coalescing\": 5 ms saved nothing at 20 ms); new flows and deletions never wait; "
+                           "0: off (updates read together still go out once); at most 1")
     links: tuple[SyncLink, ...] = _key((), "redundant sync links, written [[sync.links]] with local and peers "
                                        "(or group and interface): used in order when the ones before fail")
     link_timeout: float = _key(1.0, "seconds without a two-way exchange on a sync link before traffic moves "

@@ -37,12 +37,14 @@ from typing import Any
 from ctbridge.config import cluster as cluster_mod
 from ctbridge.config import keyfile, render
 from ctbridge.lab import netns
+from ctbridge.lab.delayline import delay_rule
 from ctbridge.lab.firewall import CtbridgeReplicator, Firewall, Replicator
 from ctbridge.lab.process import Process, wait_for
 from ctbridge.lab.topology import (
     ACTIVE_ACTIVE_NAT,
     CLIENT,
     CLIENT6,
+    DELAY_QUEUE,
     FIREWALL_RULES,
     FTP_FILE,
     FTP_PORTS,
@@ -124,6 +126,7 @@ class Lab:
         self.fws = [Firewall(directory, options, i) for i in range(1, options.firewalls + 1)]
         self.client_ns = self.server_ns = self.switch_ns = ""
         self.server: Process | None = None
+        self.delay_line: Process | None = None  # Options.wan_delay
         self.ftp_server: Process | None = None
         self.ftp_clients: list[Process] = []
         self.traffic: Traffic | None = None
@@ -289,6 +292,12 @@ hook = "{self.dir}/{{node}}/notify"
             for fw in self.fws[1:]:
                 fw.start_keepalived()
         six = self.options.ipv6
+        if self.options.wan_delay:
+            netns.run(self.server_ns, *delay_rule(DELAY_QUEUE))
+            self.delay_line = Process("delay line", self.server_ns, [
+                sys.executable, "-m", "ctbridge.lab.delayline", str(DELAY_QUEUE), str(self.options.wan_delay * 1000)],
+                self.dir / "delayline.log", env={"PYTHONPATH": str(ROOT)})
+            wait_for("the delay line", lambda: b"delaying" in (self.dir / "delayline.log").read_bytes(), timeout=30)
         self.server = Process("server", self.server_ns, [sys.executable, "-m", "ctbridge.lab.traffic", "server",
                                                          "--address", SERVER, *(["--address", SERVER6] if six else [])],
                               self.dir / "server.log", env={"PYTHONPATH": str(ROOT)})
@@ -401,6 +410,9 @@ hook = "{self.dir}/{{node}}/notify"
         if self.server is not None:
             attempt(self.server.stop)
             self.server = None
+        if self.delay_line is not None:
+            attempt(self.delay_line.stop)
+            self.delay_line = None
         for proc in [*self.ftp_clients, *([self.ftp_server] if self.ftp_server else [])]:
             attempt(proc.stop)
         self.ftp_clients, self.ftp_server = [], None

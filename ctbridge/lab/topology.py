@@ -96,6 +96,7 @@ table inet lab_zones {
 # 0x100), as an operator leaves out DNS lookups; the cluster description's [replication] names the
 # bit (NO_SYNC_MARK), and each firewall's event socket filters their events in the kernel
 NO_SYNC_MARK = "0x100/0x100"
+DELAY_QUEUE = 7  # Options.wan_delay: the server's netfilter queue (ctbridge.lab.delayline)
 NO_SYNC_RULES = """
 table inet lab_nosync {
     chain forward {
@@ -169,3 +170,4 @@ class Options:
     zones: bool = False  # the LAN's flows in conntrack zone 1 (`ct original zone set`, ZONE_RULES)
     own_flows: bool = False  # the cluster description's own_flows: the firewalls' own flows replicated too
     no_sync: bool = False  # the client's UDP flows marked no-sync by the ruleset (NO_SYNC_RULES)
+    wan_delay: float = 0.0  # seconds the server's TCP packets are held, as a WAN's round trip (lab.delayline)

@@ -30,16 +30,19 @@ class Holdback:
     """Young flows (``young``: key -> (FLOW message, when peers' copy would run out, when it comes
     of age)) and the updates held for coalescing (``held``, all released at ``held_until``)."""
 
-    __slots__ = ("_queues", "events", "held", "held_until", "young")
+    __slots__ = ("_queues", "generation", "held", "held_until", "young")
 
     def __init__(self) -> None:
         self.young: dict[bytes, tuple[bytes, float, float]] = {}
         # one queue per delay (a protocol may have its own): each is in order of coming of age,
         # so the flows due are found at the fronts, never by a pass over ``young``
         self._queues: dict[float, deque[tuple[float, bytes]]] = {}
-        self.held: dict[bytes, None] = {}
+        # key -> the generation (one per batch of kernel events read) of its last update held: a
+        # later batch's update of a held flow is one message saved (updates of one batch went
+        # out once anyway: a flow waits in ``pending`` once)
+        self.held: dict[bytes, int] = {}
         self.held_until = INF
-        self.events = 0  # updates held since the last release (the internal cache counts them)
+        self.generation = 0
 
     def hold_young(self, key: bytes, msg: bytes, told_until: float, delay: float, now: float) -> None:
         """A flow this node has not replicated yet changed (``msg``: its FLOW message now)."""
@@ -55,11 +58,15 @@ class Holdback:
             queue = self._queues[delay] = deque()
         queue.append((due, key))
 
-    def hold_update(self, key: bytes, now: float, window: float) -> None:
-        """An update of a flow peers have, held for at most ``window`` from the first held."""
-        if not self.held:
+    def hold_update(self, key: bytes, now: float, window: float) -> bool:
+        """An update of a flow peers have, held for at most ``window`` from the first held;
+        whether it saved a message (its flow was held already, by an earlier batch)."""
+        held = self.held
+        before = held.get(key)
+        if before is None and not held:
             self.held_until = now + window
-        self.held[key] = None
+        held[key] = self.generation
+        return before is not None and before != self.generation
 
     def deadline(self) -> float:
         """When something held here is due (INF: nothing is held)."""

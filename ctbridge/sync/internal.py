@@ -89,6 +89,7 @@ class InternalCache(Part):
         return len(self._expectations)
 
     def kernel_events(self, events: list[Event], now: float) -> None:
+        self.hold.generation += 1  # (a batch: updates held by earlier ones are coalesced with these)
         accepts = self.config.filter.accepts
         flow_msg = wire.flow_msg
         strip = codec.strip_local
@@ -200,8 +201,8 @@ class InternalCache(Part):
         table[key] = msg
         self._told[key] = told_until
         if known and config.coalesce > 0 and key not in self.pending:
-            self.hold.hold_update(key, now, config.coalesce)
-            self.hold.events += 1
+            if self.hold.hold_update(key, now, config.coalesce):
+                self.stats["updates_coalesced"] += 1
         else:
             self.pending[key] = None
 
@@ -217,11 +218,7 @@ class InternalCache(Part):
 
     def release(self, now: float) -> None:
         """Held updates whose window ran out, and young flows that came of age, go out."""
-        hold = self.hold
-        if now >= hold.held_until:
-            self.stats["updates_coalesced"] += max(0, hold.events - len(hold.held))
-            hold.events = 0
-        grown = hold.release(now, self.table, self._told, self.pending)
+        grown = self.hold.release(now, self.table, self._told, self.pending)
         self.stats["flows_came_of_age"] += len(grown)
         if grown and self.rebuilding is not None:  # newer than what a dump under way read
             self.rebuilding.update(grown)
@@ -267,7 +264,9 @@ class InternalCache(Part):
         holding = coalesce > 0 or delays
         delay_get = config.delay_by_protocol.get
         default_delay = config.delay
-        held_events = ended_young = 0
+        coalesced = ended_young = 0
+        hold.generation += 1
+        generation = hold.generation
         fast = 0
         last = None
         for buf in buffers:
@@ -324,10 +323,13 @@ class InternalCache(Part):
                             internal[key] = msg
                             told[key] = until
                             if coalesce and key not in pending:
-                                if not held:
-                                    hold.held_until = now + coalesce
-                                held[key] = None
-                                held_events += 1
+                                before = held.get(key)
+                                if before is None:
+                                    if not held:
+                                        hold.held_until = now + coalesce
+                                elif before != generation:
+                                    coalesced += 1
+                                held[key] = generation
                             else:
                                 pending[key] = None
                             continue
@@ -348,7 +350,7 @@ class InternalCache(Part):
             elif young and young.pop(key, None) is not None:
                 ended_young += 1
         self._version = version
-        hold.events += held_events
+        self.stats["updates_coalesced"] += coalesced
         self.stats["flows_ended_young"] += ended_young
         intake.fast += fast
         if self.rebuilding is not None:

@@ -28,10 +28,8 @@ def protocols(fw: Firewall, which: str) -> dict[str, int]:
     out = io.BytesIO()
     control.stream(str(fw.run_dir / "ctbridge.sock"), "dump", out, timeout=30, which=which, format="json")
     counts: dict[str, int] = {}
-    for line in out.getvalue().decode().splitlines():
-        if line.strip():
-            view = json.loads(line)
-            counts[view["proto"]] = counts.get(view["proto"], 0) + 1
+    for view in json.loads(out.getvalue() or b"[]"):
+        counts[view["proto"]] = counts.get(view["proto"], 0) + 1
     return counts
 
 
