@@ -144,7 +144,9 @@ class KernelReader:
             insns = None
         try:
             eventfilter.attach(self.events.sock, insns)
+            self.stats["event_filter"] = len(insns or ())
         except OSError as exc:
+            self.stats["event_filter"] = 0
             log.warning("the event socket's kernel-side filter could not be set (%s): the daemon reads every "
                         "event and leaves no-sync flows out itself", exc)
 

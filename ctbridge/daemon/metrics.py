@@ -67,6 +67,8 @@ METRICS = (
     ("ctbridge_bulks_received_total", "Bulk transfers completed from peers", ("sync", "bulks_received"), "counter"),
     ("ctbridge_kernel_overruns_total", "Netlink event overruns (answered by a dump)", ("kernel", "overruns"),
      "counter"),
+    ("ctbridge_kernel_event_filter_instructions", "Instructions of the event socket's kernel-side filter of "
+     "no-sync flows (filter.no_sync_*; 0: none, every event is read)", ("kernel", "event_filter"), "gauge"),
     ("ctbridge_kernel_event_queue_bytes", "Kernel event bytes read by the event thread, not yet taken by the loop",
      ("kernel", "event_queue", "bytes"), "gauge"),
     ("ctbridge_kernel_event_queue_full_total", "Times the event thread's queue was full and it stopped reading "

@@ -31,7 +31,8 @@ def sections() -> dict[str, Any]:
     """The figures the parts keep, as they are at start."""
     return {
         "commit": {"entries": 0, "failed": 0, "seconds": 0.0, "at": None},  # KernelWriter.commit
-        "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0},  # KernelReader
+        # KernelReader; event_filter: instructions of the event socket's kernel-side filter (0: none)
+        "kernel": {"overruns": 0, "events": 0, "resyncs": 0, "superseded": 0, "event_filter": 0},
         # sweeps for timeouts traffic restarted: the last one's table size and duration (refresh)
         "refresh": {"interval": None, "flows": 0, "seconds": 0.0, "refreshed": 0, "errors": 0, "superseded": 0,
                     "skipped": 0},

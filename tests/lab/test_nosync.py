@@ -39,6 +39,7 @@ def test_flows_the_ruleset_marks_no_sync_are_not_on_the_standby_and_the_others_s
         the_lab.start()
         fw1, fw2 = the_lab.fws
         wait_for("fw2 to hold fw1's TCP flows", lambda: protocols(fw2, "external").get("tcp", 0) >= TCP, timeout=30)
+        assert fw1.request("stats")["kernel"]["event_filter"] > 0  # the selection is in the kernel
         assert fw1.lab_flows()["udp"] == UDP  # they are in the active node's kernel ...
         assert protocols(fw1, "internal").get("udp", 0) == 0  # ... not in what it replicates
         assert protocols(fw2, "external").get("udp", 0) == 0
