@@ -38,17 +38,22 @@ def protocol_number(name: str) -> int | None:
     """A protocol by name (ct.PROTO_NAMES) or number, None if it is neither."""
     if name in PROTOCOLS:
         return PROTOCOLS[name]
-    return int(name) if name.isdigit() and int(name) <= 255 else None
+    return int(name) if name.isascii() and name.isdigit() and int(name) <= 255 else None
 
 
 def delays(items: tuple[str, ...]) -> dict[int, float]:
-    """sync.delay_by_protocol ("PROTOCOL SECONDS" each, checked) by protocol number."""
+    """sync.delay_by_protocol ("PROTOCOL SECONDS" each) by protocol number; an item that is not
+    one (problems() says so) is left out."""
     out: dict[int, float] = {}
     for item in items:
-        name, seconds = item.split()
-        proto = protocol_number(name)
-        if proto is not None:
-            out[proto] = float(seconds)
+        parts = str(item).split()
+        proto = protocol_number(parts[0]) if len(parts) == 2 else None
+        try:
+            seconds = float(parts[1]) if proto is not None else -1.0
+        except ValueError:
+            continue
+        if proto is not None and 0 <= seconds <= MAX_DELAY:
+            out[proto] = seconds
     return out
 
 
@@ -60,7 +65,7 @@ def mark(item: str) -> tuple[int, int] | None:
         return None
     value = int(m.group(1), 0)
     mask = int(m.group(2), 0) if m.group(2) else MARK_MAX
-    if value > MARK_MAX or mask > MARK_MAX or value & ~mask:
+    if value > MARK_MAX or not 0 < mask <= MARK_MAX or value & ~mask:  # mask 0: every flow, nothing replicated
         return None
     return value, mask
 
@@ -94,12 +99,7 @@ def problems(sync: Any, filt: Any, defer_queue: int) -> list[Problem]:
         out.append(("sync", "delay", f"sync.delay = {sync.delay}: seconds from 0 (off) to {MAX_DELAY:.0f}"))
     for item in sync.delay_by_protocol:
         parts = str(item).split()
-        ok = len(parts) == 2 and protocol_number(parts[0]) is not None
-        try:
-            ok = ok and 0 <= float(parts[1]) <= MAX_DELAY
-        except ValueError:
-            ok = False
-        if not ok:
+        if len(parts) != 2 or protocol_number(parts[0]) not in delays((str(item),)):
             out.append(("sync", "delay_by_protocol", f"sync.delay_by_protocol: {item!r} is not \"PROTOCOL SECONDS\" "
                         f"(a protocol name or number, a space, 0-{MAX_DELAY:.0f} seconds), e.g. \"tcp 30\""))
     if defer_queue and (sync.delay > 0 or any(float(s) > 0 for s in delays(sync.delay_by_protocol).values())):
@@ -110,13 +110,14 @@ def problems(sync: Any, filt: Any, defer_queue: int) -> list[Problem]:
     for item in filt.no_sync_marks:
         if mark(str(item)) is None:
             out.append(("filter", "no_sync_marks", f"filter.no_sync_marks: {item!r} is not \"VALUE/MASK\" or "
-                        "\"VALUE\" (32-bit numbers, 0x for hex; no bit of the value outside the mask)"))
+                        "\"VALUE\" (32-bit numbers, 0x for hex; no bit of the value outside the mask; a mask of 0 "
+                        "would select every flow)"))
     for label in filt.no_sync_labels:
-        if not (isinstance(label, int) and 0 <= label < LABEL_BITS):
+        if isinstance(label, bool) or not (isinstance(label, int) and 0 <= label < LABEL_BITS):
             out.append(("filter", "no_sync_labels", f"filter.no_sync_labels: {label!r} is not a ct label bit "
                         f"(0-{LABEL_BITS - 1})"))
     for zone in filt.no_sync_zones:
-        if not (isinstance(zone, int) and 0 <= zone <= ZONE_MAX):
+        if isinstance(zone, bool) or not (isinstance(zone, int) and 0 <= zone <= ZONE_MAX):
             out.append(("filter", "no_sync_zones", f"filter.no_sync_zones: {zone!r} is not a conntrack zone "
                         f"(0-{ZONE_MAX})"))
     for item in filt.no_sync_ports:

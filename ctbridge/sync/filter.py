@@ -45,6 +45,13 @@ class NoSync:
     def refuses(self, key: bytes, attrs: bytes, start: int = 0) -> bool:
         """Whether the flow of ``key`` with attributes ``attrs[start:]`` is selected not to be
         replicated. Raises CodecError on attributes that do not parse."""
+        return self.decide(key, attrs, start) is True
+
+    def decide(self, key: bytes, attrs: bytes, start: int = 0) -> bool | None:
+        """refuses(), or None when only the labels could tell and the attributes carry none: the
+        kernel puts CTA_LABELS into an event only when they changed (ctnetlink_conntrack_event),
+        so an update says nothing of them (the internal cache remembers what the flow's earlier
+        events said)."""
         if self.zones and (key[1] << 8) | key[2] in self.zones:
             return True
         if self.ports:
@@ -61,6 +68,8 @@ class NoSync:
             if any(mark & mask == value for value, mask in self.marks):
                 return True
             raw = top.get(ct.CTA_LABELS, b"")
+            if self.labels and ct.CTA_LABELS not in top:
+                return None
             if self.labels and raw and len(raw) % _LONG == 0:
                 words = struct.unpack(f"@{len(raw) // _LONG}L", raw)
                 bits = 8 * _LONG

@@ -72,6 +72,11 @@ def flow_version(msg: bytes) -> int:
     return version
 
 
+def restamp(msg: bytes, version: int) -> bytes:
+    """A FLOW (or EXPECT) message with another version in its head."""
+    return msg[:4] + _VERSION.pack(version) + msg[12:]
+
+
 def flow_entry(key: bytes, msg: bytes) -> codec.Entry:
     """The Entry a FLOW (or EXPECT) message carries."""
     return codec.Entry(key, msg[1] & ~expectation.EXPECTATION, msg[FLOW_HEADER:])

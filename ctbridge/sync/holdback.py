@@ -76,18 +76,18 @@ class Holdback:
                 out = queue[0][0]
         return out
 
-    def release(self, now: float, table: MutableMapping[bytes, bytes], told: MutableMapping[bytes, float],
-                pending: MutableMapping[bytes, None]) -> list[bytes]:
-        """Send what is due: held updates once their window ran out, young flows that came of age
-        (into ``table`` and ``told`` as an event would have put them). The keys of the flows that
-        came of age."""
+    def release(self, now: float, pending: MutableMapping[bytes, None]) -> list[tuple[bytes, bytes, float]]:
+        """Held updates whose window ran out into ``pending``; the young flows that came of age,
+        taken out: (key, FLOW message, when peers' copy would run out), for the internal cache to
+        put in its table with a version of now (a DELETE of the same tuple queued meanwhile takes
+        its version when it is sent: the flow's must be newer, or peers would drop it)."""
         if now >= self.held_until:
             for key in self.held:
                 pending[key] = None
             self.held.clear()
             self.held_until = INF
         young = self.young
-        grown: list[bytes] = []
+        grown: list[tuple[bytes, bytes, float]] = []
         for queue in self._queues.values():
             while queue and queue[0][0] <= now:
                 due, key = queue.popleft()
@@ -95,11 +95,7 @@ class Holdback:
                 if held is None or held[2] != due:  # ended young, or ended and began again since
                     continue
                 del young[key]
-                msg, told_until, _due = held
-                table[key] = msg
-                told[key] = told_until
-                pending[key] = None
-                grown.append(key)
+                grown.append((key, held[0], held[1]))
         return grown
 
     def clear(self) -> None:

@@ -79,6 +79,9 @@ class InternalCache(Part):
         self.intake = Intake()
         # young flows (sync.delay) and updates held to be coalesced (sync.coalesce)
         self.hold = Holdback()
+        # with ct labels in the no-sync selection: the flows it refused (an update carries no
+        # labels, so the flow's earlier event has to be remembered; _no_sync)
+        self.unsynced: set[bytes] = set()
         # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
         # what the cache holds for them over what the dump said
         self.rebuilding: set[bytes] | None = None
@@ -98,7 +101,11 @@ class InternalCache(Part):
             entry = ev.entry
             key = entry.key
             try:
-                if ev.kind is EventKind.DESTROY or not accepts(entry):
+                if ev.kind is EventKind.DESTROY:
+                    self.unsynced.discard(key)
+                    self._drop(key)
+                    continue
+                if self._no_sync(key, entry.attrs) or not accepts(entry):
                     self._drop(key)
                     continue
                 msg = flow_msg(version + 1, strip(entry))
@@ -206,6 +213,23 @@ class InternalCache(Part):
         else:
             self.pending[key] = None
 
+    def _no_sync(self, key: bytes, buf: bytes, start: int = 0) -> bool:
+        """Whether the no-sync selection refuses the flow of ``key`` whose event (or message: its
+        attributes from ``start``) this is. With labels selected, a flow it refused stays refused
+        while its events carry no labels (NoSync.decide). Raises CodecError."""
+        no_sync = self.config.filter.no_sync
+        if no_sync is None:
+            return False
+        verdict = no_sync.decide(key, buf, start)
+        if verdict is None:
+            return key in self.unsynced
+        if no_sync.labels:
+            if verdict:
+                self.unsynced.add(key)
+            else:
+                self.unsynced.discard(key)
+        return verdict
+
     def _drop(self, key: bytes) -> None:
         """A flow ended (or the filter refuses it now): a DELETE goes out at once, unless peers
         never heard of it."""
@@ -218,10 +242,15 @@ class InternalCache(Part):
 
     def release(self, now: float) -> None:
         """Held updates whose window ran out, and young flows that came of age, go out."""
-        grown = self.hold.release(now, self.table, self._told, self.pending)
+        grown = self.hold.release(now, self.pending)
+        for key, msg, told_until in grown:
+            self._version += 1
+            self.table[key] = wire.restamp(msg, self._version)
+            self._told[key] = told_until
+            self.pending[key] = None
         self.stats["flows_came_of_age"] += len(grown)
         if grown and self.rebuilding is not None:  # newer than what a dump under way read
-            self.rebuilding.update(grown)
+            self.rebuilding.update(key for key, _msg, _told in grown)
 
     def deadline(self) -> float:
         """When something held back is due (inf: nothing is)."""
@@ -250,6 +279,7 @@ class InternalCache(Part):
         accepts = flow_filter.accepts_facts
         ignore = flow_filter.ignore_only()
         no_sync = flow_filter.no_sync  # (most of its flows stopped in the kernel: conntrack.eventfilter)
+        unsynced = self.unsynced
         hosts, prefixes_of = ignore if ignore is not None else (frozenset[bytes](), {})
         flow_raw = wire.flow_raw
         seconds = _BE32.unpack_from
@@ -313,7 +343,7 @@ class InternalCache(Part):
                         attrs = b"".join(keep_no_synproxy(buf))
                     else:
                         attrs = b"".join(keep(buf))
-                    accepted = no_sync is None or not no_sync.refuses(key, attrs)
+                    accepted = no_sync is None or not self._no_sync(key, attrs)
                 if accepted:
                     version += 1
                     msg = flow_raw(version, family, zone, orig_len, attrs)
@@ -342,6 +372,8 @@ class InternalCache(Part):
                     told[key] = until
                     pending[key] = None
                     continue
+            if unsynced and destroy:
+                unsynced.discard(key)
             if internal.pop(key, None) is not None:
                 told.pop(key, None)
                 pending[key] = None
@@ -374,9 +406,9 @@ class InternalCache(Part):
             return
         key = fast.key
         keys.append(key)
-        flow_filter = self.config.filter
-        if fast.destroy or not flow_filter.accepts_facts(key[0], fast.facts) or (
-                flow_filter.no_sync is not None and flow_filter.no_sync.refuses(key, fast.attrs)):
+        if fast.destroy:
+            self.unsynced.discard(key)
+        if fast.destroy or not self.config.filter.accepts_facts(key[0], fast.facts) or self._no_sync(key, fast.attrs):
             self._drop(key)
             return
         self._version += 1
@@ -423,6 +455,7 @@ class InternalCache(Part):
         horizon = now + within
         version = self._version
         refreshed = 0
+        no_sync = self.config.filter.no_sync is not None
         if sweep is not None:
             messages = sweep.candidates(messages, told, horizon, within, self.rebuilds)
         for buf in messages:
@@ -439,6 +472,11 @@ class InternalCache(Part):
                 if fast is None:
                     fast = self.intake.read(plan, buf)
                 msg = wire.flow_raw(version + 1, key[0], fast.zone, fast.orig_len, fast.attrs)
+            if no_sync and self._no_sync(key, msg, wire.FLOW_HEADER):
+                # marked no-sync since it went out (the event that said so stopped in the kernel:
+                # conntrack.eventfilter): its peers' copy goes now
+                self._drop(key)
+                continue
             version += 1
             internal[key] = msg
             told[key] = now + seconds * self._told_share

@@ -68,13 +68,18 @@ class Rebuild:
         table, told, pending = cache.table, cache._told, cache.pending
         changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
         seen, now, share, announce = self._seen, self._now, cache._told_share, self._announce
-        young = cache.hold.young  # a young flow stays young: its events keep it (sync.delay)
+        young, held = cache.hold.young, cache.hold.held
         for entry in entries:
             key = entry.key
-            if key in newer or key in changed or key in young or not accepts(entry):
+            if key in newer or key in changed or not accepts(entry):
                 continue
             seen.add(key)
             entry = codec.strip_local(entry)
+            if key in young:  # it stays young (sync.delay), in the state the dump read
+                cache._version += 1
+                young[key] = (wire.flow_msg(cache._version, entry), now + codec.timeout_of(entry.attrs) * share,
+                              young[key][2])
+                continue
             prev = table.get(key)
             if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
                 # only the countdown moved: no need to send the flow again (after an overrun the
@@ -88,10 +93,12 @@ class Rebuild:
             told[key] = now + codec.timeout_of(entry.attrs) * share
             if announce:
                 pending[key] = None
+                held.pop(key, None)  # it goes now: not again when a held window ends
 
     def leftovers(self) -> list[bytes]:
-        """After the last chunk: the keys to look at for flows the dump lacks (drop_unseen)."""
-        return list(self._cache.table)
+        """After the last chunk: the keys to look at for flows the dump lacks (drop_unseen): the
+        table's and the young flows' (sync.delay)."""
+        return [*self._cache.table, *self._cache.hold.young]
 
     def drop_unseen(self, keys: Iterable[bytes], newer: Container[bytes] = frozenset()) -> None:
         """Of ``keys``, drop the flows the dump lacked, unless events or a sweep changed them
@@ -101,13 +108,17 @@ class Rebuild:
         table, told, pending, seen = cache.table, cache._told, cache.pending, self._seen
         changed: Container[bytes] = cache.rebuilding if cache.rebuilding is not None else frozenset()
         expectations = cache._expectations
+        young, held = cache.hold.young, cache.hold.held
         for key in keys:
             if key in seen or key in newer or key in changed or key in expectations:
                 continue
             if table.pop(key, None) is not None:
                 told.pop(key, None)
+                held.pop(key, None)  # its DELETE goes once
                 if self._announce:
                     pending[key] = None
+            else:
+                young.pop(key, None)  # it ended young (its end was lost with the overrun): never sent
 
     def close(self) -> None:
         cache = self._cache

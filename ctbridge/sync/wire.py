@@ -59,6 +59,7 @@ from ctbridge.sync.flows import (
     flow_msg,
     flow_raw,
     flow_version,
+    restamp,
     squeeze,
 )
 from ctbridge.sync.header import (
@@ -129,7 +130,7 @@ __all__ = [
     "decode", "decode_body", "decode_header", "decode_messages", "decode_split", "delete_msg", "digest_ask_msg",
     "digest_keys_msgs", "digest_msgs", "echo_msg", "expect_msg", "flow_entry", "flow_msg", "flow_raw",
     "flow_version", "gap_msg", "heartbeat_msg", "hello_msg", "key_id", "nack_msg", "payload", "register",
-    "resync_msg", "squeeze",
+    "restamp", "resync_msg", "squeeze",
 ]
 
 

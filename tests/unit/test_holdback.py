@@ -179,3 +179,50 @@ def test_without_coalescing_every_update_goes_out(feed: Feed) -> None:
         feed(a, "update", flow(6, mark=i), i * 0.001)
         deliver(a, b, i * 0.001)
     assert a.stats["flows_sent"] == 4 and a.stats["updates_coalesced"] == 0
+
+
+# --- found by review: each failed before its fix -------------------------------------------------
+
+@FEEDS
+def test_a_flow_begun_again_while_its_delete_waits_comes_of_age_newer_than_that_delete(feed: Feed) -> None:
+    """A young flow's message kept the version of its event; the DELETE of the same tuple before
+    it, still queued, took a higher one when it was sent, and the peer dropped the flow that came
+    of age as older than its tombstone (stale_ignored)."""
+    a, b = pair(delay=5.0)
+    feed(a, "new", flow(1), 0.0)
+    deliver(a, b, 5.0)
+    assert flow(1).key in b.peers[1].external
+    feed(a, "destroy", flow(1), 100.0)
+    feed(a, "new", flow(1, mark=7), 100.0)  # the same tuple again, before the DELETE went out
+    deliver(a, b, 100.0)
+    assert flow(1).key not in b.peers[1].external
+    deliver(a, b, 105.0)
+    assert flow(1).key in b.peers[1].external and b.stats["stale_ignored"] == 0
+
+
+def test_a_dump_reconciles_young_flows() -> None:
+    """An overrun lost a young flow's end: the dump that follows lacks it, and it never comes of
+    age (it came of age, and peers held a flow no kernel had); a young flow the dump shows changed
+    comes of age in the dump's state."""
+    a, b = pair(delay=5.0)
+    a.kernel_events([Event(EventKind.NEW, flow(i), 0) for i in (1, 2)], 0.0)
+    a.kernel_resync([flow(2, mark=9), flow(3)], 2.0)  # flow 1 ended meanwhile; flow 2's update was lost
+    assert a.queue_sizes()["young"] == 1
+    deliver(a, b, 5.0)
+    assert set(b.peers[1].external) == {flow(2).key, flow(3).key}
+    mark = codec.attr_map(b.peers[1].external[flow(2).key][0], wire.FLOW_HEADER)[ct.CTA_MARK]
+    assert mark == (9).to_bytes(4, "big")
+
+
+def test_a_dump_takes_its_flows_out_of_the_held_updates() -> None:
+    """A held update of a flow the dump found gone: its DELETE went, and when the window ended
+    the key went out again, a second DELETE newer than the flow begun again meanwhile."""
+    a, b = pair(coalesce=0.5, delay=1.0)
+    a.kernel_events([Event(EventKind.NEW, flow(1), 0)], 0.0)
+    deliver(a, b, 1.0)
+    a.kernel_events([Event(EventKind.UPDATE, flow(1, mark=1), 0)], 2.0)  # held
+    a.kernel_resync([], 2.1)  # an overrun lost its end
+    a.kernel_events([Event(EventKind.NEW, flow(1, mark=2), 0)], 2.1)  # young again
+    for t in (2.1, 2.6, 3.2, 4.0):
+        deliver(a, b, t)
+    assert flow(1).key in a.internal and flow(1).key in b.peers[1].external

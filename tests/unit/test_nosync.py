@@ -137,3 +137,34 @@ def test_the_receiver_refuses_what_a_peer_may_not_send() -> None:
     deliver(a, b)
     assert set(b.peers[1].external) == {entry(1).key}
     assert b.stats["flows_refused_policy"] == 2
+
+
+def test_a_flow_selected_by_its_labels_stays_left_out_when_its_updates_carry_none() -> None:
+    """The kernel puts CTA_LABELS into an event only when they changed: a flow's NEW carries
+    them, its later updates do not (and pass the kernel-side filter). Found by review: the first
+    update without labels was replicated."""
+    a, b = pair(FlowFilter(no_sync=SELECTION), FlowFilter())
+    labelled, update = entry(5, bits=(3,)), entry(5)
+    for events in (lambda e: a.kernel_messages([message(e)], 0.0),
+                   lambda e: a.kernel_events([Event(EventKind.UPDATE, e, 0)], 0.0)):
+        events(labelled)
+        events(update)
+        deliver(a, b)
+        assert b.peers[1].external == {} and a.internal == {}
+    # its end forgets it: the same tuple later, without the label, is replicated
+    a.kernel_messages([message(update, ct.MSG_CT_DELETE), message(entry(5))], 0.0)
+    deliver(a, b)
+    assert set(b.peers[1].external) == {update.key}
+
+
+def test_a_flow_marked_no_sync_after_it_went_out_leaves_its_peers_at_its_refresh() -> None:
+    """The update that set the mark stopped in the kernel (the kernel-side filter): the refresh
+    sweep, which reads the table, sent the flow again with the mark. Found by review."""
+    a, b = pair(FlowFilter(no_sync=SELECTION), FlowFilter())
+    a.kernel_messages([message(entry(5, mark=0))], 0.0)
+    deliver(a, b)
+    assert entry(5).key in b.peers[1].external
+    dump = [codec.message(ct.MSG_CT_NEW, ct.NLM_F_MULTI, 1, ct.AF_INET, entry(5, mark=7).attrs)]
+    assert a.internal_cache.kernel_refresh(dump, 10.0**6, 10.0**6) == 0
+    deliver(a, b)
+    assert b.peers[1].external == {} and a.internal == {}
