@@ -3,7 +3,7 @@ not worth replicating (ct mark bit 0x100, Options.no_sync) and the cluster descr
 [replication] names the bit. The standby never holds them (the active node's event socket drops
 their events in the kernel; its own table leaves them out); through a failover every TCP
 connection survives, and the UDP flows, which the new master never had, start again there as new
-flows (NATed anew), as a no-sync flow does."""
+flows, as a no-sync flow does."""
 
 from __future__ import annotations
 
@@ -46,4 +46,8 @@ def test_flows_the_ruleset_marks_no_sync_are_not_on_the_standby_and_the_others_s
         s = switch(the_lab, "keepalived stopped", fw1, fw2)
         assert s.recovered is not None and s.status["tcp_alive"] == TCP, s.status
         assert s.status["tcp_failed"] == 0, s.status["errors"]
-        assert s.udp_renat == UDP  # each started again on fw2, as a new flow
+        # fw2 wrote the TCP flows only; the UDP flows are in its kernel again all the same, each
+        # begun anew by its next datagram (NATed anew: often to the same port, which source NAT
+        # keeps when it is free, so the client cannot always tell)
+        assert fw2.request("stats")["commit"]["entries"] == TCP
+        assert s.flows_after["udp"] == UDP
