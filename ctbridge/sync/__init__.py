@@ -6,7 +6,8 @@
   share (Shared) and their base (Part).
 - internal: this node's table (kernel events, refresh sweeps, what waits to go out); rebuild:
   it brought up to a dump, in chunks; sweep: a refresh sweep's shortcut; holdback: young
-  flows (sync.delay) and coalesced updates (sync.coalesce).
+  flows (sync.delay) and coalesced updates (sync.coalesce); carried: what an update event
+  leaves out, kept from the flow's earlier events.
 - external: the peers' copies (admission, filters, caps, tombstones, bulk completion, commit
   records, expiry).
 - session: proving a peer's epoch (challenges, answers, slots); opens with its rules.

@@ -78,6 +78,23 @@ class NoSync:
         return False
 
 
+def refused_now(no_sync: NoSync | None, unsynced: set[bytes], key: bytes, buf: bytes, start: int = 0) -> bool:
+    """Whether ``no_sync`` refuses the flow of ``key`` whose event this is (attributes from
+    ``start``). With labels selected, a flow it refused stays refused while its events carry no
+    labels (NoSync.decide): ``unsynced`` holds those flows, until their end (the caller's)."""
+    if no_sync is None:
+        return False
+    verdict = no_sync.decide(key, buf, start)
+    if verdict is None:
+        return key in unsynced
+    if no_sync.labels:
+        if verdict:
+            unsynced.add(key)
+        else:
+            unsynced.discard(key)
+    return verdict
+
+
 @dataclass(frozen=True)
 class FlowFilter:
     protocols: frozenset[int] = frozenset()  # empty: every protocol

@@ -80,6 +80,7 @@ class Plan(NamedTuple):
     keep_no_synproxy: Callable[[bytes], Any]  # ... and what to keep when it is all zero (else: keep)
     orig_len: int
     timeout_at: int  # offset of CTA_TIMEOUT's seconds (-1: none)
+    carried: frozenset[int]  # the attributes of codec.CARRIED the layout has
 
 
 def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | None:
@@ -161,7 +162,7 @@ def _learn(buf: bytes) -> Plan | None:
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
                  keep, synproxy, keep_no,
-                 oe - os_ + 4, codec.timeout_offset(buf, _ATTRS))
+                 oe - os_ + 4, codec.timeout_offset(buf, _ATTRS), frozenset(attrs) & codec.CARRIED)
     return plan if _agrees(plan, buf) else None
 
 

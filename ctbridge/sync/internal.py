@@ -14,7 +14,7 @@ bench/engine.py, bench/sync.py): one dict operation per flow, no call per event 
 layout but the FLOW's encoding.
 
 Imports: ctbridge.conntrack (abi, codec, expectation), ctbridge.sync (wire, intake, peer, shared,
-holdback, rebuild, sweep).
+holdback, rebuild, sweep, carried).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec, expectation
 from ctbridge.conntrack.codec import Entry, Event, EventKind
-from ctbridge.sync import wire
+from ctbridge.sync import carried, wire
+from ctbridge.sync import filter as flt
 from ctbridge.sync.holdback import Holdback
 from ctbridge.sync.intake import HEAD, KEYED, Fast, Intake
 from ctbridge.sync.peer import MARK
@@ -82,6 +83,8 @@ class InternalCache(Part):
         # with ct labels in the no-sync selection: the flows it refused (an update carries no
         # labels, so the flow's earlier event has to be remembered; _no_sync)
         self.unsynced: set[bytes] = set()
+        # the attributes of codec.CARRIED events have had (ctbridge.sync.carried)
+        self.carried_seen: set[int] = set(carried.FIRST_SEEN)
         # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
         # what the cache holds for them over what the dump said
         self.rebuilding: set[bytes] | None = None
@@ -108,7 +111,10 @@ class InternalCache(Part):
                 if self._no_sync(key, entry.attrs) or not accepts(entry):
                     self._drop(key)
                     continue
-                msg = flow_msg(version + 1, strip(entry))
+                entry = strip(entry)
+                missing = carried.missing(entry.attrs, key, self.carried_seen)
+                entry = codec.Entry(key, entry.family, self._carry(key, entry.attrs, missing))
+                msg = flow_msg(version + 1, entry)
             except codec.CodecError as exc:  # attributes that do not parse: counted, dropped
                 self._malformed(exc)
                 continue
@@ -201,7 +207,7 @@ class InternalCache(Part):
         table = self.table
         known = key in table
         if not known and config.delays:
-            delay = config.delay_by_protocol.get(_protocol(key), config.delay)
+            delay = config.delay_by_protocol.get(carried.protocol(key), config.delay)
             if delay > 0:
                 self.hold.hold_young(key, msg, told_until, delay, now)
                 return
@@ -215,20 +221,18 @@ class InternalCache(Part):
 
     def _no_sync(self, key: bytes, buf: bytes, start: int = 0) -> bool:
         """Whether the no-sync selection refuses the flow of ``key`` whose event (or message: its
-        attributes from ``start``) this is. With labels selected, a flow it refused stays refused
-        while its events carry no labels (NoSync.decide). Raises CodecError."""
-        no_sync = self.config.filter.no_sync
-        if no_sync is None:
-            return False
-        verdict = no_sync.decide(key, buf, start)
-        if verdict is None:
-            return key in self.unsynced
-        if no_sync.labels:
-            if verdict:
-                self.unsynced.add(key)
-            else:
-                self.unsynced.discard(key)
-        return verdict
+        attributes from ``start``) this is (filter.refused_now). Raises CodecError."""
+        return flt.refused_now(self.config.filter.no_sync, self.unsynced, key, buf, start)
+
+    def _carry(self, key: bytes, attrs: bytes, missing: frozenset[int]) -> bytes:
+        """``attrs`` with what the update left out (ctbridge.sync.carried), from the flow's message
+        in the table, or its young one."""
+        if not missing:
+            return attrs
+        prev = self.table.get(key)
+        if prev is None and key in self.hold.young:
+            prev = self.hold.young[key][0]
+        return carried.carry(prev, attrs, missing)
 
     def _drop(self, key: bytes) -> None:
         """A flow ended (or the filter refuses it now): a DELETE goes out at once, unless peers
@@ -280,6 +284,9 @@ class InternalCache(Part):
         ignore = flow_filter.ignore_only()
         no_sync = flow_filter.no_sync  # (most of its flows stopped in the kernel: conntrack.eventfilter)
         unsynced = self.unsynced
+        carried_seen, protoinfo = self.carried_seen, carried.PROTOINFO
+        missing: frozenset[int] | None = frozenset()
+        missing_by: dict[int, frozenset[int]] = {}
         hosts, prefixes_of = ignore if ignore is not None else (frozenset[bytes](), {})
         flow_raw = wire.flow_raw
         seconds = _BE32.unpack_from
@@ -310,7 +317,14 @@ class InternalCache(Part):
                     # into locals once per change of layout, not one attribute at a time per event
                     last = plan
                     (heads, expect, mlen, keyhead, orig, family, destroy, _new, _key, zone_at, proto_at, src_at,
-                     reply_at, state_at, tcp, keep, synproxy, keep_no_synproxy, orig_len, timeout_at) = plan
+                     reply_at, state_at, tcp, keep, synproxy, keep_no_synproxy, orig_len, timeout_at, has) = plan
+                    missing = missing_by.get(id(plan))  # what this layout's updates leave out
+                    if missing is None:
+                        if not has <= carried_seen:  # an attribute seen first: every layout looks again
+                            carried_seen |= has
+                            missing_by.clear()
+                        missing = frozenset(carried_seen) - has - (frozenset() if tcp else protoinfo)
+                        missing_by[id(plan)] = missing
             if (plan is None or mlen != n or heads(buf) != expect
                     or (buf[proto_at] == ct.IPPROTO_TCP) != tcp):
                 # a layout not learnt yet, one the fast path does not follow, or not one message
@@ -343,6 +357,8 @@ class InternalCache(Part):
                         attrs = b"".join(keep_no_synproxy(buf))
                     else:
                         attrs = b"".join(keep(buf))
+                    if missing and (key in internal or key in young):  # an update: what it left out (CARRIED)
+                        attrs = self._carry(key, attrs, missing)
                     accepted = no_sync is None or not self._no_sync(key, attrs)
                 if accepted:
                     version += 1
@@ -412,7 +428,8 @@ class InternalCache(Part):
             self._drop(key)
             return
         self._version += 1
-        self._store(key, wire.flow_raw(self._version, key[0], fast.zone, fast.orig_len, fast.attrs),
+        attrs = self._carry(key, fast.attrs, carried.missing(fast.attrs, key, self.carried_seen))
+        self._store(key, wire.flow_raw(self._version, key[0], fast.zone, fast.orig_len, attrs),
                     now + fast.timeout * self._told_share, now)
 
     def kernel_resync(self, entries: list[Entry], now: float, announce: bool = True,
@@ -549,6 +566,7 @@ class InternalCache(Part):
         self._expectations.clear()
         self._expect_until.clear()
         self.hold.clear()
+        self.unsynced.clear()
 
     def pending_keys(self) -> list[bytes]:
         """The flows waiting to go out (changed or deleted since they last went), oldest first."""
@@ -573,8 +591,3 @@ class InternalCache(Part):
         self._version += 1
         return wire.delete_msg(self._version, key)
 
-
-def _protocol(key: bytes) -> int:
-    """The protocol number in a flow's key (its original tuple: codec.make_key); 0 if none."""
-    proto = codec.attr_map(codec.attr_map(key, 3).get(ct.CTA_TUPLE_PROTO, b""))
-    return (proto.get(ct.CTA_PROTO_NUM) or b"\x00")[0]
