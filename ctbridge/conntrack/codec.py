@@ -425,15 +425,6 @@ NOT_SETTABLE = frozenset({
 })
 
 
-# Attributes the kernel puts into an update event only when that event changed them
-# (ctnetlink_conntrack_event, net/netfilter/nf_conntrack_netlink.c: IPCT_PROTOINFO, IPCT_LABEL,
-# IPCT_RELATED, IPCT_SEQADJ, IPCT_SYNPROXY; the helper when it is set): an update that lacks one
-# says nothing of it, and a copy of the flow keeps what an earlier event said (a mark set by a
-# later packet's rule made an event without the TCP state; measured, tests/kernel)
-CARRIED = frozenset({ct.CTA_PROTOINFO, ct.CTA_LABELS, ct.CTA_TUPLE_MASTER, ct.CTA_SEQ_ADJ_ORIG,
-                     ct.CTA_SEQ_ADJ_REPLY, ct.CTA_SYNPROXY, ct.CTA_HELP})
-
-
 _MISSING: Any = object()
 LAYOUTS_MAX = 512  # layouts remembered per plan cache (a few per kernel; more means odd input)
 

@@ -24,6 +24,7 @@ from ctbridge.conntrack import abi as ct
 from ctbridge.conntrack import codec
 from ctbridge.sync import filter as flt
 from ctbridge.sync import wire
+from ctbridge.sync.carried import CARRIED
 
 _NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr, include/uapi/linux/netlink.h
 # What finds a message's plan, in one read: the nlmsghdr's length, type and flags (one word), its
@@ -80,7 +81,7 @@ class Plan(NamedTuple):
     keep_no_synproxy: Callable[[bytes], Any]  # ... and what to keep when it is all zero (else: keep)
     orig_len: int
     timeout_at: int  # offset of CTA_TIMEOUT's seconds (-1: none)
-    carried: frozenset[int]  # the attributes of codec.CARRIED the layout has
+    carried: frozenset[int]  # the attributes of CARRIED the layout has
 
 
 def _unique(attrs: list[tuple[int, int, int]]) -> dict[int, tuple[int, int]] | None:
@@ -162,7 +163,7 @@ def _learn(buf: bytes) -> Plan | None:
                  mtype == ct.MSG_CT_DELETE, mflags & _NEW_FLAGS == _NEW_FLAGS, key, zone_at, orig[0], orig[1],
                  reply[1] if reply is not None else slice(0, 0), state_at, buf[orig[0]] == ct.IPPROTO_TCP,
                  keep, synproxy, keep_no,
-                 oe - os_ + 4, codec.timeout_offset(buf, _ATTRS), frozenset(attrs) & codec.CARRIED)
+                 oe - os_ + 4, codec.timeout_offset(buf, _ATTRS), frozenset(attrs) & CARRIED)
     return plan if _agrees(plan, buf) else None
 
 

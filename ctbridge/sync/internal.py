@@ -83,8 +83,7 @@ class InternalCache(Part):
         # with ct labels in the no-sync selection: the flows it refused (an update carries no
         # labels, so the flow's earlier event has to be remembered; _no_sync)
         self.unsynced: set[bytes] = set()
-        # the attributes of codec.CARRIED events have had (ctbridge.sync.carried)
-        self.carried_seen: set[int] = set(carried.FIRST_SEEN)
+        self.carried_seen: set[int] = set(carried.FIRST_SEEN)  # the CARRIED attributes events have had
         # while a Rebuild runs: the flows events and refresh sweeps changed meanwhile, which keep
         # what the cache holds for them over what the dump said
         self.rebuilding: set[bytes] | None = None
@@ -111,8 +110,9 @@ class InternalCache(Part):
                 if self._no_sync(key, entry.attrs) or not accepts(entry):
                     self._drop(key)
                     continue
+                # what an update left out, read before strip() takes an all-zero synproxy away
+                missing = carried.missing(entry.attrs, key, self.carried_seen, ev.kind is EventKind.NEW)
                 entry = strip(entry)
-                missing = carried.missing(entry.attrs, key, self.carried_seen)
                 entry = codec.Entry(key, entry.family, self._carry(key, entry.attrs, missing))
                 msg = flow_msg(version + 1, entry)
             except codec.CodecError as exc:  # attributes that do not parse: counted, dropped
@@ -285,8 +285,8 @@ class InternalCache(Part):
         no_sync = flow_filter.no_sync  # (most of its flows stopped in the kernel: conntrack.eventfilter)
         unsynced = self.unsynced
         carried_seen, protoinfo = self.carried_seen, carried.PROTOINFO
-        missing: frozenset[int] | None = frozenset()
-        missing_by: dict[int, frozenset[int]] = {}
+        missing: frozenset[int] = frozenset()
+        missing_by: dict[int, tuple[Any, frozenset[int]]] = {}
         hosts, prefixes_of = ignore if ignore is not None else (frozenset[bytes](), {})
         flow_raw = wire.flow_raw
         seconds = _BE32.unpack_from
@@ -316,21 +316,27 @@ class InternalCache(Part):
                     # events of a batch mostly share a few layouts: the plan's fields are read
                     # into locals once per change of layout, not one attribute at a time per event
                     last = plan
-                    (heads, expect, mlen, keyhead, orig, family, destroy, _new, _key, zone_at, proto_at, src_at,
+                    (heads, expect, mlen, keyhead, orig, family, destroy, new, _key, zone_at, proto_at, src_at,
                      reply_at, state_at, tcp, keep, synproxy, keep_no_synproxy, orig_len, timeout_at, has) = plan
-                    missing = missing_by.get(id(plan))  # what this layout's updates leave out
-                    if missing is None:
+                    # what this layout's updates leave out (a new flow's event has nothing to take)
+                    cached = missing_by.get(id(plan))
+                    if cached is None or cached[0] is not plan:  # (an id is reused once a plan is gone)
                         if not has <= carried_seen:  # an attribute seen first: every layout looks again
                             carried_seen |= has
                             missing_by.clear()
-                        missing = frozenset(carried_seen) - has - (frozenset() if tcp else protoinfo)
-                        missing_by[id(plan)] = missing
+                        left_out = frozenset(carried_seen) - has - (frozenset() if tcp else protoinfo)
+                        cached = missing_by[id(plan)] = (plan, frozenset() if new else left_out)
+                    missing = cached[1]
             if (plan is None or mlen != n or heads(buf) != expect
                     or (buf[proto_at] == ct.IPPROTO_TCP) != tcp):
                 # a layout not learnt yet, one the fast path does not follow, or not one message
                 self._version = version
+                seen = len(carried_seen)
                 self._other(buf, now, skip_portid, keys)
                 version = self._version
+                if len(carried_seen) != seen:  # an attribute seen first: every layout looks again
+                    missing_by.clear()
+                    last = None
                 continue
             if pid == skip_portid:
                 continue
@@ -357,7 +363,7 @@ class InternalCache(Part):
                         attrs = b"".join(keep_no_synproxy(buf))
                     else:
                         attrs = b"".join(keep(buf))
-                    if missing and (key in internal or key in young):  # an update: what it left out (CARRIED)
+                    if missing and (key in internal or key in young):  # what the update left out: carried
                         attrs = self._carry(key, attrs, missing)
                     accepted = no_sync is None or not self._no_sync(key, attrs)
                 if accepted:
@@ -428,7 +434,8 @@ class InternalCache(Part):
             self._drop(key)
             return
         self._version += 1
-        attrs = self._carry(key, fast.attrs, carried.missing(fast.attrs, key, self.carried_seen))
+        missing = carried.missing(buf, key, self.carried_seen, fast.new, 20)  # (the message's own attributes)
+        attrs = self._carry(key, fast.attrs, missing)
         self._store(key, wire.flow_raw(self._version, key[0], fast.zone, fast.orig_len, attrs),
                     now + fast.timeout * self._told_share, now)
 

@@ -1,7 +1,7 @@
 """The internal cache brought up to a dump of this kernel's table, in chunks (Rebuild): at start,
 after an overrun of the event socket, on a resync.
 
-Imports ctbridge.conntrack.codec and ctbridge.sync (wire, holdback, options); it works on an
+Imports ctbridge.conntrack.codec and ctbridge.sync (wire, carried, holdback, options); it works on an
 InternalCache (ctbridge.sync.internal, whose rebuild() makes it), known here by what it reads
 (RebuiltCache): the cache imports this module, not the other way round.
 """
@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ctbridge.conntrack import codec
 from ctbridge.conntrack.codec import Entry
-from ctbridge.sync import wire
+from ctbridge.sync import carried, wire
 from ctbridge.sync.holdback import Holdback
 from ctbridge.sync.options import EngineConfig
 
@@ -81,7 +81,9 @@ class Rebuild:
                               young[key][2])
                 continue
             prev = table.get(key)
-            if prev is not None and codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs):
+            if prev is not None and (codec.same_but_timeout(prev[wire.FLOW_HEADER:], entry.attrs) or (
+                    len(prev) - wire.FLOW_HEADER == len(entry.attrs)
+                    and carried.same_but_order(prev, entry.attrs, wire.FLOW_HEADER))):
                 # only the countdown moved: no need to send the flow again (after an overrun the
                 # dump would otherwise re-announce the whole table; kernel_refresh() sends what
                 # traffic kept alive longer than peers were told)
