@@ -216,6 +216,16 @@ def test_a_vip_that_is_no_address_refuses_the_start() -> None:
     ("", "[filter]\nno_sync_labels = [128]", "filter.no_sync_labels: 128 is not a ct label bit (0-127)"),
     ("", "[filter]\nno_sync_zones = [70000]", "filter.no_sync_zones: 70000 is not a conntrack zone"),
     ("", '[filter]\nno_sync_ports = ["100-20"]', "filter.no_sync_ports: '100-20' is not \"PORT\" or \"LOW-HIGH\""),
+
+    # found by review: a superscript digit passed isdigit() and int() raised; with the defer on, the
+    # delay check read the items before they were checked; true passed as label 1; "0/0" left every
+    # flow out
+    ('delay_by_protocol = ["\u00b2 5"]', "", "sync.delay_by_protocol: '\u00b2 5' is not"),
+    ('delay_by_protocol = ["tcp"]', '[apply]\nmode = "inject"\ndefer_queue = 7', "sync.delay_by_protocol: 'tcp'"),
+    ("delay_by_protocol = [6]", '[apply]\nmode = "inject"\ndefer_queue = 7', "sync.delay_by_protocol: 6 is not"),
+    ("", "[filter]\nno_sync_labels = [true]", "filter.no_sync_labels: True is not a ct label bit"),
+    ("", "[filter]\nno_sync_zones = [false]", "filter.no_sync_zones: False is not a conntrack zone"),
+    ("", '[filter]\nno_sync_marks = ["0/0"]', "a mask of 0 would select every flow"),
 ])
 def test_delay_coalescing_and_no_sync_keys_are_checked_in_one_line(sync: str, other: str, words: str) -> None:
     text = GOOD.replace("[sync]\n", f"[sync]\n{sync}\n", 1) + other + "\n"
@@ -236,21 +246,3 @@ def test_delay_coalescing_and_no_sync_keys_reach_the_engine() -> None:
     assert engine.filter.no_sync == NoSync(marks=((0x100, 0x100), (7, 0xFFFFFFFF)), labels=frozenset({3}),
                                            zones=frozenset({9}), ports=((53, 53), (5060, 5061)))
     assert replication.engine_config(config.parse(GOOD, "c.toml")).filter.no_sync is None
-
-
-@pytest.mark.parametrize(("sync", "other", "words"), [
-    ('delay_by_protocol = ["\u00b2 5"]', "", "sync.delay_by_protocol: '\u00b2 5' is not"),
-    ('delay_by_protocol = ["tcp"]', '[apply]\nmode = "inject"\ndefer_queue = 7', "sync.delay_by_protocol: 'tcp'"),
-    ("delay_by_protocol = [6]", '[apply]\nmode = "inject"\ndefer_queue = 7', "sync.delay_by_protocol: 6 is not"),
-    ("", "[filter]\nno_sync_labels = [true]", "filter.no_sync_labels: True is not a ct label bit"),
-    ("", "[filter]\nno_sync_zones = [false]", "filter.no_sync_zones: False is not a conntrack zone"),
-    ("", '[filter]\nno_sync_marks = ["0/0"]', "a mask of 0 would select every flow"),
-])
-def test_values_that_crashed_the_check_or_meant_nothing_are_refused(sync: str, other: str, words: str) -> None:
-    """Found by review: a superscript digit passed isdigit() and int() raised; with the defer on,
-    the delay check read the items before they were checked; true passed as label 1; "0/0"
-    left every flow out."""
-    text = GOOD.replace("[sync]\n", f"[sync]\n{sync}\n", 1) + other + "\n"
-    with pytest.raises(config.ConfigError) as err:
-        config.parse(text, "c.toml")
-    assert len(err.value.problems) == 1 and words in err.value.problems[0], err.value.problems
