@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
+from types import FrameType
 from typing import NoReturn
 
 import pytest
@@ -22,6 +24,17 @@ def _root_problem() -> str | None:
     if missing:
         return f"needs {', '.join(missing)} (run `make test`, which installs them)"
     return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (a CI time limit, `kill`) unwinds as Ctrl-C does: the labs and
+    fixtures stop what they started. Their daemons, keepalived and traffic run in sessions of
+    their own, out of the signal's reach, and a run that died on SIGTERM left them running."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def unavailable(what: str) -> NoReturn:
