@@ -1,8 +1,9 @@
 """Coalescing (sync.coalesce) on real connections: how many messages and bytes each short TCP
-connection puts on the sync link, with the window off, with the default (5 ms), and with
-conntrackd replicating the same traffic, each in a fresh lab.
+connection puts on the sync link, with the window off (the default), at 5 ms and at 25 ms, and
+with conntrackd replicating the same traffic, each in a fresh lab.
 
-    python bench/coalesce.py [--rate 200] [--seconds 20] [--windows 0,0.005] [--no-conntrackd]
+    python bench/coalesce.py [--rate 200] [--seconds 20] [--windows 0,0.005,0.025] [--wan-delay 0.02]
+                             [--no-conntrackd]
 
 The lab's client opens RATE new connections a second through the active firewall (fw1), besides
 10 long-lived TCP connections and 2 UDP flows: each connects, sends a line, reads its echo and
